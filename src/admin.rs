@@ -1,0 +1,270 @@
+//! ccgate's own HTTP surface under `/_ccgate/`: JSON views of the live state, and the admin
+//! switches. Views read snapshots; switches send commands to the registry and the failure queue.
+//!
+//! **Invariant:** only this module knows the JSON shape of the views (SPEC §8 contract names).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use serde::Serialize;
+
+use crate::classify::Kind;
+use crate::clock::rfc3339;
+use crate::endpoint::Endpoint;
+use crate::health::Phase;
+use crate::proxy::Gateway;
+use crate::response::{self, GateBody};
+
+/// Latency figures in milliseconds.
+#[derive(Serialize)]
+pub struct LatencyView {
+    /// Decaying average.
+    pub avg_ms: Option<f64>,
+    /// Median (histogram bucket bound).
+    pub p50_ms: Option<f64>,
+    /// 90th percentile.
+    pub p90_ms: Option<f64>,
+    /// 99th percentile.
+    pub p99_ms: Option<f64>,
+}
+
+/// The last failure of an endpoint.
+#[derive(Serialize)]
+pub struct LastErrorView {
+    /// Outcome kind.
+    pub kind: &'static str,
+    /// Detail (never a secret).
+    pub message: String,
+    /// When (RFC 3339).
+    pub at: String,
+}
+
+/// One endpoint, as `GET /_ccgate/endpoints` shows it.
+#[derive(Serialize)]
+pub struct EndpointView {
+    /// Name.
+    pub name: String,
+    /// Base URL (never a credential).
+    pub base_url: String,
+    /// Priority.
+    pub priority: u32,
+    /// Weight.
+    pub weight: u32,
+    /// `healthy`, `degraded`, `ejected`, `cooling_down` or `disabled`.
+    pub state: &'static str,
+    /// Whether an operator has it switched on.
+    pub enabled: bool,
+    /// On probation after a passed probe.
+    pub probation: bool,
+    /// Attempts in progress.
+    pub in_flight: u64,
+    /// Attempts sent.
+    pub total_requests: u64,
+    /// Attempts that succeeded.
+    pub successful_requests: u64,
+    /// Attempts that failed through the endpoint's fault.
+    pub failed_requests: u64,
+    /// Attempts answered with the caller's own error (not the endpoint's fault).
+    pub caller_errors: u64,
+    /// Attempts abandoned because the client left.
+    pub cancelled: u64,
+    /// Ended attempts by outcome kind.
+    pub outcomes: serde_json::Map<String, serde_json::Value>,
+    /// Consecutive failures since the last success.
+    pub consecutive_failures: u32,
+    /// `successful / (successful + failed)`, 1.0 before any verdict.
+    pub success_rate: f64,
+    /// Time to response headers.
+    pub latency_first_byte: LatencyView,
+    /// Time to the end of the body.
+    pub latency_total: LatencyView,
+    /// The last failure.
+    pub last_error: Option<LastErrorView>,
+    /// End of a rate-limit cooldown (RFC 3339), while cooling down.
+    pub cooldown_until: Option<String>,
+}
+
+fn latency(l: &crate::endpoint::Latency) -> LatencyView {
+    LatencyView {
+        avg_ms: l.ewma().map(|d| d.as_secs_f64() * 1000.0),
+        p50_ms: l.percentile_ms(0.5),
+        p90_ms: l.percentile_ms(0.9),
+        p99_ms: l.percentile_ms(0.99),
+    }
+}
+
+/// The state name shown for an endpoint.
+pub fn state_name(ep: &Endpoint) -> &'static str {
+    if ep.live.admin_disabled() {
+        return "disabled";
+    }
+    match ep.live.phase() {
+        Phase::Healthy if ep.live.consecutive_failures() > 0 => "degraded",
+        Phase::Healthy => "healthy",
+        Phase::Probation => "degraded",
+        Phase::Ejected => "ejected",
+        Phase::CoolingDown => "cooling_down",
+        Phase::AuthDisabled => "disabled",
+    }
+}
+
+/// Builds the view of one endpoint.
+pub fn endpoint_view(gw: &Gateway, ep: &Endpoint) -> EndpointView {
+    let c = ep.live.snapshot();
+    let clock = gw.registry.clock;
+    let mut outcomes = serde_json::Map::new();
+    for k in Kind::ALL {
+        outcomes.insert(k.name().into(), c.by_kind[k as usize].into());
+    }
+    let phase = ep.live.phase();
+    EndpointView {
+        name: ep.name.clone(),
+        base_url: ep.base_url.to_string(),
+        priority: ep.priority,
+        weight: ep.weight,
+        state: state_name(ep),
+        enabled: !ep.live.admin_disabled(),
+        probation: phase == Phase::Probation,
+        in_flight: c.in_flight,
+        total_requests: c.total,
+        successful_requests: c.successful(),
+        failed_requests: c.failed(),
+        caller_errors: c.caller_errors(),
+        cancelled: c.cancelled(),
+        outcomes,
+        consecutive_failures: ep.live.consecutive_failures(),
+        success_rate: c.success_rate(),
+        latency_first_byte: latency(&ep.live.ttfb),
+        latency_total: latency(&ep.live.total),
+        last_error: ep.live.last_error().map(|e| LastErrorView { kind: e.kind.name(), message: e.message.clone(), at: rfc3339(clock.wall(e.at_ms)) }),
+        cooldown_until: (phase == Phase::CoolingDown).then(|| rfc3339(clock.wall(ep.live.cooldown_until_ms()))),
+    }
+}
+
+/// `GET /_ccgate/endpoints`.
+pub fn endpoints_json(gw: &Gateway) -> serde_json::Value {
+    let list: Vec<EndpointView> = gw.registry.endpoints.iter().map(|e| endpoint_view(gw, e)).collect();
+    serde_json::json!({ "endpoints": list })
+}
+
+/// `GET /_ccgate/failure-queue`.
+pub fn failure_queue_json(gw: &Gateway) -> serde_json::Value {
+    let clock = gw.registry.clock;
+    let (entries, stats) = gw.registry.queue.view();
+    let entries: Vec<serde_json::Value> = entries
+        .iter()
+        .map(|e| {
+            let ep = &gw.registry.endpoints[e.idx];
+            serde_json::json!({
+                "name": e.name,
+                "reason": e.reason.name(),
+                "state": state_name(ep),
+                "since": rfc3339(clock.wall(e.since_ms)),
+                "next_probe_at": rfc3339(clock.wall(e.next_probe_at_ms)),
+                "probe_attempts": e.probe_attempts,
+                "probation": e.probation,
+                "last_probe": e.last_probe,
+                "last_error": ep.live.last_error().map(|l| l.message.clone()),
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "size": entries.len(),
+        "entries": entries,
+        "stats": {
+            "total_failed": stats.total_failed,
+            "total_verified": stats.total_verified,
+            "total_recovered": stats.total_recovered,
+            "total_still_failed": stats.total_still_failed,
+            "total_closed": stats.total_closed,
+        }
+    })
+}
+
+/// `GET /_ccgate/stats`.
+pub fn stats_json(gw: &Gateway) -> serde_json::Value {
+    let s = gw.registry.gateway.snapshot();
+    serde_json::json!({
+        "total_requests": s.total,
+        "successful_requests": s.successful,
+        "failed_requests": s.failed,
+        "in_flight": s.in_flight,
+        "upstream_errors": s.upstream_errors,
+        "caller_errors": s.caller_errors,
+        "cancelled": s.cancelled,
+        "retries": s.retries,
+        "fallbacks": s.fallbacks,
+        "uptime_seconds": gw.registry.clock.uptime().as_secs(),
+        "endpoints": gw.registry.endpoints.len(),
+        "failure_queue_size": gw.registry.queue.entries().len(),
+    })
+}
+
+/// Handles a request under `/_ccgate/`.
+pub async fn handle<B>(gw: Arc<Gateway>, req: Request<B>) -> Response<GateBody> {
+    let path = req.uri().path().trim_end_matches('/').to_string();
+    let method = req.method().clone();
+    if path == "/_ccgate/health" {
+        return response::json(StatusCode::OK, &serde_json::json!({"status": "ok"}));
+    }
+    if !gw.authorized(req.headers()) {
+        return response::error(StatusCode::UNAUTHORIZED, "authentication_error", "ccgate: missing or wrong access token");
+    }
+    let segments: Vec<&str> = path.trim_start_matches("/_ccgate").split('/').filter(|s| !s.is_empty()).collect();
+    match (&method, segments.as_slice()) {
+        (&Method::GET, ["endpoints"]) => response::json(StatusCode::OK, &endpoints_json(&gw)),
+        (&Method::GET, ["failure-queue"]) => response::json(StatusCode::OK, &failure_queue_json(&gw)),
+        (&Method::GET, ["stats"]) => response::json(StatusCode::OK, &stats_json(&gw)),
+        (&Method::GET, ["endpoints", name]) => match gw.registry.by_name(name) {
+            Some(ep) => response::json(StatusCode::OK, &serde_json::to_value(endpoint_view(&gw, ep)).unwrap_or_default()),
+            None => unknown_endpoint(name),
+        },
+        (&Method::POST, ["endpoints", name, action]) => {
+            let Some(ep) = gw.registry.by_name(name).cloned() else { return unknown_endpoint(name) };
+            match *action {
+                "enable" => {
+                    ep.live.admin_disabled.store(false, Ordering::Release);
+                    gw.registry.queue.probe_now(ep.idx);
+                    response::json(StatusCode::OK, &serde_json::to_value(endpoint_view(&gw, &ep)).unwrap_or_default())
+                }
+                "disable" => {
+                    ep.live.admin_disabled.store(true, Ordering::Release);
+                    response::json(StatusCode::OK, &serde_json::to_value(endpoint_view(&gw, &ep)).unwrap_or_default())
+                }
+                "probe" => {
+                    let result = crate::probe::probe_and_record(&gw, &ep).await;
+                    response::json(
+                        StatusCode::OK,
+                        &serde_json::json!({
+                            "name": ep.name,
+                            "passed": result.passed,
+                            "detail": result.detail,
+                            "latency_ms": result.latency.as_secs_f64() * 1000.0,
+                            "state": state_name(&ep),
+                        }),
+                    )
+                }
+                _ => not_found(),
+            }
+        }
+        (_, ["endpoints"] | ["failure-queue"] | ["stats"]) => {
+            response::error(StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error", "ccgate: method not allowed")
+        }
+        _ => not_found(),
+    }
+}
+
+fn unknown_endpoint(name: &str) -> Response<GateBody> {
+    response::error(StatusCode::NOT_FOUND, "not_found_error", &format!("ccgate: no endpoint named `{name}`"))
+}
+
+fn not_found() -> Response<GateBody> {
+    let mut r = response::error(StatusCode::NOT_FOUND, "not_found_error", "ccgate: unknown admin path");
+    r.headers_mut().insert("cache-control", http::HeaderValue::from_static("no-store"));
+    r
+}
+
+/// Unused-body marker so `handle` is generic over any request body.
+pub type AnyBody = Bytes;

@@ -1,0 +1,262 @@
+//! Pure classification of an attempt: (status, headers, SSE error type, transport error) → [`Outcome`].
+//!
+//! Nothing here does I/O or reads a clock; `now` is passed in where a reset time must be turned
+//! into a duration. The table in SPEC §4 is the source of truth, and the tests below mirror it.
+
+use std::time::{Duration, SystemTime};
+
+use http::{HeaderMap, StatusCode};
+
+/// How a transport-level attempt failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TransportKind {
+    /// Connect refused, reset, TLS failure, or the connection closed before response headers.
+    Connect,
+    /// No response headers within the first-byte timeout (or the connect timeout).
+    Timeout,
+    /// The body went silent for longer than the idle timeout.
+    Idle,
+    /// The body ended early: connection cut, or a stream without `message_stop`.
+    Cut,
+}
+
+/// The single verdict on one attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// 2xx, and for a stream a `message_stop`.
+    Success,
+    /// 503, 529, or an SSE `overloaded_error`.
+    Overloaded,
+    /// 500, 502, 504 or another 5xx, or an SSE `api_error`.
+    ServerError,
+    /// The connection or stream broke.
+    Transport(TransportKind),
+    /// 429: the endpoint asked us to back off for this long (if it said).
+    RateLimited(Option<Duration>),
+    /// 401, 402, 403: the endpoint's credential or account is not usable.
+    Auth,
+    /// The caller's own mistake (400, 404, 405, 413, 422, other 4xx): not the endpoint's fault.
+    CallerError,
+    /// The client went away before the attempt finished.
+    Cancelled,
+}
+
+/// Outcome categories as counter indexes; [`Outcome::kind`] maps onto them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[repr(usize)]
+pub enum Kind {
+    /// [`Outcome::Success`].
+    Success = 0,
+    /// [`Outcome::CallerError`].
+    CallerError,
+    /// [`Outcome::Cancelled`].
+    Cancelled,
+    /// [`Outcome::Overloaded`].
+    Overloaded,
+    /// [`Outcome::ServerError`].
+    ServerError,
+    /// [`Outcome::Transport`] other than timeouts.
+    Transport,
+    /// [`Outcome::Transport`] with [`TransportKind::Timeout`] or [`TransportKind::Idle`].
+    Timeout,
+    /// [`Outcome::RateLimited`].
+    RateLimited,
+    /// [`Outcome::Auth`].
+    Auth,
+}
+
+impl Kind {
+    /// Number of kinds.
+    pub const COUNT: usize = 9;
+    /// All kinds, in index order.
+    pub const ALL: [Kind; Self::COUNT] = [
+        Kind::Success,
+        Kind::CallerError,
+        Kind::Cancelled,
+        Kind::Overloaded,
+        Kind::ServerError,
+        Kind::Transport,
+        Kind::Timeout,
+        Kind::RateLimited,
+        Kind::Auth,
+    ];
+    /// Stable lowercase name for views and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Success => "success",
+            Kind::CallerError => "caller_error",
+            Kind::Cancelled => "cancelled",
+            Kind::Overloaded => "overloaded",
+            Kind::ServerError => "server_error",
+            Kind::Transport => "transport",
+            Kind::Timeout => "timeout",
+            Kind::RateLimited => "rate_limited",
+            Kind::Auth => "auth",
+        }
+    }
+    /// Whether this kind is the endpoint's fault (counts in `failed_requests`).
+    pub fn is_failure(self) -> bool {
+        !matches!(self, Kind::Success | Kind::CallerError | Kind::Cancelled)
+    }
+}
+
+impl Outcome {
+    /// The counter this outcome moves.
+    pub fn kind(self) -> Kind {
+        match self {
+            Outcome::Success => Kind::Success,
+            Outcome::CallerError => Kind::CallerError,
+            Outcome::Cancelled => Kind::Cancelled,
+            Outcome::Overloaded => Kind::Overloaded,
+            Outcome::ServerError => Kind::ServerError,
+            Outcome::Transport(TransportKind::Timeout | TransportKind::Idle) => Kind::Timeout,
+            Outcome::Transport(_) => Kind::Transport,
+            Outcome::RateLimited(_) => Kind::RateLimited,
+            Outcome::Auth => Kind::Auth,
+        }
+    }
+    /// Whether the endpoint is to blame.
+    pub fn is_endpoint_fault(self) -> bool {
+        self.kind().is_failure()
+    }
+}
+
+/// What to do with a response, judged from its status line and headers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// 2xx: relay it; the final outcome is decided when the body ends.
+    Relay,
+    /// The caller's error: relay it unchanged, not the endpoint's fault.
+    RelayCallerError,
+    /// The endpoint failed: do not relay, try the next endpoint.
+    FailOver(Outcome),
+}
+
+/// Classifies a response by its status and headers. `now` turns absolute reset times into
+/// durations.
+pub fn classify_status(status: StatusCode, headers: &HeaderMap, now: SystemTime) -> Verdict {
+    match status.as_u16() {
+        200..=299 => Verdict::Relay,
+        401 | 402 | 403 => Verdict::FailOver(Outcome::Auth),
+        408 => Verdict::FailOver(Outcome::Transport(TransportKind::Timeout)),
+        429 => Verdict::FailOver(Outcome::RateLimited(retry_after(headers, now))),
+        503 | 529 => Verdict::FailOver(Outcome::Overloaded),
+        500..=599 => Verdict::FailOver(Outcome::ServerError),
+        // 1xx never reach here (hyper handles them); 3xx and the remaining 4xx are answers about
+        // the request itself, which another endpoint would give too.
+        _ => Verdict::RelayCallerError,
+    }
+}
+
+/// Classifies an SSE `error` event by its `error.type`.
+pub fn classify_sse_error(error_type: &str) -> Outcome {
+    match error_type {
+        "overloaded_error" => Outcome::Overloaded,
+        "rate_limit_error" => Outcome::RateLimited(None),
+        "authentication_error" | "permission_error" | "billing_error" => Outcome::Auth,
+        "invalid_request_error" | "not_found_error" | "request_too_large" => Outcome::CallerError,
+        // `api_error`, `timeout_error` and anything unknown: the endpoint broke.
+        _ => Outcome::ServerError,
+    }
+}
+
+/// How long a 429 asks us to wait: `retry-after-ms`, `retry-after` (seconds or HTTP date), or the
+/// latest `anthropic-ratelimit-*-reset` (RFC 3339) — whichever is longest, capped at one day.
+pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    let mut best: Option<Duration> = None;
+    let mut offer = |d: Duration| best = Some(best.map_or(d, |b| b.max(d)));
+    if let Some(ms) = header_str(headers, "retry-after-ms").and_then(|v| v.trim().parse::<f64>().ok()) {
+        if ms.is_finite() && ms >= 0.0 {
+            offer(Duration::from_secs_f64((ms / 1000.0).min(86_400.0)));
+        }
+    }
+    if let Some(v) = header_str(headers, "retry-after") {
+        if let Ok(secs) = v.trim().parse::<f64>() {
+            if secs.is_finite() && secs >= 0.0 {
+                offer(Duration::from_secs_f64(secs.min(86_400.0)));
+            }
+        } else if let Ok(at) = httpdate::parse_http_date(v.trim()) {
+            offer(at.duration_since(now).unwrap_or_default());
+        }
+    }
+    for (name, value) in headers {
+        let n = name.as_str();
+        if n.starts_with("anthropic-ratelimit-") && n.ends_with("-reset") {
+            if let Some(at) = value.to_str().ok().and_then(|v| humantime::parse_rfc3339_weak(v.trim()).ok()) {
+                offer(at.duration_since(now).unwrap_or_default());
+            }
+        }
+    }
+    best.map(|d| d.min(Duration::from_secs(86_400)))
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn check(status: u16, headers: &[(&str, &str)], want: Verdict) {
+        let mut map = HeaderMap::new();
+        for (k, v) in headers {
+            map.insert(http::HeaderName::from_bytes(k.as_bytes()).expect("name"), HeaderValue::from_str(v).expect("value"));
+        }
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let got = classify_status(StatusCode::from_u16(status).expect("status"), &map, now);
+        assert_eq!(got, want, "status {status} {headers:?}");
+    }
+
+    #[test]
+    fn spec_table() {
+        use Outcome::*;
+        use Verdict::*;
+        check(200, &[], Relay);
+        check(201, &[], Relay);
+        for s in [500, 502, 504, 599] {
+            check(s, &[], FailOver(ServerError));
+        }
+        check(503, &[], FailOver(Overloaded));
+        check(529, &[], FailOver(Overloaded));
+        check(429, &[], FailOver(RateLimited(None)));
+        check(429, &[("retry-after", "7")], FailOver(RateLimited(Some(Duration::from_secs(7)))));
+        check(429, &[("retry-after-ms", "1500")], FailOver(RateLimited(Some(Duration::from_millis(1500)))));
+        check(
+            429,
+            &[("retry-after", "2"), ("anthropic-ratelimit-tokens-reset", "2023-11-14T22:14:00Z")],
+            FailOver(RateLimited(Some(Duration::from_secs(40)))),
+        );
+        check(429, &[("retry-after", "Tue, 14 Nov 2023 22:13:40 GMT")], FailOver(RateLimited(Some(Duration::from_secs(20)))));
+        check(429, &[("retry-after", "garbage")], FailOver(RateLimited(None)));
+        check(401, &[], FailOver(Auth));
+        check(403, &[], FailOver(Auth));
+        check(402, &[], FailOver(Auth));
+        check(408, &[], FailOver(Transport(TransportKind::Timeout)));
+        for s in [400, 404, 405, 409, 413, 422, 301] {
+            check(s, &[], RelayCallerError);
+        }
+    }
+
+    #[test]
+    fn sse_errors() {
+        assert_eq!(classify_sse_error("overloaded_error"), Outcome::Overloaded);
+        assert_eq!(classify_sse_error("api_error"), Outcome::ServerError);
+        assert_eq!(classify_sse_error("something_new"), Outcome::ServerError);
+        assert_eq!(classify_sse_error("invalid_request_error"), Outcome::CallerError);
+        assert_eq!(classify_sse_error("rate_limit_error"), Outcome::RateLimited(None));
+    }
+
+    #[test]
+    fn kinds_split_faults_from_non_faults() {
+        let faults: Vec<&str> = Kind::ALL.iter().filter(|k| k.is_failure()).map(|k| k.name()).collect();
+        assert_eq!(faults, ["overloaded", "server_error", "transport", "timeout", "rate_limited", "auth"]);
+        for (i, k) in Kind::ALL.iter().enumerate() {
+            assert_eq!(*k as usize, i);
+        }
+        assert!(!Outcome::CallerError.is_endpoint_fault());
+        assert!(!Outcome::Cancelled.is_endpoint_fault());
+        assert!(Outcome::Transport(TransportKind::Cut).is_endpoint_fault());
+    }
+}

@@ -1,0 +1,863 @@
+//! The configuration file, in two stages.
+//!
+//! Stage one is a serde mirror of the TOML file as written (`Raw*`, `deny_unknown_fields`, every
+//! value wrapped in [`Spanned`] so we know where it came from). Stage two, [`Config::from_toml`],
+//! turns that mirror into a validated [`Config`] and reports *every* problem it finds at once, each
+//! with its line and dotted key, so a user fixes a file in one pass instead of one error per run.
+//!
+//! Secrets are read here (including the `*_env` variants, from the environment at load time) and
+//! kept in [`Secret`], whose `Debug` never shows the value.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// Default listen address: loopback only.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7860";
+/// Default cap on a client request body. Claude Code sends 70–120 KB on a first turn and more as a
+/// conversation grows; the API itself accepts 32 MB.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
+/// The most endpoints one gateway serves: the set of endpoints a request has tried is a `u64` bitmask.
+pub const MAX_ENDPOINTS: usize = 64;
+
+/// A secret string (API key, bearer token, access token). `Debug` and `Display` redact it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    /// The secret itself; call only where it is put on the wire or compared.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// How the gateway picks among healthy endpoints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Strategy {
+    /// Lowest priority number first; weighted random within a tier.
+    Priority,
+    /// Each request starts at the next endpoint in turn.
+    RoundRobin,
+    /// Weighted random over all endpoints, ignoring priority.
+    Weighted,
+}
+
+impl Strategy {
+    fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "priority" => Ok(Self::Priority),
+            "round_robin" => Ok(Self::RoundRobin),
+            "weighted" => Ok(Self::Weighted),
+            "least_latency" => Err("`least_latency` is not available in this version; use priority, round_robin or weighted".into()),
+            other => Err(format!("unknown strategy `{other}`; expected priority, round_robin or weighted")),
+        }
+    }
+}
+
+/// How a recovery probe checks that an endpoint works again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProbeMode {
+    /// A tiny real message whose reply must contain a random code the probe asked for.
+    Message,
+    /// `POST /v1/messages/count_tokens`: cheap, proves the credential and the route.
+    CountTokens,
+    /// `GET /v1/models`: cheapest, proves the credential only.
+    Models,
+}
+
+impl ProbeMode {
+    fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "message" => Ok(Self::Message),
+            "count_tokens" => Ok(Self::CountTokens),
+            "models" => Ok(Self::Models),
+            other => Err(format!("unknown probe mode `{other}`; expected message, count_tokens or models")),
+        }
+    }
+}
+
+/// `[server]`: the listener and client-facing behaviour.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Address to listen on; port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// If set, clients must present it as `x-api-key` or `Authorization: Bearer`.
+    pub access_token: Option<Secret>,
+    /// Endpoint selection strategy.
+    pub strategy: Strategy,
+    /// Largest accepted request body; larger bodies get 413 without touching any endpoint.
+    pub max_body_bytes: usize,
+    /// How long shutdown waits for in-flight requests before it gives up on them.
+    pub shutdown_timeout: Duration,
+    /// Most attempts (first try plus failovers) for one client request.
+    pub max_attempts: usize,
+}
+
+/// `[timeouts]`: limits on each upstream attempt.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    /// TCP (and TLS) connect.
+    pub connect: Duration,
+    /// From sending the request to receiving response headers. Non-streaming requests only get
+    /// headers when the whole answer is ready, so this must stay generous.
+    pub first_byte: Duration,
+    /// Longest silence between two body chunks of a response (SSE events, or JSON bytes).
+    pub idle: Duration,
+}
+
+/// `[health]`: when endpoints leave and re-enter rotation.
+#[derive(Clone, Debug)]
+pub struct HealthConfig {
+    /// Consecutive endpoint-fault failures that eject an endpoint.
+    pub failure_threshold: u32,
+    /// Delay before the first recovery probe of an ejected endpoint; it doubles per failed probe.
+    pub probe_interval: Duration,
+    /// Cap on the probe backoff.
+    pub probe_max_interval: Duration,
+    /// Time limit of one probe.
+    pub probe_timeout: Duration,
+    /// Default probe mode.
+    pub probe_mode: ProbeMode,
+    /// Model named by `message` and `count_tokens` probes.
+    pub probe_model: String,
+    /// Cooldown after a 429 that carries no `retry-after` or reset header.
+    pub rate_limit_cooldown: Duration,
+}
+
+/// The credential an endpoint sends upstream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Credential {
+    /// Sent as `x-api-key`.
+    ApiKey(Secret),
+    /// Sent as `Authorization: Bearer`.
+    AuthToken(Secret),
+}
+
+impl Credential {
+    /// The secret, for redaction checks.
+    pub fn secret(&self) -> &Secret {
+        match self {
+            Self::ApiKey(s) | Self::AuthToken(s) => s,
+        }
+    }
+}
+
+/// An upstream base URL, split once at load time.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BaseUrl {
+    /// `http` or `https`.
+    pub scheme: http::uri::Scheme,
+    /// Host and port.
+    pub authority: http::uri::Authority,
+    /// Path prefix without a trailing slash (empty for none), prepended to the client's path.
+    pub path_prefix: String,
+}
+
+impl BaseUrl {
+    /// Parses and checks a base URL.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let uri: http::Uri = s.parse().map_err(|e| format!("`{s}` is not a valid URL ({e})"))?;
+        let scheme = uri.scheme().cloned().ok_or_else(|| format!("`{s}` must start with http:// or https://"))?;
+        if scheme != http::uri::Scheme::HTTP && scheme != http::uri::Scheme::HTTPS {
+            return Err(format!("`{s}` must start with http:// or https://"));
+        }
+        let authority = uri.authority().cloned().ok_or_else(|| format!("`{s}` has no host"))?;
+        if authority.as_str().contains('@') {
+            return Err("credentials do not belong in the URL; use api_key or auth_token".into());
+        }
+        if authority.host().is_empty() {
+            return Err(format!("`{s}` has no host"));
+        }
+        if uri.query().is_some() {
+            return Err(format!("`{s}` must not carry a query string"));
+        }
+        let path_prefix = uri.path().trim_end_matches('/').to_string();
+        Ok(Self { scheme, authority, path_prefix })
+    }
+}
+
+impl fmt::Display for BaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}://{}{}", self.scheme, self.authority, self.path_prefix)
+    }
+}
+
+/// One validated `[[endpoints]]` entry.
+#[derive(Clone, Debug)]
+pub struct EndpointConfig {
+    /// Unique name.
+    pub name: String,
+    /// Where requests go.
+    pub base_url: BaseUrl,
+    /// The one credential sent upstream.
+    pub credential: Credential,
+    /// Lower is preferred.
+    pub priority: u32,
+    /// Share within a priority tier.
+    pub weight: u32,
+    /// `false` keeps the endpoint configured but out of rotation.
+    pub enabled: bool,
+    /// Rewrite of the request's `model` for this endpoint.
+    pub model_map: BTreeMap<String, String>,
+    /// Extra PEM CA certificate(s) to trust for this endpoint (self-hosted relays).
+    pub ca_file: Option<PathBuf>,
+    /// Probe mode for this endpoint.
+    pub probe: ProbeMode,
+}
+
+/// The validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// `[server]`.
+    pub server: ServerConfig,
+    /// `[timeouts]`.
+    pub timeouts: Timeouts,
+    /// `[health]`.
+    pub health: HealthConfig,
+    /// `[[endpoints]]`, in file order.
+    pub endpoints: Vec<EndpointConfig>,
+}
+
+/// One thing wrong with a configuration, with where it is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// 1-based line, when known.
+    pub line: Option<usize>,
+    /// Dotted key, e.g. `endpoints[1].base_url`.
+    pub key: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// Every problem found in one configuration.
+#[derive(Debug)]
+pub struct ConfigError {
+    /// Where the configuration came from (a path, or a description).
+    pub source_name: String,
+    /// The problems, in file order.
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.problems.len();
+        writeln!(f, "{} has {n} problem{}:", self.source_name, if n == 1 { "" } else { "s" })?;
+        for p in &self.problems {
+            match p.line {
+                Some(line) => writeln!(f, "  {}:{line}: {}: {}", self.source_name, p.key, p.message)?,
+                None => writeln!(f, "  {}: {}: {}", self.source_name, p.key, p.message)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+// ---------------------------------------------------------------------------------------------
+// Stage one: the file as written.
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    timeouts: RawTimeouts,
+    #[serde(default)]
+    health: RawHealth,
+    #[serde(default)]
+    endpoints: Vec<Spanned<RawEndpoint>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Option<Spanned<String>>,
+    access_token: Option<Spanned<String>>,
+    access_token_env: Option<Spanned<String>>,
+    strategy: Option<Spanned<String>>,
+    max_body_bytes: Option<Spanned<i64>>,
+    shutdown_timeout: Option<Spanned<String>>,
+    max_attempts: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTimeouts {
+    connect: Option<Spanned<String>>,
+    first_byte: Option<Spanned<String>>,
+    idle: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    failure_threshold: Option<Spanned<i64>>,
+    probe_interval: Option<Spanned<String>>,
+    probe_max_interval: Option<Spanned<String>>,
+    probe_timeout: Option<Spanned<String>>,
+    probe_mode: Option<Spanned<String>>,
+    probe_model: Option<Spanned<String>>,
+    rate_limit_cooldown: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEndpoint {
+    name: Option<Spanned<String>>,
+    base_url: Option<Spanned<String>>,
+    api_key: Option<Spanned<String>>,
+    auth_token: Option<Spanned<String>>,
+    api_key_env: Option<Spanned<String>>,
+    auth_token_env: Option<Spanned<String>>,
+    priority: Option<Spanned<i64>>,
+    weight: Option<Spanned<i64>>,
+    enabled: Option<Spanned<bool>>,
+    model_map: Option<Spanned<BTreeMap<String, String>>>,
+    ca_file: Option<Spanned<String>>,
+    probe: Option<Spanned<String>>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stage two: validation.
+
+/// Collects problems with line numbers resolved against the source text.
+struct Problems<'a> {
+    text: &'a str,
+    list: Vec<Problem>,
+}
+
+impl Problems<'_> {
+    fn line_of(&self, offset: usize) -> usize {
+        let end = offset.min(self.text.len());
+        self.text.as_bytes()[..end].iter().filter(|&&b| b == b'\n').count() + 1
+    }
+
+    fn at<T>(&mut self, spanned: &Spanned<T>, key: impl Into<String>, message: impl Into<String>) {
+        let line = Some(self.line_of(spanned.span().start));
+        self.list.push(Problem { line, key: key.into(), message: message.into() });
+    }
+
+    fn at_line(&mut self, line: Option<usize>, key: impl Into<String>, message: impl Into<String>) {
+        self.list.push(Problem { line, key: key.into(), message: message.into() });
+    }
+
+    fn duration(&mut self, v: &Option<Spanned<String>>, key: &str, default: Duration) -> Duration {
+        let Some(v) = v else { return default };
+        match humantime::parse_duration(v.get_ref()) {
+            Ok(d) if d.is_zero() => {
+                self.at(v, key, "must be longer than zero");
+                default
+            }
+            Ok(d) => d,
+            Err(e) => {
+                self.at(v, key, format!("`{}` is not a duration like \"30s\" or \"5m\" ({e})", v.get_ref()));
+                default
+            }
+        }
+    }
+
+    fn int_in(&mut self, v: &Option<Spanned<i64>>, key: &str, min: i64, max: i64, default: i64) -> i64 {
+        let Some(v) = v else { return default };
+        let n = *v.get_ref();
+        if n < min || n > max {
+            self.at(v, key, format!("{n} is out of range ({min}..={max})"));
+            return default;
+        }
+        n
+    }
+}
+
+/// Reads environment variables; a seam so tests need not touch the process environment.
+pub trait Env {
+    /// The variable's value, if set and not empty.
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+/// The process environment.
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok().filter(|v| !v.is_empty())
+    }
+}
+
+impl<F: Fn(&str) -> Option<String>> Env for F {
+    fn var(&self, name: &str) -> Option<String> {
+        self(name)
+    }
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path, env: &dyn Env) -> Result<Self, ConfigError> {
+        let source_name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            source_name: source_name.clone(),
+            problems: vec![Problem { line: None, key: "(file)".into(), message: format!("cannot read it: {e}") }],
+        })?;
+        Self::from_toml(&text, &source_name, env)
+    }
+
+    /// Parses and validates configuration text; `source_name` names it in messages.
+    pub fn from_toml(text: &str, source_name: &str, env: &dyn Env) -> Result<Self, ConfigError> {
+        let mut p = Problems { text, list: Vec::new() };
+        let raw: RawConfig = match toml::from_str(text) {
+            Ok(raw) => raw,
+            Err(e) => {
+                let line = e.span().map(|s| p.line_of(s.start));
+                let key = e.span().and_then(|s| text.get(s)).map(|k| k.trim().to_string()).filter(|k| !k.is_empty() && k.len() < 80);
+                p.at_line(line, key.unwrap_or_else(|| "(syntax)".into()), e.message().trim().to_string());
+                return Err(ConfigError { source_name: source_name.into(), problems: p.list });
+            }
+        };
+        let config = validate(raw, &mut p, env);
+        if p.list.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError { source_name: source_name.into(), problems: p.list })
+        }
+    }
+
+    /// The configuration used when there is no file: one endpoint from `ANTHROPIC_BASE_URL` and
+    /// `ANTHROPIC_API_KEY` or `ANTHROPIC_AUTH_TOKEN`. `None` when neither credential is set.
+    pub fn from_anthropic_env(env: &dyn Env) -> Option<Result<Self, ConfigError>> {
+        let key = env.var("ANTHROPIC_API_KEY");
+        let token = env.var("ANTHROPIC_AUTH_TOKEN");
+        if key.is_none() && token.is_none() {
+            return None;
+        }
+        let base = env.var("ANTHROPIC_BASE_URL").unwrap_or_else(|| "https://api.anthropic.com".into());
+        let cred = if key.is_some() { "api_key_env = \"ANTHROPIC_API_KEY\"" } else { "auth_token_env = \"ANTHROPIC_AUTH_TOKEN\"" };
+        let text = format!("[[endpoints]]\nname = \"default\"\nbase_url = {}\n{cred}\n", toml_string(&base));
+        Some(Self::from_toml(&text, "the ANTHROPIC_* environment", env))
+    }
+}
+
+/// Quotes a string as a TOML basic string.
+pub fn toml_string(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
+}
+
+fn validate(raw: RawConfig, p: &mut Problems<'_>, env: &dyn Env) -> Config {
+    let server = validate_server(&raw.server, p, env);
+    let t = &raw.timeouts;
+    let timeouts = Timeouts {
+        connect: p.duration(&t.connect, "timeouts.connect", Duration::from_secs(10)),
+        first_byte: p.duration(&t.first_byte, "timeouts.first_byte", Duration::from_secs(300)),
+        idle: p.duration(&t.idle, "timeouts.idle", Duration::from_secs(300)),
+    };
+    let health = validate_health(&raw.health, p);
+
+    let mut endpoints = Vec::with_capacity(raw.endpoints.len());
+    let mut names: BTreeMap<String, usize> = BTreeMap::new();
+    for (i, ep) in raw.endpoints.iter().enumerate() {
+        if let Some(e) = validate_endpoint(i, ep, p, env, health.probe_mode) {
+            if let Some(first) = names.insert(e.name.clone(), i) {
+                let name = ep.get_ref().name.as_ref().expect("validated endpoints have names");
+                p.at(name, format!("endpoints[{i}].name"), format!("`{}` is already the name of endpoints[{first}]", e.name));
+            }
+            if is_self(&e.base_url, server.listen) {
+                let url = ep.get_ref().base_url.as_ref().expect("validated endpoints have URLs");
+                p.at(url, format!("endpoints[{i}].base_url"), "points at this gateway's own listen address");
+            }
+            endpoints.push(e);
+        }
+    }
+    if raw.endpoints.len() > MAX_ENDPOINTS {
+        p.at_line(None, "endpoints", format!("{} endpoints configured; at most {MAX_ENDPOINTS} are supported", raw.endpoints.len()));
+    }
+    if raw.endpoints.is_empty() {
+        p.at_line(None, "endpoints", "no [[endpoints]] configured; add at least one (see `ccgate init`)");
+    }
+    Config { server, timeouts, health, endpoints }
+}
+
+fn is_self(url: &BaseUrl, listen: SocketAddr) -> bool {
+    let port = url.authority.port_u16().unwrap_or(if url.scheme == http::uri::Scheme::HTTPS { 443 } else { 80 });
+    let host = url.authority.host();
+    let loopback = host == "localhost" || host.trim_matches(['[', ']']).parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    loopback && port == listen.port() && listen.port() != 0
+}
+
+fn validate_server(s: &RawServer, p: &mut Problems<'_>, env: &dyn Env) -> ServerConfig {
+    let default_listen: SocketAddr = DEFAULT_LISTEN.parse().expect("default listen address parses");
+    let listen = match &s.listen {
+        None => default_listen,
+        Some(v) => match parse_listen(v.get_ref()) {
+            Ok(a) => a,
+            Err(m) => {
+                p.at(v, "server.listen", m);
+                default_listen
+            }
+        },
+    };
+    let access_token = match (&s.access_token, &s.access_token_env) {
+        (Some(a), Some(_)) => {
+            p.at(a, "server.access_token", "set either access_token or access_token_env, not both");
+            None
+        }
+        (Some(a), None) if a.get_ref().is_empty() => {
+            p.at(a, "server.access_token", "must not be empty");
+            None
+        }
+        (Some(a), None) => Some(Secret::new(a.get_ref().clone())),
+        (None, Some(var)) => match env.var(var.get_ref()) {
+            Some(v) => Some(Secret::new(v)),
+            None => {
+                p.at(var, "server.access_token_env", format!("environment variable `{}` is not set", var.get_ref()));
+                None
+            }
+        },
+        (None, None) => None,
+    };
+    if !listen.ip().is_loopback() && access_token.is_none() && s.access_token_env.is_none() {
+        let line = s.listen.as_ref().map(|v| p.line_of(v.span().start));
+        p.at_line(line, "server.listen", format!("{listen} is not a loopback address; set server.access_token before listening beyond this machine"));
+    }
+    let strategy = match &s.strategy {
+        None => Strategy::Priority,
+        Some(v) => Strategy::parse(v.get_ref()).unwrap_or_else(|m| {
+            p.at(v, "server.strategy", m);
+            Strategy::Priority
+        }),
+    };
+    let max_body = p.int_in(&s.max_body_bytes, "server.max_body_bytes", 1024, 1 << 32, DEFAULT_MAX_BODY_BYTES as i64);
+    ServerConfig {
+        listen,
+        access_token,
+        strategy,
+        max_body_bytes: usize::try_from(max_body).unwrap_or(DEFAULT_MAX_BODY_BYTES),
+        shutdown_timeout: p.duration(&s.shutdown_timeout, "server.shutdown_timeout", Duration::from_secs(30)),
+        max_attempts: p.int_in(&s.max_attempts, "server.max_attempts", 1, MAX_ENDPOINTS as i64, 3) as usize,
+    }
+}
+
+fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    if let Some(port) = s.strip_prefix("localhost:") {
+        if let Ok(port) = port.parse::<u16>() {
+            return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
+        }
+    }
+    Err(format!("`{s}` is not an address like \"127.0.0.1:7860\""))
+}
+
+fn validate_health(h: &RawHealth, p: &mut Problems<'_>) -> HealthConfig {
+    let probe_interval = p.duration(&h.probe_interval, "health.probe_interval", Duration::from_secs(10));
+    let probe_max_interval = p.duration(&h.probe_max_interval, "health.probe_max_interval", Duration::from_secs(300));
+    if probe_max_interval < probe_interval {
+        if let Some(v) = &h.probe_max_interval {
+            p.at(v, "health.probe_max_interval", "must not be shorter than health.probe_interval");
+        }
+    }
+    let probe_mode = match &h.probe_mode {
+        None => ProbeMode::Models,
+        Some(v) => ProbeMode::parse(v.get_ref()).unwrap_or_else(|m| {
+            p.at(v, "health.probe_mode", m);
+            ProbeMode::Models
+        }),
+    };
+    HealthConfig {
+        failure_threshold: p.int_in(&h.failure_threshold, "health.failure_threshold", 1, 1000, 3) as u32,
+        probe_interval,
+        probe_max_interval,
+        probe_timeout: p.duration(&h.probe_timeout, "health.probe_timeout", Duration::from_secs(30)),
+        probe_mode,
+        probe_model: h.probe_model.as_ref().map_or_else(|| "claude-haiku-4-5".to_string(), |m| m.get_ref().clone()),
+        rate_limit_cooldown: p.duration(&h.rate_limit_cooldown, "health.rate_limit_cooldown", Duration::from_secs(30)),
+    }
+}
+
+fn validate_endpoint(
+    i: usize,
+    spanned: &Spanned<RawEndpoint>,
+    p: &mut Problems<'_>,
+    env: &dyn Env,
+    default_probe: ProbeMode,
+) -> Option<EndpointConfig> {
+    let ep = spanned.get_ref();
+    let key = |k: &str| format!("endpoints[{i}].{k}");
+    let before = p.list.len();
+
+    let name = match &ep.name {
+        None => {
+            p.at(spanned, key("name"), "is required");
+            String::new()
+        }
+        Some(n) => {
+            let v = n.get_ref();
+            if v.is_empty() || v.len() > 64 || !v.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+                p.at(n, key("name"), format!("`{v}` must be 1-64 characters of letters, digits, `-`, `_` or `.`"));
+            }
+            v.clone()
+        }
+    };
+    let base_url = match &ep.base_url {
+        None => {
+            p.at(spanned, key("base_url"), "is required");
+            None
+        }
+        Some(u) => match BaseUrl::parse(u.get_ref()) {
+            Ok(b) => Some(b),
+            Err(m) => {
+                p.at(u, key("base_url"), m);
+                None
+            }
+        },
+    };
+
+    let given: Vec<(&str, &Spanned<String>)> = [
+        ("api_key", &ep.api_key),
+        ("auth_token", &ep.auth_token),
+        ("api_key_env", &ep.api_key_env),
+        ("auth_token_env", &ep.auth_token_env),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| v.as_ref().map(|v| (k, v)))
+    .collect();
+    let credential = match given.as_slice() {
+        [] => {
+            p.at(spanned, key("api_key"), "no credential: set one of api_key, auth_token, api_key_env or auth_token_env");
+            None
+        }
+        [(k, v)] => {
+            let value = if k.ends_with("_env") {
+                let var = v.get_ref();
+                let value = env.var(var);
+                if value.is_none() {
+                    p.at(*v, key(k), format!("environment variable `{var}` is not set"));
+                }
+                value
+            } else if v.get_ref().is_empty() {
+                p.at(*v, key(k), "must not be empty");
+                None
+            } else {
+                Some(v.get_ref().clone())
+            };
+            value.and_then(|s| {
+                if s.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+                    p.at(*v, key(k), "the credential contains spaces or control characters");
+                    return None;
+                }
+                Some(if k.starts_with("api_key") { Credential::ApiKey(Secret::new(s)) } else { Credential::AuthToken(Secret::new(s)) })
+            })
+        }
+        [_, (k, v), ..] => {
+            let names: Vec<&str> = given.iter().map(|(k, _)| *k).collect();
+            p.at(*v, key(k), format!("an endpoint has exactly one credential, but {} are set", names.join(", ")));
+            None
+        }
+    };
+    let priority = p.int_in(&ep.priority, &key("priority"), 0, 1_000_000, 1) as u32;
+    let weight = p.int_in(&ep.weight, &key("weight"), 1, 1_000_000, 100) as u32;
+    let model_map = ep.model_map.as_ref().map(|m| m.get_ref().clone()).unwrap_or_default();
+    if let Some(m) = &ep.model_map {
+        if m.get_ref().iter().any(|(k, v)| k.is_empty() || v.is_empty()) {
+            p.at(m, key("model_map"), "model names must not be empty");
+        }
+    }
+    let ca_file = ep.ca_file.as_ref().map(|f| PathBuf::from(f.get_ref()));
+    if let (Some(f), Some(path)) = (&ep.ca_file, &ca_file) {
+        if !path.is_file() {
+            p.at(f, key("ca_file"), format!("`{}` is not a readable file", path.display()));
+        }
+    }
+    let probe = match &ep.probe {
+        None => default_probe,
+        Some(v) => ProbeMode::parse(v.get_ref()).unwrap_or_else(|m| {
+            p.at(v, key("probe"), m);
+            default_probe
+        }),
+    };
+    if p.list.len() != before {
+        return None;
+    }
+    Some(EndpointConfig {
+        name,
+        base_url: base_url?,
+        credential: credential?,
+        priority,
+        weight,
+        enabled: ep.enabled.as_ref().is_none_or(|e| *e.get_ref()),
+        model_map,
+        ca_file,
+        probe,
+    })
+}
+
+/// Where `ccgate` looks for its configuration when `--config` is not given.
+pub fn default_config_path(env: &dyn Env) -> Option<PathBuf> {
+    if let Some(p) = env.var("CCGATE_CONFIG") {
+        return Some(PathBuf::from(p));
+    }
+    dirs::config_dir().map(|d| d.join("ccgate").join("config.toml"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn problems(text: &str) -> Vec<Problem> {
+        Config::from_toml(text, "t.toml", &no_env).expect_err("config should be rejected").problems
+    }
+
+    const ONE: &str = "[[endpoints]]\nname = \"a\"\nbase_url = \"https://api.example.com\"\napi_key = \"k\"\n";
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = Config::from_toml(ONE, "t.toml", &no_env).expect("valid");
+        assert_eq!(c.server.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.server.strategy, Strategy::Priority);
+        assert_eq!(c.server.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
+        assert_eq!(c.health.failure_threshold, 3);
+        let e = &c.endpoints[0];
+        assert_eq!((e.priority, e.weight, e.enabled), (1, 100, true));
+        assert_eq!(e.credential, Credential::ApiKey(Secret::new("k")));
+        assert_eq!(e.base_url.to_string(), "https://api.example.com");
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_line_and_key() {
+        let text = r#"[server]
+listen = "0.0.0.0:80"
+strategy = "fastest"
+
+[timeouts]
+idle = "soon"
+
+[[endpoints]]
+name = "a"
+base_url = "ftp://x"
+api_key = "k"
+
+[[endpoints]]
+name = "a"
+base_url = "https://b.example"
+api_key = "k"
+auth_token = "t"
+weight = 0
+"#;
+        let got: Vec<(Option<usize>, String)> = problems(text).into_iter().map(|p| (p.line, p.key)).collect();
+        let want: Vec<(Option<usize>, String)> = vec![
+            (Some(2), "server.listen".into()),
+            (Some(3), "server.strategy".into()),
+            (Some(6), "timeouts.idle".into()),
+            (Some(10), "endpoints[0].base_url".into()),
+            (Some(17), "endpoints[1].auth_token".into()),
+            (Some(18), "endpoints[1].weight".into()),
+        ];
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn duplicate_names_are_rejected() {
+        let text = format!("{ONE}\n{ONE}");
+        let p = problems(&text);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].key, "endpoints[1].name");
+        assert_eq!(p[0].line, Some(7));
+    }
+
+    #[test]
+    fn unknown_key_names_its_line() {
+        let p = problems("[server]\nlisten = \"127.0.0.1:1\"\nlisen = 3\n");
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].line, Some(3));
+        assert!(p[0].message.contains("unknown field"), "{}", p[0].message);
+    }
+
+    #[test]
+    fn syntax_error_names_its_line() {
+        let p = problems("[server\nlisten = 1\n");
+        assert_eq!(p[0].line, Some(1));
+    }
+
+    #[test]
+    fn credentials_from_env() {
+        let env = |k: &str| (k == "MY_TOKEN").then(|| "tok".to_string());
+        let text = "[[endpoints]]\nname = \"a\"\nbase_url = \"http://127.0.0.1:9\"\nauth_token_env = \"MY_TOKEN\"\n";
+        let c = Config::from_toml(text, "t", &env).expect("valid");
+        assert_eq!(c.endpoints[0].credential, Credential::AuthToken(Secret::new("tok")));
+        let missing = text.replace("MY_TOKEN", "OTHER");
+        let p = Config::from_toml(&missing, "t", &env).expect_err("missing var").problems;
+        assert_eq!(p[0].key, "endpoints[0].auth_token_env");
+        assert_eq!(p[0].line, Some(4));
+    }
+
+    #[test]
+    fn missing_credential_and_name() {
+        let p = problems("[[endpoints]]\nbase_url = \"http://h\"\n");
+        let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["endpoints[0].name", "endpoints[0].api_key"]);
+    }
+
+    #[test]
+    fn no_endpoints_is_a_problem() {
+        let p = problems("[server]\n");
+        assert_eq!(p[0].key, "endpoints");
+    }
+
+    #[test]
+    fn non_loopback_needs_access_token() {
+        let text = format!("[server]\nlisten = \"0.0.0.0:7860\"\naccess_token = \"s\"\n{ONE}");
+        assert!(Config::from_toml(&text, "t", &no_env).is_ok());
+    }
+
+    #[test]
+    fn base_url_prefix_is_kept_without_trailing_slash() {
+        let b = BaseUrl::parse("https://relay.example/api/").expect("valid");
+        assert_eq!(b.path_prefix, "/api");
+        assert_eq!(BaseUrl::parse("https://relay.example").expect("valid").path_prefix, "");
+        assert!(BaseUrl::parse("https://user:pw@relay.example").is_err());
+        assert!(BaseUrl::parse("relay.example").is_err());
+    }
+
+    #[test]
+    fn pointing_at_itself_is_rejected() {
+        let text = "[server]\nlisten = \"127.0.0.1:7860\"\n[[endpoints]]\nname = \"a\"\nbase_url = \"http://localhost:7860\"\napi_key = \"k\"\n";
+        assert_eq!(problems(text)[0].key, "endpoints[0].base_url");
+    }
+
+    #[test]
+    fn env_fallback_config() {
+        let env = |k: &str| match k {
+            "ANTHROPIC_AUTH_TOKEN" => Some("t".to_string()),
+            "ANTHROPIC_BASE_URL" => Some("https://relay.example/api".to_string()),
+            _ => None,
+        };
+        let c = Config::from_anthropic_env(&env).expect("some").expect("valid");
+        assert_eq!(c.endpoints[0].credential, Credential::AuthToken(Secret::new("t")));
+        assert_eq!(c.endpoints[0].base_url.path_prefix, "/api");
+        assert!(Config::from_anthropic_env(&no_env).is_none());
+    }
+
+    #[test]
+    fn secrets_are_redacted_in_debug() {
+        let c = Config::from_toml(ONE, "t", &no_env).expect("valid");
+        assert!(!format!("{c:?}").contains("\"k\""));
+    }
+}

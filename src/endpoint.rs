@@ -1,0 +1,345 @@
+//! Endpoints: immutable facts plus live, lock-free counters, and the [`Attempt`] guard that records
+//! each attempt exactly once.
+//!
+//! **Invariant:** the only way to move an endpoint's outcome counters is to finish or drop an
+//! [`Attempt`]; `finish` consumes the guard and `Drop` records `Cancelled` if it was never finished,
+//! so an attempt cannot be recorded twice or forgotten, whatever path it ends through.
+//!
+//! **Invariant:** `in_flight` is not a counter of its own. It is `started − Σ ended`, read ended-first,
+//! so a snapshot always satisfies `successful + failed + caller_errors + cancelled + in_flight ==
+//! total` and `in_flight` is never negative (see [`Live::snapshot`]).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use http::{HeaderName, HeaderValue};
+
+use crate::classify::{Kind, Outcome};
+use crate::clock::Clock;
+use crate::config::{BaseUrl, Credential, EndpointConfig, ProbeMode};
+use crate::health::{Event, Phase};
+use crate::queue::FailureQueue;
+use crate::upstream::UpstreamClient;
+
+/// One configured upstream endpoint.
+pub struct Endpoint {
+    /// Position in the registry (bit index in a request's tried-set).
+    pub idx: usize,
+    /// Unique name.
+    pub name: String,
+    /// Where requests go.
+    pub base_url: BaseUrl,
+    /// Prebuilt credential header, marked sensitive.
+    pub auth_header: (HeaderName, HeaderValue),
+    /// Lower is preferred.
+    pub priority: u32,
+    /// Share within a priority tier.
+    pub weight: u32,
+    /// Model rewrites for this endpoint.
+    pub model_map: BTreeMap<String, String>,
+    /// How recovery probes check this endpoint.
+    pub probe: ProbeMode,
+    /// Pooled HTTP(S) client for this endpoint.
+    pub client: UpstreamClient,
+    /// Live counters and health.
+    pub live: Live,
+}
+
+impl Endpoint {
+    /// Builds an endpoint from its validated config.
+    pub fn new(idx: usize, cfg: &EndpointConfig, client: UpstreamClient) -> Self {
+        let auth_header = match &cfg.credential {
+            Credential::ApiKey(k) => (HeaderName::from_static("x-api-key"), HeaderValue::from_str(k.expose())),
+            Credential::AuthToken(t) => (http::header::AUTHORIZATION, HeaderValue::from_str(&format!("Bearer {}", t.expose()))),
+        };
+        // Config validation rejected control characters, so this cannot fail; fall back to an empty
+        // value rather than panicking if it ever did.
+        let (name, value) = auth_header;
+        let mut value = value.unwrap_or_else(|_| HeaderValue::from_static(""));
+        value.set_sensitive(true);
+        let live = Live::default();
+        live.admin_disabled.store(!cfg.enabled, Ordering::Relaxed);
+        Self {
+            idx,
+            name: cfg.name.clone(),
+            base_url: cfg.base_url.clone(),
+            auth_header: (name, value),
+            priority: cfg.priority,
+            weight: cfg.weight,
+            model_map: cfg.model_map.clone(),
+            probe: cfg.probe,
+            client,
+            live,
+        }
+    }
+}
+
+/// What the last failure was, for views. Never holds a secret: messages are built by ccgate or
+/// taken from an upstream's error JSON `message`, which is scrubbed of the endpoint's credential.
+#[derive(Clone, Debug)]
+pub struct LastError {
+    /// Outcome kind.
+    pub kind: Kind,
+    /// Human-readable detail.
+    pub message: String,
+    /// When, in ms on the registry clock.
+    pub at_ms: u64,
+}
+
+/// A decaying latency estimate plus a log-bucketed histogram, all atomics.
+pub struct Latency {
+    ewma_us: AtomicU64,
+    buckets: [AtomicU64; LATENCY_BUCKETS],
+}
+
+/// Buckets of the latency histogram: bucket `i` holds samples below `2^((i+1)/2)` ms.
+pub const LATENCY_BUCKETS: usize = 40;
+
+impl Default for Latency {
+    fn default() -> Self {
+        Self { ewma_us: AtomicU64::new(0), buckets: std::array::from_fn(|_| AtomicU64::new(0)) }
+    }
+}
+
+impl Latency {
+    /// Adds a sample.
+    pub fn observe(&self, d: Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        // EWMA with alpha = 1/8, in integer microseconds; a CAS loop so concurrent samples are
+        // not lost.
+        let _ = self.ewma_us.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+            Some(if old == 0 { us.max(1) } else { (old * 7 + us) / 8 }.max(1))
+        });
+        self.buckets[Self::bucket(d)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn bucket(d: Duration) -> usize {
+        let ms = d.as_secs_f64() * 1000.0;
+        if ms < 1.0 {
+            return 0;
+        }
+        ((ms.log2() * 2.0).floor() as usize).min(LATENCY_BUCKETS - 1)
+    }
+
+    /// Upper bound of bucket `i`, in ms.
+    pub fn bucket_upper_ms(i: usize) -> f64 {
+        2f64.powf((i as f64 + 1.0) / 2.0)
+    }
+
+    /// The decaying average, if any sample was taken.
+    pub fn ewma(&self) -> Option<Duration> {
+        match self.ewma_us.load(Ordering::Relaxed) {
+            0 => None,
+            us => Some(Duration::from_micros(us)),
+        }
+    }
+
+    /// Approximate percentile (upper bucket bound, ms), `q` in `[0, 1]`.
+    pub fn percentile_ms(&self, q: f64) -> Option<f64> {
+        let counts: Vec<u64> = self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = ((total as f64) * q).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, c) in counts.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                return Some(Self::bucket_upper_ms(i));
+            }
+        }
+        Some(Self::bucket_upper_ms(LATENCY_BUCKETS - 1))
+    }
+
+    /// Bucket counts, for metrics.
+    pub fn bucket_counts(&self) -> [u64; LATENCY_BUCKETS] {
+        std::array::from_fn(|i| self.buckets[i].load(Ordering::Relaxed))
+    }
+}
+
+/// Live per-endpoint state. Written by attempts (atomics, no locks on the hot path); phase
+/// transitions go through [`FailureQueue::transition`].
+#[derive(Default)]
+pub struct Live {
+    started: AtomicU64,
+    ended: [AtomicU64; Kind::COUNT],
+    pub(crate) consecutive: AtomicU32,
+    pub(crate) phase: AtomicU8,
+    pub(crate) admin_disabled: AtomicBool,
+    pub(crate) probation_busy: AtomicBool,
+    /// Cooldown deadline (registry-clock ms); only ever raised, with `fetch_max`.
+    pub(crate) cooldown_until_ms: AtomicU64,
+    /// Time to response headers.
+    pub ttfb: Latency,
+    /// Time to the end of the response body.
+    pub total: Latency,
+    pub(crate) last_error: ArcSwapOption<LastError>,
+}
+
+/// A consistent view of one endpoint's counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Attempts sent.
+    pub total: u64,
+    /// Attempts in progress.
+    pub in_flight: u64,
+    /// Ended attempts by outcome kind, indexed by `Kind as usize`.
+    pub by_kind: [u64; Kind::COUNT],
+}
+
+impl Counters {
+    /// Successful attempts.
+    pub fn successful(&self) -> u64 {
+        self.by_kind[Kind::Success as usize]
+    }
+    /// Attempts that failed through the endpoint's fault.
+    pub fn failed(&self) -> u64 {
+        Kind::ALL.iter().filter(|k| k.is_failure()).map(|k| self.by_kind[*k as usize]).sum()
+    }
+    /// Attempts the caller's own request spoiled.
+    pub fn caller_errors(&self) -> u64 {
+        self.by_kind[Kind::CallerError as usize]
+    }
+    /// Attempts abandoned because the client left.
+    pub fn cancelled(&self) -> u64 {
+        self.by_kind[Kind::Cancelled as usize]
+    }
+    /// Success share of the attempts that reached a verdict about the endpoint.
+    pub fn success_rate(&self) -> f64 {
+        let judged = self.successful() + self.failed();
+        if judged == 0 { 1.0 } else { self.successful() as f64 / judged as f64 }
+    }
+}
+
+impl Live {
+    /// Reads the counters. Ended counters are read before `started` (each with acquire ordering):
+    /// every end observed implies its start is observed, so `in_flight = started − ended ≥ 0` and
+    /// the sum identity holds in every snapshot, under any concurrency.
+    pub fn snapshot(&self) -> Counters {
+        let by_kind: [u64; Kind::COUNT] = std::array::from_fn(|i| self.ended[i].load(Ordering::Acquire));
+        let total = self.started.load(Ordering::Acquire);
+        let ended: u64 = by_kind.iter().sum();
+        Counters { total, in_flight: total.saturating_sub(ended), by_kind }
+    }
+
+    /// Current phase.
+    pub fn phase(&self) -> Phase {
+        Phase::from_u8(self.phase.load(Ordering::Acquire))
+    }
+
+    /// Consecutive endpoint-fault failures since the last success.
+    pub fn consecutive_failures(&self) -> u32 {
+        self.consecutive.load(Ordering::Acquire)
+    }
+
+    /// Whether an operator switched the endpoint off.
+    pub fn admin_disabled(&self) -> bool {
+        self.admin_disabled.load(Ordering::Acquire)
+    }
+
+    /// Last failure, if any.
+    pub fn last_error(&self) -> Option<Arc<LastError>> {
+        self.last_error.load_full()
+    }
+
+    /// Cooldown deadline in registry-clock ms (0 = none).
+    pub fn cooldown_until_ms(&self) -> u64 {
+        self.cooldown_until_ms.load(Ordering::Acquire)
+    }
+}
+
+/// Everything an [`Attempt`] needs to record its outcome and drive health.
+pub struct Recorder {
+    /// Shared clock.
+    pub clock: Clock,
+    /// The failure queue, where phase transitions are applied.
+    pub queue: Arc<FailureQueue>,
+    /// Cooldown after a 429 without a reset hint.
+    pub default_cooldown: Duration,
+}
+
+/// One try of a request against one endpoint. Created when the attempt is sent; records exactly
+/// one outcome — by [`Attempt::finish`], or as `Cancelled` when dropped unfinished.
+pub struct Attempt {
+    ep: Arc<Endpoint>,
+    recorder: Arc<Recorder>,
+    started: tokio::time::Instant,
+    holds_probation: bool,
+    finished: bool,
+}
+
+impl Attempt {
+    /// Starts an attempt: `total_requests` and `in_flight` rise by one.
+    pub fn begin(ep: Arc<Endpoint>, recorder: Arc<Recorder>, holds_probation: bool) -> Self {
+        ep.live.started.fetch_add(1, Ordering::AcqRel);
+        Self { ep, recorder, started: tokio::time::Instant::now(), holds_probation, finished: false }
+    }
+
+    /// The endpoint this attempt goes to.
+    pub fn endpoint(&self) -> &Arc<Endpoint> {
+        &self.ep
+    }
+
+    /// Notes that response headers arrived.
+    pub fn first_byte(&self) {
+        self.ep.live.ttfb.observe(self.started.elapsed());
+    }
+
+    /// Records the verdict, with a message for `last_error` when it is a failure.
+    pub fn finish(mut self, outcome: Outcome, detail: Option<String>) {
+        self.finished = true;
+        self.record(outcome, detail);
+    }
+
+    fn record(&mut self, outcome: Outcome, detail: Option<String>) {
+        let live = &self.ep.live;
+        let kind = outcome.kind();
+        if !matches!(outcome, Outcome::Cancelled) {
+            live.total.observe(self.started.elapsed());
+        }
+        live.ended[kind as usize].fetch_add(1, Ordering::AcqRel);
+        let rec = &self.recorder;
+        let now = rec.clock.now_ms();
+        let event = match outcome {
+            Outcome::Success => {
+                live.consecutive.store(0, Ordering::Release);
+                Some(Event::Success)
+            }
+            Outcome::CallerError | Outcome::Cancelled => None,
+            fault => {
+                let consecutive = live.consecutive.fetch_add(1, Ordering::AcqRel).saturating_add(1);
+                let message = detail.unwrap_or_else(|| kind.name().replace('_', " "));
+                live.last_error.store(Some(Arc::new(LastError { kind, message, at_ms: now })));
+                Some(match fault {
+                    Outcome::RateLimited(wait) => {
+                        let wait = wait.unwrap_or(rec.default_cooldown);
+                        let until = now.saturating_add(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX)).max(now + 1);
+                        live.cooldown_until_ms.fetch_max(until, Ordering::AcqRel);
+                        Event::RateLimited
+                    }
+                    Outcome::Auth => Event::AuthFailed,
+                    _ => Event::Failure { consecutive },
+                })
+            }
+        };
+        if self.holds_probation {
+            live.probation_busy.store(false, Ordering::Release);
+        }
+        if let Some(event) = event {
+            rec.queue.transition(&self.ep, event, now);
+        }
+    }
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.finished = true;
+            self.record(Outcome::Cancelled, None);
+        }
+    }
+}

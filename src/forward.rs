@@ -1,0 +1,380 @@
+//! One upstream attempt: build the request for an endpoint, send it under the first-byte timeout,
+//! hold back a stream's preamble until its first content, and relay the body event by event
+//! through [`RelayBody`], which decides and records the attempt's outcome when the body ends.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName};
+use http::{Method, Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
+
+use crate::classify::{Outcome, TransportKind, classify_sse_error};
+use crate::endpoint::{Attempt, Endpoint};
+use crate::gateway_stats::RequestGuard;
+use crate::sse::{SseScanner, error_event};
+
+/// A client request, read once and replayed for each attempt.
+#[derive(Clone, Debug)]
+pub struct Prepared {
+    /// Method.
+    pub method: Method,
+    /// The client's path and query, appended to the endpoint's base URL.
+    pub path_and_query: String,
+    /// Headers to forward: the client's, minus credentials, hop-by-hop headers and `host`.
+    pub headers: HeaderMap,
+    /// The body.
+    pub body: Bytes,
+}
+
+/// Headers that describe one connection, not the message, and never cross a proxy.
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-authenticate",
+    "proxy-authorization",
+];
+
+/// Removes hop-by-hop headers, including any the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for n in HOP_BY_HOP {
+        headers.remove(n);
+    }
+}
+
+impl Prepared {
+    /// Prepares a client request for forwarding.
+    pub fn new(method: Method, path_and_query: String, mut headers: HeaderMap, body: Bytes) -> Self {
+        strip_hop_by_hop(&mut headers);
+        headers.remove(header::HOST);
+        headers.remove(header::CONTENT_LENGTH);
+        headers.remove("x-api-key");
+        headers.remove(header::AUTHORIZATION);
+        Self { method, path_and_query, headers, body }
+    }
+
+    /// The request for one endpoint, with its credential set and its model mapping applied.
+    pub fn for_endpoint(&self, ep: &Endpoint) -> Result<Request<Full<Bytes>>, String> {
+        let base = &ep.base_url;
+        let uri = format!("{}://{}{}{}", base.scheme, base.authority, base.path_prefix, self.path_and_query);
+        let body = crate::model_map::apply(&ep.model_map, &self.headers, &self.body);
+        let mut req = Request::builder()
+            .method(self.method.clone())
+            .uri(uri)
+            .body(Full::new(body))
+            .map_err(|e| format!("cannot build the upstream request: {e}"))?;
+        *req.headers_mut() = self.headers.clone();
+        req.headers_mut().insert(ep.auth_header.0.clone(), ep.auth_header.1.clone());
+        Ok(req)
+    }
+}
+
+/// Sends one attempt and waits for the response headers.
+pub async fn send(ep: &Endpoint, req: Request<Full<Bytes>>, first_byte: Duration) -> Result<Response<Incoming>, (Outcome, String)> {
+    match tokio::time::timeout(first_byte, ep.client.request(req)).await {
+        Err(_) => Err((Outcome::Transport(TransportKind::Timeout), format!("no response headers within {}", humantime::format_duration(first_byte)))),
+        Ok(Err(e)) => {
+            let text = error_chain(&e);
+            let kind = if text.contains("timed out") || text.contains("timeout") { TransportKind::Timeout } else { TransportKind::Connect };
+            Err((Outcome::Transport(kind), text))
+        }
+        Ok(Ok(resp)) => Ok(resp),
+    }
+}
+
+/// An error and its sources, joined, for logs and `last_error`. Errors from hyper and rustls name
+/// hosts and causes, never headers, so no credential can appear here.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let part = c.to_string();
+        if !s.contains(&part) {
+            s.push_str(": ");
+            s.push_str(&part);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+/// Reads a small (error) body with a size cap and the idle timeout; what does not arrive is left.
+pub async fn read_small(mut body: Incoming, cap: usize, idle: Duration) -> Bytes {
+    let mut buf = BytesMut::new();
+    while buf.len() < cap {
+        match tokio::time::timeout(idle, body.frame()).await {
+            Ok(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data() {
+                    buf.extend_from_slice(&data[..data.len().min(cap - buf.len())]);
+                }
+            }
+            _ => break,
+        }
+    }
+    buf.freeze()
+}
+
+/// The `error.message` of an Anthropic error body, shortened, for `last_error`.
+pub fn error_message(body: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let e = v.get("error")?;
+    let ty = e.get("type").and_then(|t| t.as_str()).unwrap_or("error");
+    let msg = e.get("message").and_then(|t| t.as_str()).unwrap_or("");
+    Some(format!("{ty}: {}", msg.chars().take(300).collect::<String>()))
+}
+
+/// A stream held back until its first content event.
+pub enum Preamble {
+    /// Content arrived (or the stream completed): commit to this endpoint.
+    Commit {
+        /// Frames read so far, to send first.
+        held: Vec<Bytes>,
+        /// Scanner state after them.
+        scanner: SseScanner,
+        /// The rest of the stream.
+        body: Incoming,
+    },
+    /// The stream failed before any content: fail over.
+    Failed(Outcome, String),
+}
+
+/// Reads an SSE stream's preamble (`message_start`, `ping`) until the first content event, so that
+/// an `error` event or a cut before any content can still fail over transparently.
+pub async fn await_content(mut body: Incoming, idle: Duration) -> Preamble {
+    let mut scanner = SseScanner::new();
+    let mut held = Vec::new();
+    loop {
+        match tokio::time::timeout(idle, body.frame()).await {
+            Err(_) => return Preamble::Failed(Outcome::Transport(TransportKind::Idle), "stream idle before its first content".into()),
+            Ok(None) => {
+                return if scanner.facts().message_stop || scanner.facts().error.as_ref().is_some_and(|e| !is_failover_error(&e.0)) {
+                    Preamble::Commit { held, scanner, body }
+                } else if let Some((ty, msg)) = scanner.facts().error.clone() {
+                    Preamble::Failed(classify_sse_error(&ty), format!("{ty}: {msg}"))
+                } else {
+                    Preamble::Failed(Outcome::Transport(TransportKind::Cut), "stream ended before its first content".into())
+                };
+            }
+            Ok(Some(Err(e))) => return Preamble::Failed(Outcome::Transport(TransportKind::Cut), format!("stream broke before its first content: {}", error_chain(&e))),
+            Ok(Some(Ok(frame))) => {
+                let Ok(data) = frame.into_data() else { continue };
+                scanner.feed(&data);
+                held.push(data);
+                let facts = scanner.facts();
+                if let Some((ty, msg)) = &facts.error {
+                    if is_failover_error(ty) {
+                        return Preamble::Failed(classify_sse_error(ty), format!("{ty}: {msg}"));
+                    }
+                }
+                if facts.content || facts.message_stop || facts.error.is_some() {
+                    return Preamble::Commit { held, scanner, body };
+                }
+            }
+        }
+    }
+}
+
+fn is_failover_error(error_type: &str) -> bool {
+    classify_sse_error(error_type).is_endpoint_fault()
+}
+
+/// How a relayed body is judged when it ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Judge {
+    /// An SSE stream: success needs `message_stop`; an `error` event decides otherwise.
+    Stream,
+    /// Any other 2xx body: success when it ends cleanly.
+    Plain,
+    /// An answer already judged the caller's error: that verdict, when it ends.
+    CallerError,
+}
+
+/// The response body relayed to the client. It owns the attempt and the request guards, so the
+/// attempt's outcome is recorded when the body ends — or, if the client goes away, when it is
+/// dropped. Frames pass through as they arrive: nothing is buffered beyond the held preamble.
+pub struct RelayBody {
+    held: VecDeque<Bytes>,
+    upstream: Option<Incoming>,
+    scanner: Option<SseScanner>,
+    judge: Judge,
+    idle: Duration,
+    sleep: Pin<Box<Sleep>>,
+    attempt: Option<Attempt>,
+    request: Option<RequestGuard>,
+    /// An SSE error event to send after an upstream failure, then end.
+    trailer: Option<Bytes>,
+}
+
+impl RelayBody {
+    /// Wraps an upstream body.
+    pub fn new(
+        upstream: Incoming,
+        held: Vec<Bytes>,
+        scanner: Option<SseScanner>,
+        judge: Judge,
+        idle: Duration,
+        attempt: Attempt,
+        request: RequestGuard,
+    ) -> Self {
+        Self {
+            held: held.into(),
+            upstream: Some(upstream),
+            scanner,
+            judge,
+            idle,
+            sleep: Box::pin(tokio::time::sleep(idle)),
+            attempt: Some(attempt),
+            request: Some(request),
+            trailer: None,
+        }
+    }
+
+    /// Name of the endpoint serving this body.
+    pub fn endpoint(&self) -> Option<&Arc<Endpoint>> {
+        self.attempt.as_ref().map(|a| a.endpoint())
+    }
+
+    fn finish(&mut self, outcome: Outcome, detail: Option<String>) {
+        self.upstream = None;
+        if let Some(a) = self.attempt.take() {
+            a.finish(outcome, detail);
+        }
+        if let Some(r) = self.request.take() {
+            r.finish(outcome);
+        }
+    }
+
+    /// Ends the relay after an upstream failure: the outcome is recorded and, for a stream, an SSE
+    /// `error` event tells the client what happened instead of a silent cut.
+    fn fail(&mut self, outcome: Outcome, detail: String) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let stream = self.judge == Judge::Stream;
+        self.finish(outcome, Some(detail.clone()));
+        if stream {
+            let ty = if outcome == Outcome::Overloaded { "overloaded_error" } else { "api_error" };
+            return Poll::Ready(Some(Ok(Frame::data(error_event(ty, &format!("upstream stream failed: {detail}"))))));
+        }
+        Poll::Ready(Some(Err(detail.into())))
+    }
+
+    /// Records the outcome of an answer that has no body (HEAD, 204, 304).
+    pub fn complete_without_body(mut self) {
+        let outcome = if self.judge == Judge::CallerError { Outcome::CallerError } else { Outcome::Success };
+        self.finish(outcome, None);
+    }
+
+    fn end_outcome(&self) -> (Outcome, Option<String>) {
+        match (self.judge, &self.scanner) {
+            (Judge::CallerError, _) => (Outcome::CallerError, None),
+            (Judge::Stream, Some(sc)) => {
+                let f = sc.facts();
+                match &f.error {
+                    Some((ty, msg)) => (classify_sse_error(ty), Some(format!("{ty}: {msg}"))),
+                    None if f.message_stop => (Outcome::Success, None),
+                    None => (Outcome::Transport(TransportKind::Cut), Some("stream ended before message_stop".into())),
+                }
+            }
+            _ => (Outcome::Success, None),
+        }
+    }
+}
+
+/// Error type of client-facing bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl Body for RelayBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if let Some(b) = this.held.pop_front() {
+            return Poll::Ready(Some(Ok(Frame::data(b))));
+        }
+        let Some(upstream) = this.upstream.as_mut() else {
+            return Poll::Ready(this.trailer.take().map(|b| Ok(Frame::data(b))));
+        };
+        match Pin::new(upstream).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                let deadline = Instant::now() + this.idle;
+                this.sleep.as_mut().reset(deadline);
+                match frame.into_data() {
+                    Ok(data) => {
+                        if let Some(sc) = this.scanner.as_mut() {
+                            sc.feed(&data);
+                        }
+                        Poll::Ready(Some(Ok(Frame::data(data))))
+                    }
+                    // Trailers are not part of the Anthropic API; drop them and keep reading.
+                    Err(_) => {
+                        cx.waker().wake_by_ref();
+                        Poll::Pending
+                    }
+                }
+            }
+            Poll::Ready(Some(Err(e))) => this.fail(Outcome::Transport(TransportKind::Cut), format!("upstream body broke: {}", error_chain(&e))),
+            Poll::Ready(None) => {
+                let (outcome, detail) = this.end_outcome();
+                this.finish(outcome, detail);
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                ready!(this.sleep.as_mut().poll(cx));
+                let idle = humantime::format_duration(this.idle).to_string();
+                this.fail(Outcome::Transport(TransportKind::Idle), format!("upstream silent for {idle}"))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.upstream.is_none() && self.held.is_empty() && self.trailer.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match (&self.upstream, self.held.is_empty()) {
+            (Some(u), true) => u.size_hint(),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+impl Drop for RelayBody {
+    fn drop(&mut self) {
+        // The client went away before the body ended. A stream that already carried its
+        // `message_stop` was delivered in full; anything else was cancelled.
+        if self.attempt.is_some() {
+            let delivered = self.scanner.as_ref().is_some_and(|s| s.facts().message_stop && s.facts().error.is_none());
+            if delivered {
+                self.finish(Outcome::Success, None);
+            } else {
+                self.upstream = None;
+                self.attempt.take();
+                if let Some(r) = self.request.take() {
+                    r.finish(Outcome::Cancelled);
+                }
+            }
+        }
+    }
+}

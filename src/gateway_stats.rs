@@ -1,0 +1,124 @@
+//! Gateway-wide totals for client requests, with the same construction as the endpoint counters:
+//! `in_flight` is `started − ended`, read ended-first, so `total_requests == successful_requests +
+//! failed_requests + in_flight` holds in every snapshot.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::classify::Outcome;
+
+/// How a client request ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(usize)]
+pub enum RequestEnd {
+    /// A complete 2xx answer.
+    Success = 0,
+    /// Every candidate failed, or none was available: ccgate answered with an error.
+    Upstream,
+    /// The caller's own error, passed through or answered locally (413, 401 for the access token).
+    Caller,
+    /// The client went away.
+    Cancelled,
+}
+
+impl RequestEnd {
+    const COUNT: usize = 4;
+
+    /// From the outcome of the attempt whose answer the client got.
+    pub fn from_outcome(o: Outcome) -> Self {
+        match o {
+            Outcome::Success => Self::Success,
+            Outcome::CallerError => Self::Caller,
+            Outcome::Cancelled => Self::Cancelled,
+            _ => Self::Upstream,
+        }
+    }
+}
+
+/// Gateway totals.
+#[derive(Default)]
+pub struct GatewayStats {
+    started: AtomicU64,
+    ended: [AtomicU64; RequestEnd::COUNT],
+    /// Attempts after the first, across all requests.
+    pub retries: AtomicU64,
+    /// Requests served by the least-bad fallback because no endpoint was admitted.
+    pub fallbacks: AtomicU64,
+}
+
+/// A consistent view of the gateway totals.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GatewaySnapshot {
+    /// Client requests received (proxied paths only).
+    pub total: u64,
+    /// In progress.
+    pub in_flight: u64,
+    /// Complete 2xx answers.
+    pub successful: u64,
+    /// Everything else that ended: `upstream_errors + caller_errors + cancelled`.
+    pub failed: u64,
+    /// Part of `failed`: all candidates failed or none was available.
+    pub upstream_errors: u64,
+    /// Part of `failed`: the caller's own error.
+    pub caller_errors: u64,
+    /// Part of `failed`: the client went away.
+    pub cancelled: u64,
+    /// Attempts after the first.
+    pub retries: u64,
+    /// Least-bad fallbacks.
+    pub fallbacks: u64,
+}
+
+impl GatewayStats {
+    /// Starts counting one client request.
+    pub fn begin(self: &Arc<Self>) -> RequestGuard {
+        self.started.fetch_add(1, Ordering::AcqRel);
+        RequestGuard { stats: Arc::clone(self), done: false }
+    }
+
+    /// Reads the totals (ended first, then started).
+    pub fn snapshot(&self) -> GatewaySnapshot {
+        let e: [u64; RequestEnd::COUNT] = std::array::from_fn(|i| self.ended[i].load(Ordering::Acquire));
+        let total = self.started.load(Ordering::Acquire);
+        let ended: u64 = e.iter().sum();
+        GatewaySnapshot {
+            total,
+            in_flight: total.saturating_sub(ended),
+            successful: e[RequestEnd::Success as usize],
+            failed: ended - e[RequestEnd::Success as usize],
+            upstream_errors: e[RequestEnd::Upstream as usize],
+            caller_errors: e[RequestEnd::Caller as usize],
+            cancelled: e[RequestEnd::Cancelled as usize],
+            retries: self.retries.load(Ordering::Relaxed),
+            fallbacks: self.fallbacks.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// One client request in progress; records exactly once (`finish`, or `Cancelled` on drop).
+pub struct RequestGuard {
+    stats: Arc<GatewayStats>,
+    done: bool,
+}
+
+impl RequestGuard {
+    /// Records how the request ended, judged from the outcome of the attempt that answered it.
+    pub fn finish(self, outcome: Outcome) {
+        self.end(RequestEnd::from_outcome(outcome));
+    }
+
+    /// Records how the request ended.
+    pub fn end(mut self, how: RequestEnd) {
+        self.done = true;
+        self.stats.ended[how as usize].fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        if !self.done {
+            self.done = true;
+            self.stats.ended[RequestEnd::Cancelled as usize].fetch_add(1, Ordering::AcqRel);
+        }
+    }
+}

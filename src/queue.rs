@@ -1,0 +1,199 @@
+//! The failure queue: every endpoint out of rotation, exactly once, with why and when it is due for
+//! its next probe; and the place where health phase transitions are applied.
+//!
+//! **Invariant:** an endpoint's phase only changes inside [`FailureQueue::transition`], under the
+//! queue's lock, after re-reading the phase. Of any number of attempts racing on the same
+//! transition exactly one performs it; the others find the phase already moved and do nothing.
+//! Attempts whose event cannot change the phase (the overwhelming majority) never take the lock.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+use crate::clock::{Clock, ms};
+use crate::endpoint::Endpoint;
+use crate::health::{self, Effect, Event, Reason};
+
+/// One endpoint out of rotation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// Registry index.
+    pub idx: usize,
+    /// Endpoint name.
+    pub name: String,
+    /// Why it left rotation (latest reason).
+    pub reason: Reason,
+    /// When the episode began (clock ms).
+    pub since_ms: u64,
+    /// Probes run in this episode.
+    pub probe_attempts: u32,
+    /// When the next probe (or, cooling down, the automatic return) is due (clock ms).
+    pub next_probe_at_ms: u64,
+    /// A probe passed; one real request at a time is being admitted.
+    pub probation: bool,
+    /// What the last probe found.
+    pub last_probe: Option<String>,
+}
+
+/// Failure-queue statistics (names kept from the tool ccgate replaces).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Failure episodes (entries ever opened).
+    pub total_failed: u64,
+    /// Probes run.
+    pub total_verified: u64,
+    /// Probes that found the endpoint working.
+    pub total_recovered: u64,
+    /// Probes that found it still failing.
+    pub total_still_failed: u64,
+    /// Episodes that ended with the endpoint back in rotation.
+    pub total_closed: u64,
+}
+
+#[derive(Default)]
+struct Inner {
+    entries: BTreeMap<usize, Entry>,
+    stats: QueueStats,
+}
+
+/// The failure queue.
+pub struct FailureQueue {
+    inner: Mutex<Inner>,
+    clock: Clock,
+    threshold: u32,
+    probe_base: Duration,
+    probe_cap: Duration,
+    /// Woken whenever entries change, so the prober re-plans.
+    pub changed: Notify,
+}
+
+impl FailureQueue {
+    /// An empty queue.
+    pub fn new(clock: Clock, threshold: u32, probe_base: Duration, probe_cap: Duration) -> Self {
+        Self { inner: Mutex::new(Inner::default()), clock, threshold, probe_base, probe_cap, changed: Notify::new() }
+    }
+
+    /// Applies `event` to `ep`'s phase, performing the transition's effect if this caller wins it.
+    /// Returns whether this call changed the phase.
+    pub fn transition(&self, ep: &Endpoint, event: Event, now_ms: u64) -> bool {
+        // Lock-free fast path: if the event cannot change the current phase, it linearizes here.
+        if health::next(ep.live.phase(), event, self.threshold).is_none() {
+            return false;
+        }
+        let mut inner = self.inner.lock();
+        let Some((to, effect)) = health::next(ep.live.phase(), event, self.threshold) else {
+            return false;
+        };
+        ep.live.phase.store(to as u8, Ordering::Release);
+        let first_probe = now_ms + ms(self.backoff(0));
+        match effect {
+            Effect::None => {}
+            Effect::Open(reason) => {
+                inner.stats.total_failed += 1;
+                let next_probe_at_ms = self.due_for(ep, reason, first_probe);
+                inner.entries.insert(
+                    ep.idx,
+                    Entry {
+                        idx: ep.idx,
+                        name: ep.name.clone(),
+                        reason,
+                        since_ms: now_ms,
+                        probe_attempts: 0,
+                        next_probe_at_ms,
+                        probation: false,
+                        last_probe: None,
+                    },
+                );
+            }
+            Effect::Reason(reason) => {
+                if let Some(e) = inner.entries.get_mut(&ep.idx) {
+                    e.reason = reason;
+                    e.probation = false;
+                    e.next_probe_at_ms = self.due_for(ep, reason, now_ms + ms(self.backoff(e.probe_attempts)));
+                }
+            }
+            Effect::Probation => {
+                if let Some(e) = inner.entries.get_mut(&ep.idx) {
+                    e.probation = true;
+                }
+            }
+            Effect::Close => {
+                inner.entries.remove(&ep.idx);
+                inner.stats.total_closed += 1;
+            }
+        }
+        drop(inner);
+        self.changed.notify_one();
+        true
+    }
+
+    fn due_for(&self, ep: &Endpoint, reason: Reason, probe_at: u64) -> u64 {
+        match reason {
+            Reason::RateLimited => ep.live.cooldown_until_ms().max(1),
+            Reason::Failures | Reason::Auth => probe_at,
+        }
+    }
+
+    /// Probe backoff after `attempts` failed probes (with jitter).
+    pub fn backoff(&self, attempts: u32) -> Duration {
+        health::probe_backoff(self.probe_base, self.probe_cap, attempts, fastrand::f64())
+    }
+
+    /// Records a probe's result for `ep`: on success the endpoint moves to probation.
+    pub fn probe_result(&self, ep: &Endpoint, passed: bool, detail: String) {
+        let now = self.clock.now_ms();
+        {
+            let mut inner = self.inner.lock();
+            inner.stats.total_verified += 1;
+            if passed {
+                inner.stats.total_recovered += 1;
+            } else {
+                inner.stats.total_still_failed += 1;
+            }
+            if let Some(e) = inner.entries.get_mut(&ep.idx) {
+                e.probe_attempts += 1;
+                e.last_probe = Some(detail);
+                if !passed {
+                    e.next_probe_at_ms = now + ms(self.backoff(e.probe_attempts));
+                }
+            }
+        }
+        if passed {
+            self.transition(ep, Event::ProbePassed, now);
+        }
+        self.changed.notify_one();
+    }
+
+    /// Pulls an entry's next probe forward to now (admin "probe" and "enable").
+    pub fn probe_now(&self, idx: usize) {
+        let now = self.clock.now_ms();
+        if let Some(e) = self.inner.lock().entries.get_mut(&idx) {
+            e.next_probe_at_ms = now;
+        }
+        self.changed.notify_one();
+    }
+
+    /// The entries, in registry order.
+    pub fn entries(&self) -> Vec<Entry> {
+        self.inner.lock().entries.values().cloned().collect()
+    }
+
+    /// One endpoint's entry.
+    pub fn entry(&self, idx: usize) -> Option<Entry> {
+        self.inner.lock().entries.get(&idx).cloned()
+    }
+
+    /// Entries and stats read together under one lock.
+    pub fn view(&self) -> (Vec<Entry>, QueueStats) {
+        let inner = self.inner.lock();
+        (inner.entries.values().cloned().collect(), inner.stats)
+    }
+
+    /// The clock this queue runs on.
+    pub fn clock(&self) -> Clock {
+        self.clock
+    }
+}

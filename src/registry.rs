@@ -1,0 +1,123 @@
+//! The registry: every endpoint, the failure queue, the gateway totals, and the admission rules that
+//! say whether an endpoint may take a request right now.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::endpoint::{Endpoint, Recorder};
+use crate::gateway_stats::GatewayStats;
+use crate::health::{Event, Phase};
+use crate::queue::FailureQueue;
+use crate::upstream::{ClientError, build_client};
+
+/// Whether an endpoint may take a request now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// In rotation.
+    Yes,
+    /// On probation, and this request holds its one slot.
+    Probation,
+    /// Not now.
+    No,
+}
+
+/// All endpoints and their shared state.
+pub struct Registry {
+    /// Endpoints in config order; `endpoints[i].idx == i`.
+    pub endpoints: Vec<Arc<Endpoint>>,
+    /// Where attempts record outcomes.
+    pub recorder: Arc<Recorder>,
+    /// The failure queue.
+    pub queue: Arc<FailureQueue>,
+    /// Gateway totals.
+    pub gateway: Arc<GatewayStats>,
+    /// The clock.
+    pub clock: Clock,
+}
+
+impl Registry {
+    /// Builds the registry (and each endpoint's upstream client) from a validated config.
+    pub fn new(config: &Config) -> Result<Self, ClientError> {
+        let clock = Clock::new();
+        let h = &config.health;
+        let queue = Arc::new(FailureQueue::new(clock, h.failure_threshold, h.probe_interval, h.probe_max_interval));
+        let recorder = Arc::new(Recorder { clock, queue: Arc::clone(&queue), default_cooldown: h.rate_limit_cooldown });
+        let mut endpoints = Vec::with_capacity(config.endpoints.len());
+        for (idx, e) in config.endpoints.iter().enumerate() {
+            let client = build_client(e.ca_file.as_deref(), &config.timeouts)?;
+            endpoints.push(Arc::new(Endpoint::new(idx, e, client)));
+        }
+        Ok(Self { endpoints, recorder, queue, gateway: Arc::new(GatewayStats::default()), clock })
+    }
+
+    /// Finds an endpoint by name.
+    pub fn by_name(&self, name: &str) -> Option<&Arc<Endpoint>> {
+        self.endpoints.iter().find(|e| e.name == name)
+    }
+
+    /// Whether `ep` may take a request now; on probation this claims the single slot.
+    pub fn admit(&self, ep: &Endpoint) -> Admission {
+        let live = &ep.live;
+        if live.admin_disabled() {
+            return Admission::No;
+        }
+        match live.phase() {
+            Phase::Healthy => Admission::Yes,
+            Phase::CoolingDown => {
+                let now = self.clock.now_ms();
+                if now >= live.cooldown_until_ms() {
+                    self.queue.transition(ep, Event::CooldownExpired, now);
+                    return self.admit(ep);
+                }
+                Admission::No
+            }
+            Phase::Probation => {
+                if live.probation_busy.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                    Admission::Probation
+                } else {
+                    Admission::No
+                }
+            }
+            Phase::Ejected | Phase::AuthDisabled => Admission::No,
+        }
+    }
+
+    /// When `ep` is expected back in rotation (clock ms); `None` if it is in rotation now or
+    /// switched off by an operator.
+    pub fn expected_back_ms(&self, ep: &Endpoint) -> Option<u64> {
+        if ep.live.admin_disabled() {
+            return None;
+        }
+        match ep.live.phase() {
+            Phase::Healthy => None,
+            Phase::Probation => Some(self.clock.now_ms()),
+            Phase::CoolingDown => Some(ep.live.cooldown_until_ms()),
+            Phase::Ejected | Phase::AuthDisabled => self.queue.entry(ep.idx).map(|e| e.next_probe_at_ms),
+        }
+    }
+
+    /// The endpoint to try when nothing is admitted: the one expected back soonest (ties go to
+    /// the preferred one). Switched-off endpoints are never chosen.
+    pub fn least_bad(&self) -> Option<Arc<Endpoint>> {
+        self.endpoints
+            .iter()
+            .filter(|e| !e.live.admin_disabled())
+            .min_by_key(|e| (self.expected_back_ms(e).unwrap_or(0), e.priority, e.idx))
+            .cloned()
+    }
+
+    /// Seconds until the earliest endpoint is expected back, at least 1.
+    pub fn retry_after_secs(&self) -> u64 {
+        let now = self.clock.now_ms();
+        let soonest = self
+            .endpoints
+            .iter()
+            .filter(|e| !e.live.admin_disabled())
+            .map(|e| self.expected_back_ms(e).unwrap_or(now))
+            .min()
+            .unwrap_or(now);
+        soonest.saturating_sub(now).div_ceil(1000).max(1)
+    }
+}

@@ -1,0 +1,124 @@
+//! Candidate order for one request: the strategy ranks every configured endpoint; the attempt loop
+//! then walks the ranking, skipping endpoints that are not admitted, and never tries one twice.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::config::Strategy;
+use crate::endpoint::Endpoint;
+
+/// Ranks endpoints for one request.
+pub struct Selector {
+    strategy: Strategy,
+    next: AtomicUsize,
+}
+
+/// Endpoints a request has tried: bit `i` for endpoint `i` (at most 64, enforced by config).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tried(u64);
+
+impl Tried {
+    /// Whether endpoint `idx` was tried.
+    pub fn contains(self, idx: usize) -> bool {
+        idx < 64 && self.0 & (1 << idx) != 0
+    }
+    /// Marks endpoint `idx` as tried; returns false if it already was.
+    pub fn insert(&mut self, idx: usize) -> bool {
+        if idx >= 64 || self.contains(idx) {
+            return false;
+        }
+        self.0 |= 1 << idx;
+        true
+    }
+    /// How many were tried.
+    pub fn len(self) -> u32 {
+        self.0.count_ones()
+    }
+    /// Whether none was tried.
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+}
+
+impl Selector {
+    /// A selector for `strategy`.
+    pub fn new(strategy: Strategy) -> Self {
+        Self { strategy, next: AtomicUsize::new(0) }
+    }
+
+    /// Endpoint indexes in the order this request should try them.
+    pub fn rank(&self, endpoints: &[std::sync::Arc<Endpoint>], rng: &mut fastrand::Rng) -> Vec<usize> {
+        let facts: Vec<(usize, u32, u32)> = endpoints.iter().map(|e| (e.idx, e.priority, e.weight)).collect();
+        match self.strategy {
+            Strategy::Priority => rank_priority(&facts, rng),
+            Strategy::Weighted => weighted_order(facts.iter().map(|&(i, _, w)| (i, w)), rng),
+            Strategy::RoundRobin => {
+                let n = facts.len().max(1);
+                let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+                (0..facts.len()).map(|k| facts[(start + k) % n].0).collect()
+            }
+        }
+    }
+}
+
+/// Lowest priority number first; weighted random order within each tier.
+pub fn rank_priority(facts: &[(usize, u32, u32)], rng: &mut fastrand::Rng) -> Vec<usize> {
+    let mut tiers: Vec<u32> = facts.iter().map(|f| f.1).collect();
+    tiers.sort_unstable();
+    tiers.dedup();
+    let mut out = Vec::with_capacity(facts.len());
+    for tier in tiers {
+        out.extend(weighted_order(facts.iter().filter(|f| f.1 == tier).map(|&(i, _, w)| (i, w)), rng));
+    }
+    out
+}
+
+/// A weighted random permutation (Efraimidis–Spirakis): each item draws `u^(1/w)` and items are
+/// sorted by that key, so the first place goes to item `i` with probability `w_i / Σw`.
+pub fn weighted_order(items: impl Iterator<Item = (usize, u32)>, rng: &mut fastrand::Rng) -> Vec<usize> {
+    let mut keyed: Vec<(f64, usize)> = items.map(|(i, w)| (rng.f64().powf(1.0 / f64::from(w.max(1))), i)).collect();
+    keyed.sort_by(|a, b| b.0.total_cmp(&a.0));
+    keyed.into_iter().map(|(_, i)| i).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn priority_tiers_come_in_order() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        let facts = [(0, 2, 100), (1, 1, 100), (2, 3, 100), (3, 1, 100)];
+        for _ in 0..100 {
+            let r = rank_priority(&facts, &mut rng);
+            assert_eq!(r.len(), 4);
+            assert!(r[..2].contains(&1) && r[..2].contains(&3), "{r:?}");
+            assert_eq!(&r[2..], &[0, 2]);
+        }
+    }
+
+    #[test]
+    fn weights_set_first_place_shares() {
+        let mut rng = fastrand::Rng::with_seed(42);
+        let n = 40_000;
+        let mut first = [0u32; 3];
+        for _ in 0..n {
+            first[weighted_order([(0, 100), (1, 300), (2, 600)].into_iter(), &mut rng)[0]] += 1;
+        }
+        // Expected shares 10%, 30%, 60%; allow ±1.5 percentage points.
+        for (got, want) in first.iter().zip([0.1, 0.3, 0.6]) {
+            let share = f64::from(*got) / f64::from(n);
+            assert!((share - want).abs() < 0.015, "share {share} want {want}");
+        }
+    }
+
+    #[test]
+    fn tried_set_never_admits_twice() {
+        let mut t = Tried::default();
+        assert!(t.insert(3));
+        assert!(!t.insert(3));
+        assert!(t.insert(63));
+        assert!(!t.insert(64));
+        assert_eq!(t.len(), 2);
+        assert!(t.contains(63) && !t.contains(0));
+    }
+}

@@ -1,0 +1,213 @@
+//! An incremental scanner for Server-Sent Events, just deep enough to judge an Anthropic stream.
+//!
+//! It sees the bytes ccgate relays, chunk by chunk as they arrive, and reports event names. It keeps
+//! the `data` of an event only when the verdict needs it (`error` events, or events without an
+//! `event:` line whose type is in the JSON), capped, so a long stream costs no memory.
+
+/// The cap on one buffered line or data payload.
+const MAX_LINE: usize = 64 * 1024;
+
+/// What the scanner has learned about the stream so far.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StreamFacts {
+    /// Events seen, of any kind.
+    pub events: u64,
+    /// Whether a content-bearing event (anything but `message_start` and `ping`) was seen.
+    pub content: bool,
+    /// Whether `message_stop` was seen.
+    pub message_stop: bool,
+    /// The first `error` event's `error.type` and `error.message`.
+    pub error: Option<(String, String)>,
+}
+
+/// Incremental SSE scanner.
+#[derive(Default)]
+pub struct SseScanner {
+    line: Vec<u8>,
+    overlong: bool,
+    event: Option<Vec<u8>>,
+    data: Vec<u8>,
+    keep_data: bool,
+    facts: StreamFacts,
+}
+
+impl SseScanner {
+    /// A fresh scanner.
+    pub fn new() -> Self {
+        Self { keep_data: true, ..Self::default() }
+    }
+
+    /// What is known so far.
+    pub fn facts(&self) -> &StreamFacts {
+        &self.facts
+    }
+
+    /// Feeds the next chunk of the stream.
+    pub fn feed(&mut self, mut chunk: &[u8]) {
+        while !chunk.is_empty() {
+            match memchr::memchr(b'\n', chunk) {
+                Some(i) => {
+                    self.push_partial(&chunk[..i]);
+                    chunk = &chunk[i + 1..];
+                    let mut line = std::mem::take(&mut self.line);
+                    if line.last() == Some(&b'\r') {
+                        line.pop();
+                    }
+                    if !self.overlong {
+                        self.line_done(&line);
+                    }
+                    self.overlong = false;
+                    line.clear();
+                    self.line = line;
+                }
+                None => {
+                    self.push_partial(chunk);
+                    chunk = &[];
+                }
+            }
+        }
+    }
+
+    fn push_partial(&mut self, part: &[u8]) {
+        if self.overlong {
+            return;
+        }
+        if self.line.len() + part.len() > MAX_LINE {
+            // A long data line of an uninteresting event: we only need to know where it ends.
+            self.overlong = true;
+            self.line.clear();
+            return;
+        }
+        self.line.extend_from_slice(part);
+    }
+
+    fn line_done(&mut self, line: &[u8]) {
+        if line.is_empty() {
+            self.dispatch();
+            return;
+        }
+        let (field, value) = match memchr::memchr(b':', line) {
+            Some(0) => return, // comment
+            Some(i) => {
+                let v = &line[i + 1..];
+                (&line[..i], v.strip_prefix(b" ").unwrap_or(v))
+            }
+            None => (line, &b""[..]),
+        };
+        match field {
+            b"event" => {
+                self.keep_data = value == b"error";
+                self.event = Some(value.to_vec());
+            }
+            b"data" if self.keep_data => {
+                if self.data.len() + value.len() < MAX_LINE {
+                    if !self.data.is_empty() {
+                        self.data.push(b'\n');
+                    }
+                    self.data.extend_from_slice(value);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn dispatch(&mut self) {
+        let event = self.event.take();
+        let data = std::mem::take(&mut self.data);
+        self.keep_data = true;
+        if event.is_none() && data.is_empty() {
+            return;
+        }
+        let json: Option<serde_json::Value> = if data.is_empty() { None } else { serde_json::from_slice(&data).ok() };
+        let name: String = match &event {
+            Some(e) => String::from_utf8_lossy(e).into_owned(),
+            None => json.as_ref().and_then(|j| j.get("type")).and_then(|t| t.as_str()).unwrap_or("message").to_string(),
+        };
+        self.facts.events += 1;
+        match name.as_str() {
+            "message_start" | "ping" => {}
+            "message_stop" => self.facts.message_stop = true,
+            "error" => {
+                if self.facts.error.is_none() {
+                    let err = json.as_ref().and_then(|j| j.get("error"));
+                    let ty = err.and_then(|e| e.get("type")).and_then(|t| t.as_str()).unwrap_or("api_error");
+                    let msg = err.and_then(|e| e.get("message")).and_then(|t| t.as_str()).unwrap_or("");
+                    self.facts.error = Some((ty.to_string(), msg.chars().take(300).collect()));
+                }
+            }
+            _ => self.facts.content = true,
+        }
+    }
+}
+
+/// An Anthropic SSE `error` event, as ccgate sends it when a stream breaks after bytes went out.
+pub fn error_event(error_type: &str, message: &str) -> bytes::Bytes {
+    let body = serde_json::json!({"type": "error", "error": {"type": error_type, "message": message}});
+    bytes::Bytes::from(format!("event: error\ndata: {body}\n\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STREAM: &str = "event: message_start\ndata: {\"type\":\"message_start\"}\n\nevent: ping\ndata: {\"type\": \"ping\"}\n\n\
+event: content_block_start\ndata: {\"type\":\"content_block_start\"}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+
+    fn scan_in_pieces(s: &str, piece: usize) -> StreamFacts {
+        let mut sc = SseScanner::new();
+        for c in s.as_bytes().chunks(piece) {
+            sc.feed(c);
+        }
+        sc.facts().clone()
+    }
+
+    #[test]
+    fn any_chunking_gives_the_same_facts() {
+        let whole = scan_in_pieces(STREAM, STREAM.len());
+        assert_eq!(whole, StreamFacts { events: 4, content: true, message_stop: true, error: None });
+        for piece in 1..40 {
+            assert_eq!(scan_in_pieces(STREAM, piece), whole, "piece size {piece}");
+        }
+        let crlf = STREAM.replace('\n', "\r\n");
+        assert_eq!(scan_in_pieces(&crlf, 7), whole);
+    }
+
+    #[test]
+    fn preamble_is_not_content() {
+        let f = scan_in_pieces("event: message_start\ndata: {}\n\nevent: ping\ndata: {}\n\n", 5);
+        assert!(!f.content && !f.message_stop);
+        assert_eq!(f.events, 2);
+    }
+
+    #[test]
+    fn error_event_is_read() {
+        let s = "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n";
+        let f = scan_in_pieces(s, 3);
+        assert_eq!(f.error, Some(("overloaded_error".into(), "Overloaded".into())));
+        assert!(!f.content);
+    }
+
+    #[test]
+    fn events_without_name_use_json_type() {
+        let f = scan_in_pieces("data: {\"type\":\"message_stop\"}\n\n", 4);
+        assert!(f.message_stop);
+        let f = scan_in_pieces("data: {\"type\":\"error\",\"error\":{\"type\":\"api_error\"}}\n\n", 4);
+        assert_eq!(f.error.map(|e| e.0), Some("api_error".into()));
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let mut sc = SseScanner::new();
+        sc.feed(&[0xff, b'\n', b':', b'\n', b'\n', 0, 1, 2]);
+        sc.feed(&vec![b'x'; 200_000]);
+        sc.feed(b"\n\nevent: message_stop\n\n");
+        assert!(sc.facts().message_stop);
+    }
+
+    #[test]
+    fn error_event_bytes_parse_back() {
+        let mut sc = SseScanner::new();
+        sc.feed(&error_event("api_error", "upstream \"cut\""));
+        assert_eq!(sc.facts().error, Some(("api_error".into(), "upstream \"cut\"".into())));
+    }
+}
