@@ -62,11 +62,11 @@ pub struct EndpointView {
     pub in_flight: u64,
     /// Attempts sent.
     pub total_requests: u64,
-    /// Attempts that succeeded.
+    /// Attempts the endpoint answered correctly (successes and caller errors).
     pub successful_requests: u64,
     /// Attempts that failed through the endpoint's fault.
     pub failed_requests: u64,
-    /// Attempts answered with the caller's own error (not the endpoint's fault).
+    /// Part of `successful_requests`: answered with the caller's own error (not the endpoint's fault).
     pub caller_errors: u64,
     /// Attempts abandoned because the client left.
     pub cancelled: u64,
@@ -138,14 +138,24 @@ pub fn endpoint_view(gw: &Gateway, ep: &Endpoint) -> EndpointView {
         success_rate: c.success_rate(),
         latency_first_byte: latency(&ep.live.ttfb),
         latency_total: latency(&ep.live.total),
-        last_error: ep.live.last_error().map(|e| LastErrorView { kind: e.kind.name(), message: e.message.clone(), at: rfc3339(clock.wall(e.at_ms)) }),
-        cooldown_until: (phase == Phase::CoolingDown).then(|| rfc3339(clock.wall(ep.live.cooldown_until_ms()))),
+        last_error: ep.live.last_error().map(|e| LastErrorView {
+            kind: e.kind.name(),
+            message: e.message.clone(),
+            at: rfc3339(clock.wall(e.at_ms)),
+        }),
+        cooldown_until: (phase == Phase::CoolingDown)
+            .then(|| rfc3339(clock.wall(ep.live.cooldown_until_ms()))),
     }
 }
 
 /// `GET /_ccgate/endpoints`.
 pub fn endpoints_json(gw: &Gateway) -> serde_json::Value {
-    let list: Vec<EndpointView> = gw.registry.endpoints.iter().map(|e| endpoint_view(gw, e)).collect();
+    let list: Vec<EndpointView> = gw
+        .registry
+        .endpoints
+        .iter()
+        .map(|e| endpoint_view(gw, e))
+        .collect();
     serde_json::json!({ "endpoints": list })
 }
 
@@ -210,28 +220,49 @@ pub async fn handle<B>(gw: Arc<Gateway>, req: Request<B>) -> Response<GateBody> 
         return response::json(StatusCode::OK, &serde_json::json!({"status": "ok"}));
     }
     if !gw.authorized(req.headers()) {
-        return response::error(StatusCode::UNAUTHORIZED, "authentication_error", "ccgate: missing or wrong access token");
+        return response::error(
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "ccgate: missing or wrong access token",
+        );
     }
-    let segments: Vec<&str> = path.trim_start_matches("/_ccgate").split('/').filter(|s| !s.is_empty()).collect();
+    let segments: Vec<&str> = path
+        .trim_start_matches("/_ccgate")
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .collect();
     match (&method, segments.as_slice()) {
         (&Method::GET, ["endpoints"]) => response::json(StatusCode::OK, &endpoints_json(&gw)),
-        (&Method::GET, ["failure-queue"]) => response::json(StatusCode::OK, &failure_queue_json(&gw)),
+        (&Method::GET, ["failure-queue"]) => {
+            response::json(StatusCode::OK, &failure_queue_json(&gw))
+        }
         (&Method::GET, ["stats"]) => response::json(StatusCode::OK, &stats_json(&gw)),
         (&Method::GET, ["endpoints", name]) => match gw.registry.by_name(name) {
-            Some(ep) => response::json(StatusCode::OK, &serde_json::to_value(endpoint_view(&gw, ep)).unwrap_or_default()),
+            Some(ep) => response::json(
+                StatusCode::OK,
+                &serde_json::to_value(endpoint_view(&gw, ep)).unwrap_or_default(),
+            ),
             None => unknown_endpoint(name),
         },
         (&Method::POST, ["endpoints", name, action]) => {
-            let Some(ep) = gw.registry.by_name(name).cloned() else { return unknown_endpoint(name) };
+            let Some(ep) = gw.registry.by_name(name).cloned() else {
+                return unknown_endpoint(name);
+            };
             match *action {
                 "enable" => {
                     ep.live.admin_disabled.store(false, Ordering::Release);
                     gw.registry.queue.probe_now(ep.idx);
-                    response::json(StatusCode::OK, &serde_json::to_value(endpoint_view(&gw, &ep)).unwrap_or_default())
+                    response::json(
+                        StatusCode::OK,
+                        &serde_json::to_value(endpoint_view(&gw, &ep)).unwrap_or_default(),
+                    )
                 }
                 "disable" => {
                     ep.live.admin_disabled.store(true, Ordering::Release);
-                    response::json(StatusCode::OK, &serde_json::to_value(endpoint_view(&gw, &ep)).unwrap_or_default())
+                    response::json(
+                        StatusCode::OK,
+                        &serde_json::to_value(endpoint_view(&gw, &ep)).unwrap_or_default(),
+                    )
                 }
                 "probe" => {
                     let result = crate::probe::probe_and_record(&gw, &ep).await;
@@ -249,20 +280,31 @@ pub async fn handle<B>(gw: Arc<Gateway>, req: Request<B>) -> Response<GateBody> 
                 _ => not_found(),
             }
         }
-        (_, ["endpoints"] | ["failure-queue"] | ["stats"]) => {
-            response::error(StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error", "ccgate: method not allowed")
-        }
+        (_, ["endpoints"] | ["failure-queue"] | ["stats"]) => response::error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request_error",
+            "ccgate: method not allowed",
+        ),
         _ => not_found(),
     }
 }
 
 fn unknown_endpoint(name: &str) -> Response<GateBody> {
-    response::error(StatusCode::NOT_FOUND, "not_found_error", &format!("ccgate: no endpoint named `{name}`"))
+    response::error(
+        StatusCode::NOT_FOUND,
+        "not_found_error",
+        &format!("ccgate: no endpoint named `{name}`"),
+    )
 }
 
 fn not_found() -> Response<GateBody> {
-    let mut r = response::error(StatusCode::NOT_FOUND, "not_found_error", "ccgate: unknown admin path");
-    r.headers_mut().insert("cache-control", http::HeaderValue::from_static("no-store"));
+    let mut r = response::error(
+        StatusCode::NOT_FOUND,
+        "not_found_error",
+        "ccgate: unknown admin path",
+    );
+    r.headers_mut()
+        .insert("cache-control", http::HeaderValue::from_static("no-store"));
     r
 }
 

@@ -137,7 +137,7 @@ pub enum Verdict {
 pub fn classify_status(status: StatusCode, headers: &HeaderMap, now: SystemTime) -> Verdict {
     match status.as_u16() {
         200..=299 => Verdict::Relay,
-        401 | 402 | 403 => Verdict::FailOver(Outcome::Auth),
+        401..=403 => Verdict::FailOver(Outcome::Auth),
         408 => Verdict::FailOver(Outcome::Transport(TransportKind::Timeout)),
         429 => Verdict::FailOver(Outcome::RateLimited(retry_after(headers, now))),
         503 | 529 => Verdict::FailOver(Outcome::Overloaded),
@@ -165,7 +165,9 @@ pub fn classify_sse_error(error_type: &str) -> Outcome {
 pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
     let mut best: Option<Duration> = None;
     let mut offer = |d: Duration| best = Some(best.map_or(d, |b| b.max(d)));
-    if let Some(ms) = header_str(headers, "retry-after-ms").and_then(|v| v.trim().parse::<f64>().ok()) {
+    if let Some(ms) =
+        header_str(headers, "retry-after-ms").and_then(|v| v.trim().parse::<f64>().ok())
+    {
         if ms.is_finite() && ms >= 0.0 {
             offer(Duration::from_secs_f64((ms / 1000.0).min(86_400.0)));
         }
@@ -182,7 +184,11 @@ pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
     for (name, value) in headers {
         let n = name.as_str();
         if n.starts_with("anthropic-ratelimit-") && n.ends_with("-reset") {
-            if let Some(at) = value.to_str().ok().and_then(|v| humantime::parse_rfc3339_weak(v.trim()).ok()) {
+            if let Some(at) = value
+                .to_str()
+                .ok()
+                .and_then(|v| humantime::parse_rfc3339_weak(v.trim()).ok())
+            {
                 offer(at.duration_since(now).unwrap_or_default());
             }
         }
@@ -202,7 +208,10 @@ mod tests {
     fn check(status: u16, headers: &[(&str, &str)], want: Verdict) {
         let mut map = HeaderMap::new();
         for (k, v) in headers {
-            map.insert(http::HeaderName::from_bytes(k.as_bytes()).expect("name"), HeaderValue::from_str(v).expect("value"));
+            map.insert(
+                http::HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                HeaderValue::from_str(v).expect("value"),
+            );
         }
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         let got = classify_status(StatusCode::from_u16(status).expect("status"), &map, now);
@@ -221,15 +230,34 @@ mod tests {
         check(503, &[], FailOver(Overloaded));
         check(529, &[], FailOver(Overloaded));
         check(429, &[], FailOver(RateLimited(None)));
-        check(429, &[("retry-after", "7")], FailOver(RateLimited(Some(Duration::from_secs(7)))));
-        check(429, &[("retry-after-ms", "1500")], FailOver(RateLimited(Some(Duration::from_millis(1500)))));
         check(
             429,
-            &[("retry-after", "2"), ("anthropic-ratelimit-tokens-reset", "2023-11-14T22:14:00Z")],
+            &[("retry-after", "7")],
+            FailOver(RateLimited(Some(Duration::from_secs(7)))),
+        );
+        check(
+            429,
+            &[("retry-after-ms", "1500")],
+            FailOver(RateLimited(Some(Duration::from_millis(1500)))),
+        );
+        check(
+            429,
+            &[
+                ("retry-after", "2"),
+                ("anthropic-ratelimit-tokens-reset", "2023-11-14T22:14:00Z"),
+            ],
             FailOver(RateLimited(Some(Duration::from_secs(40)))),
         );
-        check(429, &[("retry-after", "Tue, 14 Nov 2023 22:13:40 GMT")], FailOver(RateLimited(Some(Duration::from_secs(20)))));
-        check(429, &[("retry-after", "garbage")], FailOver(RateLimited(None)));
+        check(
+            429,
+            &[("retry-after", "Tue, 14 Nov 2023 22:13:40 GMT")],
+            FailOver(RateLimited(Some(Duration::from_secs(20)))),
+        );
+        check(
+            429,
+            &[("retry-after", "garbage")],
+            FailOver(RateLimited(None)),
+        );
         check(401, &[], FailOver(Auth));
         check(403, &[], FailOver(Auth));
         check(402, &[], FailOver(Auth));
@@ -244,14 +272,34 @@ mod tests {
         assert_eq!(classify_sse_error("overloaded_error"), Outcome::Overloaded);
         assert_eq!(classify_sse_error("api_error"), Outcome::ServerError);
         assert_eq!(classify_sse_error("something_new"), Outcome::ServerError);
-        assert_eq!(classify_sse_error("invalid_request_error"), Outcome::CallerError);
-        assert_eq!(classify_sse_error("rate_limit_error"), Outcome::RateLimited(None));
+        assert_eq!(
+            classify_sse_error("invalid_request_error"),
+            Outcome::CallerError
+        );
+        assert_eq!(
+            classify_sse_error("rate_limit_error"),
+            Outcome::RateLimited(None)
+        );
     }
 
     #[test]
     fn kinds_split_faults_from_non_faults() {
-        let faults: Vec<&str> = Kind::ALL.iter().filter(|k| k.is_failure()).map(|k| k.name()).collect();
-        assert_eq!(faults, ["overloaded", "server_error", "transport", "timeout", "rate_limited", "auth"]);
+        let faults: Vec<&str> = Kind::ALL
+            .iter()
+            .filter(|k| k.is_failure())
+            .map(|k| k.name())
+            .collect();
+        assert_eq!(
+            faults,
+            [
+                "overloaded",
+                "server_error",
+                "transport",
+                "timeout",
+                "rate_limited",
+                "auth"
+            ]
+        );
         for (i, k) in Kind::ALL.iter().enumerate() {
             assert_eq!(*k as usize, i);
         }

@@ -60,12 +60,26 @@ pub enum Command {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve { config } => serve(config),
-        Command::Init { config, force, name, base_url, api_key, auth_token } => init(config, force, &name, base_url, api_key, auth_token),
+        Command::Init {
+            config,
+            force,
+            name,
+            base_url,
+            api_key,
+            auth_token,
+        } => init(config, force, &name, base_url, api_key, auth_token),
         Command::Validate { config } => {
             let (config, source) = load(config.as_deref(), &ProcessEnv)?;
             println!("{source}: ok");
             for e in &config.endpoints {
-                println!("  {} -> {} (priority {}, weight {}{})", e.name, e.base_url, e.priority, e.weight, if e.enabled { "" } else { ", disabled" });
+                println!(
+                    "  {} -> {} (priority {}, weight {}{})",
+                    e.name,
+                    e.base_url,
+                    e.priority,
+                    e.weight,
+                    if e.enabled { "" } else { ", disabled" }
+                );
             }
             Ok(())
         }
@@ -88,9 +102,14 @@ pub fn load(explicit: Option<&Path>, env: &dyn Env) -> anyhow::Result<(Config, S
     }
     if let Some(result) = Config::from_anthropic_env(env) {
         let config = result?;
-        return Ok((config, "the ANTHROPIC_* environment (no config file)".into()));
+        return Ok((
+            config,
+            "the ANTHROPIC_* environment (no config file)".into(),
+        ));
     }
-    let where_ = path.map(|p| p.display().to_string()).unwrap_or_else(|| "~/.config/ccgate/config.toml".into());
+    let where_ = path
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "~/.config/ccgate/config.toml".into());
     bail!(
         "no configuration: {where_} does not exist and neither ANTHROPIC_API_KEY nor ANTHROPIC_AUTH_TOKEN is set.\n\
          Create one with:\n    ccgate init --api-key sk-ant-...        (or --auth-token, --base-url)\n\
@@ -115,7 +134,10 @@ fn warn_if_readable_by_others(path: &Path) {
 
 fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
     let (config, source) = load(config.as_deref(), &ProcessEnv)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let server = crate::server::Server::bind(config).await?;
         let addr = server.local_addr();
@@ -138,15 +160,27 @@ fn init(
     auth_token: Option<String>,
 ) -> anyhow::Result<()> {
     let env = ProcessEnv;
-    let path = config.or_else(|| default_config_path(&env)).context("no config directory on this platform; pass --config")?;
+    let path = config
+        .or_else(|| default_config_path(&env))
+        .context("no config directory on this platform; pass --config")?;
     if path.exists() && !force {
-        bail!("{} already exists; pass --force to overwrite it", path.display());
+        bail!(
+            "{} already exists; pass --force to overwrite it",
+            path.display()
+        );
     }
-    let base_url = base_url.or_else(|| env.var("ANTHROPIC_BASE_URL")).unwrap_or_else(|| "https://api.anthropic.com".into());
-    let credential = match (api_key.or_else(|| env.var("ANTHROPIC_API_KEY")), auth_token.or_else(|| env.var("ANTHROPIC_AUTH_TOKEN"))) {
+    let base_url = base_url
+        .or_else(|| env.var("ANTHROPIC_BASE_URL"))
+        .unwrap_or_else(|| "https://api.anthropic.com".into());
+    let credential = match (
+        api_key.or_else(|| env.var("ANTHROPIC_API_KEY")),
+        auth_token.or_else(|| env.var("ANTHROPIC_AUTH_TOKEN")),
+    ) {
         (Some(k), _) => format!("api_key = {}", toml_string(&k)),
         (None, Some(t)) => format!("auth_token = {}", toml_string(&t)),
-        (None, None) => "api_key_env = \"ANTHROPIC_API_KEY\"   # or api_key = \"sk-ant-...\"".to_string(),
+        (None, None) => {
+            "api_key_env = \"ANTHROPIC_API_KEY\"   # or api_key = \"sk-ant-...\"".to_string()
+        }
     };
     let text = format!(
         "# ccgate configuration. Durations are strings like \"30s\" or \"5m\".\n\n\
@@ -171,7 +205,10 @@ fn init(
     }
     write_private(&path, text.as_bytes())?;
     println!("wrote {}", path.display());
-    println!("start the gateway with: ccgate serve --config {}", path.display());
+    println!(
+        "start the gateway with: ccgate serve --config {}",
+        path.display()
+    );
     Ok(())
 }
 
@@ -184,7 +221,9 @@ fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
         use std::os::unix::fs::OpenOptionsExt;
         opts.mode(0o600);
     }
-    let mut f = opts.open(path).with_context(|| format!("cannot write {}", path.display()))?;
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
     f.write_all(bytes)?;
     #[cfg(unix)]
     {

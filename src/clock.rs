@@ -15,7 +15,10 @@ pub struct Clock {
 impl Clock {
     /// A clock starting now.
     pub fn new() -> Self {
-        Self { epoch: tokio::time::Instant::now(), wall: SystemTime::now() }
+        Self {
+            epoch: tokio::time::Instant::now(),
+            wall: SystemTime::now(),
+        }
     }
 
     /// Milliseconds since start, plus one.

@@ -86,7 +86,9 @@ impl ProbeMode {
             "message" => Ok(Self::Message),
             "count_tokens" => Ok(Self::CountTokens),
             "models" => Ok(Self::Models),
-            other => Err(format!("unknown probe mode `{other}`; expected message, count_tokens or models")),
+            other => Err(format!(
+                "unknown probe mode `{other}`; expected message, count_tokens or models"
+            )),
         }
     }
 }
@@ -171,12 +173,20 @@ pub struct BaseUrl {
 impl BaseUrl {
     /// Parses and checks a base URL.
     pub fn parse(s: &str) -> Result<Self, String> {
-        let uri: http::Uri = s.parse().map_err(|e| format!("`{s}` is not a valid URL ({e})"))?;
-        let scheme = uri.scheme().cloned().ok_or_else(|| format!("`{s}` must start with http:// or https://"))?;
+        let uri: http::Uri = s
+            .parse()
+            .map_err(|e| format!("`{s}` is not a valid URL ({e})"))?;
+        let scheme = uri
+            .scheme()
+            .cloned()
+            .ok_or_else(|| format!("`{s}` must start with http:// or https://"))?;
         if scheme != http::uri::Scheme::HTTP && scheme != http::uri::Scheme::HTTPS {
             return Err(format!("`{s}` must start with http:// or https://"));
         }
-        let authority = uri.authority().cloned().ok_or_else(|| format!("`{s}` has no host"))?;
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| format!("`{s}` has no host"))?;
         if authority.as_str().contains('@') {
             return Err("credentials do not belong in the URL; use api_key or auth_token".into());
         }
@@ -187,13 +197,21 @@ impl BaseUrl {
             return Err(format!("`{s}` must not carry a query string"));
         }
         let path_prefix = uri.path().trim_end_matches('/').to_string();
-        Ok(Self { scheme, authority, path_prefix })
+        Ok(Self {
+            scheme,
+            authority,
+            path_prefix,
+        })
     }
 }
 
 impl fmt::Display for BaseUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}://{}{}", self.scheme, self.authority, self.path_prefix)
+        write!(
+            f,
+            "{}://{}{}",
+            self.scheme, self.authority, self.path_prefix
+        )
     }
 }
 
@@ -256,10 +274,17 @@ pub struct ConfigError {
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.problems.len();
-        writeln!(f, "{} has {n} problem{}:", self.source_name, if n == 1 { "" } else { "s" })?;
+        writeln!(
+            f,
+            "{} has {n} problem{}:",
+            self.source_name,
+            if n == 1 { "" } else { "s" }
+        )?;
         for p in &self.problems {
             match p.line {
-                Some(line) => writeln!(f, "  {}:{line}: {}: {}", self.source_name, p.key, p.message)?,
+                Some(line) => {
+                    writeln!(f, "  {}:{line}: {}: {}", self.source_name, p.key, p.message)?
+                }
                 None => writeln!(f, "  {}: {}: {}", self.source_name, p.key, p.message)?,
             }
         }
@@ -346,16 +371,28 @@ struct Problems<'a> {
 impl Problems<'_> {
     fn line_of(&self, offset: usize) -> usize {
         let end = offset.min(self.text.len());
-        self.text.as_bytes()[..end].iter().filter(|&&b| b == b'\n').count() + 1
+        self.text.as_bytes()[..end]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+            + 1
     }
 
     fn at<T>(&mut self, spanned: &Spanned<T>, key: impl Into<String>, message: impl Into<String>) {
         let line = Some(self.line_of(spanned.span().start));
-        self.list.push(Problem { line, key: key.into(), message: message.into() });
+        self.list.push(Problem {
+            line,
+            key: key.into(),
+            message: message.into(),
+        });
     }
 
     fn at_line(&mut self, line: Option<usize>, key: impl Into<String>, message: impl Into<String>) {
-        self.list.push(Problem { line, key: key.into(), message: message.into() });
+        self.list.push(Problem {
+            line,
+            key: key.into(),
+            message: message.into(),
+        });
     }
 
     fn duration(&mut self, v: &Option<Spanned<String>>, key: &str, default: Duration) -> Duration {
@@ -367,13 +404,27 @@ impl Problems<'_> {
             }
             Ok(d) => d,
             Err(e) => {
-                self.at(v, key, format!("`{}` is not a duration like \"30s\" or \"5m\" ({e})", v.get_ref()));
+                self.at(
+                    v,
+                    key,
+                    format!(
+                        "`{}` is not a duration like \"30s\" or \"5m\" ({e})",
+                        v.get_ref()
+                    ),
+                );
                 default
             }
         }
     }
 
-    fn int_in(&mut self, v: &Option<Spanned<i64>>, key: &str, min: i64, max: i64, default: i64) -> i64 {
+    fn int_in(
+        &mut self,
+        v: &Option<Spanned<i64>>,
+        key: &str,
+        min: i64,
+        max: i64,
+        default: i64,
+    ) -> i64 {
         let Some(v) = v else { return default };
         let n = *v.get_ref();
         if n < min || n > max {
@@ -411,28 +462,49 @@ impl Config {
         let source_name = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             source_name: source_name.clone(),
-            problems: vec![Problem { line: None, key: "(file)".into(), message: format!("cannot read it: {e}") }],
+            problems: vec![Problem {
+                line: None,
+                key: "(file)".into(),
+                message: format!("cannot read it: {e}"),
+            }],
         })?;
         Self::from_toml(&text, &source_name, env)
     }
 
     /// Parses and validates configuration text; `source_name` names it in messages.
     pub fn from_toml(text: &str, source_name: &str, env: &dyn Env) -> Result<Self, ConfigError> {
-        let mut p = Problems { text, list: Vec::new() };
+        let mut p = Problems {
+            text,
+            list: Vec::new(),
+        };
         let raw: RawConfig = match toml::from_str(text) {
             Ok(raw) => raw,
             Err(e) => {
                 let line = e.span().map(|s| p.line_of(s.start));
-                let key = e.span().and_then(|s| text.get(s)).map(|k| k.trim().to_string()).filter(|k| !k.is_empty() && k.len() < 80);
-                p.at_line(line, key.unwrap_or_else(|| "(syntax)".into()), e.message().trim().to_string());
-                return Err(ConfigError { source_name: source_name.into(), problems: p.list });
+                let key = e
+                    .span()
+                    .and_then(|s| text.get(s))
+                    .map(|k| k.trim().to_string())
+                    .filter(|k| !k.is_empty() && k.len() < 80);
+                p.at_line(
+                    line,
+                    key.unwrap_or_else(|| "(syntax)".into()),
+                    e.message().trim().to_string(),
+                );
+                return Err(ConfigError {
+                    source_name: source_name.into(),
+                    problems: p.list,
+                });
             }
         };
         let config = validate(raw, &mut p, env);
         if p.list.is_empty() {
             Ok(config)
         } else {
-            Err(ConfigError { source_name: source_name.into(), problems: p.list })
+            Err(ConfigError {
+                source_name: source_name.into(),
+                problems: p.list,
+            })
         }
     }
 
@@ -444,9 +516,18 @@ impl Config {
         if key.is_none() && token.is_none() {
             return None;
         }
-        let base = env.var("ANTHROPIC_BASE_URL").unwrap_or_else(|| "https://api.anthropic.com".into());
-        let cred = if key.is_some() { "api_key_env = \"ANTHROPIC_API_KEY\"" } else { "auth_token_env = \"ANTHROPIC_AUTH_TOKEN\"" };
-        let text = format!("[[endpoints]]\nname = \"default\"\nbase_url = {}\n{cred}\n", toml_string(&base));
+        let base = env
+            .var("ANTHROPIC_BASE_URL")
+            .unwrap_or_else(|| "https://api.anthropic.com".into());
+        let cred = if key.is_some() {
+            "api_key_env = \"ANTHROPIC_API_KEY\""
+        } else {
+            "auth_token_env = \"ANTHROPIC_AUTH_TOKEN\""
+        };
+        let text = format!(
+            "[[endpoints]]\nname = \"default\"\nbase_url = {}\n{cred}\n",
+            toml_string(&base)
+        );
         Some(Self::from_toml(&text, "the ANTHROPIC_* environment", env))
     }
 }
@@ -461,7 +542,11 @@ fn validate(raw: RawConfig, p: &mut Problems<'_>, env: &dyn Env) -> Config {
     let t = &raw.timeouts;
     let timeouts = Timeouts {
         connect: p.duration(&t.connect, "timeouts.connect", Duration::from_secs(10)),
-        first_byte: p.duration(&t.first_byte, "timeouts.first_byte", Duration::from_secs(300)),
+        first_byte: p.duration(
+            &t.first_byte,
+            "timeouts.first_byte",
+            Duration::from_secs(300),
+        ),
         idle: p.duration(&t.idle, "timeouts.idle", Duration::from_secs(300)),
     };
     let health = validate_health(&raw.health, p);
@@ -471,34 +556,79 @@ fn validate(raw: RawConfig, p: &mut Problems<'_>, env: &dyn Env) -> Config {
     for (i, ep) in raw.endpoints.iter().enumerate() {
         if let Some(e) = validate_endpoint(i, ep, p, env, health.probe_mode) {
             if let Some(first) = names.insert(e.name.clone(), i) {
-                let name = ep.get_ref().name.as_ref().expect("validated endpoints have names");
-                p.at(name, format!("endpoints[{i}].name"), format!("`{}` is already the name of endpoints[{first}]", e.name));
+                let name = ep
+                    .get_ref()
+                    .name
+                    .as_ref()
+                    .expect("validated endpoints have names");
+                p.at(
+                    name,
+                    format!("endpoints[{i}].name"),
+                    format!("`{}` is already the name of endpoints[{first}]", e.name),
+                );
             }
             if is_self(&e.base_url, server.listen) {
-                let url = ep.get_ref().base_url.as_ref().expect("validated endpoints have URLs");
-                p.at(url, format!("endpoints[{i}].base_url"), "points at this gateway's own listen address");
+                let url = ep
+                    .get_ref()
+                    .base_url
+                    .as_ref()
+                    .expect("validated endpoints have URLs");
+                p.at(
+                    url,
+                    format!("endpoints[{i}].base_url"),
+                    "points at this gateway's own listen address",
+                );
             }
             endpoints.push(e);
         }
     }
     if raw.endpoints.len() > MAX_ENDPOINTS {
-        p.at_line(None, "endpoints", format!("{} endpoints configured; at most {MAX_ENDPOINTS} are supported", raw.endpoints.len()));
+        p.at_line(
+            None,
+            "endpoints",
+            format!(
+                "{} endpoints configured; at most {MAX_ENDPOINTS} are supported",
+                raw.endpoints.len()
+            ),
+        );
     }
     if raw.endpoints.is_empty() {
-        p.at_line(None, "endpoints", "no [[endpoints]] configured; add at least one (see `ccgate init`)");
+        p.at_line(
+            None,
+            "endpoints",
+            "no [[endpoints]] configured; add at least one (see `ccgate init`)",
+        );
     }
-    Config { server, timeouts, health, endpoints }
+    Config {
+        server,
+        timeouts,
+        health,
+        endpoints,
+    }
 }
 
 fn is_self(url: &BaseUrl, listen: SocketAddr) -> bool {
-    let port = url.authority.port_u16().unwrap_or(if url.scheme == http::uri::Scheme::HTTPS { 443 } else { 80 });
+    let port = url
+        .authority
+        .port_u16()
+        .unwrap_or(if url.scheme == http::uri::Scheme::HTTPS {
+            443
+        } else {
+            80
+        });
     let host = url.authority.host();
-    let loopback = host == "localhost" || host.trim_matches(['[', ']']).parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    let loopback = host == "localhost"
+        || host
+            .trim_matches(['[', ']'])
+            .parse::<IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
     loopback && port == listen.port() && listen.port() != 0
 }
 
 fn validate_server(s: &RawServer, p: &mut Problems<'_>, env: &dyn Env) -> ServerConfig {
-    let default_listen: SocketAddr = DEFAULT_LISTEN.parse().expect("default listen address parses");
+    let default_listen: SocketAddr = DEFAULT_LISTEN
+        .parse()
+        .expect("default listen address parses");
     let listen = match &s.listen {
         None => default_listen,
         Some(v) => match parse_listen(v.get_ref()) {
@@ -511,7 +641,11 @@ fn validate_server(s: &RawServer, p: &mut Problems<'_>, env: &dyn Env) -> Server
     };
     let access_token = match (&s.access_token, &s.access_token_env) {
         (Some(a), Some(_)) => {
-            p.at(a, "server.access_token", "set either access_token or access_token_env, not both");
+            p.at(
+                a,
+                "server.access_token",
+                "set either access_token or access_token_env, not both",
+            );
             None
         }
         (Some(a), None) if a.get_ref().is_empty() => {
@@ -522,7 +656,11 @@ fn validate_server(s: &RawServer, p: &mut Problems<'_>, env: &dyn Env) -> Server
         (None, Some(var)) => match env.var(var.get_ref()) {
             Some(v) => Some(Secret::new(v)),
             None => {
-                p.at(var, "server.access_token_env", format!("environment variable `{}` is not set", var.get_ref()));
+                p.at(
+                    var,
+                    "server.access_token_env",
+                    format!("environment variable `{}` is not set", var.get_ref()),
+                );
                 None
             }
         },
@@ -539,14 +677,30 @@ fn validate_server(s: &RawServer, p: &mut Problems<'_>, env: &dyn Env) -> Server
             Strategy::Priority
         }),
     };
-    let max_body = p.int_in(&s.max_body_bytes, "server.max_body_bytes", 1024, 1 << 32, DEFAULT_MAX_BODY_BYTES as i64);
+    let max_body = p.int_in(
+        &s.max_body_bytes,
+        "server.max_body_bytes",
+        1024,
+        1 << 32,
+        DEFAULT_MAX_BODY_BYTES as i64,
+    );
     ServerConfig {
         listen,
         access_token,
         strategy,
         max_body_bytes: usize::try_from(max_body).unwrap_or(DEFAULT_MAX_BODY_BYTES),
-        shutdown_timeout: p.duration(&s.shutdown_timeout, "server.shutdown_timeout", Duration::from_secs(30)),
-        max_attempts: p.int_in(&s.max_attempts, "server.max_attempts", 1, MAX_ENDPOINTS as i64, 3) as usize,
+        shutdown_timeout: p.duration(
+            &s.shutdown_timeout,
+            "server.shutdown_timeout",
+            Duration::from_secs(30),
+        ),
+        max_attempts: p.int_in(
+            &s.max_attempts,
+            "server.max_attempts",
+            1,
+            MAX_ENDPOINTS as i64,
+            3,
+        ) as usize,
     }
 }
 
@@ -563,11 +717,23 @@ fn parse_listen(s: &str) -> Result<SocketAddr, String> {
 }
 
 fn validate_health(h: &RawHealth, p: &mut Problems<'_>) -> HealthConfig {
-    let probe_interval = p.duration(&h.probe_interval, "health.probe_interval", Duration::from_secs(10));
-    let probe_max_interval = p.duration(&h.probe_max_interval, "health.probe_max_interval", Duration::from_secs(300));
+    let probe_interval = p.duration(
+        &h.probe_interval,
+        "health.probe_interval",
+        Duration::from_secs(10),
+    );
+    let probe_max_interval = p.duration(
+        &h.probe_max_interval,
+        "health.probe_max_interval",
+        Duration::from_secs(300),
+    );
     if probe_max_interval < probe_interval {
         if let Some(v) = &h.probe_max_interval {
-            p.at(v, "health.probe_max_interval", "must not be shorter than health.probe_interval");
+            p.at(
+                v,
+                "health.probe_max_interval",
+                "must not be shorter than health.probe_interval",
+            );
         }
     }
     let probe_mode = match &h.probe_mode {
@@ -578,13 +744,25 @@ fn validate_health(h: &RawHealth, p: &mut Problems<'_>) -> HealthConfig {
         }),
     };
     HealthConfig {
-        failure_threshold: p.int_in(&h.failure_threshold, "health.failure_threshold", 1, 1000, 3) as u32,
+        failure_threshold: p.int_in(&h.failure_threshold, "health.failure_threshold", 1, 1000, 3)
+            as u32,
         probe_interval,
         probe_max_interval,
-        probe_timeout: p.duration(&h.probe_timeout, "health.probe_timeout", Duration::from_secs(30)),
+        probe_timeout: p.duration(
+            &h.probe_timeout,
+            "health.probe_timeout",
+            Duration::from_secs(30),
+        ),
         probe_mode,
-        probe_model: h.probe_model.as_ref().map_or_else(|| "claude-haiku-4-5".to_string(), |m| m.get_ref().clone()),
-        rate_limit_cooldown: p.duration(&h.rate_limit_cooldown, "health.rate_limit_cooldown", Duration::from_secs(30)),
+        probe_model: h
+            .probe_model
+            .as_ref()
+            .map_or_else(|| "claude-haiku-4-5".to_string(), |m| m.get_ref().clone()),
+        rate_limit_cooldown: p.duration(
+            &h.rate_limit_cooldown,
+            "health.rate_limit_cooldown",
+            Duration::from_secs(30),
+        ),
     }
 }
 
@@ -606,8 +784,17 @@ fn validate_endpoint(
         }
         Some(n) => {
             let v = n.get_ref();
-            if v.is_empty() || v.len() > 64 || !v.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-                p.at(n, key("name"), format!("`{v}` must be 1-64 characters of letters, digits, `-`, `_` or `.`"));
+            if v.is_empty()
+                || v.len() > 64
+                || !v
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                p.at(
+                    n,
+                    key("name"),
+                    format!("`{v}` must be 1-64 characters of letters, digits, `-`, `_` or `.`"),
+                );
             }
             v.clone()
         }
@@ -637,7 +824,11 @@ fn validate_endpoint(
     .collect();
     let credential = match given.as_slice() {
         [] => {
-            p.at(spanned, key("api_key"), "no credential: set one of api_key, auth_token, api_key_env or auth_token_env");
+            p.at(
+                spanned,
+                key("api_key"),
+                "no credential: set one of api_key, auth_token, api_key_env or auth_token_env",
+            );
             None
         }
         [(k, v)] => {
@@ -645,7 +836,11 @@ fn validate_endpoint(
                 let var = v.get_ref();
                 let value = env.var(var);
                 if value.is_none() {
-                    p.at(*v, key(k), format!("environment variable `{var}` is not set"));
+                    p.at(
+                        *v,
+                        key(k),
+                        format!("environment variable `{var}` is not set"),
+                    );
                 }
                 value
             } else if v.get_ref().is_empty() {
@@ -656,30 +851,56 @@ fn validate_endpoint(
             };
             value.and_then(|s| {
                 if s.bytes().any(|b| b.is_ascii_control() || b == b' ') {
-                    p.at(*v, key(k), "the credential contains spaces or control characters");
+                    p.at(
+                        *v,
+                        key(k),
+                        "the credential contains spaces or control characters",
+                    );
                     return None;
                 }
-                Some(if k.starts_with("api_key") { Credential::ApiKey(Secret::new(s)) } else { Credential::AuthToken(Secret::new(s)) })
+                Some(if k.starts_with("api_key") {
+                    Credential::ApiKey(Secret::new(s))
+                } else {
+                    Credential::AuthToken(Secret::new(s))
+                })
             })
         }
         [_, (k, v), ..] => {
             let names: Vec<&str> = given.iter().map(|(k, _)| *k).collect();
-            p.at(*v, key(k), format!("an endpoint has exactly one credential, but {} are set", names.join(", ")));
+            p.at(
+                *v,
+                key(k),
+                format!(
+                    "an endpoint has exactly one credential, but {} are set",
+                    names.join(", ")
+                ),
+            );
             None
         }
     };
     let priority = p.int_in(&ep.priority, &key("priority"), 0, 1_000_000, 1) as u32;
     let weight = p.int_in(&ep.weight, &key("weight"), 1, 1_000_000, 100) as u32;
-    let model_map = ep.model_map.as_ref().map(|m| m.get_ref().clone()).unwrap_or_default();
+    let model_map = ep
+        .model_map
+        .as_ref()
+        .map(|m| m.get_ref().clone())
+        .unwrap_or_default();
     if let Some(m) = &ep.model_map {
-        if m.get_ref().iter().any(|(k, v)| k.is_empty() || v.is_empty()) {
+        if m.get_ref()
+            .iter()
+            .any(|(k, v)| k.is_empty() || v.is_empty())
+        {
             p.at(m, key("model_map"), "model names must not be empty");
         }
     }
     let ca_file = ep.ca_file.as_ref().map(|f| PathBuf::from(f.get_ref()));
     if let (Some(f), Some(path)) = (&ep.ca_file, &ca_file) {
         if !path.is_file() {
-            p.at(f, key("ca_file"), format!("`{}` is not a readable file", path.display()));
+            p.at(
+                f,
+                key("ca_file"),
+                format!("`{}` is not a readable file", path.display()),
+            );
         }
     }
     let probe = match &ep.probe {
@@ -722,10 +943,13 @@ mod tests {
     }
 
     fn problems(text: &str) -> Vec<Problem> {
-        Config::from_toml(text, "t.toml", &no_env).expect_err("config should be rejected").problems
+        Config::from_toml(text, "t.toml", &no_env)
+            .expect_err("config should be rejected")
+            .problems
     }
 
-    const ONE: &str = "[[endpoints]]\nname = \"a\"\nbase_url = \"https://api.example.com\"\napi_key = \"k\"\n";
+    const ONE: &str =
+        "[[endpoints]]\nname = \"a\"\nbase_url = \"https://api.example.com\"\napi_key = \"k\"\n";
 
     #[test]
     fn minimal_config_gets_defaults() {
@@ -761,7 +985,10 @@ api_key = "k"
 auth_token = "t"
 weight = 0
 "#;
-        let got: Vec<(Option<usize>, String)> = problems(text).into_iter().map(|p| (p.line, p.key)).collect();
+        let got: Vec<(Option<usize>, String)> = problems(text)
+            .into_iter()
+            .map(|p| (p.line, p.key))
+            .collect();
         let want: Vec<(Option<usize>, String)> = vec![
             (Some(2), "server.listen".into()),
             (Some(3), "server.strategy".into()),
@@ -801,9 +1028,14 @@ weight = 0
         let env = |k: &str| (k == "MY_TOKEN").then(|| "tok".to_string());
         let text = "[[endpoints]]\nname = \"a\"\nbase_url = \"http://127.0.0.1:9\"\nauth_token_env = \"MY_TOKEN\"\n";
         let c = Config::from_toml(text, "t", &env).expect("valid");
-        assert_eq!(c.endpoints[0].credential, Credential::AuthToken(Secret::new("tok")));
+        assert_eq!(
+            c.endpoints[0].credential,
+            Credential::AuthToken(Secret::new("tok"))
+        );
         let missing = text.replace("MY_TOKEN", "OTHER");
-        let p = Config::from_toml(&missing, "t", &env).expect_err("missing var").problems;
+        let p = Config::from_toml(&missing, "t", &env)
+            .expect_err("missing var")
+            .problems;
         assert_eq!(p[0].key, "endpoints[0].auth_token_env");
         assert_eq!(p[0].line, Some(4));
     }
@@ -831,7 +1063,12 @@ weight = 0
     fn base_url_prefix_is_kept_without_trailing_slash() {
         let b = BaseUrl::parse("https://relay.example/api/").expect("valid");
         assert_eq!(b.path_prefix, "/api");
-        assert_eq!(BaseUrl::parse("https://relay.example").expect("valid").path_prefix, "");
+        assert_eq!(
+            BaseUrl::parse("https://relay.example")
+                .expect("valid")
+                .path_prefix,
+            ""
+        );
         assert!(BaseUrl::parse("https://user:pw@relay.example").is_err());
         assert!(BaseUrl::parse("relay.example").is_err());
     }
@@ -849,8 +1086,13 @@ weight = 0
             "ANTHROPIC_BASE_URL" => Some("https://relay.example/api".to_string()),
             _ => None,
         };
-        let c = Config::from_anthropic_env(&env).expect("some").expect("valid");
-        assert_eq!(c.endpoints[0].credential, Credential::AuthToken(Secret::new("t")));
+        let c = Config::from_anthropic_env(&env)
+            .expect("some")
+            .expect("valid");
+        assert_eq!(
+            c.endpoints[0].credential,
+            Credential::AuthToken(Secret::new("t"))
+        );
         assert_eq!(c.endpoints[0].base_url.path_prefix, "/api");
         assert!(Config::from_anthropic_env(&no_env).is_none());
     }

@@ -52,8 +52,14 @@ impl Endpoint {
     /// Builds an endpoint from its validated config.
     pub fn new(idx: usize, cfg: &EndpointConfig, client: UpstreamClient) -> Self {
         let auth_header = match &cfg.credential {
-            Credential::ApiKey(k) => (HeaderName::from_static("x-api-key"), HeaderValue::from_str(k.expose())),
-            Credential::AuthToken(t) => (http::header::AUTHORIZATION, HeaderValue::from_str(&format!("Bearer {}", t.expose()))),
+            Credential::ApiKey(k) => (
+                HeaderName::from_static("x-api-key"),
+                HeaderValue::from_str(k.expose()),
+            ),
+            Credential::AuthToken(t) => (
+                http::header::AUTHORIZATION,
+                HeaderValue::from_str(&format!("Bearer {}", t.expose())),
+            ),
         };
         // Config validation rejected control characters, so this cannot fail; fall back to an empty
         // value rather than panicking if it ever did.
@@ -100,7 +106,10 @@ pub const LATENCY_BUCKETS: usize = 40;
 
 impl Default for Latency {
     fn default() -> Self {
-        Self { ewma_us: AtomicU64::new(0), buckets: std::array::from_fn(|_| AtomicU64::new(0)) }
+        Self {
+            ewma_us: AtomicU64::new(0),
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
     }
 }
 
@@ -110,9 +119,18 @@ impl Latency {
         let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
         // EWMA with alpha = 1/8, in integer microseconds; a CAS loop so concurrent samples are
         // not lost.
-        let _ = self.ewma_us.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
-            Some(if old == 0 { us.max(1) } else { (old * 7 + us) / 8 }.max(1))
-        });
+        let _ = self
+            .ewma_us
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+                Some(
+                    if old == 0 {
+                        us.max(1)
+                    } else {
+                        (old * 7 + us) / 8
+                    }
+                    .max(1),
+                )
+            });
         self.buckets[Self::bucket(d)].fetch_add(1, Ordering::Relaxed);
     }
 
@@ -139,7 +157,11 @@ impl Latency {
 
     /// Approximate percentile (upper bucket bound, ms), `q` in `[0, 1]`.
     pub fn percentile_ms(&self, q: f64) -> Option<f64> {
-        let counts: Vec<u64> = self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect();
+        let counts: Vec<u64> = self
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
         let total: u64 = counts.iter().sum();
         if total == 0 {
             return None;
@@ -192,15 +214,21 @@ pub struct Counters {
 }
 
 impl Counters {
-    /// Successful attempts.
+    /// Attempts the endpoint answered correctly: successes, and the caller's own errors (a 400 is
+    /// the endpoint doing its job). With this split, `successful + failed + cancelled + in_flight
+    /// == total` uses exactly the contract's field names.
     pub fn successful(&self) -> u64 {
-        self.by_kind[Kind::Success as usize]
+        self.by_kind[Kind::Success as usize] + self.by_kind[Kind::CallerError as usize]
     }
     /// Attempts that failed through the endpoint's fault.
     pub fn failed(&self) -> u64 {
-        Kind::ALL.iter().filter(|k| k.is_failure()).map(|k| self.by_kind[*k as usize]).sum()
+        Kind::ALL
+            .iter()
+            .filter(|k| k.is_failure())
+            .map(|k| self.by_kind[*k as usize])
+            .sum()
     }
-    /// Attempts the caller's own request spoiled.
+    /// Attempts the caller's own request spoiled (part of [`Counters::successful`]).
     pub fn caller_errors(&self) -> u64 {
         self.by_kind[Kind::CallerError as usize]
     }
@@ -211,7 +239,11 @@ impl Counters {
     /// Success share of the attempts that reached a verdict about the endpoint.
     pub fn success_rate(&self) -> f64 {
         let judged = self.successful() + self.failed();
-        if judged == 0 { 1.0 } else { self.successful() as f64 / judged as f64 }
+        if judged == 0 {
+            1.0
+        } else {
+            self.successful() as f64 / judged as f64
+        }
     }
 }
 
@@ -220,10 +252,15 @@ impl Live {
     /// every end observed implies its start is observed, so `in_flight = started − ended ≥ 0` and
     /// the sum identity holds in every snapshot, under any concurrency.
     pub fn snapshot(&self) -> Counters {
-        let by_kind: [u64; Kind::COUNT] = std::array::from_fn(|i| self.ended[i].load(Ordering::Acquire));
+        let by_kind: [u64; Kind::COUNT] =
+            std::array::from_fn(|i| self.ended[i].load(Ordering::Acquire));
         let total = self.started.load(Ordering::Acquire);
         let ended: u64 = by_kind.iter().sum();
-        Counters { total, in_flight: total.saturating_sub(ended), by_kind }
+        Counters {
+            total,
+            in_flight: total.saturating_sub(ended),
+            by_kind,
+        }
     }
 
     /// Current phase.
@@ -276,7 +313,13 @@ impl Attempt {
     /// Starts an attempt: `total_requests` and `in_flight` rise by one.
     pub fn begin(ep: Arc<Endpoint>, recorder: Arc<Recorder>, holds_probation: bool) -> Self {
         ep.live.started.fetch_add(1, Ordering::AcqRel);
-        Self { ep, recorder, started: tokio::time::Instant::now(), holds_probation, finished: false }
+        Self {
+            ep,
+            recorder,
+            started: tokio::time::Instant::now(),
+            holds_probation,
+            finished: false,
+        }
     }
 
     /// The endpoint this attempt goes to.
@@ -311,13 +354,22 @@ impl Attempt {
             }
             Outcome::CallerError | Outcome::Cancelled => None,
             fault => {
-                let consecutive = live.consecutive.fetch_add(1, Ordering::AcqRel).saturating_add(1);
+                let consecutive = live
+                    .consecutive
+                    .fetch_add(1, Ordering::AcqRel)
+                    .saturating_add(1);
                 let message = detail.unwrap_or_else(|| kind.name().replace('_', " "));
-                live.last_error.store(Some(Arc::new(LastError { kind, message, at_ms: now })));
+                live.last_error.store(Some(Arc::new(LastError {
+                    kind,
+                    message,
+                    at_ms: now,
+                })));
                 Some(match fault {
                     Outcome::RateLimited(wait) => {
                         let wait = wait.unwrap_or(rec.default_cooldown);
-                        let until = now.saturating_add(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX)).max(now + 1);
+                        let until = now
+                            .saturating_add(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX))
+                            .max(now + 1);
                         live.cooldown_until_ms.fetch_max(until, Ordering::AcqRel);
                         Event::RateLimited
                     }

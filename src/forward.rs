@@ -67,19 +67,32 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 impl Prepared {
     /// Prepares a client request for forwarding.
-    pub fn new(method: Method, path_and_query: String, mut headers: HeaderMap, body: Bytes) -> Self {
+    pub fn new(
+        method: Method,
+        path_and_query: String,
+        mut headers: HeaderMap,
+        body: Bytes,
+    ) -> Self {
         strip_hop_by_hop(&mut headers);
         headers.remove(header::HOST);
         headers.remove(header::CONTENT_LENGTH);
         headers.remove("x-api-key");
         headers.remove(header::AUTHORIZATION);
-        Self { method, path_and_query, headers, body }
+        Self {
+            method,
+            path_and_query,
+            headers,
+            body,
+        }
     }
 
     /// The request for one endpoint, with its credential set and its model mapping applied.
     pub fn for_endpoint(&self, ep: &Endpoint) -> Result<Request<Full<Bytes>>, String> {
         let base = &ep.base_url;
-        let uri = format!("{}://{}{}{}", base.scheme, base.authority, base.path_prefix, self.path_and_query);
+        let uri = format!(
+            "{}://{}{}{}",
+            base.scheme, base.authority, base.path_prefix, self.path_and_query
+        );
         let body = crate::model_map::apply(&ep.model_map, &self.headers, &self.body);
         let mut req = Request::builder()
             .method(self.method.clone())
@@ -87,18 +100,33 @@ impl Prepared {
             .body(Full::new(body))
             .map_err(|e| format!("cannot build the upstream request: {e}"))?;
         *req.headers_mut() = self.headers.clone();
-        req.headers_mut().insert(ep.auth_header.0.clone(), ep.auth_header.1.clone());
+        req.headers_mut()
+            .insert(ep.auth_header.0.clone(), ep.auth_header.1.clone());
         Ok(req)
     }
 }
 
 /// Sends one attempt and waits for the response headers.
-pub async fn send(ep: &Endpoint, req: Request<Full<Bytes>>, first_byte: Duration) -> Result<Response<Incoming>, (Outcome, String)> {
+pub async fn send(
+    ep: &Endpoint,
+    req: Request<Full<Bytes>>,
+    first_byte: Duration,
+) -> Result<Response<Incoming>, (Outcome, String)> {
     match tokio::time::timeout(first_byte, ep.client.request(req)).await {
-        Err(_) => Err((Outcome::Transport(TransportKind::Timeout), format!("no response headers within {}", humantime::format_duration(first_byte)))),
+        Err(_) => Err((
+            Outcome::Transport(TransportKind::Timeout),
+            format!(
+                "no response headers within {}",
+                humantime::format_duration(first_byte)
+            ),
+        )),
         Ok(Err(e)) => {
             let text = error_chain(&e);
-            let kind = if text.contains("timed out") || text.contains("timeout") { TransportKind::Timeout } else { TransportKind::Connect };
+            let kind = if text.contains("timed out") || text.contains("timeout") {
+                TransportKind::Timeout
+            } else {
+                TransportKind::Connect
+            };
             Err((Outcome::Transport(kind), text))
         }
         Ok(Ok(resp)) => Ok(resp),
@@ -143,7 +171,10 @@ pub fn error_message(body: &[u8]) -> Option<String> {
     let e = v.get("error")?;
     let ty = e.get("type").and_then(|t| t.as_str()).unwrap_or("error");
     let msg = e.get("message").and_then(|t| t.as_str()).unwrap_or("");
-    Some(format!("{ty}: {}", msg.chars().take(300).collect::<String>()))
+    Some(format!(
+        "{ty}: {}",
+        msg.chars().take(300).collect::<String>()
+    ))
 }
 
 /// A stream held back until its first content event.
@@ -168,19 +199,44 @@ pub async fn await_content(mut body: Incoming, idle: Duration) -> Preamble {
     let mut held = Vec::new();
     loop {
         match tokio::time::timeout(idle, body.frame()).await {
-            Err(_) => return Preamble::Failed(Outcome::Transport(TransportKind::Idle), "stream idle before its first content".into()),
+            Err(_) => {
+                return Preamble::Failed(
+                    Outcome::Transport(TransportKind::Idle),
+                    "stream idle before its first content".into(),
+                );
+            }
             Ok(None) => {
-                return if scanner.facts().message_stop || scanner.facts().error.as_ref().is_some_and(|e| !is_failover_error(&e.0)) {
-                    Preamble::Commit { held, scanner, body }
+                return if scanner.facts().message_stop
+                    || scanner
+                        .facts()
+                        .error
+                        .as_ref()
+                        .is_some_and(|e| !is_failover_error(&e.0))
+                {
+                    Preamble::Commit {
+                        held,
+                        scanner,
+                        body,
+                    }
                 } else if let Some((ty, msg)) = scanner.facts().error.clone() {
                     Preamble::Failed(classify_sse_error(&ty), format!("{ty}: {msg}"))
                 } else {
-                    Preamble::Failed(Outcome::Transport(TransportKind::Cut), "stream ended before its first content".into())
+                    Preamble::Failed(
+                        Outcome::Transport(TransportKind::Cut),
+                        "stream ended before its first content".into(),
+                    )
                 };
             }
-            Ok(Some(Err(e))) => return Preamble::Failed(Outcome::Transport(TransportKind::Cut), format!("stream broke before its first content: {}", error_chain(&e))),
+            Ok(Some(Err(e))) => {
+                return Preamble::Failed(
+                    Outcome::Transport(TransportKind::Cut),
+                    format!("stream broke before its first content: {}", error_chain(&e)),
+                );
+            }
             Ok(Some(Ok(frame))) => {
-                let Ok(data) = frame.into_data() else { continue };
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
                 scanner.feed(&data);
                 held.push(data);
                 let facts = scanner.facts();
@@ -190,7 +246,11 @@ pub async fn await_content(mut body: Incoming, idle: Duration) -> Preamble {
                     }
                 }
                 if facts.content || facts.message_stop || facts.error.is_some() {
-                    return Preamble::Commit { held, scanner, body };
+                    return Preamble::Commit {
+                        held,
+                        scanner,
+                        body,
+                    };
                 }
             }
         }
@@ -269,19 +329,34 @@ impl RelayBody {
 
     /// Ends the relay after an upstream failure: the outcome is recorded and, for a stream, an SSE
     /// `error` event tells the client what happened instead of a silent cut.
-    fn fail(&mut self, outcome: Outcome, detail: String) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn fail(
+        &mut self,
+        outcome: Outcome,
+        detail: String,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let stream = self.judge == Judge::Stream;
         self.finish(outcome, Some(detail.clone()));
         if stream {
-            let ty = if outcome == Outcome::Overloaded { "overloaded_error" } else { "api_error" };
-            return Poll::Ready(Some(Ok(Frame::data(error_event(ty, &format!("upstream stream failed: {detail}"))))));
+            let ty = if outcome == Outcome::Overloaded {
+                "overloaded_error"
+            } else {
+                "api_error"
+            };
+            return Poll::Ready(Some(Ok(Frame::data(error_event(
+                ty,
+                &format!("upstream stream failed: {detail}"),
+            )))));
         }
         Poll::Ready(Some(Err(detail.into())))
     }
 
     /// Records the outcome of an answer that has no body (HEAD, 204, 304).
     pub fn complete_without_body(mut self) {
-        let outcome = if self.judge == Judge::CallerError { Outcome::CallerError } else { Outcome::Success };
+        let outcome = if self.judge == Judge::CallerError {
+            Outcome::CallerError
+        } else {
+            Outcome::Success
+        };
         self.finish(outcome, None);
     }
 
@@ -293,7 +368,10 @@ impl RelayBody {
                 match &f.error {
                     Some((ty, msg)) => (classify_sse_error(ty), Some(format!("{ty}: {msg}"))),
                     None if f.message_stop => (Outcome::Success, None),
-                    None => (Outcome::Transport(TransportKind::Cut), Some("stream ended before message_stop".into())),
+                    None => (
+                        Outcome::Transport(TransportKind::Cut),
+                        Some("stream ended before message_stop".into()),
+                    ),
                 }
             }
             _ => (Outcome::Success, None),
@@ -308,7 +386,10 @@ impl Body for RelayBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         if let Some(b) = this.held.pop_front() {
             return Poll::Ready(Some(Ok(Frame::data(b))));
@@ -325,6 +406,12 @@ impl Body for RelayBody {
                         if let Some(sc) = this.scanner.as_mut() {
                             sc.feed(&data);
                         }
+                        // hyper drops a body once its declared length is written, without polling
+                        // for the end: record the attempt as soon as the upstream body is complete.
+                        if this.upstream.as_ref().is_some_and(Body::is_end_stream) {
+                            let (outcome, detail) = this.end_outcome();
+                            this.finish(outcome, detail);
+                        }
                         Poll::Ready(Some(Ok(Frame::data(data))))
                     }
                     // Trailers are not part of the Anthropic API; drop them and keep reading.
@@ -334,7 +421,10 @@ impl Body for RelayBody {
                     }
                 }
             }
-            Poll::Ready(Some(Err(e))) => this.fail(Outcome::Transport(TransportKind::Cut), format!("upstream body broke: {}", error_chain(&e))),
+            Poll::Ready(Some(Err(e))) => this.fail(
+                Outcome::Transport(TransportKind::Cut),
+                format!("upstream body broke: {}", error_chain(&e)),
+            ),
             Poll::Ready(None) => {
                 let (outcome, detail) = this.end_outcome();
                 this.finish(outcome, detail);
@@ -343,7 +433,10 @@ impl Body for RelayBody {
             Poll::Pending => {
                 ready!(this.sleep.as_mut().poll(cx));
                 let idle = humantime::format_duration(this.idle).to_string();
-                this.fail(Outcome::Transport(TransportKind::Idle), format!("upstream silent for {idle}"))
+                this.fail(
+                    Outcome::Transport(TransportKind::Idle),
+                    format!("upstream silent for {idle}"),
+                )
             }
         }
     }
@@ -365,7 +458,10 @@ impl Drop for RelayBody {
         // The client went away before the body ended. A stream that already carried its
         // `message_stop` was delivered in full; anything else was cancelled.
         if self.attempt.is_some() {
-            let delivered = self.scanner.as_ref().is_some_and(|s| s.facts().message_stop && s.facts().error.is_none());
+            let delivered = self
+                .scanner
+                .as_ref()
+                .is_some_and(|s| s.facts().message_stop && s.facts().error.is_none());
             if delivered {
                 self.finish(Outcome::Success, None);
             } else {

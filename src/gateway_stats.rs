@@ -73,12 +73,16 @@ impl GatewayStats {
     /// Starts counting one client request.
     pub fn begin(self: &Arc<Self>) -> RequestGuard {
         self.started.fetch_add(1, Ordering::AcqRel);
-        RequestGuard { stats: Arc::clone(self), done: false }
+        RequestGuard {
+            stats: Arc::clone(self),
+            done: false,
+        }
     }
 
     /// Reads the totals (ended first, then started).
     pub fn snapshot(&self) -> GatewaySnapshot {
-        let e: [u64; RequestEnd::COUNT] = std::array::from_fn(|i| self.ended[i].load(Ordering::Acquire));
+        let e: [u64; RequestEnd::COUNT] =
+            std::array::from_fn(|i| self.ended[i].load(Ordering::Acquire));
         let total = self.started.load(Ordering::Acquire);
         let ended: u64 = e.iter().sum();
         GatewaySnapshot {

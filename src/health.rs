@@ -100,16 +100,24 @@ pub fn next(phase: Phase, event: Event, threshold: u32) -> Option<(Phase, Effect
     use Event as E;
     use Phase as P;
     match (phase, event) {
-        (P::Healthy, E::Failure { consecutive }) if consecutive >= threshold => Some((P::Ejected, Effect::Open(Reason::Failures))),
+        (P::Healthy, E::Failure { consecutive }) if consecutive >= threshold => {
+            Some((P::Ejected, Effect::Open(Reason::Failures)))
+        }
         (P::Healthy, E::RateLimited) => Some((P::CoolingDown, Effect::Open(Reason::RateLimited))),
         (P::Healthy, E::AuthFailed) => Some((P::AuthDisabled, Effect::Open(Reason::Auth))),
         // Probation admits one request; if it fails the endpoint goes straight back out, in the
         // same episode.
         (P::Probation, E::Failure { .. }) => Some((P::Ejected, Effect::Reason(Reason::Failures))),
-        (P::Probation, E::RateLimited) => Some((P::CoolingDown, Effect::Reason(Reason::RateLimited))),
-        (P::Probation | P::Ejected | P::CoolingDown, E::AuthFailed) => Some((P::AuthDisabled, Effect::Reason(Reason::Auth))),
+        (P::Probation, E::RateLimited) => {
+            Some((P::CoolingDown, Effect::Reason(Reason::RateLimited)))
+        }
+        (P::Probation | P::Ejected | P::CoolingDown, E::AuthFailed) => {
+            Some((P::AuthDisabled, Effect::Reason(Reason::Auth)))
+        }
         // A real success proves more than any probe, whatever the phase.
-        (P::Probation | P::Ejected | P::CoolingDown | P::AuthDisabled, E::Success) => Some((P::Healthy, Effect::Close)),
+        (P::Probation | P::Ejected | P::CoolingDown | P::AuthDisabled, E::Success) => {
+            Some((P::Healthy, Effect::Close))
+        }
         (P::Ejected | P::AuthDisabled, E::ProbePassed) => Some((P::Probation, Effect::Probation)),
         (P::CoolingDown, E::CooldownExpired) => Some((P::Healthy, Effect::Close)),
         _ => None,
@@ -118,8 +126,15 @@ pub fn next(phase: Phase, event: Event, threshold: u32) -> Option<(Phase, Effect
 
 /// Growing probe backoff: `base * 2^attempts`, capped, with up to ±20% jitter from `jitter`
 /// (a number in `[0, 1)`).
-pub fn probe_backoff(base: std::time::Duration, cap: std::time::Duration, attempts: u32, jitter: f64) -> std::time::Duration {
-    let exp = base.saturating_mul(1u32.checked_shl(attempts.min(20)).unwrap_or(u32::MAX)).min(cap);
+pub fn probe_backoff(
+    base: std::time::Duration,
+    cap: std::time::Duration,
+    attempts: u32,
+    jitter: f64,
+) -> std::time::Duration {
+    let exp = base
+        .saturating_mul(1u32.checked_shl(attempts.min(20)).unwrap_or(u32::MAX))
+        .min(cap);
     let factor = 0.8 + 0.4 * jitter.clamp(0.0, 1.0);
     exp.mul_f64(factor).min(cap)
 }
@@ -131,38 +146,88 @@ mod tests {
     use Event as E;
     use Phase as P;
 
+    type Row = (P, E, Option<(P, F)>);
+
     #[test]
     fn transition_table() {
         let t = 3;
-        let table: &[(P, E, Option<(P, F)>)] = &[
+        let table: &[Row] = &[
             (P::Healthy, E::Failure { consecutive: 1 }, None),
             (P::Healthy, E::Failure { consecutive: 2 }, None),
-            (P::Healthy, E::Failure { consecutive: 3 }, Some((P::Ejected, F::Open(Reason::Failures)))),
-            (P::Healthy, E::Failure { consecutive: 9 }, Some((P::Ejected, F::Open(Reason::Failures)))),
-            (P::Healthy, E::RateLimited, Some((P::CoolingDown, F::Open(Reason::RateLimited)))),
-            (P::Healthy, E::AuthFailed, Some((P::AuthDisabled, F::Open(Reason::Auth)))),
+            (
+                P::Healthy,
+                E::Failure { consecutive: 3 },
+                Some((P::Ejected, F::Open(Reason::Failures))),
+            ),
+            (
+                P::Healthy,
+                E::Failure { consecutive: 9 },
+                Some((P::Ejected, F::Open(Reason::Failures))),
+            ),
+            (
+                P::Healthy,
+                E::RateLimited,
+                Some((P::CoolingDown, F::Open(Reason::RateLimited))),
+            ),
+            (
+                P::Healthy,
+                E::AuthFailed,
+                Some((P::AuthDisabled, F::Open(Reason::Auth))),
+            ),
             (P::Healthy, E::Success, None),
             (P::Healthy, E::ProbePassed, None),
             (P::Healthy, E::CooldownExpired, None),
             (P::Ejected, E::Failure { consecutive: 9 }, None),
             (P::Ejected, E::RateLimited, None),
-            (P::Ejected, E::AuthFailed, Some((P::AuthDisabled, F::Reason(Reason::Auth)))),
-            (P::Ejected, E::ProbePassed, Some((P::Probation, F::Probation))),
+            (
+                P::Ejected,
+                E::AuthFailed,
+                Some((P::AuthDisabled, F::Reason(Reason::Auth))),
+            ),
+            (
+                P::Ejected,
+                E::ProbePassed,
+                Some((P::Probation, F::Probation)),
+            ),
             (P::Ejected, E::Success, Some((P::Healthy, F::Close))),
             (P::Ejected, E::CooldownExpired, None),
             (P::CoolingDown, E::RateLimited, None),
             (P::CoolingDown, E::Failure { consecutive: 5 }, None),
-            (P::CoolingDown, E::CooldownExpired, Some((P::Healthy, F::Close))),
+            (
+                P::CoolingDown,
+                E::CooldownExpired,
+                Some((P::Healthy, F::Close)),
+            ),
             (P::CoolingDown, E::ProbePassed, None),
-            (P::CoolingDown, E::AuthFailed, Some((P::AuthDisabled, F::Reason(Reason::Auth)))),
+            (
+                P::CoolingDown,
+                E::AuthFailed,
+                Some((P::AuthDisabled, F::Reason(Reason::Auth))),
+            ),
             (P::AuthDisabled, E::Failure { consecutive: 5 }, None),
             (P::AuthDisabled, E::AuthFailed, None),
-            (P::AuthDisabled, E::ProbePassed, Some((P::Probation, F::Probation))),
+            (
+                P::AuthDisabled,
+                E::ProbePassed,
+                Some((P::Probation, F::Probation)),
+            ),
             (P::AuthDisabled, E::Success, Some((P::Healthy, F::Close))),
             (P::Probation, E::Success, Some((P::Healthy, F::Close))),
-            (P::Probation, E::Failure { consecutive: 1 }, Some((P::Ejected, F::Reason(Reason::Failures)))),
-            (P::Probation, E::RateLimited, Some((P::CoolingDown, F::Reason(Reason::RateLimited)))),
-            (P::Probation, E::AuthFailed, Some((P::AuthDisabled, F::Reason(Reason::Auth)))),
+            (
+                P::Probation,
+                E::Failure { consecutive: 1 },
+                Some((P::Ejected, F::Reason(Reason::Failures))),
+            ),
+            (
+                P::Probation,
+                E::RateLimited,
+                Some((P::CoolingDown, F::Reason(Reason::RateLimited))),
+            ),
+            (
+                P::Probation,
+                E::AuthFailed,
+                Some((P::AuthDisabled, F::Reason(Reason::Auth))),
+            ),
             (P::Probation, E::ProbePassed, None),
         ];
         for (phase, event, want) in table {
@@ -174,7 +239,13 @@ mod tests {
     fn every_open_starts_from_healthy_and_every_close_ends_out() {
         // Episodes can only be opened from rotation and only closed from outside it, so the
         // number of queue entries can never exceed one per endpoint.
-        let phases = [P::Healthy, P::Ejected, P::CoolingDown, P::AuthDisabled, P::Probation];
+        let phases = [
+            P::Healthy,
+            P::Ejected,
+            P::CoolingDown,
+            P::AuthDisabled,
+            P::Probation,
+        ];
         let events = [
             E::Failure { consecutive: 1 },
             E::Failure { consecutive: 100 },
@@ -193,7 +264,10 @@ mod tests {
                         F::Reason(_) | F::Probation => assert!(p.is_out() && to.is_out()),
                         F::None => {}
                     }
-                    assert_eq!(to.is_out(), !matches!(effect, F::Close) && (p.is_out() || matches!(effect, F::Open(_))));
+                    assert_eq!(
+                        to.is_out(),
+                        !matches!(effect, F::Close) && (p.is_out() || matches!(effect, F::Open(_)))
+                    );
                 }
             }
         }

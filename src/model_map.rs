@@ -16,14 +16,28 @@ struct Top<'a> {
 
 /// The body to send to an endpoint with this `model_map`.
 pub fn apply(map: &BTreeMap<String, String>, _headers: &HeaderMap, body: &Bytes) -> Bytes {
-    if map.is_empty() || body.first().is_none_or(|b| !b.is_ascii_whitespace() && *b != b'{') {
+    if map.is_empty()
+        || body
+            .first()
+            .is_none_or(|b| !b.is_ascii_whitespace() && *b != b'{')
+    {
         return body.clone();
     }
-    let Ok(text) = std::str::from_utf8(body) else { return body.clone() };
-    let Ok(top) = serde_json::from_str::<Top<'_>>(text) else { return body.clone() };
-    let Some(raw) = top.model else { return body.clone() };
-    let Ok(model) = serde_json::from_str::<String>(raw.get()) else { return body.clone() };
-    let Some(target) = map.get(&model) else { return body.clone() };
+    let Ok(text) = std::str::from_utf8(body) else {
+        return body.clone();
+    };
+    let Ok(top) = serde_json::from_str::<Top<'_>>(text) else {
+        return body.clone();
+    };
+    let Some(raw) = top.model else {
+        return body.clone();
+    };
+    let Ok(model) = serde_json::from_str::<String>(raw.get()) else {
+        return body.clone();
+    };
+    let Some(target) = map.get(&model) else {
+        return body.clone();
+    };
     // `raw` borrows from `text`, so its position in the body is the pointer difference.
     let start = raw.get().as_ptr() as usize - text.as_ptr() as usize;
     let end = start + raw.get().len();
@@ -53,7 +67,13 @@ mod tests {
     #[test]
     fn leaves_everything_else_alone() {
         let h = HeaderMap::new();
-        for body in [&br#"{"model":"other"}"#[..], b"not json", b"", br#"{"model":5}"#, br#"[1]"#] {
+        for body in [
+            &br#"{"model":"other"}"#[..],
+            b"not json",
+            b"",
+            br#"{"model":5}"#,
+            br#"[1]"#,
+        ] {
             let b = Bytes::copy_from_slice(body);
             assert_eq!(apply(&map(), &h, &b), b);
         }

@@ -36,30 +36,48 @@ pub async fn probe(gw: &Gateway, ep: &Endpoint) -> ProbeResult {
     let (passed, detail) = match tokio::time::timeout(limit, probe_inner(gw, ep)).await {
         Ok(Ok(detail)) => (true, detail),
         Ok(Err(detail)) => (false, detail),
-        Err(_) => (false, format!("probe timed out after {}", humantime::format_duration(limit))),
+        Err(_) => (
+            false,
+            format!(
+                "probe timed out after {}",
+                humantime::format_duration(limit)
+            ),
+        ),
     };
-    ProbeResult { passed, detail, latency: started.elapsed() }
+    ProbeResult {
+        passed,
+        detail,
+        latency: started.elapsed(),
+    }
 }
 
 /// Runs one probe now and records its result if the endpoint is in the failure queue.
 pub async fn probe_and_record(gw: &Gateway, ep: &Endpoint) -> ProbeResult {
     let result = probe(gw, ep).await;
     if gw.registry.queue.entry(ep.idx).is_some() {
-        gw.registry.queue.probe_result(ep, result.passed, result.detail.clone());
+        gw.registry
+            .queue
+            .probe_result(ep, result.passed, result.detail.clone());
     }
     tracing::info!(endpoint = %ep.name, passed = result.passed, detail = %result.detail, "probe");
     result
 }
 
 async fn probe_inner(gw: &Gateway, ep: &Endpoint) -> Result<String, String> {
-    let model = ep.model_map.get(&gw.config.health.probe_model).cloned().unwrap_or_else(|| gw.config.health.probe_model.clone());
+    let model = ep
+        .model_map
+        .get(&gw.config.health.probe_model)
+        .cloned()
+        .unwrap_or_else(|| gw.config.health.probe_model.clone());
     let code = format!("ccg{:06}", fastrand::u32(0..1_000_000));
     let (method, path, body) = match ep.probe {
         ProbeMode::Models => (Method::GET, "/v1/models", None),
         ProbeMode::CountTokens => (
             Method::POST,
             "/v1/messages/count_tokens",
-            Some(serde_json::json!({"model": model, "messages": [{"role": "user", "content": "ping"}]})),
+            Some(
+                serde_json::json!({"model": model, "messages": [{"role": "user", "content": "ping"}]}),
+            ),
         ),
         ProbeMode::Message => (
             Method::POST,
@@ -72,22 +90,41 @@ async fn probe_inner(gw: &Gateway, ep: &Endpoint) -> Result<String, String> {
         ),
     };
     let base = &ep.base_url;
-    let uri = format!("{}://{}{}{}", base.scheme, base.authority, base.path_prefix, path);
+    let uri = format!(
+        "{}://{}{}{}",
+        base.scheme, base.authority, base.path_prefix, path
+    );
     let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
     let mut req = Request::builder()
         .method(method)
         .uri(uri)
         .header("anthropic-version", "2023-06-01")
-        .header(header::USER_AGENT, concat!("ccgate-probe/", env!("CARGO_PKG_VERSION")))
+        .header(
+            header::USER_AGENT,
+            concat!("ccgate-probe/", env!("CARGO_PKG_VERSION")),
+        )
         .body(Full::new(body))
         .map_err(|e| format!("cannot build probe: {e}"))?;
     if req.method() == Method::POST {
-        req.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        req.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
     }
-    req.headers_mut().insert(ep.auth_header.0.clone(), ep.auth_header.1.clone());
-    let resp = ep.client.request(req).await.map_err(|e| crate::forward::error_chain(&e))?;
+    req.headers_mut()
+        .insert(ep.auth_header.0.clone(), ep.auth_header.1.clone());
+    let resp = ep
+        .client
+        .request(req)
+        .await
+        .map_err(|e| crate::forward::error_chain(&e))?;
     let status = resp.status();
-    let body = resp.into_body().collect().await.map_err(|e| format!("body: {}", crate::forward::error_chain(&e)))?.to_bytes();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("body: {}", crate::forward::error_chain(&e)))?
+        .to_bytes();
     if !status.is_success() {
         let msg = crate::forward::error_message(&body).unwrap_or_default();
         return Err(format!("HTTP {} {msg}", status.as_u16()).trim().to_string());
@@ -95,20 +132,32 @@ async fn probe_inner(gw: &Gateway, ep: &Endpoint) -> Result<String, String> {
     match ep.probe {
         ProbeMode::Models => Ok("models listed".into()),
         ProbeMode::CountTokens => {
-            let v: serde_json::Value = serde_json::from_slice(&body).map_err(|_| "count_tokens answered with something that is not JSON".to_string())?;
-            v.get("input_tokens").and_then(|t| t.as_u64()).map(|n| format!("count_tokens = {n}")).ok_or_else(|| "count_tokens answer has no input_tokens".into())
+            let v: serde_json::Value = serde_json::from_slice(&body)
+                .map_err(|_| "count_tokens answered with something that is not JSON".to_string())?;
+            v.get("input_tokens")
+                .and_then(|t| t.as_u64())
+                .map(|n| format!("count_tokens = {n}"))
+                .ok_or_else(|| "count_tokens answer has no input_tokens".into())
         }
         ProbeMode::Message => {
-            let v: serde_json::Value = serde_json::from_slice(&body).map_err(|_| "message answered with something that is not JSON".to_string())?;
+            let v: serde_json::Value = serde_json::from_slice(&body)
+                .map_err(|_| "message answered with something that is not JSON".to_string())?;
             let text: String = v
                 .get("content")
                 .and_then(|c| c.as_array())
-                .map(|blocks| blocks.iter().filter_map(|b| b.get("text").and_then(|t| t.as_str())).collect())
+                .map(|blocks| {
+                    blocks
+                        .iter()
+                        .filter_map(|b| b.get("text").and_then(|t| t.as_str()))
+                        .collect()
+                })
                 .unwrap_or_default();
             if text.contains(&code) {
                 Ok(format!("reply carried the code {code}"))
             } else {
-                Err(format!("reply did not carry the code {code}: the endpoint answers, but not with the model's words"))
+                Err(format!(
+                    "reply did not carry the code {code}: the endpoint answers, but not with the model's words"
+                ))
             }
         }
     }
@@ -131,7 +180,9 @@ pub async fn run_prober(gw: Arc<Gateway>, shutdown: tokio::sync::watch::Receiver
                 continue;
             }
             if entry.next_probe_at_ms > now {
-                next_due = Some(next_due.map_or(entry.next_probe_at_ms, |d: u64| d.min(entry.next_probe_at_ms)));
+                next_due = Some(next_due.map_or(entry.next_probe_at_ms, |d: u64| {
+                    d.min(entry.next_probe_at_ms)
+                }));
                 continue;
             }
             if ep.live.phase() == Phase::CoolingDown {

@@ -35,16 +35,27 @@ impl Gateway {
     /// Builds the gateway state from a validated config.
     pub fn new(config: Config) -> Result<Self, crate::upstream::ClientError> {
         let registry = Arc::new(Registry::new(&config)?);
-        Ok(Self { registry, selector: Selector::new(config.server.strategy), config })
+        Ok(Self {
+            registry,
+            selector: Selector::new(config.server.strategy),
+            config,
+        })
     }
 
     /// Whether the request carries the access token (always true when none is configured).
     pub fn authorized(&self, headers: &HeaderMap) -> bool {
-        let Some(token) = &self.config.server.access_token else { return true };
+        let Some(token) = &self.config.server.access_token else {
+            return true;
+        };
         let presented = headers
             .get("x-api-key")
             .and_then(|v| v.to_str().ok())
-            .or_else(|| headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")));
+            .or_else(|| {
+                headers
+                    .get(header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer "))
+            });
         presented.is_some_and(|p| constant_time_eq(p.as_bytes(), token.expose().as_bytes()))
     }
 }
@@ -68,12 +79,20 @@ where
         return Response::new(GateBody::empty());
     }
     if !gw.authorized(req.headers()) {
-        return response::error(StatusCode::UNAUTHORIZED, "authentication_error", "ccgate: missing or wrong access token");
+        return response::error(
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "ccgate: missing or wrong access token",
+        );
     }
     let guard = gw.registry.gateway.begin();
     let (parts, body) = req.into_parts();
     let cap = gw.config.server.max_body_bytes;
-    let declared = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > cap as u64) {
         guard.end(RequestEnd::Caller);
         return too_large(cap);
@@ -82,19 +101,30 @@ where
         Ok(b) => b.to_bytes(),
         Err(e) => {
             guard.end(RequestEnd::Caller);
-            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
                 return too_large(cap);
             }
-            return response::error_for(StatusCode::BAD_REQUEST, "ccgate: could not read the request body");
+            return response::error_for(
+                StatusCode::BAD_REQUEST,
+                "ccgate: could not read the request body",
+            );
         }
     };
-    let path_and_query = parts.uri.path_and_query().map_or_else(|| "/".to_string(), |p| p.as_str().to_string());
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .map_or_else(|| "/".to_string(), |p| p.as_str().to_string());
     let prepared = Prepared::new(parts.method, path_and_query, parts.headers, body);
     forward_request(&gw, prepared, guard).await
 }
 
 fn too_large(cap: usize) -> Response<GateBody> {
-    response::error_for(StatusCode::PAYLOAD_TOO_LARGE, &format!("ccgate: request body exceeds {cap} bytes"))
+    response::error_for(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        &format!("ccgate: request body exceeds {cap} bytes"),
+    )
 }
 
 /// One failed attempt, kept for the final answer.
@@ -116,26 +146,32 @@ async fn forward_request(gw: &Gateway, req: Prepared, guard: RequestGuard) -> Re
     let mut fallback = false;
 
     while (tried.len() as usize) < max_attempts {
-        let Some((ep, holds_probation)) = next_candidate(reg, &mut candidates, tried).or_else(|| {
-            // Nothing admitted and nothing tried yet: rather than fail blind, try the endpoint
-            // expected back soonest.
-            if tried.is_empty() && !fallback {
-                fallback = true;
-                reg.least_bad().map(|e| (e, false))
-            } else {
-                None
-            }
-        }) else {
+        let Some((ep, holds_probation)) =
+            next_candidate(reg, &mut candidates, tried).or_else(|| {
+                // Nothing admitted and nothing tried yet: rather than fail blind, try the endpoint
+                // expected back soonest.
+                if tried.is_empty() && !fallback {
+                    fallback = true;
+                    reg.least_bad().map(|e| (e, false))
+                } else {
+                    None
+                }
+            })
+        else {
             break;
         };
         if !tried.insert(ep.idx) {
             continue;
         }
         if tried.len() > 1 {
-            reg.gateway.retries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            reg.gateway
+                .retries
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         if fallback {
-            reg.gateway.fallbacks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            reg.gateway
+                .fallbacks
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::warn!(endpoint = %ep.name, "no endpoint admitted; trying the least-bad one");
         }
         let attempt = Attempt::begin(Arc::clone(&ep), Arc::clone(&reg.recorder), holds_probation);
@@ -143,7 +179,11 @@ async fn forward_request(gw: &Gateway, req: Prepared, guard: RequestGuard) -> Re
             Ok(r) => r,
             Err(m) => {
                 attempt.finish(Outcome::Transport(TransportKind::Connect), Some(m.clone()));
-                failures.push(Failure { endpoint: ep.name.clone(), outcome: Outcome::Transport(TransportKind::Connect), message: m });
+                failures.push(Failure {
+                    endpoint: ep.name.clone(),
+                    outcome: Outcome::Transport(TransportKind::Connect),
+                    message: m,
+                });
                 continue;
             }
         };
@@ -152,7 +192,11 @@ async fn forward_request(gw: &Gateway, req: Prepared, guard: RequestGuard) -> Re
             Err((outcome, message)) => {
                 tracing::warn!(endpoint = %ep.name, kind = outcome.kind().name(), %message, "attempt failed");
                 attempt.finish(outcome, Some(message.clone()));
-                failures.push(Failure { endpoint: ep.name.clone(), outcome, message });
+                failures.push(Failure {
+                    endpoint: ep.name.clone(),
+                    outcome,
+                    message,
+                });
                 continue;
             }
         };
@@ -161,32 +205,71 @@ async fn forward_request(gw: &Gateway, req: Prepared, guard: RequestGuard) -> Re
         let (parts, body) = resp.into_parts();
         let attempts = tried.len();
         match verdict {
-            Verdict::Relay if is_event_stream(&parts.headers) && !is_encoded(&parts.headers) => match forward::await_content(body, timeouts.idle).await {
-                Preamble::Commit { held, scanner, body } => {
-                    let relay = RelayBody::new(body, held, Some(scanner), Judge::Stream, timeouts.idle, attempt, guard);
-                    return relay_response(parts, relay, &ep, attempts, fallback, &req.method);
+            Verdict::Relay if is_event_stream(&parts.headers) && !is_encoded(&parts.headers) => {
+                match forward::await_content(body, timeouts.idle).await {
+                    Preamble::Commit {
+                        held,
+                        scanner,
+                        body,
+                    } => {
+                        let relay = RelayBody::new(
+                            body,
+                            held,
+                            Some(scanner),
+                            Judge::Stream,
+                            timeouts.idle,
+                            attempt,
+                            guard,
+                        );
+                        return relay_response(parts, relay, &ep, attempts, fallback, &req.method);
+                    }
+                    Preamble::Failed(outcome, message) => {
+                        tracing::warn!(endpoint = %ep.name, kind = outcome.kind().name(), %message, "stream failed before content");
+                        attempt.finish(outcome, Some(message.clone()));
+                        failures.push(Failure {
+                            endpoint: ep.name.clone(),
+                            outcome,
+                            message,
+                        });
+                    }
                 }
-                Preamble::Failed(outcome, message) => {
-                    tracing::warn!(endpoint = %ep.name, kind = outcome.kind().name(), %message, "stream failed before content");
-                    attempt.finish(outcome, Some(message.clone()));
-                    failures.push(Failure { endpoint: ep.name.clone(), outcome, message });
-                }
-            },
+            }
             Verdict::Relay => {
-                let relay = RelayBody::new(body, Vec::new(), None, Judge::Plain, timeouts.idle, attempt, guard);
+                let relay = RelayBody::new(
+                    body,
+                    Vec::new(),
+                    None,
+                    Judge::Plain,
+                    timeouts.idle,
+                    attempt,
+                    guard,
+                );
                 return relay_response(parts, relay, &ep, attempts, fallback, &req.method);
             }
             Verdict::RelayCallerError => {
-                let relay = RelayBody::new(body, Vec::new(), None, Judge::CallerError, timeouts.idle, attempt, guard);
+                let relay = RelayBody::new(
+                    body,
+                    Vec::new(),
+                    None,
+                    Judge::CallerError,
+                    timeouts.idle,
+                    attempt,
+                    guard,
+                );
                 return relay_response(parts, relay, &ep, attempts, fallback, &req.method);
             }
             Verdict::FailOver(outcome) => {
                 let text = forward::read_small(body, 16 * 1024, timeouts.idle).await;
-                let message = forward::error_message(&text).unwrap_or_else(|| format!("HTTP {}", parts.status.as_u16()));
+                let message = forward::error_message(&text)
+                    .unwrap_or_else(|| format!("HTTP {}", parts.status.as_u16()));
                 let message = format!("HTTP {}: {}", parts.status.as_u16(), scrub(&message, &ep));
                 tracing::warn!(endpoint = %ep.name, kind = outcome.kind().name(), %message, "attempt failed");
                 attempt.finish(outcome, Some(message.clone()));
-                failures.push(Failure { endpoint: ep.name.clone(), outcome, message });
+                failures.push(Failure {
+                    endpoint: ep.name.clone(),
+                    outcome,
+                    message,
+                });
             }
         }
     }
@@ -195,7 +278,11 @@ async fn forward_request(gw: &Gateway, req: Prepared, guard: RequestGuard) -> Re
 }
 
 /// The next admitted candidate not yet tried.
-fn next_candidate(reg: &Registry, candidates: &mut impl Iterator<Item = usize>, tried: Tried) -> Option<(Arc<Endpoint>, bool)> {
+fn next_candidate(
+    reg: &Registry,
+    candidates: &mut impl Iterator<Item = usize>,
+    tried: Tried,
+) -> Option<(Arc<Endpoint>, bool)> {
     for idx in candidates.by_ref() {
         if tried.contains(idx) {
             continue;
@@ -211,20 +298,28 @@ fn next_candidate(reg: &Registry, candidates: &mut impl Iterator<Item = usize>, 
 }
 
 fn is_event_stream(h: &HeaderMap) -> bool {
-    h.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.trim_start().starts_with("text/event-stream"))
+    h.get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().starts_with("text/event-stream"))
 }
 
 /// A compressed stream is relayed byte for byte; ccgate cannot read its events, so it is judged
 /// like a plain body (success when it ends cleanly).
 fn is_encoded(h: &HeaderMap) -> bool {
-    h.get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok()).is_some_and(|v| !v.eq_ignore_ascii_case("identity"))
+    h.get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| !v.eq_ignore_ascii_case("identity"))
 }
 
 /// Removes the endpoint's own credential from text an upstream sent back (some relays echo it).
 fn scrub(text: &str, ep: &Endpoint) -> String {
     let secret = ep.auth_header.1.to_str().unwrap_or("");
     let secret = secret.strip_prefix("Bearer ").unwrap_or(secret);
-    if secret.len() >= 4 { text.replace(secret, "***") } else { text.to_string() }
+    if secret.len() >= 4 {
+        text.replace(secret, "***")
+    } else {
+        text.to_string()
+    }
 }
 
 fn relay_response(
@@ -239,13 +334,20 @@ fn relay_response(
     if let Ok(v) = HeaderValue::from_str(&ep.name) {
         parts.headers.insert("x-ccgate-endpoint", v);
     }
-    parts.headers.insert("x-ccgate-attempts", HeaderValue::from(attempts));
+    parts
+        .headers
+        .insert("x-ccgate-attempts", HeaderValue::from(attempts));
     if fallback {
-        parts.headers.insert("x-ccgate-fallback", HeaderValue::from_static("least-bad"));
+        parts
+            .headers
+            .insert("x-ccgate-fallback", HeaderValue::from_static("least-bad"));
     }
     tracing::info!(endpoint = %ep.name, status = parts.status.as_u16(), attempts, "relaying");
     // Bodiless answers are complete with their headers; hyper will not poll their body.
-    if *method == Method::HEAD || parts.status == StatusCode::NO_CONTENT || parts.status == StatusCode::NOT_MODIFIED {
+    if *method == Method::HEAD
+        || parts.status == StatusCode::NO_CONTENT
+        || parts.status == StatusCode::NOT_MODIFIED
+    {
         relay.complete_without_body();
         return Response::from_parts(parts, GateBody::empty());
     }
@@ -260,7 +362,10 @@ fn all_down(reg: &Registry, failures: &[Failure]) -> Response<GateBody> {
     let busy = |o: Outcome| matches!(o, Outcome::Overloaded | Outcome::RateLimited(_));
     let status = if failures.is_empty() || failures.iter().all(|f| busy(f.outcome)) {
         StatusCode::SERVICE_UNAVAILABLE
-    } else if failures.iter().any(|f| f.outcome.kind() == crate::classify::Kind::Timeout) {
+    } else if failures
+        .iter()
+        .any(|f| f.outcome.kind() == crate::classify::Kind::Timeout)
+    {
         StatusCode::GATEWAY_TIMEOUT
     } else {
         StatusCode::BAD_GATEWAY
@@ -268,13 +373,23 @@ fn all_down(reg: &Registry, failures: &[Failure]) -> Response<GateBody> {
     let message = if failures.is_empty() {
         "ccgate: no endpoint is available".to_string()
     } else {
-        let parts: Vec<String> = failures.iter().map(|f| format!("{}: {}", f.endpoint, f.message)).collect();
+        let parts: Vec<String> = failures
+            .iter()
+            .map(|f| format!("{}: {}", f.endpoint, f.message))
+            .collect();
         format!("ccgate: every endpoint tried failed ({})", parts.join("; "))
     };
     let retry_after = reg.retry_after_secs();
-    tracing::warn!(status = status.as_u16(), attempts = failures.len(), retry_after, "all endpoints failed");
+    tracing::warn!(
+        status = status.as_u16(),
+        attempts = failures.len(),
+        retry_after,
+        "all endpoints failed"
+    );
     let mut resp = response::error_for(status, &message);
-    resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
-    resp.headers_mut().insert("x-should-retry", HeaderValue::from_static("true"));
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+    resp.headers_mut()
+        .insert("x-should-retry", HeaderValue::from_static("true"));
     resp
 }

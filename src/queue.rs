@@ -73,7 +73,14 @@ pub struct FailureQueue {
 impl FailureQueue {
     /// An empty queue.
     pub fn new(clock: Clock, threshold: u32, probe_base: Duration, probe_cap: Duration) -> Self {
-        Self { inner: Mutex::new(Inner::default()), clock, threshold, probe_base, probe_cap, changed: Notify::new() }
+        Self {
+            inner: Mutex::new(Inner::default()),
+            clock,
+            threshold,
+            probe_base,
+            probe_cap,
+            changed: Notify::new(),
+        }
     }
 
     /// Applies `event` to `ep`'s phase, performing the transition's effect if this caller wins it.
@@ -112,7 +119,8 @@ impl FailureQueue {
                 if let Some(e) = inner.entries.get_mut(&ep.idx) {
                     e.reason = reason;
                     e.probation = false;
-                    e.next_probe_at_ms = self.due_for(ep, reason, now_ms + ms(self.backoff(e.probe_attempts)));
+                    e.next_probe_at_ms =
+                        self.due_for(ep, reason, now_ms + ms(self.backoff(e.probe_attempts)));
                 }
             }
             Effect::Probation => {

@@ -42,14 +42,29 @@ impl Registry {
     pub fn new(config: &Config) -> Result<Self, ClientError> {
         let clock = Clock::new();
         let h = &config.health;
-        let queue = Arc::new(FailureQueue::new(clock, h.failure_threshold, h.probe_interval, h.probe_max_interval));
-        let recorder = Arc::new(Recorder { clock, queue: Arc::clone(&queue), default_cooldown: h.rate_limit_cooldown });
+        let queue = Arc::new(FailureQueue::new(
+            clock,
+            h.failure_threshold,
+            h.probe_interval,
+            h.probe_max_interval,
+        ));
+        let recorder = Arc::new(Recorder {
+            clock,
+            queue: Arc::clone(&queue),
+            default_cooldown: h.rate_limit_cooldown,
+        });
         let mut endpoints = Vec::with_capacity(config.endpoints.len());
         for (idx, e) in config.endpoints.iter().enumerate() {
             let client = build_client(e.ca_file.as_deref(), &config.timeouts)?;
             endpoints.push(Arc::new(Endpoint::new(idx, e, client)));
         }
-        Ok(Self { endpoints, recorder, queue, gateway: Arc::new(GatewayStats::default()), clock })
+        Ok(Self {
+            endpoints,
+            recorder,
+            queue,
+            gateway: Arc::new(GatewayStats::default()),
+            clock,
+        })
     }
 
     /// Finds an endpoint by name.
@@ -74,7 +89,11 @@ impl Registry {
                 Admission::No
             }
             Phase::Probation => {
-                if live.probation_busy.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                if live
+                    .probation_busy
+                    .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
                     Admission::Probation
                 } else {
                     Admission::No
@@ -94,7 +113,9 @@ impl Registry {
             Phase::Healthy => None,
             Phase::Probation => Some(self.clock.now_ms()),
             Phase::CoolingDown => Some(ep.live.cooldown_until_ms()),
-            Phase::Ejected | Phase::AuthDisabled => self.queue.entry(ep.idx).map(|e| e.next_probe_at_ms),
+            Phase::Ejected | Phase::AuthDisabled => {
+                self.queue.entry(ep.idx).map(|e| e.next_probe_at_ms)
+            }
         }
     }
 

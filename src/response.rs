@@ -36,7 +36,10 @@ impl Body for GateBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             GateBody::Full(f) => Pin::new(f).poll_frame(cx).map_err(|never| match never {}),
             GateBody::Relay(r) => Pin::new(r.as_mut()).poll_frame(cx),
@@ -62,13 +65,19 @@ impl Body for GateBody {
 pub fn json(status: StatusCode, value: &serde_json::Value) -> Response<GateBody> {
     let mut resp = Response::new(GateBody::from(Bytes::from(value.to_string())));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     resp
 }
 
 /// An Anthropic-shaped error answered by ccgate itself.
 pub fn error(status: StatusCode, error_type: &str, message: &str) -> Response<GateBody> {
-    json(status, &serde_json::json!({"type": "error", "error": {"type": error_type, "message": message}}))
+    json(
+        status,
+        &serde_json::json!({"type": "error", "error": {"type": error_type, "message": message}}),
+    )
 }
 
 /// The Anthropic `error.type` for a status ccgate answers with.

@@ -42,12 +42,22 @@ impl Tried {
 impl Selector {
     /// A selector for `strategy`.
     pub fn new(strategy: Strategy) -> Self {
-        Self { strategy, next: AtomicUsize::new(0) }
+        Self {
+            strategy,
+            next: AtomicUsize::new(0),
+        }
     }
 
     /// Endpoint indexes in the order this request should try them.
-    pub fn rank(&self, endpoints: &[std::sync::Arc<Endpoint>], rng: &mut fastrand::Rng) -> Vec<usize> {
-        let facts: Vec<(usize, u32, u32)> = endpoints.iter().map(|e| (e.idx, e.priority, e.weight)).collect();
+    pub fn rank(
+        &self,
+        endpoints: &[std::sync::Arc<Endpoint>],
+        rng: &mut fastrand::Rng,
+    ) -> Vec<usize> {
+        let facts: Vec<(usize, u32, u32)> = endpoints
+            .iter()
+            .map(|e| (e.idx, e.priority, e.weight))
+            .collect();
         match self.strategy {
             Strategy::Priority => rank_priority(&facts, rng),
             Strategy::Weighted => weighted_order(facts.iter().map(|&(i, _, w)| (i, w)), rng),
@@ -67,15 +77,26 @@ pub fn rank_priority(facts: &[(usize, u32, u32)], rng: &mut fastrand::Rng) -> Ve
     tiers.dedup();
     let mut out = Vec::with_capacity(facts.len());
     for tier in tiers {
-        out.extend(weighted_order(facts.iter().filter(|f| f.1 == tier).map(|&(i, _, w)| (i, w)), rng));
+        out.extend(weighted_order(
+            facts
+                .iter()
+                .filter(|f| f.1 == tier)
+                .map(|&(i, _, w)| (i, w)),
+            rng,
+        ));
     }
     out
 }
 
 /// A weighted random permutation (Efraimidis–Spirakis): each item draws `u^(1/w)` and items are
 /// sorted by that key, so the first place goes to item `i` with probability `w_i / Σw`.
-pub fn weighted_order(items: impl Iterator<Item = (usize, u32)>, rng: &mut fastrand::Rng) -> Vec<usize> {
-    let mut keyed: Vec<(f64, usize)> = items.map(|(i, w)| (rng.f64().powf(1.0 / f64::from(w.max(1))), i)).collect();
+pub fn weighted_order(
+    items: impl Iterator<Item = (usize, u32)>,
+    rng: &mut fastrand::Rng,
+) -> Vec<usize> {
+    let mut keyed: Vec<(f64, usize)> = items
+        .map(|(i, w)| (rng.f64().powf(1.0 / f64::from(w.max(1))), i))
+        .collect();
     keyed.sort_by(|a, b| b.0.total_cmp(&a.0));
     keyed.into_iter().map(|(_, i)| i).collect()
 }

@@ -43,13 +43,17 @@ impl Server {
     pub async fn bind(config: Config) -> Result<Self, StartError> {
         let addr = config.server.listen;
         let gateway = Arc::new(Gateway::new(config)?);
-        let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { addr, source })?;
         Ok(Self { listener, gateway })
     }
 
     /// The address actually bound (the real port when the config asked for port 0).
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().unwrap_or_else(|_| self.gateway.config.server.listen)
+        self.listener
+            .local_addr()
+            .unwrap_or_else(|_| self.gateway.config.server.listen)
     }
 
     /// The shared gateway state.
@@ -65,7 +69,10 @@ impl Server {
         let prober = tokio::spawn(crate::probe::run_prober(Arc::clone(&gateway), stop_rx));
         let graceful = GracefulShutdown::new();
         let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(60));
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(60));
         tokio::pin!(shutdown);
         loop {
             let (stream, _peer) = tokio::select! {
@@ -86,7 +93,9 @@ impl Server {
                 let gw = Arc::clone(&gw);
                 async move { Ok::<_, Infallible>(proxy::handle(gw, req).await) }
             });
-            let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+            let conn = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .into_owned();
             let conn = graceful.watch(conn);
             tokio::spawn(async move {
                 if let Err(e) = conn.await {
@@ -97,9 +106,17 @@ impl Server {
         drop(listener);
         let _ = stop_tx.send(true);
         let limit = gateway.config.server.shutdown_timeout;
-        tracing::info!("shutting down; waiting up to {} for in-flight requests", humantime::format_duration(limit));
-        if tokio::time::timeout(limit, graceful.shutdown()).await.is_err() {
-            tracing::warn!("in-flight requests still running after the shutdown timeout; closing them");
+        tracing::info!(
+            "shutting down; waiting up to {} for in-flight requests",
+            humantime::format_duration(limit)
+        );
+        if tokio::time::timeout(limit, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "in-flight requests still running after the shutdown timeout; closing them"
+            );
         }
         let _ = prober.await;
     }

@@ -34,7 +34,10 @@ pub struct SseScanner {
 impl SseScanner {
     /// A fresh scanner.
     pub fn new() -> Self {
-        Self { keep_data: true, ..Self::default() }
+        Self {
+            keep_data: true,
+            ..Self::default()
+        }
     }
 
     /// What is known so far.
@@ -99,13 +102,11 @@ impl SseScanner {
                 self.keep_data = value == b"error";
                 self.event = Some(value.to_vec());
             }
-            b"data" if self.keep_data => {
-                if self.data.len() + value.len() < MAX_LINE {
-                    if !self.data.is_empty() {
-                        self.data.push(b'\n');
-                    }
-                    self.data.extend_from_slice(value);
+            b"data" if self.keep_data && self.data.len() + value.len() < MAX_LINE => {
+                if !self.data.is_empty() {
+                    self.data.push(b'\n');
                 }
+                self.data.extend_from_slice(value);
             }
             _ => {}
         }
@@ -118,10 +119,19 @@ impl SseScanner {
         if event.is_none() && data.is_empty() {
             return;
         }
-        let json: Option<serde_json::Value> = if data.is_empty() { None } else { serde_json::from_slice(&data).ok() };
+        let json: Option<serde_json::Value> = if data.is_empty() {
+            None
+        } else {
+            serde_json::from_slice(&data).ok()
+        };
         let name: String = match &event {
             Some(e) => String::from_utf8_lossy(e).into_owned(),
-            None => json.as_ref().and_then(|j| j.get("type")).and_then(|t| t.as_str()).unwrap_or("message").to_string(),
+            None => json
+                .as_ref()
+                .and_then(|j| j.get("type"))
+                .and_then(|t| t.as_str())
+                .unwrap_or("message")
+                .to_string(),
         };
         self.facts.events += 1;
         match name.as_str() {
@@ -130,8 +140,14 @@ impl SseScanner {
             "error" => {
                 if self.facts.error.is_none() {
                     let err = json.as_ref().and_then(|j| j.get("error"));
-                    let ty = err.and_then(|e| e.get("type")).and_then(|t| t.as_str()).unwrap_or("api_error");
-                    let msg = err.and_then(|e| e.get("message")).and_then(|t| t.as_str()).unwrap_or("");
+                    let ty = err
+                        .and_then(|e| e.get("type"))
+                        .and_then(|t| t.as_str())
+                        .unwrap_or("api_error");
+                    let msg = err
+                        .and_then(|e| e.get("message"))
+                        .and_then(|t| t.as_str())
+                        .unwrap_or("");
                     self.facts.error = Some((ty.to_string(), msg.chars().take(300).collect()));
                 }
             }
@@ -142,7 +158,8 @@ impl SseScanner {
 
 /// An Anthropic SSE `error` event, as ccgate sends it when a stream breaks after bytes went out.
 pub fn error_event(error_type: &str, message: &str) -> bytes::Bytes {
-    let body = serde_json::json!({"type": "error", "error": {"type": error_type, "message": message}});
+    let body =
+        serde_json::json!({"type": "error", "error": {"type": error_type, "message": message}});
     bytes::Bytes::from(format!("event: error\ndata: {body}\n\n"))
 }
 
@@ -164,7 +181,15 @@ event: content_block_start\ndata: {\"type\":\"content_block_start\"}\n\nevent: m
     #[test]
     fn any_chunking_gives_the_same_facts() {
         let whole = scan_in_pieces(STREAM, STREAM.len());
-        assert_eq!(whole, StreamFacts { events: 4, content: true, message_stop: true, error: None });
+        assert_eq!(
+            whole,
+            StreamFacts {
+                events: 4,
+                content: true,
+                message_stop: true,
+                error: None
+            }
+        );
         for piece in 1..40 {
             assert_eq!(scan_in_pieces(STREAM, piece), whole, "piece size {piece}");
         }
@@ -174,7 +199,10 @@ event: content_block_start\ndata: {\"type\":\"content_block_start\"}\n\nevent: m
 
     #[test]
     fn preamble_is_not_content() {
-        let f = scan_in_pieces("event: message_start\ndata: {}\n\nevent: ping\ndata: {}\n\n", 5);
+        let f = scan_in_pieces(
+            "event: message_start\ndata: {}\n\nevent: ping\ndata: {}\n\n",
+            5,
+        );
         assert!(!f.content && !f.message_stop);
         assert_eq!(f.events, 2);
     }
@@ -183,7 +211,10 @@ event: content_block_start\ndata: {\"type\":\"content_block_start\"}\n\nevent: m
     fn error_event_is_read() {
         let s = "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n";
         let f = scan_in_pieces(s, 3);
-        assert_eq!(f.error, Some(("overloaded_error".into(), "Overloaded".into())));
+        assert_eq!(
+            f.error,
+            Some(("overloaded_error".into(), "Overloaded".into()))
+        );
         assert!(!f.content);
     }
 
@@ -191,7 +222,10 @@ event: content_block_start\ndata: {\"type\":\"content_block_start\"}\n\nevent: m
     fn events_without_name_use_json_type() {
         let f = scan_in_pieces("data: {\"type\":\"message_stop\"}\n\n", 4);
         assert!(f.message_stop);
-        let f = scan_in_pieces("data: {\"type\":\"error\",\"error\":{\"type\":\"api_error\"}}\n\n", 4);
+        let f = scan_in_pieces(
+            "data: {\"type\":\"error\",\"error\":{\"type\":\"api_error\"}}\n\n",
+            4,
+        );
         assert_eq!(f.error.map(|e| e.0), Some("api_error".into()));
     }
 
@@ -208,6 +242,9 @@ event: content_block_start\ndata: {\"type\":\"content_block_start\"}\n\nevent: m
     fn error_event_bytes_parse_back() {
         let mut sc = SseScanner::new();
         sc.feed(&error_event("api_error", "upstream \"cut\""));
-        assert_eq!(sc.facts().error, Some(("api_error".into(), "upstream \"cut\"".into())));
+        assert_eq!(
+            sc.facts().error,
+            Some(("api_error".into(), "upstream \"cut\"".into()))
+        );
     }
 }

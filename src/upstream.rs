@@ -40,7 +40,10 @@ pub enum ClientError {
 }
 
 /// Builds the pooled client for one endpoint.
-pub fn build_client(ca_file: Option<&Path>, timeouts: &Timeouts) -> Result<UpstreamClient, ClientError> {
+pub fn build_client(
+    ca_file: Option<&Path>,
+    timeouts: &Timeouts,
+) -> Result<UpstreamClient, ClientError> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     // The platform store is a bonus: a machine without one still has the Mozilla roots.
@@ -48,7 +51,10 @@ pub fn build_client(ca_file: Option<&Path>, timeouts: &Timeouts) -> Result<Upstr
         let _ = roots.add(cert);
     }
     if let Some(path) = ca_file {
-        let err = |message: String| ClientError::CaFile { path: path.display().to_string(), message };
+        let err = |message: String| ClientError::CaFile {
+            path: path.display().to_string(),
+            message,
+        };
         let pem = std::fs::read(path).map_err(|e| err(e.to_string()))?;
         let mut added = 0;
         for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
