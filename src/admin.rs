@@ -206,6 +206,8 @@ pub fn stats_json(gw: &Gateway) -> serde_json::Value {
         "cancelled": s.cancelled,
         "retries": s.retries,
         "fallbacks": s.fallbacks,
+        "budget_refusals": s.budget_refusals,
+        "sessions": gw.affinity.as_ref().map_or(0, |a| a.len()),
         "uptime_seconds": gw.registry.clock.uptime().as_secs(),
         "endpoints": gw.registry.endpoints.len(),
         "failure_queue_size": gw.registry.queue.entries().len(),

@@ -55,6 +55,9 @@ pub enum Strategy {
     RoundRobin,
     /// Weighted random over all endpoints, ignoring priority.
     Weighted,
+    /// Power of two choices over a decaying time-to-first-byte estimate that counts failures as
+    /// slow, weighted by requests in flight.
+    LeastLatency,
 }
 
 impl Strategy {
@@ -63,8 +66,10 @@ impl Strategy {
             "priority" => Ok(Self::Priority),
             "round_robin" => Ok(Self::RoundRobin),
             "weighted" => Ok(Self::Weighted),
-            "least_latency" => Err("`least_latency` is not available in this version; use priority, round_robin or weighted".into()),
-            other => Err(format!("unknown strategy `{other}`; expected priority, round_robin or weighted")),
+            "least_latency" => Ok(Self::LeastLatency),
+            other => Err(format!(
+                "unknown strategy `{other}`; expected priority, round_robin, weighted or least_latency"
+            )),
         }
     }
 }
@@ -238,6 +243,29 @@ pub struct EndpointConfig {
     pub probe: ProbeMode,
 }
 
+/// `[affinity]`: keeping one client session on one endpoint, so its prompt cache keeps hitting.
+#[derive(Clone, Copy, Debug)]
+pub struct AffinityConfig {
+    /// Whether sessions are pinned at all.
+    pub enabled: bool,
+    /// How long an unused binding lasts.
+    pub ttl: Duration,
+    /// Most sessions remembered; the least recently used go first.
+    pub max_sessions: usize,
+}
+
+/// `[retry_budget]`: how many attempts after the first the gateway may send, so an outage across
+/// endpoints cannot multiply the load.
+#[derive(Clone, Copy, Debug)]
+pub struct RetryBudgetConfig {
+    /// Retries may add this share of the requests seen in the window.
+    pub ratio: f64,
+    /// Plus this many retries per second of the window, so a quiet gateway can still fail over.
+    pub min_per_second: u32,
+    /// The sliding window the budget is counted over.
+    pub window: Duration,
+}
+
 /// The validated configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -247,6 +275,10 @@ pub struct Config {
     pub timeouts: Timeouts,
     /// `[health]`.
     pub health: HealthConfig,
+    /// `[affinity]`.
+    pub affinity: AffinityConfig,
+    /// `[retry_budget]`.
+    pub retry_budget: RetryBudgetConfig,
     /// `[[endpoints]]`, in file order.
     pub endpoints: Vec<EndpointConfig>,
 }
@@ -307,6 +339,10 @@ struct RawConfig {
     #[serde(default)]
     health: RawHealth,
     #[serde(default)]
+    affinity: RawAffinity,
+    #[serde(default)]
+    retry_budget: RawRetryBudget,
+    #[serde(default)]
     endpoints: Vec<Spanned<RawEndpoint>>,
 }
 
@@ -328,6 +364,22 @@ struct RawTimeouts {
     connect: Option<Spanned<String>>,
     first_byte: Option<Spanned<String>>,
     idle: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAffinity {
+    enabled: Option<Spanned<bool>>,
+    ttl: Option<Spanned<String>>,
+    max_sessions: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRetryBudget {
+    ratio: Option<Spanned<f64>>,
+    min_per_second: Option<Spanned<i64>>,
+    window: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -550,6 +602,42 @@ fn validate(raw: RawConfig, p: &mut Problems<'_>, env: &dyn Env) -> Config {
         idle: p.duration(&t.idle, "timeouts.idle", Duration::from_secs(300)),
     };
     let health = validate_health(&raw.health, p);
+    let a = &raw.affinity;
+    let affinity = AffinityConfig {
+        enabled: a.enabled.as_ref().is_none_or(|v| *v.get_ref()),
+        ttl: p.duration(&a.ttl, "affinity.ttl", Duration::from_secs(3600)),
+        max_sessions: p.int_in(
+            &a.max_sessions,
+            "affinity.max_sessions",
+            1,
+            10_000_000,
+            10_000,
+        ) as usize,
+    };
+    let b = &raw.retry_budget;
+    let ratio = match &b.ratio {
+        None => 0.2,
+        Some(v) if (0.0..=10.0).contains(v.get_ref()) => *v.get_ref(),
+        Some(v) => {
+            p.at(
+                v,
+                "retry_budget.ratio",
+                format!("{} is out of range (0.0..=10.0)", v.get_ref()),
+            );
+            0.2
+        }
+    };
+    let retry_budget = RetryBudgetConfig {
+        ratio,
+        min_per_second: p.int_in(
+            &b.min_per_second,
+            "retry_budget.min_per_second",
+            0,
+            100_000,
+            1,
+        ) as u32,
+        window: p.duration(&b.window, "retry_budget.window", Duration::from_secs(10)),
+    };
 
     let mut endpoints = Vec::with_capacity(raw.endpoints.len());
     let mut names: BTreeMap<String, usize> = BTreeMap::new();
@@ -603,6 +691,8 @@ fn validate(raw: RawConfig, p: &mut Problems<'_>, env: &dyn Env) -> Config {
         server,
         timeouts,
         health,
+        affinity,
+        retry_budget,
         endpoints,
     }
 }

@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -20,8 +20,10 @@ use http::{HeaderName, HeaderValue};
 use crate::classify::{Kind, Outcome};
 use crate::clock::Clock;
 use crate::config::{BaseUrl, Credential, EndpointConfig, ProbeMode};
+use crate::estimate::{FAILURE_PENALTY, PeakEwma};
 use crate::health::{Event, Phase};
 use crate::queue::FailureQueue;
+use crate::sync;
 use crate::upstream::UpstreamClient;
 
 /// One configured upstream endpoint.
@@ -187,18 +189,22 @@ impl Latency {
 /// transitions go through [`FailureQueue::transition`].
 #[derive(Default)]
 pub struct Live {
-    started: AtomicU64,
-    ended: [AtomicU64; Kind::COUNT],
-    pub(crate) consecutive: AtomicU32,
-    pub(crate) phase: AtomicU8,
+    // The fields that attempts race on are `crate::sync` types: std atomics, or loom's under
+    // `--cfg loom` so the model checker sees every interleaving of them.
+    started: sync::AtomicU64,
+    ended: [sync::AtomicU64; Kind::COUNT],
+    pub(crate) consecutive: sync::AtomicU32,
+    pub(crate) phase: sync::AtomicU8,
     pub(crate) admin_disabled: AtomicBool,
-    pub(crate) probation_busy: AtomicBool,
+    pub(crate) probation_busy: sync::AtomicBool,
     /// Cooldown deadline (registry-clock ms); only ever raised, with `fetch_max`.
-    pub(crate) cooldown_until_ms: AtomicU64,
+    pub(crate) cooldown_until_ms: sync::AtomicU64,
     /// Time to response headers.
     pub ttfb: Latency,
     /// Time to the end of the response body.
     pub total: Latency,
+    /// Decaying time-to-first-byte estimate, failures counted as slow (for `least_latency`).
+    pub estimate: PeakEwma,
     pub(crate) last_error: ArcSwapOption<LastError>,
 }
 
@@ -248,6 +254,17 @@ impl Counters {
 }
 
 impl Live {
+    /// Gives back a probation slot that admission claimed but no attempt used.
+    pub fn release_probation(&self) {
+        self.probation_busy.store(false, Ordering::Release);
+    }
+
+    /// Whether the endpoint looks admissible (healthy or on probation, not switched off) without
+    /// claiming anything; the attempt loop's admission check has the last word.
+    pub fn in_rotation(&self) -> bool {
+        !self.admin_disabled() && matches!(self.phase(), Phase::Healthy | Phase::Probation)
+    }
+
     /// Reads the counters. Ended counters are read before `started` (each with acquire ordering):
     /// every end observed implies its start is observed, so `in_flight = started − ended ≥ 0` and
     /// the sum identity holds in every snapshot, under any concurrency.
@@ -329,7 +346,12 @@ impl Attempt {
 
     /// Notes that response headers arrived.
     pub fn first_byte(&self) {
-        self.ep.live.ttfb.observe(self.started.elapsed());
+        let elapsed = self.started.elapsed();
+        self.ep.live.ttfb.observe(elapsed);
+        self.ep
+            .live
+            .estimate
+            .observe(elapsed, self.recorder.clock.now_ms());
     }
 
     /// Records the verdict, with a message for `last_error` when it is a failure.
@@ -354,6 +376,8 @@ impl Attempt {
             }
             Outcome::CallerError | Outcome::Cancelled => None,
             fault => {
+                live.estimate
+                    .observe(self.started.elapsed().max(FAILURE_PENALTY), now);
                 let consecutive = live
                     .consecutive
                     .fetch_add(1, Ordering::AcqRel)

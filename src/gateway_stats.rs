@@ -44,6 +44,8 @@ pub struct GatewayStats {
     pub retries: AtomicU64,
     /// Requests served by the least-bad fallback because no endpoint was admitted.
     pub fallbacks: AtomicU64,
+    /// Failovers not made because the retry budget was spent.
+    pub budget_refusals: AtomicU64,
 }
 
 /// A consistent view of the gateway totals.
@@ -67,6 +69,8 @@ pub struct GatewaySnapshot {
     pub retries: u64,
     /// Least-bad fallbacks.
     pub fallbacks: u64,
+    /// Failovers refused by the retry budget.
+    pub budget_refusals: u64,
 }
 
 impl GatewayStats {
@@ -95,6 +99,7 @@ impl GatewayStats {
             cancelled: e[RequestEnd::Cancelled as usize],
             retries: self.retries.load(Ordering::Relaxed),
             fallbacks: self.fallbacks.load(Ordering::Relaxed),
+            budget_refusals: self.budget_refusals.load(Ordering::Relaxed),
         }
     }
 }

@@ -3,11 +3,14 @@
 //! per-endpoint health statistics. See ARCHITECTURE.md for the map.
 
 pub mod admin;
+pub mod affinity;
+pub mod budget;
 pub mod classify;
 pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod endpoint;
+pub mod estimate;
 pub mod forward;
 pub mod gateway_stats;
 pub mod health;
@@ -21,4 +24,5 @@ pub mod response;
 pub mod select;
 pub mod server;
 pub mod sse;
+mod sync;
 pub mod upstream;

@@ -9,6 +9,8 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header
 use http_body::Body;
 use http_body_util::{BodyExt, Limited};
 
+use crate::affinity::{self, Affinity};
+use crate::budget::RetryBudget;
 use crate::classify::{Outcome, TransportKind, Verdict, classify_status};
 use crate::config::Config;
 use crate::endpoint::{Attempt, Endpoint};
@@ -27,6 +29,10 @@ pub struct Gateway {
     pub registry: Arc<Registry>,
     /// Candidate ranking.
     pub selector: Selector,
+    /// Session → endpoint bindings (`None` when affinity is off).
+    pub affinity: Option<Affinity>,
+    /// Limits attempts after the first.
+    pub budget: RetryBudget,
     /// The configuration the gateway runs with.
     pub config: Config,
 }
@@ -35,9 +41,15 @@ impl Gateway {
     /// Builds the gateway state from a validated config.
     pub fn new(config: Config) -> Result<Self, crate::upstream::ClientError> {
         let registry = Arc::new(Registry::new(&config)?);
+        let clock = registry.clock;
         Ok(Self {
             registry,
             selector: Selector::new(config.server.strategy),
+            affinity: config
+                .affinity
+                .enabled
+                .then(|| Affinity::new(&config.affinity, clock)),
+            budget: RetryBudget::new(&config.retry_budget, clock),
             config,
         })
     }
@@ -139,7 +151,21 @@ async fn forward_request(gw: &Gateway, req: Prepared, guard: RequestGuard) -> Re
     let timeouts = gw.config.timeouts;
     let max_attempts = gw.config.server.max_attempts;
     let mut rng = fastrand::Rng::new();
-    let ranking = gw.selector.rank(&reg.endpoints, &mut rng);
+    let mut ranking = gw
+        .selector
+        .rank(&reg.endpoints, reg.clock.now_ms(), &mut rng);
+    gw.budget.deposit();
+    // A session goes first to the endpoint that served it last; if that endpoint is not
+    // admitted now, admission skips it and whoever serves the session becomes its binding.
+    let session = gw
+        .affinity
+        .as_ref()
+        .and_then(|a| Some((a, affinity::session_key(&req.headers, &req.body)?)));
+    if let Some(bound) = session.as_ref().and_then(|(a, key)| a.lookup(key)) {
+        if let Some(pos) = ranking.iter().position(|&i| i == bound) {
+            ranking[..=pos].rotate_right(1);
+        }
+    }
     let mut candidates = ranking.into_iter();
     let mut tried = Tried::default();
     let mut failures: Vec<Failure> = Vec::new();
@@ -160,14 +186,25 @@ async fn forward_request(gw: &Gateway, req: Prepared, guard: RequestGuard) -> Re
         else {
             break;
         };
-        if !tried.insert(ep.idx) {
+        if tried.contains(ep.idx) {
             continue;
         }
-        if tried.len() > 1 {
+        if !tried.is_empty() {
+            if !gw.budget.try_withdraw() {
+                if holds_probation {
+                    ep.live.release_probation();
+                }
+                reg.gateway
+                    .budget_refusals
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(endpoint = %ep.name, "retry budget spent; not failing over");
+                break;
+            }
             reg.gateway
                 .retries
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
+        tried.insert(ep.idx);
         if fallback {
             reg.gateway
                 .fallbacks
@@ -221,6 +258,9 @@ async fn forward_request(gw: &Gateway, req: Prepared, guard: RequestGuard) -> Re
                             attempt,
                             guard,
                         );
+                        if let Some((a, key)) = &session {
+                            a.bind(key, ep.idx);
+                        }
                         return relay_response(parts, relay, &ep, attempts, fallback, &req.method);
                     }
                     Preamble::Failed(outcome, message) => {
@@ -244,6 +284,9 @@ async fn forward_request(gw: &Gateway, req: Prepared, guard: RequestGuard) -> Re
                     attempt,
                     guard,
                 );
+                if let Some((a, key)) = &session {
+                    a.bind(key, ep.idx);
+                }
                 return relay_response(parts, relay, &ep, attempts, fallback, &req.method);
             }
             Verdict::RelayCallerError => {

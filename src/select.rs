@@ -48,10 +48,12 @@ impl Selector {
         }
     }
 
-    /// Endpoint indexes in the order this request should try them.
+    /// Endpoint indexes in the order this request should try them; `now_ms` is the registry
+    /// clock (for `least_latency`'s decaying estimates).
     pub fn rank(
         &self,
         endpoints: &[std::sync::Arc<Endpoint>],
+        now_ms: u64,
         rng: &mut fastrand::Rng,
     ) -> Vec<usize> {
         let facts: Vec<(usize, u32, u32)> = endpoints
@@ -61,6 +63,17 @@ impl Selector {
         match self.strategy {
             Strategy::Priority => rank_priority(&facts, rng),
             Strategy::Weighted => weighted_order(facts.iter().map(|&(i, _, w)| (i, w)), rng),
+            Strategy::LeastLatency => {
+                let costs: Vec<Cost> = endpoints
+                    .iter()
+                    .map(|e| Cost {
+                        idx: e.idx,
+                        in_rotation: e.live.in_rotation(),
+                        cost: least_latency_cost(e, now_ms),
+                    })
+                    .collect();
+                rank_least_latency(&costs, rng)
+            }
             Strategy::RoundRobin => {
                 let n = facts.len().max(1);
                 let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
@@ -68,6 +81,52 @@ impl Selector {
             }
         }
     }
+}
+
+/// What `least_latency` knows of one endpoint.
+#[derive(Clone, Copy, Debug)]
+pub struct Cost {
+    /// Endpoint index.
+    pub idx: usize,
+    /// Whether it looks admissible (in-rotation endpoints are ranked first).
+    pub in_rotation: bool,
+    /// Expected cost of sending it one more request.
+    pub cost: f64,
+}
+
+/// The cost `least_latency` compares: the decaying first-byte estimate (failures counted as
+/// slow) times one plus the attempts already in flight, as in Finagle's and Linkerd's
+/// peak-EWMA balancers. An endpoint with no recent evidence costs nothing and gets tried.
+pub fn least_latency_cost(e: &Endpoint, now_ms: u64) -> f64 {
+    let estimate = e.live.estimate.get(now_ms).as_secs_f64();
+    estimate * (e.live.snapshot().in_flight as f64 + 1.0)
+}
+
+/// Power of two choices, repeated to give a full order: of two endpoints drawn at random the
+/// cheaper goes next. Endpoints out of rotation come after all those in rotation.
+pub fn rank_least_latency(costs: &[Cost], rng: &mut fastrand::Rng) -> Vec<usize> {
+    let mut out = Vec::with_capacity(costs.len());
+    for group in [true, false] {
+        let mut pool: Vec<Cost> = costs
+            .iter()
+            .copied()
+            .filter(|c| c.in_rotation == group)
+            .collect();
+        while !pool.is_empty() {
+            let pick = if pool.len() == 1 {
+                0
+            } else {
+                let a = rng.usize(..pool.len());
+                let mut b = rng.usize(..pool.len() - 1);
+                if b >= a {
+                    b += 1;
+                }
+                if pool[b].cost < pool[a].cost { b } else { a }
+            };
+            out.push(pool.swap_remove(pick).idx);
+        }
+    }
+    out
 }
 
 /// Lowest priority number first; weighted random order within each tier.

@@ -29,6 +29,7 @@ pub struct GatewayBuilder {
     server: Vec<String>,
     health: Vec<String>,
     timeouts: Vec<String>,
+    tables: Vec<(String, String)>,
     endpoints: Vec<String>,
 }
 
@@ -49,6 +50,11 @@ impl GatewayBuilder {
     /// A line for `[timeouts]`.
     pub fn timeouts(mut self, line: &str) -> Self {
         self.timeouts.push(line.to_string());
+        self
+    }
+    /// A line for any other table, e.g. `.table("affinity", "ttl = \"1m\"")`.
+    pub fn table(mut self, table: &str, line: &str) -> Self {
+        self.tables.push((table.to_string(), line.to_string()));
         self
     }
     /// An endpoint with `api_key = "key-NAME"` unless `extra` sets a credential; `extra` holds
@@ -88,6 +94,18 @@ impl GatewayBuilder {
         for l in &self.timeouts {
             s.push_str(l);
             s.push('\n');
+        }
+        let mut seen: Vec<&str> = Vec::new();
+        for (table, _) in &self.tables {
+            if seen.contains(&table.as_str()) {
+                continue;
+            }
+            seen.push(table);
+            s.push_str(&format!("[{table}]\n"));
+            for (_, line) in self.tables.iter().filter(|(t, _)| t == table) {
+                s.push_str(line);
+                s.push('\n');
+            }
         }
         for e in &self.endpoints {
             s.push_str(e);
