@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use serde::Serialize;
 
 use crate::classify::Kind;
@@ -221,6 +221,9 @@ pub async fn handle<B>(gw: Arc<Gateway>, req: Request<B>) -> Response<GateBody> 
     if path == "/_ccgate/health" {
         return response::json(StatusCode::OK, &serde_json::json!({"status": "ok"}));
     }
+    if path == crate::proxy::ADMIN_PREFIX {
+        return dashboard(&gw, &method, req.uri(), req.headers());
+    }
     if !gw.authorized(req.headers()) {
         return response::error(
             StatusCode::UNAUTHORIZED,
@@ -239,6 +242,13 @@ pub async fn handle<B>(gw: Arc<Gateway>, req: Request<B>) -> Response<GateBody> 
             response::json(StatusCode::OK, &failure_queue_json(&gw))
         }
         (&Method::GET, ["stats"]) => response::json(StatusCode::OK, &stats_json(&gw)),
+        (&Method::GET, ["events"]) => response::json(
+            StatusCode::OK,
+            &serde_json::json!({ "failovers": gw.events.recent() }),
+        ),
+        (&Method::GET, ["metrics"]) => {
+            response::body(crate::metrics::CONTENT_TYPE, crate::metrics::render(&gw))
+        }
         (&Method::GET, ["endpoints", name]) => match gw.registry.by_name(name) {
             Some(ep) => response::json(
                 StatusCode::OK,
@@ -246,6 +256,11 @@ pub async fn handle<B>(gw: Arc<Gateway>, req: Request<B>) -> Response<GateBody> 
             ),
             None => unknown_endpoint(name),
         },
+        (&Method::POST, _) if cross_site(req.headers()) => response::error(
+            StatusCode::FORBIDDEN,
+            "permission_error",
+            "ccgate: admin changes are not accepted from another site",
+        ),
         (&Method::POST, ["endpoints", name, action]) => {
             let Some(ep) = gw.registry.by_name(name).cloned() else {
                 return unknown_endpoint(name);
@@ -282,13 +297,115 @@ pub async fn handle<B>(gw: Arc<Gateway>, req: Request<B>) -> Response<GateBody> 
                 _ => not_found(),
             }
         }
-        (_, ["endpoints"] | ["failure-queue"] | ["stats"]) => response::error(
+        (_, ["endpoints"] | ["failure-queue"] | ["stats"] | ["metrics"]) => response::error(
             StatusCode::METHOD_NOT_ALLOWED,
             "invalid_request_error",
             "ccgate: method not allowed",
         ),
         _ => not_found(),
     }
+}
+
+/// The live dashboard (`GET /_ccgate/`): one self-contained page that polls the JSON views above.
+const DASHBOARD_HTML: &str = include_str!("dashboard.html");
+
+/// `GET /_ccgate/` and `/_ccgate`. A browser cannot set headers on a page load, so besides the
+/// usual headers this one route also takes the access token as `?token=`; the page's script then
+/// sends it as `x-api-key` on every fetch. The JSON views never accept it from the query.
+fn dashboard(
+    gw: &Gateway,
+    method: &Method,
+    uri: &http::Uri,
+    headers: &HeaderMap,
+) -> Response<GateBody> {
+    if method != Method::GET && method != Method::HEAD {
+        return response::error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request_error",
+            "ccgate: method not allowed",
+        );
+    }
+    let query_ok = || {
+        query_param(uri.query().unwrap_or(""), "token")
+            .and_then(|t| HeaderValue::from_str(&t).ok())
+            .is_some_and(|t| {
+                // The same constant-time check as for headers, on the token from the query.
+                let mut h = HeaderMap::new();
+                h.insert("x-api-key", t);
+                gw.authorized(&h)
+            })
+    };
+    if !gw.authorized(headers) && !query_ok() {
+        return response::error(
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "ccgate: missing or wrong access token (open the dashboard as /_ccgate/?token=...)",
+        );
+    }
+    let mut r = response::body("text/html; charset=utf-8", DASHBOARD_HTML);
+    let h = r.headers_mut();
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    // The page's URL may carry the token: never send it on as a referrer, and only let the page
+    // talk to this gateway (no external assets exist; this keeps it that way).
+    h.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+             img-src data:; connect-src 'self'; base-uri 'none'; form-action 'none'; \
+             frame-ancestors 'none'",
+        ),
+    );
+    r
+}
+
+/// The percent-decoded value of `key` in a query string (`+` is a space, as in forms).
+fn query_param(query: &str, key: &str) -> Option<String> {
+    let raw = query
+        .split('&')
+        .find_map(|pair| pair.strip_prefix(key)?.strip_prefix('='))?;
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(raw.len());
+    let mut bytes = raw.bytes();
+    while let Some(b) = bytes.next() {
+        out.push(match b {
+            b'+' => b' ',
+            b'%' => {
+                let (hi, lo) = (bytes.next().and_then(hex)?, bytes.next().and_then(hex)?);
+                hi << 4 | lo
+            }
+            b => b,
+        });
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Whether a browser sent this request from another site (a cross-site form POST must not be
+/// able to switch endpoints off). Non-browser clients send neither header and pass.
+pub(crate) fn cross_site(headers: &http::HeaderMap) -> bool {
+    if headers
+        .get("sec-fetch-site")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v == "cross-site")
+    {
+        return true;
+    }
+    let Some(origin) = headers.get(http::header::ORIGIN).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let host = headers
+        .get(http::header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let origin_host = origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"))
+        .unwrap_or(origin);
+    origin_host != host
 }
 
 fn unknown_endpoint(name: &str) -> Response<GateBody> {

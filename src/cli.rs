@@ -1,12 +1,15 @@
 //! Command-line interface: parse, load, run, and map the result to an exit code.
 
 use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use clap::{Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use crate::config::{Config, ConfigError, Env, ProcessEnv, default_config_path, toml_string};
+use crate::logging::LogFormat;
+use crate::ops::{self, Exit};
 
 /// ccgate: a failover gateway for the Anthropic Messages API.
 #[derive(Parser, Debug)]
@@ -25,6 +28,12 @@ pub enum Command {
         /// Config file (default: $CCGATE_CONFIG, then ~/.config/ccgate/config.toml).
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Listen on this address instead of `server.listen` (port 0 = any free port).
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<SocketAddr>,
+        /// Log lines as human-readable text or as JSON objects, one per line (on stderr).
+        #[arg(long, value_enum, env = "CCGATE_LOG_FORMAT", default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
     },
     /// Write a starter config file.
     Init {
@@ -53,13 +62,159 @@ pub enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// List, add, remove, enable or disable endpoints in the config file.
+    ///
+    /// Edits keep the file's comments and layout, are checked before anything is written (a change
+    /// that would make the config invalid is refused and the file stays as it was), and are then
+    /// applied to the running gateway (`POST /_ccgate/reload`).
+    #[command(subcommand)]
+    Endpoints(EndpointsCommand),
+    /// Show the running gateway's endpoints, failure queue and totals.
+    Status {
+        /// Config file, for the gateway's address and access token.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The gateway's URL (default: http://<server.listen> from the config).
+        #[arg(long, value_name = "URL")]
+        url: Option<String>,
+    },
+    /// Probe every configured endpoint now and show which work.
+    ///
+    /// Runs from this process (no gateway needed), all endpoints in parallel, each in its probe
+    /// mode. Exits 0 when at least one enabled endpoint works, 1 when none does.
+    Check {
+        /// Config file.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Point Claude Code at this gateway, or undo that.
+    ///
+    /// Edits ~/.claude/settings.json ($CLAUDE_CONFIG_DIR/settings.json when that is set).
+    #[command(subcommand)]
+    Claude(ClaudeCommand),
+    /// Print a shell completion script.
+    ///
+    /// For example: `ccgate completions bash > ~/.local/share/bash-completion/completions/ccgate`,
+    /// or `ccgate completions zsh > ~/.zfunc/_ccgate`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+/// Where an edit goes, and which running gateway hears of it.
+#[derive(Args, Debug)]
+pub struct EditTarget {
+    /// Config file (default: $CCGATE_CONFIG, then ~/.config/ccgate/config.toml).
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// The running gateway to apply the change to (default: http://<server.listen>).
+    #[arg(long, value_name = "URL")]
+    pub url: Option<String>,
+}
+
+/// The one credential of a new endpoint. A value of `-` is read from standard input, which keeps
+/// it out of the shell history and the process list.
+#[derive(Args, Debug)]
+#[group(required = true, multiple = false)]
+pub struct CredentialArgs {
+    /// API key, sent upstream as x-api-key (stored in the file; `-` reads it from stdin).
+    #[arg(long, value_name = "KEY")]
+    pub api_key: Option<String>,
+    /// Bearer token, sent upstream as Authorization: Bearer (stored in the file; `-` reads stdin).
+    #[arg(long, value_name = "TOKEN")]
+    pub auth_token: Option<String>,
+    /// Read the API key from this environment variable when the gateway loads the file.
+    #[arg(long, value_name = "VAR")]
+    pub api_key_env: Option<String>,
+    /// Read the bearer token from this environment variable when the gateway loads the file.
+    #[arg(long, value_name = "VAR")]
+    pub auth_token_env: Option<String>,
+}
+
+/// `ccgate endpoints ...`.
+#[derive(Subcommand, Debug)]
+pub enum EndpointsCommand {
+    /// Show the endpoints in the config file (credential kinds, never their values).
+    List {
+        /// Config file.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Add an endpoint.
+    Add {
+        /// Unique name (letters, digits, `-`, `_`, `.`).
+        name: String,
+        /// Base URL, e.g. https://api.anthropic.com or https://relay.example/api.
+        #[arg(long, value_name = "URL")]
+        base_url: String,
+        /// Its one credential.
+        #[command(flatten)]
+        credential: CredentialArgs,
+        /// Lower is preferred (default 1).
+        #[arg(long, value_name = "N")]
+        priority: Option<u32>,
+        /// Share within its priority tier (default 100).
+        #[arg(long, value_name = "N")]
+        weight: Option<u32>,
+        /// The file, and the gateway to tell.
+        #[command(flatten)]
+        target: EditTarget,
+    },
+    /// Remove an endpoint.
+    Remove {
+        /// Its name.
+        name: String,
+        /// The file, and the gateway to tell.
+        #[command(flatten)]
+        target: EditTarget,
+    },
+    /// Put an endpoint back into rotation (`enabled = true`).
+    Enable {
+        /// Its name.
+        name: String,
+        /// The file, and the gateway to tell.
+        #[command(flatten)]
+        target: EditTarget,
+    },
+    /// Take an endpoint out of rotation (`enabled = false`); it stays in the file.
+    Disable {
+        /// Its name.
+        name: String,
+        /// The file, and the gateway to tell.
+        #[command(flatten)]
+        target: EditTarget,
+    },
+}
+
+/// `ccgate claude ...`.
+#[derive(Subcommand, Debug)]
+pub enum ClaudeCommand {
+    /// Point Claude Code at the gateway.
+    ///
+    /// Sets env.ANTHROPIC_BASE_URL (and env.ANTHROPIC_AUTH_TOKEN when the gateway has an access
+    /// token) in Claude Code's settings.json, keeping a backup and every other setting.
+    Enable {
+        /// Config file, for the gateway's address and access token.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The gateway's URL (default: http://<server.listen> from the config).
+        #[arg(long, value_name = "URL")]
+        url: Option<String>,
+    },
+    /// Undo `claude enable`.
+    ///
+    /// Restores settings.json exactly as it was; if it was changed since, removes only what
+    /// ccgate set and keeps everything else.
+    Disable,
 }
 
 /// Runs the CLI; the error, if any, has already been described to the user when it is a
 /// [`ConfigError`].
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve { config } => serve(config),
+        Command::Serve { config, listen, .. } => serve(config, listen),
         Command::Init {
             config,
             force,
@@ -83,7 +238,158 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Endpoints(cmd) => endpoints(cmd),
+        Command::Status { config, url } => {
+            let target = ops::find_target(config.as_deref(), url.as_deref(), &ProcessEnv)?;
+            print!("{}", ops::status(target)?);
+            Ok(())
+        }
+        Command::Check { config } => {
+            let (config, _) = load(config.as_deref(), &ProcessEnv)?;
+            let (report, any_works) = ops::check(config)?;
+            print!("{report}");
+            if any_works {
+                Ok(())
+            } else {
+                Err(Exit(1).into())
+            }
+        }
+        Command::Claude(cmd) => claude(cmd),
+        Command::Completions { shell } => {
+            let mut cmd = Cli::command();
+            clap_complete::generate(shell, &mut cmd, "ccgate", &mut std::io::stdout());
+            Ok(())
+        }
     }
+}
+
+impl Cli {
+    /// How to log: `serve --log-format` (which also reads `CCGATE_LOG_FORMAT`), else
+    /// `CCGATE_LOG_FORMAT`.
+    pub fn log_format(&self) -> LogFormat {
+        match &self.command {
+            Command::Serve { log_format, .. } => *log_format,
+            _ => LogFormat::from_env(),
+        }
+    }
+}
+
+/// The exit code for an error: set by [`Exit`] (already reported), else 2.
+pub fn exit_code(e: &anyhow::Error) -> u8 {
+    e.downcast_ref::<Exit>().map_or(2, |x| x.0)
+}
+
+fn endpoints(cmd: EndpointsCommand) -> anyhow::Result<()> {
+    let env = ProcessEnv;
+    let (target, change) = match cmd {
+        EndpointsCommand::List { config } => {
+            print!("{}", ops::list(config.as_deref(), &env)?);
+            return Ok(());
+        }
+        EndpointsCommand::Add {
+            name,
+            base_url,
+            credential,
+            priority,
+            weight,
+            target,
+        } => {
+            use crate::edit::NewCredential;
+            let c = credential;
+            let credential = match (c.api_key, c.auth_token, c.api_key_env, c.auth_token_env) {
+                (Some(k), ..) => NewCredential::ApiKey(secret_arg(k, "--api-key")?),
+                (_, Some(t), ..) => NewCredential::AuthToken(secret_arg(t, "--auth-token")?),
+                (_, _, Some(v), _) => NewCredential::ApiKeyEnv(v),
+                (.., Some(v)) => NewCredential::AuthTokenEnv(v),
+                _ => bail!("give one of --api-key, --auth-token, --api-key-env, --auth-token-env"),
+            };
+            let ep = crate::edit::NewEndpoint {
+                name,
+                base_url,
+                credential,
+                priority,
+                weight,
+            };
+            (target, ops::Edit::Add(ep))
+        }
+        EndpointsCommand::Remove { name, target } => (target, ops::Edit::Remove(name)),
+        EndpointsCommand::Enable { name, target } => (target, ops::Edit::SetEnabled(name, true)),
+        EndpointsCommand::Disable { name, target } => (target, ops::Edit::SetEnabled(name, false)),
+    };
+    ops::run_edit(
+        target.config.as_deref(),
+        target.url.as_deref(),
+        change,
+        &env,
+    )
+}
+
+/// A secret given on the command line, or `-` to read it from standard input.
+fn secret_arg(value: String, flag: &str) -> anyhow::Result<String> {
+    if value != "-" {
+        return Ok(value);
+    }
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .with_context(|| format!("{flag} -: cannot read standard input"))?;
+    let line = line.trim().to_string();
+    if line.is_empty() {
+        bail!("{flag} -: standard input was empty");
+    }
+    Ok(line)
+}
+
+fn claude(cmd: ClaudeCommand) -> anyhow::Result<()> {
+    use crate::claude::{self, Disabled};
+    let env = ProcessEnv;
+    let paths = claude::Paths::locate(&env)?;
+    match cmd {
+        ClaudeCommand::Enable { config, url } => {
+            let target = ops::find_target(config.as_deref(), url.as_deref(), &env)?;
+            let token = target.token.as_ref().map(|t| t.expose().to_string());
+            let done = claude::enable(&paths, &target.url, token.as_deref())?;
+            println!(
+                "Claude Code now uses ccgate at {}: set {} in {}",
+                target.url,
+                done.keys
+                    .iter()
+                    .map(|k| format!("env.{k}"))
+                    .collect::<Vec<_>>()
+                    .join(" and "),
+                done.settings.display()
+            );
+            match &done.backup {
+                Some(b) => println!(
+                    "the original is kept in {}; `ccgate claude disable` puts it back",
+                    b.display()
+                ),
+                None => println!("`ccgate claude disable` removes the file again"),
+            }
+            if done.api_key_also_set {
+                println!(
+                    "note: settings.json also sets env.ANTHROPIC_API_KEY; Claude Code sends it too, and ccgate replaces it with the endpoint's credential"
+                );
+            }
+            println!("start a new Claude Code session to pick it up");
+        }
+        ClaudeCommand::Disable => {
+            let settings = paths.settings.display();
+            match claude::disable(&paths)? {
+                Disabled::Restored => {
+                    println!("restored {settings} as it was before `ccgate claude enable`")
+                }
+                Disabled::Removed => println!("removed {settings} (ccgate had created it)"),
+                Disabled::KeysUndone => println!(
+                    "{settings} was changed since `ccgate claude enable`: removed only what ccgate set, kept everything else"
+                ),
+                Disabled::NothingToDo => {
+                    println!("nothing to undo: ccgate has not changed {settings}")
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Finds and loads the configuration: `--config`, `$CCGATE_CONFIG`, the platform config dir, and
@@ -132,23 +438,62 @@ fn warn_if_readable_by_others(path: &Path) {
     }
 }
 
-fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
-    let (config, source) = load(config.as_deref(), &ProcessEnv)?;
+fn serve(config: Option<PathBuf>, listen: Option<SocketAddr>) -> anyhow::Result<()> {
+    let (mut config, source) = load(config.as_deref(), &ProcessEnv)?;
+    if let Some(addr) = listen {
+        override_listen(&mut config, addr)?;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
-        let server = crate::server::Server::bind(config).await?;
+        // SIGHUP and `POST /_ccgate/reload` re-read the file the config came from, if any.
+        let file = Path::new(&source).is_file().then(|| PathBuf::from(&source));
+        let server = crate::server::Server::bind_with_source(config, file).await?;
         let addr = server.local_addr();
+        // Handlers first: the line below tells scripts they may signal us.
+        let shutdown = crate::server::shutdown_signal();
         tracing::info!(config = %source, "ccgate {} started", env!("CARGO_PKG_VERSION"));
         let mut out = std::io::stdout();
         writeln!(out, "listening on http://{addr}")?;
         out.flush()?;
-        server.run(crate::server::shutdown_signal()).await;
+        server.run(shutdown).await;
         tracing::info!("stopped");
         anyhow::Ok(())
     })
+}
+
+/// Applies `serve --listen`, with the checks the config file's `server.listen` gets: beyond
+/// loopback only with an access token, and never the address of one of its own endpoints.
+fn override_listen(config: &mut Config, addr: SocketAddr) -> anyhow::Result<()> {
+    if !addr.ip().is_loopback() && config.server.access_token.is_none() {
+        bail!(
+            "--listen {addr}: not a loopback address; set server.access_token before listening beyond this machine"
+        );
+    }
+    for e in &config.endpoints {
+        let url = &e.base_url;
+        let host = url.authority.host().trim_matches(['[', ']']);
+        let loopback =
+            host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
+        let port = url
+            .authority
+            .port_u16()
+            .unwrap_or(if url.scheme == http::uri::Scheme::HTTPS {
+                443
+            } else {
+                80
+            });
+        if loopback && addr.port() != 0 && port == addr.port() {
+            bail!(
+                "--listen {addr}: endpoint `{}` ({url}) points at this gateway's own address",
+                e.name
+            );
+        }
+    }
+    config.server.listen = addr;
+    Ok(())
 }
 
 fn init(
@@ -172,10 +517,16 @@ fn init(
     let base_url = base_url
         .or_else(|| env.var("ANTHROPIC_BASE_URL"))
         .unwrap_or_else(|| "https://api.anthropic.com".into());
-    let credential = match (
-        api_key.or_else(|| env.var("ANTHROPIC_API_KEY")),
-        auth_token.or_else(|| env.var("ANTHROPIC_AUTH_TOKEN")),
-    ) {
+    // A credential given as a flag wins over the environment, whichever kind each one is.
+    let (api_key, auth_token) = if api_key.is_some() || auth_token.is_some() {
+        (api_key, auth_token)
+    } else {
+        (
+            env.var("ANTHROPIC_API_KEY"),
+            env.var("ANTHROPIC_AUTH_TOKEN"),
+        )
+    };
+    let credential = match (api_key, auth_token) {
         (Some(k), _) => format!("api_key = {}", toml_string(&k)),
         (None, Some(t)) => format!("auth_token = {}", toml_string(&t)),
         (None, None) => {

@@ -221,7 +221,7 @@ impl fmt::Display for BaseUrl {
 }
 
 /// One validated `[[endpoints]]` entry.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EndpointConfig {
     /// Unique name.
     pub name: String,
@@ -244,7 +244,7 @@ pub struct EndpointConfig {
 }
 
 /// `[affinity]`: keeping one client session on one endpoint, so its prompt cache keeps hitting.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AffinityConfig {
     /// Whether sessions are pinned at all.
     pub enabled: bool,
@@ -256,7 +256,7 @@ pub struct AffinityConfig {
 
 /// `[retry_budget]`: how many attempts after the first the gateway may send, so an outage across
 /// endpoints cannot multiply the load.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct RetryBudgetConfig {
     /// Retries may add this share of the requests seen in the window.
     pub ratio: f64,
@@ -330,7 +330,6 @@ impl std::error::Error for ConfigError {}
 // Stage one: the file as written.
 
 #[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
 struct RawConfig {
     #[serde(default)]
     server: RawServer,
@@ -347,7 +346,6 @@ struct RawConfig {
 }
 
 #[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
 struct RawServer {
     listen: Option<Spanned<String>>,
     access_token: Option<Spanned<String>>,
@@ -359,7 +357,6 @@ struct RawServer {
 }
 
 #[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
 struct RawTimeouts {
     connect: Option<Spanned<String>>,
     first_byte: Option<Spanned<String>>,
@@ -367,7 +364,6 @@ struct RawTimeouts {
 }
 
 #[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
 struct RawAffinity {
     enabled: Option<Spanned<bool>>,
     ttl: Option<Spanned<String>>,
@@ -375,7 +371,6 @@ struct RawAffinity {
 }
 
 #[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
 struct RawRetryBudget {
     ratio: Option<Spanned<f64>>,
     min_per_second: Option<Spanned<i64>>,
@@ -383,7 +378,6 @@ struct RawRetryBudget {
 }
 
 #[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
 struct RawHealth {
     failure_threshold: Option<Spanned<i64>>,
     probe_interval: Option<Spanned<String>>,
@@ -395,7 +389,6 @@ struct RawHealth {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawEndpoint {
     name: Option<Spanned<String>>,
     base_url: Option<Spanned<String>>,
@@ -529,27 +522,38 @@ impl Config {
             text,
             list: Vec::new(),
         };
-        let raw: RawConfig = match toml::from_str(text) {
+        // Unknown keys are collected rather than fatal, so that they are reported together with
+        // every other problem.
+        let mut unknown: Vec<Vec<String>> = Vec::new();
+        let parsed = toml::Deserializer::parse(text).and_then(|de| {
+            serde_ignored::deserialize(de, |path| unknown.push(path_segments(&path)))
+        });
+        let raw: RawConfig = match parsed {
             Ok(raw) => raw,
             Err(e) => {
                 let line = e.span().map(|s| p.line_of(s.start));
-                let key = e
-                    .span()
-                    .and_then(|s| text.get(s))
-                    .map(|k| k.trim().to_string())
-                    .filter(|k| !k.is_empty() && k.len() < 80);
-                p.at_line(
-                    line,
-                    key.unwrap_or_else(|| "(syntax)".into()),
-                    e.message().trim().to_string(),
-                );
+                // Name the key from the line, never from the offending text itself: that text may
+                // be an unquoted secret.
+                let key = line
+                    .and_then(|l| text.lines().nth(l - 1))
+                    .and_then(key_of_line)
+                    .unwrap_or_else(|| "(syntax)".into());
+                p.at_line(line, key, e.message().trim().to_string());
                 return Err(ConfigError {
                     source_name: source_name.into(),
                     problems: p.list,
                 });
             }
         };
+        if !unknown.is_empty() {
+            let spans = toml::de::DeTable::parse(text).ok();
+            for path in &unknown {
+                let offset = spans.as_ref().and_then(|t| key_offset(t.get_ref(), path));
+                p.at_line(offset.map(|o| p.line_of(o)), dotted(path), "unknown key");
+            }
+        }
         let config = validate(raw, &mut p, env);
+        p.list.sort_by_key(|pr| pr.line.unwrap_or(usize::MAX));
         if p.list.is_empty() {
             Ok(config)
         } else {
@@ -587,6 +591,79 @@ impl Config {
 /// Quotes a string as a TOML basic string.
 pub fn toml_string(s: &str) -> String {
     toml::Value::String(s.to_string()).to_string()
+}
+
+/// The key named on a line of TOML (`key = value` or `[table]`), if it looks like one.
+fn key_of_line(line: &str) -> Option<String> {
+    let line = line.trim();
+    let key = if let Some(rest) = line.strip_prefix('[') {
+        rest.trim_start_matches('[').split(']').next()?
+    } else {
+        line.split_once('=')?.0
+    };
+    let key = key.trim();
+    let plain = |c: char| c.is_ascii_alphanumeric() || "_-.\"' ".contains(c);
+    (!key.is_empty() && key.len() <= 64 && key.chars().all(plain)).then(|| key.to_string())
+}
+
+/// An ignored-key path from `serde_ignored` as segments: map keys, and `[i]` for array items.
+/// Segments that only exist because of `Spanned` wrappers are dropped.
+fn path_segments(path: &serde_ignored::Path<'_>) -> Vec<String> {
+    use serde_ignored::Path;
+    let mut out = match path {
+        Path::Root => return Vec::new(),
+        Path::Seq { parent, .. }
+        | Path::Map { parent, .. }
+        | Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => path_segments(parent),
+    };
+    match path {
+        Path::Seq { index, .. } => out.push(format!("[{index}]")),
+        Path::Map { key, .. } if !key.starts_with("$__") => out.push(key.clone()),
+        _ => {}
+    }
+    out
+}
+
+/// `server.lisen`, `endpoints[1].nmae`.
+fn dotted(path: &[String]) -> String {
+    let mut s = String::new();
+    for seg in path {
+        if !s.is_empty() && !seg.starts_with('[') {
+            s.push('.');
+        }
+        s.push_str(seg);
+    }
+    s
+}
+
+/// Where the last key of `path` is written in the document.
+fn key_offset(table: &toml::de::DeTable<'_>, path: &[String]) -> Option<usize> {
+    let (first, rest) = path.split_first()?;
+    let (key, value) = table.iter().find(|(k, _)| k.get_ref() == first)?;
+    let Some(next) = rest.first() else {
+        return Some(key.span().start);
+    };
+    let mut value = value.get_ref();
+    let mut rest = rest;
+    if let Some(index) = next
+        .strip_prefix('[')
+        .and_then(|i| i.trim_end_matches(']').parse::<usize>().ok())
+    {
+        let toml::de::DeValue::Array(items) = value else {
+            return None;
+        };
+        value = items.get(index)?.get_ref();
+        rest = &rest[1..];
+        if rest.is_empty() {
+            return Some(key.span().start);
+        }
+    }
+    match value {
+        toml::de::DeValue::Table(t) => key_offset(t, rest),
+        _ => None,
+    }
 }
 
 fn validate(raw: RawConfig, p: &mut Problems<'_>, env: &dyn Env) -> Config {
@@ -1102,9 +1179,39 @@ weight = 0
     #[test]
     fn unknown_key_names_its_line() {
         let p = problems("[server]\nlisten = \"127.0.0.1:1\"\nlisen = 3\n");
-        assert_eq!(p.len(), 1);
+        assert_eq!(p.len(), 2, "{p:?}"); // and: no endpoints
         assert_eq!(p[0].line, Some(3));
-        assert!(p[0].message.contains("unknown field"), "{}", p[0].message);
+        assert_eq!(p[0].key, "server.lisen");
+        assert!(p[0].message.contains("unknown key"), "{}", p[0].message);
+    }
+
+    #[test]
+    fn unknown_keys_are_reported_with_every_other_problem() {
+        let p = problems(
+            "[server]\nlisen = 1\n[timeouts]\nidle = \"soon\"\n[[endpoints]]\nname = \"a\"\nbase_url = \"http://x\"\napi_key = \"k\"\ncolour = 1\n[[endpoints]]\nname = \"b\"\nbase_url = \"ftp://x\"\napi_key = \"k\"\n[nope]\nx = 1\n",
+        );
+        let keys: Vec<(Option<usize>, &str)> = p.iter().map(|p| (p.line, p.key.as_str())).collect();
+        assert_eq!(
+            keys,
+            [
+                (Some(2), "server.lisen"),
+                (Some(4), "timeouts.idle"),
+                (Some(9), "endpoints[0].colour"),
+                (Some(12), "endpoints[1].base_url"),
+                (Some(14), "nope"),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_syntax_error_never_echoes_the_value() {
+        let p = problems(
+            "[[endpoints]]\nname = \"a\"\nbase_url = \"http://x\"\napi_key = sk-ant-SECRET\n",
+        );
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].line, Some(4));
+        assert_eq!(p[0].key, "api_key");
+        assert!(!format!("{p:?}").contains("SECRET"), "{p:?}");
     }
 
     #[test]

@@ -46,13 +46,28 @@ pub struct Endpoint {
     pub probe: ProbeMode,
     /// Pooled HTTP(S) client for this endpoint.
     pub client: UpstreamClient,
-    /// Live counters and health.
-    pub live: Live,
+    /// Live counters and health; shared with the endpoint's successor when a config reload
+    /// keeps it unchanged.
+    pub live: Arc<Live>,
+    /// The config it was built from.
+    pub config: EndpointConfig,
 }
 
 impl Endpoint {
     /// Builds an endpoint from its validated config.
     pub fn new(idx: usize, cfg: &EndpointConfig, client: UpstreamClient) -> Self {
+        let live = Live::default();
+        live.admin_disabled.store(!cfg.enabled, Ordering::Relaxed);
+        Self::with_live(idx, cfg, client, Arc::new(live))
+    }
+
+    /// Builds an endpoint that continues `live` (its counters and health) at a new position.
+    pub fn with_live(
+        idx: usize,
+        cfg: &EndpointConfig,
+        client: UpstreamClient,
+        live: Arc<Live>,
+    ) -> Self {
         let auth_header = match &cfg.credential {
             Credential::ApiKey(k) => (
                 HeaderName::from_static("x-api-key"),
@@ -68,8 +83,6 @@ impl Endpoint {
         let (name, value) = auth_header;
         let mut value = value.unwrap_or_else(|_| HeaderValue::from_static(""));
         value.set_sensitive(true);
-        let live = Live::default();
-        live.admin_disabled.store(!cfg.enabled, Ordering::Relaxed);
         Self {
             idx,
             name: cfg.name.clone(),
@@ -81,6 +94,21 @@ impl Endpoint {
             probe: cfg.probe,
             client,
             live,
+            config: cfg.clone(),
+        }
+    }
+}
+
+impl Endpoint {
+    /// Removes this endpoint's credential from text an upstream sent back (some relays echo the
+    /// key they refused), so that it never reaches a view, a log line or an error message.
+    pub fn scrub(&self, text: &str) -> String {
+        let secret = self.auth_header.1.to_str().unwrap_or("");
+        let secret = secret.strip_prefix("Bearer ").unwrap_or(secret);
+        if secret.len() >= 4 {
+            text.replace(secret, "***")
+        } else {
+            text.to_string()
         }
     }
 }
@@ -100,6 +128,7 @@ pub struct LastError {
 /// A decaying latency estimate plus a log-bucketed histogram, all atomics.
 pub struct Latency {
     ewma_us: AtomicU64,
+    sum_us: AtomicU64,
     buckets: [AtomicU64; LATENCY_BUCKETS],
 }
 
@@ -110,6 +139,7 @@ impl Default for Latency {
     fn default() -> Self {
         Self {
             ewma_us: AtomicU64::new(0),
+            sum_us: AtomicU64::new(0),
             buckets: std::array::from_fn(|_| AtomicU64::new(0)),
         }
     }
@@ -119,6 +149,7 @@ impl Latency {
     /// Adds a sample.
     pub fn observe(&self, d: Duration) {
         let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
         // EWMA with alpha = 1/8, in integer microseconds; a CAS loop so concurrent samples are
         // not lost.
         let _ = self
@@ -177,6 +208,11 @@ impl Latency {
             }
         }
         Some(Self::bucket_upper_ms(LATENCY_BUCKETS - 1))
+    }
+
+    /// Sum of all samples.
+    pub fn sum(&self) -> Duration {
+        Duration::from_micros(self.sum_us.load(Ordering::Relaxed))
     }
 
     /// Bucket counts, for metrics.
@@ -382,7 +418,7 @@ impl Attempt {
                     .consecutive
                     .fetch_add(1, Ordering::AcqRel)
                     .saturating_add(1);
-                let message = detail.unwrap_or_else(|| kind.name().replace('_', " "));
+                let message = detail.map_or_else(|| kind.name().replace('_', " "), |d| self.ep.scrub(&d));
                 live.last_error.store(Some(Arc::new(LastError {
                     kind,
                     message,

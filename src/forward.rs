@@ -360,6 +360,24 @@ impl RelayBody {
         self.finish(outcome, None);
     }
 
+    /// Records the outcome of an upstream body that has ended. A stream that ended without
+    /// `message_stop` (and without an `error` event of its own) is a failure after the first byte:
+    /// like every other, it ends the client's stream with an SSE `error` event (queued as the
+    /// trailer), so the client cannot take a truncated answer for a complete one.
+    fn end(&mut self) {
+        let (outcome, detail) = self.end_outcome();
+        if self.judge == Judge::Stream && outcome == Outcome::Transport(TransportKind::Cut) {
+            let message = detail
+                .as_deref()
+                .unwrap_or("stream ended before message_stop");
+            self.trailer = Some(error_event(
+                "api_error",
+                &format!("upstream stream failed: {message}"),
+            ));
+        }
+        self.finish(outcome, detail);
+    }
+
     fn end_outcome(&self) -> (Outcome, Option<String>) {
         match (self.judge, &self.scanner) {
             (Judge::CallerError, _) => (Outcome::CallerError, None),
@@ -409,8 +427,7 @@ impl Body for RelayBody {
                         // hyper drops a body once its declared length is written, without polling
                         // for the end: record the attempt as soon as the upstream body is complete.
                         if this.upstream.as_ref().is_some_and(Body::is_end_stream) {
-                            let (outcome, detail) = this.end_outcome();
-                            this.finish(outcome, detail);
+                            this.end();
                         }
                         Poll::Ready(Some(Ok(Frame::data(data))))
                     }
@@ -426,9 +443,8 @@ impl Body for RelayBody {
                 format!("upstream body broke: {}", error_chain(&e)),
             ),
             Poll::Ready(None) => {
-                let (outcome, detail) = this.end_outcome();
-                this.finish(outcome, detail);
-                Poll::Ready(None)
+                this.end();
+                Poll::Ready(this.trailer.take().map(|b| Ok(Frame::data(b))))
             }
             Poll::Pending => {
                 ready!(this.sleep.as_mut().poll(cx));

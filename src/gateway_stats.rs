@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::classify::Outcome;
+use crate::endpoint::Endpoint;
 
 /// How a client request ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,6 +81,9 @@ impl GatewayStats {
         RequestGuard {
             stats: Arc::clone(self),
             done: false,
+            id: RequestId::new(),
+            started: tokio::time::Instant::now(),
+            served: None,
         }
     }
 
@@ -104,13 +108,82 @@ impl GatewayStats {
     }
 }
 
-/// One client request in progress; records exactly once (`finish`, or `Cancelled` on drop).
+/// One client request in progress; records exactly once (`finish`, or `Cancelled` on drop), and
+/// writes the request's one log line when it does.
 pub struct RequestGuard {
     stats: Arc<GatewayStats>,
     done: bool,
+    id: RequestId,
+    started: tokio::time::Instant,
+    served: Option<(Arc<Endpoint>, u32, u16)>,
+}
+
+/// A request's id: returned to the client as `x-ccgate-request-id` and logged with the request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RequestId(u64);
+
+impl RequestId {
+    /// A fresh random id.
+    pub fn new() -> Self {
+        Self(fastrand::u64(..))
+    }
+}
+
+impl Default for RequestId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "req_{:016x}", self.0)
+    }
+}
+
+impl RequestEnd {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Success => "success",
+            Self::Upstream => "upstream_error",
+            Self::Caller => "caller_error",
+            Self::Cancelled => "cancelled",
+        }
+    }
 }
 
 impl RequestGuard {
+    /// This request's id.
+    pub fn id(&self) -> RequestId {
+        self.id
+    }
+
+    /// Notes who answered, after how many attempts, with which status (for the log line).
+    pub fn served_by(&mut self, endpoint: &Arc<Endpoint>, attempts: u32, status: u16) {
+        self.served = Some((Arc::clone(endpoint), attempts, status));
+    }
+
+    fn log(&self, how: RequestEnd) {
+        let latency_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        match &self.served {
+            Some((ep, attempts, status)) => tracing::info!(
+                request_id = %self.id,
+                endpoint = %ep.name,
+                attempts,
+                status,
+                outcome = how.name(),
+                latency_ms,
+                "request"
+            ),
+            None => tracing::info!(
+                request_id = %self.id,
+                outcome = how.name(),
+                latency_ms,
+                "request"
+            ),
+        }
+    }
+
     /// Records how the request ended, judged from the outcome of the attempt that answered it.
     pub fn finish(self, outcome: Outcome) {
         self.end(RequestEnd::from_outcome(outcome));
@@ -120,6 +193,7 @@ impl RequestGuard {
     pub fn end(mut self, how: RequestEnd) {
         self.done = true;
         self.stats.ended[how as usize].fetch_add(1, Ordering::AcqRel);
+        self.log(how);
     }
 }
 
@@ -128,6 +202,7 @@ impl Drop for RequestGuard {
         if !self.done {
             self.done = true;
             self.stats.ended[RequestEnd::Cancelled as usize].fetch_add(1, Ordering::AcqRel);
+            self.log(RequestEnd::Cancelled);
         }
     }
 }

@@ -1,15 +1,65 @@
-//! Log setup: `tracing` to stderr, `RUST_LOG` to filter (default `info`), `CCGATE_LOG_FORMAT=json`
-//! for JSON lines. Secrets never reach a log line: credentials live in [`crate::config::Secret`]
-//! (redacted `Debug`) and in header values marked sensitive.
+//! Log setup: `tracing` to stderr, `RUST_LOG` to filter (default `info`), text or JSON lines
+//! (`serve --log-format`, or `CCGATE_LOG_FORMAT`). Secrets never reach a log line: credentials live
+//! in [`crate::config::Secret`] (redacted `Debug`) and in header values marked sensitive.
+//!
+//! Lines are handed to a background writer thread (`tracing-appender`'s non-blocking writer), so a
+//! slow or stalled stderr never blocks a request: when its buffer is full, lines are dropped rather
+//! than waited for. Keep the returned [`LogGuard`] alive for the whole process; dropping it
+//! flushes what is buffered.
 
+use std::io::IsTerminal;
+
+use tracing_appender::non_blocking::WorkerGuard;
 use tracing_subscriber::EnvFilter;
 
-/// Installs the global subscriber (once; later calls do nothing).
-pub fn init() {
+/// How log lines look.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, event fields at the top level (`request_id`, `endpoint`, ...).
+    Json,
+}
+
+impl LogFormat {
+    /// `CCGATE_LOG_FORMAT`, for commands without a `--log-format` flag (text unless it says json).
+    pub fn from_env() -> Self {
+        match std::env::var("CCGATE_LOG_FORMAT") {
+            Ok(v) if v.trim().eq_ignore_ascii_case("json") => Self::Json,
+            _ => Self::Text,
+        }
+    }
+}
+
+/// Keeps the background log writer running; dropping it flushes buffered lines.
+#[must_use = "dropping the guard stops the log writer"]
+pub struct LogGuard {
+    _worker: Option<WorkerGuard>,
+}
+
+/// Installs the global subscriber (once; later calls install nothing and return an inert guard).
+pub fn init(format: LogFormat) -> LogGuard {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let (writer, worker) = tracing_appender::non_blocking(std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_target(false);
-    let _ = builder.try_init();
+    let installed = match format {
+        LogFormat::Text => {
+            let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+            builder.with_ansi(colour).try_init().is_ok()
+        }
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .try_init()
+            .is_ok(),
+    };
+    LogGuard {
+        _worker: installed.then_some(worker),
+    }
 }

@@ -34,8 +34,8 @@ pub async fn probe(gw: &Gateway, ep: &Endpoint) -> ProbeResult {
     let started = tokio::time::Instant::now();
     let limit = gw.config.health.probe_timeout;
     let (passed, detail) = match tokio::time::timeout(limit, probe_inner(gw, ep)).await {
-        Ok(Ok(detail)) => (true, detail),
-        Ok(Err(detail)) => (false, detail),
+        Ok(Ok(detail)) => (true, ep.scrub(&detail)),
+        Ok(Err(detail)) => (false, ep.scrub(&detail)),
         Err(_) => (
             false,
             format!(
@@ -173,6 +173,11 @@ pub async fn run_prober(gw: Arc<Gateway>, shutdown: tokio::sync::watch::Receiver
     let reg = Arc::clone(&gw.registry);
     loop {
         let now = reg.clock.now_ms();
+        // An attempt begun before a config reload may have ejected a kept endpoint through the
+        // previous gateway's queue: give it the entry (and the probes) it is owed here.
+        for ep in &reg.endpoints {
+            reg.queue.reconcile(ep, now);
+        }
         let mut next_due: Option<u64> = None;
         for entry in reg.queue.entries() {
             let ep = &reg.endpoints[entry.idx];

@@ -11,6 +11,7 @@ use http_body_util::{BodyExt, Limited};
 
 use crate::affinity::{self, Affinity};
 use crate::budget::RetryBudget;
+use crate::events::{Events, FailedAttempt, Failover};
 use crate::classify::{Outcome, TransportKind, Verdict, classify_status};
 use crate::config::Config;
 use crate::endpoint::{Attempt, Endpoint};
@@ -30,9 +31,11 @@ pub struct Gateway {
     /// Candidate ranking.
     pub selector: Selector,
     /// Session → endpoint bindings (`None` when affinity is off).
-    pub affinity: Option<Affinity>,
+    pub affinity: Option<Arc<Affinity>>,
     /// Limits attempts after the first.
-    pub budget: RetryBudget,
+    pub budget: Arc<RetryBudget>,
+    /// Recent failovers, for the dashboard.
+    pub events: Arc<Events>,
     /// The configuration the gateway runs with.
     pub config: Config,
 }
@@ -48,10 +51,51 @@ impl Gateway {
             affinity: config
                 .affinity
                 .enabled
-                .then(|| Affinity::new(&config.affinity, clock)),
-            budget: RetryBudget::new(&config.retry_budget, clock),
+                .then(|| Arc::new(Affinity::new(&config.affinity, clock))),
+            budget: Arc::new(RetryBudget::new(&config.retry_budget, clock)),
+            events: Arc::default(),
             config,
         })
+    }
+
+    /// The gateway for a reloaded config, continuing this one (see [`Registry::reloaded`]).
+    /// Session bindings carry over while every kept endpoint keeps its position; the retry
+    /// budget and the recent failovers carry over; the listen address cannot change without a
+    /// restart and stays as it is.
+    pub fn reloaded(
+        &self,
+        mut config: Config,
+    ) -> Result<(Self, crate::registry::ReloadReport), crate::upstream::ClientError> {
+        config.server.listen = self.config.server.listen;
+        let (registry, report) = Registry::reloaded(&config, &self.registry)?;
+        let clock = registry.clock;
+        let positions_kept = report.changed.is_empty()
+            && report.removed.is_empty()
+            && registry
+                .endpoints
+                .iter()
+                .all(|e| self.registry.by_name(&e.name).is_none_or(|o| o.idx == e.idx));
+        let affinity = match (&self.affinity, config.affinity.enabled) {
+            (Some(a), true) if positions_kept && config.affinity == self.config.affinity => {
+                Some(Arc::clone(a))
+            }
+            (_, true) => Some(Arc::new(Affinity::new(&config.affinity, clock))),
+            (_, false) => None,
+        };
+        let budget = if config.retry_budget == self.config.retry_budget {
+            Arc::clone(&self.budget)
+        } else {
+            Arc::new(RetryBudget::new(&config.retry_budget, clock))
+        };
+        let gateway = Self {
+            registry: Arc::new(registry),
+            selector: Selector::new(config.server.strategy),
+            affinity,
+            budget,
+            events: Arc::clone(&self.events),
+            config,
+        };
+        Ok((gateway, report))
     }
 
     /// Whether the request carries the access token (always true when none is configured).
@@ -98,6 +142,19 @@ where
         );
     }
     let guard = gw.registry.gateway.begin();
+    let id = HeaderValue::from_str(&guard.id().to_string())
+        .unwrap_or_else(|_| HeaderValue::from_static("req"));
+    let mut resp = proxied(&gw, req, guard).await;
+    resp.headers_mut().insert("x-ccgate-request-id", id);
+    resp
+}
+
+/// Reads the body (capped) and forwards the request.
+async fn proxied<B>(gw: &Gateway, req: Request<B>, guard: RequestGuard) -> Response<GateBody>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
     let (parts, body) = req.into_parts();
     let cap = gw.config.server.max_body_bytes;
     let declared = parts
@@ -129,7 +186,7 @@ where
         .path_and_query()
         .map_or_else(|| "/".to_string(), |p| p.as_str().to_string());
     let prepared = Prepared::new(parts.method, path_and_query, parts.headers, body);
-    forward_request(&gw, prepared, guard).await
+    forward_request(gw, prepared, guard).await
 }
 
 fn too_large(cap: usize) -> Response<GateBody> {
@@ -146,7 +203,11 @@ struct Failure {
     message: String,
 }
 
-async fn forward_request(gw: &Gateway, req: Prepared, guard: RequestGuard) -> Response<GateBody> {
+async fn forward_request(
+    gw: &Gateway,
+    req: Prepared,
+    mut guard: RequestGuard,
+) -> Response<GateBody> {
     let reg = &gw.registry;
     let timeouts = gw.config.timeouts;
     let max_attempts = gw.config.server.max_attempts;
@@ -241,6 +302,7 @@ async fn forward_request(gw: &Gateway, req: Prepared, guard: RequestGuard) -> Re
         let verdict = classify_status(resp.status(), resp.headers(), SystemTime::now());
         let (parts, body) = resp.into_parts();
         let attempts = tried.len();
+        guard.served_by(&ep, attempts, parts.status.as_u16());
         match verdict {
             Verdict::Relay if is_event_stream(&parts.headers) && !is_encoded(&parts.headers) => {
                 match forward::await_content(body, timeouts.idle).await {
@@ -249,6 +311,7 @@ async fn forward_request(gw: &Gateway, req: Prepared, guard: RequestGuard) -> Re
                         scanner,
                         body,
                     } => {
+                        note_failover(gw, &guard, &failures, Some(&ep), parts.status);
                         let relay = RelayBody::new(
                             body,
                             held,
@@ -264,6 +327,7 @@ async fn forward_request(gw: &Gateway, req: Prepared, guard: RequestGuard) -> Re
                         return relay_response(parts, relay, &ep, attempts, fallback, &req.method);
                     }
                     Preamble::Failed(outcome, message) => {
+                        let message = ep.scrub(&message);
                         tracing::warn!(endpoint = %ep.name, kind = outcome.kind().name(), %message, "stream failed before content");
                         attempt.finish(outcome, Some(message.clone()));
                         failures.push(Failure {
@@ -275,6 +339,7 @@ async fn forward_request(gw: &Gateway, req: Prepared, guard: RequestGuard) -> Re
                 }
             }
             Verdict::Relay => {
+                note_failover(gw, &guard, &failures, Some(&ep), parts.status);
                 let relay = RelayBody::new(
                     body,
                     Vec::new(),
@@ -305,7 +370,7 @@ async fn forward_request(gw: &Gateway, req: Prepared, guard: RequestGuard) -> Re
                 let text = forward::read_small(body, 16 * 1024, timeouts.idle).await;
                 let message = forward::error_message(&text)
                     .unwrap_or_else(|| format!("HTTP {}", parts.status.as_u16()));
-                let message = format!("HTTP {}: {}", parts.status.as_u16(), scrub(&message, &ep));
+                let message = format!("HTTP {}: {}", parts.status.as_u16(), ep.scrub(&message));
                 tracing::warn!(endpoint = %ep.name, kind = outcome.kind().name(), %message, "attempt failed");
                 attempt.finish(outcome, Some(message.clone()));
                 failures.push(Failure {
@@ -316,8 +381,41 @@ async fn forward_request(gw: &Gateway, req: Prepared, guard: RequestGuard) -> Re
             }
         }
     }
+    let mut resp = all_down(reg, &failures);
+    if fallback {
+        resp.headers_mut()
+            .insert("x-ccgate-fallback", HeaderValue::from_static("least-bad"));
+    }
+    note_failover(gw, &guard, &failures, None, resp.status());
     guard.end(RequestEnd::Upstream);
-    all_down(reg, &failures)
+    resp
+}
+
+/// Keeps a request that needed failover (or found nothing) in the recent-failovers ring.
+fn note_failover(
+    gw: &Gateway,
+    guard: &RequestGuard,
+    failures: &[Failure],
+    served_by: Option<&Endpoint>,
+    status: StatusCode,
+) {
+    if failures.is_empty() && served_by.is_some() {
+        return;
+    }
+    gw.events.push(Failover {
+        at: String::new(),
+        request_id: guard.id().to_string(),
+        failed: failures
+            .iter()
+            .map(|f| FailedAttempt {
+                endpoint: f.endpoint.clone(),
+                outcome: f.outcome.kind().name(),
+                message: f.message.clone(),
+            })
+            .collect(),
+        served_by: served_by.map(|e| e.name.clone()),
+        status: status.as_u16(),
+    });
 }
 
 /// The next admitted candidate not yet tried.
@@ -354,17 +452,6 @@ fn is_encoded(h: &HeaderMap) -> bool {
         .is_some_and(|v| !v.eq_ignore_ascii_case("identity"))
 }
 
-/// Removes the endpoint's own credential from text an upstream sent back (some relays echo it).
-fn scrub(text: &str, ep: &Endpoint) -> String {
-    let secret = ep.auth_header.1.to_str().unwrap_or("");
-    let secret = secret.strip_prefix("Bearer ").unwrap_or(secret);
-    if secret.len() >= 4 {
-        text.replace(secret, "***")
-    } else {
-        text.to_string()
-    }
-}
-
 fn relay_response(
     mut parts: http::response::Parts,
     relay: RelayBody,
@@ -385,7 +472,7 @@ fn relay_response(
             .headers
             .insert("x-ccgate-fallback", HeaderValue::from_static("least-bad"));
     }
-    tracing::info!(endpoint = %ep.name, status = parts.status.as_u16(), attempts, "relaying");
+    tracing::debug!(endpoint = %ep.name, status = parts.status.as_u16(), attempts, "relaying");
     // Bodiless answers are complete with their headers; hyper will not poll their body.
     if *method == Method::HEAD
         || parts.status == StatusCode::NO_CONTENT

@@ -10,12 +10,12 @@ use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use crate::clock::{Clock, ms};
 use crate::endpoint::Endpoint;
-use crate::health::{self, Effect, Event, Reason};
+use crate::health::{self, Effect, Event, Phase, Reason};
+use crate::sync::Mutex;
 
 /// One endpoint out of rotation.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -192,6 +192,70 @@ impl FailureQueue {
     /// One endpoint's entry.
     pub fn entry(&self, idx: usize) -> Option<Entry> {
         self.inner.lock().entries.get(&idx).cloned()
+    }
+
+    /// Takes over `old`'s statistics and the entries of the endpoints a config reload kept:
+    /// `moved(old_idx)` gives an endpoint's new index, or `None` if it was removed or changed
+    /// (its episode ends with it). Called once, before the new registry serves requests.
+    pub fn adopt(&self, old: &FailureQueue, moved: impl Fn(usize) -> Option<usize>) {
+        let from = old.inner.lock();
+        let mut inner = self.inner.lock();
+        inner.stats = from.stats;
+        for (old_idx, entry) in &from.entries {
+            if let Some(idx) = moved(*old_idx) {
+                let mut entry = entry.clone();
+                entry.idx = idx;
+                inner.entries.insert(idx, entry);
+            }
+        }
+        drop(inner);
+        self.changed.notify_waiters();
+    }
+
+    /// Makes the queue agree with `ep`'s phase after a config reload: an attempt begun before the
+    /// reload records through the previous gateway's queue, so it may eject a kept endpoint (which
+    /// then needs an entry here, and the probes that come with it) or end its probation (whose
+    /// entry here must then close). Counted as the episode events they are. The prober calls this
+    /// on every round; outside reloads it finds nothing to do. Returns whether it changed anything.
+    pub fn reconcile(&self, ep: &Endpoint, now_ms: u64) -> bool {
+        // Phases change only under a queue lock: read it under this one.
+        let mut inner = self.inner.lock();
+        let reason = match ep.live.phase() {
+            Phase::Ejected => Reason::Failures,
+            Phase::CoolingDown => Reason::RateLimited,
+            Phase::AuthDisabled => Reason::Auth,
+            Phase::Probation => return false,
+            Phase::Healthy => {
+                if inner.entries.remove(&ep.idx).is_none() {
+                    return false;
+                }
+                inner.stats.total_closed += 1;
+                drop(inner);
+                self.changed.notify_waiters();
+                return true;
+            }
+        };
+        if inner.entries.contains_key(&ep.idx) {
+            return false;
+        }
+        inner.stats.total_failed += 1;
+        let next_probe_at_ms = self.due_for(ep, reason, now_ms + ms(self.backoff(0)));
+        inner.entries.insert(
+            ep.idx,
+            Entry {
+                idx: ep.idx,
+                name: ep.name.clone(),
+                reason,
+                since_ms: now_ms,
+                probe_attempts: 0,
+                next_probe_at_ms,
+                probation: false,
+                last_probe: None,
+            },
+        );
+        drop(inner);
+        self.changed.notify_waiters();
+        true
     }
 
     /// Entries and stats read together under one lock.

@@ -23,6 +23,19 @@ pub enum Admission {
     No,
 }
 
+/// What a config reload did to the endpoints, by name.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ReloadReport {
+    /// New endpoints.
+    pub added: Vec<String>,
+    /// Endpoints no longer configured.
+    pub removed: Vec<String>,
+    /// Endpoints whose config changed: they start afresh.
+    pub changed: Vec<String>,
+    /// Endpoints carried over with their counters and health.
+    pub kept: Vec<String>,
+}
+
 /// All endpoints and their shared state.
 pub struct Registry {
     /// Endpoints in config order; `endpoints[i].idx == i`.
@@ -65,6 +78,73 @@ impl Registry {
             gateway: Arc::new(GatewayStats::default()),
             clock,
         })
+    }
+
+    /// Builds the registry for a reloaded config, continuing `old`: endpoints whose config is
+    /// unchanged (or changed only in `enabled`) keep their counters, health, failure-queue entry
+    /// and connection pool; the gateway totals, queue statistics and clock carry on.
+    pub fn reloaded(config: &Config, old: &Registry) -> Result<(Self, ReloadReport), ClientError> {
+        let h = &config.health;
+        let clock = old.clock;
+        let queue = Arc::new(FailureQueue::new(
+            clock,
+            h.failure_threshold,
+            h.probe_interval,
+            h.probe_max_interval,
+        ));
+        let recorder = Arc::new(Recorder {
+            clock,
+            queue: Arc::clone(&queue),
+            default_cooldown: h.rate_limit_cooldown,
+        });
+        let mut report = ReloadReport::default();
+        let mut moved: Vec<(usize, usize)> = Vec::new();
+        let mut endpoints = Vec::with_capacity(config.endpoints.len());
+        for (idx, e) in config.endpoints.iter().enumerate() {
+            let previous = old.by_name(&e.name);
+            let same = previous.filter(|p| {
+                let mut was = p.config.clone();
+                was.enabled = e.enabled;
+                was == *e
+            });
+            let ep = match same {
+                Some(p) => {
+                    if p.config.enabled != e.enabled {
+                        p.live.admin_disabled.store(!e.enabled, Ordering::Release);
+                    }
+                    moved.push((p.idx, idx));
+                    report.kept.push(e.name.clone());
+                    Endpoint::with_live(idx, e, p.client.clone(), Arc::clone(&p.live))
+                }
+                None => {
+                    if previous.is_some() {
+                        report.changed.push(e.name.clone());
+                    } else {
+                        report.added.push(e.name.clone());
+                    }
+                    let client = build_client(e.ca_file.as_deref(), &config.timeouts)?;
+                    Endpoint::new(idx, e, client)
+                }
+            };
+            endpoints.push(Arc::new(ep));
+        }
+        report.removed = old
+            .endpoints
+            .iter()
+            .filter(|o| !config.endpoints.iter().any(|e| e.name == o.name))
+            .map(|o| o.name.clone())
+            .collect();
+        queue.adopt(&old.queue, |old_idx| {
+            moved.iter().find(|(o, _)| *o == old_idx).map(|(_, n)| *n)
+        });
+        let registry = Self {
+            endpoints,
+            recorder,
+            queue,
+            gateway: Arc::clone(&old.gateway),
+            clock,
+        };
+        Ok((registry, report))
     }
 
     /// Finds an endpoint by name.

@@ -72,6 +72,14 @@ pub fn json(status: StatusCode, value: &serde_json::Value) -> Response<GateBody>
     resp
 }
 
+/// A 200 response with `body` of the given content type.
+pub fn body(content_type: &'static str, body: impl Into<Bytes>) -> Response<GateBody> {
+    let mut resp = Response::new(GateBody::from(body.into()));
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}
+
 /// An Anthropic-shaped error answered by ccgate itself.
 pub fn error(status: StatusCode, error_type: &str, message: &str) -> Response<GateBody> {
     json(

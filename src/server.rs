@@ -1,5 +1,10 @@
-//! Wiring: bind the listener, serve connections, run the background prober, and shut down
-//! gracefully. The only module that spawns long-lived tasks, so shutdown can wait for all of them.
+//! Wiring: bind the listener, serve connections, run the background prober, reload the config on
+//! request (SIGHUP or `POST /_ccgate/reload`), and shut down gracefully. The only module that
+//! spawns long-lived tasks, so shutdown can wait for all of them.
+//!
+//! The gateway in service lives in a [`Handle`] behind an `ArcSwap`: each request takes the
+//! current one, and a reload swaps in its successor atomically. Requests already running finish
+//! on the gateway they started with; endpoints the reload kept share their live state with it.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -13,13 +18,162 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
-use crate::config::Config;
+use std::path::PathBuf;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body::Body;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::{Config, ProcessEnv};
+use crate::forward::BoxError;
 use crate::proxy::{self, Gateway};
+use crate::registry::ReloadReport;
+use crate::response::{self, GateBody};
 
 /// A bound, not yet running, gateway.
 pub struct Server {
     listener: TcpListener,
-    gateway: Arc<Gateway>,
+    handle: Arc<Handle>,
+}
+
+/// The gateway in service, and how to replace it.
+pub struct Handle {
+    current: ArcSwap<Gateway>,
+    source: Option<PathBuf>,
+    reloading: tokio::sync::Mutex<()>,
+    prober: parking_lot::Mutex<Option<(watch::Sender<bool>, JoinHandle<()>)>>,
+}
+
+/// Why a reload did not happen (the running gateway is unchanged).
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The gateway was started without a config file.
+    #[error("this gateway was started without a config file; restart it to change its endpoints")]
+    NoSource,
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The new config has problems.
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigError),
+    /// An endpoint's client could not be built.
+    #[error(transparent)]
+    Client(#[from] crate::upstream::ClientError),
+}
+
+impl Handle {
+    /// The gateway serving new requests.
+    pub fn current(&self) -> Arc<Gateway> {
+        self.current.load_full()
+    }
+
+    /// Re-reads the config file and swaps in the reloaded gateway.
+    pub async fn reload(&self) -> Result<ReloadReport, ReloadError> {
+        let path = self.source.as_ref().ok_or(ReloadError::NoSource)?;
+        // A config file is small: reading it in place is cheaper than a blocking-pool hop.
+        let text = std::fs::read_to_string(path).map_err(|source| ReloadError::Read {
+                path: path.display().to_string(),
+                source,
+            })?;
+        let config = Config::from_toml(&text, &path.display().to_string(), &ProcessEnv)?;
+        self.reload_with(config).await
+    }
+
+    /// Swaps in the gateway for `config`, continuing the current one.
+    pub async fn reload_with(&self, config: Config) -> Result<ReloadReport, ReloadError> {
+        let _one_at_a_time = self.reloading.lock().await;
+        let (next, report) = self.current().reloaded(config)?;
+        let next = Arc::new(next);
+        self.current.store(Arc::clone(&next));
+        self.start_prober(next);
+        tracing::info!(
+            added = ?report.added,
+            removed = ?report.removed,
+            changed = ?report.changed,
+            kept = ?report.kept,
+            "configuration reloaded"
+        );
+        Ok(report)
+    }
+
+    /// Starts the prober for `gw`, stopping the previous gateway's.
+    fn start_prober(&self, gw: Arc<Gateway>) {
+        let (tx, rx) = watch::channel(false);
+        let task = tokio::spawn(crate::probe::run_prober(gw, rx));
+        if let Some((old_tx, _old)) = self.prober.lock().replace((tx, task)) {
+            let _ = old_tx.send(true);
+        }
+    }
+
+    async fn stop_prober(&self) {
+        let slot = self.prober.lock().take();
+        if let Some((tx, task)) = slot {
+            let _ = tx.send(true);
+            let _ = task.await;
+        }
+    }
+}
+
+/// `POST /_ccgate/reload`: re-reads the config file (the same token and same-site rules as the
+/// other admin writes).
+async fn reload_route<B>(handle: &Handle, req: &Request<B>) -> Response<GateBody> {
+    let gw = handle.current();
+    if !gw.authorized(req.headers()) {
+        return response::error(
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "ccgate: missing or wrong access token",
+        );
+    }
+    if req.method() != Method::POST {
+        return response::error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request_error",
+            "ccgate: method not allowed",
+        );
+    }
+    if crate::admin::cross_site(req.headers()) {
+        return response::error(
+            StatusCode::FORBIDDEN,
+            "permission_error",
+            "ccgate: admin changes are not accepted from another site",
+        );
+    }
+    match handle.reload().await {
+        Ok(report) => {
+            let mut v = serde_json::to_value(&report).unwrap_or_default();
+            v["reloaded"] = true.into();
+            response::json(StatusCode::OK, &v)
+        }
+        Err(e @ ReloadError::NoSource) => {
+            response::error(StatusCode::CONFLICT, "invalid_request_error", &format!("ccgate: {e}"))
+        }
+        Err(e) => response::error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            &format!("ccgate: configuration not reloaded: {e}"),
+        ),
+    }
+}
+
+/// Routes one request to the current gateway.
+async fn serve_one<B>(handle: Arc<Handle>, req: Request<B>) -> Response<GateBody>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    if req.uri().path() == "/_ccgate/reload" {
+        return reload_route(&handle, &req).await;
+    }
+    proxy::handle(handle.current(), req).await
 }
 
 /// Why the server could not start.
@@ -41,32 +195,52 @@ pub enum StartError {
 impl Server {
     /// Builds the gateway and binds its listener.
     pub async fn bind(config: Config) -> Result<Self, StartError> {
+        Self::bind_with_source(config, None).await
+    }
+
+    /// Like [`Server::bind`], remembering the file the config came from so that SIGHUP and
+    /// `POST /_ccgate/reload` can re-read it.
+    pub async fn bind_with_source(
+        config: Config,
+        source: Option<PathBuf>,
+    ) -> Result<Self, StartError> {
         let addr = config.server.listen;
         let gateway = Arc::new(Gateway::new(config)?);
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| StartError::Bind { addr, source })?;
-        Ok(Self { listener, gateway })
+        let handle = Arc::new(Handle {
+            current: ArcSwap::new(gateway),
+            source,
+            reloading: tokio::sync::Mutex::new(()),
+            prober: parking_lot::Mutex::new(None),
+        });
+        Ok(Self { listener, handle })
+    }
+
+    /// The handle through which the gateway in service is reached and reloaded.
+    pub fn handle(&self) -> Arc<Handle> {
+        Arc::clone(&self.handle)
     }
 
     /// The address actually bound (the real port when the config asked for port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.listener
             .local_addr()
-            .unwrap_or_else(|_| self.gateway.config.server.listen)
+            .unwrap_or_else(|_| self.handle.current().config.server.listen)
     }
 
-    /// The shared gateway state.
+    /// The gateway in service now.
     pub fn gateway(&self) -> Arc<Gateway> {
-        Arc::clone(&self.gateway)
+        self.handle.current()
     }
 
     /// Serves until `shutdown` resolves, then stops accepting, lets in-flight requests finish for
     /// up to `server.shutdown_timeout`, and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let Server { listener, gateway } = self;
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let prober = tokio::spawn(crate::probe::run_prober(Arc::clone(&gateway), stop_rx));
+        let Server { listener, handle } = self;
+        handle.start_prober(handle.current());
+        let mut hangups = hangups();
         let graceful = GracefulShutdown::new();
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
@@ -86,12 +260,21 @@ impl Server {
                     }
                 },
                 () = &mut shutdown => break,
+                Some(()) = next_hangup(&mut hangups) => {
+                    let handle = Arc::clone(&handle);
+                    tokio::spawn(async move {
+                        if let Err(e) = handle.reload().await {
+                            tracing::warn!(error = %e, "SIGHUP: configuration not reloaded");
+                        }
+                    });
+                    continue;
+                }
             };
             let _ = stream.set_nodelay(true);
-            let gw = Arc::clone(&gateway);
+            let handle = Arc::clone(&handle);
             let service = service_fn(move |req| {
-                let gw = Arc::clone(&gw);
-                async move { Ok::<_, Infallible>(proxy::handle(gw, req).await) }
+                let handle = Arc::clone(&handle);
+                async move { Ok::<_, Infallible>(serve_one(handle, req).await) }
             });
             let conn = builder
                 .serve_connection(TokioIo::new(stream), service)
@@ -104,8 +287,8 @@ impl Server {
             });
         }
         drop(listener);
-        let _ = stop_tx.send(true);
-        let limit = gateway.config.server.shutdown_timeout;
+        handle.stop_prober().await;
+        let limit = handle.current().config.server.shutdown_timeout;
         tracing::info!(
             "shutting down; waiting up to {} for in-flight requests",
             humantime::format_duration(limit)
@@ -118,28 +301,68 @@ impl Server {
                 "in-flight requests still running after the shutdown timeout; closing them"
             );
         }
-        let _ = prober.await;
     }
 }
 
-/// Resolves on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+#[cfg(unix)]
+type Hangups = Option<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+type Hangups = ();
+
+/// SIGHUP, which asks for a config reload.
+fn hangups() -> Hangups {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        signal(SignalKind::hangup())
+            .inspect_err(|e| tracing::warn!(error = %e, "cannot listen for SIGHUP"))
+            .ok()
+    }
+}
+
+async fn next_hangup(h: &mut Hangups) -> Option<()> {
+    #[cfg(unix)]
+    if let Some(s) = h {
+        return s.recv().await;
+    }
     #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
+    let _ = h;
+    std::future::pending().await
+}
+
+/// Resolves on SIGINT or SIGTERM.
+///
+/// The handlers are installed when this is called, not when the future is first polled: call it
+/// (inside the runtime) before announcing the listener, so that a signal sent the moment a script
+/// reads `listening on ...` already shuts down gracefully instead of killing the process.
+pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let term = signal(SignalKind::terminate());
+        let int = signal(SignalKind::interrupt());
+        async move {
+            let wait = |s: std::io::Result<tokio::signal::unix::Signal>| async move {
+                match s {
+                    Ok(mut s) => {
+                        s.recv().await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot listen for a shutdown signal");
+                        std::future::pending::<()>().await;
+                    }
+                }
+            };
+            tokio::select! {
+                () = wait(term) => {}
+                () = wait(int) => {}
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }

@@ -12,7 +12,8 @@ const MAX_LINE: usize = 64 * 1024;
 pub struct StreamFacts {
     /// Events seen, of any kind.
     pub events: u64,
-    /// Whether a content-bearing event (anything but `message_start` and `ping`) was seen.
+    /// Whether a content-bearing event (anything but `message_start`, `ping` and
+    /// `content_block_start`, which only opens a block) was seen.
     pub content: bool,
     /// Whether `message_stop` was seen.
     pub message_stop: bool,
@@ -135,7 +136,9 @@ impl SseScanner {
         };
         self.facts.events += 1;
         match name.as_str() {
-            "message_start" | "ping" => {}
+            // A block opening carries no generated text yet: holding it keeps a failure before the
+            // first delta transparent to fail over.
+            "message_start" | "ping" | "content_block_start" => {}
             "message_stop" => self.facts.message_stop = true,
             "error" => {
                 if self.facts.error.is_none() {
@@ -168,7 +171,8 @@ mod tests {
     use super::*;
 
     const STREAM: &str = "event: message_start\ndata: {\"type\":\"message_start\"}\n\nevent: ping\ndata: {\"type\": \"ping\"}\n\n\
-event: content_block_start\ndata: {\"type\":\"content_block_start\"}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+event: content_block_start\ndata: {\"type\":\"content_block_start\"}\n\n\
+event: content_block_delta\ndata: {\"type\":\"content_block_delta\"}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
 
     fn scan_in_pieces(s: &str, piece: usize) -> StreamFacts {
         let mut sc = SseScanner::new();
@@ -184,7 +188,7 @@ event: content_block_start\ndata: {\"type\":\"content_block_start\"}\n\nevent: m
         assert_eq!(
             whole,
             StreamFacts {
-                events: 4,
+                events: 5,
                 content: true,
                 message_stop: true,
                 error: None
@@ -200,11 +204,11 @@ event: content_block_start\ndata: {\"type\":\"content_block_start\"}\n\nevent: m
     #[test]
     fn preamble_is_not_content() {
         let f = scan_in_pieces(
-            "event: message_start\ndata: {}\n\nevent: ping\ndata: {}\n\n",
+            "event: message_start\ndata: {}\n\nevent: content_block_start\ndata: {}\n\nevent: ping\ndata: {}\n\n",
             5,
         );
         assert!(!f.content && !f.message_stop);
-        assert_eq!(f.events, 2);
+        assert_eq!(f.events, 3);
     }
 
     #[test]

@@ -127,7 +127,10 @@ impl GatewayBuilder {
 /// A running in-process gateway.
 pub struct TestGateway {
     pub addr: std::net::SocketAddr,
+    /// The gateway the server started with (after a reload, see `handle.current()`).
     pub gateway: Arc<Gateway>,
+    /// Reaches the gateway in service and reloads it.
+    pub handle: Arc<ccgate::server::Handle>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
     client: Client<HttpConnector, Full<Bytes>>,
@@ -161,9 +164,18 @@ pub fn http_client() -> Client<HttpConnector, Full<Bytes>> {
 
 impl TestGateway {
     pub async fn start(config: Config) -> Self {
-        let server = Server::bind(config).await.expect("bind");
+        Self::start_with_source(config, None).await
+    }
+
+    /// Starts a gateway that reloads from `source` (SIGHUP is process-wide, so in-process tests
+    /// use `POST /_ccgate/reload`).
+    pub async fn start_with_source(config: Config, source: Option<std::path::PathBuf>) -> Self {
+        let server = Server::bind_with_source(config, source)
+            .await
+            .expect("bind");
         let addr = server.local_addr();
         let gateway = server.gateway();
+        let handle = server.handle();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(server.run(async move {
             let _ = rx.await;
@@ -171,6 +183,7 @@ impl TestGateway {
         Self {
             addr,
             gateway,
+            handle,
             stop: Some(tx),
             task: Some(task),
             client: http_client(),
@@ -268,13 +281,13 @@ impl TestGateway {
     /// sees it).
     pub async fn settle(&self) {
         for _ in 0..2000 {
-            let busy = self
-                .gateway
+            let gw = self.handle.current();
+            let busy = gw
                 .registry
                 .endpoints
                 .iter()
                 .any(|e| e.live.snapshot().in_flight > 0)
-                || self.gateway.registry.gateway.snapshot().in_flight > 0;
+                || gw.registry.gateway.snapshot().in_flight > 0;
             if !busy {
                 return;
             }

@@ -1,0 +1,648 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark of ccgate against nginx and a direct connection (issue #6).
+#
+# Run from anywhere:
+#
+#     bench/run.sh                          # full run: DURATION=10 REPEATS=3
+#     DURATION=5 REPEATS=2 bench/run.sh     # quick check
+#
+# What it does, all on loopback:
+#   1. installs what is missing: `oha` (cargo install oha --locked), nginx (apt-get install -y nginx);
+#   2. builds ccgate (`cargo build --release` in the repo root) and the bench crate
+#      bench/mock-upstream (binaries `mock-upstream` and `sse-load`);
+#   3. starts two mocks, nginx over both (keep-alive to the upstreams, no buffering, next-upstream
+#      on errors) and ccgate over both (equal priority);
+#   4. alternating targets (direct = straight to mock A / nginx / ccgate, order rotated every repeat
+#      so machine noise hits all alike), REPEATS times:
+#        ns_c1      non-streaming POST /v1/messages, ~2 KB body, concurrency 1     (oha)
+#        ns_c64     the same at concurrency 64                                      (oha)
+#        sse_c64    streaming, 20 events 5 ms apart, concurrency 64                (sse-load)
+#        slow       SLOW_STREAMS concurrent streams of 20 events 200 ms apart, on a fresh
+#                   gateway: idle RSS after startup, peak RSS while streaming      (sse-load)
+#        failover   fresh gateways over a healthy mock and a broken one — answering 500,
+#                   refusing connections, or killed a third into the run           (oha)
+#   5. writes medians, ratios and the machine to BENCHMARKS.md (bench/report.py) and raw results
+#      to bench/results/<timestamp>/ (bench/results/latest points at the newest).
+#
+# Knobs (environment):
+#   DURATION=10            seconds per timed run (ns_c1, ns_c64, sse_c64, failover)
+#   REPEATS=3              repeats of the whole alternating matrix; medians are taken over them
+#   WARMUP=1               seconds of warm-up load per target before the first repeat
+#   SLOW_STREAMS=1000      concurrent streams in the RSS run (SLOW_EVENTS x SLOW_PACE_MS each)
+#   SLOW_EVENTS=20  SLOW_PACE_MS=200
+#   STREAM_EVENTS=20  STREAM_PACE_MS=5
+#   FAILOVER_CONCURRENCY=16
+#   WORKLOADS="ns_c1 ns_c64 sse_c64 slow failover"   subset to run
+#   CCGATE_BIN=path        use this ccgate binary, build nothing
+#   CCGATE_REF=HEAD        build ccgate from this git ref (git archive into BUILD_DIR) instead of
+#                          the working tree, e.g. while the working tree does not compile
+#   BUILD_DIR=/tmp/ccgate-bench-build   where CCGATE_REF builds go
+#   CCGATE_RUST_LOG        RUST_LOG for ccgate (default: unset, i.e. ccgate's default `info`)
+#   PROFILE=1              perf-record ccgate (cpu-clock) during the first ns_c64 and sse_c64 runs;
+#                          reports land in the results dir as perf-*.txt. Sampling slows ccgate a
+#                          little in those runs: leave it off for the numbers you publish.
+#   OUT=BENCHMARKS.md      report path (relative to the repo root)
+#
+# The load generator, the proxies and the mocks share the machine's cores: nothing is pinned.
+# Every process this script starts is stopped on exit (trap).
+
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BENCH=$ROOT/bench
+COMMAND_LINE="$(for v in DURATION REPEATS WARMUP SLOW_STREAMS SLOW_EVENTS SLOW_PACE_MS STREAM_EVENTS \
+    STREAM_PACE_MS FAILOVER_CONCURRENCY WORKLOADS CCGATE_BIN CCGATE_REF PROFILE; do
+    if [[ -n "${!v:-}" ]]; then printf '%s=%q ' "$v" "${!v}"; fi; done)bench/run.sh"
+
+DURATION=${DURATION:-10}
+REPEATS=${REPEATS:-3}
+WARMUP=${WARMUP:-1}
+SLOW_STREAMS=${SLOW_STREAMS:-1000}
+SLOW_EVENTS=${SLOW_EVENTS:-20}
+SLOW_PACE_MS=${SLOW_PACE_MS:-200}
+STREAM_EVENTS=${STREAM_EVENTS:-20}
+STREAM_PACE_MS=${STREAM_PACE_MS:-5}
+FAILOVER_CONCURRENCY=${FAILOVER_CONCURRENCY:-16}
+WORKLOADS=${WORKLOADS:-"ns_c1 ns_c64 sse_c64 slow failover"}
+BUILD_DIR=${BUILD_DIR:-${TMPDIR:-/tmp}/ccgate-bench-build}
+PROFILE=${PROFILE:-0}
+OUT=${OUT:-BENCHMARKS.md}
+[[ $OUT == /* ]] || OUT=$ROOT/$OUT
+
+STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+RESULTS=$BENCH/results/$STAMP
+RAW=$RESULTS/raw
+LOGS=$RESULTS/logs
+mkdir -p "$RAW" "$LOGS"
+ln -sfn "$STAMP" "$BENCH/results/latest"
+RUNS=$RESULTS/runs.jsonl
+: >"$RUNS"
+
+export PATH="$HOME/.cargo/bin:$PATH"
+
+log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# ------------------------------------------------------------------------------------------------
+# Process bookkeeping: every background process goes into PIDS; the trap stops them all.
+# ------------------------------------------------------------------------------------------------
+PIDS=()
+LAST_PID=
+
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    local p
+    for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+    for p in "${PIDS[@]}"; do
+        for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$p" 2>/dev/null || true
+    done
+    wait 2>/dev/null || true
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# start NAME CMD... : runs CMD in the background, output to $LOGS/NAME.log; sets LAST_PID.
+start() {
+    local name=$1; shift
+    "$@" >"$LOGS/$name.log" 2>&1 &
+    LAST_PID=$!
+    PIDS+=("$LAST_PID")
+}
+
+# stop PID : TERM, wait up to 5 s, then KILL; forgets the pid.
+stop() {
+    local p=$1 q keep=()
+    if kill -TERM "$p" 2>/dev/null; then
+        for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$p" 2>/dev/null || true
+    fi
+    wait "$p" 2>/dev/null || true
+    for q in "${PIDS[@]}"; do [[ $q == "$p" ]] || keep+=("$q"); done
+    PIDS=("${keep[@]}")
+}
+
+# div A B : A / B with three decimals (awk, so no bc is needed).
+div() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", (b == 0 ? 0 : a / b) }'; }
+
+# wait_listening NAME PID : waits for "listening on http://ADDR" in NAME's log, prints ADDR.
+wait_listening() {
+    local name=$1 pid=$2 addr
+    for _ in $(seq 300); do
+        addr=$(sed -n 's|^.*listening on http://\([0-9.:]*\).*$|\1|p' "$LOGS/$name.log" | head -n1)
+        if [[ -n "$addr" ]]; then echo "$addr"; return 0; fi
+        kill -0 "$pid" 2>/dev/null || { tail -n 20 "$LOGS/$name.log" >&2; die "$name exited"; }
+        sleep 0.05
+    done
+    tail -n 20 "$LOGS/$name.log" >&2
+    die "$name did not print its address"
+}
+
+# wait_http URL : waits until URL answers at all.
+wait_http() {
+    for _ in $(seq 200); do
+        curl -s -o /dev/null --max-time 1 "$1" && return 0
+        sleep 0.05
+    done
+    die "$1 does not answer"
+}
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# ------------------------------------------------------------------------------------------------
+# Tools
+# ------------------------------------------------------------------------------------------------
+install_tools() {
+    command -v python3 >/dev/null || die "python3 is needed for the report"
+    command -v curl >/dev/null || die "curl is needed"
+    if ! command -v oha >/dev/null; then
+        log "installing oha (cargo install oha --locked)"
+        cargo install oha --locked
+    fi
+    if ! command -v nginx >/dev/null && [[ ! -x /usr/sbin/nginx ]]; then
+        log "installing nginx (apt-get install -y nginx)"
+        local sudo=; [[ $(id -u) -eq 0 ]] || sudo=sudo
+        $sudo apt-get install -y nginx || { $sudo apt-get update && $sudo apt-get install -y nginx; }
+    fi
+    NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+}
+
+build() {
+    if [[ -n "${CCGATE_BIN:-}" ]]; then
+        CCGATE=$CCGATE_BIN
+    elif [[ -n "${CCGATE_REF:-}" ]]; then
+        log "building ccgate from git ref $CCGATE_REF in $BUILD_DIR"
+        rm -rf "$BUILD_DIR/src" && mkdir -p "$BUILD_DIR/src"
+        git -C "$ROOT" archive "$CCGATE_REF" | tar -x -C "$BUILD_DIR/src"
+        (cd "$BUILD_DIR/src" && CARGO_TARGET_DIR=$BUILD_DIR/target cargo build --release --bin ccgate)
+        CCGATE=$BUILD_DIR/target/release/ccgate
+        CCGATE_VERSION="$(git -C "$ROOT" rev-parse --short "$CCGATE_REF") ($CCGATE_REF)"
+    else
+        log "building ccgate (cargo build --release)"
+        (cd "$ROOT" && cargo build --release) ||
+            die "ccgate does not build; CCGATE_REF=HEAD bench/run.sh benchmarks the last commit instead"
+        CCGATE=${CARGO_TARGET_DIR:-$ROOT/target}/release/ccgate
+        CCGATE_VERSION="$(git -C "$ROOT" rev-parse --short HEAD)$(git -C "$ROOT" diff --quiet HEAD -- src Cargo.toml || echo '+dirty')"
+    fi
+    [[ -x "$CCGATE" ]] || die "no ccgate binary at $CCGATE"
+    # Run a private copy: another build may replace target/release/ccgate while we measure.
+    mkdir -p "$RESULTS/bin"
+    cp "$CCGATE" "$RESULTS/bin/ccgate"
+    CCGATE=$RESULTS/bin/ccgate
+    CCGATE_VERSION=${CCGATE_VERSION:-$CCGATE}
+    log "building bench/mock-upstream"
+    cargo build --release --manifest-path "$BENCH/mock-upstream/Cargo.toml"
+    local tdir=${CARGO_TARGET_DIR:-$BENCH/mock-upstream/target}
+    MOCK=$tdir/release/mock-upstream
+    SSE_LOAD=$tdir/release/sse-load
+}
+
+# ------------------------------------------------------------------------------------------------
+# Servers
+# ------------------------------------------------------------------------------------------------
+
+# start_mock NAME [ARGS...] : sets MOCK_PID, MOCK_ADDR.
+start_mock() {
+    local name=$1; shift
+    start "$name" "$MOCK" --port 0 --events "$STREAM_EVENTS" --pace-ms "$STREAM_PACE_MS" "$@"
+    MOCK_PID=$LAST_PID
+    MOCK_ADDR=$(wait_listening "$name" "$MOCK_PID")
+}
+
+# start_nginx NAME UPSTREAM_ADDR... : sets NGINX_PID (the master), NGINX_ADDR.
+start_nginx() {
+    local name=$1; shift
+    local dir=$RESULTS/$name port servers= a
+    port=$(free_port)
+    mkdir -p "$dir/tmp"
+    for a in "$@"; do servers+="        server $a max_fails=1 fail_timeout=10s;"$'\n'; done
+    local user=; [[ $(id -u) -eq 0 ]] && user="user root root;"
+    cat >"$dir/nginx.conf" <<EOF
+# Generated by bench/run.sh: a tuned, fair reverse proxy over the mocks.
+$user
+daemon off;
+master_process on;
+worker_processes auto;
+worker_rlimit_nofile 65536;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events {
+    worker_connections 4096;
+}
+http {
+    access_log off;
+    client_body_temp_path $dir/tmp/body;
+    proxy_temp_path $dir/tmp/proxy;
+    fastcgi_temp_path $dir/tmp/fastcgi;
+    uwsgi_temp_path $dir/tmp/uwsgi;
+    scgi_temp_path $dir/tmp/scgi;
+    client_max_body_size 32m;
+    client_body_buffer_size 128k;
+    keepalive_requests 1000000;
+    keepalive_timeout 300s;
+    upstream mocks {
+$servers        keepalive 512;
+        keepalive_requests 1000000;
+        keepalive_timeout 300s;
+    }
+    server {
+        listen 127.0.0.1:$port backlog=4096;
+        location / {
+            proxy_pass http://mocks;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_read_timeout 300s;
+            proxy_next_upstream error timeout http_500 http_502 http_503 http_504 non_idempotent;
+            proxy_next_upstream_tries 3;
+        }
+    }
+}
+EOF
+    start "$name" "$NGINX" -e "$dir/error.log" -p "$dir" -c "$dir/nginx.conf"
+    NGINX_PID=$LAST_PID
+    NGINX_ADDR=127.0.0.1:$port
+    wait_http "http://$NGINX_ADDR/"
+}
+
+# start_ccgate NAME UPSTREAM_ADDR... : sets CCGATE_PID, CCGATE_ADDR.
+start_ccgate() {
+    local name=$1; shift
+    local dir=$RESULTS/$name i=0 a
+    mkdir -p "$dir/xdg"
+    {
+        printf '# Generated by bench/run.sh\n[server]\nlisten = "127.0.0.1:0"\nstrategy = "priority"\n\n'
+        for a in "$@"; do
+            i=$((i + 1))
+            printf '[[endpoints]]\nname = "mock-%s"\nbase_url = "http://%s"\napi_key = "bench"\npriority = 1\nweight = 100\n\n' "$i" "$a"
+        done
+    } >"$dir/ccgate.toml"
+    chmod 600 "$dir/ccgate.toml"
+    start "$name" env XDG_DATA_HOME="$dir/xdg" XDG_STATE_HOME="$dir/xdg" XDG_CACHE_HOME="$dir/xdg" \
+        ${CCGATE_RUST_LOG:+RUST_LOG="$CCGATE_RUST_LOG"} \
+        "$CCGATE" serve --config "$dir/ccgate.toml"
+    CCGATE_PID=$LAST_PID
+    CCGATE_ADDR=$(wait_listening "$name" "$CCGATE_PID")
+    # `env` execs ccgate, so the pid is ccgate's own.
+}
+
+# ------------------------------------------------------------------------------------------------
+# Measurements
+# ------------------------------------------------------------------------------------------------
+
+# pids_of TARGET : the gateway's processes (nginx: master + workers).
+pids_of() {
+    case $1 in
+        nginx) echo "$G_NGINX_PID" $(pgrep -P "$G_NGINX_PID" || true) ;;
+        ccgate) echo "$G_CCGATE_PID" ;;
+        direct) echo ;;
+    esac
+}
+
+# cpu_ticks PID... : summed utime+stime in clock ticks.
+cpu_ticks() {
+    local sum=0 p t
+    for p in "$@"; do
+        t=$(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0)
+        sum=$((sum + t))
+    done
+    echo "$sum"
+}
+
+# rss_kb FIELD PID... : summed VmRSS / VmHWM in kB.
+rss_kb() {
+    local field=$1 sum=0 p v; shift
+    for p in "$@"; do
+        v=$(awk -v f="$field:" '$1 == f {print $2}' "/proc/$p/status" 2>/dev/null || true)
+        sum=$((sum + ${v:-0}))
+    done
+    echo "$sum"
+}
+
+# pss_kb PID... : summed proportional set size (shared pages split between the processes), kB.
+pss_kb() {
+    local sum=0 p v
+    for p in "$@"; do
+        v=$(awk '$1 == "Pss:" {print $2}' "/proc/$p/smaps_rollup" 2>/dev/null || true)
+        sum=$((sum + ${v:-0}))
+    done
+    echo "$sum"
+}
+
+# rss_sampler OUTFILE PID... : runs until killed; keeps "peak-VmRSS-sum peak-Pss-sum" (kB) in OUTFILE.
+rss_sampler() {
+    local out=$1 max=0 maxp=0 cur curp; shift
+    echo "0 0" >"$out"
+    while :; do
+        cur=$(rss_kb VmRSS "$@"); curp=$(pss_kb "$@")
+        if ((cur > max || curp > maxp)); then
+            ((cur > max)) && max=$cur
+            ((curp > maxp)) && maxp=$curp
+            echo "$max $maxp" >"$out"
+        fi
+        sleep 0.05
+    done
+}
+
+CLK_TCK=$(getconf CLK_TCK)
+NS_HEADERS=(-H 'content-type: application/json' -H 'anthropic-version: 2023-06-01' -H 'x-api-key: sk-bench-client')
+
+url_of() {
+    case $1 in
+        direct) echo "http://$G_DIRECT_ADDR/v1/messages" ;;
+        nginx) echo "http://$G_NGINX_ADDR/v1/messages" ;;
+        ccgate) echo "http://$G_CCGATE_ADDR/v1/messages" ;;
+    esac
+}
+
+# record KEY=VALUE... : appends one JSON line to runs.jsonl (values are numbers or quoted strings).
+record() {
+    local line= kv
+    for kv in "$@"; do line+="${line:+,}\"${kv%%=*}\":${kv#*=}"; done
+    echo "{$line}" >>"$RUNS"
+}
+
+# measure REPEAT WORKLOAD TARGET TOOL CMD... : runs CMD (stdout → raw file) on the main servers,
+# with CPU accounting of gateway and mocks.
+measure() {
+    local rep=$1 wl=$2 target=$3 tool=$4; shift 4
+    local raw="$RAW/r$rep-$wl-$target.json" gw_pids mocks="$G_MOCK_A_PID $G_MOCK_B_PID"
+    gw_pids=$(pids_of "$target")
+    local g0 m0 g1 m1 t0 t1 perf_pid=
+    g0=$(cpu_ticks $gw_pids); m0=$(cpu_ticks $mocks); t0=$(date +%s.%N)
+    if [[ $PROFILE == 1 && $target == ccgate && $rep == 1 ]] && [[ $wl == ns_c64 || $wl == sse_c64 ]]; then
+        perf record -e cpu-clock -F 999 -g -p "$G_CCGATE_PID" -o "$RESULTS/perf-$wl.data" \
+            >"$LOGS/perf-$wl.log" 2>&1 &
+        perf_pid=$!
+        PIDS+=("$perf_pid")
+    fi
+    "$@" >"$raw" 2>"$LOGS/r$rep-$wl-$target.err" || log "warning: $wl/$target exited non-zero (see logs)"
+    t1=$(date +%s.%N)
+    g1=$(cpu_ticks $gw_pids); m1=$(cpu_ticks $mocks)
+    if [[ -n $perf_pid ]]; then
+        kill -INT "$perf_pid" 2>/dev/null || true
+        wait "$perf_pid" 2>/dev/null || true
+        stop "$perf_pid"
+        {
+            echo "## ccgate CPU by object (self time)"
+            perf report -i "$RESULTS/perf-$wl.data" --stdio --no-children --sort dso -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | cut -c1-160 || true
+            echo; echo "## hottest symbols (self time)"
+            perf report -i "$RESULTS/perf-$wl.data" --stdio --no-children --sort dso,symbol -g none --percent-limit 0.5 2>/dev/null | grep -v '^#' | grep -v '^$' | cut -c1-160 || true
+            echo; echo "## inclusive time (children), symbols above 2%"
+            perf report -i "$RESULTS/perf-$wl.data" --stdio --children --sort symbol -g none --percent-limit 2 2>/dev/null | grep -v '^#' | grep -v '^$' | cut -c1-160 || true
+        } >"$RESULTS/perf-$wl.txt"
+    fi
+    record rep="$rep" workload="\"$wl\"" target="\"$target\"" tool="\"$tool\"" \
+        raw="\"${raw#"$RESULTS"/}\"" wall_s="$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", b - a }')" \
+        gw_cpu_s="$(div $((g1 - g0)) "$CLK_TCK")" mocks_cpu_s="$(div $((m1 - m0)) "$CLK_TCK")"
+}
+
+oha_run() { # CONCURRENCY URL [extra oha args]
+    local c=$1 url=$2; shift 2
+    oha -z "${DURATION}s" -c "$c" -m POST -D "$BODY_FILE" "${NS_HEADERS[@]}" \
+        --no-tui --output-format json "$@" "$url"
+}
+
+sse_run() { # CONCURRENCY URL [extra sse-load args]
+    local c=$1 url=$2; shift 2
+    "$SSE_LOAD" --url "$url" -c "$c" --body "$STREAM_BODY_FILE" \
+        -H "x-mock-events: $STREAM_EVENTS" -H "x-mock-pace-ms: $STREAM_PACE_MS" \
+        --expect-events $((STREAM_EVENTS + 6)) "$@"
+}
+
+# rotated REPEAT : the three targets, rotated by REPEAT.
+rotated() {
+    local t=(direct nginx ccgate) i
+    for i in 0 1 2; do printf '%s ' "${t[$(((i + $1) % 3))]}"; done
+}
+
+has() { [[ " $WORKLOADS " == *" $1 "* ]]; }
+
+# --- slow streams: fresh gateways, idle RSS, then SLOW_STREAMS concurrent slow streams ----------
+slow_round() {
+    local rep=$1 target
+    start_nginx "slow-nginx-r$rep" "$G_MOCK_A_ADDR" "$G_MOCK_B_ADDR"
+    local np=$NGINX_PID na=$NGINX_ADDR
+    start_ccgate "slow-ccgate-r$rep" "$G_MOCK_A_ADDR" "$G_MOCK_B_ADDR"
+    local cp=$CCGATE_PID ca=$CCGATE_ADDR
+    sleep 1
+    local n_pids c_pids
+    n_pids="$np $(pgrep -P "$np" | tr '\n' ' ')"
+    c_pids=$cp
+    local idle_n idle_c idle_pss_n idle_pss_c
+    idle_n=$(rss_kb VmRSS $n_pids); idle_c=$(rss_kb VmRSS $c_pids)
+    idle_pss_n=$(pss_kb $n_pids); idle_pss_c=$(pss_kb $c_pids)
+    for target in $(rotated "$rep"); do
+        local url pids idle idle_pss
+        case $target in
+            direct) url="http://$G_MOCK_A_ADDR/v1/messages"; pids=""; idle=0; idle_pss=0 ;;
+            nginx) url="http://$na/v1/messages"; pids=$n_pids; idle=$idle_n; idle_pss=$idle_pss_n ;;
+            ccgate) url="http://$ca/v1/messages"; pids=$c_pids; idle=$idle_c; idle_pss=$idle_pss_c ;;
+        esac
+        log "  slow/$target: $SLOW_STREAMS streams of $SLOW_EVENTS events ${SLOW_PACE_MS} ms apart"
+        local peak_file=$RESULTS/peak-r$rep-$target sampler=
+        if [[ -n $pids ]]; then
+            rss_sampler "$peak_file" $pids &
+            sampler=$!
+            PIDS+=("$sampler")
+        fi
+        local raw="$RAW/r$rep-slow-$target.json"
+        "$SSE_LOAD" --url "$url" -c "$SLOW_STREAMS" --streams "$SLOW_STREAMS" --body "$STREAM_BODY_FILE" \
+            -H "x-mock-events: $SLOW_EVENTS" -H "x-mock-pace-ms: $SLOW_PACE_MS" \
+            --expect-events $((SLOW_EVENTS + 6)) --connect-timeout 30 \
+            >"$raw" 2>"$LOGS/r$rep-slow-$target.err" || log "warning: slow/$target exited non-zero"
+        local peak=0 peak_pss=0 hwm=0
+        if [[ -n $sampler ]]; then
+            stop "$sampler"
+            read -r peak peak_pss <"$peak_file"
+            hwm=$(rss_kb VmHWM $pids)
+        fi
+        record rep="$rep" workload='"slow"' target="\"$target\"" tool='"sse-load"' \
+            raw="\"${raw#"$RESULTS"/}\"" idle_rss_kb="$idle" peak_rss_kb="$peak" hwm_rss_kb="$hwm" \
+            idle_pss_kb="$idle_pss" peak_pss_kb="$peak_pss"
+    done
+    stop "$cp"; stop "$np"
+}
+
+# --- failover: fresh gateways over mock A and a broken upstream ---------------------------------
+failover_round() {
+    local rep=$1 mode target broken_addr broken_pid
+    for mode in status500 refused killed; do
+        broken_pid=
+        case $mode in
+            status500)
+                start_mock "fo-$mode-r$rep-mock" --fail-status 500
+                broken_addr=$MOCK_ADDR; broken_pid=$MOCK_PID ;;
+            refused)
+                broken_addr=127.0.0.1:$(free_port) ;; # nothing listens there
+            killed)
+                start_mock "fo-$mode-r$rep-mock"
+                broken_addr=$MOCK_ADDR; broken_pid=$MOCK_PID ;;
+        esac
+        for target in nginx ccgate; do
+            local url gw_pid
+            if [[ $target == nginx ]]; then
+                start_nginx "fo-$mode-r$rep-nginx" "$G_MOCK_A_ADDR" "$broken_addr"
+                url="http://$NGINX_ADDR/v1/messages"; gw_pid=$NGINX_PID
+            else
+                start_ccgate "fo-$mode-r$rep-ccgate" "$G_MOCK_A_ADDR" "$broken_addr"
+                url="http://$CCGATE_ADDR/v1/messages"; gw_pid=$CCGATE_PID
+            fi
+            log "  failover/$mode/$target"
+            local raw="$RAW/r$rep-failover_$mode-$target.json" killer=
+            if [[ $mode == killed ]]; then
+                # A healthy mock, killed (SIGKILL) a third into the run.
+                (sleep "$(div "$DURATION" 3)"; kill -KILL "$broken_pid" 2>/dev/null || true) &
+                killer=$!
+                PIDS+=("$killer")
+            fi
+            oha_run "$FAILOVER_CONCURRENCY" "$url" -w >"$raw" 2>"$LOGS/r$rep-failover_$mode-$target.err" ||
+                log "warning: failover/$mode/$target exited non-zero"
+            if [[ -n $killer ]]; then wait "$killer" 2>/dev/null || true; stop "$killer"; fi
+            record rep="$rep" workload="\"failover_$mode\"" target="\"$target\"" tool='"oha"' \
+                raw="\"${raw#"$RESULTS"/}\""
+            # Keep the gateway's own view (ccgate) for the report.
+            if [[ $target == ccgate ]]; then
+                curl -s "http://$CCGATE_ADDR/_ccgate/endpoints" >"$RAW/r$rep-failover_$mode-ccgate-endpoints.json" || true
+                curl -s "http://$CCGATE_ADDR/_ccgate/stats" >"$RAW/r$rep-failover_$mode-ccgate-stats.json" || true
+            fi
+            stop "$gw_pid"
+            if [[ $mode == killed && $target == nginx ]]; then
+                # the nginx run killed its mock: bring up a new one (on a new port) for ccgate
+                stop "$broken_pid"
+                start_mock "fo-$mode-r$rep-mock2"
+                broken_addr=$MOCK_ADDR; broken_pid=$MOCK_PID
+            fi
+        done
+        if [[ -n $broken_pid ]]; then stop "$broken_pid"; fi
+    done
+}
+
+# ------------------------------------------------------------------------------------------------
+# Main
+# ------------------------------------------------------------------------------------------------
+main() {
+    install_tools
+    build
+    ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" || true
+
+    # Request bodies: ~2 KB JSON, like a small Messages API call.
+    BODY_FILE=$RESULTS/body.json
+    STREAM_BODY_FILE=$RESULTS/body-stream.json
+    python3 - "$BODY_FILE" "$STREAM_BODY_FILE" <<'PY'
+import json, sys
+text = ("You are reviewing a pull request. Summarise the change, list risks and suggest tests. "
+        "The diff touches the request path of a gateway, the health accounting and the selector. ") * 8
+def body(stream):
+    b = {"model": "claude-sonnet-4-5-20250929", "max_tokens": 1024,
+         "system": "You are a careful code reviewer.",
+         "messages": [{"role": "user", "content": text},
+                      {"role": "assistant", "content": "Understood. Please paste the diff."},
+                      {"role": "user", "content": "diff --git a/src/proxy.rs b/src/proxy.rs ..."}],
+         "metadata": {"user_id": "user_bench_0000000000000000"}}
+    if stream:
+        b["stream"] = True
+    return json.dumps(b)
+open(sys.argv[1], "w").write(body(False))
+open(sys.argv[2], "w").write(body(True))
+PY
+    log "request body: $(wc -c <"$BODY_FILE") bytes"
+
+    start_mock mock-a; G_MOCK_A_PID=$MOCK_PID; G_MOCK_A_ADDR=$MOCK_ADDR
+    start_mock mock-b; G_MOCK_B_PID=$MOCK_PID; G_MOCK_B_ADDR=$MOCK_ADDR
+    G_DIRECT_ADDR=$G_MOCK_A_ADDR
+    start_nginx nginx "$G_MOCK_A_ADDR" "$G_MOCK_B_ADDR"; G_NGINX_PID=$NGINX_PID; G_NGINX_ADDR=$NGINX_ADDR
+    start_ccgate ccgate "$G_MOCK_A_ADDR" "$G_MOCK_B_ADDR"; G_CCGATE_PID=$CCGATE_PID; G_CCGATE_ADDR=$CCGATE_ADDR
+    sleep 1
+    local idle
+    idle=$(rss_kb VmRSS "$G_CCGATE_PID")
+    record rep=0 workload='"idle"' target='"ccgate"' idle_rss_kb="$idle"
+    record rep=0 workload='"idle"' target='"nginx"' idle_rss_kb="$(rss_kb VmRSS $(pids_of nginx))"
+    log "mocks $G_MOCK_A_ADDR $G_MOCK_B_ADDR, nginx $G_NGINX_ADDR, ccgate $G_CCGATE_ADDR (idle RSS ${idle} kB)"
+
+    local t
+    for t in direct nginx ccgate; do
+        log "warm-up $t"
+        oha -z "${WARMUP}s" -c 64 -m POST -D "$BODY_FILE" "${NS_HEADERS[@]}" --no-tui \
+            --output-format quiet "$(url_of "$t")" >/dev/null 2>&1 || true
+    done
+
+    local rep
+    for rep in $(seq "$REPEATS"); do
+        log "repeat $rep/$REPEATS (order: $(rotated "$rep"))"
+        if has ns_c1; then
+            for t in $(rotated "$rep"); do
+                log "  ns_c1/$t"; measure "$rep" ns_c1 "$t" oha oha_run 1 "$(url_of "$t")"
+            done
+        fi
+        if has ns_c64; then
+            for t in $(rotated "$rep"); do
+                log "  ns_c64/$t"; measure "$rep" ns_c64 "$t" oha oha_run 64 "$(url_of "$t")"
+            done
+        fi
+        if has sse_c64; then
+            for t in $(rotated "$rep"); do
+                log "  sse_c64/$t"; measure "$rep" sse_c64 "$t" sse-load sse_run 64 "$(url_of "$t")" --duration "$DURATION"
+            done
+        fi
+        if has slow; then slow_round "$rep"; fi
+        if has failover; then failover_round "$rep"; fi
+    done
+
+    # ccgate's own view of the main run, for the record.
+    curl -s "http://$G_CCGATE_ADDR/_ccgate/endpoints" >"$RESULTS/ccgate-endpoints.json" || true
+    curl -s "http://$G_CCGATE_ADDR/_ccgate/stats" >"$RESULTS/ccgate-stats.json" || true
+    record rep=0 workload='"final"' target='"ccgate"' rss_kb="$(rss_kb VmRSS "$G_CCGATE_PID")" \
+        hwm_kb="$(rss_kb VmHWM "$G_CCGATE_PID")"
+
+    # Machine and run facts for the report.
+    {
+        echo "date=$(date -u '+%Y-%m-%d %H:%M UTC')"
+        echo "nproc=$(nproc)"
+        echo "cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n1)"
+        echo "mem=$(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo)"
+        echo "kernel=$(uname -r)"
+        echo "loadavg=$(cut -d' ' -f1-3 /proc/loadavg)"
+        echo "nginx=$("$NGINX" -v 2>&1 | sed 's/^nginx version: //')"
+        echo "oha=$(oha --version)"
+        echo "rustc=$(rustc --version)"
+        echo "ccgate=$CCGATE_VERSION"
+        echo "ccgate_log=${CCGATE_RUST_LOG:-ccgate default (info: one line per request), stderr to a file}"
+        echo "command=$COMMAND_LINE"
+        echo "duration=$DURATION"
+        echo "repeats=$REPEATS"
+        echo "slow_streams=$SLOW_STREAMS"
+        echo "slow_events=$SLOW_EVENTS"
+        echo "slow_pace_ms=$SLOW_PACE_MS"
+        echo "stream_events=$STREAM_EVENTS"
+        echo "stream_pace_ms=$STREAM_PACE_MS"
+        echo "failover_concurrency=$FAILOVER_CONCURRENCY"
+        echo "body_bytes=$(wc -c <"$BODY_FILE")"
+        echo "results=${RESULTS#"$ROOT"/}"
+    } >"$RESULTS/meta.env"
+
+    # ccgate logs one line per request at `info`: trim big logs.
+    local f
+    for f in "$LOGS"/*.log; do
+        if (($(stat -c %s "$f") > 1048576)); then
+            {
+                head -n 100 "$f"
+                echo "[... $(wc -l <"$f") lines in all; trimmed by bench/run.sh to the head, every non-INFO line (at most 5000) and the tail ...]"
+                sed -n '101,$p' "$f" | grep -v 'INFO' | head -n 5000 || true
+                echo "[... tail ...]"
+                tail -n 100 "$f"
+            } >"$f.trim"
+            mv "$f.trim" "$f"
+        fi
+    done
+
+    python3 "$BENCH/report.py" "$RESULTS" "$OUT"
+    log "wrote $OUT and $RESULTS"
+}
+
+main "$@"

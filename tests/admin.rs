@@ -1,0 +1,98 @@
+//! Admin surface details: cross-site browser requests cannot switch endpoints, and the recent
+//! failovers view records what happened.
+
+mod support;
+
+use bytes::Bytes;
+use http::Method;
+use support::gateway::{GatewayBuilder, TestGateway};
+use support::mock::{MockUpstream, Script};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cross_site_form_cannot_disable_an_endpoint() {
+    let up = MockUpstream::start().await;
+    let gw = GatewayBuilder::new()
+        .endpoint("a", &up.url(), "")
+        .start()
+        .await;
+    let host = gw.addr.to_string();
+    let evil = gw
+        .request(
+            Method::POST,
+            "/_ccgate/endpoints/a/disable",
+            &[("origin", "https://evil.example"), ("host", &host)],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(evil.status, 403, "{}", evil.text());
+    let fetch_meta = gw
+        .request(
+            Method::POST,
+            "/_ccgate/endpoints/a/disable",
+            &[("sec-fetch-site", "cross-site")],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(fetch_meta.status, 403);
+    assert_eq!(gw.endpoint_view("a").await["state"], "healthy");
+    // The dashboard's own requests (same origin) and plain clients (no origin) work.
+    let same = gw
+        .request(
+            Method::POST,
+            "/_ccgate/endpoints/a/disable",
+            &[("origin", &format!("http://{host}")), ("host", &host)],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(same.status, 200, "{}", same.text());
+    assert_eq!(gw.endpoint_view("a").await["state"], "disabled");
+    let plain = gw
+        .request(
+            Method::POST,
+            "/_ccgate/endpoints/a/enable",
+            &[],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(plain.status, 200);
+    assert_eq!(gw.endpoint_view("a").await["state"], "healthy");
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failovers_are_listed_newest_first_with_request_ids() {
+    let a = MockUpstream::start().await;
+    let b = MockUpstream::start().await;
+    a.push(Script::error(500, "api_error", "boom"));
+    let gw = GatewayBuilder::new()
+        .endpoint("a", &a.url(), "")
+        .endpoint("b", &b.url(), "priority = 2")
+        .start()
+        .await;
+    let first = gw
+        .post("/v1/messages", &[], &TestGateway::message_body(false))
+        .await;
+    assert_eq!(first.status, 200);
+    let id = first
+        .header("x-ccgate-request-id")
+        .expect("request id")
+        .to_string();
+    assert!(id.starts_with("req_"), "{id}");
+    let quiet = gw
+        .post("/v1/messages", &[], &TestGateway::message_body(false))
+        .await;
+    assert_ne!(
+        quiet.header("x-ccgate-request-id"),
+        Some(id.as_str()),
+        "ids are per request"
+    );
+    let events = gw.admin("events").await;
+    let list = events["failovers"].as_array().expect("list");
+    assert_eq!(list.len(), 1, "only the request that failed over: {events}");
+    assert_eq!(list[0]["request_id"], id.as_str());
+    assert_eq!(list[0]["served_by"], "b");
+    assert_eq!(list[0]["status"], 200);
+    assert_eq!(list[0]["failed"][0]["endpoint"], "a");
+    assert_eq!(list[0]["failed"][0]["outcome"], "server_error");
+    gw.shutdown().await;
+}

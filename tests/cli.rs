@@ -1,0 +1,1529 @@
+//! End-to-end tests of the real `ccgate` binary: `serve` (its readiness line, forwarding, graceful
+//! shutdown on SIGTERM and SIGINT), config errors, config path resolution, the `ANTHROPIC_*`
+//! fallback without a config file, the non-loopback guard, `init`, `validate`, and that secrets
+//! never reach the process's output.
+//!
+//! Every child runs with a cleared environment and a temporary HOME and XDG directories, so the
+//! developer's own configuration and credentials can never leak in. Readiness is the child's
+//! `listening on http://ADDR` line; children are killed when a test fails (`Proc`'s `Drop`).
+#![cfg(unix)]
+
+#[path = "support/mock.rs"]
+mod mock;
+
+use std::io::{BufRead, Read};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+
+use mock::{Gate, MockUpstream, Script, sse_delta_text};
+
+/// The binary under test.
+const BIN: &str = env!("CARGO_BIN_EXE_ccgate");
+/// Upper bound for anything that should happen promptly (start, a request, an exit).
+const DEADLINE: Duration = Duration::from_secs(15);
+
+// ---------------------------------------------------------------------------------------------
+// A sandbox: temporary HOME / XDG dirs and a cleared environment.
+// ---------------------------------------------------------------------------------------------
+
+struct Sandbox {
+    dir: tempfile::TempDir,
+}
+
+impl Sandbox {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        for d in ["home", "xdg-config", "xdg-data", "xdg-cache", "xdg-state"] {
+            std::fs::create_dir_all(dir.path().join(d)).expect("create sandbox dir");
+        }
+        Self { dir }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn home(&self) -> PathBuf {
+        self.path("home")
+    }
+
+    fn xdg_config(&self) -> PathBuf {
+        self.path("xdg-config")
+    }
+
+    /// Where `ccgate` finds its config without `--config` / `$CCGATE_CONFIG`.
+    fn default_config(&self) -> PathBuf {
+        self.xdg_config().join("ccgate").join("config.toml")
+    }
+
+    /// Writes `text` to `path` (owner-only, as a file with secrets should be), creating its dir.
+    fn write_at(&self, path: &Path, text: &str) -> PathBuf {
+        std::fs::create_dir_all(path.parent().expect("has a parent")).expect("create dir");
+        std::fs::write(path, text).expect("write file");
+        set_mode(path, 0o600);
+        path.to_path_buf()
+    }
+
+    fn write(&self, rel: &str, text: &str) -> PathBuf {
+        self.write_at(&self.path(rel), text)
+    }
+
+    /// `ccgate ARGS` with nothing of the developer's environment: only HOME, the XDG dirs and
+    /// NO_COLOR, all pointing into the sandbox. Add variables with `.env(..)`.
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(BIN);
+        c.args(args)
+            .env_clear()
+            .env("HOME", self.home())
+            .env("XDG_CONFIG_HOME", self.xdg_config())
+            .env("XDG_DATA_HOME", self.path("xdg-data"))
+            .env("XDG_CACHE_HOME", self.path("xdg-cache"))
+            .env("XDG_STATE_HOME", self.path("xdg-state"))
+            .env("NO_COLOR", "1")
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c
+    }
+}
+
+fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+fn mode_of(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).expect("stat").permissions().mode() & 0o777
+}
+
+// ---------------------------------------------------------------------------------------------
+// Running the binary.
+// ---------------------------------------------------------------------------------------------
+
+/// A finished run.
+#[derive(Debug)]
+struct Finished {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+impl Finished {
+    fn output(&self) -> String {
+        format!(
+            "status: {}\n--- stdout ---\n{}--- stderr ---\n{}",
+            self.status, self.stdout, self.stderr
+        )
+    }
+
+    #[track_caller]
+    fn assert_success(&self) {
+        assert!(self.status.success(), "expected success\n{}", self.output());
+    }
+
+    /// Failed with a real exit code (not killed by a signal) and printed no readiness line.
+    #[track_caller]
+    fn assert_refused(&self) {
+        assert!(
+            matches!(self.status.code(), Some(c) if c != 0),
+            "expected a non-zero exit code\n{}",
+            self.output()
+        );
+        assert!(
+            !self.stdout.contains("listening on"),
+            "refused, but announced a listener\n{}",
+            self.output()
+        );
+    }
+
+    #[track_caller]
+    fn assert_no_secret(&self, secrets: &[&str]) {
+        for s in secrets {
+            assert!(
+                !self.stdout.contains(s) && !self.stderr.contains(s),
+                "secret `{s}` appears in the output\n{}",
+                self.output()
+            );
+        }
+    }
+}
+
+/// A child process whose output is collected by two reader threads (tokio's `process` feature is
+/// not enabled). Dropping it kills and reaps the process, so a failing test leaves nothing behind.
+struct Proc {
+    child: Child,
+    /// Stdout, line by line, until EOF.
+    stdout_lines: mpsc::UnboundedReceiver<String>,
+    stdout_seen: String,
+    stderr: Arc<Mutex<String>>,
+    stderr_done: Option<oneshot::Receiver<()>>,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    fn spawn(mut cmd: Command) -> Self {
+        let mut child = cmd.spawn().expect("spawn ccgate");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut stderr_pipe = child.stderr.take().expect("piped stderr");
+        let (tx, stdout_lines) = mpsc::unbounded_channel();
+        std::thread::spawn(move || {
+            let mut r = std::io::BufReader::new(stdout);
+            loop {
+                let mut line = String::new();
+                match r.read_line(&mut line) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        if tx.send(line).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let sink = Arc::clone(&stderr);
+        let (done_tx, stderr_done) = oneshot::channel();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            loop {
+                match stderr_pipe.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => sink
+                        .lock()
+                        .expect("stderr buffer")
+                        .push_str(&String::from_utf8_lossy(&buf[..n])),
+                }
+            }
+            let _ = done_tx.send(());
+        });
+        Self {
+            child,
+            stdout_lines,
+            stdout_seen: String::new(),
+            stderr,
+            stderr_done: Some(stderr_done),
+        }
+    }
+
+    /// The next stdout line (with its newline), `None` at EOF; panics after [`DEADLINE`].
+    async fn next_line(&mut self) -> Option<String> {
+        let line = match tokio::time::timeout(DEADLINE, self.stdout_lines.recv()).await {
+            Ok(line) => line,
+            Err(_) => panic!(
+                "no stdout line from ccgate in time\nstderr:\n{}",
+                self.stderr_now()
+            ),
+        };
+        if let Some(l) = &line {
+            self.stdout_seen.push_str(l);
+        }
+        line
+    }
+
+    fn stderr_now(&self) -> String {
+        self.stderr.lock().expect("stderr buffer").clone()
+    }
+
+    fn is_running(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
+    }
+
+    /// Waits for the exit. std has no wait with a timeout and there is no exit event to await
+    /// here, so this polls `try_wait` against a deadline.
+    async fn wait_exit(&mut self) -> ExitStatus {
+        let until = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < until,
+                "ccgate did not exit in time\nstdout:\n{}\nstderr:\n{}",
+                self.stdout_seen,
+                self.stderr_now()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Waits for the exit, then returns everything the process printed.
+    async fn finish(&mut self) -> Finished {
+        let status = self.wait_exit().await;
+        while self.next_line().await.is_some() {}
+        if let Some(done) = self.stderr_done.take() {
+            let _ = tokio::time::timeout(DEADLINE, done).await;
+        }
+        Finished {
+            status,
+            stdout: self.stdout_seen.clone(),
+            stderr: self.stderr_now(),
+        }
+    }
+}
+
+/// Runs a command to completion (killed if it takes longer than [`DEADLINE`]).
+async fn run(cmd: Command) -> Finished {
+    Proc::spawn(cmd).finish().await
+}
+
+/// A running `ccgate serve` (killed when dropped).
+struct Serving {
+    proc: Proc,
+    /// The address from the `listening on` line.
+    addr: SocketAddr,
+    /// That line, with its newline.
+    line: String,
+}
+
+/// Starts `ccgate serve` and waits for its readiness line; panics with its output if it exits
+/// instead.
+async fn start(cmd: Command) -> Serving {
+    match try_start(cmd).await {
+        Ok(s) => s,
+        Err(f) => panic!("ccgate serve did not start\n{}", f.output()),
+    }
+}
+
+async fn try_start(cmd: Command) -> Result<Serving, Finished> {
+    let mut proc = Proc::spawn(cmd);
+    let Some(line) = proc.next_line().await else {
+        // Stdout closed without a listener: it is exiting.
+        return Err(proc.finish().await);
+    };
+    let addr = line
+        .strip_prefix("listening on http://")
+        .and_then(|l| l.strip_suffix('\n'))
+        .and_then(|a| a.parse::<SocketAddr>().ok());
+    let Some(addr) = addr else {
+        panic!(
+            "the first stdout line is not `listening on http://ADDR`: {line:?}\nstderr:\n{}",
+            proc.stderr_now()
+        );
+    };
+    assert_ne!(addr.port(), 0, "the readiness line must show the real port");
+    Ok(Serving { proc, addr, line })
+}
+
+impl Serving {
+    /// Where to connect: the listening address, or loopback when it listens on every address.
+    fn connect_addr(&self) -> SocketAddr {
+        if self.addr.ip().is_unspecified() {
+            SocketAddr::from((Ipv4Addr::LOCALHOST, self.addr.port()))
+        } else {
+            self.addr
+        }
+    }
+
+    fn stderr_now(&self) -> String {
+        self.proc.stderr_now()
+    }
+
+    fn is_running(&mut self) -> bool {
+        self.proc.is_running()
+    }
+
+    /// Sends `sig` (`TERM`, `INT`) with kill(1).
+    fn signal(&self, sig: &str) {
+        let pid = self.proc.child.id().to_string();
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(&pid)
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{sig} {pid} failed");
+    }
+
+    /// Waits for the process to exit, then returns everything it printed.
+    async fn finish(mut self) -> Finished {
+        self.proc.finish().await
+    }
+
+    /// SIGTERM, then [`Serving::finish`]; asserts a clean exit.
+    async fn stop(self) -> Finished {
+        self.signal("TERM");
+        let f = self.finish().await;
+        assert_eq!(
+            f.status.code(),
+            Some(0),
+            "SIGTERM must exit 0\n{}",
+            f.output()
+        );
+        f
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP.
+// ---------------------------------------------------------------------------------------------
+
+/// A complete answer.
+#[derive(Debug)]
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: String,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+fn message_body(stream: bool) -> String {
+    serde_json::json!({
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 16,
+        "stream": stream,
+        "messages": [{"role": "user", "content": "hi"}],
+    })
+    .to_string()
+}
+
+/// Sends one request on a fresh HTTP/1.1 connection and returns the response head.
+async fn open(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: String,
+) -> Response<Incoming> {
+    let fut = async {
+        let stream = TcpStream::connect(addr).await.expect("connect to ccgate");
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .expect("HTTP handshake");
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", addr.to_string())
+            .header("content-type", "application/json");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body)))
+            .expect("valid request");
+        sender.send_request(req).await.expect("response head")
+    };
+    tokio::time::timeout(DEADLINE, fut)
+        .await
+        .expect("no response head in time")
+}
+
+async fn call(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: String,
+) -> Answer {
+    let resp = open(addr, method, path, headers, body).await;
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let body = tokio::time::timeout(DEADLINE, resp.into_body().collect())
+        .await
+        .expect("no complete body in time")
+        .expect("body")
+        .to_bytes();
+    Answer {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
+}
+
+async fn post_message(addr: SocketAddr, headers: &[(&str, &str)], stream: bool) -> Answer {
+    let mut h = vec![("anthropic-version", "2023-06-01")];
+    h.extend_from_slice(headers);
+    call(
+        addr,
+        Method::POST,
+        "/v1/messages?beta=true",
+        &h,
+        message_body(stream),
+    )
+    .await
+}
+
+async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Answer {
+    call(addr, Method::GET, path, headers, String::new()).await
+}
+
+/// The next data frame of a body, or `None` at its end; panics on an error or a stall.
+async fn next_data(body: &mut Incoming) -> Option<Result<Bytes, hyper::Error>> {
+    loop {
+        let frame = tokio::time::timeout(DEADLINE, body.frame())
+            .await
+            .expect("the body stalled")?;
+        match frame {
+            Ok(f) => {
+                if let Ok(data) = f.into_data() {
+                    return Some(Ok(data));
+                }
+            }
+            Err(e) => return Some(Err(e)),
+        }
+    }
+}
+
+/// After a shutdown signal the listener must close. There is no event to wait for, so poll
+/// `connect` (each successful probe connection is closed at once) until it is refused.
+async fn wait_until_refused(addr: SocketAddr) {
+    let until = Instant::now() + DEADLINE;
+    loop {
+        match TcpStream::connect(addr).await {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return,
+            // The listener closed while this handshake was queued: closing, not yet refusing.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            Err(e) => panic!("unexpected connect error: {e}"),
+            Ok(s) => drop(s),
+        }
+        assert!(
+            Instant::now() < until,
+            "{addr} still accepts connections after the shutdown signal"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A config with one endpoint `a` at `url`, listening on a free loopback port.
+fn one_endpoint(url: &str, api_key: &str, server_extra: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n{server_extra}\n\n[[endpoints]]\nname = \"a\"\nbase_url = \"{url}\"\napi_key = \"{api_key}\"\n"
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// serve: readiness line, forwarding, shutdown.
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn help_describes_the_commands() {
+    let sb = Sandbox::new();
+    let f = run(sb.command(&["--help"])).await;
+    f.assert_success();
+    for cmd in ["serve", "init", "validate"] {
+        assert!(
+            f.stdout.contains(cmd),
+            "--help lacks `{cmd}`\n{}",
+            f.output()
+        );
+    }
+    let f = run(sb.command(&["serve", "--help"])).await;
+    f.assert_success();
+    assert!(f.stdout.contains("--config"), "{}", f.output());
+    let f = run(sb.command(&["init", "--help"])).await;
+    f.assert_success();
+    for flag in ["--force", "--api-key", "--auth-token", "--base-url"] {
+        assert!(
+            f.stdout.contains(flag),
+            "init --help lacks {flag}\n{}",
+            f.output()
+        );
+    }
+}
+
+#[tokio::test]
+async fn serve_prints_one_listening_line_and_forwards() {
+    let up = MockUpstream::start().await;
+    let sb = Sandbox::new();
+    let key = "sk-ant-upstream-Q4vX9";
+    let cfg = sb.write("ccgate.toml", &one_endpoint(&up.url(), key, ""));
+    let gw = start(sb.command(&["serve", "--config", cfg.to_str().expect("utf-8")])).await;
+    assert_eq!(gw.addr.ip(), Ipv4Addr::LOCALHOST);
+    assert_eq!(gw.line, format!("listening on http://{}\n", gw.addr));
+
+    let h = get(gw.addr, "/_ccgate/health", &[]).await;
+    assert_eq!(h.status, 200, "{h:?}");
+    assert!(h.body.contains("ok"), "{h:?}");
+
+    let a = post_message(
+        gw.addr,
+        &[
+            ("x-api-key", "client-own-key"),
+            ("anthropic-beta", "fine-grained-tool-streaming-2025-05-14"),
+        ],
+        false,
+    )
+    .await;
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(a.header("x-ccgate-endpoint"), Some("a"));
+    assert!(a.body.contains("Hello from the mock"), "{a:?}");
+
+    let r = up.received();
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].method, "POST");
+    assert_eq!(r[0].path_and_query, "/v1/messages?beta=true");
+    assert_eq!(r[0].header_all("x-api-key"), [key]);
+    assert_eq!(
+        r[0].header("anthropic-beta"),
+        Some("fine-grained-tool-streaming-2025-05-14")
+    );
+
+    let f = gw.stop().await;
+    // Exactly one line on stdout for the whole run: logs go to stderr.
+    assert_eq!(f.stdout.lines().count(), 1, "{}", f.output());
+    assert!(!f.stderr.contains("panicked"), "{}", f.output());
+}
+
+/// An in-flight stream held open by the upstream survives `sig`: the listener closes, the
+/// process keeps running until the stream has ended normally, then exits 0.
+async fn in_flight_stream_is_drained_on(sig: &str) {
+    let up = MockUpstream::start().await;
+    let gate = Gate::new();
+    // 4 events (message_start, content_block_start, ping, first delta), then wait for the gate,
+    // then the rest, slowly.
+    up.set_default(
+        Script::sse_ok(5)
+            .gate_after(4, gate.clone())
+            .pacing(Duration::from_millis(30)),
+    );
+    let sb = Sandbox::new();
+    let cfg = sb.write(
+        "ccgate.toml",
+        &one_endpoint(&up.url(), "k-drain", "shutdown_timeout = \"20s\""),
+    );
+    let mut gw = start(sb.command(&["serve", "--config", cfg.to_str().expect("utf-8")])).await;
+
+    let resp = open(
+        gw.addr,
+        Method::POST,
+        "/v1/messages?beta=true",
+        &[],
+        message_body(true),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut seen = String::new();
+    while !seen.contains(&sse_delta_text(0)) {
+        match next_data(&mut body).await {
+            Some(Ok(d)) => seen.push_str(&String::from_utf8_lossy(&d)),
+            other => panic!("stream ended before its first delta: {other:?}\n{seen}"),
+        }
+    }
+    gate.wait_arrived(1).await;
+
+    gw.signal(sig);
+    wait_until_refused(gw.addr).await;
+    assert!(
+        gw.is_running(),
+        "ccgate exited with a stream still in flight\nstderr:\n{}",
+        gw.stderr_now()
+    );
+
+    gate.open();
+    loop {
+        match next_data(&mut body).await {
+            Some(Ok(d)) => seen.push_str(&String::from_utf8_lossy(&d)),
+            Some(Err(e)) => panic!("the in-flight stream was cut during the drain: {e}\n{seen}"),
+            None => break,
+        }
+    }
+    for i in 0..5 {
+        assert!(
+            seen.contains(&sse_delta_text(i)),
+            "delta {i} missing\n{seen}"
+        );
+    }
+    assert!(seen.contains("message_stop"), "{seen}");
+    assert!(!seen.contains("event: error"), "{seen}");
+
+    let f = gw.finish().await;
+    assert_eq!(
+        f.status.code(),
+        Some(0),
+        "SIG{sig} must exit 0\n{}",
+        f.output()
+    );
+    assert_eq!(up.count(), 1);
+}
+
+#[tokio::test]
+async fn sigterm_drains_an_in_flight_stream_then_exits_zero() {
+    in_flight_stream_is_drained_on("TERM").await;
+}
+
+#[tokio::test]
+async fn sigint_drains_an_in_flight_stream_then_exits_zero() {
+    in_flight_stream_is_drained_on("INT").await;
+}
+
+#[tokio::test]
+async fn idle_server_exits_zero_on_sigint() {
+    let up = MockUpstream::start().await;
+    let sb = Sandbox::new();
+    let cfg = sb.write("ccgate.toml", &one_endpoint(&up.url(), "k", ""));
+    let gw = start(sb.command(&["serve", "--config", cfg.to_str().expect("utf-8")])).await;
+    let addr = gw.addr;
+    gw.signal("INT");
+    let f = gw.finish().await;
+    assert_eq!(f.status.code(), Some(0), "{}", f.output());
+    assert!(TcpStream::connect(addr).await.is_err(), "still listening");
+}
+
+#[tokio::test]
+async fn shutdown_timeout_bounds_the_drain() {
+    let up = MockUpstream::start().await;
+    // A stream that never ends: first delta, then silence.
+    up.set_default(Script::sse_ok(3).stall_after(4));
+    let sb = Sandbox::new();
+    let cfg = sb.write(
+        "ccgate.toml",
+        &one_endpoint(&up.url(), "k", "shutdown_timeout = \"1s\""),
+    );
+    let mut gw = start(sb.command(&["serve", "--config", cfg.to_str().expect("utf-8")])).await;
+    let resp = open(
+        gw.addr,
+        Method::POST,
+        "/v1/messages",
+        &[],
+        message_body(true),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut seen = String::new();
+    while !seen.contains(&sse_delta_text(0)) {
+        match next_data(&mut body).await {
+            Some(Ok(d)) => seen.push_str(&String::from_utf8_lossy(&d)),
+            other => panic!("stream ended before its first delta: {other:?}"),
+        }
+    }
+    let t0 = Instant::now();
+    gw.signal("TERM");
+    wait_until_refused(gw.addr).await;
+    assert!(gw.is_running(), "exited without draining at all");
+    let f = gw.finish().await;
+    let took = t0.elapsed();
+    assert_eq!(f.status.code(), Some(0), "{}", f.output());
+    assert!(
+        took >= Duration::from_millis(900),
+        "exited after {took:?}, before the 1s shutdown_timeout"
+    );
+    assert!(
+        took < Duration::from_secs(10),
+        "shutdown_timeout 1s did not bound the drain: {took:?}"
+    );
+    // The client's stream ends (it was cut) instead of hanging.
+    while let Some(Ok(d)) = next_data(&mut body).await {
+        seen.push_str(&String::from_utf8_lossy(&d));
+    }
+    assert!(!seen.contains("message_stop"), "{seen}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Config errors.
+// ---------------------------------------------------------------------------------------------
+
+/// Problems in this file: an unknown key (line 3), a bad duration (6), a duplicate endpoint name
+/// (14), a bad URL (20), a missing credential (the endpoint at 23).
+const BAD_CONFIG: &str = r#"[server]
+listen = "127.0.0.1:0"
+lisen = "127.0.0.1:1"
+
+[timeouts]
+idle = "soon"
+
+[[endpoints]]
+name = "relay"
+base_url = "http://127.0.0.1:9"
+api_key = "k1"
+
+[[endpoints]]
+name = "relay"
+base_url = "http://127.0.0.1:9"
+api_key = "k2"
+
+[[endpoints]]
+name = "broken-url"
+base_url = "ftp://relay.example"
+api_key = "k3"
+
+[[endpoints]]
+name = "no-cred"
+base_url = "https://relay.example"
+"#;
+
+#[track_caller]
+fn assert_names(f: &Finished, path: &Path, line_key: &[(usize, &str)]) {
+    let p = path.display();
+    for (line, key) in line_key {
+        let want = format!("{p}:{line}: {key}:");
+        assert!(
+            f.stderr.contains(&want),
+            "stderr lacks `{want}`\n{}",
+            f.output()
+        );
+    }
+}
+
+#[tokio::test]
+async fn bad_config_reports_every_problem_at_once() {
+    let sb = Sandbox::new();
+    let cfg = sb.write("bad.toml", BAD_CONFIG);
+    let f = run(sb.command(&["serve", "--config", cfg.to_str().expect("utf-8")])).await;
+    f.assert_refused();
+    assert_names(
+        &f,
+        &cfg,
+        &[
+            (3, "server.lisen"),
+            (6, "timeouts.idle"),
+            (14, "endpoints[1].name"),
+            (20, "endpoints[2].base_url"),
+            (23, "endpoints[3].api_key"),
+        ],
+    );
+}
+
+#[tokio::test]
+async fn bad_config_is_refused_before_binding_with_every_problem() {
+    // The same file without the unknown key (which currently hides the rest; see the ignored
+    // test above). `listen` names a port this test holds: had ccgate tried to bind before
+    // validating, it would fail with "cannot listen" instead.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = held.local_addr().expect("addr").port();
+    let text = BAD_CONFIG
+        .replace("lisen = \"127.0.0.1:1\"\n", "")
+        .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+    let sb = Sandbox::new();
+    let cfg = sb.write("bad.toml", &text);
+    let want = [
+        (5, "timeouts.idle"),
+        (13, "endpoints[1].name"),
+        (19, "endpoints[2].base_url"),
+        (22, "endpoints[3].api_key"),
+    ];
+    let f = run(sb.command(&["serve", "--config", cfg.to_str().expect("utf-8")])).await;
+    f.assert_refused();
+    assert_names(&f, &cfg, &want);
+    assert!(f.stderr.contains("4 problems"), "{}", f.output());
+    assert!(!f.stderr.contains("cannot listen"), "{}", f.output());
+    assert!(
+        f.stderr.contains("relay"),
+        "the duplicate name is named\n{}",
+        f.output()
+    );
+
+    let v = run(sb.command(&["validate", "--config", cfg.to_str().expect("utf-8")])).await;
+    v.assert_refused();
+    assert_names(&v, &cfg, &want);
+    drop(held);
+}
+
+#[tokio::test]
+async fn unknown_key_is_reported_with_its_line() {
+    let sb = Sandbox::new();
+    let cfg = sb.write(
+        "c.toml",
+        "[server]\nlisten = \"127.0.0.1:0\"\nlisen = \"127.0.0.1:1\"\n\n[[endpoints]]\nname = \"a\"\nbase_url = \"http://127.0.0.1:9\"\napi_key = \"k\"\n",
+    );
+    let f = run(sb.command(&["serve", "--config", cfg.to_str().expect("utf-8")])).await;
+    f.assert_refused();
+    let want = format!("{}:3:", cfg.display());
+    assert!(f.stderr.contains(&want), "{}", f.output());
+    assert!(f.stderr.contains("lisen"), "{}", f.output());
+}
+
+#[tokio::test]
+async fn toml_syntax_error_reports_its_line() {
+    let sb = Sandbox::new();
+    let cfg = sb.write(
+        "c.toml",
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n[[endpoints]\nname = \"a\"\nbase_url = \"http://127.0.0.1:9\"\napi_key = \"k\"\n",
+    );
+    for cmd in ["serve", "validate"] {
+        let f = run(sb.command(&[cmd, "--config", cfg.to_str().expect("utf-8")])).await;
+        f.assert_refused();
+        let want = format!("{}:4:", cfg.display());
+        assert!(
+            f.stderr.contains(&want),
+            "{cmd}: lacks `{want}`\n{}",
+            f.output()
+        );
+    }
+}
+
+#[tokio::test]
+async fn syntax_error_on_a_secret_line_does_not_echo_it() {
+    let sb = Sandbox::new();
+    let secret = "sk-ant-api03-Unquoted7Hq2Lw";
+    let cfg = sb.write(
+        "c.toml",
+        &format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n\n[[endpoints]]\nname = \"a\"\nbase_url = \"http://127.0.0.1:9\"\napi_key = {secret}\n"
+        ),
+    );
+    let f = run(sb.command(&["validate", "--config", cfg.to_str().expect("utf-8")])).await;
+    f.assert_refused();
+    assert!(f.stderr.contains(":7:"), "{}", f.output());
+    f.assert_no_secret(&[secret, "Unquoted7Hq2Lw"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Config path resolution.
+// ---------------------------------------------------------------------------------------------
+
+fn named_config(name: &str, url: &str, key: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n[[endpoints]]\nname = \"{name}\"\nbase_url = \"{url}\"\napi_key = \"{key}\"\n"
+    )
+}
+
+#[tokio::test]
+async fn config_path_resolution_order() {
+    let sb = Sandbox::new();
+    let url = "http://127.0.0.1:9";
+    let flag = sb.write("flag.toml", &named_config("from-flag", url, "k1"));
+    let env = sb.write("env.toml", &named_config("from-env", url, "k2"));
+    let xdg = sb.write_at(&sb.default_config(), &named_config("from-xdg", url, "k3"));
+    let home = sb.write_at(
+        &sb.home().join(".config/ccgate/config.toml"),
+        &named_config("from-home", url, "k4"),
+    );
+    let names = ["from-flag", "from-env", "from-xdg", "from-home", "default"];
+    let only = |f: &Finished, want: &str, path: &Path| {
+        f.assert_success();
+        assert!(
+            f.stdout.starts_with(&format!("{}: ok", path.display())),
+            "expected {}\n{}",
+            path.display(),
+            f.output()
+        );
+        for n in names {
+            assert_eq!(f.stdout.contains(n), n == want, "{n}\n{}", f.output());
+        }
+    };
+    // The ANTHROPIC_* fallback is set throughout: a config file always wins over it.
+    let cmd = |args: &[&str]| {
+        let mut c = sb.command(args);
+        c.env("ANTHROPIC_API_KEY", "sk-env-fallback");
+        c
+    };
+
+    // --config beats $CCGATE_CONFIG and the default path.
+    let mut c = cmd(&["validate", "--config", flag.to_str().expect("utf-8")]);
+    c.env("CCGATE_CONFIG", &env);
+    only(&run(c).await, "from-flag", &flag);
+
+    // $CCGATE_CONFIG beats the default path.
+    let mut c = cmd(&["validate"]);
+    c.env("CCGATE_CONFIG", &env);
+    only(&run(c).await, "from-env", &env);
+
+    // The default path: $XDG_CONFIG_HOME/ccgate/config.toml ...
+    only(&run(cmd(&["validate"])).await, "from-xdg", &xdg);
+
+    // ... or $HOME/.config/ccgate/config.toml without XDG_CONFIG_HOME.
+    let mut c = cmd(&["validate"]);
+    c.env_remove("XDG_CONFIG_HOME");
+    only(&run(c).await, "from-home", &home);
+}
+
+#[tokio::test]
+async fn serve_finds_the_default_config() {
+    let up = MockUpstream::start().await;
+    let sb = Sandbox::new();
+    sb.write_at(
+        &sb.default_config(),
+        &named_config("from-xdg", &up.url(), "sk-default-path-key"),
+    );
+    let gw = start(sb.command(&["serve"])).await;
+    let a = post_message(gw.addr, &[], false).await;
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(a.header("x-ccgate-endpoint"), Some("from-xdg"));
+    assert_eq!(
+        up.received()[0].header("x-api-key"),
+        Some("sk-default-path-key")
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_named_config_that_does_not_exist_is_an_error() {
+    let up = MockUpstream::start().await;
+    let sb = Sandbox::new();
+    // Both fallbacks exist; naming a missing file must still fail rather than use them.
+    sb.write_at(
+        &sb.default_config(),
+        &named_config("from-xdg", &up.url(), "k"),
+    );
+    let missing = sb.path("missing.toml");
+    let missing_s = missing.to_str().expect("utf-8");
+    for via_env in [false, true] {
+        let mut c = if via_env {
+            let mut c = sb.command(&["serve"]);
+            c.env("CCGATE_CONFIG", &missing);
+            c
+        } else {
+            sb.command(&["serve", "--config", missing_s])
+        };
+        c.env("ANTHROPIC_API_KEY", "k")
+            .env("ANTHROPIC_BASE_URL", up.url());
+        let f = match try_start(c).await {
+            Ok(gw) => panic!("served {} although the named config is missing", gw.addr),
+            Err(f) => f,
+        };
+        f.assert_refused();
+        assert!(f.stderr.contains(missing_s), "{}", f.output());
+    }
+    assert_eq!(up.count(), 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// No config file: the ANTHROPIC_* environment.
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn without_config_the_api_key_env_serves_one_endpoint() {
+    let up = MockUpstream::start().await;
+    let sb = Sandbox::new();
+    let key = "sk-ant-from-env-J8cT";
+    let mut c = sb.command(&["serve", "--listen", "127.0.0.1:0"]);
+    c.env("ANTHROPIC_BASE_URL", up.url())
+        .env("ANTHROPIC_API_KEY", key);
+    let gw = start(c).await;
+    assert_eq!(gw.addr.ip(), Ipv4Addr::LOCALHOST);
+    let a = post_message(gw.addr, &[("authorization", "Bearer client-token")], false).await;
+    assert_eq!(a.status, 200, "{a:?}");
+    let r = up.received();
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].header_all("x-api-key"), [key]);
+    assert_eq!(r[0].header("authorization"), None);
+    assert_eq!(r[0].path_and_query, "/v1/messages?beta=true");
+    let f = gw.stop().await;
+    f.assert_no_secret(&[key]);
+}
+
+#[tokio::test]
+async fn without_config_the_auth_token_env_is_sent_as_bearer() {
+    let up = MockUpstream::start().await;
+    let sb = Sandbox::new();
+    let token = "tok-from-env-Ww3p";
+    let mut c = sb.command(&["serve", "--listen", "127.0.0.1:0"]);
+    // A path prefix on the base URL is kept.
+    c.env("ANTHROPIC_BASE_URL", format!("{}/relay", up.url()))
+        .env("ANTHROPIC_AUTH_TOKEN", token);
+    let gw = start(c).await;
+    let a = post_message(gw.addr, &[("x-api-key", "client-own-key")], false).await;
+    assert_eq!(a.status, 200, "{a:?}");
+    let r = up.received();
+    assert_eq!(r.len(), 1);
+    assert_eq!(
+        r[0].header_all("authorization"),
+        [format!("Bearer {token}").as_str()]
+    );
+    assert_eq!(r[0].header("x-api-key"), None);
+    assert_eq!(r[0].path_and_query, "/relay/v1/messages?beta=true");
+    let f = gw.stop().await;
+    f.assert_no_secret(&[token]);
+}
+
+#[tokio::test]
+async fn without_config_or_env_it_points_to_init() {
+    let sb = Sandbox::new();
+    // Even with a base URL: without a credential there is nothing to serve.
+    let mut c = sb.command(&["serve", "--listen", "127.0.0.1:0"]);
+    c.env("ANTHROPIC_BASE_URL", "http://127.0.0.1:9");
+    let f = run(c).await;
+    f.assert_refused();
+    assert!(f.stderr.contains("ccgate init"), "{}", f.output());
+    let f = run(sb.command(&["serve"])).await;
+    f.assert_refused();
+    assert!(f.stderr.contains("ccgate init"), "{}", f.output());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Non-loopback listen.
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn non_loopback_listen_without_access_token_is_refused() {
+    let sb = Sandbox::new();
+    let cfg = sb.write(
+        "c.toml",
+        "[server]\nlisten = \"0.0.0.0:0\"\n\n[[endpoints]]\nname = \"a\"\nbase_url = \"http://127.0.0.1:9\"\napi_key = \"k\"\n",
+    );
+    let f = run(sb.command(&["serve", "--config", cfg.to_str().expect("utf-8")])).await;
+    f.assert_refused();
+    assert!(
+        f.stderr
+            .contains(&format!("{}:2: server.listen:", cfg.display())),
+        "{}",
+        f.output()
+    );
+    assert!(f.stderr.contains("access_token"), "{}", f.output());
+    assert!(f.stderr.contains("loopback"), "{}", f.output());
+
+    // The same through `serve --listen` on a loopback config.
+    let cfg = sb.write("d.toml", &one_endpoint("http://127.0.0.1:9", "k", ""));
+    let f = run(sb.command(&[
+        "serve",
+        "--config",
+        cfg.to_str().expect("utf-8"),
+        "--listen",
+        "0.0.0.0:0",
+    ]))
+    .await;
+    f.assert_refused();
+    assert!(f.stderr.contains("access_token"), "{}", f.output());
+    assert!(f.stderr.contains("loopback"), "{}", f.output());
+}
+
+#[tokio::test]
+async fn listen_flag_refuses_an_endpoint_at_its_own_address() {
+    // A port this test holds, so nothing else can take it meanwhile.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = held.local_addr().expect("addr").port();
+    let sb = Sandbox::new();
+    let cfg = sb.write(
+        "c.toml",
+        &one_endpoint(&format!("http://localhost:{port}"), "k", ""),
+    );
+    let listen = format!("127.0.0.1:{port}");
+    let f = run(sb.command(&[
+        "serve",
+        "--config",
+        cfg.to_str().expect("utf-8"),
+        "--listen",
+        &listen,
+    ]))
+    .await;
+    f.assert_refused();
+    assert!(f.stderr.contains("own address"), "{}", f.output());
+    assert!(!f.stderr.contains("cannot listen"), "{}", f.output());
+    drop(held);
+}
+
+#[tokio::test]
+async fn non_loopback_listen_with_access_token_serves_and_checks_it() {
+    let up = MockUpstream::start().await;
+    let sb = Sandbox::new();
+    let token = "gw-access-Hb61z";
+    let cfg = sb.write(
+        "c.toml",
+        &format!(
+            "[server]\nlisten = \"0.0.0.0:0\"\naccess_token = \"{token}\"\n\n[[endpoints]]\nname = \"a\"\nbase_url = \"{}\"\napi_key = \"sk-upstream-k\"\n",
+            up.url()
+        ),
+    );
+    let gw = start(sb.command(&["serve", "--config", cfg.to_str().expect("utf-8")])).await;
+    assert!(gw.addr.ip().is_unspecified(), "{}", gw.line);
+    let addr = gw.connect_addr();
+
+    let a = post_message(addr, &[], false).await;
+    assert_eq!(a.status, 401, "no token: {a:?}");
+    let a = post_message(addr, &[("x-api-key", "wrong")], false).await;
+    assert_eq!(a.status, 401, "wrong token: {a:?}");
+    assert_eq!(
+        up.count(),
+        0,
+        "unauthenticated requests reached the upstream"
+    );
+
+    let a = post_message(addr, &[("x-api-key", token)], false).await;
+    assert_eq!(a.status, 200, "{a:?}");
+    let bearer = format!("Bearer {token}");
+    let a = post_message(addr, &[("authorization", &bearer)], false).await;
+    assert_eq!(a.status, 200, "{a:?}");
+    for r in up.received() {
+        assert_eq!(r.header_all("x-api-key"), ["sk-upstream-k"]);
+        assert_eq!(
+            r.header("authorization"),
+            None,
+            "the access token was forwarded"
+        );
+    }
+    assert_eq!(get(addr, "/_ccgate/health", &[]).await.status, 200);
+    let f = gw.stop().await;
+    f.assert_no_secret(&[token]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// init.
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn init_from_flags_writes_a_private_config_that_validates_and_serves() {
+    let up = MockUpstream::start().await;
+    let sb = Sandbox::new();
+    let key = "sk-ant-init-flag-Rr5e";
+    let path = sb.path("conf/sub/ccgate.toml");
+    let path_s = path.to_str().expect("utf-8");
+    let f = run(sb.command(&[
+        "init",
+        "--config",
+        path_s,
+        "--base-url",
+        &up.url(),
+        "--api-key",
+        key,
+    ]))
+    .await;
+    f.assert_success();
+    f.assert_no_secret(&[key]);
+    assert_eq!(mode_of(&path), 0o600, "init must write an owner-only file");
+    assert!(std::fs::read_to_string(&path).expect("read").contains(key));
+
+    let v = run(sb.command(&["validate", "--config", path_s])).await;
+    v.assert_success();
+    v.assert_no_secret(&[key]);
+    assert!(v.stdout.contains(&up.url()), "{}", v.output());
+
+    // The starter config listens on the default port; --listen keeps this test off it.
+    let gw = start(sb.command(&["serve", "--config", path_s, "--listen", "127.0.0.1:0"])).await;
+    let a = post_message(gw.addr, &[], false).await;
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(up.received()[0].header("x-api-key"), Some(key));
+    let f = gw.stop().await;
+    f.assert_no_secret(&[key]);
+    assert!(
+        !f.stderr.contains("can be read by other users"),
+        "{}",
+        f.output()
+    );
+}
+
+#[tokio::test]
+async fn init_from_env_writes_the_default_path_and_serve_uses_it() {
+    let up = MockUpstream::start().await;
+    let sb = Sandbox::new();
+    let token = "tok-init-env-Pz02";
+    let mut c = sb.command(&["init"]);
+    c.env("ANTHROPIC_BASE_URL", up.url())
+        .env("ANTHROPIC_AUTH_TOKEN", token);
+    let f = run(c).await;
+    f.assert_success();
+    f.assert_no_secret(&[token]);
+    let path = sb.default_config();
+    assert_eq!(mode_of(&path), 0o600);
+    let written: toml::Table = std::fs::read_to_string(&path)
+        .expect("read")
+        .parse()
+        .expect("init writes valid TOML");
+    let ep = &written["endpoints"][0];
+    assert_eq!(ep["auth_token"].as_str(), Some(token));
+    assert_eq!(ep["base_url"].as_str(), Some(up.url().as_str()));
+    assert!(ep.get("api_key").is_none());
+
+    // Without any ANTHROPIC_* now: the written file alone drives the gateway.
+    let v = run(sb.command(&["validate"])).await;
+    v.assert_success();
+    v.assert_no_secret(&[token]);
+    let gw = start(sb.command(&["serve", "--listen", "127.0.0.1:0"])).await;
+    let a = post_message(gw.addr, &[], false).await;
+    assert_eq!(a.status, 200, "{a:?}");
+    let bearer = format!("Bearer {token}");
+    assert_eq!(
+        up.received()[0].header("authorization"),
+        Some(bearer.as_str())
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn init_never_overwrites_without_force() {
+    let sb = Sandbox::new();
+    let path = sb.write("ccgate.toml", "# mine, keep me\n");
+    set_mode(&path, 0o644);
+    let path_s = path.to_str().expect("utf-8");
+    let f = run(sb.command(&["init", "--config", path_s, "--api-key", "k-new"])).await;
+    f.assert_refused();
+    assert!(f.stderr.contains("--force"), "{}", f.output());
+    assert_eq!(
+        std::fs::read_to_string(&path).expect("read"),
+        "# mine, keep me\n"
+    );
+
+    let f = run(sb.command(&["init", "--config", path_s, "--api-key", "k-new", "--force"])).await;
+    f.assert_success();
+    let text = std::fs::read_to_string(&path).expect("read");
+    assert!(text.contains("api_key = \"k-new\""), "{text}");
+    assert_eq!(
+        mode_of(&path),
+        0o600,
+        "--force must leave an owner-only file"
+    );
+    run(sb.command(&["validate", "--config", path_s]))
+        .await
+        .assert_success();
+}
+
+#[tokio::test]
+async fn init_credential_flag_beats_the_environment() {
+    let sb = Sandbox::new();
+    let path = sb.path("ccgate.toml");
+    let mut c = sb.command(&[
+        "init",
+        "--config",
+        path.to_str().expect("utf-8"),
+        "--auth-token",
+        "tok-from-flag",
+    ]);
+    c.env("ANTHROPIC_API_KEY", "sk-from-env");
+    run(c).await.assert_success();
+    let text = std::fs::read_to_string(&path).expect("read");
+    let written: toml::Table = text.parse().expect("valid TOML");
+    let ep = &written["endpoints"][0];
+    assert_eq!(ep["auth_token"].as_str(), Some("tok-from-flag"), "{text}");
+    assert!(ep.get("api_key").is_none(), "{text}");
+    assert!(!text.contains("sk-from-env"), "{text}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// validate and secrets.
+// ---------------------------------------------------------------------------------------------
+
+const KEY_A: &str = "sk-ant-api03-SecretA-7f3kQ";
+const TOKEN_B: &str = "relay-token-SecretB-m2Zx";
+const KEY_C: &str = "sk-ant-api03-SecretC-env-9Lq";
+const ACCESS: &str = "gw-access-SecretD-Vn4";
+
+fn secrets() -> [&'static str; 8] {
+    [
+        KEY_A,
+        TOKEN_B,
+        KEY_C,
+        ACCESS,
+        // The distinctive tails too, in case a secret is shown cut or masked at the front.
+        "SecretA-7f3kQ",
+        "SecretB-m2Zx",
+        "SecretC-env-9Lq",
+        "SecretD-Vn4",
+    ]
+}
+
+/// Three endpoints with every kind of credential, and an access token.
+fn secret_config(a: &str, b: &str, c: &str, extra_endpoint_line: &str) -> String {
+    format!(
+        r#"[server]
+listen = "127.0.0.1:0"
+access_token = "{ACCESS}"
+
+[health]
+failure_threshold = 2
+probe_interval = "10m"
+probe_max_interval = "10m"
+
+[[endpoints]]
+name = "a"
+base_url = "{a}"
+api_key = "{KEY_A}"
+priority = 1
+
+[[endpoints]]
+name = "b"
+base_url = "{b}"
+auth_token = "{TOKEN_B}"
+priority = 2
+
+[[endpoints]]
+name = "c"
+base_url = "{c}"
+api_key_env = "CCGATE_TEST_KEY_C"
+priority = 3
+{extra_endpoint_line}
+"#
+    )
+}
+
+#[tokio::test]
+async fn validate_exit_codes_and_no_secrets() {
+    let sb = Sandbox::new();
+    let good = sb.write(
+        "good.toml",
+        &secret_config(
+            "https://a.example",
+            "https://b.example/api",
+            "http://127.0.0.1:9",
+            "",
+        ),
+    );
+    let mut c = sb.command(&["validate", "--config", good.to_str().expect("utf-8")]);
+    c.env("CCGATE_TEST_KEY_C", KEY_C);
+    let f = run(c).await;
+    f.assert_success();
+    assert_eq!(f.status.code(), Some(0));
+    for name in ["a", "b", "c"] {
+        assert!(
+            f.stdout.contains(&format!("  {name} -> ")),
+            "{name}\n{}",
+            f.output()
+        );
+    }
+    f.assert_no_secret(&secrets());
+
+    // One problem, everything else as before: non-zero, the problem named, still no secret.
+    let bad = sb.write(
+        "bad.toml",
+        &secret_config(
+            "https://a.example",
+            "https://b.example/api",
+            "http://127.0.0.1:9",
+            "weight = 0",
+        ),
+    );
+    let mut c = sb.command(&["validate", "--config", bad.to_str().expect("utf-8")]);
+    c.env("CCGATE_TEST_KEY_C", KEY_C);
+    let f = run(c).await;
+    f.assert_refused();
+    assert!(f.stderr.contains("endpoints[2].weight"), "{}", f.output());
+    f.assert_no_secret(&secrets());
+
+    // A missing environment variable is named, and a secret with a bad character is not echoed.
+    let text = secret_config(
+        "https://a.example",
+        "https://b.example/api",
+        "http://127.0.0.1:9",
+        "",
+    )
+    .replace(KEY_A, &format!("{KEY_A} x"));
+    let bad = sb.write("bad2.toml", &text);
+    let f = run(sb.command(&["validate", "--config", bad.to_str().expect("utf-8")])).await;
+    f.assert_refused();
+    assert!(f.stderr.contains("endpoints[0].api_key"), "{}", f.output());
+    assert!(f.stderr.contains("CCGATE_TEST_KEY_C"), "{}", f.output());
+    f.assert_no_secret(&secrets());
+}
+
+/// A full serve run against upstreams that all fail, two of them echoing the credential they
+/// were sent; `probe` also runs admin probes (whose failures are logged and shown). Collects every
+/// place a secret shows up: the process's stdout/stderr and the gateway's own answers.
+async fn failing_serve_run(probe: bool) {
+    let up_a = MockUpstream::start().await;
+    up_a.set_default(Script::error(
+        401,
+        "authentication_error",
+        &format!("invalid x-api-key: {KEY_A}"),
+    ));
+    let up_b = MockUpstream::start().await;
+    up_b.set_default(Script::error(
+        500,
+        "api_error",
+        &format!("upstream failed for Bearer {TOKEN_B}"),
+    ));
+    let up_c = MockUpstream::start().await;
+    up_c.set_default(Script::reset_before_headers());
+
+    let sb = Sandbox::new();
+    let cfg = sb.write(
+        "ccgate.toml",
+        &secret_config(&up_a.url(), &up_b.url(), &up_c.url(), ""),
+    );
+    let mut c = sb.command(&["serve", "--config", cfg.to_str().expect("utf-8")]);
+    c.env("CCGATE_TEST_KEY_C", KEY_C).env("RUST_LOG", "trace");
+    let gw = start(c).await;
+    let addr = gw.addr;
+    let auth = [("x-api-key", ACCESS)];
+
+    let mut answers = Vec::new();
+    for stream in [false, true, false, true] {
+        answers.push(post_message(addr, &auth, stream).await);
+    }
+    // A wrong access token is refused without echoing anything secret.
+    answers.push(post_message(addr, &[("x-api-key", "wrong-token")], false).await);
+    assert!(
+        answers[..4].iter().all(|a| a.status.as_u16() >= 500),
+        "{answers:#?}"
+    );
+    assert_eq!(answers[4].status, 401);
+    if probe {
+        for name in ["a", "b", "c"] {
+            let path = format!("/_ccgate/endpoints/{name}/probe");
+            let a = call(addr, Method::POST, &path, &auth, String::new()).await;
+            assert_eq!(a.status, 200, "{a:?}");
+            answers.push(a);
+        }
+    }
+    for path in [
+        "/_ccgate/endpoints",
+        "/_ccgate/endpoints/a",
+        "/_ccgate/failure-queue",
+        "/_ccgate/stats",
+    ] {
+        answers.push(get(addr, path, &auth).await);
+    }
+    // The echoed credentials did reach ccgate and went through its error path.
+    assert_eq!(up_a.received()[0].header("x-api-key"), Some(KEY_A));
+    let view = get(addr, "/_ccgate/endpoints/a", &auth).await;
+    assert!(view.body.contains("invalid x-api-key"), "{view:?}");
+    assert!(up_b.count() >= 1 && up_c.count() >= 1);
+
+    let f = gw.stop().await;
+    assert!(
+        f.stderr.lines().count() > 10,
+        "expected trace logs of the failures\n{}",
+        f.output()
+    );
+    let mut leaks = Vec::new();
+    for s in secrets() {
+        for (what, text) in [("stdout", &f.stdout), ("stderr", &f.stderr)] {
+            for line in text.lines().filter(|l| l.contains(s)) {
+                leaks.push(format!("`{s}` in {what}: {line}"));
+            }
+        }
+        for a in &answers {
+            if a.body.contains(s) {
+                leaks.push(format!("`{s}` in an answer: {}", a.body));
+            }
+            for (name, v) in &a.headers {
+                if v.to_str().unwrap_or("").contains(s) {
+                    leaks.push(format!("`{s}` in header {name}: {v:?}"));
+                }
+            }
+        }
+    }
+    assert!(leaks.is_empty(), "secrets leaked:\n{}", leaks.join("\n"));
+}
+
+#[tokio::test]
+async fn a_config_readable_by_others_is_warned_about() {
+    let sb = Sandbox::new();
+    let cfg = sb.write("c.toml", &one_endpoint("http://127.0.0.1:9", "k", ""));
+    let cfg_s = cfg.to_str().expect("utf-8");
+    let f = run(sb.command(&["validate", "--config", cfg_s])).await;
+    f.assert_success();
+    assert!(!f.stderr.contains("other users"), "{}", f.output());
+    set_mode(&cfg, 0o644);
+    let f = run(sb.command(&["validate", "--config", cfg_s])).await;
+    f.assert_success();
+    assert!(
+        f.stderr.contains(cfg_s) && f.stderr.contains("other users"),
+        "{}",
+        f.output()
+    );
+}
+
+#[tokio::test]
+async fn secrets_never_reach_the_output_of_a_failing_serve_run() {
+    failing_serve_run(false).await;
+}
+
+#[tokio::test]
+async fn secrets_never_leak_through_failed_probes() {
+    failing_serve_run(true).await;
+}

@@ -1,0 +1,304 @@
+//! Config reload (`POST /_ccgate/reload`, SIGHUP): added endpoints take traffic, kept endpoints
+//! keep their counters and health, changed ones start afresh, removed ones stop, and a bad file
+//! leaves the running gateway as it was.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ccgate::config::Config;
+use http::Method;
+use support::gateway::{GatewayBuilder, TestGateway};
+use support::mock::{MockUpstream, Script};
+
+fn endpoint(name: &str, url: &str, extra: &str) -> String {
+    format!(
+        "[[endpoints]]\nname = \"{name}\"\nbase_url = \"{url}\"\napi_key = \"key-{name}\"\n{extra}\n"
+    )
+}
+
+fn write(path: &std::path::Path, text: &str) {
+    std::fs::write(path, text).expect("write config");
+}
+
+async fn reload(gw: &TestGateway) -> support::gateway::Answer {
+    gw.request(Method::POST, "/_ccgate/reload", &[], Bytes::new())
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_adds_keeps_changes_and_removes_endpoints() {
+    let (a, b, c) = (
+        MockUpstream::start().await,
+        MockUpstream::start().await,
+        MockUpstream::start().await,
+    );
+    a.push(Script::error(500, "api_error", "boom"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("config.toml");
+    let head = "[server]\nlisten = \"127.0.0.1:0\"\n[health]\nfailure_threshold = 5\n";
+    let first = format!(
+        "{head}{}{}",
+        endpoint("a", &a.url(), ""),
+        endpoint("b", &b.url(), "priority = 2")
+    );
+    write(&path, &first);
+    let config = Config::from_toml(&first, "test", &|_: &str| None).expect("config");
+    let gw = TestGateway::start_with_source(config, Some(path.clone())).await;
+    for _ in 0..3 {
+        assert_eq!(
+            gw.post("/v1/messages", &[], &TestGateway::message_body(false))
+                .await
+                .status,
+            200
+        );
+    }
+    gw.settle().await;
+    let a_before = gw.endpoint_view("a").await;
+    assert_eq!(a_before["total_requests"], 3);
+    assert_eq!(a_before["failed_requests"], 1);
+    assert_eq!(gw.endpoint_view("b").await["total_requests"], 1);
+
+    // `a` unchanged, `b` changed (priority), `c` added in front of both.
+    let second = format!(
+        "{head}{}{}{}",
+        endpoint("c", &c.url(), "priority = 0"),
+        endpoint("a", &a.url(), ""),
+        endpoint("b", &b.url(), "priority = 3")
+    );
+    write(&path, &second);
+    let r = reload(&gw).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let report = r.json();
+    assert_eq!(report["reloaded"], true);
+    assert_eq!(report["added"], serde_json::json!(["c"]));
+    assert_eq!(report["kept"], serde_json::json!(["a"]));
+    assert_eq!(report["changed"], serde_json::json!(["b"]));
+    assert_eq!(report["removed"], serde_json::json!([]));
+
+    let a_after = gw.endpoint_view("a").await;
+    for k in [
+        "total_requests",
+        "successful_requests",
+        "failed_requests",
+        "outcomes",
+    ] {
+        assert_eq!(a_after[k], a_before[k], "kept endpoint lost `{k}`");
+    }
+    assert_eq!(
+        gw.endpoint_view("b").await["total_requests"],
+        0,
+        "a changed endpoint starts afresh"
+    );
+    let served = gw
+        .post("/v1/messages", &[], &TestGateway::message_body(false))
+        .await;
+    assert_eq!(
+        served.header("x-ccgate-endpoint"),
+        Some("c"),
+        "the added endpoint takes traffic"
+    );
+    assert_eq!(c.count(), 1);
+    let stats = gw.admin("stats").await;
+    assert_eq!(stats["total_requests"], 4, "gateway totals carry on");
+
+    // `a` removed: it gets no more traffic even when `c` fails.
+    write(&path, &format!("{head}{}", endpoint("c", &c.url(), "")));
+    let r = reload(&gw).await;
+    assert_eq!(r.json()["removed"], serde_json::json!(["a", "b"]));
+    c.push(Script::error(500, "api_error", "boom"));
+    let down = gw
+        .post("/v1/messages", &[], &TestGateway::message_body(false))
+        .await;
+    assert_eq!(down.status, 502);
+    assert_eq!(a.count(), 3, "a removed endpoint is never tried");
+    let names: Vec<String> = gw.admin("endpoints").await["endpoints"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|e| e["name"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(names, ["c"]);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_endpoint_stays_in_the_failure_queue_and_a_bad_file_changes_nothing() {
+    let (a, b) = (MockUpstream::start().await, MockUpstream::start().await);
+    a.set_default(Script::error(500, "api_error", "boom"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("config.toml");
+    let head = "[server]\nlisten = \"127.0.0.1:0\"\n[health]\nfailure_threshold = 1\nprobe_interval = \"1h\"\nprobe_max_interval = \"1h\"\n";
+    let text = format!(
+        "{head}{}{}",
+        endpoint("a", &a.url(), ""),
+        endpoint("b", &b.url(), "priority = 2")
+    );
+    write(&path, &text);
+    let config = Config::from_toml(&text, "test", &|_: &str| None).expect("config");
+    let gw = TestGateway::start_with_source(config, Some(path.clone())).await;
+    assert_eq!(
+        gw.post("/v1/messages", &[], &TestGateway::message_body(false))
+            .await
+            .status,
+        200
+    );
+    let q = gw.admin("failure-queue").await;
+    assert_eq!(q["size"], 1);
+    assert_eq!(q["stats"]["total_failed"], 1);
+
+    // A broken file: 400 naming the problem; the gateway keeps serving as before.
+    write(
+        &path,
+        &format!("{head}[[endpoints]]\nname = \"a\"\nbase_url = \"ftp://x\"\napi_key = \"k\"\n"),
+    );
+    let r = reload(&gw).await;
+    assert_eq!(r.status, 400);
+    assert!(r.text().contains("base_url"), "{}", r.text());
+    assert_eq!(
+        gw.admin("endpoints").await["endpoints"]
+            .as_array()
+            .map(Vec::len),
+        Some(2)
+    );
+
+    // A valid reload that adds an endpoint: `a` is still ejected, with the same episode.
+    let c = MockUpstream::start().await;
+    write(
+        &path,
+        &format!("{text}{}", endpoint("c", &c.url(), "priority = 3")),
+    );
+    assert_eq!(reload(&gw).await.status, 200);
+    let q = gw.admin("failure-queue").await;
+    assert_eq!(q["size"], 1);
+    assert_eq!(q["entries"][0]["name"], "a");
+    assert_eq!(
+        q["stats"]["total_failed"], 1,
+        "the same episode, not a new one"
+    );
+    assert_eq!(gw.endpoint_view("a").await["state"], "ejected");
+    assert_eq!(
+        gw.post("/v1/messages", &[], &TestGateway::message_body(false))
+            .await
+            .header("x-ccgate-endpoint"),
+        Some("b")
+    );
+    assert_eq!(
+        a.count(),
+        1,
+        "an ejected endpoint stays out after the reload"
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_without_a_config_file_is_refused() {
+    let up = MockUpstream::start().await;
+    let gw = GatewayBuilder::new()
+        .endpoint("a", &up.url(), "")
+        .start()
+        .await;
+    let r = reload(&gw).await;
+    assert_eq!(r.status, 409, "{}", r.text());
+    let get = gw
+        .request(Method::GET, "/_ccgate/reload", &[], Bytes::new())
+        .await;
+    assert_eq!(get.status, 405);
+    gw.shutdown().await;
+}
+
+/// Kills the child on drop.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_running_binary() {
+    let (a, b) = (MockUpstream::start().await, MockUpstream::start().await);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("config.toml");
+    let head = "[server]\nlisten = \"127.0.0.1:0\"\n";
+    write(&path, &format!("{head}{}", endpoint("a", &a.url(), "")));
+    #[cfg(unix)]
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod");
+    let mut child = Child(
+        Command::new(env!("CARGO_BIN_EXE_ccgate"))
+            .args(["serve", "--config"])
+            .arg(&path)
+            .env_clear()
+            .env("HOME", dir.path())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn ccgate"),
+    );
+    let stdout = child.0.stdout.take().expect("stdout");
+    let line = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).map(|_| line)
+    })
+    .await
+    .expect("join")
+    .expect("read");
+    let url = line
+        .trim()
+        .strip_prefix("listening on ")
+        .expect("listening line")
+        .to_string();
+    let client = support::gateway::http_client();
+    let names = || async {
+        let resp = client
+            .get(format!("{url}/_ccgate/endpoints").parse().expect("uri"))
+            .await
+            .expect("gateway answers");
+        let body = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .expect("body")
+            .to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
+        v["endpoints"]
+            .as_array()
+            .map(|l| l.iter().map(|e| e["name"].to_string()).collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
+    assert_eq!(names().await, ["\"a\""]);
+    write(
+        &path,
+        &format!(
+            "{head}{}{}",
+            endpoint("a", &a.url(), ""),
+            endpoint("b", &b.url(), "")
+        ),
+    );
+    let status = Command::new("kill")
+        .args(["-HUP", &child.0.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    // The reload happens in the background: poll the view, with a deadline.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if names().await == ["\"a\"", "\"b\""] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "SIGHUP did not reload the config"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        child.0.try_wait().expect("status").is_none(),
+        "SIGHUP must not stop the gateway"
+    );
+}

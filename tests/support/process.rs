@@ -1,0 +1,438 @@
+#![allow(dead_code)]
+//! Runs the real `ccgate` binary in a sandbox: a temporary HOME and XDG directories and a cleared
+//! environment, so the developer's own configuration and credentials never leak in. Children are
+//! killed when dropped (a failing test leaves nothing behind); readiness of `serve` is its
+//! `listening on http://ADDR` line. The same approach as `tests/cli.rs`, shared for other suites.
+
+use std::io::{BufRead, Read};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_ccgate");
+/// Upper bound for anything that should happen promptly (start, a request, an exit).
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// Temporary HOME / XDG dirs and a cleared environment.
+pub struct Sandbox {
+    dir: tempfile::TempDir,
+}
+
+impl Sandbox {
+    /// A fresh sandbox.
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        for d in ["home", "xdg-config", "xdg-data", "xdg-cache", "xdg-state"] {
+            std::fs::create_dir_all(dir.path().join(d)).expect("create sandbox dir");
+        }
+        Self { dir }
+    }
+
+    /// A path inside the sandbox.
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// `$HOME`.
+    pub fn home(&self) -> PathBuf {
+        self.path("home")
+    }
+
+    /// Where `ccgate` finds its config without `--config` / `$CCGATE_CONFIG`.
+    pub fn default_config(&self) -> PathBuf {
+        self.path("xdg-config").join("ccgate").join("config.toml")
+    }
+
+    /// Claude Code's settings under the sandbox HOME.
+    pub fn claude_settings(&self) -> PathBuf {
+        self.home().join(".claude").join("settings.json")
+    }
+
+    /// Writes `text` to `path` (owner-only), creating its directory.
+    pub fn write_at(&self, path: &Path, text: &str) -> PathBuf {
+        std::fs::create_dir_all(path.parent().expect("has a parent")).expect("create dir");
+        std::fs::write(path, text).expect("write file");
+        set_mode(path, 0o600);
+        path.to_path_buf()
+    }
+
+    /// `ccgate ARGS` with only HOME, the XDG dirs and NO_COLOR set, all inside the sandbox.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(BIN);
+        c.args(args)
+            .env_clear()
+            .env("HOME", self.home())
+            .env("XDG_CONFIG_HOME", self.path("xdg-config"))
+            .env("XDG_DATA_HOME", self.path("xdg-data"))
+            .env("XDG_CACHE_HOME", self.path("xdg-cache"))
+            .env("XDG_STATE_HOME", self.path("xdg-state"))
+            .env("NO_COLOR", "1")
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c
+    }
+}
+
+/// chmod.
+pub fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+/// The permission bits of a file.
+pub fn mode_of(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).expect("stat").permissions().mode() & 0o777
+}
+
+/// A finished run.
+#[derive(Debug)]
+pub struct Finished {
+    /// Exit status.
+    pub status: ExitStatus,
+    /// Everything on stdout.
+    pub stdout: String,
+    /// Everything on stderr.
+    pub stderr: String,
+}
+
+impl Finished {
+    /// Status and both streams, for assertion messages.
+    pub fn output(&self) -> String {
+        format!(
+            "status: {}\n--- stdout ---\n{}--- stderr ---\n{}",
+            self.status, self.stdout, self.stderr
+        )
+    }
+
+    /// Exited 0.
+    #[track_caller]
+    pub fn assert_success(&self) {
+        assert!(self.status.success(), "expected success\n{}", self.output());
+    }
+
+    /// Exited with exactly `code`.
+    #[track_caller]
+    pub fn assert_code(&self, code: i32) {
+        assert_eq!(
+            self.status.code(),
+            Some(code),
+            "expected exit code {code}\n{}",
+            self.output()
+        );
+    }
+
+    /// Failed with a real, non-zero exit code.
+    #[track_caller]
+    pub fn assert_failure(&self) {
+        assert!(
+            matches!(self.status.code(), Some(c) if c != 0),
+            "expected a non-zero exit code\n{}",
+            self.output()
+        );
+    }
+
+    /// None of `secrets` appears in either stream.
+    #[track_caller]
+    pub fn assert_no_secret(&self, secrets: &[&str]) {
+        for s in secrets {
+            assert!(
+                !self.stdout.contains(s) && !self.stderr.contains(s),
+                "secret `{s}` appears in the output\n{}",
+                self.output()
+            );
+        }
+    }
+}
+
+/// A child process whose output is collected by two reader threads. Dropping it kills and reaps
+/// the process.
+pub struct Proc {
+    child: Child,
+    stdout_lines: mpsc::UnboundedReceiver<String>,
+    stdout_seen: String,
+    stderr: Arc<Mutex<String>>,
+    stderr_done: Option<oneshot::Receiver<()>>,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    /// Spawns `cmd` (stdout and stderr piped).
+    pub fn spawn(mut cmd: Command) -> Self {
+        let mut child = cmd.spawn().expect("spawn ccgate");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut stderr_pipe = child.stderr.take().expect("piped stderr");
+        let (tx, stdout_lines) = mpsc::unbounded_channel();
+        std::thread::spawn(move || {
+            let mut r = std::io::BufReader::new(stdout);
+            loop {
+                let mut line = String::new();
+                match r.read_line(&mut line) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        if tx.send(line).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let sink = Arc::clone(&stderr);
+        let (done_tx, stderr_done) = oneshot::channel();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            loop {
+                match stderr_pipe.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => sink
+                        .lock()
+                        .expect("stderr buffer")
+                        .push_str(&String::from_utf8_lossy(&buf[..n])),
+                }
+            }
+            let _ = done_tx.send(());
+        });
+        Self {
+            child,
+            stdout_lines,
+            stdout_seen: String::new(),
+            stderr,
+            stderr_done: Some(stderr_done),
+        }
+    }
+
+    /// The next stdout line (with its newline), `None` at EOF; panics after [`DEADLINE`].
+    pub async fn next_line(&mut self) -> Option<String> {
+        let line = match tokio::time::timeout(DEADLINE, self.stdout_lines.recv()).await {
+            Ok(line) => line,
+            Err(_) => panic!(
+                "no stdout line from ccgate in time\nstderr:\n{}",
+                self.stderr_now()
+            ),
+        };
+        if let Some(l) = &line {
+            self.stdout_seen.push_str(l);
+        }
+        line
+    }
+
+    /// Stderr so far.
+    pub fn stderr_now(&self) -> String {
+        self.stderr.lock().expect("stderr buffer").clone()
+    }
+
+    /// Waits for the exit. std has no wait with a timeout and there is no exit event to await
+    /// here, so this polls `try_wait` against a deadline.
+    async fn wait_exit(&mut self) -> ExitStatus {
+        let until = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < until,
+                "ccgate did not exit in time\nstdout:\n{}\nstderr:\n{}",
+                self.stdout_seen,
+                self.stderr_now()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Waits for the exit, then returns everything the process printed.
+    pub async fn finish(&mut self) -> Finished {
+        let status = self.wait_exit().await;
+        while self.next_line().await.is_some() {}
+        if let Some(done) = self.stderr_done.take() {
+            let _ = tokio::time::timeout(DEADLINE, done).await;
+        }
+        Finished {
+            status,
+            stdout: self.stdout_seen.clone(),
+            stderr: self.stderr_now(),
+        }
+    }
+}
+
+/// Runs a command to completion.
+pub async fn run(cmd: Command) -> Finished {
+    Proc::spawn(cmd).finish().await
+}
+
+/// Runs a command with `input` on its standard input.
+pub async fn run_with_stdin(mut cmd: Command, input: &str) -> Finished {
+    cmd.stdin(Stdio::piped());
+    let mut proc = Proc::spawn(cmd);
+    {
+        use std::io::Write;
+        let mut stdin = proc.child.stdin.take().expect("piped stdin");
+        stdin.write_all(input.as_bytes()).expect("write stdin");
+    }
+    proc.finish().await
+}
+
+/// A running `ccgate serve` (killed when dropped).
+pub struct Serving {
+    proc: Proc,
+    /// The address from the `listening on` line.
+    pub addr: SocketAddr,
+}
+
+/// Starts `ccgate serve` and waits for its readiness line; panics with its output if it exits
+/// instead.
+pub async fn start(cmd: Command) -> Serving {
+    let mut proc = Proc::spawn(cmd);
+    let Some(line) = proc.next_line().await else {
+        let f = proc.finish().await;
+        panic!("ccgate serve did not start\n{}", f.output());
+    };
+    let addr = line
+        .strip_prefix("listening on http://")
+        .and_then(|l| l.strip_suffix('\n'))
+        .and_then(|a| a.parse::<SocketAddr>().ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "the first stdout line is not `listening on http://ADDR`: {line:?}\nstderr:\n{}",
+                proc.stderr_now()
+            )
+        });
+    Serving { proc, addr }
+}
+
+impl Serving {
+    /// `http://ADDR`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stderr so far.
+    pub fn stderr_now(&self) -> String {
+        self.proc.stderr_now()
+    }
+
+    /// Sends `sig` (`TERM`, `INT`, `HUP`) with kill(1).
+    pub fn signal(&self, sig: &str) {
+        let pid = self.proc.child.id().to_string();
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(&pid)
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{sig} {pid} failed");
+    }
+
+    /// SIGTERM, then waits for a clean exit and returns everything it printed.
+    pub async fn stop(mut self) -> Finished {
+        self.signal("TERM");
+        let f = self.proc.finish().await;
+        assert_eq!(
+            f.status.code(),
+            Some(0),
+            "SIGTERM must exit 0\n{}",
+            f.output()
+        );
+        f
+    }
+}
+
+/// A complete HTTP answer.
+#[derive(Debug)]
+pub struct Answer {
+    /// Status.
+    pub status: StatusCode,
+    /// Headers.
+    pub headers: HeaderMap,
+    /// Body as text.
+    pub body: String,
+}
+
+impl Answer {
+    /// A header's value.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// The body as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+}
+
+/// Sends one request on a fresh HTTP/1.1 connection and reads the whole answer.
+pub async fn call(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: String,
+) -> Answer {
+    let fut = async {
+        let stream = TcpStream::connect(addr).await.expect("connect to ccgate");
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .expect("HTTP handshake");
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", addr.to_string())
+            .header("content-type", "application/json");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body)))
+            .expect("valid request");
+        let resp = sender.send_request(req).await.expect("response head");
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        Answer {
+            status,
+            headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        }
+    };
+    tokio::time::timeout(DEADLINE, fut)
+        .await
+        .expect("no complete answer in time")
+}
+
+/// `POST /v1/messages` (non-streaming) with a small body.
+pub async fn post_message(addr: SocketAddr, headers: &[(&str, &str)]) -> Answer {
+    let mut h = vec![("anthropic-version", "2023-06-01")];
+    h.extend_from_slice(headers);
+    let body = serde_json::json!({
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 16,
+        "messages": [{"role": "user", "content": "hi"}],
+    })
+    .to_string();
+    call(addr, Method::POST, "/v1/messages", &h, body).await
+}
+
+/// `GET path`.
+pub async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Answer {
+    call(addr, Method::GET, path, headers, String::new()).await
+}
