@@ -37,7 +37,8 @@
 #   CCGATE_REF=HEAD        build ccgate from this git ref (git archive into BUILD_DIR) instead of
 #                          the working tree, e.g. while the working tree does not compile
 #   BUILD_DIR=/tmp/ccgate-bench-build   where CCGATE_REF builds go
-#   CCGATE_RUST_LOG        RUST_LOG for ccgate (default: unset, i.e. ccgate's default `info`)
+#   CCGATE_RUST_LOG=warn   RUST_LOG for ccgate. `warn` turns its per-request info line off, as nginx
+#                          runs with access_log off; set `info` to measure with request logging
 #   PROFILE=1              perf-record ccgate (cpu-clock) during the first ns_c64 and sse_c64 runs;
 #                          reports land in the results dir as perf-*.txt. Sampling slows ccgate a
 #                          little in those runs: leave it off for the numbers you publish.
@@ -50,6 +51,7 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BENCH=$ROOT/bench
+CCGATE_RUST_LOG=${CCGATE_RUST_LOG:-warn}
 COMMAND_LINE="$(for v in DURATION REPEATS WARMUP SLOW_STREAMS SLOW_EVENTS SLOW_PACE_MS STREAM_EVENTS \
     STREAM_PACE_MS FAILOVER_CONCURRENCY WORKLOADS CCGATE_BIN CCGATE_REF PROFILE; do
     if [[ -n "${!v:-}" ]]; then printf '%s=%q ' "$v" "${!v}"; fi; done)bench/run.sh"

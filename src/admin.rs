@@ -41,6 +41,20 @@ pub struct LastErrorView {
     pub at: String,
 }
 
+/// Cumulative counters across restarts: what the database holds plus what happened since the
+/// last flush. The contract fields beside it stay per-process.
+#[derive(Serialize)]
+pub struct LifetimeView {
+    /// Attempts (or client requests) ever sent.
+    pub total_requests: u64,
+    /// Of those, answered correctly.
+    pub successful_requests: u64,
+    /// Failed.
+    pub failed_requests: u64,
+    /// Abandoned because the client left.
+    pub cancelled: u64,
+}
+
 /// One endpoint, as `GET /_ccgate/endpoints` shows it.
 #[derive(Serialize)]
 pub struct EndpointView {
@@ -84,6 +98,8 @@ pub struct EndpointView {
     pub last_error: Option<LastErrorView>,
     /// End of a rate-limit cooldown (RFC 3339), while cooling down.
     pub cooldown_until: Option<String>,
+    /// Counters across restarts (state that lasts).
+    pub lifetime: LifetimeView,
 }
 
 fn latency(l: &crate::endpoint::Latency) -> LatencyView {
@@ -145,6 +161,15 @@ pub fn endpoint_view(gw: &Gateway, ep: &Endpoint) -> EndpointView {
         }),
         cooldown_until: (phase == Phase::CoolingDown)
             .then(|| rfc3339(clock.wall(ep.live.cooldown_until_ms()))),
+        lifetime: {
+            let l = gw.persist.lifetime(&ep.name, &ep.live);
+            LifetimeView {
+                total_requests: l.total,
+                successful_requests: l.successful(),
+                failed_requests: l.failed(),
+                cancelled: l.cancelled(),
+            }
+        },
     }
 }
 
@@ -196,6 +221,7 @@ pub fn failure_queue_json(gw: &Gateway) -> serde_json::Value {
 /// `GET /_ccgate/stats`.
 pub fn stats_json(gw: &Gateway) -> serde_json::Value {
     let s = gw.registry.gateway.snapshot();
+    let lifetime = gw.persist.gateway_lifetime(&gw.registry.gateway);
     serde_json::json!({
         "total_requests": s.total,
         "successful_requests": s.successful,
@@ -211,6 +237,15 @@ pub fn stats_json(gw: &Gateway) -> serde_json::Value {
         "uptime_seconds": gw.registry.clock.uptime().as_secs(),
         "endpoints": gw.registry.endpoints.len(),
         "failure_queue_size": gw.registry.queue.entries().len(),
+        "lifetime": {
+            "total_requests": lifetime.started,
+            "successful_requests": lifetime.success,
+            "failed_requests": lifetime.failed(),
+            "upstream_errors": lifetime.upstream_errors,
+            "caller_errors": lifetime.caller_errors,
+            "cancelled": lifetime.cancelled,
+        },
+        "storage": gw.persist.status_json(),
     })
 }
 
@@ -242,6 +277,9 @@ pub async fn handle<B>(gw: Arc<Gateway>, req: Request<B>) -> Response<GateBody> 
             response::json(StatusCode::OK, &failure_queue_json(&gw))
         }
         (&Method::GET, ["stats"]) => response::json(StatusCode::OK, &stats_json(&gw)),
+        (&Method::GET, ["episodes"]) => {
+            response::json(StatusCode::OK, &gw.persist.episodes_json(&gw))
+        }
         (&Method::GET, ["events"]) => response::json(
             StatusCode::OK,
             &serde_json::json!({ "failovers": gw.events.recent() }),
@@ -297,11 +335,13 @@ pub async fn handle<B>(gw: Arc<Gateway>, req: Request<B>) -> Response<GateBody> 
                 _ => not_found(),
             }
         }
-        (_, ["endpoints"] | ["failure-queue"] | ["stats"] | ["metrics"]) => response::error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "invalid_request_error",
-            "ccgate: method not allowed",
-        ),
+        (_, ["endpoints"] | ["failure-queue"] | ["stats"] | ["metrics"] | ["episodes"]) => {
+            response::error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "invalid_request_error",
+                "ccgate: method not allowed",
+            )
+        }
         _ => not_found(),
     }
 }
@@ -394,7 +434,10 @@ pub(crate) fn cross_site(headers: &http::HeaderMap) -> bool {
     {
         return true;
     }
-    let Some(origin) = headers.get(http::header::ORIGIN).and_then(|v| v.to_str().ok()) else {
+    let Some(origin) = headers
+        .get(http::header::ORIGIN)
+        .and_then(|v| v.to_str().ok())
+    else {
         return false;
     };
     let host = headers

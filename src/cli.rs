@@ -92,6 +92,10 @@ pub enum Command {
     /// Edits ~/.claude/settings.json ($CLAUDE_CONFIG_DIR/settings.json when that is set).
     #[command(subcommand)]
     Claude(ClaudeCommand),
+    /// Print the usage ledger: requests and tokens per day, endpoint and model.
+    ///
+    /// Reads the gateway's database file directly (read-only), so no gateway needs to run.
+    Usage(crate::usage::UsageArgs),
     /// Print a shell completion script.
     ///
     /// For example: `ccgate completions bash > ~/.local/share/bash-completion/completions/ccgate`,
@@ -255,6 +259,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Claude(cmd) => claude(cmd),
+        Command::Usage(args) => crate::usage::run(args),
         Command::Completions { shell } => {
             let mut cmd = Cli::command();
             clap_complete::generate(shell, &mut cmd, "ccgate", &mut std::io::stdout());

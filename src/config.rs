@@ -113,6 +113,8 @@ pub struct ServerConfig {
     pub shutdown_timeout: Duration,
     /// Most attempts (first try plus failovers) for one client request.
     pub max_attempts: usize,
+    /// Serving threads, each with its own event loop and upstream pools.
+    pub workers: usize,
 }
 
 /// `[timeouts]`: limits on each upstream attempt.
@@ -266,6 +268,69 @@ pub struct RetryBudgetConfig {
     pub window: Duration,
 }
 
+/// `[storage]`: the embedded database that keeps counters, failure episodes and the usage ledger
+/// across restarts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StorageConfig {
+    /// Whether anything is stored at all.
+    pub enabled: bool,
+    /// The database file; `None` means the default, `<data dir>/ccgate/ccgate.db`.
+    pub path: Option<PathBuf>,
+    /// How often the background writer commits what happened since its last commit.
+    pub flush_interval: Duration,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            path: None,
+            flush_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+impl StorageConfig {
+    /// The database file: `path`, else `<platform data dir>/ccgate/ccgate.db` (`$XDG_DATA_HOME`
+    /// or `~/.local/share` on Linux). `None` when the platform has no data dir.
+    pub fn resolved_path(&self) -> Option<PathBuf> {
+        match &self.path {
+            Some(p) => Some(p.clone()),
+            None => dirs::data_dir().map(|d| d.join("ccgate").join("ccgate.db")),
+        }
+    }
+
+    /// Only the `[storage]` table of a config file, validated; the rest of the file is not
+    /// checked (`ccgate usage` needs no endpoint credentials from the environment).
+    pub fn from_toml(text: &str, source_name: &str) -> Result<Self, ConfigError> {
+        #[derive(Deserialize)]
+        struct OnlyStorage {
+            #[serde(default)]
+            storage: RawStorage,
+        }
+        let mut p = Problems {
+            text,
+            list: Vec::new(),
+        };
+        let storage = match toml::from_str::<OnlyStorage>(text) {
+            Ok(raw) => validate_storage(&raw.storage, &mut p),
+            Err(e) => {
+                let line = e.span().map(|s| p.line_of(s.start));
+                p.at_line(line, "storage", e.message().trim().to_string());
+                StorageConfig::default()
+            }
+        };
+        if p.list.is_empty() {
+            Ok(storage)
+        } else {
+            Err(ConfigError {
+                source_name: source_name.into(),
+                problems: p.list,
+            })
+        }
+    }
+}
+
 /// The validated configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -279,6 +344,8 @@ pub struct Config {
     pub affinity: AffinityConfig,
     /// `[retry_budget]`.
     pub retry_budget: RetryBudgetConfig,
+    /// `[storage]`.
+    pub storage: StorageConfig,
     /// `[[endpoints]]`, in file order.
     pub endpoints: Vec<EndpointConfig>,
 }
@@ -342,6 +409,8 @@ struct RawConfig {
     #[serde(default)]
     retry_budget: RawRetryBudget,
     #[serde(default)]
+    storage: RawStorage,
+    #[serde(default)]
     endpoints: Vec<Spanned<RawEndpoint>>,
 }
 
@@ -354,6 +423,7 @@ struct RawServer {
     max_body_bytes: Option<Spanned<i64>>,
     shutdown_timeout: Option<Spanned<String>>,
     max_attempts: Option<Spanned<i64>>,
+    workers: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -375,6 +445,13 @@ struct RawRetryBudget {
     ratio: Option<Spanned<f64>>,
     min_per_second: Option<Spanned<i64>>,
     window: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+struct RawStorage {
+    enabled: Option<Spanned<bool>>,
+    path: Option<Spanned<String>>,
+    flush_interval: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -711,10 +788,11 @@ fn validate(raw: RawConfig, p: &mut Problems<'_>, env: &dyn Env) -> Config {
             "retry_budget.min_per_second",
             0,
             100_000,
-            1,
+            10,
         ) as u32,
         window: p.duration(&b.window, "retry_budget.window", Duration::from_secs(10)),
     };
+    let storage = validate_storage(&raw.storage, p);
 
     let mut endpoints = Vec::with_capacity(raw.endpoints.len());
     let mut names: BTreeMap<String, usize> = BTreeMap::new();
@@ -770,7 +848,57 @@ fn validate(raw: RawConfig, p: &mut Problems<'_>, env: &dyn Env) -> Config {
         health,
         affinity,
         retry_budget,
+        storage,
         endpoints,
+    }
+}
+
+fn validate_storage(s: &RawStorage, p: &mut Problems<'_>) -> StorageConfig {
+    let default = StorageConfig::default();
+    let flush_interval = p.duration(
+        &s.flush_interval,
+        "storage.flush_interval",
+        default.flush_interval,
+    );
+    if let Some(v) = &s.flush_interval {
+        if flush_interval < Duration::from_millis(10) || flush_interval > Duration::from_secs(3600)
+        {
+            p.at(
+                v,
+                "storage.flush_interval",
+                format!("`{}` is out of range (10ms..=1h)", v.get_ref()),
+            );
+        }
+    }
+    let path = match &s.path {
+        None => None,
+        Some(v) if v.get_ref().trim().is_empty() => {
+            p.at(v, "storage.path", "must not be empty");
+            None
+        }
+        Some(v) => {
+            let raw = v.get_ref();
+            // `~/...` is what people write; expand it rather than create a directory named `~`.
+            match raw.strip_prefix("~/") {
+                Some(rest) => match dirs::home_dir() {
+                    Some(home) => Some(home.join(rest)),
+                    None => {
+                        p.at(
+                            v,
+                            "storage.path",
+                            "`~` cannot be expanded: no home directory",
+                        );
+                        None
+                    }
+                },
+                None => Some(PathBuf::from(raw)),
+            }
+        }
+    };
+    StorageConfig {
+        enabled: s.enabled.as_ref().is_none_or(|v| *v.get_ref()),
+        path,
+        flush_interval,
     }
 }
 
@@ -868,6 +996,10 @@ fn validate_server(s: &RawServer, p: &mut Problems<'_>, env: &dyn Env) -> Server
             MAX_ENDPOINTS as i64,
             3,
         ) as usize,
+        workers: match p.int_in(&s.workers, "server.workers", 0, 1024, 0) {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n as usize,
+        },
     }
 }
 
@@ -1292,6 +1424,43 @@ weight = 0
         );
         assert_eq!(c.endpoints[0].base_url.path_prefix, "/api");
         assert!(Config::from_anthropic_env(&no_env).is_none());
+    }
+
+    #[test]
+    fn storage_defaults_and_problems() {
+        let c = Config::from_toml(ONE, "t.toml", &no_env).expect("valid");
+        assert_eq!(c.storage, StorageConfig::default());
+        assert!(c.storage.enabled);
+        assert_eq!(c.storage.flush_interval, Duration::from_secs(5));
+        let text = format!(
+            "[storage]\nenabled = false\npath = \"/tmp/x.db\"\nflush_interval = \"200ms\"\n{ONE}"
+        );
+        let c = Config::from_toml(&text, "t.toml", &no_env).expect("valid");
+        assert!(!c.storage.enabled);
+        assert_eq!(c.storage.path, Some(PathBuf::from("/tmp/x.db")));
+        assert_eq!(c.storage.flush_interval, Duration::from_millis(200));
+        let text = format!("[storage]\npath = \"\"\nflush_interval = \"1ms\"\nflsh = 1\n{ONE}");
+        let got: Vec<(Option<usize>, String)> = problems(&text)
+            .into_iter()
+            .map(|p| (p.line, p.key))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (Some(2), "storage.path".to_string()),
+                (Some(3), "storage.flush_interval".to_string()),
+                (Some(4), "storage.flsh".to_string()),
+            ]
+        );
+        let only = StorageConfig::from_toml(
+            "[server]\nwhatever = 1\n[storage]\nflush_interval = \"2s\"\n",
+            "t.toml",
+        )
+        .expect("only [storage] is checked");
+        assert_eq!(only.flush_interval, Duration::from_secs(2));
+        let e = StorageConfig::from_toml("[storage]\nflush_interval = \"soon\"\n", "t.toml")
+            .expect_err("bad duration");
+        assert_eq!(e.problems[0].line, Some(2));
     }
 
     #[test]

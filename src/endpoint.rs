@@ -418,7 +418,8 @@ impl Attempt {
                     .consecutive
                     .fetch_add(1, Ordering::AcqRel)
                     .saturating_add(1);
-                let message = detail.map_or_else(|| kind.name().replace('_', " "), |d| self.ep.scrub(&d));
+                let message =
+                    detail.map_or_else(|| kind.name().replace('_', " "), |d| self.ep.scrub(&d));
                 live.last_error.store(Some(Arc::new(LastError {
                     kind,
                     message,

@@ -21,6 +21,7 @@ use crate::classify::{Outcome, TransportKind, classify_sse_error};
 use crate::endpoint::{Attempt, Endpoint};
 use crate::gateway_stats::RequestGuard;
 use crate::sse::{SseScanner, error_event};
+use crate::usage::{self, UsageTally};
 
 /// A client request, read once and replayed for each attempt.
 #[derive(Clone, Debug)]
@@ -286,6 +287,33 @@ pub struct RelayBody {
     request: Option<RequestGuard>,
     /// An SSE error event to send after an upstream failure, then end.
     trailer: Option<Bytes>,
+    /// Where a successful answer's token usage goes (see [`RelayBody::with_usage`]).
+    usage: Option<UsageTap>,
+}
+
+/// A relayed answer's way into the usage tally: streams report usage through their scanner; a
+/// plain body is kept (as the frames' shared `Bytes`, not copied) up to
+/// [`usage::MAX_JSON_BODY`] and read when it ends.
+struct UsageTap {
+    tally: Arc<UsageTally>,
+    frames: Vec<Bytes>,
+    len: usize,
+    too_large: bool,
+}
+
+impl UsageTap {
+    fn keep(&mut self, data: &Bytes) {
+        if self.too_large {
+            return;
+        }
+        self.len += data.len();
+        if self.len > usage::MAX_JSON_BODY {
+            self.too_large = true;
+            self.frames = Vec::new();
+        } else {
+            self.frames.push(data.clone());
+        }
+    }
 }
 
 impl RelayBody {
@@ -309,6 +337,44 @@ impl RelayBody {
             attempt: Some(attempt),
             request: Some(request),
             trailer: None,
+            usage: None,
+        }
+    }
+
+    /// Adds the answer's token usage to `tally` when it ends successfully: for a stream from its
+    /// `message_start` / `message_delta` events, for a plain JSON body from its top-level `usage`.
+    /// Caller errors are never counted. Only in-memory work happens on this path.
+    pub fn with_usage(mut self, tally: Option<Arc<UsageTally>>) -> Self {
+        if self.judge != Judge::CallerError {
+            self.usage = tally.map(|tally| UsageTap {
+                tally,
+                frames: Vec::new(),
+                len: 0,
+                too_large: false,
+            });
+        }
+        self
+    }
+
+    /// Hands a successful answer's usage to the tally.
+    fn record_usage(&mut self) {
+        let Some(tap) = self.usage.take() else {
+            return;
+        };
+        let Some(ep) = self.attempt.as_ref().map(|a| a.endpoint()) else {
+            return;
+        };
+        let found = match (&self.scanner, tap.too_large) {
+            (Some(sc), _) => sc.usage().cloned(),
+            (None, true) => None,
+            (None, false) => match tap.frames.as_slice() {
+                [] => None,
+                [one] => usage::from_json_body(one),
+                many => usage::from_json_body(&many.concat()),
+            },
+        };
+        if let Some(u) = found {
+            tap.tally.add(&ep.name, &u);
         }
     }
 
@@ -319,6 +385,10 @@ impl RelayBody {
 
     fn finish(&mut self, outcome: Outcome, detail: Option<String>) {
         self.upstream = None;
+        if outcome == Outcome::Success {
+            self.record_usage();
+        }
+        self.usage = None;
         if let Some(a) = self.attempt.take() {
             a.finish(outcome, detail);
         }
@@ -423,6 +493,8 @@ impl Body for RelayBody {
                     Ok(data) => {
                         if let Some(sc) = this.scanner.as_mut() {
                             sc.feed(&data);
+                        } else if let Some(tap) = this.usage.as_mut() {
+                            tap.keep(&data);
                         }
                         // hyper drops a body once its declared length is written, without polling
                         // for the end: record the attempt as soon as the upstream body is complete.

@@ -29,5 +29,7 @@ pub mod response;
 pub mod select;
 pub mod server;
 pub mod sse;
+pub mod store;
 mod sync;
 pub mod upstream;
+pub mod usage;

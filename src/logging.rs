@@ -41,7 +41,10 @@ pub struct LogGuard {
 /// Installs the global subscriber (once; later calls install nothing and return an inert guard).
 pub fn init(format: LogFormat) -> LogGuard {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let (writer, worker) = tracing_appender::non_blocking(std::io::stderr());
+    // A few thousand lines of slack: the default (128k lines) preallocates megabytes.
+    let (writer, worker) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(4096)
+        .finish(std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)

@@ -96,12 +96,13 @@ fn histogram(
             })
             .collect();
         let labels = vec![("endpoint", *endpoint)];
-        m.encode_family(&labels)?.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
-            latency.sum().as_secs_f64(),
-            count,
-            &buckets,
-            None,
-        )?;
+        m.encode_family(&labels)?
+            .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                latency.sum().as_secs_f64(),
+                count,
+                &buckets,
+                None,
+            )?;
     }
     Ok(())
 }
@@ -275,7 +276,10 @@ impl Collector for GatewayCollector {
             &mut enc,
             "ccgate_sessions",
             "Client sessions bound to an endpoint.",
-            &[(vec![], n(gw.affinity.as_ref().map_or(0, |a| a.len()) as u64))],
+            &[(
+                vec![],
+                n(gw.affinity.as_ref().map_or(0, |a| a.len()) as u64),
+            )],
         )?;
         gauge(
             &mut enc,

@@ -310,7 +310,8 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
             if i + 1 == row.len() {
                 line.push_str(cell);
             } else {
-                let pad = widths[i].saturating_sub(cell.chars().count());
+                let width = widths.get(i).copied().unwrap_or(0);
+                let pad = width.saturating_sub(cell.chars().count());
                 let _ = write!(line, "{cell}{}  ", " ".repeat(pad));
             }
         }

@@ -11,10 +11,10 @@ use http_body_util::{BodyExt, Limited};
 
 use crate::affinity::{self, Affinity};
 use crate::budget::RetryBudget;
-use crate::events::{Events, FailedAttempt, Failover};
 use crate::classify::{Outcome, TransportKind, Verdict, classify_status};
 use crate::config::Config;
 use crate::endpoint::{Attempt, Endpoint};
+use crate::events::{Events, FailedAttempt, Failover};
 use crate::forward::{self, BoxError, Judge, Preamble, Prepared, RelayBody};
 use crate::gateway_stats::{RequestEnd, RequestGuard};
 use crate::registry::{Admission, Registry};
@@ -38,6 +38,9 @@ pub struct Gateway {
     pub events: Arc<Events>,
     /// The configuration the gateway runs with.
     pub config: Config,
+    /// State that lasts: the database, the usage tally, lifetime counters and episodes (inert
+    /// until [`crate::store::attach`] opens the database; carried over by reloads).
+    pub persist: Arc<crate::store::Persist>,
 }
 
 impl Gateway {
@@ -55,6 +58,7 @@ impl Gateway {
             budget: Arc::new(RetryBudget::new(&config.retry_budget, clock)),
             events: Arc::default(),
             config,
+            persist: Arc::new(crate::store::Persist::off()),
         })
     }
 
@@ -67,14 +71,17 @@ impl Gateway {
         mut config: Config,
     ) -> Result<(Self, crate::registry::ReloadReport), crate::upstream::ClientError> {
         config.server.listen = self.config.server.listen;
+        // The database stays the one opened at start (changing it needs a restart).
+        config.storage = self.config.storage.clone();
         let (registry, report) = Registry::reloaded(&config, &self.registry)?;
         let clock = registry.clock;
         let positions_kept = report.changed.is_empty()
             && report.removed.is_empty()
-            && registry
-                .endpoints
-                .iter()
-                .all(|e| self.registry.by_name(&e.name).is_none_or(|o| o.idx == e.idx));
+            && registry.endpoints.iter().all(|e| {
+                self.registry
+                    .by_name(&e.name)
+                    .is_none_or(|o| o.idx == e.idx)
+            });
         let affinity = match (&self.affinity, config.affinity.enabled) {
             (Some(a), true) if positions_kept && config.affinity == self.config.affinity => {
                 Some(Arc::clone(a))
@@ -94,6 +101,7 @@ impl Gateway {
             budget,
             events: Arc::clone(&self.events),
             config,
+            persist: Arc::clone(&self.persist),
         };
         Ok((gateway, report))
     }
@@ -103,16 +111,17 @@ impl Gateway {
         let Some(token) = &self.config.server.access_token else {
             return true;
         };
-        let presented = headers
-            .get("x-api-key")
+        // Either header may carry it: Claude Code sends its own key as `x-api-key` next to
+        // `ANTHROPIC_AUTH_TOKEN` as a Bearer token when both are set.
+        let api_key = headers.get("x-api-key").and_then(|v| v.to_str().ok());
+        let bearer = headers
+            .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .or_else(|| {
-                headers
-                    .get(header::AUTHORIZATION)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.strip_prefix("Bearer "))
-            });
-        presented.is_some_and(|p| constant_time_eq(p.as_bytes(), token.expose().as_bytes()))
+            .and_then(|v| v.strip_prefix("Bearer "));
+        [api_key, bearer]
+            .into_iter()
+            .flatten()
+            .any(|p| constant_time_eq(p.as_bytes(), token.expose().as_bytes()))
     }
 }
 
@@ -320,7 +329,8 @@ async fn forward_request(
                             timeouts.idle,
                             attempt,
                             guard,
-                        );
+                        )
+                        .with_usage(gw.persist.tally());
                         if let Some((a, key)) = &session {
                             a.bind(key, ep.idx);
                         }
@@ -348,6 +358,11 @@ async fn forward_request(
                     timeouts.idle,
                     attempt,
                     guard,
+                )
+                .with_usage(
+                    gw.persist
+                        .tally()
+                        .filter(|_| is_json(&parts.headers) && !is_encoded(&parts.headers)),
                 );
                 if let Some((a, key)) = &session {
                     a.bind(key, ep.idx);
@@ -436,6 +451,13 @@ fn next_candidate(
         }
     }
     None
+}
+
+/// A JSON answer, whose `usage` the ledger reads.
+fn is_json(h: &HeaderMap) -> bool {
+    h.get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().starts_with("application/json"))
 }
 
 fn is_event_stream(h: &HeaderMap) -> bool {

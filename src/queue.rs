@@ -7,13 +7,14 @@
 //! Attempts whose event cannot change the phase (the overwhelming majority) never take the lock.
 
 use std::collections::BTreeMap;
+use std::sync::Weak;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::Notify;
 
 use crate::clock::{Clock, ms};
-use crate::endpoint::Endpoint;
+use crate::endpoint::{Endpoint, Live};
 use crate::health::{self, Effect, Event, Phase, Reason};
 use crate::sync::Mutex;
 
@@ -53,10 +54,42 @@ pub struct QueueStats {
     pub total_closed: u64,
 }
 
+/// A failure episode opening or closing, logged for the store (see
+/// [`FailureQueue::record_episodes`]); the queue itself never reads it.
+#[derive(Clone, Debug)]
+pub struct EpisodeEvent {
+    /// `Some(reason)` when the episode opened, `None` when it closed.
+    pub opened: Option<Reason>,
+    /// Endpoint name.
+    pub name: String,
+    /// The endpoint's live cell: identifies the episode's endpoint across config reloads.
+    pub live: Weak<Live>,
+    /// When (wall clock).
+    pub at: SystemTime,
+    /// Probes run in the episode (at its close).
+    pub probes: u32,
+}
+
 #[derive(Default)]
 struct Inner {
     entries: BTreeMap<usize, Entry>,
     stats: QueueStats,
+    /// Episode opens and closes not yet taken by the store; `None` while nobody records them.
+    episodes: Option<Vec<EpisodeEvent>>,
+}
+
+impl Inner {
+    fn log_episode(&mut self, opened: Option<Reason>, ep: &Endpoint, at: SystemTime, probes: u32) {
+        if let Some(log) = &mut self.episodes {
+            log.push(EpisodeEvent {
+                opened,
+                name: ep.name.clone(),
+                live: std::sync::Arc::downgrade(&ep.live),
+                at,
+                probes,
+            });
+        }
+    }
 }
 
 /// The failure queue.
@@ -100,6 +133,7 @@ impl FailureQueue {
             Effect::None => {}
             Effect::Open(reason) => {
                 inner.stats.total_failed += 1;
+                inner.log_episode(Some(reason), ep, self.clock.wall(now_ms), 0);
                 let next_probe_at_ms = self.due_for(ep, reason, first_probe);
                 inner.entries.insert(
                     ep.idx,
@@ -129,8 +163,12 @@ impl FailureQueue {
                 }
             }
             Effect::Close => {
-                inner.entries.remove(&ep.idx);
+                let probes = inner
+                    .entries
+                    .remove(&ep.idx)
+                    .map_or(0, |e| e.probe_attempts);
                 inner.stats.total_closed += 1;
+                inner.log_episode(None, ep, self.clock.wall(now_ms), probes);
             }
         }
         drop(inner);
@@ -198,9 +236,11 @@ impl FailureQueue {
     /// `moved(old_idx)` gives an endpoint's new index, or `None` if it was removed or changed
     /// (its episode ends with it). Called once, before the new registry serves requests.
     pub fn adopt(&self, old: &FailureQueue, moved: impl Fn(usize) -> Option<usize>) {
-        let from = old.inner.lock();
+        let mut from = old.inner.lock();
         let mut inner = self.inner.lock();
         inner.stats = from.stats;
+        // The episode log (and whether one is kept) moves on with the statistics.
+        inner.episodes = from.episodes.as_mut().map(std::mem::take);
         for (old_idx, entry) in &from.entries {
             if let Some(idx) = moved(*old_idx) {
                 let mut entry = entry.clone();
@@ -226,10 +266,11 @@ impl FailureQueue {
             Phase::AuthDisabled => Reason::Auth,
             Phase::Probation => return false,
             Phase::Healthy => {
-                if inner.entries.remove(&ep.idx).is_none() {
+                let Some(closed) = inner.entries.remove(&ep.idx) else {
                     return false;
-                }
+                };
                 inner.stats.total_closed += 1;
+                inner.log_episode(None, ep, self.clock.wall(now_ms), closed.probe_attempts);
                 drop(inner);
                 self.changed.notify_waiters();
                 return true;
@@ -239,6 +280,7 @@ impl FailureQueue {
             return false;
         }
         inner.stats.total_failed += 1;
+        inner.log_episode(Some(reason), ep, self.clock.wall(now_ms), 0);
         let next_probe_at_ms = self.due_for(ep, reason, now_ms + ms(self.backoff(0)));
         inner.entries.insert(
             ep.idx,
@@ -256,6 +298,22 @@ impl FailureQueue {
         drop(inner);
         self.changed.notify_waiters();
         true
+    }
+
+    /// Starts keeping a log of episode opens and closes for [`FailureQueue::take_episode_events`]
+    /// (the store's writer drains it; without one nothing is kept).
+    pub fn record_episodes(&self) {
+        self.inner.lock().episodes.get_or_insert_with(Vec::new);
+    }
+
+    /// Takes the episode events logged since the last call, oldest first.
+    pub fn take_episode_events(&self) -> Vec<EpisodeEvent> {
+        self.inner
+            .lock()
+            .episodes
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
     }
 
     /// Entries and stats read together under one lock.

@@ -10,7 +10,7 @@ use crate::endpoint::{Endpoint, Recorder};
 use crate::gateway_stats::GatewayStats;
 use crate::health::{Event, Phase};
 use crate::queue::FailureQueue;
-use crate::upstream::{ClientError, build_client};
+use crate::upstream::{ClientError, build_worker_clients};
 
 /// Whether an endpoint may take a request now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,7 +68,11 @@ impl Registry {
         });
         let mut endpoints = Vec::with_capacity(config.endpoints.len());
         for (idx, e) in config.endpoints.iter().enumerate() {
-            let client = build_client(e.ca_file.as_deref(), &config.timeouts)?;
+            let client = build_worker_clients(
+                e.ca_file.as_deref(),
+                &config.timeouts,
+                config.server.workers,
+            )?;
             endpoints.push(Arc::new(Endpoint::new(idx, e, client)));
         }
         Ok(Self {
@@ -122,7 +126,11 @@ impl Registry {
                     } else {
                         report.added.push(e.name.clone());
                     }
-                    let client = build_client(e.ca_file.as_deref(), &config.timeouts)?;
+                    let client = build_worker_clients(
+                        e.ca_file.as_deref(),
+                        &config.timeouts,
+                        config.server.workers,
+                    )?;
                     Endpoint::new(idx, e, client)
                 }
             };

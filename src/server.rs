@@ -16,7 +16,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
 use std::path::PathBuf;
 
@@ -80,9 +80,9 @@ impl Handle {
         let path = self.source.as_ref().ok_or(ReloadError::NoSource)?;
         // A config file is small: reading it in place is cheaper than a blocking-pool hop.
         let text = std::fs::read_to_string(path).map_err(|source| ReloadError::Read {
-                path: path.display().to_string(),
-                source,
-            })?;
+            path: path.display().to_string(),
+            source,
+        })?;
         let config = Config::from_toml(&text, &path.display().to_string(), &ProcessEnv)?;
         self.reload_with(config).await
     }
@@ -153,9 +153,11 @@ async fn reload_route<B>(handle: &Handle, req: &Request<B>) -> Response<GateBody
             v["reloaded"] = true.into();
             response::json(StatusCode::OK, &v)
         }
-        Err(e @ ReloadError::NoSource) => {
-            response::error(StatusCode::CONFLICT, "invalid_request_error", &format!("ccgate: {e}"))
-        }
+        Err(e @ ReloadError::NoSource) => response::error(
+            StatusCode::CONFLICT,
+            "invalid_request_error",
+            &format!("ccgate: {e}"),
+        ),
         Err(e) => response::error(
             StatusCode::BAD_REQUEST,
             "invalid_request_error",
@@ -205,7 +207,9 @@ impl Server {
         source: Option<PathBuf>,
     ) -> Result<Self, StartError> {
         let addr = config.server.listen;
-        let gateway = Arc::new(Gateway::new(config)?);
+        let mut gateway = Gateway::new(config)?;
+        crate::store::attach(&mut gateway).await;
+        let gateway = Arc::new(gateway);
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| StartError::Bind { addr, source })?;
@@ -240,13 +244,14 @@ impl Server {
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let Server { listener, handle } = self;
         handle.start_prober(handle.current());
+        let writer = start_writer(&handle);
         let mut hangups = hangups();
-        let graceful = GracefulShutdown::new();
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(60));
+        let workers: Vec<Worker> = (0..handle.current().config.server.workers)
+            .filter_map(|i| Worker::spawn(i, Arc::clone(&handle)))
+            .collect();
+        // Connections no worker could take (none started) are served here.
+        let local = Connections::new();
+        let mut next = 0usize;
         tokio::pin!(shutdown);
         loop {
             let (stream, _peer) = tokio::select! {
@@ -271,20 +276,29 @@ impl Server {
                 }
             };
             let _ = stream.set_nodelay(true);
-            let handle = Arc::clone(&handle);
-            let service = service_fn(move |req| {
-                let handle = Arc::clone(&handle);
-                async move { Ok::<_, Infallible>(serve_one(handle, req).await) }
-            });
-            let conn = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .into_owned();
-            let conn = graceful.watch(conn);
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "connection ended with an error");
-                }
-            });
+            // Connections go to the workers in turn; each serves its connections on its own
+            // single-threaded event loop.
+            let stream = match workers.get(next % workers.len().max(1)) {
+                Some(w) => match stream.into_std() {
+                    Ok(std) => match w.tx.send(std) {
+                        Ok(()) => {
+                            next = next.wrapping_add(1);
+                            continue;
+                        }
+                        Err(tokio::sync::mpsc::error::SendError(std)) => {
+                            TcpStream::from_std(std).ok()
+                        }
+                    },
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cannot hand over a connection");
+                        None
+                    }
+                },
+                None => Some(stream),
+            };
+            if let Some(stream) = stream {
+                local.serve(stream, Arc::clone(&handle));
+            }
         }
         drop(listener);
         handle.stop_prober().await;
@@ -293,13 +307,115 @@ impl Server {
             "shutting down; waiting up to {} for in-flight requests",
             humantime::format_duration(limit)
         );
-        if tokio::time::timeout(limit, graceful.shutdown())
+        let mut done = Vec::new();
+        for w in workers {
+            drop(w.tx);
+            done.push(w.done);
+        }
+        local.shutdown(limit).await;
+        for d in done {
+            let _ = d.await;
+        }
+        stop_writer(writer).await;
+    }
+}
+
+/// The connections one event loop serves, and their graceful shutdown.
+struct Connections {
+    builder: auto::Builder<TokioExecutor>,
+    graceful: GracefulShutdown,
+}
+
+impl Connections {
+    fn new() -> Self {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(60));
+        Self {
+            builder,
+            graceful: GracefulShutdown::new(),
+        }
+    }
+
+    /// Serves one connection on the current runtime.
+    fn serve(&self, stream: TcpStream, handle: Arc<Handle>) {
+        let service = service_fn(move |req| {
+            let handle = Arc::clone(&handle);
+            async move { Ok::<_, Infallible>(serve_one(handle, req).await) }
+        });
+        let conn = self
+            .builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let conn = self.graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+
+    /// Lets in-flight requests finish for up to `limit`.
+    async fn shutdown(self, limit: Duration) {
+        if tokio::time::timeout(limit, self.graceful.shutdown())
             .await
             .is_err()
         {
             tracing::warn!(
                 "in-flight requests still running after the shutdown timeout; closing them"
             );
+        }
+    }
+}
+
+/// A serving thread with its own single-threaded runtime and upstream pools: a request, its
+/// upstream connection and all their wakeups stay on one thread, as in nginx's worker model.
+struct Worker {
+    tx: tokio::sync::mpsc::UnboundedSender<std::net::TcpStream>,
+    done: tokio::sync::oneshot::Receiver<()>,
+}
+
+impl Worker {
+    fn spawn(index: usize, handle: Arc<Handle>) -> Option<Self> {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<std::net::TcpStream>();
+        let (done_tx, done) = tokio::sync::oneshot::channel();
+        let spawned = std::thread::Builder::new()
+            .name(format!("ccgate-worker-{index}"))
+            .spawn(move || {
+                crate::upstream::set_worker(index);
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot start a worker event loop");
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    let conns = Connections::new();
+                    while let Some(std) = rx.recv().await {
+                        match TcpStream::from_std(std) {
+                            Ok(stream) => conns.serve(stream, Arc::clone(&handle)),
+                            Err(e) => tracing::debug!(error = %e, "cannot adopt a connection"),
+                        }
+                    }
+                    let limit = handle.current().config.server.shutdown_timeout;
+                    conns.shutdown(limit).await;
+                });
+                // Dropping the runtime ends whatever the shutdown timeout cut off.
+                drop(runtime);
+                let _ = done_tx.send(());
+            });
+        match spawned {
+            Ok(_) => Some(Self { tx, done }),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start a worker thread");
+                None
+            }
         }
     }
 }
@@ -364,5 +480,29 @@ pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
         async {
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+/// Starts the database writer (state that lasts), when the gateway has a database open.
+fn start_writer(handle: &Arc<Handle>) -> Option<(watch::Sender<bool>, JoinHandle<()>)> {
+    let persist = Arc::clone(&handle.current().persist);
+    if !persist.is_active() {
+        return None;
+    }
+    let (tx, rx) = watch::channel(false);
+    let handle = Arc::clone(handle);
+    let task = tokio::spawn(crate::store::run_writer(
+        persist,
+        move || handle.current(),
+        rx,
+    ));
+    Some((tx, task))
+}
+
+/// Stops the writer after its last flush (of everything the drained requests recorded).
+async fn stop_writer(writer: Option<(watch::Sender<bool>, JoinHandle<()>)>) {
+    if let Some((tx, task)) = writer {
+        let _ = tx.send(true);
+        let _ = task.await;
     }
 }

@@ -1,8 +1,11 @@
 //! An incremental scanner for Server-Sent Events, just deep enough to judge an Anthropic stream.
 //!
 //! It sees the bytes ccgate relays, chunk by chunk as they arrive, and reports event names. It keeps
-//! the `data` of an event only when the verdict needs it (`error` events, or events without an
-//! `event:` line whose type is in the JSON), capped, so a long stream costs no memory.
+//! the `data` of an event only when the verdict or the usage ledger needs it (`error`,
+//! `message_start` and `message_delta` events, or events without an `event:` line whose type is in
+//! the JSON), capped, so a long stream costs no memory.
+
+use crate::usage::MessageUsage;
 
 /// The cap on one buffered line or data payload.
 const MAX_LINE: usize = 64 * 1024;
@@ -30,6 +33,8 @@ pub struct SseScanner {
     data: Vec<u8>,
     keep_data: bool,
     facts: StreamFacts,
+    /// Boxed: most scanners never see usage, and the scanner travels by value.
+    usage: Option<Box<MessageUsage>>,
 }
 
 impl SseScanner {
@@ -44,6 +49,12 @@ impl SseScanner {
     /// What is known so far.
     pub fn facts(&self) -> &StreamFacts {
         &self.facts
+    }
+
+    /// The model and tokens the stream reported: `message_start`'s `message.model` and
+    /// `message.usage`, updated by each `message_delta`'s cumulative `usage`.
+    pub fn usage(&self) -> Option<&MessageUsage> {
+        self.usage.as_deref()
     }
 
     /// Feeds the next chunk of the stream.
@@ -100,7 +111,7 @@ impl SseScanner {
         };
         match field {
             b"event" => {
-                self.keep_data = value == b"error";
+                self.keep_data = matches!(value, b"error" | b"message_start" | b"message_delta");
                 self.event = Some(value.to_vec());
             }
             b"data" if self.keep_data && self.data.len() + value.len() < MAX_LINE => {
@@ -135,6 +146,9 @@ impl SseScanner {
                 .to_string(),
         };
         self.facts.events += 1;
+        if let Some(j) = &json {
+            self.note_usage(&name, j);
+        }
         match name.as_str() {
             // A block opening carries no generated text yet: holding it keeps a failure before the
             // first delta transparent to fail over.
@@ -155,6 +169,34 @@ impl SseScanner {
                 }
             }
             _ => self.facts.content = true,
+        }
+    }
+}
+
+impl SseScanner {
+    fn note_usage(&mut self, name: &str, json: &serde_json::Value) {
+        match name {
+            "message_start" => {
+                let Some(message) = json.get("message") else {
+                    return;
+                };
+                let u = self.usage.get_or_insert_with(Box::default);
+                if let Some(m) = message.get("model").and_then(|m| m.as_str()) {
+                    u.model = Some(m.chars().take(200).collect());
+                }
+                if let Some(usage) = message.get("usage") {
+                    u.usage.update_from(usage);
+                }
+            }
+            "message_delta" => {
+                if let Some(usage) = json.get("usage") {
+                    self.usage
+                        .get_or_insert_with(Box::default)
+                        .usage
+                        .update_from(usage);
+                }
+            }
+            _ => {}
         }
     }
 }
@@ -231,6 +273,41 @@ event: content_block_delta\ndata: {\"type\":\"content_block_delta\"}\n\nevent: m
             4,
         );
         assert_eq!(f.error.map(|e| e.0), Some("api_error".into()));
+    }
+
+    #[test]
+    fn usage_comes_from_message_start_and_message_delta() {
+        let s = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"claude-x\",\"content\":[],\
+\"usage\":{\"input_tokens\":25,\"cache_creation_input_tokens\":3,\"cache_read_input_tokens\":40,\"output_tokens\":1}}}\n\n\
+event: content_block_delta\ndata: {\"type\":\"content_block_delta\"}\n\n\
+event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":9}}\n\n\
+event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":15}}\n\n\
+event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+        for piece in [1, 7, s.len()] {
+            let mut sc = SseScanner::new();
+            for c in s.as_bytes().chunks(piece) {
+                sc.feed(c);
+            }
+            let u = sc.usage().expect("usage");
+            assert_eq!(u.model.as_deref(), Some("claude-x"));
+            assert_eq!(
+                u.usage,
+                crate::usage::Usage {
+                    input: 25,
+                    output: 15,
+                    cache_creation: 3,
+                    cache_read: 40
+                }
+            );
+            assert!(sc.facts().message_stop && sc.facts().content);
+        }
+        assert!(scan_usage(STREAM).is_none());
+    }
+
+    fn scan_usage(s: &str) -> Option<MessageUsage> {
+        let mut sc = SseScanner::new();
+        sc.feed(s.as_bytes());
+        sc.usage().cloned()
     }
 
     #[test]

@@ -96,3 +96,45 @@ async fn failovers_are_listed_newest_first_with_request_ids() {
     assert_eq!(list[0]["failed"][0]["outcome"], "server_error");
     gw.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_token_is_accepted_in_either_header_next_to_another_key() {
+    let up = MockUpstream::start().await;
+    let gw = GatewayBuilder::new()
+        .server("access_token = \"gate-token\"")
+        .endpoint("a", &up.url(), "")
+        .start()
+        .await;
+    // Claude Code with both ANTHROPIC_API_KEY and ANTHROPIC_AUTH_TOKEN set sends both headers.
+    let both = gw
+        .post(
+            "/v1/messages",
+            &[
+                ("x-api-key", "sk-users-own-key"),
+                ("authorization", "Bearer gate-token"),
+            ],
+            &TestGateway::message_body(false),
+        )
+        .await;
+    assert_eq!(both.status, 200, "{}", both.text());
+    let received = up.received();
+    assert_eq!(
+        received[0].header("x-api-key"),
+        Some("key-a"),
+        "neither client credential is forwarded"
+    );
+    assert_eq!(received[0].header("authorization"), None);
+    let wrong = gw
+        .post(
+            "/v1/messages",
+            &[
+                ("x-api-key", "sk-users-own-key"),
+                ("authorization", "Bearer nope"),
+            ],
+            &TestGateway::message_body(false),
+        )
+        .await;
+    assert_eq!(wrong.status, 401);
+    assert_eq!(up.count(), 1);
+    gw.shutdown().await;
+}

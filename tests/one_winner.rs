@@ -30,7 +30,7 @@ use ccgate::upstream::{UpstreamClient, build_client};
 
 /// Rounds per scenario in the std stress version.
 #[cfg(not(ccgate_loom))]
-const ROUNDS: usize = 400;
+const ROUNDS: usize = 2000;
 
 /// What a scenario needs that is not loom state: built once, outside the model.
 struct Fixture {

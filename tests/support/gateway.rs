@@ -107,6 +107,10 @@ impl GatewayBuilder {
                 s.push('\n');
             }
         }
+        // Tests never write into the real home: no database unless the test sets `[storage]`.
+        if !seen.contains(&"storage") {
+            s.push_str("[storage]\nenabled = false\n");
+        }
         for e in &self.endpoints {
             s.push_str(e);
         }
@@ -169,7 +173,12 @@ impl TestGateway {
 
     /// Starts a gateway that reloads from `source` (SIGHUP is process-wide, so in-process tests
     /// use `POST /_ccgate/reload`).
-    pub async fn start_with_source(config: Config, source: Option<std::path::PathBuf>) -> Self {
+    pub async fn start_with_source(mut config: Config, source: Option<std::path::PathBuf>) -> Self {
+        // A config built without the builder gets storage on by default, in the real data dir:
+        // tests only ever use a database at a path they chose.
+        if config.storage.path.is_none() {
+            config.storage.enabled = false;
+        }
         let server = Server::bind_with_source(config, source)
             .await
             .expect("bind");

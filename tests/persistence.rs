@@ -1,0 +1,503 @@
+//! State that lasts (SPEC §9): cumulative counters, failure episodes and the usage ledger survive
+//! a graceful restart, a config reload counts nothing twice, `ccgate usage` reads the ledger from
+//! the database file, and `kill -9` in the middle of concurrent traffic loses at most the last
+//! flush interval and never corrupts the file.
+//!
+//! In-process gateways use a database in a temporary directory; binary runs use a sandbox with a
+//! temporary HOME and XDG dirs (`support/process.rs`). Background flushes are awaited by polling
+//! with deadlines, never by sleeping a fixed time.
+#![cfg(unix)]
+
+#[path = "support/process.rs"]
+mod process;
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use serde_json::Value;
+
+use support::gateway::{GatewayBuilder, TestGateway, http_client};
+use support::mock::{MOCK_MODEL, MockUpstream, Script};
+
+/// Upper bound for anything a background flush should make happen.
+const DEADLINE: Duration = Duration::from_secs(15);
+
+/// Polls `check` until it returns `Some`, or panics with `what` after [`DEADLINE`].
+async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let until = Instant::now() + DEADLINE;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn builder(a: &MockUpstream, b: &MockUpstream, db: &Path) -> GatewayBuilder {
+    GatewayBuilder::new()
+        .health("failure_threshold = 2")
+        .health("probe_interval = \"50ms\"")
+        .health("probe_max_interval = \"100ms\"")
+        .table("storage", &format!("path = \"{}\"", db.display()))
+        .table("storage", "flush_interval = \"100ms\"")
+        // `b` is preferred, so it sees every request first.
+        .endpoint("a", &a.url(), "priority = 2")
+        .endpoint("b", &b.url(), "priority = 1")
+}
+
+/// The four counters `lifetime` repeats, from an endpoint view or its `lifetime` object.
+fn four(v: &Value) -> [u64; 4] {
+    [
+        "total_requests",
+        "successful_requests",
+        "failed_requests",
+        "cancelled",
+    ]
+    .map(|k| v[k].as_u64().unwrap_or_else(|| panic!("{k} in {v}")))
+}
+
+/// Sums of the ledger per endpoint: (requests, input, output, cache write, cache read).
+fn ledger_by_endpoint(db: &Path) -> std::collections::BTreeMap<String, [u64; 5]> {
+    let rows = ccgate::store::read_ledger(db, "1970-01-01").expect("read the ledger");
+    let mut sums = std::collections::BTreeMap::new();
+    for r in rows {
+        assert_eq!(r.model, MOCK_MODEL, "{r:?}");
+        let s: &mut [u64; 5] = sums.entry(r.endpoint.clone()).or_default();
+        s[0] += r.requests;
+        s[1] += r.input_tokens;
+        s[2] += r.output_tokens;
+        s[3] += r.cache_creation_input_tokens;
+        s[4] += r.cache_read_input_tokens;
+    }
+    sums
+}
+
+/// Mixed traffic (a caller error, failovers, a stream, an ejection and its recovery through a
+/// probe) with a config reload in the middle; graceful shutdown; a second gateway on the same
+/// database shows the first run's counters as `lifetime`, the episode with its start, end and
+/// probes, and the ledger holds exactly the tokens the mocks sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_keeps_counters_episodes_and_usage() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let db = dir.path().join("state").join("ccgate.db");
+    let a = MockUpstream::start().await;
+    let b = MockUpstream::start().await;
+    let config = builder(&a, &b, &db).config();
+    let gw = TestGateway::start(config.clone()).await;
+    let stats = gw.admin("stats").await;
+    assert_eq!(stats["storage"]["enabled"], true, "{stats}");
+    assert_eq!(stats["storage"]["path"], db.display().to_string());
+
+    // req0: b answers with the caller's own error (relayed, not b's fault).
+    b.push(Script::error(400, "invalid_request_error", "bad request"));
+    let r = gw
+        .post("/v1/messages", &[], &TestGateway::message_body(false))
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    // req1: b is overloaded, a answers with JSON (usage 10 in, 5 out).
+    b.push(Script::overloaded());
+    let r = gw
+        .post("/v1/messages", &[], &TestGateway::message_body(false))
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.header("x-ccgate-endpoint"), Some("a"));
+
+    // A flush has happened, then the same config is reloaded: every endpoint is kept, and the
+    // writer must not count what it already wrote a second time.
+    eventually("a first flush", || async {
+        let s = gw.admin("stats").await;
+        (!s["storage"]["last_flush"].is_null()).then_some(())
+    })
+    .await;
+    let report = gw.handle.reload_with(config.clone()).await.expect("reload");
+    assert_eq!(report.kept, ["a", "b"]);
+
+    // req2: b fails again and is ejected (an episode opens); a streams (10 in, 3 out).
+    b.push(Script::overloaded());
+    a.push(Script::sse_ok(3));
+    let r = gw
+        .post("/v1/messages", &[], &TestGateway::message_body(true))
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(r.text().contains("message_stop"), "{}", r.text());
+    // A probe brings b back on probation; req3 is its one real request, which ends the episode.
+    eventually("b on probation after a passed probe", || async {
+        let v = gw.endpoint_view("b").await;
+        (v["probation"] == true).then_some(())
+    })
+    .await;
+    let r = gw
+        .post("/v1/messages", &[], &TestGateway::message_body(false))
+        .await;
+    assert_eq!(r.header("x-ccgate-endpoint"), Some("b"));
+    gw.settle().await;
+
+    let first_a = gw.endpoint_view("a").await;
+    let first_b = gw.endpoint_view("b").await;
+    assert_eq!(four(&first_a), [2, 2, 0, 0], "{first_a}");
+    assert_eq!(four(&first_b), [4, 2, 2, 0], "{first_b}");
+    // In the first run, lifetime is this run: nothing was counted twice across the reload.
+    assert_eq!(four(&first_a["lifetime"]), four(&first_a));
+    assert_eq!(four(&first_b["lifetime"]), four(&first_b));
+    let first_stats = gw.admin("stats").await;
+    assert_eq!(first_stats["total_requests"], 4);
+    assert_eq!(four(&first_stats["lifetime"]), four(&first_stats));
+    gw.shutdown().await;
+
+    // Second run on the same database, fresh counters.
+    let gw = TestGateway::start(builder(&a, &b, &db).config()).await;
+    let second_a = gw.endpoint_view("a").await;
+    let second_b = gw.endpoint_view("b").await;
+    assert_eq!(
+        second_a["total_requests"], 0,
+        "contract fields stay per-process"
+    );
+    assert_eq!(four(&second_a["lifetime"]), four(&first_a), "{second_a}");
+    assert_eq!(four(&second_b["lifetime"]), four(&first_b), "{second_b}");
+    let stats = gw.admin("stats").await;
+    assert_eq!(stats["total_requests"], 0);
+    assert_eq!(four(&stats["lifetime"]), four(&first_stats), "{stats}");
+
+    let episodes = gw.admin("episodes").await;
+    let list = episodes["episodes"].as_array().expect("episodes");
+    assert_eq!(list.len(), 1, "{episodes}");
+    let e = &list[0];
+    assert_eq!(e["endpoint"], "b");
+    assert_eq!(e["reason"], "consecutive_failures");
+    assert_eq!(e["ended_by"], "recovered");
+    assert_eq!(e["open"], false);
+    assert!(e["probes"].as_u64().expect("probes") >= 1, "{e}");
+    let started =
+        humantime::parse_rfc3339(e["started_at"].as_str().expect("start")).expect("RFC 3339 start");
+    let ended =
+        humantime::parse_rfc3339(e["ended_at"].as_str().expect("end")).expect("RFC 3339 end");
+    assert!(started <= ended, "{e}");
+
+    // What the mocks sent: a: JSON (10 in, 5 out) and a stream (10 in, 3 out); b: JSON (10, 5).
+    // The caller error and the probes are not usage.
+    let ledger = ledger_by_endpoint(&db);
+    assert_eq!(ledger.get("a"), Some(&[2, 20, 8, 0, 0]), "{ledger:?}");
+    assert_eq!(ledger.get("b"), Some(&[1, 10, 5, 0, 0]), "{ledger:?}");
+
+    // Lifetime is stored plus this run, before any flush.
+    let r = gw
+        .post("/v1/messages", &[], &TestGateway::message_body(false))
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    gw.settle().await;
+    let v = gw.endpoint_view("b").await;
+    assert_eq!(v["total_requests"], 1);
+    assert_eq!(v["lifetime"]["total_requests"], 5, "{v}");
+    gw.shutdown().await;
+    let ledger = ledger_by_endpoint(&db);
+    assert_eq!(ledger.get("b"), Some(&[2, 20, 10, 0, 0]), "{ledger:?}");
+}
+
+/// A database that cannot be opened does not stop the gateway: it serves, and says why.
+#[tokio::test]
+async fn unusable_database_serves_without_persistence() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let blocker = dir.path().join("not-a-dir");
+    std::fs::write(&blocker, "a file where a directory should be").expect("write");
+    let up = MockUpstream::start().await;
+    let gw = GatewayBuilder::new()
+        .table(
+            "storage",
+            &format!("path = \"{}\"", blocker.join("ccgate.db").display()),
+        )
+        .endpoint("a", &up.url(), "")
+        .start()
+        .await;
+    let r = gw
+        .post("/v1/messages", &[], &TestGateway::message_body(false))
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let stats = gw.admin("stats").await;
+    assert_eq!(stats["storage"]["enabled"], false, "{stats}");
+    assert!(
+        stats["storage"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("not-a-dir")),
+        "{stats}"
+    );
+    gw.settle().await;
+    assert_eq!(gw.endpoint_view("a").await["lifetime"]["total_requests"], 1);
+    assert_eq!(
+        gw.admin("episodes").await["episodes"],
+        serde_json::json!([])
+    );
+    gw.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The binary
+
+/// The database in a sandbox: `$XDG_DATA_HOME/ccgate/ccgate.db`.
+fn sandbox_db(sb: &process::Sandbox) -> PathBuf {
+    sb.path("xdg-data").join("ccgate").join("ccgate.db")
+}
+
+fn write_config(sb: &process::Sandbox, upstream: &str, storage: &str) {
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n[storage]\n{storage}\n\n[[endpoints]]\nname = \"main\"\nbase_url = \"{upstream}\"\napi_key = \"sk-test-persist\"\n"
+    );
+    sb.write_at(&sb.default_config(), &text);
+}
+
+async fn endpoint(addr: std::net::SocketAddr, name: &str) -> Value {
+    let all = process::get(addr, "/_ccgate/endpoints", &[]).await.json();
+    all["endpoints"]
+        .as_array()
+        .expect("endpoints")
+        .iter()
+        .find(|e| e["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no endpoint {name}: {all}"))
+}
+
+/// `ccgate serve` with a temporary HOME: traffic, SIGTERM, restart with the counters kept, and
+/// `ccgate usage` (JSON and table) reading the ledger from the file.
+#[tokio::test]
+async fn binary_restart_and_usage_command() {
+    let up = MockUpstream::start().await;
+    let sb = process::Sandbox::new();
+    write_config(&sb, &up.url(), "flush_interval = \"100ms\"");
+    let serving = process::start(sb.command(&["serve"])).await;
+    for _ in 0..2 {
+        let r = process::post_message(serving.addr, &[]).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    }
+    up.push(Script::sse_ok(4));
+    let body = serde_json::json!({
+        "model": "claude-sonnet-4-5", "max_tokens": 16, "stream": true,
+        "messages": [{"role": "user", "content": "hi"}],
+    });
+    let r = process::call(
+        serving.addr,
+        Method::POST,
+        "/v1/messages",
+        &[("anthropic-version", "2023-06-01")],
+        body.to_string(),
+    )
+    .await;
+    assert!(r.body.contains("message_stop"), "{}", r.body);
+    serving.stop().await;
+
+    // The file and its directory are owner-only.
+    let db = sandbox_db(&sb);
+    assert_eq!(process::mode_of(&db), 0o600);
+    assert_eq!(
+        process::mode_of(db.parent().expect("dir")),
+        0o700,
+        "database directory"
+    );
+
+    let f = process::run(sb.command(&["usage", "--json"])).await;
+    f.assert_success();
+    let v: Value = serde_json::from_str(&f.stdout).expect("usage --json prints JSON");
+    let rows = v["rows"].as_array().expect("rows");
+    assert_eq!(rows.len(), 1, "{v}");
+    let row = &rows[0];
+    assert_eq!(row["endpoint"], "main");
+    assert_eq!(row["model"], MOCK_MODEL);
+    assert_eq!(row["requests"], 3);
+    assert_eq!(row["input_tokens"], 30);
+    assert_eq!(row["output_tokens"], 5 + 5 + 4);
+    assert_eq!(v["total"]["requests"], 3);
+    assert_eq!(v["database"], db.display().to_string());
+
+    let f = process::run(sb.command(&["usage", "--days", "1"])).await;
+    f.assert_success();
+    assert!(f.stdout.contains("CACHE WRITE"), "{}", f.output());
+    let line = f
+        .stdout
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some("main"))
+        .unwrap_or_else(|| panic!("no ledger row\n{}", f.output()));
+    let cells: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(cells[1..], ["main", MOCK_MODEL, "3", "30", "14", "0", "0"]);
+
+    // Restart: lifetime picks up where the first run left off.
+    let serving = process::start(sb.command(&["serve"])).await;
+    let v = endpoint(serving.addr, "main").await;
+    assert_eq!(v["total_requests"], 0);
+    assert_eq!(four(&v["lifetime"]), [3, 3, 0, 0], "{v}");
+    let stats = process::get(serving.addr, "/_ccgate/stats", &[])
+        .await
+        .json();
+    assert_eq!(stats["lifetime"]["total_requests"], 3, "{stats}");
+    // While it runs, `usage` still reads the file (read-only, beside the writer).
+    let f = process::run(sb.command(&["usage", "--json"])).await;
+    f.assert_success();
+    serving.stop().await;
+}
+
+/// What the database holds, read through a fresh connection.
+struct Stored {
+    /// Attempts started.
+    started: u64,
+    /// Attempts that succeeded.
+    success: u64,
+    /// Usage rows: (requests, input, output).
+    usage: Vec<(u64, u64, u64)>,
+}
+
+fn stored(db: &Path) -> Option<Stored> {
+    let conn =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .ok()?;
+    let count = |kind: &str| -> Option<u64> {
+        conn.query_row(
+            "SELECT COALESCE(SUM(count), 0) FROM endpoint_counters WHERE kind = ?1",
+            [kind],
+            |r| r.get::<_, i64>(0),
+        )
+        .ok()
+        .map(|n| n as u64)
+    };
+    let started = count("started")?;
+    let success = count("success")?;
+    let mut st = conn
+        .prepare("SELECT requests, input_tokens, output_tokens FROM usage")
+        .ok()?;
+    let usage = st
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, i64>(0)? as u64,
+                r.get::<_, i64>(1)? as u64,
+                r.get::<_, i64>(2)? as u64,
+            ))
+        })
+        .ok()?
+        .collect::<Result<Vec<_>, _>>()
+        .ok()?;
+    Some(Stored {
+        started,
+        success,
+        usage,
+    })
+}
+
+/// `kill -9` in the middle of concurrent traffic with a 200 ms flush interval: the file passes
+/// `PRAGMA integrity_check`, holds at least what had been committed before the kill and no more
+/// than the upstream saw, its usage rows are whole, and the gateway starts again on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_traffic_leaves_an_intact_database() {
+    const CLIENTS: usize = 8;
+    let up = MockUpstream::start().await;
+    let sb = process::Sandbox::new();
+    write_config(&sb, &up.url(), "flush_interval = \"200ms\"");
+    let db = sandbox_db(&sb);
+    let serving = process::start(sb.command(&["serve"])).await;
+    let addr = serving.addr;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let answered = Arc::new(AtomicU64::new(0));
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        let (stop, answered) = (Arc::clone(&stop), Arc::clone(&answered));
+        clients.push(tokio::spawn(async move {
+            let client = http_client();
+            let body = TestGateway::message_body(false).to_string();
+            // Bounded: stops when told, after the gateway dies, or after 20 000 requests.
+            for _ in 0..20_000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let req = Request::builder()
+                    .method(Method::POST)
+                    .uri(format!("http://{addr}/v1/messages"))
+                    .header("content-type", "application/json")
+                    .header("anthropic-version", "2023-06-01")
+                    .body(Full::new(Bytes::from(body.clone())))
+                    .expect("request");
+                let sent = tokio::time::timeout(Duration::from_secs(5), async {
+                    let resp = client.request(req).await.ok()?;
+                    resp.into_body().collect().await.ok()
+                })
+                .await;
+                match sent {
+                    Ok(Some(_)) => {
+                        answered.fetch_add(1, Ordering::Relaxed);
+                    }
+                    _ => break,
+                }
+            }
+        }));
+    }
+
+    // Kill only once the writer has committed at least two flushes while traffic keeps going.
+    let first = eventually("a first flush during traffic", || async {
+        stored(&db).map(|s| s.started).filter(|&n| n >= 50)
+    })
+    .await;
+    let (flushed_started, flushed_success) = eventually("a second flush", || async {
+        let s = stored(&db)?;
+        (s.started > first && answered.load(Ordering::Relaxed) > s.started)
+            .then_some((s.started, s.success))
+    })
+    .await;
+    serving.signal("KILL");
+    drop(serving);
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        let _ = c.await;
+    }
+
+    let conn = rusqlite::Connection::open(&db).expect("open after kill -9");
+    let check: String = conn
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .expect("integrity_check");
+    assert_eq!(check, "ok");
+    drop(conn);
+    let Stored {
+        started,
+        success,
+        usage,
+    } = stored(&db).expect("read after kill -9");
+    let received = up.count() as u64;
+    assert!(
+        started >= flushed_started && success >= flushed_success,
+        "lost committed counts: {started}/{success} < {flushed_started}/{flushed_success}"
+    );
+    assert!(
+        success <= received,
+        "stored successes {success} > requests the upstream received {received}"
+    );
+    assert!(
+        started <= received + CLIENTS as u64,
+        "stored attempts {started} > received {received} + {CLIENTS} in flight"
+    );
+    // Each usage row was written whole with its flush: json_ok is 10 in, 5 out per request.
+    let usage_requests: u64 = usage.iter().map(|u| u.0).sum();
+    for (requests, input, output) in &usage {
+        assert_eq!(
+            (*input, *output),
+            (10 * requests, 5 * requests),
+            "{usage:?}"
+        );
+    }
+    assert!(
+        usage_requests >= success && usage_requests <= received,
+        "{usage:?}"
+    );
+
+    // The gateway starts again on the same file and shows what it holds.
+    let serving = process::start(sb.command(&["serve"])).await;
+    let v = endpoint(serving.addr, "main").await;
+    assert_eq!(v["lifetime"]["total_requests"], started, "{v}");
+    let episodes = process::get(serving.addr, "/_ccgate/episodes", &[]).await;
+    assert_eq!(episodes.status, StatusCode::OK);
+    serving.stop().await;
+}
