@@ -1,7 +1,7 @@
 //! Command-line interface: parse, load, run, and map the result to an exit code.
 
 use std::io::Write;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -478,22 +478,11 @@ fn override_listen(config: &mut Config, addr: SocketAddr) -> anyhow::Result<()> 
         );
     }
     for e in &config.endpoints {
-        let url = &e.base_url;
-        let host = url.authority.host().trim_matches(['[', ']']);
-        let loopback =
-            host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
-        let port = url
-            .authority
-            .port_u16()
-            .unwrap_or(if url.scheme == http::uri::Scheme::HTTPS {
-                443
-            } else {
-                80
-            });
-        if loopback && addr.port() != 0 && port == addr.port() {
+        if crate::config::is_self(&e.base_url, addr) {
             bail!(
-                "--listen {addr}: endpoint `{}` ({url}) points at this gateway's own address",
-                e.name
+                "--listen {addr}: endpoint `{}` ({}) points at this gateway's own address",
+                e.name,
+                e.base_url
             );
         }
     }

@@ -902,7 +902,8 @@ fn validate_storage(s: &RawStorage, p: &mut Problems<'_>) -> StorageConfig {
     }
 }
 
-fn is_self(url: &BaseUrl, listen: SocketAddr) -> bool {
+/// Whether `url` points at a gateway listening on `listen` (a loopback host on the same port).
+pub fn is_self(url: &BaseUrl, listen: SocketAddr) -> bool {
     let port = url
         .authority
         .port_u16()

@@ -431,7 +431,12 @@ impl Attempt {
                         let until = now
                             .saturating_add(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX))
                             .max(now + 1);
-                        live.cooldown_until_ms.fetch_max(until, Ordering::AcqRel);
+                        let before = live.cooldown_until_ms.fetch_max(until, Ordering::AcqRel);
+                        if until > before && live.phase() == Phase::CoolingDown {
+                            // Already cooling down: the transition below changes nothing, but
+                            // the queue entry must show the later deadline.
+                            rec.queue.extend_cooldown(&self.ep, until);
+                        }
                         Event::RateLimited
                     }
                     Outcome::Auth => Event::AuthFailed,

@@ -132,22 +132,7 @@ impl FailureQueue {
         match effect {
             Effect::None => {}
             Effect::Open(reason) => {
-                inner.stats.total_failed += 1;
-                inner.log_episode(Some(reason), ep, self.clock.wall(now_ms), 0);
-                let next_probe_at_ms = self.due_for(ep, reason, first_probe);
-                inner.entries.insert(
-                    ep.idx,
-                    Entry {
-                        idx: ep.idx,
-                        name: ep.name.clone(),
-                        reason,
-                        since_ms: now_ms,
-                        probe_attempts: 0,
-                        next_probe_at_ms,
-                        probation: false,
-                        last_probe: None,
-                    },
-                );
+                self.open(&mut inner, ep, reason, now_ms, first_probe);
             }
             Effect::Reason(reason) => {
                 if let Some(e) = inner.entries.get_mut(&ep.idx) {
@@ -174,6 +159,44 @@ impl FailureQueue {
         drop(inner);
         self.changed.notify_one();
         true
+    }
+
+    /// Moves a cooling-down endpoint's entry to a later deadline (a later 429 said to wait
+    /// longer). Never moves it earlier.
+    pub fn extend_cooldown(&self, ep: &Endpoint, until_ms: u64) {
+        let mut inner = self.inner.lock();
+        if let Some(e) = inner.entries.get_mut(&ep.idx) {
+            if e.reason == Reason::RateLimited && e.next_probe_at_ms < until_ms {
+                e.next_probe_at_ms = until_ms;
+            }
+        }
+    }
+
+    /// Opens a failure episode for `ep` (the caller holds the lock and has checked the phase).
+    fn open(
+        &self,
+        inner: &mut Inner,
+        ep: &Endpoint,
+        reason: Reason,
+        now_ms: u64,
+        first_probe: u64,
+    ) {
+        inner.stats.total_failed += 1;
+        inner.log_episode(Some(reason), ep, self.clock.wall(now_ms), 0);
+        let next_probe_at_ms = self.due_for(ep, reason, first_probe);
+        inner.entries.insert(
+            ep.idx,
+            Entry {
+                idx: ep.idx,
+                name: ep.name.clone(),
+                reason,
+                since_ms: now_ms,
+                probe_attempts: 0,
+                next_probe_at_ms,
+                probation: false,
+                last_probe: None,
+            },
+        );
     }
 
     fn due_for(&self, ep: &Endpoint, reason: Reason, probe_at: u64) -> u64 {
@@ -279,22 +302,8 @@ impl FailureQueue {
         if inner.entries.contains_key(&ep.idx) {
             return false;
         }
-        inner.stats.total_failed += 1;
-        inner.log_episode(Some(reason), ep, self.clock.wall(now_ms), 0);
-        let next_probe_at_ms = self.due_for(ep, reason, now_ms + ms(self.backoff(0)));
-        inner.entries.insert(
-            ep.idx,
-            Entry {
-                idx: ep.idx,
-                name: ep.name.clone(),
-                reason,
-                since_ms: now_ms,
-                probe_attempts: 0,
-                next_probe_at_ms,
-                probation: false,
-                last_probe: None,
-            },
-        );
+        let first_probe = now_ms + ms(self.backoff(0));
+        self.open(&mut inner, ep, reason, now_ms, first_probe);
         drop(inner);
         self.changed.notify_waiters();
         true

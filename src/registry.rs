@@ -23,6 +23,23 @@ pub enum Admission {
     No,
 }
 
+/// A fresh failure queue and the recorder that drives it, as `config.health` sets them up.
+fn health_state(config: &Config, clock: Clock) -> (Arc<FailureQueue>, Arc<Recorder>) {
+    let h = &config.health;
+    let queue = Arc::new(FailureQueue::new(
+        clock,
+        h.failure_threshold,
+        h.probe_interval,
+        h.probe_max_interval,
+    ));
+    let recorder = Arc::new(Recorder {
+        clock,
+        queue: Arc::clone(&queue),
+        default_cooldown: h.rate_limit_cooldown,
+    });
+    (queue, recorder)
+}
+
 /// What a config reload did to the endpoints, by name.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ReloadReport {
@@ -54,18 +71,7 @@ impl Registry {
     /// Builds the registry (and each endpoint's upstream client) from a validated config.
     pub fn new(config: &Config) -> Result<Self, ClientError> {
         let clock = Clock::new();
-        let h = &config.health;
-        let queue = Arc::new(FailureQueue::new(
-            clock,
-            h.failure_threshold,
-            h.probe_interval,
-            h.probe_max_interval,
-        ));
-        let recorder = Arc::new(Recorder {
-            clock,
-            queue: Arc::clone(&queue),
-            default_cooldown: h.rate_limit_cooldown,
-        });
+        let (queue, recorder) = health_state(config, clock);
         let mut endpoints = Vec::with_capacity(config.endpoints.len());
         for (idx, e) in config.endpoints.iter().enumerate() {
             let client = build_worker_clients(
@@ -88,19 +94,8 @@ impl Registry {
     /// unchanged (or changed only in `enabled`) keep their counters, health, failure-queue entry
     /// and connection pool; the gateway totals, queue statistics and clock carry on.
     pub fn reloaded(config: &Config, old: &Registry) -> Result<(Self, ReloadReport), ClientError> {
-        let h = &config.health;
         let clock = old.clock;
-        let queue = Arc::new(FailureQueue::new(
-            clock,
-            h.failure_threshold,
-            h.probe_interval,
-            h.probe_max_interval,
-        ));
-        let recorder = Arc::new(Recorder {
-            clock,
-            queue: Arc::clone(&queue),
-            default_cooldown: h.rate_limit_cooldown,
-        });
+        let (queue, recorder) = health_state(config, clock);
         let mut report = ReloadReport::default();
         let mut moved: Vec<(usize, usize)> = Vec::new();
         let mut endpoints = Vec::with_capacity(config.endpoints.len());

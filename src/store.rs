@@ -89,9 +89,10 @@ const STARTED: &str = "started";
 // ---------------------------------------------------------------------------------------------
 // Counters arithmetic
 
-fn plus(a: &Counters, b: &Counters) -> Counters {
-    let by_kind = std::array::from_fn(|i| a.by_kind[i].saturating_add(b.by_kind[i]));
-    let total = a.total.saturating_add(b.total);
+/// Combines two counter sets field by field with `op` (saturating add or subtract).
+fn combine(a: &Counters, b: &Counters, op: fn(u64, u64) -> u64) -> Counters {
+    let by_kind = std::array::from_fn(|i| op(a.by_kind[i], b.by_kind[i]));
+    let total = op(a.total, b.total);
     Counters {
         total,
         in_flight: total.saturating_sub(by_kind.iter().sum()),
@@ -99,14 +100,12 @@ fn plus(a: &Counters, b: &Counters) -> Counters {
     }
 }
 
+fn plus(a: &Counters, b: &Counters) -> Counters {
+    combine(a, b, u64::saturating_add)
+}
+
 fn minus(a: &Counters, b: &Counters) -> Counters {
-    let by_kind = std::array::from_fn(|i| a.by_kind[i].saturating_sub(b.by_kind[i]));
-    let total = a.total.saturating_sub(b.total);
-    Counters {
-        total,
-        in_flight: total.saturating_sub(by_kind.iter().sum()),
-        by_kind,
-    }
+    combine(a, b, u64::saturating_sub)
 }
 
 fn is_zero(c: &Counters) -> bool {

@@ -48,6 +48,22 @@ fn builder() -> GatewayBuilder {
         .table("retry_budget", "min_per_second = 100000")
 }
 
+/// Starts `gb` with endpoint `a` at `up_a` (priority 1: tried first) and `b` at `up_b`
+/// (priority 2).
+async fn start_a_b(gb: GatewayBuilder, up_a: &MockUpstream, up_b: &MockUpstream) -> TestGateway {
+    gb.endpoint("a", &up_a.url(), &prio(1))
+        .endpoint("b", &up_b.url(), &prio(2))
+        .start()
+        .await
+}
+
+/// Asserts a client got a success, and from `b`.
+#[track_caller]
+fn assert_served_by_b(a: &Answer) {
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    assert_eq!(a.header("x-ccgate-endpoint"), Some("b"), "{}", a.text());
+}
+
 async fn post(gw: &TestGateway, stream: bool) -> Answer {
     gw.post(MESSAGES, &[], &TestGateway::message_body(stream))
         .await
@@ -188,14 +204,7 @@ async fn ten_concurrent_failures_make_one_episode() {
     let up_b = MockUpstream::start().await;
     let gate = Gate::new();
     up_a.set_default(held_error(500, &gate).label("a_500"));
-    let gw = Arc::new(
-        builder()
-            .health("failure_threshold = 3")
-            .endpoint("a", &up_a.url(), &prio(1))
-            .endpoint("b", &up_b.url(), &prio(2))
-            .start()
-            .await,
-    );
+    let gw = Arc::new(start_a_b(builder().health("failure_threshold = 3"), &up_a, &up_b).await);
     let clients: Vec<_> = (0..10)
         .map(|i| {
             let gw = Arc::clone(&gw);
@@ -212,8 +221,7 @@ async fn ten_concurrent_failures_make_one_episode() {
     gate.open();
     for c in clients {
         let a = c.await.expect("client task");
-        assert_eq!(a.status, StatusCode::OK, "{}", a.text());
-        assert_eq!(a.header("x-ccgate-endpoint"), Some("b"));
+        assert_served_by_b(&a);
         assert_eq!(a.header("x-ccgate-attempts"), Some("2"));
     }
     gw.settle().await;
@@ -953,9 +961,7 @@ async fn concurrent_failures(gw: &Arc<TestGateway>, up_a: &MockUpstream, count: 
     gate.wait_arrived(count).await;
     gate.open();
     for c in clients {
-        let a = c.await.expect("client");
-        assert_eq!(a.status, StatusCode::OK);
-        assert_eq!(a.header("x-ccgate-endpoint"), Some("b"));
+        assert_served_by_b(&c.await.expect("client"));
     }
     gw.settle().await;
 }
@@ -967,14 +973,7 @@ async fn concurrent_failures(gw: &Arc<TestGateway>, up_a: &MockUpstream, count: 
 async fn every_outage_is_one_episode_however_many_race() {
     let up_a = MockUpstream::start().await;
     let up_b = MockUpstream::start().await;
-    let gw = Arc::new(
-        builder()
-            .health("failure_threshold = 1")
-            .endpoint("a", &up_a.url(), &prio(1))
-            .endpoint("b", &up_b.url(), &prio(2))
-            .start()
-            .await,
-    );
+    let gw = Arc::new(start_a_b(builder().health("failure_threshold = 1"), &up_a, &up_b).await);
     for round in 1..=6u64 {
         concurrent_failures(&gw, &up_a, 40).await;
         let q = queue(&gw).await;
@@ -1003,14 +1002,7 @@ async fn every_outage_is_one_episode_however_many_race() {
 async fn consecutive_failures_count_every_failure_and_reset_on_success() {
     let up_a = MockUpstream::start().await;
     let up_b = MockUpstream::start().await;
-    let gw = Arc::new(
-        builder()
-            .health("failure_threshold = 60")
-            .endpoint("a", &up_a.url(), &prio(1))
-            .endpoint("b", &up_b.url(), &prio(2))
-            .start()
-            .await,
-    );
+    let gw = Arc::new(start_a_b(builder().health("failure_threshold = 60"), &up_a, &up_b).await);
     // One at a time: 1, 2, 3.
     for k in 1..=3u64 {
         up_a.push(Script::error(502, "api_error", "bad gateway"));
@@ -1056,9 +1048,7 @@ async fn consecutive_failures_count_every_failure_and_reset_on_success() {
 async fn fail_a(gw: &TestGateway, up_a: &MockUpstream, times: usize) {
     for _ in 0..times {
         up_a.push(Script::error(500, "api_error", "outage").label("outage"));
-        let a = post(gw, false).await;
-        assert_eq!(a.status, StatusCode::OK);
-        assert_eq!(a.header("x-ccgate-endpoint"), Some("b"));
+        assert_served_by_b(&post(gw, false).await);
     }
     gw.settle().await;
 }
@@ -1070,12 +1060,7 @@ async fn recovery_by_admin_probe_and_second_episode() {
     let up_a = MockUpstream::start().await;
     let up_b = MockUpstream::start().await;
     up_a.set_default(Script::error(500, "api_error", "still down").label("down"));
-    let gw = builder()
-        .health("failure_threshold = 3")
-        .endpoint("a", &up_a.url(), &prio(1))
-        .endpoint("b", &up_b.url(), &prio(2))
-        .start()
-        .await;
+    let gw = start_a_b(builder().health("failure_threshold = 3"), &up_a, &up_b).await;
     fail_a(&gw, &up_a, 3).await;
     let q = queue(&gw).await;
     assert_eq!(q["size"], 1, "{q}");
@@ -1151,14 +1136,15 @@ async fn recovery_by_background_prober() {
     let up_a = MockUpstream::start().await;
     let up_b = MockUpstream::start().await;
     up_a.set_default(Script::error(500, "api_error", "still down").label("down"));
-    let gw = GatewayBuilder::new()
-        .health("failure_threshold = 2")
-        .health("probe_interval = \"20ms\"")
-        .health("probe_max_interval = \"100ms\"")
-        .endpoint("a", &up_a.url(), &prio(1))
-        .endpoint("b", &up_b.url(), &prio(2))
-        .start()
-        .await;
+    let gw = start_a_b(
+        GatewayBuilder::new()
+            .health("failure_threshold = 2")
+            .health("probe_interval = \"20ms\"")
+            .health("probe_max_interval = \"100ms\""),
+        &up_a,
+        &up_b,
+    )
+    .await;
     fail_a(&gw, &up_a, 2).await;
     assert_eq!(queue(&gw).await["stats"]["total_failed"], 1);
     let g = &gw;
@@ -1216,14 +1202,7 @@ async fn rate_limit_cooldown_only_grows_and_expires() {
     for (gate, secs) in gates.iter().zip([30u64, 60, 5]) {
         up_a.push(held_error(429, gate).header("retry-after", &secs.to_string()));
     }
-    let gw = Arc::new(
-        builder()
-            .health("failure_threshold = 3")
-            .endpoint("a", &up_a.url(), &prio(1))
-            .endpoint("b", &up_b.url(), &prio(2))
-            .start()
-            .await,
-    );
+    let gw = Arc::new(start_a_b(builder().health("failure_threshold = 3"), &up_a, &up_b).await);
     // Three requests in flight on A at once, each holding a 429 with its own retry-after.
     let clients: Vec<_> = (0..3)
         .map(|_| {
@@ -1288,9 +1267,7 @@ async fn rate_limit_cooldown_only_grows_and_expires() {
     );
     assert_eq!(gw.endpoint_view("a").await["state"], "cooling_down");
     for c in clients {
-        let a = c.await.expect("client");
-        assert_eq!(a.status, StatusCode::OK);
-        assert_eq!(a.header("x-ccgate-endpoint"), Some("b"));
+        assert_served_by_b(&c.await.expect("client"));
     }
     gw.settle().await;
     let q = queue(&gw).await;
@@ -1313,11 +1290,7 @@ async fn rate_limit_cooldown_ends_by_itself() {
     let up_a = MockUpstream::start().await;
     let up_b = MockUpstream::start().await;
     up_a.push(Script::rate_limited(1));
-    let gw = builder()
-        .endpoint("a", &up_a.url(), &prio(1))
-        .endpoint("b", &up_b.url(), &prio(2))
-        .start()
-        .await;
+    let gw = start_a_b(builder(), &up_a, &up_b).await;
     let a = post(&gw, false).await;
     assert_eq!(a.header("x-ccgate-endpoint"), Some("b"));
     assert_eq!(gw.endpoint_view("a").await["state"], "cooling_down");
@@ -1410,12 +1383,7 @@ async fn auth_failure_disables_until_a_probe_passes() {
 async fn admin_disable_is_separate_from_health() {
     let up_a = MockUpstream::start().await;
     let up_b = MockUpstream::start().await;
-    let gw = builder()
-        .health("failure_threshold = 2")
-        .endpoint("a", &up_a.url(), &prio(1))
-        .endpoint("b", &up_b.url(), &prio(2))
-        .start()
-        .await;
+    let gw = start_a_b(builder().health("failure_threshold = 2"), &up_a, &up_b).await;
     let v = admin_post(&gw, "a", "disable").await;
     assert_eq!(v["state"], "disabled");
     assert_eq!(v["enabled"], false);
@@ -1472,12 +1440,7 @@ async fn all_ejected_still_tries_the_least_bad() {
     let up_b = MockUpstream::start().await;
     up_a.set_default(Script::error(500, "api_error", "down"));
     up_b.set_default(Script::error(500, "api_error", "down"));
-    let gw = builder()
-        .health("failure_threshold = 1")
-        .endpoint("a", &up_a.url(), &prio(1))
-        .endpoint("b", &up_b.url(), &prio(2))
-        .start()
-        .await;
+    let gw = start_a_b(builder().health("failure_threshold = 1"), &up_a, &up_b).await;
     let a = post(&gw, false).await;
     assert_eq!(a.status, StatusCode::BAD_GATEWAY, "{}", a.text());
     gw.settle().await;

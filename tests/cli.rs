@@ -5,471 +5,33 @@
 //!
 //! Every child runs with a cleared environment and a temporary HOME and XDG directories, so the
 //! developer's own configuration and credentials can never leak in. Readiness is the child's
-//! `listening on http://ADDR` line; children are killed when a test fails (`Proc`'s `Drop`).
+//! `listening on http://ADDR` line; children are killed when a test fails (`support/process.rs`).
 #![cfg(unix)]
 
 #[path = "support/mock.rs"]
 mod mock;
+#[path = "support/process.rs"]
+mod process;
 
-use std::io::{BufRead, Read};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderMap, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http::Method;
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
 
 use mock::{Gate, MockUpstream, Script, sse_delta_text};
+use process::{
+    Answer, DEADLINE, Finished, Sandbox, call, config, get, message_body, mode_of, open,
+    post_message_to, run, set_mode, start, try_start,
+};
 
-/// The binary under test.
-const BIN: &str = env!("CARGO_BIN_EXE_ccgate");
-/// Upper bound for anything that should happen promptly (start, a request, an exit).
-const DEADLINE: Duration = Duration::from_secs(15);
-
-// ---------------------------------------------------------------------------------------------
-// A sandbox: temporary HOME / XDG dirs and a cleared environment.
-// ---------------------------------------------------------------------------------------------
-
-struct Sandbox {
-    dir: tempfile::TempDir,
-}
-
-impl Sandbox {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().expect("temporary directory");
-        for d in ["home", "xdg-config", "xdg-data", "xdg-cache", "xdg-state"] {
-            std::fs::create_dir_all(dir.path().join(d)).expect("create sandbox dir");
-        }
-        Self { dir }
-    }
-
-    fn path(&self, rel: &str) -> PathBuf {
-        self.dir.path().join(rel)
-    }
-
-    fn home(&self) -> PathBuf {
-        self.path("home")
-    }
-
-    fn xdg_config(&self) -> PathBuf {
-        self.path("xdg-config")
-    }
-
-    /// Where `ccgate` finds its config without `--config` / `$CCGATE_CONFIG`.
-    fn default_config(&self) -> PathBuf {
-        self.xdg_config().join("ccgate").join("config.toml")
-    }
-
-    /// Writes `text` to `path` (owner-only, as a file with secrets should be), creating its dir.
-    fn write_at(&self, path: &Path, text: &str) -> PathBuf {
-        std::fs::create_dir_all(path.parent().expect("has a parent")).expect("create dir");
-        std::fs::write(path, text).expect("write file");
-        set_mode(path, 0o600);
-        path.to_path_buf()
-    }
-
-    fn write(&self, rel: &str, text: &str) -> PathBuf {
-        self.write_at(&self.path(rel), text)
-    }
-
-    /// `ccgate ARGS` with nothing of the developer's environment: only HOME, the XDG dirs and
-    /// NO_COLOR, all pointing into the sandbox. Add variables with `.env(..)`.
-    fn command(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(BIN);
-        c.args(args)
-            .env_clear()
-            .env("HOME", self.home())
-            .env("XDG_CONFIG_HOME", self.xdg_config())
-            .env("XDG_DATA_HOME", self.path("xdg-data"))
-            .env("XDG_CACHE_HOME", self.path("xdg-cache"))
-            .env("XDG_STATE_HOME", self.path("xdg-state"))
-            .env("NO_COLOR", "1")
-            .current_dir(self.dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        c
-    }
-}
-
-fn set_mode(path: &Path, mode: u32) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
-}
-
-fn mode_of(path: &Path) -> u32 {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(path).expect("stat").permissions().mode() & 0o777
-}
-
-// ---------------------------------------------------------------------------------------------
-// Running the binary.
-// ---------------------------------------------------------------------------------------------
-
-/// A finished run.
-#[derive(Debug)]
-struct Finished {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-impl Finished {
-    fn output(&self) -> String {
-        format!(
-            "status: {}\n--- stdout ---\n{}--- stderr ---\n{}",
-            self.status, self.stdout, self.stderr
-        )
-    }
-
-    #[track_caller]
-    fn assert_success(&self) {
-        assert!(self.status.success(), "expected success\n{}", self.output());
-    }
-
-    /// Failed with a real exit code (not killed by a signal) and printed no readiness line.
-    #[track_caller]
-    fn assert_refused(&self) {
-        assert!(
-            matches!(self.status.code(), Some(c) if c != 0),
-            "expected a non-zero exit code\n{}",
-            self.output()
-        );
-        assert!(
-            !self.stdout.contains("listening on"),
-            "refused, but announced a listener\n{}",
-            self.output()
-        );
-    }
-
-    #[track_caller]
-    fn assert_no_secret(&self, secrets: &[&str]) {
-        for s in secrets {
-            assert!(
-                !self.stdout.contains(s) && !self.stderr.contains(s),
-                "secret `{s}` appears in the output\n{}",
-                self.output()
-            );
-        }
-    }
-}
-
-/// A child process whose output is collected by two reader threads (tokio's `process` feature is
-/// not enabled). Dropping it kills and reaps the process, so a failing test leaves nothing behind.
-struct Proc {
-    child: Child,
-    /// Stdout, line by line, until EOF.
-    stdout_lines: mpsc::UnboundedReceiver<String>,
-    stdout_seen: String,
-    stderr: Arc<Mutex<String>>,
-    stderr_done: Option<oneshot::Receiver<()>>,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Proc {
-    fn spawn(mut cmd: Command) -> Self {
-        let mut child = cmd.spawn().expect("spawn ccgate");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let mut stderr_pipe = child.stderr.take().expect("piped stderr");
-        let (tx, stdout_lines) = mpsc::unbounded_channel();
-        std::thread::spawn(move || {
-            let mut r = std::io::BufReader::new(stdout);
-            loop {
-                let mut line = String::new();
-                match r.read_line(&mut line) {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {
-                        if tx.send(line).is_err() {
-                            break;
-                        }
-                    }
-                }
-            }
-        });
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let sink = Arc::clone(&stderr);
-        let (done_tx, stderr_done) = oneshot::channel();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            loop {
-                match stderr_pipe.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => sink
-                        .lock()
-                        .expect("stderr buffer")
-                        .push_str(&String::from_utf8_lossy(&buf[..n])),
-                }
-            }
-            let _ = done_tx.send(());
-        });
-        Self {
-            child,
-            stdout_lines,
-            stdout_seen: String::new(),
-            stderr,
-            stderr_done: Some(stderr_done),
-        }
-    }
-
-    /// The next stdout line (with its newline), `None` at EOF; panics after [`DEADLINE`].
-    async fn next_line(&mut self) -> Option<String> {
-        let line = match tokio::time::timeout(DEADLINE, self.stdout_lines.recv()).await {
-            Ok(line) => line,
-            Err(_) => panic!(
-                "no stdout line from ccgate in time\nstderr:\n{}",
-                self.stderr_now()
-            ),
-        };
-        if let Some(l) = &line {
-            self.stdout_seen.push_str(l);
-        }
-        line
-    }
-
-    fn stderr_now(&self) -> String {
-        self.stderr.lock().expect("stderr buffer").clone()
-    }
-
-    fn is_running(&mut self) -> bool {
-        self.child.try_wait().expect("try_wait").is_none()
-    }
-
-    /// Waits for the exit. std has no wait with a timeout and there is no exit event to await
-    /// here, so this polls `try_wait` against a deadline.
-    async fn wait_exit(&mut self) -> ExitStatus {
-        let until = Instant::now() + DEADLINE;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(
-                Instant::now() < until,
-                "ccgate did not exit in time\nstdout:\n{}\nstderr:\n{}",
-                self.stdout_seen,
-                self.stderr_now()
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-
-    /// Waits for the exit, then returns everything the process printed.
-    async fn finish(&mut self) -> Finished {
-        let status = self.wait_exit().await;
-        while self.next_line().await.is_some() {}
-        if let Some(done) = self.stderr_done.take() {
-            let _ = tokio::time::timeout(DEADLINE, done).await;
-        }
-        Finished {
-            status,
-            stdout: self.stdout_seen.clone(),
-            stderr: self.stderr_now(),
-        }
-    }
-}
-
-/// Runs a command to completion (killed if it takes longer than [`DEADLINE`]).
-async fn run(cmd: Command) -> Finished {
-    Proc::spawn(cmd).finish().await
-}
-
-/// A running `ccgate serve` (killed when dropped).
-struct Serving {
-    proc: Proc,
-    /// The address from the `listening on` line.
-    addr: SocketAddr,
-    /// That line, with its newline.
-    line: String,
-}
-
-/// Starts `ccgate serve` and waits for its readiness line; panics with its output if it exits
-/// instead.
-async fn start(cmd: Command) -> Serving {
-    match try_start(cmd).await {
-        Ok(s) => s,
-        Err(f) => panic!("ccgate serve did not start\n{}", f.output()),
-    }
-}
-
-async fn try_start(cmd: Command) -> Result<Serving, Finished> {
-    let mut proc = Proc::spawn(cmd);
-    let Some(line) = proc.next_line().await else {
-        // Stdout closed without a listener: it is exiting.
-        return Err(proc.finish().await);
-    };
-    let addr = line
-        .strip_prefix("listening on http://")
-        .and_then(|l| l.strip_suffix('\n'))
-        .and_then(|a| a.parse::<SocketAddr>().ok());
-    let Some(addr) = addr else {
-        panic!(
-            "the first stdout line is not `listening on http://ADDR`: {line:?}\nstderr:\n{}",
-            proc.stderr_now()
-        );
-    };
-    assert_ne!(addr.port(), 0, "the readiness line must show the real port");
-    Ok(Serving { proc, addr, line })
-}
-
-impl Serving {
-    /// Where to connect: the listening address, or loopback when it listens on every address.
-    fn connect_addr(&self) -> SocketAddr {
-        if self.addr.ip().is_unspecified() {
-            SocketAddr::from((Ipv4Addr::LOCALHOST, self.addr.port()))
-        } else {
-            self.addr
-        }
-    }
-
-    fn stderr_now(&self) -> String {
-        self.proc.stderr_now()
-    }
-
-    fn is_running(&mut self) -> bool {
-        self.proc.is_running()
-    }
-
-    /// Sends `sig` (`TERM`, `INT`) with kill(1).
-    fn signal(&self, sig: &str) {
-        let pid = self.proc.child.id().to_string();
-        let status = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(&pid)
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -{sig} {pid} failed");
-    }
-
-    /// Waits for the process to exit, then returns everything it printed.
-    async fn finish(mut self) -> Finished {
-        self.proc.finish().await
-    }
-
-    /// SIGTERM, then [`Serving::finish`]; asserts a clean exit.
-    async fn stop(self) -> Finished {
-        self.signal("TERM");
-        let f = self.finish().await;
-        assert_eq!(
-            f.status.code(),
-            Some(0),
-            "SIGTERM must exit 0\n{}",
-            f.output()
-        );
-        f
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// HTTP.
-// ---------------------------------------------------------------------------------------------
-
-/// A complete answer.
-#[derive(Debug)]
-struct Answer {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: String,
-}
-
-impl Answer {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|v| v.to_str().ok())
-    }
-}
-
-fn message_body(stream: bool) -> String {
-    serde_json::json!({
-        "model": "claude-sonnet-4-5",
-        "max_tokens": 16,
-        "stream": stream,
-        "messages": [{"role": "user", "content": "hi"}],
-    })
-    .to_string()
-}
-
-/// Sends one request on a fresh HTTP/1.1 connection and returns the response head.
-async fn open(
-    addr: SocketAddr,
-    method: Method,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: String,
-) -> Response<Incoming> {
-    let fut = async {
-        let stream = TcpStream::connect(addr).await.expect("connect to ccgate");
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .expect("HTTP handshake");
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        let mut req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", addr.to_string())
-            .header("content-type", "application/json");
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        let req = req
-            .body(Full::new(Bytes::from(body)))
-            .expect("valid request");
-        sender.send_request(req).await.expect("response head")
-    };
-    tokio::time::timeout(DEADLINE, fut)
-        .await
-        .expect("no response head in time")
-}
-
-async fn call(
-    addr: SocketAddr,
-    method: Method,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: String,
-) -> Answer {
-    let resp = open(addr, method, path, headers, body).await;
-    let status = resp.status();
-    let headers = resp.headers().clone();
-    let body = tokio::time::timeout(DEADLINE, resp.into_body().collect())
-        .await
-        .expect("no complete body in time")
-        .expect("body")
-        .to_bytes();
-    Answer {
-        status,
-        headers,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    }
-}
-
+/// `POST /v1/messages?beta=true` (the path Claude Code uses), streaming or not.
 async fn post_message(addr: SocketAddr, headers: &[(&str, &str)], stream: bool) -> Answer {
-    let mut h = vec![("anthropic-version", "2023-06-01")];
-    h.extend_from_slice(headers);
-    call(
-        addr,
-        Method::POST,
-        "/v1/messages?beta=true",
-        &h,
-        message_body(stream),
-    )
-    .await
-}
-
-async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Answer {
-    call(addr, Method::GET, path, headers, String::new()).await
+    post_message_to(addr, "/v1/messages?beta=true", headers, Some(stream)).await
 }
 
 /// The next data frame of a body, or `None` at its end; panics on an error or a stall.
@@ -487,6 +49,22 @@ async fn next_data(body: &mut Incoming) -> Option<Result<Bytes, hyper::Error>> {
             Err(e) => return Some(Err(e)),
         }
     }
+}
+
+/// Opens a streaming `POST path` and reads it until its first text delta has arrived; returns
+/// the rest of the body and the text read so far.
+async fn stream_until_first_delta(addr: SocketAddr, path: &str) -> (Incoming, String) {
+    let resp = open(addr, Method::POST, path, &[], message_body(Some(true))).await;
+    assert_eq!(resp.status(), 200, "streaming POST {path}");
+    let mut body = resp.into_body();
+    let mut seen = String::new();
+    while !seen.contains(&sse_delta_text(0)) {
+        match next_data(&mut body).await {
+            Some(Ok(d)) => seen.push_str(&String::from_utf8_lossy(&d)),
+            other => panic!("stream ended before its first delta: {other:?}\n{seen}"),
+        }
+    }
+    (body, seen)
 }
 
 /// After a shutdown signal the listener must close. There is no event to wait for, so poll
@@ -511,9 +89,7 @@ async fn wait_until_refused(addr: SocketAddr) {
 
 /// A config with one endpoint `a` at `url`, listening on a free loopback port.
 fn one_endpoint(url: &str, api_key: &str, server_extra: &str) -> String {
-    format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n{server_extra}\n\n[[endpoints]]\nname = \"a\"\nbase_url = \"{url}\"\napi_key = \"{api_key}\"\n"
-    )
+    config(&[("a", url, api_key)], server_extra)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -608,23 +184,7 @@ async fn in_flight_stream_is_drained_on(sig: &str) {
     );
     let mut gw = start(sb.command(&["serve", "--config", cfg.to_str().expect("utf-8")])).await;
 
-    let resp = open(
-        gw.addr,
-        Method::POST,
-        "/v1/messages?beta=true",
-        &[],
-        message_body(true),
-    )
-    .await;
-    assert_eq!(resp.status(), 200);
-    let mut body = resp.into_body();
-    let mut seen = String::new();
-    while !seen.contains(&sse_delta_text(0)) {
-        match next_data(&mut body).await {
-            Some(Ok(d)) => seen.push_str(&String::from_utf8_lossy(&d)),
-            other => panic!("stream ended before its first delta: {other:?}\n{seen}"),
-        }
-    }
+    let (mut body, mut seen) = stream_until_first_delta(gw.addr, "/v1/messages?beta=true").await;
     gate.wait_arrived(1).await;
 
     gw.signal(sig);
@@ -696,23 +256,7 @@ async fn shutdown_timeout_bounds_the_drain() {
         &one_endpoint(&up.url(), "k", "shutdown_timeout = \"1s\""),
     );
     let mut gw = start(sb.command(&["serve", "--config", cfg.to_str().expect("utf-8")])).await;
-    let resp = open(
-        gw.addr,
-        Method::POST,
-        "/v1/messages",
-        &[],
-        message_body(true),
-    )
-    .await;
-    assert_eq!(resp.status(), 200);
-    let mut body = resp.into_body();
-    let mut seen = String::new();
-    while !seen.contains(&sse_delta_text(0)) {
-        match next_data(&mut body).await {
-            Some(Ok(d)) => seen.push_str(&String::from_utf8_lossy(&d)),
-            other => panic!("stream ended before its first delta: {other:?}"),
-        }
-    }
+    let (mut body, mut seen) = stream_until_first_delta(gw.addr, "/v1/messages").await;
     let t0 = Instant::now();
     gw.signal("TERM");
     wait_until_refused(gw.addr).await;
@@ -888,10 +432,9 @@ async fn syntax_error_on_a_secret_line_does_not_echo_it() {
 // Config path resolution.
 // ---------------------------------------------------------------------------------------------
 
+/// A config with one endpoint `name` at `url`, listening on a free loopback port.
 fn named_config(name: &str, url: &str, key: &str) -> String {
-    format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n\n[[endpoints]]\nname = \"{name}\"\nbase_url = \"{url}\"\napi_key = \"{key}\"\n"
-    )
+    config(&[(name, url, key)], "")
 }
 
 #[tokio::test]
@@ -1354,18 +897,23 @@ priority = 3
 #[tokio::test]
 async fn validate_exit_codes_and_no_secrets() {
     let sb = Sandbox::new();
-    let good = sb.write(
-        "good.toml",
-        &secret_config(
+    // Upstreams that are never contacted: `validate` only reads the file.
+    let offline = |extra: &str| {
+        secret_config(
             "https://a.example",
             "https://b.example/api",
             "http://127.0.0.1:9",
-            "",
-        ),
-    );
-    let mut c = sb.command(&["validate", "--config", good.to_str().expect("utf-8")]);
-    c.env("CCGATE_TEST_KEY_C", KEY_C);
-    let f = run(c).await;
+            extra,
+        )
+    };
+    // `validate` with the variable that endpoint `c` takes its key from.
+    let validate_with_key_c = |path: &Path| {
+        let mut c = sb.command(&["validate", "--config", path.to_str().expect("utf-8")]);
+        c.env("CCGATE_TEST_KEY_C", KEY_C);
+        run(c)
+    };
+    let good = sb.write("good.toml", &offline(""));
+    let f = validate_with_key_c(&good).await;
     f.assert_success();
     assert_eq!(f.status.code(), Some(0));
     for name in ["a", "b", "c"] {
@@ -1378,30 +926,14 @@ async fn validate_exit_codes_and_no_secrets() {
     f.assert_no_secret(&secrets());
 
     // One problem, everything else as before: non-zero, the problem named, still no secret.
-    let bad = sb.write(
-        "bad.toml",
-        &secret_config(
-            "https://a.example",
-            "https://b.example/api",
-            "http://127.0.0.1:9",
-            "weight = 0",
-        ),
-    );
-    let mut c = sb.command(&["validate", "--config", bad.to_str().expect("utf-8")]);
-    c.env("CCGATE_TEST_KEY_C", KEY_C);
-    let f = run(c).await;
+    let bad = sb.write("bad.toml", &offline("weight = 0"));
+    let f = validate_with_key_c(&bad).await;
     f.assert_refused();
     assert!(f.stderr.contains("endpoints[2].weight"), "{}", f.output());
     f.assert_no_secret(&secrets());
 
     // A missing environment variable is named, and a secret with a bad character is not echoed.
-    let text = secret_config(
-        "https://a.example",
-        "https://b.example/api",
-        "http://127.0.0.1:9",
-        "",
-    )
-    .replace(KEY_A, &format!("{KEY_A} x"));
+    let text = offline("").replace(KEY_A, &format!("{KEY_A} x"));
     let bad = sb.write("bad2.toml", &text);
     let f = run(sb.command(&["validate", "--config", bad.to_str().expect("utf-8")])).await;
     f.assert_refused();

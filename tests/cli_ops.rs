@@ -18,7 +18,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use mock::{MockUpstream, Script};
-use process::{Finished, Sandbox, get, mode_of, post_message, run, run_with_stdin, start};
+use process::{Finished, Sandbox, config, get, mode_of, post_message, run, run_with_stdin, start};
 
 fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
@@ -37,15 +37,37 @@ fn row<'a>(f: &'a Finished, name: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no row for `{name}`\n{}", f.output()))
 }
 
-/// A config with one endpoint per `(name, url, key)`, listening on a free loopback port.
-fn config(endpoints: &[(&str, &str, &str)], server_extra: &str) -> String {
-    let mut s = format!("[server]\nlisten = \"127.0.0.1:0\"\n{server_extra}\n");
-    for (name, url, key) in endpoints {
-        s.push_str(&format!(
-            "\n[[endpoints]]\nname = \"{name}\"\nbase_url = \"{url}\"\napi_key = \"{key}\"\n"
-        ));
-    }
-    s
+/// A loopback port that was just free: nothing listens there any more.
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+/// The entry for endpoint `name` in a `GET /_ccgate/endpoints` answer.
+#[track_caller]
+fn endpoint_entry<'a>(view: &'a Value, name: &str) -> &'a Value {
+    view["endpoints"]
+        .as_array()
+        .expect("endpoints")
+        .iter()
+        .find(|e| e["name"] == name)
+        .unwrap_or_else(|| panic!("no endpoint {name}: {view}"))
+}
+
+/// `ccgate endpoints ARGS --config CONFIG --url URL`, which must succeed and say that the change
+/// reached the running gateway.
+async fn endpoints_applied(sb: &Sandbox, args: &[&str], config: &str, url: &str) -> Finished {
+    let mut full = vec!["endpoints"];
+    full.extend(args);
+    full.extend(["--config", config, "--url", url]);
+    let f = run(sb.command(&full)).await;
+    f.assert_success();
+    assert!(
+        f.stdout.contains("applied to the running gateway"),
+        "{args:?}\n{}",
+        f.output()
+    );
+    f
 }
 
 /// Whole flow as a new user would run it: init → endpoints add → list → serve → status → check →
@@ -480,11 +502,7 @@ async fn check_exit_codes_and_scrubbed_details() {
 #[tokio::test]
 async fn status_without_a_gateway_fails_clearly() {
     let sb = Sandbox::new();
-    // A port that was just free: nothing listens there any more.
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr").port()
-    };
+    let port = free_port();
     let f = run(sb.command(&["status", "--url", &format!("127.0.0.1:{port}")])).await;
     f.assert_failure();
     assert!(
@@ -618,61 +636,21 @@ async fn enable_and_disable_apply_to_the_running_gateway() {
     let c = cfg_arg(&cfg);
     let gw = start(sb.command(&["serve", "--config", c])).await;
     let enabled = |v: &Value, name: &str| -> bool {
-        v["endpoints"]
-            .as_array()
-            .expect("endpoints")
-            .iter()
-            .find(|e| e["name"] == name)
-            .unwrap_or_else(|| panic!("no endpoint {name}: {v}"))["enabled"]
-            .as_bool()
-            .expect("bool")
+        endpoint_entry(v, name)["enabled"].as_bool().expect("bool")
     };
 
-    let f = run(sb.command(&[
-        "endpoints",
-        "disable",
-        "b",
-        "--config",
-        c,
-        "--url",
-        &gw.url(),
-    ]))
-    .await;
-    f.assert_success();
-    assert!(
-        f.stdout.contains("applied to the running gateway"),
-        "{}",
-        f.output()
-    );
+    endpoints_applied(&sb, &["disable", "b"], c, &gw.url()).await;
     assert!(read(&cfg).contains("enabled = false"));
     let v = get(gw.addr, "/_ccgate/endpoints", &[]).await.json();
     assert!(!enabled(&v, "b") && enabled(&v, "a"), "{v}");
 
-    let f = run(sb.command(&[
-        "endpoints",
-        "enable",
-        "b",
-        "--config",
-        c,
-        "--url",
-        &gw.url(),
-    ]))
-    .await;
-    f.assert_success();
-    assert!(
-        f.stdout.contains("applied to the running gateway"),
-        "{}",
-        f.output()
-    );
+    endpoints_applied(&sb, &["enable", "b"], c, &gw.url()).await;
     let v = get(gw.addr, "/_ccgate/endpoints", &[]).await.json();
     assert!(enabled(&v, "b"), "{v}");
     gw.stop().await;
 
     // Nothing running at the address: the edit is saved, and the message says what to do.
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr").port()
-    };
+    let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
     let f = run(sb.command(&["endpoints", "disable", "a", "--config", c, "--url", &url])).await;
     f.assert_success();
@@ -701,28 +679,23 @@ async fn endpoint_added_while_running_receives_traffic_and_others_keep_counters(
         assert_eq!(r.header("x-ccgate-endpoint"), Some("a"), "{r:?}");
     }
 
-    let f = run(sb.command(&[
-        "endpoints",
-        "add",
-        "c",
-        "--config",
+    let f = endpoints_applied(
+        &sb,
+        &[
+            "add",
+            "c",
+            "--base-url",
+            &up_c.url(),
+            "--api-key",
+            "sk-ant-c",
+            "--priority",
+            "0",
+        ],
         c,
-        "--url",
         &gw.url(),
-        "--base-url",
-        &up_c.url(),
-        "--api-key",
-        "sk-ant-c",
-        "--priority",
-        "0",
-    ]))
+    )
     .await;
-    f.assert_success();
-    assert!(
-        f.stdout.contains("applied to the running gateway") && f.stdout.contains("added: c"),
-        "{}",
-        f.output()
-    );
+    assert!(f.stdout.contains("added: c"), "{}", f.output());
     for _ in 0..2 {
         let r = post_message(gw.addr, &[]).await;
         assert_eq!(r.status, 200, "{r:?}");
@@ -730,15 +703,7 @@ async fn endpoint_added_while_running_receives_traffic_and_others_keep_counters(
     }
     assert_eq!(up_c.received().len(), 2);
     let v = get(gw.addr, "/_ccgate/endpoints", &[]).await.json();
-    let total = |name: &str| {
-        v["endpoints"]
-            .as_array()
-            .expect("endpoints")
-            .iter()
-            .find(|e| e["name"] == name)
-            .unwrap_or_else(|| panic!("no endpoint {name}: {v}"))["total_requests"]
-            .as_u64()
-    };
+    let total = |name: &str| endpoint_entry(&v, name)["total_requests"].as_u64();
     assert_eq!(total("a"), Some(3), "{v}");
     assert_eq!(total("c"), Some(2), "{v}");
 

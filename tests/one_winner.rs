@@ -4,7 +4,8 @@
 //!
 //! - under loom, which explores every interleaving of the atomics and the queue lock
 //!   (`src/sync.rs` swaps loom's primitives in):
-//!   `RUSTFLAGS="--cfg ccgate_loom" CARGO_TARGET_DIR=target/loom cargo test --release --test one_winner`
+//!   `RUSTFLAGS="--cfg ccgate_loom" CARGO_TARGET_DIR=target/loom cargo test --test one_winner`
+//!   (a crate-specific cfg: a global `--cfg loom` reconfigures tokio and breaks hyper-util)
 //! - in a plain `cargo test`, as a stress test: many rounds of real threads released together by
 //!   a barrier.
 //!
@@ -103,6 +104,13 @@ impl World {
                 Phase::Healthy | Phase::Probation => unreachable!("{phase:?} after attempts only"),
             };
             assert_eq!(e.reason, want, "the entry's reason names the phase");
+            if phase == Phase::CoolingDown {
+                assert_eq!(
+                    e.next_probe_at_ms,
+                    self.ep.live.cooldown_until_ms(),
+                    "a cooling-down entry shows the (longest) deadline"
+                );
+            }
         }
         let c = self.ep.live.snapshot();
         assert_eq!(c.in_flight, 0, "every attempt ended");

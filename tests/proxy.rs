@@ -167,6 +167,14 @@ fn assert_anthropic_error(a: &Answer, ty: &str) {
     );
 }
 
+/// Asserts a success served by `endpoint` after `attempts` attempts (the gateway's headers).
+#[track_caller]
+fn assert_served_by(ans: &Answer, endpoint: &str, attempts: &str) {
+    assert_eq!(ans.status, 200, "{}", ans.text());
+    assert_eq!(ans.header("x-ccgate-endpoint"), Some(endpoint), "{ans:?}");
+    assert_eq!(ans.header("x-ccgate-attempts"), Some(attempts), "{ans:?}");
+}
+
 /// A `http://127.0.0.1:PORT` where nothing listens.
 fn closed_port_url() -> String {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a probe port");
@@ -276,9 +284,7 @@ impl Duo {
     async fn fails_over(&self, script: Script, kind: &str) -> Value {
         self.a.push(script);
         let ans = self.post(&TestGateway::message_body(false)).await;
-        assert_eq!(ans.status, 200, "{}", ans.text());
-        assert_eq!(ans.header("x-ccgate-endpoint"), Some("b"));
-        assert_eq!(ans.header("x-ccgate-attempts"), Some("2"));
+        assert_served_by(&ans, "b", "2");
         assert_eq!(
             ans.body,
             json_ok_bytes(),
@@ -298,6 +304,19 @@ impl Duo {
     }
 }
 
+/// A fresh [`Duo`] whose `a` fails one request with an HTTP `status` error (`ty`, `message`) that
+/// must count as `kind` ([`Duo::fails_over`]) and leave `a` degraded, one failure being below the
+/// threshold; returns the duo and a's view.
+async fn status_fails_over(status: u16, ty: &str, message: &str, kind: &str) -> (Duo, Value) {
+    let d = Duo::start(builder()).await;
+    let a = d.fails_over(Script::error(status, ty, message), kind).await;
+    assert_eq!(
+        a["state"], "degraded",
+        "{status}: one failure is below the threshold\n{a:#}"
+    );
+    (d, a)
+}
+
 // ---------------------------------------------------------------------------------------------
 // SPEC §4, one test per row
 // ---------------------------------------------------------------------------------------------
@@ -307,18 +326,14 @@ async fn row_success_json_and_stream_are_relayed_byte_for_byte() {
     let up = MockUpstream::start().await;
     let gw = builder().endpoint("a", &up.url(), "").start().await;
 
-    let ans = gw
-        .post("/v1/messages", &[], &TestGateway::message_body(false))
-        .await;
+    let ans = gw.post_message(false).await;
     assert_eq!(ans.status, 200, "{}", ans.text());
     assert_eq!(ans.body, json_ok_bytes());
     assert_eq!(ans.header("x-ccgate-endpoint"), Some("a"));
     assert_eq!(ans.header("x-ccgate-attempts"), Some("1"));
 
     up.push(Script::sse_ok(3));
-    let ans = gw
-        .post("/v1/messages", &[], &TestGateway::message_body(true))
-        .await;
+    let ans = gw.post_message(true).await;
     assert_eq!(ans.status, 200, "{}", ans.text());
     assert_eq!(ans.header("content-type"), Some("text/event-stream"));
     assert_eq!(
@@ -371,9 +386,7 @@ async fn row_auth_401_402_403_fail_over_and_disable_the_endpoint() {
             ty,
             "invalid x-api-key sk-ant-secret-a1",
         ));
-        let ans = gw
-            .post("/v1/messages", &[], &TestGateway::message_body(false))
-            .await;
+        let ans = gw.post_message(false).await;
         assert_eq!(ans.status, 200, "{status}: {}", ans.text());
         assert_eq!(ans.header("x-ccgate-endpoint"), Some("b"));
         assert_eq!(ans.body, json_ok_bytes());
@@ -394,12 +407,8 @@ async fn row_auth_401_402_403_fail_over_and_disable_the_endpoint() {
         );
 
         // Disabled: the next request does not touch it.
-        let ans = gw
-            .post("/v1/messages", &[], &TestGateway::message_body(false))
-            .await;
-        assert_eq!(ans.status, 200);
-        assert_eq!(ans.header("x-ccgate-endpoint"), Some("b"));
-        assert_eq!(ans.header("x-ccgate-attempts"), Some("1"));
+        let ans = gw.post_message(false).await;
+        assert_served_by(&ans, "b", "1");
         gw.settle().await;
         assert_eq!(
             a.count(),
@@ -414,14 +423,7 @@ async fn row_auth_401_402_403_fail_over_and_disable_the_endpoint() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn row_408_is_a_timeout_and_fails_over() {
-    let d = Duo::start(builder()).await;
-    let a = d
-        .fails_over(
-            Script::error(408, "timeout_error", "Request timed out"),
-            "timeout",
-        )
-        .await;
-    assert_eq!(a["state"], "degraded", "one failure below the threshold");
+    let (d, _) = status_fails_over(408, "timeout_error", "Request timed out", "timeout").await;
     assert_eq!(d.a.served("status_408"), 1);
 }
 
@@ -469,14 +471,7 @@ async fn row_429_rate_limited_cools_down_for_retry_after() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn row_server_errors_fail_over() {
     for status in [500, 502, 504] {
-        let d = Duo::start(builder()).await;
-        let a = d
-            .fails_over(
-                Script::error(status, "api_error", "Internal"),
-                "server_error",
-            )
-            .await;
-        assert_eq!(a["state"], "degraded", "{status}: {a:#}");
+        let (_d, a) = status_fails_over(status, "api_error", "Internal", "server_error").await;
         let msg = a["last_error"]["message"].as_str().expect("message");
         assert!(msg.contains(&format!("HTTP {status}")), "{msg}");
     }
@@ -502,14 +497,8 @@ async fn row_server_errors_fail_over() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn row_overloaded_503_529_fail_over() {
     for status in [503, 529] {
-        let d = Duo::start(builder()).await;
-        let a = d
-            .fails_over(
-                Script::error(status, "overloaded_error", "Overloaded"),
-                "overloaded",
-            )
-            .await;
-        assert_eq!(a["state"], "degraded", "{status}: {a:#}");
+        let (d, _) =
+            status_fails_over(status, "overloaded_error", "Overloaded", "overloaded").await;
         assert_eq!(d.a.served(&format!("status_{status}")), 1);
     }
 }
@@ -569,12 +558,8 @@ async fn row_connect_refused_fails_over() {
         .endpoint("b", &b.url(), "priority = 2")
         .start()
         .await;
-    let ans = gw
-        .post("/v1/messages", &[], &TestGateway::message_body(false))
-        .await;
-    assert_eq!(ans.status, 200, "{}", ans.text());
-    assert_eq!(ans.header("x-ccgate-endpoint"), Some("b"));
-    assert_eq!(ans.header("x-ccgate-attempts"), Some("2"));
+    let ans = gw.post_message(false).await;
+    assert_served_by(&ans, "b", "2");
     gw.settle().await;
     let a = gw.endpoint_view("a").await;
     assert_outcomes(&a, &[("transport", 1)]);
@@ -790,9 +775,7 @@ async fn failover_follows_priority_tiers() {
     }
     let gw = gb.start().await;
     for round in 0..2 {
-        let ans = gw
-            .post("/v1/messages", &[], &TestGateway::message_body(false))
-            .await;
+        let ans = gw.post_message(false).await;
         assert_eq!(ans.status, 503, "{}", ans.text());
         let order: Vec<&str> = std::mem::take(&mut *log.lock().expect("log"));
         assert_eq!(order.len(), 4, "round {round}: {order:?}");
@@ -817,33 +800,34 @@ async fn failover_follows_priority_tiers() {
         .endpoint("a", &a.url(), "priority = 1")
         .start()
         .await;
-    let ans = gw
-        .post("/v1/messages", &[], &TestGateway::message_body(false))
-        .await;
-    assert_eq!(ans.status, 200);
-    assert_eq!(ans.header("x-ccgate-endpoint"), Some("b"));
-    assert_eq!(ans.header("x-ccgate-attempts"), Some("2"));
+    let ans = gw.post_message(false).await;
+    assert_served_by(&ans, "b", "2");
     gw.settle().await;
     assert_eq!((a.count(), b.count(), c.count()), (1, 1, 0));
     assert_outcomes(&gw.endpoint_view("c").await, &[]);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn never_the_same_endpoint_twice_and_max_attempts_bounds_the_walk() {
+/// Three endpoints `e0`, `e1`, `e2` that all answer 500, behind a gateway with `max_attempts`;
+/// returns them, the gateway and its answer to one request.
+async fn three_failing(max_attempts: u32) -> ([MockUpstream; 3], TestGateway, Answer) {
     let mocks = [
         MockUpstream::start().await,
         MockUpstream::start().await,
         MockUpstream::start().await,
     ];
-    let mut gb = builder().server("max_attempts = 10");
+    let mut gb = builder().server(&format!("max_attempts = {max_attempts}"));
     for (i, up) in mocks.iter().enumerate() {
         up.set_default(Script::error(500, "api_error", "Internal"));
         gb = gb.endpoint(&format!("e{i}"), &up.url(), "");
     }
     let gw = gb.start().await;
-    let ans = gw
-        .post("/v1/messages", &[], &TestGateway::message_body(false))
-        .await;
+    let ans = gw.post_message(false).await;
+    (mocks, gw, ans)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn never_the_same_endpoint_twice_and_max_attempts_bounds_the_walk() {
+    let (mocks, gw, ans) = three_failing(10).await;
     assert_eq!(ans.status, 502, "{}", ans.text());
     assert_anthropic_error(&ans, "api_error");
     gw.settle().await;
@@ -863,21 +847,8 @@ async fn never_the_same_endpoint_twice_and_max_attempts_bounds_the_walk() {
     }
 
     // max_attempts = 2 of three failing endpoints: two attempts in all.
-    let mocks = [
-        MockUpstream::start().await,
-        MockUpstream::start().await,
-        MockUpstream::start().await,
-    ];
-    let mut gb = builder().server("max_attempts = 2");
-    for (i, up) in mocks.iter().enumerate() {
-        up.set_default(Script::error(500, "api_error", "Internal"));
-        gb = gb.endpoint(&format!("e{i}"), &up.url(), "");
-    }
-    let gw = gb.start().await;
-    let ans = gw
-        .post("/v1/messages", &[], &TestGateway::message_body(false))
-        .await;
-    assert_eq!(ans.status, 502);
+    let (mocks, _gw, ans) = three_failing(2).await;
+    assert_eq!(ans.status, 502, "{}", ans.text());
     let counts: Vec<usize> = mocks.iter().map(MockUpstream::count).collect();
     assert_eq!(counts.iter().sum::<usize>(), 2, "{counts:?}");
     assert!(counts.iter().all(|c| *c <= 1), "{counts:?}");
@@ -1051,16 +1022,12 @@ async fn response_steering_headers_are_returned_unchanged() {
     }
     up.push(json_script);
     up.push(sse_script);
-    let ans = gw
-        .post("/v1/messages", &[], &TestGateway::message_body(false))
-        .await;
+    let ans = gw.post_message(false).await;
     assert_eq!(ans.status, 200);
     for (k, v) in steering {
         assert_eq!(ans.header(k), Some(v), "json: {k}");
     }
-    let ans = gw
-        .post("/v1/messages", &[], &TestGateway::message_body(true))
-        .await;
+    let ans = gw.post_message(true).await;
     assert_eq!(ans.status, 200);
     assert_eq!(ans.body, sse_ok_bytes(2));
     for (k, v) in steering {
@@ -1078,41 +1045,53 @@ const CLIENT_CREDS: [(&str, &str); 2] = [
     ("authorization", "Bearer client-token"),
 ];
 
+/// Sends a request carrying [`CLIENT_CREDS`] through `gw`; `up` must receive `want` as its only
+/// `header` and nothing in the other credential header. `what` names the case in messages.
+async fn assert_credential_swapped(
+    gw: &TestGateway,
+    up: &MockUpstream,
+    header: &str,
+    want: &str,
+    what: &str,
+) {
+    let ans = gw
+        .post(
+            "/v1/messages",
+            &CLIENT_CREDS,
+            &TestGateway::message_body(false),
+        )
+        .await;
+    assert_eq!(ans.status, 200, "{what}: {}", ans.text());
+    let r = up.last_request().expect("request");
+    assert_eq!(r.header_all(header), [want], "{what}");
+    let other = if header == "x-api-key" {
+        "authorization"
+    } else {
+        "x-api-key"
+    };
+    assert_eq!(r.header(other), None, "{what}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credential_swap_api_key_and_auth_token() {
-    let k = MockUpstream::start().await;
-    let gw = builder()
-        .endpoint("k", &k.url(), "api_key = \"sk-ant-endpoint-k\"")
-        .start()
-        .await;
-    let ans = gw
-        .post(
-            "/v1/messages",
-            &CLIENT_CREDS,
-            &TestGateway::message_body(false),
-        )
-        .await;
-    assert_eq!(ans.status, 200);
-    let r = k.last_request().expect("request");
-    assert_eq!(r.header_all("x-api-key"), ["sk-ant-endpoint-k"]);
-    assert_eq!(r.header("authorization"), None);
-
-    let t = MockUpstream::start().await;
-    let gw = builder()
-        .endpoint("t", &t.url(), "auth_token = \"tok-endpoint-t\"")
-        .start()
-        .await;
-    let ans = gw
-        .post(
-            "/v1/messages",
-            &CLIENT_CREDS,
-            &TestGateway::message_body(false),
-        )
-        .await;
-    assert_eq!(ans.status, 200);
-    let r = t.last_request().expect("request");
-    assert_eq!(r.header_all("authorization"), ["Bearer tok-endpoint-t"]);
-    assert_eq!(r.header("x-api-key"), None);
+    for (name, extra, header, want) in [
+        (
+            "k",
+            "api_key = \"sk-ant-endpoint-k\"",
+            "x-api-key",
+            "sk-ant-endpoint-k",
+        ),
+        (
+            "t",
+            "auth_token = \"tok-endpoint-t\"",
+            "authorization",
+            "Bearer tok-endpoint-t",
+        ),
+    ] {
+        let up = MockUpstream::start().await;
+        let gw = builder().endpoint(name, &up.url(), extra).start().await;
+        assert_credential_swapped(&gw, &up, header, want, extra).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1140,22 +1119,7 @@ async fn credential_swap_from_environment_variables() {
         let config = ccgate::config::Config::from_toml(&toml, "test.toml", &env)
             .unwrap_or_else(|e| panic!("{e}\n{toml}"));
         let gw = TestGateway::start(config).await;
-        let ans = gw
-            .post(
-                "/v1/messages",
-                &CLIENT_CREDS,
-                &TestGateway::message_body(false),
-            )
-            .await;
-        assert_eq!(ans.status, 200, "{extra}: {}", ans.text());
-        let r = up.last_request().expect("request");
-        assert_eq!(r.header_all(header), [want], "{extra}");
-        let other = if header == "x-api-key" {
-            "authorization"
-        } else {
-            "x-api-key"
-        };
-        assert_eq!(r.header(other), None, "{extra}");
+        assert_credential_swapped(&gw, &up, header, want, extra).await;
     }
 }
 
@@ -1302,6 +1266,16 @@ async fn early_stream_cut_fails_over_to_one_clean_stream() {
 // All down
 // ---------------------------------------------------------------------------------------------
 
+/// Asserts an answer when nothing could serve: `status`, an Anthropic error of type `ty`, and a
+/// `retry-after` header, whose value it returns.
+#[track_caller]
+fn assert_all_down<'a>(ans: &'a Answer, status: u16, ty: &str) -> &'a str {
+    assert_eq!(ans.status, status, "{}", ans.text());
+    assert_anthropic_error(ans, ty);
+    ans.header("retry-after")
+        .unwrap_or_else(|| panic!("no retry-after on the {status} answer: {ans:?}"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_down_answers_say_what_happened() {
     // All overloaded: 503 with retry-after, never a bare 529.
@@ -1309,11 +1283,7 @@ async fn all_down_answers_say_what_happened() {
     d.a.set_default(Script::overloaded());
     d.b.set_default(Script::overloaded());
     let ans = d.post(&TestGateway::message_body(false)).await;
-    assert_eq!(ans.status, 503, "{}", ans.text());
-    assert_anthropic_error(&ans, "overloaded_error");
-    let retry: u64 = ans
-        .header("retry-after")
-        .expect("retry-after")
+    let retry: u64 = assert_all_down(&ans, 503, "overloaded_error")
         .parse()
         .expect("seconds");
     assert!(retry >= 1);
@@ -1323,14 +1293,8 @@ async fn all_down_answers_say_what_happened() {
     let up = MockUpstream::start().await;
     up.push(Script::rate_limited(7));
     let gw = builder().endpoint("a", &up.url(), "").start().await;
-    let ans = gw
-        .post("/v1/messages", &[], &TestGateway::message_body(false))
-        .await;
-    assert_eq!(ans.status, 503, "{}", ans.text());
-    assert_anthropic_error(&ans, "overloaded_error");
-    let retry: u64 = ans
-        .header("retry-after")
-        .expect("retry-after")
+    let ans = gw.post_message(false).await;
+    let retry: u64 = assert_all_down(&ans, 503, "overloaded_error")
         .parse()
         .expect("seconds");
     assert!((6..=7).contains(&retry), "retry-after {retry}");
@@ -1341,12 +1305,8 @@ async fn all_down_answers_say_what_happened() {
         .endpoint("off", &up.url(), "enabled = false")
         .start()
         .await;
-    let ans = gw
-        .post("/v1/messages", &[], &TestGateway::message_body(false))
-        .await;
-    assert_eq!(ans.status, 503, "{}", ans.text());
-    assert_anthropic_error(&ans, "overloaded_error");
-    assert!(ans.header("retry-after").is_some());
+    let ans = gw.post_message(false).await;
+    assert_all_down(&ans, 503, "overloaded_error");
     assert_eq!(up.count(), 0);
 
     // Upstream breakage: 502.
@@ -1354,9 +1314,7 @@ async fn all_down_answers_say_what_happened() {
     d.a.push(Script::error(500, "api_error", "Internal"));
     d.b.push(Script::reset_before_headers());
     let ans = d.post(&TestGateway::message_body(false)).await;
-    assert_eq!(ans.status, 502, "{}", ans.text());
-    assert_anthropic_error(&ans, "api_error");
-    assert!(ans.header("retry-after").is_some());
+    assert_all_down(&ans, 502, "api_error");
 
     // Timeouts: 504.
     let up = MockUpstream::start().await;
@@ -1366,12 +1324,8 @@ async fn all_down_answers_say_what_happened() {
         .endpoint("a", &up.url(), "")
         .start()
         .await;
-    let ans = gw
-        .post("/v1/messages", &[], &TestGateway::message_body(true))
-        .await;
-    assert_eq!(ans.status, 504, "{}", ans.text());
-    assert_anthropic_error(&ans, "api_error");
-    assert!(ans.header("retry-after").is_some());
+    let ans = gw.post_message(true).await;
+    assert_all_down(&ans, 504, "api_error");
     let stats = gw.admin("stats").await;
     assert_eq!(stats["upstream_errors"], 1, "{stats:#}");
 }
@@ -1395,15 +1349,11 @@ async fn tls_upstream_with_its_own_ca_file() {
         )
         .start()
         .await;
-    let ans = gw
-        .post("/v1/messages", &[], &TestGateway::message_body(false))
-        .await;
+    let ans = gw.post_message(false).await;
     assert_eq!(ans.status, 200, "{}", ans.text());
     assert_eq!(ans.body, json_ok_bytes());
     up.push(Script::sse_ok(2));
-    let ans = gw
-        .post("/v1/messages", &[], &TestGateway::message_body(true))
-        .await;
+    let ans = gw.post_message(true).await;
     assert_eq!(ans.status, 200);
     assert_eq!(ans.body, sse_ok_bytes(2));
     assert_eq!(up.count(), 2);
@@ -1416,9 +1366,7 @@ async fn tls_upstream_with_its_own_ca_file() {
 
     // Without the CA the self-signed certificate is refused: nothing reaches the upstream.
     let gw = builder().endpoint("tls", &up.url(), "").start().await;
-    let ans = gw
-        .post("/v1/messages", &[], &TestGateway::message_body(false))
-        .await;
+    let ans = gw.post_message(false).await;
     assert_eq!(ans.status, 502, "{}", ans.text());
     assert_eq!(up.count(), 2, "no request crossed an untrusted TLS session");
     let v = gw.endpoint_view("tls").await;

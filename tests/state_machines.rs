@@ -405,6 +405,7 @@ proptest! {
                 prop_assert_eq!(stats.total_closed, episodes - u64::from(cooling));
                 if let Some(e) = entries.first() {
                     prop_assert_eq!(e.reason, Reason::RateLimited);
+                    prop_assert_eq!(e.next_probe_at_ms, deadline, "the entry shows when it is back");
                 }
             }
             Ok(())

@@ -254,6 +254,12 @@ impl TestGateway {
             .await
     }
 
+    /// `POST /v1/messages` with [`TestGateway::message_body`] and no extra headers.
+    pub async fn post_message(&self, stream: bool) -> Answer {
+        self.post("/v1/messages", &[], &Self::message_body(stream))
+            .await
+    }
+
     /// A minimal Messages request body.
     pub fn message_body(stream: bool) -> Value {
         serde_json::json!({

@@ -2,18 +2,20 @@
 //! Runs the real `ccgate` binary in a sandbox: a temporary HOME and XDG directories and a cleared
 //! environment, so the developer's own configuration and credentials never leak in. Children are
 //! killed when dropped (a failing test leaves nothing behind); readiness of `serve` is its
-//! `listening on http://ADDR` line. The same approach as `tests/cli.rs`, shared for other suites.
+//! `listening on http://ADDR` line. Shared by the suites that run the binary (`tests/cli.rs`,
+//! `tests/cli_ops.rs`, `tests/persistence.rs`).
 
 use std::io::{BufRead, Read};
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderMap, Method, Request, StatusCode};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
@@ -66,6 +68,11 @@ impl Sandbox {
         path.to_path_buf()
     }
 
+    /// Writes `text` to the sandbox path `rel` (owner-only), creating its directory.
+    pub fn write(&self, rel: &str, text: &str) -> PathBuf {
+        self.write_at(&self.path(rel), text)
+    }
+
     /// `ccgate ARGS` with only HOME, the XDG dirs and NO_COLOR set, all inside the sandbox.
     pub fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(BIN);
@@ -83,6 +90,18 @@ impl Sandbox {
             .stderr(Stdio::piped());
         c
     }
+}
+
+/// A config with one endpoint per `(name, url, key)` and `server_extra` in its `[server]` table,
+/// listening on a free loopback port.
+pub fn config(endpoints: &[(&str, &str, &str)], server_extra: &str) -> String {
+    let mut s = format!("[server]\nlisten = \"127.0.0.1:0\"\n{server_extra}\n");
+    for (name, url, key) in endpoints {
+        s.push_str(&format!(
+            "\n[[endpoints]]\nname = \"{name}\"\nbase_url = \"{url}\"\napi_key = \"{key}\"\n"
+        ));
+    }
+    s
 }
 
 /// chmod.
@@ -140,6 +159,17 @@ impl Finished {
         assert!(
             matches!(self.status.code(), Some(c) if c != 0),
             "expected a non-zero exit code\n{}",
+            self.output()
+        );
+    }
+
+    /// Failed with a real exit code (not killed by a signal) and printed no readiness line.
+    #[track_caller]
+    pub fn assert_refused(&self) {
+        self.assert_failure();
+        assert!(
+            !self.stdout.contains("listening on"),
+            "refused, but announced a listener\n{}",
             self.output()
         );
     }
@@ -240,6 +270,11 @@ impl Proc {
         self.stderr.lock().expect("stderr buffer").clone()
     }
 
+    /// Not exited yet.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
+    }
+
     /// Waits for the exit. std has no wait with a timeout and there is no exit event to await
     /// here, so this polls `try_wait` against a deadline.
     async fn wait_exit(&mut self) -> ExitStatus {
@@ -295,27 +330,39 @@ pub struct Serving {
     proc: Proc,
     /// The address from the `listening on` line.
     pub addr: SocketAddr,
+    /// That line, with its newline.
+    pub line: String,
 }
 
 /// Starts `ccgate serve` and waits for its readiness line; panics with its output if it exits
 /// instead.
 pub async fn start(cmd: Command) -> Serving {
+    match try_start(cmd).await {
+        Ok(s) => s,
+        Err(f) => panic!("ccgate serve did not start\n{}", f.output()),
+    }
+}
+
+/// Like [`start`], but a process that exits without a readiness line is returned as `Err` with
+/// everything it printed. A first line that is not a readiness line still panics.
+pub async fn try_start(cmd: Command) -> Result<Serving, Finished> {
     let mut proc = Proc::spawn(cmd);
     let Some(line) = proc.next_line().await else {
-        let f = proc.finish().await;
-        panic!("ccgate serve did not start\n{}", f.output());
+        // Stdout closed without a listener: it is exiting.
+        return Err(proc.finish().await);
     };
     let addr = line
         .strip_prefix("listening on http://")
         .and_then(|l| l.strip_suffix('\n'))
-        .and_then(|a| a.parse::<SocketAddr>().ok())
-        .unwrap_or_else(|| {
-            panic!(
-                "the first stdout line is not `listening on http://ADDR`: {line:?}\nstderr:\n{}",
-                proc.stderr_now()
-            )
-        });
-    Serving { proc, addr }
+        .and_then(|a| a.parse::<SocketAddr>().ok());
+    let Some(addr) = addr else {
+        panic!(
+            "the first stdout line is not `listening on http://ADDR`: {line:?}\nstderr:\n{}",
+            proc.stderr_now()
+        );
+    };
+    assert_ne!(addr.port(), 0, "the readiness line must show the real port");
+    Ok(Serving { proc, addr, line })
 }
 
 impl Serving {
@@ -324,9 +371,23 @@ impl Serving {
         format!("http://{}", self.addr)
     }
 
+    /// Where to connect: the listening address, or loopback when it listens on every address.
+    pub fn connect_addr(&self) -> SocketAddr {
+        if self.addr.ip().is_unspecified() {
+            SocketAddr::from((Ipv4Addr::LOCALHOST, self.addr.port()))
+        } else {
+            self.addr
+        }
+    }
+
     /// Stderr so far.
     pub fn stderr_now(&self) -> String {
         self.proc.stderr_now()
+    }
+
+    /// Not exited yet.
+    pub fn is_running(&mut self) -> bool {
+        self.proc.is_running()
     }
 
     /// Sends `sig` (`TERM`, `INT`, `HUP`) with kill(1).
@@ -340,10 +401,15 @@ impl Serving {
         assert!(status.success(), "kill -{sig} {pid} failed");
     }
 
-    /// SIGTERM, then waits for a clean exit and returns everything it printed.
-    pub async fn stop(mut self) -> Finished {
+    /// Waits for the process to exit, then returns everything it printed.
+    pub async fn finish(mut self) -> Finished {
+        self.proc.finish().await
+    }
+
+    /// SIGTERM, then [`Serving::finish`]; asserts a clean exit.
+    pub async fn stop(self) -> Finished {
         self.signal("TERM");
-        let f = self.proc.finish().await;
+        let f = self.finish().await;
         assert_eq!(
             f.status.code(),
             Some(0),
@@ -377,14 +443,14 @@ impl Answer {
     }
 }
 
-/// Sends one request on a fresh HTTP/1.1 connection and reads the whole answer.
-pub async fn call(
+/// Sends one request on a fresh HTTP/1.1 connection and returns the response head.
+pub async fn open(
     addr: SocketAddr,
     method: Method,
     path: &str,
     headers: &[(&str, &str)],
     body: String,
-) -> Answer {
+) -> Response<Incoming> {
     let fut = async {
         let stream = TcpStream::connect(addr).await.expect("connect to ccgate");
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
@@ -404,7 +470,23 @@ pub async fn call(
         let req = req
             .body(Full::new(Bytes::from(body)))
             .expect("valid request");
-        let resp = sender.send_request(req).await.expect("response head");
+        sender.send_request(req).await.expect("response head")
+    };
+    tokio::time::timeout(DEADLINE, fut)
+        .await
+        .expect("no response head in time")
+}
+
+/// Sends one request on a fresh HTTP/1.1 connection and reads the whole answer.
+pub async fn call(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: String,
+) -> Answer {
+    let fut = async {
+        let resp = open(addr, method, path, headers, body).await;
         let status = resp.status();
         let headers = resp.headers().clone();
         let body = resp.into_body().collect().await.expect("body").to_bytes();
@@ -419,17 +501,34 @@ pub async fn call(
         .expect("no complete answer in time")
 }
 
-/// `POST /v1/messages` (non-streaming) with a small body.
-pub async fn post_message(addr: SocketAddr, headers: &[(&str, &str)]) -> Answer {
-    let mut h = vec![("anthropic-version", "2023-06-01")];
-    h.extend_from_slice(headers);
-    let body = serde_json::json!({
+/// A small Messages API request body; `stream` sets its `stream` field (`None` leaves it out).
+pub fn message_body(stream: Option<bool>) -> String {
+    let mut body = serde_json::json!({
         "model": "claude-sonnet-4-5",
         "max_tokens": 16,
         "messages": [{"role": "user", "content": "hi"}],
-    })
-    .to_string();
-    call(addr, Method::POST, "/v1/messages", &h, body).await
+    });
+    if let Some(stream) = stream {
+        body["stream"] = stream.into();
+    }
+    body.to_string()
+}
+
+/// `POST path` with a [`message_body`] and `anthropic-version` ahead of `headers`.
+pub async fn post_message_to(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    stream: Option<bool>,
+) -> Answer {
+    let mut h = vec![("anthropic-version", "2023-06-01")];
+    h.extend_from_slice(headers);
+    call(addr, Method::POST, path, &h, message_body(stream)).await
+}
+
+/// `POST /v1/messages` (non-streaming) with a small body.
+pub async fn post_message(addr: SocketAddr, headers: &[(&str, &str)]) -> Answer {
+    post_message_to(addr, "/v1/messages", headers, None).await
 }
 
 /// `GET path`.
