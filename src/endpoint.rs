@@ -405,6 +405,8 @@ impl Attempt {
         live.ended[kind as usize].fetch_add(1, Ordering::AcqRel);
         let rec = &self.recorder;
         let now = rec.clock.now_ms();
+        // A deadline this attempt raised, for the queue entry once the transition is done.
+        let mut raised_cooldown = None;
         let event = match outcome {
             Outcome::Success => {
                 live.consecutive.store(0, Ordering::Release);
@@ -432,10 +434,8 @@ impl Attempt {
                             .saturating_add(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX))
                             .max(now + 1);
                         let before = live.cooldown_until_ms.fetch_max(until, Ordering::AcqRel);
-                        if until > before && live.phase() == Phase::CoolingDown {
-                            // Already cooling down: the transition below changes nothing, but
-                            // the queue entry must show the later deadline.
-                            rec.queue.extend_cooldown(&self.ep, until);
+                        if until > before {
+                            raised_cooldown = Some(until);
                         }
                         Event::RateLimited
                     }
@@ -449,6 +449,15 @@ impl Attempt {
         }
         if let Some(event) = event {
             rec.queue.transition(&self.ep, event, now);
+        }
+        if let Some(until) = raised_cooldown {
+            // Already cooling down, the transition changed nothing, but the queue entry must
+            // show the later deadline. This runs under the queue lock after our transition, not
+            // on a lock-free phase check: a racing 429 that opens the episode either reads our
+            // deadline when it creates the entry or has created it before we get the lock
+            // (a phase load here could miss the other's phase store while its entry missed our
+            // deadline — loom finds that interleaving). No-op unless the entry is a cooldown.
+            rec.queue.extend_cooldown(&self.ep, until);
         }
     }
 }
