@@ -325,6 +325,11 @@ def main():
     w("")
     w("\n".join(problems) if problems else "None: every request and stream of every run succeeded.")
     w("")
+    # The hand-written analysis (profile evidence, micro-benchmarks) is kept beside the script.
+    analysis = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ANALYSIS.md")
+    if os.path.exists(analysis):
+        with open(analysis) as f:
+            L.append(f.read())
     with open(out_md, "w") as f:
         f.write("\n".join(L))
     print("\n".join(L))

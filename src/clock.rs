@@ -23,7 +23,13 @@ impl Clock {
 
     /// Milliseconds since start, plus one.
     pub fn now_ms(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1
+        self.ms_at(tokio::time::Instant::now())
+    }
+
+    /// The clock reading at `t` (for callers that already read the time).
+    pub fn ms_at(&self, t: tokio::time::Instant) -> u64 {
+        let since = t.saturating_duration_since(self.epoch);
+        u64::try_from(since.as_millis()).unwrap_or(u64::MAX - 1) + 1
     }
 
     /// The tokio instant for a clock reading.

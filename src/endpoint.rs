@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use arc_swap::ArcSwapOption;
 use http::{HeaderName, HeaderValue};
 
 use crate::classify::{Kind, Outcome};
@@ -241,7 +240,9 @@ pub struct Live {
     pub total: Latency,
     /// Decaying time-to-first-byte estimate, failures counted as slow (for `least_latency`).
     pub estimate: PeakEwma,
-    pub(crate) last_error: ArcSwapOption<LastError>,
+    /// The last failure. A plain short lock: an `ArcSwap` store costs more as more threads have
+    /// used it, and failures come in bursts from many threads at once.
+    pub(crate) last_error: parking_lot::Mutex<Option<Arc<LastError>>>,
 }
 
 /// A consistent view of one endpoint's counters.
@@ -333,7 +334,7 @@ impl Live {
 
     /// Last failure, if any.
     pub fn last_error(&self) -> Option<Arc<LastError>> {
-        self.last_error.load_full()
+        self.last_error.lock().clone()
     }
 
     /// Cooldown deadline in registry-clock ms (0 = none).
@@ -382,12 +383,13 @@ impl Attempt {
 
     /// Notes that response headers arrived.
     pub fn first_byte(&self) {
-        let elapsed = self.started.elapsed();
+        let end = tokio::time::Instant::now();
+        let elapsed = end.saturating_duration_since(self.started);
         self.ep.live.ttfb.observe(elapsed);
         self.ep
             .live
             .estimate
-            .observe(elapsed, self.recorder.clock.now_ms());
+            .observe(elapsed, self.recorder.clock.ms_at(end));
     }
 
     /// Records the verdict, with a message for `last_error` when it is a failure.
@@ -399,12 +401,15 @@ impl Attempt {
     fn record(&mut self, outcome: Outcome, detail: Option<String>) {
         let live = &self.ep.live;
         let kind = outcome.kind();
+        let rec = &self.recorder;
+        // One clock read serves the latency sample, the estimate and the clock reading.
+        let end = tokio::time::Instant::now();
+        let elapsed = end.saturating_duration_since(self.started);
+        let now = rec.clock.ms_at(end);
         if !matches!(outcome, Outcome::Cancelled) {
-            live.total.observe(self.started.elapsed());
+            live.total.observe(elapsed);
         }
         live.ended[kind as usize].fetch_add(1, Ordering::AcqRel);
-        let rec = &self.recorder;
-        let now = rec.clock.now_ms();
         // A deadline this attempt raised, for the queue entry once the transition is done.
         let mut raised_cooldown = None;
         let event = match outcome {
@@ -414,19 +419,21 @@ impl Attempt {
             }
             Outcome::CallerError | Outcome::Cancelled => None,
             fault => {
-                live.estimate
-                    .observe(self.started.elapsed().max(FAILURE_PENALTY), now);
+                live.estimate.observe(elapsed.max(FAILURE_PENALTY), now);
                 let consecutive = live
                     .consecutive
                     .fetch_add(1, Ordering::AcqRel)
                     .saturating_add(1);
                 let message =
                     detail.map_or_else(|| kind.name().replace('_', " "), |d| self.ep.scrub(&d));
-                live.last_error.store(Some(Arc::new(LastError {
+                let error = Arc::new(LastError {
                     kind,
                     message,
                     at_ms: now,
-                })));
+                });
+                // The previous one is dropped after the lock is released.
+                let previous = live.last_error.lock().replace(error);
+                drop(previous);
                 Some(match fault {
                     Outcome::RateLimited(wait) => {
                         let wait = wait.unwrap_or(rec.default_cooldown);
