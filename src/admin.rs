@@ -6,16 +6,16 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use serde::Serialize;
 
 use crate::classify::Kind;
-use crate::clock::rfc3339;
+use crate::clock::{ms, rfc3339};
 use crate::endpoint::Endpoint;
 use crate::health::Phase;
 use crate::proxy::Gateway;
 use crate::response::{self, GateBody};
+use crate::store::StorageStatus;
 
 /// Latency figures in milliseconds.
 #[derive(Serialize)]
@@ -111,7 +111,10 @@ fn latency(l: &crate::endpoint::Latency) -> LatencyView {
     }
 }
 
-/// The state name shown for an endpoint.
+/// Every name [`state_name`] gives (the states `ccgate_endpoint_state` exports).
+pub const STATES: [&str; 5] = ["healthy", "degraded", "ejected", "cooling_down", "disabled"];
+
+/// The state name shown for an endpoint: one of [`STATES`].
 pub fn state_name(ep: &Endpoint) -> &'static str {
     if ep.live.admin_disabled() {
         return "disabled";
@@ -236,7 +239,7 @@ pub fn stats_json(gw: &Gateway) -> serde_json::Value {
         "sessions": gw.affinity.as_ref().map_or(0, |a| a.len()),
         "uptime_seconds": gw.registry.clock.uptime().as_secs(),
         "endpoints": gw.registry.endpoints.len(),
-        "failure_queue_size": gw.registry.queue.entries().len(),
+        "failure_queue_size": gw.registry.queue.len(),
         "lifetime": {
             "total_requests": lifetime.started,
             "successful_requests": lifetime.success,
@@ -245,8 +248,95 @@ pub fn stats_json(gw: &Gateway) -> serde_json::Value {
             "caller_errors": lifetime.caller_errors,
             "cancelled": lifetime.cancelled,
         },
-        "storage": gw.persist.status_json(),
+        "storage": storage_json(&gw.persist.status()),
     })
+}
+
+/// The `storage` object of `/_ccgate/stats`.
+fn storage_json(s: &StorageStatus) -> serde_json::Value {
+    serde_json::json!({
+        "enabled": s.enabled,
+        "configured": s.configured,
+        "path": s.path.as_ref().map(|p| p.display().to_string()),
+        "flush_interval_ms": ms(s.flush_interval),
+        "last_flush": s.last_flush.map(rfc3339),
+        "error": s.error,
+    })
+}
+
+/// `GET /_ccgate/episodes`: the latest episodes, newest first; an open episode shows the probes
+/// run so far.
+pub fn episodes_json(gw: &Gateway) -> serde_json::Value {
+    let list: Vec<serde_json::Value> = gw
+        .persist
+        .recent_episodes()
+        .iter()
+        .map(|r| {
+            let probes = match r.ended_at_ms {
+                Some(_) => r.probes,
+                None => gw
+                    .registry
+                    .by_name(&r.endpoint)
+                    .and_then(|ep| gw.registry.queue.probe_attempts(ep.idx))
+                    .map_or(r.probes, |p| p.max(r.probes)),
+            };
+            serde_json::json!({
+                "id": r.id,
+                "endpoint": r.endpoint,
+                "reason": r.reason,
+                "started_at": rfc3339(r.started_at()),
+                "ended_at": r.ended_at().map(rfc3339),
+                "duration_seconds": r.ended_at_ms
+                    .map(|e| (e - r.started_at_ms).max(0) as f64 / 1000.0),
+                "probes": probes,
+                "open": r.ended_at_ms.is_none(),
+                "ended_by": r.ended_by,
+            })
+        })
+        .collect();
+    serde_json::json!({ "storage": gw.persist.is_active(), "episodes": list })
+}
+
+/// The answer refusing an admin change (a `POST`), if it must be refused: the access token, the
+/// method and the same-site rule are checked in that order.
+pub(crate) fn refuse_write(
+    gw: &Gateway,
+    method: &Method,
+    headers: &HeaderMap,
+) -> Option<Response<GateBody>> {
+    if !gw.authorized(headers) {
+        Some(unauthorized())
+    } else if method != Method::POST {
+        Some(method_not_allowed())
+    } else if cross_site(headers) {
+        Some(cross_site_refused())
+    } else {
+        None
+    }
+}
+
+fn unauthorized() -> Response<GateBody> {
+    response::error(
+        StatusCode::UNAUTHORIZED,
+        "authentication_error",
+        "ccgate: missing or wrong access token",
+    )
+}
+
+fn method_not_allowed() -> Response<GateBody> {
+    response::error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "invalid_request_error",
+        "ccgate: method not allowed",
+    )
+}
+
+fn cross_site_refused() -> Response<GateBody> {
+    response::error(
+        StatusCode::FORBIDDEN,
+        "permission_error",
+        "ccgate: admin changes are not accepted from another site",
+    )
 }
 
 /// Handles a request under `/_ccgate/`.
@@ -260,11 +350,7 @@ pub async fn handle<B>(gw: Arc<Gateway>, req: Request<B>) -> Response<GateBody> 
         return dashboard(&gw, &method, req.uri(), req.headers());
     }
     if !gw.authorized(req.headers()) {
-        return response::error(
-            StatusCode::UNAUTHORIZED,
-            "authentication_error",
-            "ccgate: missing or wrong access token",
-        );
+        return unauthorized();
     }
     let segments: Vec<&str> = path
         .trim_start_matches("/_ccgate")
@@ -277,9 +363,7 @@ pub async fn handle<B>(gw: Arc<Gateway>, req: Request<B>) -> Response<GateBody> 
             response::json(StatusCode::OK, &failure_queue_json(&gw))
         }
         (&Method::GET, ["stats"]) => response::json(StatusCode::OK, &stats_json(&gw)),
-        (&Method::GET, ["episodes"]) => {
-            response::json(StatusCode::OK, &gw.persist.episodes_json(&gw))
-        }
+        (&Method::GET, ["episodes"]) => response::json(StatusCode::OK, &episodes_json(&gw)),
         (&Method::GET, ["events"]) => response::json(
             StatusCode::OK,
             &serde_json::json!({ "failovers": gw.events.recent() }),
@@ -294,11 +378,7 @@ pub async fn handle<B>(gw: Arc<Gateway>, req: Request<B>) -> Response<GateBody> 
             ),
             None => unknown_endpoint(name),
         },
-        (&Method::POST, _) if cross_site(req.headers()) => response::error(
-            StatusCode::FORBIDDEN,
-            "permission_error",
-            "ccgate: admin changes are not accepted from another site",
-        ),
+        (&Method::POST, _) if cross_site(req.headers()) => cross_site_refused(),
         (&Method::POST, ["endpoints", name, action]) => {
             let Some(ep) = gw.registry.by_name(name).cloned() else {
                 return unknown_endpoint(name);
@@ -336,11 +416,7 @@ pub async fn handle<B>(gw: Arc<Gateway>, req: Request<B>) -> Response<GateBody> 
             }
         }
         (_, ["endpoints"] | ["failure-queue"] | ["stats"] | ["metrics"] | ["episodes"]) => {
-            response::error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "invalid_request_error",
-                "ccgate: method not allowed",
-            )
+            method_not_allowed()
         }
         _ => not_found(),
     }
@@ -359,11 +435,7 @@ fn dashboard(
     headers: &HeaderMap,
 ) -> Response<GateBody> {
     if method != Method::GET && method != Method::HEAD {
-        return response::error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "invalid_request_error",
-            "ccgate: method not allowed",
-        );
+        return method_not_allowed();
     }
     let query_ok = || {
         query_param(uri.query().unwrap_or(""), "token")
@@ -469,6 +541,3 @@ fn not_found() -> Response<GateBody> {
         .insert("cache-control", http::HeaderValue::from_static("no-store"));
     r
 }
-
-/// Unused-body marker so `handle` is generic over any request body.
-pub type AnyBody = Bytes;

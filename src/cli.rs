@@ -1,5 +1,6 @@
 //! Command-line interface: parse, load, run, and map the result to an exit code.
 
+use std::fmt;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -7,7 +8,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use clap::{Args, CommandFactory, Parser, Subcommand};
 
-use crate::config::{Config, ConfigError, Env, ProcessEnv, default_config_path, toml_string};
+use crate::config::{
+    Config, ConfigError, DEFAULT_BASE_URL, DEFAULT_LISTEN, DEFAULT_PRIORITY, DEFAULT_WEIGHT, Env,
+    ProcessEnv, resolve_config_path, toml_string,
+};
+use crate::edit::NewCredential;
 use crate::logging::LogFormat;
 use crate::ops::{self, Exit};
 
@@ -32,10 +37,20 @@ pub enum Command {
         #[arg(long, value_name = "ADDR")]
         listen: Option<SocketAddr>,
         /// Log lines as human-readable text or as JSON objects, one per line (on stderr).
-        #[arg(long, value_enum, env = "CCGATE_LOG_FORMAT", default_value_t = LogFormat::Text)]
+        #[arg(
+            long,
+            value_enum,
+            ignore_case = true,
+            env = "CCGATE_LOG_FORMAT",
+            default_value_t = LogFormat::Text
+        )]
         log_format: LogFormat,
     },
     /// Write a starter config file.
+    ///
+    /// Without --api-key, --auth-token or either variable, the endpoint reads its key from
+    /// $ANTHROPIC_API_KEY when the gateway loads the file. The file is owner-only; an existing one
+    /// is kept unless --force is given.
     Init {
         /// Where to write it (default: $CCGATE_CONFIG, then ~/.config/ccgate/config.toml).
         #[arg(long, short)]
@@ -46,14 +61,24 @@ pub enum Command {
         /// Endpoint name.
         #[arg(long, default_value = "official")]
         name: String,
-        /// Endpoint base URL (default: $ANTHROPIC_BASE_URL, then https://api.anthropic.com).
-        #[arg(long)]
+        /// Endpoint base URL.
+        #[arg(
+            long,
+            help = format!("Endpoint base URL (default: $ANTHROPIC_BASE_URL, then {DEFAULT_BASE_URL})")
+        )]
         base_url: Option<String>,
-        /// API key, sent as x-api-key (default: $ANTHROPIC_API_KEY).
-        #[arg(long, conflicts_with = "auth_token")]
+        /// API key, sent as x-api-key.
+        #[arg(
+            long,
+            conflicts_with = "auth_token",
+            help = "API key, sent as x-api-key (default: $ANTHROPIC_API_KEY, unless --auth-token is given)"
+        )]
         api_key: Option<String>,
-        /// Bearer token (default: $ANTHROPIC_AUTH_TOKEN).
-        #[arg(long)]
+        /// Bearer token, sent as Authorization: Bearer.
+        #[arg(
+            long,
+            help = "Bearer token, sent as Authorization: Bearer (default: $ANTHROPIC_AUTH_TOKEN when $ANTHROPIC_API_KEY is not set, unless --api-key is given)"
+        )]
         auth_token: Option<String>,
     },
     /// Check a config file and print what it configures (secrets hidden).
@@ -156,11 +181,19 @@ pub enum EndpointsCommand {
         /// Its one credential.
         #[command(flatten)]
         credential: CredentialArgs,
-        /// Lower is preferred (default 1).
-        #[arg(long, value_name = "N")]
+        /// Lower is preferred.
+        #[arg(
+            long,
+            value_name = "N",
+            help = format!("Lower is preferred (default {DEFAULT_PRIORITY})")
+        )]
         priority: Option<u32>,
-        /// Share within its priority tier (default 100).
-        #[arg(long, value_name = "N")]
+        /// Share within its priority tier.
+        #[arg(
+            long,
+            value_name = "N",
+            help = format!("Share within its priority tier (default {DEFAULT_WEIGHT})")
+        )]
         weight: Option<u32>,
         /// The file, and the gateway to tell.
         #[command(flatten)]
@@ -214,8 +247,8 @@ pub enum ClaudeCommand {
     Disable,
 }
 
-/// Runs the CLI; the error, if any, has already been described to the user when it is a
-/// [`ConfigError`].
+/// Runs the CLI. An error that is an [`Exit`] has been described to the user already and only
+/// sets the exit code; any other error is for the caller to [`report`] (exit code 2).
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve { config, listen, .. } => serve(config, listen),
@@ -299,15 +332,16 @@ fn endpoints(cmd: EndpointsCommand) -> anyhow::Result<()> {
             weight,
             target,
         } => {
-            use crate::edit::NewCredential;
             let c = credential;
-            let credential = match (c.api_key, c.auth_token, c.api_key_env, c.auth_token_env) {
-                (Some(k), ..) => NewCredential::ApiKey(secret_arg(k, "--api-key")?),
-                (_, Some(t), ..) => NewCredential::AuthToken(secret_arg(t, "--auth-token")?),
-                (_, _, Some(v), _) => NewCredential::ApiKeyEnv(v),
-                (.., Some(v)) => NewCredential::AuthTokenEnv(v),
-                _ => bail!("give one of --api-key, --auth-token, --api-key-env, --auth-token-env"),
-            };
+            let credential = NewCredential::first_of(
+                c.api_key.map(|k| secret_arg(k, "--api-key")).transpose()?,
+                c.auth_token
+                    .map(|t| secret_arg(t, "--auth-token"))
+                    .transpose()?,
+                c.api_key_env,
+                c.auth_token_env,
+            )
+            .context("give one of --api-key, --auth-token, --api-key-env, --auth-token-env")?;
             let ep = crate::edit::NewEndpoint {
                 name,
                 base_url,
@@ -397,29 +431,50 @@ fn claude(cmd: ClaudeCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where a loaded configuration came from. `Display` describes it for messages.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// A config file; SIGHUP and `POST /_ccgate/reload` re-read it.
+    File(PathBuf),
+    /// No file: one endpoint from the `ANTHROPIC_*` environment.
+    AnthropicEnv,
+}
+
+impl Source {
+    /// The config file, if the configuration came from one.
+    pub fn file(&self) -> Option<&Path> {
+        match self {
+            Self::File(path) => Some(path),
+            Self::AnthropicEnv => None,
+        }
+    }
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::File(path) => write!(f, "{}", path.display()),
+            Self::AnthropicEnv => f.write_str("the ANTHROPIC_* environment (no config file)"),
+        }
+    }
+}
+
 /// Finds and loads the configuration: `--config`, `$CCGATE_CONFIG`, the platform config dir, and
-/// finally the `ANTHROPIC_*` environment. Returns the config and a description of its source.
-pub fn load(explicit: Option<&Path>, env: &dyn Env) -> anyhow::Result<(Config, String)> {
-    let (path, chosen) = match explicit {
-        Some(p) => (Some(p.to_path_buf()), true),
-        None => (default_config_path(env), env.var("CCGATE_CONFIG").is_some()),
-    };
-    if let Some(path) = &path {
-        if path.exists() || chosen {
+/// finally the `ANTHROPIC_*` environment. Returns the config and where it came from.
+pub fn load(explicit: Option<&Path>, env: &dyn Env) -> anyhow::Result<(Config, Source)> {
+    let resolved = resolve_config_path(explicit, env);
+    if let Some((path, chosen)) = &resolved {
+        if path.exists() || *chosen {
             warn_if_readable_by_others(path);
             let config = Config::load(path, env)?;
-            return Ok((config, path.display().to_string()));
+            return Ok((config, Source::File(path.clone())));
         }
     }
     if let Some(result) = Config::from_anthropic_env(env) {
-        let config = result?;
-        return Ok((
-            config,
-            "the ANTHROPIC_* environment (no config file)".into(),
-        ));
+        return Ok((result?, Source::AnthropicEnv));
     }
-    let where_ = path
-        .map(|p| p.display().to_string())
+    let where_ = resolved
+        .map(|(p, _)| p.display().to_string())
         .unwrap_or_else(|| "~/.config/ccgate/config.toml".into());
     bail!(
         "no configuration: {where_} does not exist and neither ANTHROPIC_API_KEY nor ANTHROPIC_AUTH_TOKEN is set.\n\
@@ -454,7 +509,7 @@ fn serve(config: Option<PathBuf>, listen: Option<SocketAddr>) -> anyhow::Result<
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
         // SIGHUP and `POST /_ccgate/reload` re-read the file the config came from, if any.
-        let file = Path::new(&source).is_file().then(|| PathBuf::from(&source));
+        let file = source.file().map(Path::to_path_buf);
         let server = crate::server::Server::bind_with_source(config, file).await?;
         let addr = server.local_addr();
         // Handlers first: the line below tells scripts they may signal us.
@@ -499,8 +554,7 @@ fn init(
     auth_token: Option<String>,
 ) -> anyhow::Result<()> {
     let env = ProcessEnv;
-    let path = config
-        .or_else(|| default_config_path(&env))
+    let (path, _) = resolve_config_path(config.as_deref(), &env)
         .context("no config directory on this platform; pass --config")?;
     if path.exists() && !force {
         bail!(
@@ -510,71 +564,48 @@ fn init(
     }
     let base_url = base_url
         .or_else(|| env.var("ANTHROPIC_BASE_URL"))
-        .unwrap_or_else(|| "https://api.anthropic.com".into());
+        .unwrap_or_else(|| DEFAULT_BASE_URL.into());
     // A credential given as a flag wins over the environment, whichever kind each one is.
-    let (api_key, auth_token) = if api_key.is_some() || auth_token.is_some() {
-        (api_key, auth_token)
-    } else {
-        (
+    let credential = NewCredential::first_of(api_key, auth_token, None, None).or_else(|| {
+        NewCredential::first_of(
             env.var("ANTHROPIC_API_KEY"),
             env.var("ANTHROPIC_AUTH_TOKEN"),
+            None,
+            None,
         )
-    };
-    let credential = match (api_key, auth_token) {
-        (Some(k), _) => format!("api_key = {}", toml_string(&k)),
-        (None, Some(t)) => format!("auth_token = {}", toml_string(&t)),
-        (None, None) => {
-            "api_key_env = \"ANTHROPIC_API_KEY\"   # or api_key = \"sk-ant-...\"".to_string()
-        }
+    });
+    let credential = match credential {
+        Some(c) => c.toml_line(),
+        None => format!(
+            "{}   # or api_key = \"sk-ant-...\"",
+            NewCredential::ApiKeyEnv("ANTHROPIC_API_KEY".into()).toml_line()
+        ),
     };
     let text = format!(
         "# ccgate configuration. Durations are strings like \"30s\" or \"5m\".\n\n\
-         [server]\nlisten = \"127.0.0.1:7860\"\nstrategy = \"priority\"     # priority | round_robin | weighted\n\
+         [server]\nlisten = \"{DEFAULT_LISTEN}\"\nstrategy = \"priority\"     # priority | round_robin | weighted | least_latency\n\
          # access_token = \"...\"       # required from clients when set; needed to listen beyond loopback\n\n\
          [health]\nfailure_threshold = 3\nprobe_interval = \"10s\"\nprobe_max_interval = \"5m\"\nprobe_mode = \"models\"      # message | count_tokens | models\n\n\
          [timeouts]\nconnect = \"10s\"\nfirst_byte = \"5m\"\nidle = \"5m\"\n\n\
-         [[endpoints]]\nname = {}\nbase_url = {}\n{credential}\npriority = 1\nweight = 100\n\n\
+         [[endpoints]]\nname = {}\nbase_url = {}\n{credential}\npriority = {DEFAULT_PRIORITY}\nweight = {DEFAULT_WEIGHT}\n\n\
          # [[endpoints]]\n# name = \"backup\"\n# base_url = \"https://relay.example/api\"\n# auth_token = \"...\"\n# priority = 2\n",
         toml_string(name),
         toml_string(&base_url),
     );
-    // Check what we are about to write, so `init` never leaves a file `serve` rejects.
-    if let Err(e) = Config::from_toml(&text, &path.display().to_string(), &env) {
-        let only_env_missing = e.problems.iter().all(|p| p.message.contains("is not set"));
-        if !only_env_missing {
-            return Err(e.into());
-        }
-    }
+    // Check what we are about to write, so `init` never leaves a file `serve` rejects. A variable
+    // the file names need not be set here: the gateway reads it where it runs.
+    ops::Lenient::from_toml(&text, &path.display().to_string(), &env)?;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    write_private(&path, text.as_bytes())?;
+    // Atomically, so a crash during `--force` leaves the old file; owner-only, as it holds secrets.
+    crate::edit::write_atomic_private(&path, text.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))?;
     println!("wrote {}", path.display());
     println!(
         "start the gateway with: ccgate serve --config {}",
         path.display()
     );
-    Ok(())
-}
-
-/// Writes a file readable by its owner only.
-fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let mut f = opts
-        .open(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    f.write_all(bytes)?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    }
     Ok(())
 }
 
@@ -584,5 +615,73 @@ pub fn report(e: &anyhow::Error) {
         eprint!("error: {c}");
     } else {
         eprintln!("error: {e:#}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env_with(vars: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+        move |name: &str| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| (*v).to_string())
+        }
+    }
+
+    #[test]
+    fn config_path_resolution() {
+        let env = env_with(&[("CCGATE_CONFIG", "/from/env.toml")]);
+        let flag = Path::new("/from/flag.toml");
+        assert_eq!(
+            resolve_config_path(Some(flag), &env),
+            Some((flag.to_path_buf(), true))
+        );
+        assert_eq!(
+            resolve_config_path(None, &env),
+            Some((PathBuf::from("/from/env.toml"), true))
+        );
+        // An empty variable counts as unset: the platform default, not chosen by the user.
+        for env in [env_with(&[]), env_with(&[("CCGATE_CONFIG", "")])] {
+            if let Some((path, chosen)) = resolve_config_path(None, &env) {
+                assert!(path.ends_with("ccgate/config.toml"), "{}", path.display());
+                assert!(!chosen);
+            }
+        }
+    }
+
+    #[test]
+    fn a_chosen_config_that_does_not_exist_is_an_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = dir.path().join("missing.toml");
+        let fallback = |name: &str| (name == "ANTHROPIC_API_KEY").then(|| "sk-x".to_string());
+        assert!(load(Some(&missing), &fallback).is_err());
+        let missing_s = missing.to_string_lossy().into_owned();
+        let via_env = |name: &str| match name {
+            "CCGATE_CONFIG" => Some(missing_s.clone()),
+            other => fallback(other),
+        };
+        assert!(load(None, &via_env).is_err());
+    }
+
+    #[test]
+    fn sources_describe_themselves() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "[[endpoints]]\nname = \"a\"\nbase_url = \"http://a\"\napi_key = \"k\"\n",
+        )
+        .expect("write");
+        let (_, source) = load(Some(&path), &env_with(&[])).expect("loads");
+        assert_eq!(source, Source::File(path.clone()));
+        assert_eq!(source.file(), Some(path.as_path()));
+        assert_eq!(source.to_string(), path.display().to_string());
+        assert_eq!(Source::AnthropicEnv.file(), None);
+        assert_eq!(
+            Source::AnthropicEnv.to_string(),
+            "the ANTHROPIC_* environment (no config file)"
+        );
     }
 }

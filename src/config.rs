@@ -17,8 +17,14 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-/// Default listen address: loopback only.
+/// Default listen address: loopback only. [`default_listen`] is the same address as a `SocketAddr`.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7860";
+/// Default base URL of an endpoint: the official API.
+pub const DEFAULT_BASE_URL: &str = "https://api.anthropic.com";
+/// Default `priority` of an endpoint (lower is preferred).
+pub const DEFAULT_PRIORITY: u32 = 1;
+/// Default `weight` of an endpoint (its share within a priority tier).
+pub const DEFAULT_WEIGHT: u32 = 100;
 /// Default cap on a client request body. Claude Code sends 70–120 KB on a first turn and more as a
 /// conversation grows; the API itself accepts 32 MB.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
@@ -86,6 +92,15 @@ pub enum ProbeMode {
 }
 
 impl ProbeMode {
+    /// The name the config uses for this mode (the inverse of parsing it).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Message => "message",
+            Self::CountTokens => "count_tokens",
+            Self::Models => "models",
+        }
+    }
+
     fn parse(s: &str) -> Result<Self, String> {
         match s {
             "message" => Ok(Self::Message),
@@ -210,6 +225,12 @@ impl BaseUrl {
             path_prefix,
         })
     }
+
+    /// The URL of `path_and_query` (which starts with `/`) on this base: scheme, authority, path
+    /// prefix, then `path_and_query`.
+    pub fn join(&self, path_and_query: &str) -> String {
+        format!("{self}{path_and_query}")
+    }
 }
 
 impl fmt::Display for BaseUrl {
@@ -308,10 +329,7 @@ impl StorageConfig {
             #[serde(default)]
             storage: RawStorage,
         }
-        let mut p = Problems {
-            text,
-            list: Vec::new(),
-        };
+        let mut p = Problems::new(text);
         let storage = match toml::from_str::<OnlyStorage>(text) {
             Ok(raw) => validate_storage(&raw.storage, &mut p),
             Err(e) => {
@@ -320,14 +338,7 @@ impl StorageConfig {
                 StorageConfig::default()
             }
         };
-        if p.list.is_empty() {
-            Ok(storage)
-        } else {
-            Err(ConfigError {
-                source_name: source_name.into(),
-                problems: p.list,
-            })
-        }
+        p.finish(source_name, storage)
     }
 }
 
@@ -490,7 +501,32 @@ struct Problems<'a> {
     list: Vec<Problem>,
 }
 
-impl Problems<'_> {
+impl<'a> Problems<'a> {
+    fn new(text: &'a str) -> Self {
+        Self {
+            text,
+            list: Vec::new(),
+        }
+    }
+
+    /// `value` when nothing was wrong, else every problem found, reported against `source_name`
+    /// in the order they were found.
+    fn finish<T>(self, source_name: &str, value: T) -> Result<T, ConfigError> {
+        if self.list.is_empty() {
+            Ok(value)
+        } else {
+            Err(self.into_error(source_name))
+        }
+    }
+
+    /// The problems found, reported against `source_name`.
+    fn into_error(self, source_name: &str) -> ConfigError {
+        ConfigError {
+            source_name: source_name.into(),
+            problems: self.list,
+        }
+    }
+
     fn line_of(&self, offset: usize) -> usize {
         let end = offset.min(self.text.len());
         self.text.as_bytes()[..end]
@@ -595,10 +631,7 @@ impl Config {
 
     /// Parses and validates configuration text; `source_name` names it in messages.
     pub fn from_toml(text: &str, source_name: &str, env: &dyn Env) -> Result<Self, ConfigError> {
-        let mut p = Problems {
-            text,
-            list: Vec::new(),
-        };
+        let mut p = Problems::new(text);
         // Unknown keys are collected rather than fatal, so that they are reported together with
         // every other problem.
         let mut unknown: Vec<Vec<String>> = Vec::new();
@@ -616,10 +649,7 @@ impl Config {
                     .and_then(key_of_line)
                     .unwrap_or_else(|| "(syntax)".into());
                 p.at_line(line, key, e.message().trim().to_string());
-                return Err(ConfigError {
-                    source_name: source_name.into(),
-                    problems: p.list,
-                });
+                return Err(p.into_error(source_name));
             }
         };
         if !unknown.is_empty() {
@@ -631,14 +661,7 @@ impl Config {
         }
         let config = validate(raw, &mut p, env);
         p.list.sort_by_key(|pr| pr.line.unwrap_or(usize::MAX));
-        if p.list.is_empty() {
-            Ok(config)
-        } else {
-            Err(ConfigError {
-                source_name: source_name.into(),
-                problems: p.list,
-            })
-        }
+        p.finish(source_name, config)
     }
 
     /// The configuration used when there is no file: one endpoint from `ANTHROPIC_BASE_URL` and
@@ -651,7 +674,7 @@ impl Config {
         }
         let base = env
             .var("ANTHROPIC_BASE_URL")
-            .unwrap_or_else(|| "https://api.anthropic.com".into());
+            .unwrap_or_else(|| DEFAULT_BASE_URL.into());
         let cred = if key.is_some() {
             "api_key_env = \"ANTHROPIC_API_KEY\""
         } else {
@@ -922,9 +945,7 @@ pub fn is_self(url: &BaseUrl, listen: SocketAddr) -> bool {
 }
 
 fn validate_server(s: &RawServer, p: &mut Problems<'_>, env: &dyn Env) -> ServerConfig {
-    let default_listen: SocketAddr = DEFAULT_LISTEN
-        .parse()
-        .expect("default listen address parses");
+    let default_listen = default_listen();
     let listen = match &s.listen {
         None => default_listen,
         Some(v) => match parse_listen(v.get_ref()) {
@@ -1178,8 +1199,20 @@ fn validate_endpoint(
             None
         }
     };
-    let priority = p.int_in(&ep.priority, &key("priority"), 0, 1_000_000, 1) as u32;
-    let weight = p.int_in(&ep.weight, &key("weight"), 1, 1_000_000, 100) as u32;
+    let priority = p.int_in(
+        &ep.priority,
+        &key("priority"),
+        0,
+        1_000_000,
+        i64::from(DEFAULT_PRIORITY),
+    ) as u32;
+    let weight = p.int_in(
+        &ep.weight,
+        &key("weight"),
+        1,
+        1_000_000,
+        i64::from(DEFAULT_WEIGHT),
+    ) as u32;
     let model_map = ep
         .model_map
         .as_ref()
@@ -1226,12 +1259,31 @@ fn validate_endpoint(
     })
 }
 
-/// Where `ccgate` looks for its configuration when `--config` is not given.
-pub fn default_config_path(env: &dyn Env) -> Option<PathBuf> {
-    if let Some(p) = env.var("CCGATE_CONFIG") {
-        return Some(PathBuf::from(p));
+/// The config file a command uses: `explicit` (`--config`), else `$CCGATE_CONFIG` (an empty value
+/// counts as unset), else `<config dir>/ccgate/config.toml` (`$XDG_CONFIG_HOME` on Linux). The flag
+/// says whether the user chose the file (by the option or the variable): a chosen file that does
+/// not exist is an error, while the platform default may be missing. `None` when nothing names a
+/// file and the platform has no config directory.
+pub fn resolve_config_path(explicit: Option<&Path>, env: &dyn Env) -> Option<(PathBuf, bool)> {
+    if let Some(p) = explicit {
+        return Some((p.to_path_buf(), true));
     }
-    dirs::config_dir().map(|d| d.join("ccgate").join("config.toml"))
+    if let Some(p) = env.var("CCGATE_CONFIG").filter(|p| !p.is_empty()) {
+        return Some((PathBuf::from(p), true));
+    }
+    dirs::config_dir().map(|d| (d.join("ccgate").join("config.toml"), false))
+}
+
+/// Where `ccgate` looks for its configuration when `--config` is not given (see
+/// [`resolve_config_path`]).
+pub fn default_config_path(env: &dyn Env) -> Option<PathBuf> {
+    resolve_config_path(None, env).map(|(path, _)| path)
+}
+
+/// The default listen address: [`DEFAULT_LISTEN`] as a `SocketAddr`, built without parsing
+/// (`minimal_config_gets_defaults` checks that the two agree).
+pub fn default_listen() -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 7860)
 }
 
 #[cfg(test)]

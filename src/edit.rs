@@ -17,6 +17,8 @@ use std::path::{Path, PathBuf};
 
 use toml_edit::{ArrayOfTables, DocumentMut, InlineTable, Item, Table, Value};
 
+use crate::config::{DEFAULT_PRIORITY, DEFAULT_WEIGHT, toml_string};
+
 /// The one credential of a new endpoint, as given on the command line.
 #[derive(Clone)]
 pub enum NewCredential {
@@ -31,6 +33,28 @@ pub enum NewCredential {
 }
 
 impl NewCredential {
+    /// The one credential among those given, first in this order: an API key, a bearer token, a
+    /// variable holding an API key, a variable holding a bearer token. `None` when none is given.
+    pub fn first_of(
+        api_key: Option<String>,
+        auth_token: Option<String>,
+        api_key_env: Option<String>,
+        auth_token_env: Option<String>,
+    ) -> Option<Self> {
+        api_key
+            .map(Self::ApiKey)
+            .or(auth_token.map(Self::AuthToken))
+            .or(api_key_env.map(Self::ApiKeyEnv))
+            .or(auth_token_env.map(Self::AuthTokenEnv))
+    }
+
+    /// The credential as one TOML line, `key = "value"` (quoted by [`toml_string`]), for a file
+    /// written from scratch.
+    pub fn toml_line(&self) -> String {
+        let (key, value) = self.key_and_value();
+        format!("{key} = {}", toml_string(value))
+    }
+
     fn key_and_value(&self) -> (&'static str, &str) {
         match self {
             Self::ApiKey(v) => ("api_key", v),
@@ -110,9 +134,9 @@ pub struct Listed {
     pub name: String,
     /// Base URL as written.
     pub base_url: String,
-    /// `priority` (default 1).
+    /// `priority` (default [`DEFAULT_PRIORITY`]).
     pub priority: i64,
-    /// `weight` (default 100).
+    /// `weight` (default [`DEFAULT_WEIGHT`]).
     pub weight: i64,
     /// `enabled` (default true).
     pub enabled: bool,
@@ -302,8 +326,14 @@ fn listed(t: &Table) -> Listed {
     Listed {
         name: s("name"),
         base_url: s("base_url"),
-        priority: t.get("priority").and_then(Item::as_integer).unwrap_or(1),
-        weight: t.get("weight").and_then(Item::as_integer).unwrap_or(100),
+        priority: t
+            .get("priority")
+            .and_then(Item::as_integer)
+            .unwrap_or(i64::from(DEFAULT_PRIORITY)),
+        weight: t
+            .get("weight")
+            .and_then(Item::as_integer)
+            .unwrap_or(i64::from(DEFAULT_WEIGHT)),
         enabled: t.get("enabled").and_then(Item::as_bool).unwrap_or(true),
         credential: if credential.is_empty() {
             "none".into()
@@ -318,6 +348,26 @@ fn listed(t: &Table) -> Listed {
 /// of one. A symlink is followed, so the file it points at is replaced and the link stays. The new
 /// file gets the old file's permissions, or `new_mode` when there was no file.
 pub fn write_atomic(path: &Path, bytes: &[u8], new_mode: u32) -> std::io::Result<()> {
+    replace(path, bytes, Mode::KeepOr(new_mode))
+}
+
+/// Like [`write_atomic`], but the new file is readable and writable by its owner only (mode
+/// `0600`), whatever the old file's permissions were. The mode is set before the rename, so the new
+/// bytes are never readable by others.
+pub fn write_atomic_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    replace(path, bytes, Mode::Exactly(0o600))
+}
+
+/// The permissions of a replaced file.
+#[cfg_attr(not(unix), allow(dead_code))]
+enum Mode {
+    /// The old file's, or this one when there was no file.
+    KeepOr(u32),
+    /// This one.
+    Exactly(u32),
+}
+
+fn replace(path: &Path, bytes: &[u8], mode: Mode) -> std::io::Result<()> {
     let target = resolve_symlink(path);
     let dir = match target.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
@@ -328,12 +378,15 @@ pub fn write_atomic(path: &Path, bytes: &[u8], new_mode: u32) -> std::io::Result
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "file".into());
     #[cfg(unix)]
-    let mode = {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::metadata(&target).map_or(new_mode, |m| m.permissions().mode() & 0o7777)
+    let mode = match mode {
+        Mode::KeepOr(new_mode) => {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::metadata(&target).map_or(new_mode, |m| m.permissions().mode() & 0o7777)
+        }
+        Mode::Exactly(mode) => mode,
     };
     #[cfg(not(unix))]
-    let _ = new_mode;
+    let _ = mode;
     // A unique name per attempt, so two concurrent writers never share a temporary file.
     let tmp = loop {
         let candidate = dir.join(format!(
@@ -484,6 +537,55 @@ mod tests {
         assert_eq!(l[0].credential, "api_key_env (VAR)");
         assert_eq!(l[1].credential, "api_key");
         assert!(!format!("{l:?}").contains("sk-secret"));
+    }
+
+    #[test]
+    fn the_first_credential_given_wins_and_writes_one_line() {
+        let c = |a: Option<&str>, b: Option<&str>, c: Option<&str>, d: Option<&str>| {
+            let s = |v: Option<&str>| v.map(String::from);
+            NewCredential::first_of(s(a), s(b), s(c), s(d)).map(|c| c.toml_line())
+        };
+        assert_eq!(
+            c(Some("k\"1"), Some("t"), None, None).as_deref(),
+            Some("api_key = 'k\"1'")
+        );
+        assert_eq!(
+            c(None, Some("t"), Some("V"), None).as_deref(),
+            Some("auth_token = \"t\"")
+        );
+        assert_eq!(
+            c(None, None, Some("V"), Some("W")).as_deref(),
+            Some("api_key_env = \"V\"")
+        );
+        assert_eq!(
+            c(None, None, None, Some("W")).as_deref(),
+            Some("auth_token_env = \"W\"")
+        );
+        assert_eq!(c(None, None, None, None), None);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn private_atomic_write_is_owner_only_whatever_was_there() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "old").expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        write_atomic_private(&path, b"new").expect("written");
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), "new");
+        let mode = std::fs::metadata(&path).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let fresh = dir.path().join("fresh");
+        write_atomic_private(&fresh, b"x").expect("written");
+        let mode = std::fs::metadata(&fresh)
+            .expect("stat")
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600);
+        let left: Vec<_> = std::fs::read_dir(dir.path()).expect("ls").collect();
+        assert_eq!(left.len(), 2);
     }
 
     #[cfg(unix)]

@@ -17,7 +17,7 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue};
 
 use crate::classify::{Kind, Outcome};
-use crate::clock::Clock;
+use crate::clock::{Clock, ms};
 use crate::config::{BaseUrl, Credential, EndpointConfig, ProbeMode};
 use crate::estimate::{FAILURE_PENALTY, PeakEwma};
 use crate::health::{Event, Phase};
@@ -257,6 +257,17 @@ pub struct Counters {
 }
 
 impl Counters {
+    /// The counters for `total` attempts started of which `by_kind` ended; `in_flight` is the
+    /// difference (never negative).
+    pub fn from_parts(total: u64, by_kind: [u64; Kind::COUNT]) -> Self {
+        let ended: u64 = by_kind.iter().sum();
+        Self {
+            total,
+            in_flight: total.saturating_sub(ended),
+            by_kind,
+        }
+    }
+
     /// Attempts the endpoint answered correctly: successes, and the caller's own errors (a 400 is
     /// the endpoint doing its job). With this split, `successful + failed + cancelled + in_flight
     /// == total` uses exactly the contract's field names.
@@ -309,12 +320,7 @@ impl Live {
         let by_kind: [u64; Kind::COUNT] =
             std::array::from_fn(|i| self.ended[i].load(Ordering::Acquire));
         let total = self.started.load(Ordering::Acquire);
-        let ended: u64 = by_kind.iter().sum();
-        Counters {
-            total,
-            in_flight: total.saturating_sub(ended),
-            by_kind,
-        }
+        Counters::from_parts(total, by_kind)
     }
 
     /// Current phase.
@@ -410,11 +416,13 @@ impl Attempt {
             live.total.observe(elapsed);
         }
         live.ended[kind as usize].fetch_add(1, Ordering::AcqRel);
-        // A deadline this attempt raised, for the queue entry once the transition is done.
-        let mut raised_cooldown = None;
         let event = match outcome {
             Outcome::Success => {
-                live.consecutive.store(0, Ordering::Release);
+                // Every worker's successes would write this shared cache line: write only to
+                // end a run of failures.
+                if live.consecutive.load(Ordering::Acquire) != 0 {
+                    live.consecutive.store(0, Ordering::Release);
+                }
                 Some(Event::Success)
             }
             Outcome::CallerError | Outcome::Cancelled => None,
@@ -437,13 +445,9 @@ impl Attempt {
                 Some(match fault {
                     Outcome::RateLimited(wait) => {
                         let wait = wait.unwrap_or(rec.default_cooldown);
-                        let until = now
-                            .saturating_add(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX))
-                            .max(now + 1);
-                        let before = live.cooldown_until_ms.fetch_max(until, Ordering::AcqRel);
-                        if until > before {
-                            raised_cooldown = Some(until);
-                        }
+                        let until = now.saturating_add(ms(wait)).max(now + 1);
+                        // The queue entry reads the deadline from here: nothing else to update.
+                        live.cooldown_until_ms.fetch_max(until, Ordering::AcqRel);
                         Event::RateLimited
                     }
                     Outcome::Auth => Event::AuthFailed,
@@ -456,15 +460,6 @@ impl Attempt {
         }
         if let Some(event) = event {
             rec.queue.transition(&self.ep, event, now);
-        }
-        if let Some(until) = raised_cooldown {
-            // Already cooling down, the transition changed nothing, but the queue entry must
-            // show the later deadline. This runs under the queue lock after our transition, not
-            // on a lock-free phase check: a racing 429 that opens the episode either reads our
-            // deadline when it creates the entry or has created it before we get the lock
-            // (a phase load here could miss the other's phase store while its entry missed our
-            // deadline — loom finds that interleaving). No-op unless the entry is a cooldown.
-            rec.queue.extend_cooldown(&self.ep, until);
         }
     }
 }

@@ -2,7 +2,6 @@
 //! one attempt or found no endpoint. Written only on those requests, never on the happy path.
 
 use std::collections::VecDeque;
-use std::time::SystemTime;
 
 use parking_lot::Mutex;
 use serde::Serialize;
@@ -44,10 +43,7 @@ pub struct Events {
 
 impl Events {
     /// Records a failover.
-    pub fn push(&self, mut event: Failover) {
-        if event.at.is_empty() {
-            event.at = crate::clock::rfc3339(SystemTime::now());
-        }
+    pub fn push(&self, event: Failover) {
         let mut ring = self.ring.lock();
         if ring.len() == CAPACITY {
             ring.pop_front();

@@ -30,7 +30,8 @@ pub struct Prepared {
     pub method: Method,
     /// The client's path and query, appended to the endpoint's base URL.
     pub path_and_query: String,
-    /// Headers to forward: the client's, minus credentials, hop-by-hop headers and `host`.
+    /// Headers to forward: the client's, minus credentials, hop-by-hop headers, `host` and
+    /// `content-length` (the body sent may be rewritten by the model map).
     pub headers: HeaderMap,
     /// The body.
     pub body: Bytes,
@@ -89,15 +90,10 @@ impl Prepared {
 
     /// The request for one endpoint, with its credential set and its model mapping applied.
     pub fn for_endpoint(&self, ep: &Endpoint) -> Result<Request<Full<Bytes>>, String> {
-        let base = &ep.base_url;
-        let uri = format!(
-            "{}://{}{}{}",
-            base.scheme, base.authority, base.path_prefix, self.path_and_query
-        );
-        let body = crate::model_map::apply(&ep.model_map, &self.headers, &self.body);
+        let body = crate::model_map::apply(&ep.model_map, &self.body);
         let mut req = Request::builder()
             .method(self.method.clone())
-            .uri(uri)
+            .uri(ep.base_url.join(&self.path_and_query))
             .body(Full::new(body))
             .map_err(|e| format!("cannot build the upstream request: {e}"))?;
         *req.headers_mut() = self.headers.clone();
@@ -166,16 +162,11 @@ pub async fn read_small(mut body: Incoming, cap: usize, idle: Duration) -> Bytes
     buf.freeze()
 }
 
-/// The `error.message` of an Anthropic error body, shortened, for `last_error`.
+/// The `error.type` and `error.message` of an Anthropic error body, shortened, for `last_error`.
 pub fn error_message(body: &[u8]) -> Option<String> {
     let v: serde_json::Value = serde_json::from_slice(body).ok()?;
-    let e = v.get("error")?;
-    let ty = e.get("type").and_then(|t| t.as_str()).unwrap_or("error");
-    let msg = e.get("message").and_then(|t| t.as_str()).unwrap_or("");
-    Some(format!(
-        "{ty}: {}",
-        msg.chars().take(300).collect::<String>()
-    ))
+    let (ty, message) = crate::response::read_error(v.get("error")?);
+    Some(format!("{}: {message}", ty.unwrap_or("error")))
 }
 
 /// A stream held back until its first content event.
@@ -193,8 +184,9 @@ pub enum Preamble {
     Failed(Outcome, String),
 }
 
-/// Reads an SSE stream's preamble (`message_start`, `ping`) until the first content event, so that
-/// an `error` event or a cut before any content can still fail over transparently.
+/// Reads an SSE stream's preamble (`message_start`, `ping`, `content_block_start`) until the first
+/// content event, so that an `error` event or a cut before any content can still fail over
+/// transparently.
 pub async fn await_content(mut body: Incoming, idle: Duration) -> Preamble {
     let mut scanner = SseScanner::new();
     let mut held = Vec::new();
@@ -263,10 +255,10 @@ fn is_failover_error(error_type: &str) -> bool {
 }
 
 /// How a relayed body is judged when it ends.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Judge {
-    /// An SSE stream: success needs `message_stop`; an `error` event decides otherwise.
-    Stream,
+    /// An SSE stream, read by its scanner (in the state the held preamble left it): success needs
+    /// `message_stop`; an `error` event decides otherwise.
+    Stream(SseScanner),
     /// Any other 2xx body: success when it ends cleanly.
     Plain,
     /// An answer already judged the caller's error: that verdict, when it ends.
@@ -275,11 +267,12 @@ pub enum Judge {
 
 /// The response body relayed to the client. It owns the attempt and the request guards, so the
 /// attempt's outcome is recorded when the body ends — or, if the client goes away, when it is
-/// dropped. Frames pass through as they arrive: nothing is buffered beyond the held preamble.
+/// dropped. Frames pass through as they arrive, none held back after the preamble; a plain body
+/// whose usage is read is also kept (shared `Bytes`, up to [`usage::MAX_JSON_BODY`]) until it
+/// ends.
 pub struct RelayBody {
     held: VecDeque<Bytes>,
     upstream: Option<Incoming>,
-    scanner: Option<SseScanner>,
     judge: Judge,
     idle: Duration,
     sleep: Pin<Box<Sleep>>,
@@ -321,7 +314,6 @@ impl RelayBody {
     pub fn new(
         upstream: Incoming,
         held: Vec<Bytes>,
-        scanner: Option<SseScanner>,
         judge: Judge,
         idle: Duration,
         attempt: Attempt,
@@ -330,7 +322,6 @@ impl RelayBody {
         Self {
             held: held.into(),
             upstream: Some(upstream),
-            scanner,
             judge,
             idle,
             sleep: Box::pin(tokio::time::sleep(idle)),
@@ -343,16 +334,15 @@ impl RelayBody {
 
     /// Adds the answer's token usage to `tally` when it ends successfully: for a stream from its
     /// `message_start` / `message_delta` events, for a plain JSON body from its top-level `usage`.
-    /// Caller errors are never counted. Only in-memory work happens on this path.
+    /// Only a success is counted, so never a caller error. Only in-memory work happens on this
+    /// path.
     pub fn with_usage(mut self, tally: Option<Arc<UsageTally>>) -> Self {
-        if self.judge != Judge::CallerError {
-            self.usage = tally.map(|tally| UsageTap {
-                tally,
-                frames: Vec::new(),
-                len: 0,
-                too_large: false,
-            });
-        }
+        self.usage = tally.map(|tally| UsageTap {
+            tally,
+            frames: Vec::new(),
+            len: 0,
+            too_large: false,
+        });
         self
     }
 
@@ -364,10 +354,10 @@ impl RelayBody {
         let Some(ep) = self.attempt.as_ref().map(|a| a.endpoint()) else {
             return;
         };
-        let found = match (&self.scanner, tap.too_large) {
-            (Some(sc), _) => sc.usage().cloned(),
-            (None, true) => None,
-            (None, false) => match tap.frames.as_slice() {
+        let found = match (&self.judge, tap.too_large) {
+            (Judge::Stream(sc), _) => sc.usage().cloned(),
+            (_, true) => None,
+            (_, false) => match tap.frames.as_slice() {
                 [] => None,
                 [one] => usage::from_json_body(one),
                 many => usage::from_json_body(&many.concat()),
@@ -376,11 +366,6 @@ impl RelayBody {
         if let Some(u) = found {
             tap.tally.add(&ep.name, &u);
         }
-    }
-
-    /// Name of the endpoint serving this body.
-    pub fn endpoint(&self) -> Option<&Arc<Endpoint>> {
-        self.attempt.as_ref().map(|a| a.endpoint())
     }
 
     fn finish(&mut self, outcome: Outcome, detail: Option<String>) {
@@ -404,7 +389,7 @@ impl RelayBody {
         outcome: Outcome,
         detail: String,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let stream = self.judge == Judge::Stream;
+        let stream = matches!(self.judge, Judge::Stream(_));
         self.finish(outcome, Some(detail.clone()));
         if stream {
             let ty = if outcome == Outcome::Overloaded {
@@ -422,7 +407,7 @@ impl RelayBody {
 
     /// Records the outcome of an answer that has no body (HEAD, 204, 304).
     pub fn complete_without_body(mut self) {
-        let outcome = if self.judge == Judge::CallerError {
+        let outcome = if matches!(self.judge, Judge::CallerError) {
             Outcome::CallerError
         } else {
             Outcome::Success
@@ -436,7 +421,9 @@ impl RelayBody {
     /// trailer), so the client cannot take a truncated answer for a complete one.
     fn end(&mut self) {
         let (outcome, detail) = self.end_outcome();
-        if self.judge == Judge::Stream && outcome == Outcome::Transport(TransportKind::Cut) {
+        if matches!(self.judge, Judge::Stream(_))
+            && outcome == Outcome::Transport(TransportKind::Cut)
+        {
             let message = detail
                 .as_deref()
                 .unwrap_or("stream ended before message_stop");
@@ -449,9 +436,9 @@ impl RelayBody {
     }
 
     fn end_outcome(&self) -> (Outcome, Option<String>) {
-        match (self.judge, &self.scanner) {
-            (Judge::CallerError, _) => (Outcome::CallerError, None),
-            (Judge::Stream, Some(sc)) => {
+        match &self.judge {
+            Judge::CallerError => (Outcome::CallerError, None),
+            Judge::Stream(sc) => {
                 let f = sc.facts();
                 match &f.error {
                     Some((ty, msg)) => (classify_sse_error(ty), Some(format!("{ty}: {msg}"))),
@@ -462,7 +449,7 @@ impl RelayBody {
                     ),
                 }
             }
-            _ => (Outcome::Success, None),
+            Judge::Plain => (Outcome::Success, None),
         }
     }
 }
@@ -491,7 +478,7 @@ impl Body for RelayBody {
                 this.sleep.as_mut().reset(deadline);
                 match frame.into_data() {
                     Ok(data) => {
-                        if let Some(sc) = this.scanner.as_mut() {
+                        if let Judge::Stream(sc) = &mut this.judge {
                             sc.feed(&data);
                         } else if let Some(tap) = this.usage.as_mut() {
                             tap.keep(&data);
@@ -546,10 +533,8 @@ impl Drop for RelayBody {
         // The client went away before the body ended. A stream that already carried its
         // `message_stop` was delivered in full; anything else was cancelled.
         if self.attempt.is_some() {
-            let delivered = self
-                .scanner
-                .as_ref()
-                .is_some_and(|s| s.facts().message_stop && s.facts().error.is_none());
+            let delivered = matches!(&self.judge,
+                Judge::Stream(s) if s.facts().message_stop && s.facts().error.is_none());
             if delivered {
                 self.finish(Outcome::Success, None);
             } else {

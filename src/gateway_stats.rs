@@ -25,6 +25,10 @@ pub enum RequestEnd {
 impl RequestEnd {
     const COUNT: usize = 4;
 
+    /// Every way a request ends, in counter order.
+    pub const ALL: [RequestEnd; Self::COUNT] =
+        [Self::Success, Self::Upstream, Self::Caller, Self::Cancelled];
+
     /// From the outcome of the attempt whose answer the client got.
     pub fn from_outcome(o: Outcome) -> Self {
         match o {
@@ -72,6 +76,18 @@ pub struct GatewaySnapshot {
     pub fallbacks: u64,
     /// Failovers refused by the retry budget.
     pub budget_refusals: u64,
+}
+
+impl GatewaySnapshot {
+    /// Requests that ended `how`.
+    pub fn ended(&self, how: RequestEnd) -> u64 {
+        match how {
+            RequestEnd::Success => self.successful,
+            RequestEnd::Upstream => self.upstream_errors,
+            RequestEnd::Caller => self.caller_errors,
+            RequestEnd::Cancelled => self.cancelled,
+        }
+    }
 }
 
 impl GatewayStats {
@@ -142,7 +158,8 @@ impl std::fmt::Display for RequestId {
 }
 
 impl RequestEnd {
-    fn name(self) -> &'static str {
+    /// Stable name (the log line's `outcome`, the stored counter, the metrics label).
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Self::Success => "success",
             Self::Upstream => "upstream_error",
@@ -158,7 +175,10 @@ impl RequestGuard {
         self.id
     }
 
-    /// Notes who answered, after how many attempts, with which status (for the log line).
+    /// Notes, for the log line, the endpoint whose answer is relayed, after how many attempts, and
+    /// the status relayed. Called once, when the request is answered: for an answer of ccgate's
+    /// own after every attempt failed, with the last endpoint tried and the status ccgate answers
+    /// with.
     pub fn served_by(&mut self, endpoint: &Arc<Endpoint>, attempts: u32, status: u16) {
         self.served = Some((Arc::clone(endpoint), attempts, status));
     }

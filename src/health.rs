@@ -1,9 +1,10 @@
 //! The endpoint health state machine: pure, no I/O, no clock.
 //!
 //! [`next`] maps (phase, event) to the new phase and the one side effect the transition carries
-//! (a failure-queue entry opened or closed). The live cell in [`crate::endpoint`] applies it with a
-//! compare-and-swap, so when many attempts race on the same transition exactly one of them wins and
-//! performs the effect — that is what makes "one failure episode per outage" hold.
+//! (a failure-queue entry opened or closed). [`crate::queue::FailureQueue::transition`] applies it
+//! under the queue's lock: it re-reads the phase there, re-runs `next` and stores the new phase, so
+//! when many attempts race on the same transition exactly one of them wins and performs the effect
+//! — that is what makes "one failure episode per outage" hold.
 
 /// Where an endpoint stands with respect to rotation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -23,12 +23,19 @@ pub enum LogFormat {
 }
 
 impl LogFormat {
-    /// `CCGATE_LOG_FORMAT`, for commands without a `--log-format` flag (text unless it says json).
+    /// `CCGATE_LOG_FORMAT`, for commands without a `--log-format` flag: read as `serve` reads it
+    /// (the same names, in any case), except that a value that names no format means text rather
+    /// than an error.
     pub fn from_env() -> Self {
-        match std::env::var("CCGATE_LOG_FORMAT") {
-            Ok(v) if v.trim().eq_ignore_ascii_case("json") => Self::Json,
-            _ => Self::Text,
-        }
+        std::env::var("CCGATE_LOG_FORMAT")
+            .ok()
+            .and_then(|v| Self::parse(&v))
+            .unwrap_or_default()
+    }
+
+    /// A format by name, in any case, surrounding blanks ignored.
+    fn parse(name: &str) -> Option<Self> {
+        <Self as clap::ValueEnum>::from_str(name.trim(), true).ok()
     }
 }
 
@@ -64,5 +71,18 @@ pub fn init(format: LogFormat) -> LogGuard {
     };
     LogGuard {
         _worker: installed.then_some(worker),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_parse_in_any_case() {
+        assert_eq!(LogFormat::parse("json"), Some(LogFormat::Json));
+        assert_eq!(LogFormat::parse(" JSON\n"), Some(LogFormat::Json));
+        assert_eq!(LogFormat::parse("Text"), Some(LogFormat::Text));
+        assert_eq!(LogFormat::parse("xml"), None);
     }
 }

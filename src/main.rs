@@ -9,11 +9,11 @@ fn main() -> std::process::ExitCode {
     match ccgate::cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            let code = ccgate::cli::exit_code(&e);
-            if code == 2 {
+            // An `Exit` has been reported already and only carries the exit code.
+            if e.downcast_ref::<ccgate::ops::Exit>().is_none() {
                 ccgate::cli::report(&e);
             }
-            std::process::ExitCode::from(code)
+            std::process::ExitCode::from(ccgate::cli::exit_code(&e))
         }
     }
 }

@@ -13,20 +13,20 @@ use std::sync::Arc;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
-use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 
+use crate::admin::{STATES, state_name};
 use crate::classify::Kind;
-use crate::endpoint::{LATENCY_BUCKETS, Latency};
+use crate::endpoint::{Endpoint, LATENCY_BUCKETS, Latency, Live};
+use crate::gateway_stats::RequestEnd;
 use crate::proxy::Gateway;
+use crate::store::saturating_i64;
 
 /// Content type of the exposition.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-
-/// States an endpoint can be in, as exported by `ccgate_endpoint_state`.
-const STATES: [&str; 5] = ["healthy", "degraded", "ejected", "cooling_down", "disabled"];
 
 /// Renders the exposition.
 pub fn render(gw: &Arc<Gateway>) -> String {
@@ -46,40 +46,60 @@ impl fmt::Debug for GatewayCollector {
     }
 }
 
-fn counter(
+/// A sample's labels.
+type Labels<'a> = Vec<(&'static str, &'a str)>;
+
+/// A counter sample.
+fn counter(v: u64) -> ConstCounter {
+    ConstCounter::new(v)
+}
+
+/// A gauge sample.
+fn gauge(v: u64) -> ConstGauge {
+    ConstGauge::new(saturating_i64(v))
+}
+
+/// The `endpoint` label of `e`'s samples.
+fn endpoint_label(e: &Endpoint) -> Labels<'_> {
+    vec![("endpoint", e.name.as_str())]
+}
+
+/// One sample per endpoint, labelled with its name; `value` gets the endpoint's position.
+fn per_endpoint<M>(
+    eps: &[Arc<Endpoint>],
+    value: impl Fn(usize, &Endpoint) -> M,
+) -> Vec<(Labels<'_>, M)> {
+    eps.iter()
+        .enumerate()
+        .map(|(i, e)| (endpoint_label(e), value(i, e)))
+        .collect()
+}
+
+/// One metric family (a counter or a gauge, by the samples' type).
+fn family<M: EncodeMetric + TypedMetric>(
     enc: &mut DescriptorEncoder<'_>,
     name: &str,
     help: &str,
-    rows: &[(Vec<(&str, &str)>, u64)],
+    rows: &[(Labels<'_>, M)],
 ) -> fmt::Result {
-    let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+    let mut m = enc.encode_descriptor(name, help, None, M::TYPE)?;
     for (labels, v) in rows {
-        ConstCounter::new(*v).encode(m.encode_family(labels)?)?;
+        v.encode(m.encode_family(labels)?)?;
     }
     Ok(())
 }
 
-fn gauge(
-    enc: &mut DescriptorEncoder<'_>,
-    name: &str,
-    help: &str,
-    rows: &[(Vec<(&str, &str)>, i64)],
-) -> fmt::Result {
-    let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
-    for (labels, v) in rows {
-        ConstGauge::new(*v).encode(m.encode_family(labels)?)?;
-    }
-    Ok(())
-}
-
+/// A latency histogram per endpoint, `latency` choosing which of its live histograms.
 fn histogram(
     enc: &mut DescriptorEncoder<'_>,
     name: &str,
     help: &str,
-    rows: &[(&str, &Latency)],
+    eps: &[Arc<Endpoint>],
+    latency: fn(&Live) -> &Latency,
 ) -> fmt::Result {
     let mut m = enc.encode_descriptor(name, help, None, MetricType::Histogram)?;
-    for (endpoint, latency) in rows {
+    for e in eps {
+        let latency = latency(&e.live);
         // Per-bucket counts: the encoder accumulates them into `le` buckets itself.
         let counts = latency.bucket_counts();
         let count = counts.iter().sum();
@@ -95,8 +115,7 @@ fn histogram(
                 (le, c)
             })
             .collect();
-        let labels = vec![("endpoint", *endpoint)];
-        m.encode_family(&labels)?
+        m.encode_family(&endpoint_label(e))?
             .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
                 latency.sum().as_secs_f64(),
                 count,
@@ -107,10 +126,6 @@ fn histogram(
     Ok(())
 }
 
-fn n(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
 impl Collector for GatewayCollector {
     fn encode(&self, mut enc: DescriptorEncoder<'_>) -> fmt::Result {
         let gw = &self.0;
@@ -118,174 +133,141 @@ impl Collector for GatewayCollector {
         let eps = &reg.endpoints;
         let snaps: Vec<_> = eps.iter().map(|e| e.live.snapshot()).collect();
 
-        let started: Vec<_> = eps
-            .iter()
-            .zip(&snaps)
-            .map(|(e, s)| (vec![("endpoint", e.name.as_str())], s.total))
-            .collect();
-        counter(
+        family(
             &mut enc,
             "ccgate_endpoint_attempts_started",
             "Attempts sent to the endpoint (total_requests).",
-            &started,
+            &per_endpoint(eps, |i, _| counter(snaps[i].total)),
         )?;
         let mut ended = Vec::new();
         for (e, s) in eps.iter().zip(&snaps) {
             for k in Kind::ALL {
-                ended.push((
-                    vec![("endpoint", e.name.as_str()), ("outcome", k.name())],
-                    s.by_kind[k as usize],
-                ));
+                let mut labels = endpoint_label(e);
+                labels.push(("outcome", k.name()));
+                ended.push((labels, counter(s.by_kind[k as usize])));
             }
         }
-        counter(
+        family(
             &mut enc,
             "ccgate_endpoint_attempts",
             "Ended attempts by outcome.",
             &ended,
         )?;
-        let in_flight: Vec<_> = eps
-            .iter()
-            .zip(&snaps)
-            .map(|(e, s)| (vec![("endpoint", e.name.as_str())], n(s.in_flight)))
-            .collect();
-        gauge(
+        family(
             &mut enc,
             "ccgate_endpoint_in_flight",
             "Attempts in progress.",
-            &in_flight,
+            &per_endpoint(eps, |i, _| gauge(snaps[i].in_flight)),
         )?;
-        let consecutive: Vec<_> = eps
-            .iter()
-            .map(|e| {
-                (
-                    vec![("endpoint", e.name.as_str())],
-                    i64::from(e.live.consecutive_failures()),
-                )
-            })
-            .collect();
-        gauge(
+        family(
             &mut enc,
             "ccgate_endpoint_consecutive_failures",
             "Endpoint-fault failures since the last success.",
-            &consecutive,
+            &per_endpoint(eps, |_, e| gauge(u64::from(e.live.consecutive_failures()))),
         )?;
         let mut states = Vec::new();
         for e in eps {
-            let current = crate::admin::state_name(e);
+            let current = state_name(e);
             for st in STATES {
-                states.push((
-                    vec![("endpoint", e.name.as_str()), ("state", st)],
-                    i64::from(current == st),
-                ));
+                let mut labels = endpoint_label(e);
+                labels.push(("state", st));
+                states.push((labels, gauge(u64::from(current == st))));
             }
         }
-        gauge(
+        family(
             &mut enc,
             "ccgate_endpoint_state",
             "1 for the endpoint's current state.",
             &states,
         )?;
-        let ttfb: Vec<_> = eps
-            .iter()
-            .map(|e| (e.name.as_str(), &e.live.ttfb))
-            .collect();
         histogram(
             &mut enc,
             "ccgate_endpoint_first_byte_seconds",
             "Time from sending an attempt to its response headers.",
-            &ttfb,
+            eps,
+            |l| &l.ttfb,
         )?;
-        let total: Vec<_> = eps
-            .iter()
-            .map(|e| (e.name.as_str(), &e.live.total))
-            .collect();
         histogram(
             &mut enc,
             "ccgate_endpoint_duration_seconds",
             "Time from sending an attempt to the end of its response body.",
-            &total,
+            eps,
+            |l| &l.total,
         )?;
 
-        let (entries, q) = reg.queue.view();
-        gauge(
+        let size = reg.queue.len();
+        let q = reg.queue.stats();
+        family(
             &mut enc,
             "ccgate_failure_queue_size",
             "Endpoints out of rotation.",
-            &[(vec![], n(entries.len() as u64))],
+            &[(vec![], gauge(size as u64))],
         )?;
-        counter(
+        family(
             &mut enc,
             "ccgate_failure_episodes",
             "Failure episodes opened (total_failed).",
-            &[(vec![], q.total_failed)],
+            &[(vec![], counter(q.total_failed))],
         )?;
-        counter(
+        family(
             &mut enc,
             "ccgate_probes",
             "Recovery probes by result.",
             &[
-                (vec![("result", "passed")], q.total_recovered),
-                (vec![("result", "failed")], q.total_still_failed),
+                (vec![("result", "passed")], counter(q.total_recovered)),
+                (vec![("result", "failed")], counter(q.total_still_failed)),
             ],
         )?;
 
         let g = reg.gateway.snapshot();
-        counter(
+        family(
             &mut enc,
             "ccgate_requests_started",
             "Client requests received (total_requests).",
-            &[(vec![], g.total)],
+            &[(vec![], counter(g.total))],
         )?;
-        counter(
+        family(
             &mut enc,
             "ccgate_requests",
             "Ended client requests by result.",
-            &[
-                (vec![("result", "success")], g.successful),
-                (vec![("result", "upstream_error")], g.upstream_errors),
-                (vec![("result", "caller_error")], g.caller_errors),
-                (vec![("result", "cancelled")], g.cancelled),
-            ],
+            &RequestEnd::ALL.map(|how| (vec![("result", how.name())], counter(g.ended(how)))),
         )?;
-        gauge(
+        family(
             &mut enc,
             "ccgate_requests_in_flight",
             "Client requests in progress.",
-            &[(vec![], n(g.in_flight))],
+            &[(vec![], gauge(g.in_flight))],
         )?;
-        counter(
+        family(
             &mut enc,
             "ccgate_retries",
             "Attempts after a request's first.",
-            &[(vec![], g.retries)],
+            &[(vec![], counter(g.retries))],
         )?;
-        counter(
+        family(
             &mut enc,
             "ccgate_retry_budget_refusals",
             "Failovers not made because the retry budget was spent.",
-            &[(vec![], g.budget_refusals)],
+            &[(vec![], counter(g.budget_refusals))],
         )?;
-        counter(
+        family(
             &mut enc,
             "ccgate_fallbacks",
             "Requests sent to the least-bad endpoint because none was admitted.",
-            &[(vec![], g.fallbacks)],
+            &[(vec![], counter(g.fallbacks))],
         )?;
-        gauge(
+        let sessions = gw.affinity.as_ref().map_or(0, |a| a.len());
+        family(
             &mut enc,
             "ccgate_sessions",
             "Client sessions bound to an endpoint.",
-            &[(
-                vec![],
-                n(gw.affinity.as_ref().map_or(0, |a| a.len()) as u64),
-            )],
+            &[(vec![], gauge(sessions as u64))],
         )?;
-        gauge(
+        family(
             &mut enc,
             "ccgate_uptime_seconds",
             "Seconds since the gateway started.",
-            &[(vec![], n(reg.clock.uptime().as_secs()))],
+            &[(vec![], gauge(reg.clock.uptime().as_secs()))],
         )?;
         Ok(())
     }

@@ -4,7 +4,6 @@
 use std::collections::BTreeMap;
 
 use bytes::{Bytes, BytesMut};
-use http::HeaderMap;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -15,7 +14,7 @@ struct Top<'a> {
 }
 
 /// The body to send to an endpoint with this `model_map`.
-pub fn apply(map: &BTreeMap<String, String>, _headers: &HeaderMap, body: &Bytes) -> Bytes {
+pub fn apply(map: &BTreeMap<String, String>, body: &Bytes) -> Bytes {
     if map.is_empty()
         || body
             .first()
@@ -60,13 +59,12 @@ mod tests {
     #[test]
     fn rewrites_only_the_model() {
         let body = Bytes::from_static(br#"{ "max_tokens":5,"model" :  "claude-opus-4" ,"metadata":{"model":"claude-opus-4"}}"#);
-        let out = apply(&map(), &HeaderMap::new(), &body);
+        let out = apply(&map(), &body);
         assert_eq!(&out[..], br#"{ "max_tokens":5,"model" :  "claude-sonnet-4" ,"metadata":{"model":"claude-opus-4"}}"#);
     }
 
     #[test]
     fn leaves_everything_else_alone() {
-        let h = HeaderMap::new();
         for body in [
             &br#"{"model":"other"}"#[..],
             b"not json",
@@ -75,9 +73,9 @@ mod tests {
             br#"[1]"#,
         ] {
             let b = Bytes::copy_from_slice(body);
-            assert_eq!(apply(&map(), &h, &b), b);
+            assert_eq!(apply(&map(), &b), b);
         }
         let b = Bytes::from_static(br#"{"model":"claude-opus-4"}"#);
-        assert_eq!(apply(&BTreeMap::new(), &h, &b), b);
+        assert_eq!(apply(&BTreeMap::new(), &b), b);
     }
 }

@@ -1,6 +1,7 @@
 //! The operator commands that talk to things: `ccgate endpoints ...` (edit the file, then tell the
-//! running gateway), `ccgate status` (ask the running gateway), `ccgate check` (probe every
-//! endpoint from this process) and `ccgate claude ...` (point Claude Code at the gateway).
+//! running gateway), `ccgate status` (ask the running gateway) and `ccgate check` (probe every
+//! endpoint from this process); [`find_target`] also tells `ccgate claude enable` (in
+//! [`crate::claude`]) where the gateway is.
 //!
 //! The running gateway is reached over its own `/_ccgate/` HTTP surface, with the config's
 //! `access_token` as `x-api-key` when one is set: the CLI never shares memory or files with it
@@ -23,7 +24,7 @@ use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use serde_json::Value;
 
-use crate::config::{Config, ConfigError, DEFAULT_LISTEN, Env, ProbeMode, Secret};
+use crate::config::{Config, ConfigError, Env, Secret, resolve_config_path};
 use crate::edit::{self, EditError};
 use crate::endpoint::Endpoint;
 
@@ -76,6 +77,27 @@ pub struct Target {
     pub token: Option<Secret>,
 }
 
+impl Target {
+    /// The gateway a loaded config describes: at `url` (a `--url`, normalised) when given, else at
+    /// `http://<server.listen>` (loopback for a wildcard address), with the config's access token.
+    /// `None` when there is no `url` and `server.listen` uses port 0, so the address is not known.
+    /// When there is a gateway to call but the access token comes from a variable that is not set
+    /// here, says so on stderr: the gateway is then called without a token.
+    pub fn from_lenient(loaded: &Lenient, url: Option<&str>) -> anyhow::Result<Option<Self>> {
+        let url = url.map(normalize_url).transpose()?;
+        let Some(url) = url.or_else(|| url_of_listen(loaded.config.server.listen)) else {
+            return Ok(None);
+        };
+        let token = loaded.access_token();
+        if token.is_none() && loaded.config.server.access_token.is_some() {
+            eprintln!(
+                "warning: server.access_token_env names a variable that is not set here; no access token is sent"
+            );
+        }
+        Ok(Some(Self { url, token }))
+    }
+}
+
 /// Normalises a `--url`: `http://` is assumed when no scheme is given; the trailing slash goes.
 pub fn normalize_url(url: &str) -> anyhow::Result<String> {
     let with_scheme = if url.contains("://") {
@@ -111,32 +133,32 @@ pub fn url_of_listen(addr: SocketAddr) -> Option<String> {
 
 /// The config file named by `--config`, `$CCGATE_CONFIG` or the platform default.
 pub fn config_path(explicit: Option<&Path>, env: &dyn Env) -> anyhow::Result<PathBuf> {
-    explicit
-        .map(Path::to_path_buf)
-        .or_else(|| crate::config::default_config_path(env))
+    resolve_config_path(explicit, env)
+        .map(|(path, _)| path)
         .context("no config directory on this platform; pass --config")
 }
 
 /// Finds the running gateway: `--url`, else `server.listen` of the config (loopback for a
-/// wildcard address), with the config's access token. Without a config file, the default address.
+/// wildcard address), with the config's access token. Without a config file, the default address;
+/// a file named by `--config` or `$CCGATE_CONFIG` must exist.
 pub fn find_target(
     explicit_config: Option<&Path>,
     url: Option<&str>,
     env: &dyn Env,
 ) -> anyhow::Result<Target> {
+    // A bad --url is reported before anything is read.
     let url = url.map(normalize_url).transpose()?;
-    let path = config_path(explicit_config, env)?;
+    let (path, chosen) = resolve_config_path(explicit_config, env)
+        .context("no config directory on this platform; pass --config")?;
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => Some(t),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && explicit_config.is_none() => None,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !chosen => None,
         Err(e) => return Err(anyhow!("cannot read {}: {e}", path.display())),
     };
     let Some(text) = text else {
-        let default: SocketAddr = DEFAULT_LISTEN
-            .parse()
-            .unwrap_or_else(|_| SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 7860));
+        let default = url_of_listen(crate::config::default_listen()).unwrap_or_default();
         return Ok(Target {
-            url: url.unwrap_or_else(|| url_of_listen(default).unwrap_or_default()),
+            url: url.unwrap_or(default),
             token: None,
         });
     };
@@ -155,39 +177,25 @@ pub fn find_target(
         }
         Err(e) => return Err(e.into()),
     };
-    let token = loaded.access_token();
-    if token.is_none() && loaded.config.server.access_token.is_some() {
-        eprintln!(
-            "warning: server.access_token_env names a variable that is not set here; no access token is sent"
-        );
-    }
-    let url = match url {
-        Some(u) => u,
-        None => url_of_listen(loaded.config.server.listen).ok_or_else(|| {
-            anyhow!(
-                "server.listen in {} uses port 0, so the gateway's address is not known: pass --url http://ADDR (the address `ccgate serve` printed)",
-                path.display()
-            )
-        })?,
-    };
-    Ok(Target { url, token })
+    Target::from_lenient(&loaded, url.as_deref())?.ok_or_else(|| {
+        anyhow!(
+            "server.listen in {} uses port 0, so the gateway's address is not known: pass --url http://ADDR (the address `ccgate serve` printed)",
+            path.display()
+        )
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
 // Talking to the running gateway.
 
-/// Why a call to the gateway got no answer.
+/// Why a call to the gateway got no answer: nothing answered (connection refused, timeout, no
+/// such host); the message says which.
 #[derive(Debug)]
-pub enum CallError {
-    /// Nothing answered (connection refused, timeout, no such host).
-    Unreachable(String),
-}
+pub struct CallError(pub String);
 
 impl std::fmt::Display for CallError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Unreachable(m) => f.write_str(m),
-        }
+        f.write_str(&self.0)
     }
 }
 
@@ -245,7 +253,7 @@ impl AdminClient {
                 concat!("ccgate-cli/", env!("CARGO_PKG_VERSION")),
             )
             .body(Full::new(Bytes::new()))
-            .map_err(|e| CallError::Unreachable(format!("{uri}: {e}")))?;
+            .map_err(|e| CallError(format!("{uri}: {e}")))?;
         if let Some(t) = &self.target.token {
             if let Ok(mut v) = http::HeaderValue::from_str(t.expose()) {
                 v.set_sensitive(true);
@@ -259,21 +267,21 @@ impl AdminClient {
                     Some(t) => detail.replace(t.expose(), "***"),
                     None => detail,
                 };
-                CallError::Unreachable(format!("nothing answered at {}: {detail}", self.target.url))
+                CallError(format!("nothing answered at {}: {detail}", self.target.url))
             })?;
             let status = resp.status();
             let body = resp
                 .into_body()
                 .collect()
                 .await
-                .map_err(|e| CallError::Unreachable(format!("{uri}: {e}")))?
+                .map_err(|e| CallError(format!("{uri}: {e}")))?
                 .to_bytes();
             Ok(Answer { status, body })
         };
         tokio::time::timeout(Duration::from_secs(60), fut)
             .await
             .unwrap_or_else(|_| {
-                Err(CallError::Unreachable(format!(
+                Err(CallError(format!(
                     "{} did not answer within 60s",
                     self.target.url
                 )))
@@ -485,18 +493,9 @@ pub fn render_status(url: &str, endpoints: &Value, queue: &Value, stats: &Value)
 // ---------------------------------------------------------------------------------------------
 // `ccgate check`.
 
-fn mode_name(m: ProbeMode) -> &'static str {
-    match m {
-        ProbeMode::Models => "models",
-        ProbeMode::CountTokens => "count_tokens",
-        ProbeMode::Message => "message",
-    }
-}
-
 /// Probes every configured endpoint now, in parallel, from this process. Returns the report and
 /// whether at least one enabled endpoint works.
 pub fn check(config: Config) -> anyhow::Result<(String, bool)> {
-    let enabled: Vec<bool> = config.endpoints.iter().map(|e| e.enabled).collect();
     let rt = runtime()?;
     rt.block_on(async move {
         let gw = crate::proxy::Gateway::new(config)?;
@@ -506,35 +505,34 @@ pub fn check(config: Config) -> anyhow::Result<(String, bool)> {
                 .await;
         let mut rows = Vec::new();
         let mut working = 0;
-        let mut any = false;
-        for ((ep, r), enabled) in endpoints.iter().zip(&results).zip(&enabled) {
+        let mut total = 0;
+        for (ep, r) in endpoints.iter().zip(&results) {
+            let enabled = ep.config.enabled;
             let result = match (r.passed, enabled) {
                 (true, true) => "ok",
                 (true, false) => "ok (disabled)",
                 (false, true) => "FAILED",
                 (false, false) => "FAILED (disabled)",
             };
-            if r.passed && *enabled {
-                working += 1;
-                any = true;
-            }
+            total += usize::from(enabled);
+            working += usize::from(r.passed && enabled);
             rows.push(vec![
                 ep.name.clone(),
-                mode_name(ep.probe).to_string(),
+                ep.probe.as_str().to_string(),
                 result.to_string(),
                 fmt_ms(r.latency.as_secs_f64() * 1000.0),
-                ep.scrub(&r.detail),
+                // `probe` has scrubbed it already.
+                r.detail.clone(),
             ]);
         }
         let mut out = table(&["ENDPOINT", "MODE", "RESULT", "LATENCY", "DETAIL"], &rows);
-        let total = enabled.iter().filter(|e| **e).count();
         let _ = writeln!(
             out,
             "\n{working} of {total} enabled endpoint{} work{}",
             if total == 1 { "" } else { "s" },
             if working == 1 && total != 1 { "s" } else { "" },
         );
-        Ok((out, any))
+        Ok((out, working > 0))
     })
 }
 
@@ -712,24 +710,17 @@ pub fn run_edit(
             "note: the environment variable {var} is not set here; the gateway needs it when it loads the file"
         )?;
     }
-    let url = match url {
-        Some(u) => Some(normalize_url(u)?),
-        None => url_of_listen(loaded.config.server.listen),
-    };
-    let Some(url) = url else {
+    let Some(target) = Target::from_lenient(&loaded, url)? else {
         writeln!(
             out,
             "saved; server.listen uses port 0, so the running gateway cannot be found: pass --url, restart it or send it SIGHUP"
         )?;
         return Ok(());
     };
+    let url = target.url.clone();
     let switch = match &change {
         Edit::SetEnabled(name, on) => Some((name.as_str(), *on)),
         _ => None,
-    };
-    let target = Target {
-        url: url.clone(),
-        token: loaded.access_token(),
     };
     let applied = runtime()?.block_on(apply_to_running(target, switch));
     match applied {
@@ -846,6 +837,54 @@ mod tests {
         assert!(l.access_token().is_none());
         let bad = text.replace("http://h", "ftp://h");
         assert!(Lenient::from_toml(&bad, "t", &env).is_err());
+    }
+
+    #[test]
+    fn targets_come_from_the_url_or_the_listen_address() {
+        let env = |_: &str| None;
+        let ep = "[[endpoints]]\nname = \"a\"\nbase_url = \"http://a\"\napi_key = \"k\"\n";
+        let text = "[server]\nlisten = \"0.0.0.0:7861\"\naccess_token = \"tok\"\n";
+        let l = Lenient::from_toml(&format!("{text}{ep}"), "t", &env).expect("lenient");
+        let t = Target::from_lenient(&l, None).expect("ok").expect("known");
+        assert_eq!(t.url, "http://127.0.0.1:7861");
+        assert_eq!(t.token.as_ref().map(Secret::expose), Some("tok"));
+        let t = Target::from_lenient(&l, Some("h:1/"))
+            .expect("ok")
+            .expect("known");
+        assert_eq!(t.url, "http://h:1");
+        assert!(Target::from_lenient(&l, Some("ftp://h")).is_err());
+        let zero = Lenient::from_toml(
+            &format!("[server]\nlisten = \"127.0.0.1:0\"\n{ep}"),
+            "t",
+            &env,
+        )
+        .expect("lenient");
+        assert!(Target::from_lenient(&zero, None).expect("ok").is_none());
+        let unset = Lenient::from_toml(
+            &format!("[server]\naccess_token_env = \"TOK\"\n{ep}"),
+            "t",
+            &env,
+        )
+        .expect("lenient");
+        let t = Target::from_lenient(&unset, None)
+            .expect("ok")
+            .expect("known");
+        assert_eq!(t.url, "http://127.0.0.1:7860");
+        assert!(t.token.is_none());
+    }
+
+    #[test]
+    fn a_config_named_by_the_variable_must_exist() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = dir
+            .path()
+            .join("missing.toml")
+            .to_string_lossy()
+            .into_owned();
+        let env = |name: &str| (name == "CCGATE_CONFIG").then(|| missing.clone());
+        let err = find_target(None, None, &env).err().expect("refused");
+        assert!(err.to_string().contains("missing.toml"), "{err}");
+        assert!(find_target(Some(Path::new(&missing)), None, &|_: &str| None).is_err());
     }
 
     #[test]

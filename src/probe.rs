@@ -54,7 +54,7 @@ pub async fn probe(gw: &Gateway, ep: &Endpoint) -> ProbeResult {
 /// Runs one probe now and records its result if the endpoint is in the failure queue.
 pub async fn probe_and_record(gw: &Gateway, ep: &Endpoint) -> ProbeResult {
     let result = probe(gw, ep).await;
-    if gw.registry.queue.entry(ep.idx).is_some() {
+    if gw.registry.queue.contains(ep.idx) {
         gw.registry
             .queue
             .probe_result(ep, result.passed, result.detail.clone());
@@ -89,11 +89,7 @@ async fn probe_inner(gw: &Gateway, ep: &Endpoint) -> Result<String, String> {
             })),
         ),
     };
-    let base = &ep.base_url;
-    let uri = format!(
-        "{}://{}{}{}",
-        base.scheme, base.authority, base.path_prefix, path
-    );
+    let uri = ep.base_url.join(path);
     let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
     let mut req = Request::builder()
         .method(method)
@@ -175,9 +171,7 @@ pub async fn run_prober(gw: Arc<Gateway>, shutdown: tokio::sync::watch::Receiver
         let now = reg.clock.now_ms();
         // An attempt begun before a config reload may have ejected a kept endpoint through the
         // previous gateway's queue: give it the entry (and the probes) it is owed here.
-        for ep in &reg.endpoints {
-            reg.queue.reconcile(ep, now);
-        }
+        reg.queue.reconcile_all(&reg.endpoints, now);
         let mut next_due: Option<u64> = None;
         for entry in reg.queue.entries() {
             let ep = &reg.endpoints[entry.idx];

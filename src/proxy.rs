@@ -151,8 +151,8 @@ where
         );
     }
     let guard = gw.registry.gateway.begin();
-    let id = HeaderValue::from_str(&guard.id().to_string())
-        .unwrap_or_else(|_| HeaderValue::from_static("req"));
+    let id = HeaderValue::try_from(guard.id().to_string())
+        .expect("a request id is `req_` and hex digits, a valid header value");
     let mut resp = proxied(&gw, req, guard).await;
     resp.headers_mut().insert("x-ccgate-request-id", id);
     resp
@@ -207,9 +207,30 @@ fn too_large(cap: usize) -> Response<GateBody> {
 
 /// One failed attempt, kept for the final answer.
 struct Failure {
-    endpoint: String,
+    endpoint: Arc<Endpoint>,
     outcome: Outcome,
     message: String,
+}
+
+/// Ends a failed attempt: logs it as `log` (if given; the message is already scrubbed where it
+/// needs to be), records it with its message for `last_error`, and keeps it for the final answer.
+fn fail_attempt(
+    failures: &mut Vec<Failure>,
+    attempt: Attempt,
+    outcome: Outcome,
+    message: String,
+    log: Option<&'static str>,
+) {
+    let endpoint = Arc::clone(attempt.endpoint());
+    if let Some(log) = log {
+        tracing::warn!(endpoint = %endpoint.name, kind = outcome.kind().name(), %message, "{log}");
+    }
+    attempt.finish(outcome, Some(message.clone()));
+    failures.push(Failure {
+        endpoint,
+        outcome,
+        message,
+    });
 }
 
 async fn forward_request(
@@ -256,9 +277,6 @@ async fn forward_request(
         else {
             break;
         };
-        if tried.contains(ep.idx) {
-            continue;
-        }
         if !tried.is_empty() {
             if !gw.budget.try_withdraw() {
                 if holds_probation {
@@ -285,33 +303,36 @@ async fn forward_request(
         let upstream_req = match req.for_endpoint(&ep) {
             Ok(r) => r,
             Err(m) => {
-                attempt.finish(Outcome::Transport(TransportKind::Connect), Some(m.clone()));
-                failures.push(Failure {
-                    endpoint: ep.name.clone(),
-                    outcome: Outcome::Transport(TransportKind::Connect),
-                    message: m,
-                });
+                let connect = Outcome::Transport(TransportKind::Connect);
+                fail_attempt(&mut failures, attempt, connect, m, None);
                 continue;
             }
         };
         let resp = match forward::send(&ep, upstream_req, timeouts.first_byte).await {
             Ok(r) => r,
             Err((outcome, message)) => {
-                tracing::warn!(endpoint = %ep.name, kind = outcome.kind().name(), %message, "attempt failed");
-                attempt.finish(outcome, Some(message.clone()));
-                failures.push(Failure {
-                    endpoint: ep.name.clone(),
+                fail_attempt(
+                    &mut failures,
+                    attempt,
                     outcome,
                     message,
-                });
+                    Some("attempt failed"),
+                );
                 continue;
             }
         };
         attempt.first_byte();
         let verdict = classify_status(resp.status(), resp.headers(), SystemTime::now());
         let (parts, body) = resp.into_parts();
-        let attempts = tried.len();
-        guard.served_by(&ep, attempts, parts.status.as_u16());
+        let commit = Commit {
+            gw,
+            failures: &failures,
+            session: session.as_ref(),
+            ep: &ep,
+            attempts: tried.len(),
+            fallback,
+            method: &req.method,
+        };
         match verdict {
             Verdict::Relay if is_event_stream(&parts.headers) && !is_encoded(&parts.headers) => {
                 match forward::await_content(body, timeouts.idle).await {
@@ -320,79 +341,34 @@ async fn forward_request(
                         scanner,
                         body,
                     } => {
-                        note_failover(gw, &guard, &failures, Some(&ep), parts.status);
-                        let relay = RelayBody::new(
-                            body,
-                            held,
-                            Some(scanner),
-                            Judge::Stream,
-                            timeouts.idle,
-                            attempt,
-                            guard,
-                        )
-                        .with_usage(gw.persist.tally());
-                        if let Some((a, key)) = &session {
-                            a.bind(key, ep.idx);
-                        }
-                        return relay_response(parts, relay, &ep, attempts, fallback, &req.method);
+                        let judge = Judge::Stream(scanner);
+                        return commit.relay(guard, attempt, parts, body, held, judge);
                     }
                     Preamble::Failed(outcome, message) => {
                         let message = ep.scrub(&message);
-                        tracing::warn!(endpoint = %ep.name, kind = outcome.kind().name(), %message, "stream failed before content");
-                        attempt.finish(outcome, Some(message.clone()));
-                        failures.push(Failure {
-                            endpoint: ep.name.clone(),
-                            outcome,
-                            message,
-                        });
+                        let log = Some("stream failed before content");
+                        fail_attempt(&mut failures, attempt, outcome, message, log);
                     }
                 }
             }
             Verdict::Relay => {
-                note_failover(gw, &guard, &failures, Some(&ep), parts.status);
-                let relay = RelayBody::new(
-                    body,
-                    Vec::new(),
-                    None,
-                    Judge::Plain,
-                    timeouts.idle,
-                    attempt,
-                    guard,
-                )
-                .with_usage(
-                    gw.persist
-                        .tally()
-                        .filter(|_| is_json(&parts.headers) && !is_encoded(&parts.headers)),
-                );
-                if let Some((a, key)) = &session {
-                    a.bind(key, ep.idx);
-                }
-                return relay_response(parts, relay, &ep, attempts, fallback, &req.method);
+                return commit.relay(guard, attempt, parts, body, Vec::new(), Judge::Plain);
             }
             Verdict::RelayCallerError => {
-                let relay = RelayBody::new(
-                    body,
-                    Vec::new(),
-                    None,
-                    Judge::CallerError,
-                    timeouts.idle,
-                    attempt,
-                    guard,
-                );
-                return relay_response(parts, relay, &ep, attempts, fallback, &req.method);
+                return commit.relay(guard, attempt, parts, body, Vec::new(), Judge::CallerError);
             }
             Verdict::FailOver(outcome) => {
                 let text = forward::read_small(body, 16 * 1024, timeouts.idle).await;
                 let message = forward::error_message(&text)
                     .unwrap_or_else(|| format!("HTTP {}", parts.status.as_u16()));
                 let message = format!("HTTP {}: {}", parts.status.as_u16(), ep.scrub(&message));
-                tracing::warn!(endpoint = %ep.name, kind = outcome.kind().name(), %message, "attempt failed");
-                attempt.finish(outcome, Some(message.clone()));
-                failures.push(Failure {
-                    endpoint: ep.name.clone(),
+                fail_attempt(
+                    &mut failures,
+                    attempt,
                     outcome,
                     message,
-                });
+                    Some("attempt failed"),
+                );
             }
         }
     }
@@ -401,9 +377,68 @@ async fn forward_request(
         resp.headers_mut()
             .insert("x-ccgate-fallback", HeaderValue::from_static("least-bad"));
     }
+    // The log line names the last endpoint tried with the status the client got (none when
+    // nothing could be tried).
+    if let Some(last) = failures.last() {
+        guard.served_by(&last.endpoint, tried.len(), resp.status().as_u16());
+    }
     note_failover(gw, &guard, &failures, None, resp.status());
     guard.end(RequestEnd::Upstream);
     resp
+}
+
+/// What committing to an endpoint's answer needs besides the answer itself.
+struct Commit<'a> {
+    gw: &'a Gateway,
+    failures: &'a [Failure],
+    session: Option<&'a (&'a Arc<Affinity>, String)>,
+    ep: &'a Arc<Endpoint>,
+    attempts: u32,
+    fallback: bool,
+    method: &'a Method,
+}
+
+impl Commit<'_> {
+    /// Relays `ep`'s answer: the request's log line names `ep`; unless the answer is the caller's
+    /// error, the failovers that led here go to the ring, the body's usage (a stream's, or a JSON
+    /// body's) is counted and the session binds to `ep`.
+    fn relay(
+        self,
+        mut guard: RequestGuard,
+        attempt: Attempt,
+        parts: http::response::Parts,
+        body: hyper::body::Incoming,
+        held: Vec<Bytes>,
+        judge: Judge,
+    ) -> Response<GateBody> {
+        let Self {
+            gw,
+            failures,
+            session,
+            ep,
+            attempts,
+            fallback,
+            method,
+        } = self;
+        guard.served_by(ep, attempts, parts.status.as_u16());
+        let tally = match &judge {
+            Judge::Stream(_) => gw.persist.tally(),
+            Judge::Plain => gw
+                .persist
+                .tally()
+                .filter(|_| is_json(&parts.headers) && !is_encoded(&parts.headers)),
+            Judge::CallerError => None,
+        };
+        if !matches!(judge, Judge::CallerError) {
+            note_failover(gw, &guard, failures, Some(ep), parts.status);
+            if let Some((a, key)) = session {
+                a.bind(key, ep.idx);
+            }
+        }
+        let relay = RelayBody::new(body, held, judge, gw.config.timeouts.idle, attempt, guard)
+            .with_usage(tally);
+        relay_response(parts, relay, ep, attempts, fallback, method)
+    }
 }
 
 /// Keeps a request that needed failover (or found nothing) in the recent-failovers ring.
@@ -418,12 +453,12 @@ fn note_failover(
         return;
     }
     gw.events.push(Failover {
-        at: String::new(),
+        at: crate::clock::rfc3339(SystemTime::now()),
         request_id: guard.id().to_string(),
         failed: failures
             .iter()
             .map(|f| FailedAttempt {
-                endpoint: f.endpoint.clone(),
+                endpoint: f.endpoint.name.clone(),
                 outcome: f.outcome.kind().name(),
                 message: f.message.clone(),
             })
@@ -527,7 +562,7 @@ fn all_down(reg: &Registry, failures: &[Failure]) -> Response<GateBody> {
     } else {
         let parts: Vec<String> = failures
             .iter()
-            .map(|f| format!("{}: {}", f.endpoint, f.message))
+            .map(|f| format!("{}: {}", f.endpoint.name, f.message))
             .collect();
         format!("ccgate: every endpoint tried failed ({})", parts.join("; "))
     };

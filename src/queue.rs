@@ -7,8 +7,8 @@
 //! Attempts whose event cannot change the phase (the overwhelming majority) never take the lock.
 
 use std::collections::BTreeMap;
-use std::sync::Weak;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::Notify;
@@ -31,7 +31,9 @@ pub struct Entry {
     pub since_ms: u64,
     /// Probes run in this episode.
     pub probe_attempts: u32,
-    /// When the next probe (or, cooling down, the automatic return) is due (clock ms).
+    /// When the next probe (or, cooling down, the automatic return) is due (clock ms). For a
+    /// rate-limited entry this is the endpoint's cooldown deadline, read when the entry is copied
+    /// out of the queue (the deadline has one home: [`Live::cooldown_until_ms`]).
     pub next_probe_at_ms: u64,
     /// A probe passed; one real request at a time is being admitted.
     pub probation: bool,
@@ -70,9 +72,32 @@ pub struct EpisodeEvent {
     pub probes: u32,
 }
 
+/// A queue entry and the live cell of its endpoint (where a rate-limited entry's deadline is).
+#[derive(Clone)]
+struct Slot {
+    entry: Entry,
+    live: Arc<Live>,
+}
+
+impl Slot {
+    /// The entry as callers see it: a rate-limited one is due when its cooldown ends.
+    fn entry(&self) -> Entry {
+        let mut e = self.entry.clone();
+        e.next_probe_at_ms = self.next_probe_at();
+        e
+    }
+
+    fn next_probe_at(&self) -> u64 {
+        match self.entry.reason {
+            Reason::RateLimited => self.live.cooldown_until_ms().max(1),
+            Reason::Failures | Reason::Auth => self.entry.next_probe_at_ms,
+        }
+    }
+}
+
 #[derive(Default)]
 struct Inner {
-    entries: BTreeMap<usize, Entry>,
+    entries: BTreeMap<usize, Slot>,
     stats: QueueStats,
     /// Episode opens and closes not yet taken by the store; `None` while nobody records them.
     episodes: Option<Vec<EpisodeEvent>>,
@@ -84,7 +109,7 @@ impl Inner {
             log.push(EpisodeEvent {
                 opened,
                 name: ep.name.clone(),
-                live: std::sync::Arc::downgrade(&ep.live),
+                live: Arc::downgrade(&ep.live),
                 at,
                 probes,
             });
@@ -128,82 +153,54 @@ impl FailureQueue {
             return false;
         };
         ep.live.phase.store(to as u8, Ordering::Release);
-        let first_probe = now_ms + ms(self.backoff(0));
         match effect {
             Effect::None => {}
-            Effect::Open(reason) => {
-                self.open(&mut inner, ep, reason, now_ms, first_probe);
-            }
+            Effect::Open(reason) => self.open(&mut inner, ep, reason, now_ms),
             Effect::Reason(reason) => {
-                if let Some(e) = inner.entries.get_mut(&ep.idx) {
+                if let Some(Slot { entry: e, .. }) = inner.entries.get_mut(&ep.idx) {
                     e.reason = reason;
                     e.probation = false;
-                    e.next_probe_at_ms =
-                        self.due_for(ep, reason, now_ms + ms(self.backoff(e.probe_attempts)));
+                    e.next_probe_at_ms = now_ms + ms(self.backoff(e.probe_attempts));
                 }
             }
             Effect::Probation => {
-                if let Some(e) = inner.entries.get_mut(&ep.idx) {
+                if let Some(Slot { entry: e, .. }) = inner.entries.get_mut(&ep.idx) {
                     e.probation = true;
                 }
             }
-            Effect::Close => {
-                let probes = inner
-                    .entries
-                    .remove(&ep.idx)
-                    .map_or(0, |e| e.probe_attempts);
-                inner.stats.total_closed += 1;
-                inner.log_episode(None, ep, self.clock.wall(now_ms), probes);
-            }
+            Effect::Close => self.close(&mut inner, ep, now_ms),
         }
         drop(inner);
         self.changed.notify_one();
         true
     }
 
-    /// Moves a cooling-down endpoint's entry to a later deadline (a later 429 said to wait
-    /// longer). Never moves it earlier.
-    pub fn extend_cooldown(&self, ep: &Endpoint, until_ms: u64) {
-        let mut inner = self.inner.lock();
-        if let Some(e) = inner.entries.get_mut(&ep.idx) {
-            if e.reason == Reason::RateLimited && e.next_probe_at_ms < until_ms {
-                e.next_probe_at_ms = until_ms;
-            }
-        }
-    }
-
     /// Opens a failure episode for `ep` (the caller holds the lock and has checked the phase).
-    fn open(
-        &self,
-        inner: &mut Inner,
-        ep: &Endpoint,
-        reason: Reason,
-        now_ms: u64,
-        first_probe: u64,
-    ) {
+    fn open(&self, inner: &mut Inner, ep: &Endpoint, reason: Reason, now_ms: u64) {
         inner.stats.total_failed += 1;
         inner.log_episode(Some(reason), ep, self.clock.wall(now_ms), 0);
-        let next_probe_at_ms = self.due_for(ep, reason, first_probe);
-        inner.entries.insert(
-            ep.idx,
-            Entry {
-                idx: ep.idx,
-                name: ep.name.clone(),
-                reason,
-                since_ms: now_ms,
-                probe_attempts: 0,
-                next_probe_at_ms,
-                probation: false,
-                last_probe: None,
-            },
-        );
+        let entry = Entry {
+            idx: ep.idx,
+            name: ep.name.clone(),
+            reason,
+            since_ms: now_ms,
+            probe_attempts: 0,
+            next_probe_at_ms: now_ms + ms(self.backoff(0)),
+            probation: false,
+            last_probe: None,
+        };
+        let live = Arc::clone(&ep.live);
+        inner.entries.insert(ep.idx, Slot { entry, live });
     }
 
-    fn due_for(&self, ep: &Endpoint, reason: Reason, probe_at: u64) -> u64 {
-        match reason {
-            Reason::RateLimited => ep.live.cooldown_until_ms().max(1),
-            Reason::Failures | Reason::Auth => probe_at,
-        }
+    /// Closes `ep`'s failure episode (the caller holds the lock and has checked the phase).
+    fn close(&self, inner: &mut Inner, ep: &Endpoint, now_ms: u64) {
+        let probes = inner
+            .entries
+            .remove(&ep.idx)
+            .map_or(0, |s| s.entry.probe_attempts);
+        inner.stats.total_closed += 1;
+        inner.log_episode(None, ep, self.clock.wall(now_ms), probes);
     }
 
     /// Probe backoff after `attempts` failed probes (with jitter).
@@ -222,7 +219,7 @@ impl FailureQueue {
             } else {
                 inner.stats.total_still_failed += 1;
             }
-            if let Some(e) = inner.entries.get_mut(&ep.idx) {
+            if let Some(Slot { entry: e, .. }) = inner.entries.get_mut(&ep.idx) {
                 e.probe_attempts += 1;
                 e.last_probe = Some(detail);
                 if !passed {
@@ -239,20 +236,60 @@ impl FailureQueue {
     /// Pulls an entry's next probe forward to now (admin "probe" and "enable").
     pub fn probe_now(&self, idx: usize) {
         let now = self.clock.now_ms();
-        if let Some(e) = self.inner.lock().entries.get_mut(&idx) {
-            e.next_probe_at_ms = now;
+        if let Some(s) = self.inner.lock().entries.get_mut(&idx) {
+            s.entry.next_probe_at_ms = now;
         }
         self.changed.notify_one();
     }
 
     /// The entries, in registry order.
     pub fn entries(&self) -> Vec<Entry> {
-        self.inner.lock().entries.values().cloned().collect()
+        self.inner
+            .lock()
+            .entries
+            .values()
+            .map(Slot::entry)
+            .collect()
     }
 
     /// One endpoint's entry.
     pub fn entry(&self, idx: usize) -> Option<Entry> {
-        self.inner.lock().entries.get(&idx).cloned()
+        self.inner.lock().entries.get(&idx).map(Slot::entry)
+    }
+
+    /// Whether the endpoint at `idx` has an entry.
+    pub fn contains(&self, idx: usize) -> bool {
+        self.inner.lock().entries.contains_key(&idx)
+    }
+
+    /// When the endpoint at `idx` is due for its next probe (or, cooling down, back), if it has
+    /// an entry.
+    pub fn next_probe_at(&self, idx: usize) -> Option<u64> {
+        self.inner.lock().entries.get(&idx).map(Slot::next_probe_at)
+    }
+
+    /// Probes run so far in the episode of the endpoint at `idx`, if it has an entry.
+    pub fn probe_attempts(&self, idx: usize) -> Option<u32> {
+        self.inner
+            .lock()
+            .entries
+            .get(&idx)
+            .map(|s| s.entry.probe_attempts)
+    }
+
+    /// How many endpoints are out of rotation.
+    pub fn len(&self) -> usize {
+        self.inner.lock().entries.len()
+    }
+
+    /// Whether every endpoint is in rotation.
+    pub fn is_empty(&self) -> bool {
+        self.inner.lock().entries.is_empty()
+    }
+
+    /// The statistics.
+    pub fn stats(&self) -> QueueStats {
+        self.inner.lock().stats
     }
 
     /// Takes over `old`'s statistics and the entries of the endpoints a config reload kept:
@@ -264,11 +301,11 @@ impl FailureQueue {
         inner.stats = from.stats;
         // The episode log (and whether one is kept) moves on with the statistics.
         inner.episodes = from.episodes.as_mut().map(std::mem::take);
-        for (old_idx, entry) in &from.entries {
+        for (old_idx, slot) in &from.entries {
             if let Some(idx) = moved(*old_idx) {
-                let mut entry = entry.clone();
-                entry.idx = idx;
-                inner.entries.insert(idx, entry);
+                let mut slot = slot.clone();
+                slot.entry.idx = idx;
+                inner.entries.insert(idx, slot);
             }
         }
         drop(inner);
@@ -281,32 +318,47 @@ impl FailureQueue {
     /// entry here must then close). Counted as the episode events they are. The prober calls this
     /// on every round; outside reloads it finds nothing to do. Returns whether it changed anything.
     pub fn reconcile(&self, ep: &Endpoint, now_ms: u64) -> bool {
-        // Phases change only under a queue lock: read it under this one.
+        let changed = self.reconcile_locked(&mut self.inner.lock(), ep, now_ms);
+        if changed {
+            self.changed.notify_waiters();
+        }
+        changed
+    }
+
+    /// [`FailureQueue::reconcile`] for every endpoint, under one lock. Returns whether it changed
+    /// anything.
+    pub fn reconcile_all(&self, endpoints: &[Arc<Endpoint>], now_ms: u64) -> bool {
         let mut inner = self.inner.lock();
+        let mut changed = false;
+        for ep in endpoints {
+            changed |= self.reconcile_locked(&mut inner, ep, now_ms);
+        }
+        drop(inner);
+        if changed {
+            self.changed.notify_waiters();
+        }
+        changed
+    }
+
+    fn reconcile_locked(&self, inner: &mut Inner, ep: &Endpoint, now_ms: u64) -> bool {
+        // Phases change only under a queue lock: read it under this one.
+        let queued = inner.entries.contains_key(&ep.idx);
         let reason = match ep.live.phase() {
             Phase::Ejected => Reason::Failures,
             Phase::CoolingDown => Reason::RateLimited,
             Phase::AuthDisabled => Reason::Auth,
             Phase::Probation => return false,
             Phase::Healthy => {
-                let Some(closed) = inner.entries.remove(&ep.idx) else {
-                    return false;
-                };
-                inner.stats.total_closed += 1;
-                inner.log_episode(None, ep, self.clock.wall(now_ms), closed.probe_attempts);
-                drop(inner);
-                self.changed.notify_waiters();
-                return true;
+                if queued {
+                    self.close(inner, ep, now_ms);
+                }
+                return queued;
             }
         };
-        if inner.entries.contains_key(&ep.idx) {
-            return false;
+        if !queued {
+            self.open(inner, ep, reason, now_ms);
         }
-        let first_probe = now_ms + ms(self.backoff(0));
-        self.open(&mut inner, ep, reason, now_ms, first_probe);
-        drop(inner);
-        self.changed.notify_waiters();
-        true
+        !queued
     }
 
     /// Starts keeping a log of episode opens and closes for [`FailureQueue::take_episode_events`]
@@ -328,11 +380,9 @@ impl FailureQueue {
     /// Entries and stats read together under one lock.
     pub fn view(&self) -> (Vec<Entry>, QueueStats) {
         let inner = self.inner.lock();
-        (inner.entries.values().cloned().collect(), inner.stats)
-    }
-
-    /// The clock this queue runs on.
-    pub fn clock(&self) -> Clock {
-        self.clock
+        (
+            inner.entries.values().map(Slot::entry).collect(),
+            inner.stats,
+        )
     }
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use crate::clock::Clock;
-use crate::config::Config;
+use crate::config::{Config, EndpointConfig};
 use crate::endpoint::{Endpoint, Recorder};
 use crate::gateway_stats::GatewayStats;
 use crate::health::{Event, Phase};
@@ -38,6 +38,20 @@ fn health_state(config: &Config, clock: Clock) -> (Arc<FailureQueue>, Arc<Record
         default_cooldown: h.rate_limit_cooldown,
     });
     (queue, recorder)
+}
+
+/// A new endpoint (fresh counters and health, its own upstream client) at position `idx`.
+fn fresh_endpoint(
+    config: &Config,
+    idx: usize,
+    e: &EndpointConfig,
+) -> Result<Endpoint, ClientError> {
+    let client = build_worker_clients(
+        e.ca_file.as_deref(),
+        &config.timeouts,
+        config.server.workers,
+    )?;
+    Ok(Endpoint::new(idx, e, client))
 }
 
 /// What a config reload did to the endpoints, by name.
@@ -74,12 +88,7 @@ impl Registry {
         let (queue, recorder) = health_state(config, clock);
         let mut endpoints = Vec::with_capacity(config.endpoints.len());
         for (idx, e) in config.endpoints.iter().enumerate() {
-            let client = build_worker_clients(
-                e.ca_file.as_deref(),
-                &config.timeouts,
-                config.server.workers,
-            )?;
-            endpoints.push(Arc::new(Endpoint::new(idx, e, client)));
+            endpoints.push(Arc::new(fresh_endpoint(config, idx, e)?));
         }
         Ok(Self {
             endpoints,
@@ -121,12 +130,7 @@ impl Registry {
                     } else {
                         report.added.push(e.name.clone());
                     }
-                    let client = build_worker_clients(
-                        e.ca_file.as_deref(),
-                        &config.timeouts,
-                        config.server.workers,
-                    )?;
-                    Endpoint::new(idx, e, client)
+                    fresh_endpoint(config, idx, e)?
                 }
             };
             endpoints.push(Arc::new(ep));
@@ -196,9 +200,7 @@ impl Registry {
             Phase::Healthy => None,
             Phase::Probation => Some(self.clock.now_ms()),
             Phase::CoolingDown => Some(ep.live.cooldown_until_ms()),
-            Phase::Ejected | Phase::AuthDisabled => {
-                self.queue.entry(ep.idx).map(|e| e.next_probe_at_ms)
-            }
+            Phase::Ejected | Phase::AuthDisabled => self.queue.next_probe_at(ep.idx),
         }
     }
 

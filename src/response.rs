@@ -1,5 +1,6 @@
-//! Client-facing response bodies and the one place that maps ccgate's own errors to Anthropic's
-//! error JSON (`{"type":"error","error":{"type":...,"message":...}}`).
+//! Client-facing response bodies, and Anthropic's error JSON
+//! (`{"type":"error","error":{"type":...,"message":...}}`) in one place: ccgate's own errors
+//! mapped to it, and an upstream error object read back.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -105,4 +106,16 @@ pub fn error_type_for(status: StatusCode) -> &'static str {
 /// An error for a status, with its standard type.
 pub fn error_for(status: StatusCode, message: &str) -> Response<GateBody> {
     error(status, error_type_for(status), message)
+}
+
+/// The longest `error.message` kept from an upstream error (in characters).
+pub const MAX_ERROR_MESSAGE: usize = 300;
+
+/// An upstream Anthropic error object (the `error` of an error body or SSE `error` event): its
+/// `type`, if it names one, and its `message` (empty if none), shortened to
+/// [`MAX_ERROR_MESSAGE`] characters.
+pub fn read_error(error: &serde_json::Value) -> (Option<&str>, String) {
+    let ty = error.get("type").and_then(|t| t.as_str());
+    let message = error.get("message").and_then(|t| t.as_str()).unwrap_or("");
+    (ty, message.chars().take(MAX_ERROR_MESSAGE).collect())
 }

@@ -56,13 +56,9 @@ impl Selector {
         now_ms: u64,
         rng: &mut fastrand::Rng,
     ) -> Vec<usize> {
-        let facts: Vec<(usize, u32, u32)> = endpoints
-            .iter()
-            .map(|e| (e.idx, e.priority, e.weight))
-            .collect();
         match self.strategy {
-            Strategy::Priority => rank_priority(&facts, rng),
-            Strategy::Weighted => weighted_order(facts.iter().map(|&(i, _, w)| (i, w)), rng),
+            Strategy::Priority => priority_order(endpoints, |e| (e.idx, e.priority, e.weight), rng),
+            Strategy::Weighted => weighted_order(endpoints.iter().map(|e| (e.idx, e.weight)), rng),
             Strategy::LeastLatency => {
                 let costs: Vec<Cost> = endpoints
                     .iter()
@@ -75,9 +71,11 @@ impl Selector {
                 rank_least_latency(&costs, rng)
             }
             Strategy::RoundRobin => {
-                let n = facts.len().max(1);
+                let n = endpoints.len().max(1);
                 let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
-                (0..facts.len()).map(|k| facts[(start + k) % n].0).collect()
+                (0..endpoints.len())
+                    .map(|k| endpoints[(start + k) % n].idx)
+                    .collect()
             }
         }
     }
@@ -106,12 +104,9 @@ pub fn least_latency_cost(e: &Endpoint, now_ms: u64) -> f64 {
 /// cheaper goes next. Endpoints out of rotation come after all those in rotation.
 pub fn rank_least_latency(costs: &[Cost], rng: &mut fastrand::Rng) -> Vec<usize> {
     let mut out = Vec::with_capacity(costs.len());
+    let mut pool: Vec<Cost> = Vec::with_capacity(costs.len());
     for group in [true, false] {
-        let mut pool: Vec<Cost> = costs
-            .iter()
-            .copied()
-            .filter(|c| c.in_rotation == group)
-            .collect();
+        pool.extend(costs.iter().copied().filter(|c| c.in_rotation == group));
         while !pool.is_empty() {
             let pick = if pool.len() == 1 {
                 0
@@ -129,22 +124,42 @@ pub fn rank_least_latency(costs: &[Cost], rng: &mut fastrand::Rng) -> Vec<usize>
     out
 }
 
-/// Lowest priority number first; weighted random order within each tier.
+/// Lowest priority number first; weighted random order within each tier. `facts` are
+/// `(index, priority, weight)`.
 pub fn rank_priority(facts: &[(usize, u32, u32)], rng: &mut fastrand::Rng) -> Vec<usize> {
-    let mut tiers: Vec<u32> = facts.iter().map(|f| f.1).collect();
-    tiers.sort_unstable();
-    tiers.dedup();
-    let mut out = Vec::with_capacity(facts.len());
-    for tier in tiers {
-        out.extend(weighted_order(
-            facts
+    priority_order(facts, |&f| f, rng)
+}
+
+/// [`rank_priority`] over any items, read by `fact` as `(index, priority, weight)`. The random
+/// keys are drawn tier by tier (lowest first), in item order within a tier, as
+/// [`weighted_order`] of each tier would draw them, into one vector sorted once.
+fn priority_order<T>(
+    items: &[T],
+    fact: impl Fn(&T) -> (usize, u32, u32),
+    rng: &mut fastrand::Rng,
+) -> Vec<usize> {
+    let mut keyed: Vec<(u32, f64, usize)> = Vec::with_capacity(items.len());
+    // Tiers in ascending order without collecting them: each pass takes the lowest priority
+    // above the last one (there are few tiers, and at most 64 endpoints).
+    let mut tier = items.iter().map(|t| fact(t).1).min();
+    while let Some(p) = tier {
+        keyed.extend(
+            items
                 .iter()
-                .filter(|f| f.1 == tier)
-                .map(|&(i, _, w)| (i, w)),
-            rng,
-        ));
+                .map(&fact)
+                .filter(|f| f.1 == p)
+                .map(|(i, _, w)| (p, weight_key(rng, w), i)),
+        );
+        tier = items.iter().map(|t| fact(t).1).filter(|&q| q > p).min();
     }
-    out
+    // Stable: equal keys keep item order, as in `weighted_order`.
+    keyed.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.total_cmp(&a.1)));
+    keyed.into_iter().map(|(_, _, i)| i).collect()
+}
+
+/// The Efraimidis–Spirakis key of an item of weight `w` (0 counts as 1).
+fn weight_key(rng: &mut fastrand::Rng, w: u32) -> f64 {
+    rng.f64().powf(1.0 / f64::from(w.max(1)))
 }
 
 /// A weighted random permutation (Efraimidis–Spirakis): each item draws `u^(1/w)` and items are
@@ -153,9 +168,7 @@ pub fn weighted_order(
     items: impl Iterator<Item = (usize, u32)>,
     rng: &mut fastrand::Rng,
 ) -> Vec<usize> {
-    let mut keyed: Vec<(f64, usize)> = items
-        .map(|(i, w)| (rng.f64().powf(1.0 / f64::from(w.max(1))), i))
-        .collect();
+    let mut keyed: Vec<(f64, usize)> = items.map(|(i, w)| (weight_key(rng, w), i)).collect();
     keyed.sort_by(|a, b| b.0.total_cmp(&a.0));
     keyed.into_iter().map(|(_, i)| i).collect()
 }

@@ -22,7 +22,7 @@ use std::path::PathBuf;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use http_body::Body;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -44,7 +44,38 @@ pub struct Handle {
     current: ArcSwap<Gateway>,
     source: Option<PathBuf>,
     reloading: tokio::sync::Mutex<()>,
-    prober: parking_lot::Mutex<Option<(watch::Sender<bool>, JoinHandle<()>)>>,
+    prober: parking_lot::Mutex<Option<BgTask>>,
+}
+
+/// A background task and the signal that stops it.
+struct BgTask {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl BgTask {
+    /// Spawns `run(stop)`; the task is to end once `stop` turns true or its sender goes away.
+    fn spawn<F>(run: impl FnOnce(watch::Receiver<bool>) -> F) -> Self
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let (stop, rx) = watch::channel(false);
+        Self {
+            stop,
+            task: tokio::spawn(run(rx)),
+        }
+    }
+
+    /// Asks the task to stop, without waiting for it.
+    fn signal(&self) {
+        let _ = self.stop.send(true);
+    }
+
+    /// Asks the task to stop and waits until it has.
+    async fn stop(self) {
+        self.signal();
+        let _ = self.task.await;
+    }
 }
 
 /// Why a reload did not happen (the running gateway is unchanged).
@@ -106,18 +137,16 @@ impl Handle {
 
     /// Starts the prober for `gw`, stopping the previous gateway's.
     fn start_prober(&self, gw: Arc<Gateway>) {
-        let (tx, rx) = watch::channel(false);
-        let task = tokio::spawn(crate::probe::run_prober(gw, rx));
-        if let Some((old_tx, _old)) = self.prober.lock().replace((tx, task)) {
-            let _ = old_tx.send(true);
+        let prober = BgTask::spawn(|stop| crate::probe::run_prober(gw, stop));
+        if let Some(old) = self.prober.lock().replace(prober) {
+            old.signal();
         }
     }
 
     async fn stop_prober(&self) {
-        let slot = self.prober.lock().take();
-        if let Some((tx, task)) = slot {
-            let _ = tx.send(true);
-            let _ = task.await;
+        let prober = self.prober.lock().take();
+        if let Some(prober) = prober {
+            prober.stop().await;
         }
     }
 }
@@ -125,27 +154,10 @@ impl Handle {
 /// `POST /_ccgate/reload`: re-reads the config file (the same token and same-site rules as the
 /// other admin writes).
 async fn reload_route<B>(handle: &Handle, req: &Request<B>) -> Response<GateBody> {
-    let gw = handle.current();
-    if !gw.authorized(req.headers()) {
-        return response::error(
-            StatusCode::UNAUTHORIZED,
-            "authentication_error",
-            "ccgate: missing or wrong access token",
-        );
-    }
-    if req.method() != Method::POST {
-        return response::error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "invalid_request_error",
-            "ccgate: method not allowed",
-        );
-    }
-    if crate::admin::cross_site(req.headers()) {
-        return response::error(
-            StatusCode::FORBIDDEN,
-            "permission_error",
-            "ccgate: admin changes are not accepted from another site",
-        );
+    if let Some(refused) =
+        crate::admin::refuse_write(&handle.current(), req.method(), req.headers())
+    {
+        return refused;
     }
     match handle.reload().await {
         Ok(report) => {
@@ -195,13 +207,8 @@ pub enum StartError {
 }
 
 impl Server {
-    /// Builds the gateway and binds its listener.
-    pub async fn bind(config: Config) -> Result<Self, StartError> {
-        Self::bind_with_source(config, None).await
-    }
-
-    /// Like [`Server::bind`], remembering the file the config came from so that SIGHUP and
-    /// `POST /_ccgate/reload` can re-read it.
+    /// Builds the gateway and binds its listener. `source` is the file the config came from, so
+    /// that SIGHUP and `POST /_ccgate/reload` can re-read it (`None`: no reloads).
     pub async fn bind_with_source(
         config: Config,
         source: Option<PathBuf>,
@@ -319,7 +326,8 @@ impl Server {
         for d in done {
             let _ = d.await;
         }
-        stop_writer(writer).await;
+        // The writer's last flush comes after the requests have drained.
+        writer.stop().await;
     }
 }
 
@@ -492,26 +500,10 @@ pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
     }
 }
 
-/// Starts the database writer (state that lasts), when the gateway has a database open.
-fn start_writer(handle: &Arc<Handle>) -> Option<(watch::Sender<bool>, JoinHandle<()>)> {
+/// Starts the database writer (state that lasts); without a database open it ends at once.
+/// Stopping it makes it flush one last time.
+fn start_writer(handle: &Arc<Handle>) -> BgTask {
     let persist = Arc::clone(&handle.current().persist);
-    if !persist.is_active() {
-        return None;
-    }
-    let (tx, rx) = watch::channel(false);
     let handle = Arc::clone(handle);
-    let task = tokio::spawn(crate::store::run_writer(
-        persist,
-        move || handle.current(),
-        rx,
-    ));
-    Some((tx, task))
-}
-
-/// Stops the writer after its last flush (of everything the drained requests recorded).
-async fn stop_writer(writer: Option<(watch::Sender<bool>, JoinHandle<()>)>) {
-    if let Some((tx, task)) = writer {
-        let _ = tx.send(true);
-        let _ = task.await;
-    }
+    BgTask::spawn(|stop| crate::store::run_writer(persist, move || handle.current(), stop))
 }

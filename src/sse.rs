@@ -24,12 +24,44 @@ pub struct StreamFacts {
     pub error: Option<(String, String)>,
 }
 
+/// The event names the scanner tells apart; every other name (or one that is not UTF-8) is
+/// [`EventName::Other`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum EventName {
+    MessageStart,
+    MessageDelta,
+    MessageStop,
+    Ping,
+    ContentBlockStart,
+    Error,
+    Other,
+}
+
+impl EventName {
+    fn parse(name: &[u8]) -> Self {
+        match name {
+            b"message_start" => Self::MessageStart,
+            b"message_delta" => Self::MessageDelta,
+            b"message_stop" => Self::MessageStop,
+            b"ping" => Self::Ping,
+            b"content_block_start" => Self::ContentBlockStart,
+            b"error" => Self::Error,
+            _ => Self::Other,
+        }
+    }
+
+    /// Whether the verdict or the usage ledger reads this event's `data`.
+    fn keeps_data(self) -> bool {
+        matches!(self, Self::Error | Self::MessageStart | Self::MessageDelta)
+    }
+}
+
 /// Incremental SSE scanner.
 #[derive(Default)]
 pub struct SseScanner {
     line: Vec<u8>,
     overlong: bool,
-    event: Option<Vec<u8>>,
+    event: Option<EventName>,
     data: Vec<u8>,
     keep_data: bool,
     facts: StreamFacts,
@@ -111,8 +143,9 @@ impl SseScanner {
         };
         match field {
             b"event" => {
-                self.keep_data = matches!(value, b"error" | b"message_start" | b"message_delta");
-                self.event = Some(value.to_vec());
+                let name = EventName::parse(value);
+                self.keep_data = name.keeps_data();
+                self.event = Some(name);
             }
             b"data" if self.keep_data && self.data.len() + value.len() < MAX_LINE => {
                 if !self.data.is_empty() {
@@ -136,59 +169,55 @@ impl SseScanner {
         } else {
             serde_json::from_slice(&data).ok()
         };
-        let name: String = match &event {
-            Some(e) => String::from_utf8_lossy(e).into_owned(),
-            None => json
-                .as_ref()
+        // Without an `event:` line the name is the JSON's `type` (the SSE default, `message`, is
+        // none the scanner tells apart).
+        let name = event.unwrap_or_else(|| {
+            json.as_ref()
                 .and_then(|j| j.get("type"))
                 .and_then(|t| t.as_str())
-                .unwrap_or("message")
-                .to_string(),
-        };
+                .map_or(EventName::Other, |t| EventName::parse(t.as_bytes()))
+        });
         self.facts.events += 1;
         if let Some(j) = &json {
-            self.note_usage(&name, j);
+            self.note_usage(name, j);
         }
-        match name.as_str() {
+        match name {
             // A block opening carries no generated text yet: holding it keeps a failure before the
             // first delta transparent to fail over.
-            "message_start" | "ping" | "content_block_start" => {}
-            "message_stop" => self.facts.message_stop = true,
-            "error" => {
+            EventName::MessageStart | EventName::Ping | EventName::ContentBlockStart => {}
+            EventName::MessageStop => self.facts.message_stop = true,
+            EventName::Error => {
                 if self.facts.error.is_none() {
-                    let err = json.as_ref().and_then(|j| j.get("error"));
-                    let ty = err
-                        .and_then(|e| e.get("type"))
-                        .and_then(|t| t.as_str())
-                        .unwrap_or("api_error");
-                    let msg = err
-                        .and_then(|e| e.get("message"))
-                        .and_then(|t| t.as_str())
-                        .unwrap_or("");
-                    self.facts.error = Some((ty.to_string(), msg.chars().take(300).collect()));
+                    let (ty, message) = json
+                        .as_ref()
+                        .and_then(|j| j.get("error"))
+                        .map_or((None, String::new()), crate::response::read_error);
+                    self.facts.error = Some((ty.unwrap_or("api_error").to_string(), message));
                 }
             }
-            _ => self.facts.content = true,
+            EventName::MessageDelta | EventName::Other => self.facts.content = true,
         }
     }
 }
 
 impl SseScanner {
-    fn note_usage(&mut self, name: &str, json: &serde_json::Value) {
+    /// Notes `message_start`'s model and usage and `message_delta`'s usage. The model is kept as
+    /// sent (the line cap bounds it); the tally shortens it.
+    fn note_usage(&mut self, name: EventName, json: &serde_json::Value) {
         match name {
-            "message_start" => {
+            EventName::MessageStart => {
                 let Some(message) = json.get("message") else {
                     return;
                 };
                 let u = self.usage.get_or_insert_with(Box::default);
                 if let Some(m) = message.get("model").and_then(|m| m.as_str()) {
-                    u.model = Some(m.chars().take(200).collect());
+                    u.model = Some(m.to_owned());
                 }
                 if let Some(usage) = message.get("usage") {
                     u.usage.update_from(usage);
                 }
             }
-            "message_delta" => {
+            EventName::MessageDelta => {
                 if let Some(usage) = json.get("usage") {
                     self.usage
                         .get_or_insert_with(Box::default)

@@ -30,10 +30,9 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, pa
 use tokio::sync::watch;
 
 use crate::classify::Kind;
-use crate::clock::rfc3339;
 use crate::config::StorageConfig;
 use crate::endpoint::{Counters, Live};
-use crate::gateway_stats::{GatewaySnapshot, GatewayStats};
+use crate::gateway_stats::{GatewaySnapshot, GatewayStats, RequestEnd};
 use crate::proxy::Gateway;
 use crate::queue::EpisodeEvent;
 use crate::usage::{LedgerRow, UsageKey, UsageSums, UsageTally, day_string};
@@ -91,13 +90,10 @@ const STARTED: &str = "started";
 
 /// Combines two counter sets field by field with `op` (saturating add or subtract).
 fn combine(a: &Counters, b: &Counters, op: fn(u64, u64) -> u64) -> Counters {
-    let by_kind = std::array::from_fn(|i| op(a.by_kind[i], b.by_kind[i]));
-    let total = op(a.total, b.total);
-    Counters {
-        total,
-        in_flight: total.saturating_sub(by_kind.iter().sum()),
-        by_kind,
-    }
+    Counters::from_parts(
+        op(a.total, b.total),
+        std::array::from_fn(|i| op(a.by_kind[i], b.by_kind[i])),
+    )
 }
 
 fn plus(a: &Counters, b: &Counters) -> Counters {
@@ -106,10 +102,6 @@ fn plus(a: &Counters, b: &Counters) -> Counters {
 
 fn minus(a: &Counters, b: &Counters) -> Counters {
     combine(a, b, u64::saturating_sub)
-}
-
-fn is_zero(c: &Counters) -> bool {
-    c.total == 0 && c.by_kind.iter().all(|&n| n == 0)
 }
 
 /// Client-request totals as stored (the gateway's [`GatewaySnapshot`] without `in_flight`).
@@ -128,13 +120,12 @@ pub struct GatewayTotals {
 }
 
 impl GatewayTotals {
-    const NAMES: [&'static str; 5] = [
-        STARTED,
-        "success",
-        "upstream_error",
-        "caller_error",
-        "cancelled",
-    ];
+    /// The stored counter names, in the order of [`GatewayTotals::values`]: requests started,
+    /// then each way a request ends.
+    fn names() -> [&'static str; 5] {
+        let [a, b, c, d] = RequestEnd::ALL.map(RequestEnd::name);
+        [STARTED, a, b, c, d]
+    }
 
     fn values(&self) -> [u64; 5] {
         [
@@ -205,6 +196,35 @@ pub struct EpisodeRow {
     pub ended_by: Option<String>,
 }
 
+impl EpisodeRow {
+    /// When it began.
+    pub fn started_at(&self) -> SystemTime {
+        wall(self.started_at_ms)
+    }
+
+    /// When it ended; `None` while it lasts.
+    pub fn ended_at(&self) -> Option<SystemTime> {
+        self.ended_at_ms.map(wall)
+    }
+}
+
+/// Where persistence stands.
+#[derive(Clone, Debug)]
+pub struct StorageStatus {
+    /// A database is open and written.
+    pub enabled: bool,
+    /// `[storage]` asked for one.
+    pub configured: bool,
+    /// The database file.
+    pub path: Option<PathBuf>,
+    /// How often the writer flushes.
+    pub flush_interval: Duration,
+    /// The last committed flush.
+    pub last_flush: Option<SystemTime>,
+    /// Why the database is not (or was not last time) written.
+    pub error: Option<String>,
+}
+
 /// Everything read back on start.
 #[derive(Default)]
 struct Loaded {
@@ -233,7 +253,8 @@ fn wall(ms: i64) -> SystemTime {
         .unwrap_or(UNIX_EPOCH)
 }
 
-fn sql_int(n: u64) -> i64 {
+/// `n` as the `i64` that SQLite (and a Prometheus gauge) holds, saturating.
+pub(crate) fn saturating_i64(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
@@ -326,7 +347,7 @@ impl Store {
         tx.execute("DELETE FROM schema_version", [])?;
         tx.execute(
             "INSERT INTO schema_version (version) VALUES (?1)",
-            [sql_int(latest as u64)],
+            [saturating_i64(latest as u64)],
         )?;
         tx.commit()?;
         Ok(())
@@ -372,14 +393,14 @@ impl Store {
                 }
             }
             for c in loaded.endpoints.values_mut() {
-                c.in_flight = c.total.saturating_sub(c.by_kind.iter().sum());
+                *c = Counters::from_parts(c.total, c.by_kind);
             }
             let mut st = tx.prepare("SELECT kind, count FROM gateway_counters")?;
             let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
             let mut values = [0u64; 5];
             for row in rows {
                 let (kind, count) = row?;
-                if let Some(i) = GatewayTotals::NAMES.iter().position(|n| *n == kind) {
+                if let Some(i) = GatewayTotals::names().iter().position(|n| *n == kind) {
                     values[i] = from_sql_int(count);
                 }
             }
@@ -421,12 +442,12 @@ impl Store {
             )?;
             for (name, d) in &b.endpoint_deltas {
                 if d.total > 0 {
-                    counter.execute(params![name, STARTED, sql_int(d.total)])?;
+                    counter.execute(params![name, STARTED, saturating_i64(d.total)])?;
                 }
                 for k in Kind::ALL {
                     let n = d.by_kind[k as usize];
                     if n > 0 {
-                        counter.execute(params![name, k.name(), sql_int(n)])?;
+                        counter.execute(params![name, k.name(), saturating_i64(n)])?;
                     }
                 }
             }
@@ -435,9 +456,9 @@ impl Store {
                     "INSERT INTO gateway_counters (kind, count) VALUES (?1, ?2)
                      ON CONFLICT (kind) DO UPDATE SET count = count + excluded.count",
                 )?;
-                for (name, n) in GatewayTotals::NAMES.iter().zip(delta.values()) {
+                for (name, n) in GatewayTotals::names().into_iter().zip(delta.values()) {
                     if n > 0 {
-                        st.execute(params![name, sql_int(n)])?;
+                        st.execute(params![name, saturating_i64(n)])?;
                     }
                 }
             }
@@ -459,11 +480,11 @@ impl Store {
                     day_string(k.day),
                     k.endpoint,
                     k.model,
-                    sql_int(v.requests),
-                    sql_int(v.usage.input),
-                    sql_int(v.usage.output),
-                    sql_int(v.usage.cache_creation),
-                    sql_int(v.usage.cache_read),
+                    saturating_i64(v.requests),
+                    saturating_i64(v.usage.input),
+                    saturating_i64(v.usage.output),
+                    saturating_i64(v.usage.cache_creation),
+                    saturating_i64(v.usage.cache_read),
                 ])?;
             }
             let mut open = tx.prepare_cached(
@@ -478,7 +499,6 @@ impl Store {
                         endpoint,
                         reason,
                         at,
-                        ..
                     } => {
                         open.execute(params![endpoint, reason, unix_ms(*at)])?;
                         opened.push(tx.last_insert_rowid());
@@ -489,10 +509,7 @@ impl Store {
                         probes,
                         by,
                     } => {
-                        let id = match target {
-                            OpenRef::Row(id) => *id,
-                            OpenRef::Local(i) => opened.get(*i).copied().unwrap_or(-1),
-                        };
+                        let id = target.resolve(&opened);
                         close.execute(params![unix_ms(*at), i64::from(*probes), by, id])?;
                     }
                 }
@@ -564,6 +581,16 @@ enum OpenRef {
     Local(usize),
 }
 
+impl OpenRef {
+    /// The row id, given the ids of the rows the flush opened (`-1` for an open it lacks).
+    fn resolve(self, opened: &[i64]) -> i64 {
+        match self {
+            OpenRef::Row(id) => id,
+            OpenRef::Local(i) => opened.get(i).copied().unwrap_or(-1),
+        }
+    }
+}
+
 #[derive(Clone)]
 struct OpenEpisode {
     target: OpenRef,
@@ -577,7 +604,6 @@ enum EpisodeOp {
         endpoint: String,
         reason: &'static str,
         at: SystemTime,
-        probes: u32,
     },
     Close {
         target: OpenRef,
@@ -645,14 +671,12 @@ impl Persist {
         }
     }
 
-    /// Opens the database `config` names and reads back what it holds. Never fails: a database
-    /// that cannot be opened is logged and reported in the views, and the gateway serves without
-    /// persistence. Blocking (file I/O); call it off the async workers.
-    pub fn open(config: &StorageConfig) -> Self {
+    /// Opens the database `config` names (which [`attach`] has checked is enabled) and reads
+    /// back what it holds. Never fails: a database that cannot be opened is logged and reported
+    /// in the views, and the gateway serves without persistence. Blocking (file I/O); call it
+    /// off the async workers.
+    fn open(config: &StorageConfig) -> Self {
         let mut p = Self::off();
-        if !config.enabled {
-            return p;
-        }
         p.configured = true;
         p.flush_interval = config.flush_interval;
         p.path = config.resolved_path();
@@ -696,11 +720,6 @@ impl Persist {
         self.tally.clone()
     }
 
-    /// The flush interval.
-    pub fn flush_interval(&self) -> Duration {
-        self.flush_interval
-    }
-
     /// Cumulative counters of the endpoint named `name` whose live cell is `live`: what the
     /// database holds plus what happened since the last flush, for every cell of that name.
     pub fn lifetime(&self, name: &str, live: &Arc<Live>) -> Counters {
@@ -728,49 +747,23 @@ impl Persist {
         books.gateway.zip(&unflushed, u64::saturating_add)
     }
 
-    /// The `storage` object of `/_ccgate/stats`.
-    pub fn status_json(&self) -> serde_json::Value {
+    /// Where persistence stands (the `storage` object of `/_ccgate/stats`).
+    pub fn status(&self) -> StorageStatus {
         let books = self.books.lock();
-        serde_json::json!({
-            "enabled": self.is_active(),
-            "configured": self.configured,
-            "path": self.path.as_ref().map(|p| p.display().to_string()),
-            "flush_interval_ms": u64::try_from(self.flush_interval.as_millis()).unwrap_or(u64::MAX),
-            "last_flush": books.last_flush.map(rfc3339),
-            "error": books.error,
-        })
+        StorageStatus {
+            enabled: self.is_active(),
+            configured: self.configured,
+            path: self.path.clone(),
+            flush_interval: self.flush_interval,
+            last_flush: books.last_flush,
+            error: books.error.clone(),
+        }
     }
 
-    /// `GET /_ccgate/episodes`: the latest episodes, newest first; an open episode shows the
-    /// probes run so far.
-    pub fn episodes_json(&self, gw: &Gateway) -> serde_json::Value {
-        let rows: Vec<EpisodeRow> = self.books.lock().recent.iter().cloned().collect();
-        let entries = gw.registry.queue.entries();
-        let list: Vec<serde_json::Value> = rows
-            .iter()
-            .map(|r| {
-                let probes = match r.ended_at_ms {
-                    Some(_) => r.probes,
-                    None => entries
-                        .iter()
-                        .find(|e| e.name == r.endpoint)
-                        .map_or(r.probes, |e| e.probe_attempts.max(r.probes)),
-                };
-                serde_json::json!({
-                    "id": r.id,
-                    "endpoint": r.endpoint,
-                    "reason": r.reason,
-                    "started_at": rfc3339(wall(r.started_at_ms)),
-                    "ended_at": r.ended_at_ms.map(|m| rfc3339(wall(m))),
-                    "duration_seconds": r.ended_at_ms
-                        .map(|e| (e - r.started_at_ms).max(0) as f64 / 1000.0),
-                    "probes": probes,
-                    "open": r.ended_at_ms.is_none(),
-                    "ended_by": r.ended_by,
-                })
-            })
-            .collect();
-        serde_json::json!({ "storage": self.is_active(), "episodes": list })
+    /// The latest episodes, newest first, as last committed (an open one's `probes` is what was
+    /// written; the failure queue knows the probes run since).
+    pub fn recent_episodes(&self) -> Vec<EpisodeRow> {
+        self.books.lock().recent.iter().cloned().collect()
     }
 
     /// Gathers one flush: counter deltas of every followed cell, the gateway totals, the usage
@@ -800,7 +793,7 @@ impl Persist {
             let retired = !current.contains_key(key) && Arc::strong_count(&t.live) == 1;
             let snap = t.live.snapshot();
             let delta = minus(&snap, &t.written);
-            if !is_zero(&delta) {
+            if delta != Counters::default() {
                 let d = endpoint_deltas.entry(t.name.clone()).or_default();
                 *d = plus(d, &delta);
             }
@@ -838,7 +831,6 @@ impl Persist {
                         endpoint: ev.name.clone(),
                         reason: reason.name(),
                         at: ev.at,
-                        probes: 0,
                     });
                     open.insert(
                         key,
@@ -864,22 +856,17 @@ impl Persist {
         }
         // Probes run so far, and episodes whose endpoint a reload changed or removed (they end
         // with it), or all of them when the gateway stops.
-        let entries = gw.registry.queue.entries();
         let mut ended = Vec::new();
         for (key, o) in &mut open {
-            match current.get(key) {
-                Some(ep) if !last => {
-                    if let Some(e) = entries.iter().find(|e| e.idx == ep.idx) {
-                        o.probes = o.probes.max(e.probe_attempts);
-                    }
-                }
-                Some(ep) => {
-                    if let Some(e) = entries.iter().find(|e| e.idx == ep.idx) {
-                        o.probes = o.probes.max(e.probe_attempts);
-                    }
-                    ended.push((*key, "shutdown"));
-                }
-                None => ended.push((*key, "reload")),
+            let Some(ep) = current.get(key) else {
+                ended.push((*key, "reload"));
+                continue;
+            };
+            if let Some(probes) = gw.registry.queue.probe_attempts(ep.idx) {
+                o.probes = o.probes.max(probes);
+            }
+            if last {
+                ended.push((*key, "shutdown"));
             }
         }
         for (key, by) in ended {
@@ -924,15 +911,11 @@ impl Persist {
                 *written = *snap;
             }
         }
-        let resolve = |r: OpenRef| match r {
-            OpenRef::Row(id) => id,
-            OpenRef::Local(i) => ids.get(i).copied().unwrap_or(-1),
-        };
         books.open = b
             .open_after
             .into_iter()
             .map(|(k, mut o)| {
-                o.target = OpenRef::Row(resolve(o.target));
+                o.target = OpenRef::Row(o.target.resolve(ids));
                 (k, o)
             })
             .collect();
@@ -943,9 +926,8 @@ impl Persist {
                     endpoint,
                     reason,
                     at,
-                    probes,
                 } => {
-                    let id = resolve(OpenRef::Local(next_local));
+                    let id = OpenRef::Local(next_local).resolve(ids);
                     next_local += 1;
                     books.recent.push_front(EpisodeRow {
                         id,
@@ -953,7 +935,7 @@ impl Persist {
                         reason: reason.to_string(),
                         started_at_ms: unix_ms(at),
                         ended_at_ms: None,
-                        probes,
+                        probes: 0,
                         ended_by: None,
                     });
                 }
@@ -963,7 +945,7 @@ impl Persist {
                     probes,
                     by,
                 } => {
-                    let id = resolve(target);
+                    let id = target.resolve(ids);
                     if let Some(r) = books.recent.iter_mut().find(|r| r.id == id) {
                         r.ended_at_ms = Some(unix_ms(at));
                         r.probes = probes;
@@ -1027,7 +1009,8 @@ impl Persist {
 
 /// The background writer: flushes every `flush_interval` until `stop` turns true (or its sender
 /// goes away), then flushes one last time — closing open episodes as ended by shutdown — and
-/// closes the database. `current` gives the gateway in service (it changes on reloads).
+/// closes the database. `current` gives the gateway in service (it changes on reloads). Without a
+/// database open it returns at once.
 pub async fn run_writer<F>(persist: Arc<Persist>, current: F, mut stop: watch::Receiver<bool>)
 where
     F: Fn() -> Arc<Gateway> + Send + 'static,

@@ -12,7 +12,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{ProcessEnv, StorageConfig, default_config_path};
+use crate::config::{ProcessEnv, StorageConfig, resolve_config_path};
 
 /// Tokens of one answer (or a sum of answers).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -126,7 +126,8 @@ impl UsageSums {
 /// Rows one flush interval may gather before new models are folded into [`OTHER_MODEL`], so that
 /// an upstream inventing model names cannot grow the map without bound.
 const MAX_ROWS: usize = 10_000;
-/// Longest model name kept.
+/// Longest model name kept, in characters (applied here, to the model of streams and JSON bodies
+/// alike).
 const MAX_MODEL_LEN: usize = 200;
 /// The model name for usage without one, or beyond [`MAX_ROWS`].
 pub const OTHER_MODEL: &str = "(other)";
@@ -146,22 +147,21 @@ pub fn day_of(t: SystemTime) -> i64 {
 impl UsageTally {
     /// Adds one answer's usage (request path: one short lock, no I/O).
     pub fn add(&self, endpoint: &str, usage: &MessageUsage) {
-        let day = day_of(SystemTime::now());
         let model = match usage.model.as_deref() {
             Some(m) if !m.is_empty() => m,
             _ => OTHER_MODEL,
         };
-        let model: String = model.chars().take(MAX_MODEL_LEN).collect();
+        // The key is built before the lock is taken: only the map operations happen under it.
+        let mut key = UsageKey {
+            day: day_of(SystemTime::now()),
+            endpoint: endpoint.to_string(),
+            model: model.chars().take(MAX_MODEL_LEN).collect(),
+        };
         let one = UsageSums {
             requests: 1,
             usage: usage.usage,
         };
         let mut rows = self.rows.lock();
-        let mut key = UsageKey {
-            day,
-            endpoint: endpoint.to_string(),
-            model,
-        };
         if rows.len() >= MAX_ROWS && !rows.contains_key(&key) {
             key.model = OTHER_MODEL.to_string();
         }
@@ -337,11 +337,10 @@ pub fn run(args: UsageArgs) -> anyhow::Result<()> {
 }
 
 /// The `[storage]` settings: from `--config`, else `$CCGATE_CONFIG`, else the default config file
-/// if it exists, else the defaults. Only `[storage]` is read, so a config whose credentials come
-/// from variables this shell does not have still works.
+/// if it exists, else the defaults (see [`resolve_config_path`]). Only `[storage]` is read, so a
+/// config whose credentials come from variables this shell does not have still works.
 fn storage_config(explicit: Option<PathBuf>) -> anyhow::Result<StorageConfig> {
-    let chosen = explicit.is_some() || std::env::var_os("CCGATE_CONFIG").is_some();
-    let Some(path) = explicit.or_else(|| default_config_path(&ProcessEnv)) else {
+    let Some((path, chosen)) = resolve_config_path(explicit.as_deref(), &ProcessEnv) else {
         return Ok(StorageConfig::default());
     };
     if !path.exists() && !chosen {
