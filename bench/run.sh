@@ -432,10 +432,17 @@ slow_round() {
     local np=$NGINX_PID na=$NGINX_ADDR
     start_ccgate "slow-ccgate-r$rep" "$G_MOCK_A_ADDR" "$G_MOCK_B_ADDR"
     local cp=$CCGATE_PID ca=$CCGATE_ADDR
-    sleep 1
-    local n_pids c_pids
-    n_pids="$np $(pgrep -P "$np" | tr '\n' ' ')"
-    c_pids=$cp
+    # Idle RSS once startup has settled: sample every 0.2 s until two samples in a row agree
+    # (nginx's worker set and both RSS sums), at most 10 s.
+    local n_pids c_pids=$cp sample prev= i
+    for ((i = 0; i < 50; i++)); do
+        n_pids="$np $(pgrep -P "$np" | tr '\n' ' ' || true)"
+        sample="$n_pids/$(rss_kb VmRSS $n_pids)/$(rss_kb VmRSS $c_pids)"
+        [[ $sample == "$prev" ]] && break
+        prev=$sample
+        sleep 0.2
+    done
+    ((i < 50)) || log "warning: idle RSS still moving after 10 s; recording the last sample"
     local idle_n idle_c idle_pss_n idle_pss_c
     idle_n=$(rss_kb VmRSS $n_pids); idle_c=$(rss_kb VmRSS $c_pids)
     idle_pss_n=$(pss_kb $n_pids); idle_pss_c=$(pss_kb $c_pids)

@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
@@ -131,11 +132,16 @@ fn bench_record(c: &mut Criterion, label: &str, outcome: Outcome) {
     let ep = Arc::clone(&reg.endpoints[0]);
     let rec = Arc::clone(&reg.recorder);
     let baseline = Baseline::new();
+    // Records issued on `ep`, warm-up included: every one must show in its counters.
+    let issued = AtomicU64::new(0);
     let mut group = c.benchmark_group(format!("record_{label}"));
     group.throughput(Throughput::Elements(1));
     for threads in THREADS {
         group.bench_with_input(BenchmarkId::new("ccgate", threads), &threads, |b, &t| {
-            b.iter_custom(|iters| run_threads(t, iters, &|| ccgate_record(&ep, &rec, outcome)))
+            b.iter_custom(|iters| {
+                issued.fetch_add(iters * t as u64, Ordering::Relaxed);
+                run_threads(t, iters, &|| ccgate_record(&ep, &rec, outcome))
+            })
         });
         group.bench_with_input(
             BenchmarkId::new("mutex_hashmap", threads),
@@ -144,9 +150,11 @@ fn bench_record(c: &mut Criterion, label: &str, outcome: Outcome) {
         );
     }
     group.finish();
-    // The counters saw every record: nothing lost under contention.
+    // The counters saw every record: nothing lost under contention, each with its outcome.
     let snap = ep.live.snapshot();
+    let issued = issued.into_inner();
     assert_eq!(snap.in_flight, 0);
+    assert_eq!(snap.total, issued, "records issued vs counted");
     assert_eq!(
         snap.total,
         if ok { snap.successful() } else { snap.failed() }

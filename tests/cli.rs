@@ -12,6 +12,8 @@
 mod mock;
 #[path = "support/process.rs"]
 mod process;
+#[path = "support/wait.rs"]
+mod wait;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
@@ -346,9 +348,9 @@ async fn bad_config_reports_every_problem_at_once() {
 
 #[tokio::test]
 async fn bad_config_is_refused_before_binding_with_every_problem() {
-    // The same file without the unknown key (which currently hides the rest; see the ignored
-    // test above). `listen` names a port this test holds: had ccgate tried to bind before
-    // validating, it would fail with "cannot listen" instead.
+    // The same file without the unknown key (the test above shows it reported together with the
+    // rest), so the lines after it move up by one. `listen` names a port this test holds: had
+    // ccgate tried to bind before validating, it would fail with "cannot listen" instead.
     let held = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = held.local_addr().expect("addr").port();
     let text = BAD_CONFIG

@@ -10,15 +10,23 @@
 
 #[path = "support/mock.rs"]
 mod mock;
+#[path = "support/port.rs"]
+mod port;
 #[path = "support/process.rs"]
 mod process;
+#[path = "support/wait.rs"]
+mod wait;
 
 use std::path::Path;
 
 use serde_json::Value;
 
 use mock::{MockUpstream, Script};
-use process::{Finished, Sandbox, config, get, mode_of, post_message, run, run_with_stdin, start};
+use port::ClosedPort;
+use process::{
+    Finished, Sandbox, config, endpoint_entry, get, mode_of, post_message, run, run_with_stdin,
+    start,
+};
 
 fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
@@ -35,23 +43,6 @@ fn row<'a>(f: &'a Finished, name: &str) -> &'a str {
         .lines()
         .find(|l| l.split_whitespace().next() == Some(name))
         .unwrap_or_else(|| panic!("no row for `{name}`\n{}", f.output()))
-}
-
-/// A loopback port that was just free: nothing listens there any more.
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
-
-/// The entry for endpoint `name` in a `GET /_ccgate/endpoints` answer.
-#[track_caller]
-fn endpoint_entry<'a>(view: &'a Value, name: &str) -> &'a Value {
-    view["endpoints"]
-        .as_array()
-        .expect("endpoints")
-        .iter()
-        .find(|e| e["name"] == name)
-        .unwrap_or_else(|| panic!("no endpoint {name}: {view}"))
 }
 
 /// `ccgate endpoints ARGS --config CONFIG --url URL`, which must succeed and say that the change
@@ -502,8 +493,8 @@ async fn check_exit_codes_and_scrubbed_details() {
 #[tokio::test]
 async fn status_without_a_gateway_fails_clearly() {
     let sb = Sandbox::new();
-    let port = free_port();
-    let f = run(sb.command(&["status", "--url", &format!("127.0.0.1:{port}")])).await;
+    let closed = ClosedPort::new();
+    let f = run(sb.command(&["status", "--url", &closed.addr()])).await;
     f.assert_failure();
     assert!(
         f.stderr.contains("cannot reach the gateway") && f.stderr.contains("ccgate serve"),
@@ -650,8 +641,8 @@ async fn enable_and_disable_apply_to_the_running_gateway() {
     gw.stop().await;
 
     // Nothing running at the address: the edit is saved, and the message says what to do.
-    let port = free_port();
-    let url = format!("http://127.0.0.1:{port}");
+    let closed = ClosedPort::new();
+    let url = closed.url();
     let f = run(sb.command(&["endpoints", "disable", "a", "--config", c, "--url", &url])).await;
     f.assert_success();
     assert!(

@@ -19,6 +19,7 @@ use http::{Method, StatusCode};
 use serde_json::{Value, json};
 use support::gateway::{GatewayBuilder, TestGateway};
 use support::mock::{MockUpstream, Script};
+use support::wait::{DEADLINE, eventually_ok};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
@@ -204,18 +205,15 @@ async fn dashboard_in_headless_chromium() {
         .await;
 
     // The gateway switched it off...
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    eventually_ok("the click to disable `a`", || async {
         let view = get(&gw, "/_ccgate/endpoints/a", &auth).await.json();
         if view["state"] == "disabled" && view["enabled"] == false {
-            break;
+            Ok(())
+        } else {
+            Err(view)
         }
-        assert!(
-            Instant::now() < deadline,
-            "the click did not disable `a`: {view}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
     // ...and the page says so.
     page.wait_for("`a` disabled", &states_js(), |v| {
         v == &json!({"a": "disabled", "b": "healthy"})
@@ -324,7 +322,7 @@ impl Browser {
     /// Waits for `DevToolsActivePort`, connects to the browser and attaches to a new page.
     async fn connect(&self) -> Cdp {
         let file: PathBuf = self.profile.path().join("DevToolsActivePort");
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + DEADLINE;
         let (port, path) = loop {
             let text = std::fs::read_to_string(&file).unwrap_or_default();
             let mut lines = text.lines();
@@ -333,7 +331,7 @@ impl Browser {
             }
             assert!(
                 Instant::now() < deadline,
-                "Chromium wrote no DevToolsActivePort within 20 s; its log:\n{}",
+                "Chromium wrote no DevToolsActivePort within {DEADLINE:?}; its log:\n{}",
                 self.log_tail()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -382,7 +380,7 @@ struct Cdp {
 }
 
 impl Cdp {
-    /// Sends a command and returns its `result`; panics on a protocol error or after 15 s.
+    /// Sends a command and returns its `result`; panics on a protocol error or after [`DEADLINE`].
     async fn call(&mut self, method: &str, params: Value) -> Value {
         self.next_id += 1;
         let id = self.next_id;
@@ -394,11 +392,11 @@ impl Cdp {
             .send(Message::Text(msg.to_string().into()))
             .await
             .unwrap_or_else(|e| panic!("{method}: send: {e}"));
-        let deadline = Instant::now() + Duration::from_secs(15);
+        let deadline = Instant::now() + DEADLINE;
         loop {
             let next = tokio::time::timeout_at(deadline, self.ws.next())
                 .await
-                .unwrap_or_else(|_| panic!("{method}: no answer within 15 s"));
+                .unwrap_or_else(|_| panic!("{method}: no answer within {DEADLINE:?}"));
             let frame = next
                 .unwrap_or_else(|| panic!("{method}: DevTools connection closed"))
                 .unwrap_or_else(|e| panic!("{method}: {e}"));
@@ -436,9 +434,11 @@ impl Cdp {
             .unwrap_or_else(|e| panic!("evaluating `{expr}`: {e}"))
     }
 
-    /// Polls `expr` until `done` accepts its value; fails after 15 s showing the last value.
+    /// Polls `expr` until `done` accepts its value; fails after [`DEADLINE`] showing the last
+    /// value. (A method on `&mut self`, so it polls by itself rather than through
+    /// `support::wait`.)
     async fn wait_for(&mut self, what: &str, expr: &str, done: impl Fn(&Value) -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(15);
+        let deadline = Instant::now() + DEADLINE;
         loop {
             let last = self.try_eval(expr).await;
             if last.as_ref().is_ok_and(&done) {

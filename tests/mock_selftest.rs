@@ -13,13 +13,12 @@ use support::mock::{
     Gate, MOCK_MODEL, MockUpstream, Script, SseEvent, anthropic_error, anthropic_message,
     sse_delta_text, sse_ok_text,
 };
+use support::wait::within;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tokio_rustls::rustls;
 
-/// Upper bound for anything that should happen "at once"; only hit when a test fails.
-const LIMIT: Duration = Duration::from_secs(5);
 /// How long we listen for bytes that must NOT arrive (an absence check, not synchronisation).
 const QUIET: Duration = Duration::from_millis(100);
 
@@ -236,12 +235,6 @@ fn standard_names(n: usize) -> Vec<String> {
     names.extend(std::iter::repeat_n("content_block_delta", n));
     names.extend(["content_block_stop", "message_delta", "message_stop"]);
     names.into_iter().map(str::to_owned).collect()
-}
-
-async fn within<F: std::future::Future>(what: &str, fut: F) -> F::Output {
-    timeout(LIMIT, fut)
-        .await
-        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -794,10 +787,16 @@ async fn malformed_requests_get_400_and_the_server_survives() {
                 .is_empty()
         );
     }
-    // A connection that dies mid-request.
+    // A connection that dies mid-request: the client's FIN arrives before the body is complete
+    // (as when it is dropped), and the mock closing its side shows it is done with the request.
     let mut c = Client::connect(&up).await;
     c.send_raw(b"POST / HTTP/1.1\r\nContent-Length: 100\r\n\r\nshort")
         .await;
+    c.stream.shutdown().await.expect("half-close");
+    let rest = within("the mock to close the cut request", c.read_to_close())
+        .await
+        .expect("closed cleanly");
+    assert!(rest.is_empty(), "no answer to a cut request: {rest:?}");
     drop(c);
 
     assert_eq!(up.count(), 0);

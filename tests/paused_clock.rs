@@ -356,17 +356,21 @@ async fn a_rate_limited_probation_request_cools_down_until_its_deadline() {
 async fn extended_cooldown_shows_in_the_queue_entry() {
     let reg = registry(3);
     let ep = Arc::clone(&reg.endpoints[0]);
+    // The clock stands still: every record below reads this same `now`.
+    let now = reg.clock.now_ms();
     record(
         &reg,
         &ep,
         Outcome::RateLimited(Some(Duration::from_secs(5))),
     );
+    assert_eq!(ep.live.cooldown_until_ms(), now + 5_000);
     record(
         &reg,
         &ep,
         Outcome::RateLimited(Some(Duration::from_secs(60))),
     );
     let until = ep.live.cooldown_until_ms();
+    assert_eq!(until, now + 60_000, "the longer 429 extends the cooldown");
     assert_eq!(reg.queue.entry(0).expect("queued").next_probe_at_ms, until);
     record(
         &reg,

@@ -15,7 +15,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
@@ -24,25 +24,7 @@ use serde_json::Value;
 
 use support::gateway::{GatewayBuilder, TestGateway, http_client};
 use support::mock::{MOCK_MODEL, MockUpstream, Script};
-
-/// Upper bound for anything a background flush should make happen.
-const DEADLINE: Duration = Duration::from_secs(15);
-
-/// Polls `check` until it returns `Some`, or panics with `what` after [`DEADLINE`].
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let until = Instant::now() + DEADLINE;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(Instant::now() < until, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
+use support::wait::{self, eventually_some}; // `wait` for `support/process.rs`
 
 fn builder(a: &MockUpstream, b: &MockUpstream, db: &Path) -> GatewayBuilder {
     GatewayBuilder::new()
@@ -115,7 +97,7 @@ async fn restart_keeps_counters_episodes_and_usage() {
 
     // A flush has happened, then the same config is reloaded: every endpoint is kept, and the
     // writer must not count what it already wrote a second time.
-    eventually("a first flush", || async {
+    eventually_some("a first flush", || async {
         let s = gw.admin("stats").await;
         (!s["storage"]["last_flush"].is_null()).then_some(())
     })
@@ -132,7 +114,7 @@ async fn restart_keeps_counters_episodes_and_usage() {
     assert_eq!(r.status, StatusCode::OK);
     assert!(r.text().contains("message_stop"), "{}", r.text());
     // A probe brings b back on probation; req3 is its one real request, which ends the episode.
-    eventually("b on probation after a passed probe", || async {
+    eventually_some("b on probation after a passed probe", || async {
         let v = gw.endpoint_view("b").await;
         (v["probation"] == true).then_some(())
     })
@@ -255,17 +237,6 @@ fn write_config(sb: &process::Sandbox, upstream: &str, storage: &str) {
     sb.write_at(&sb.default_config(), &text);
 }
 
-async fn endpoint(addr: std::net::SocketAddr, name: &str) -> Value {
-    let all = process::get(addr, "/_ccgate/endpoints", &[]).await.json();
-    all["endpoints"]
-        .as_array()
-        .expect("endpoints")
-        .iter()
-        .find(|e| e["name"] == name)
-        .cloned()
-        .unwrap_or_else(|| panic!("no endpoint {name}: {all}"))
-}
-
 /// `ccgate serve` with a temporary HOME: traffic, SIGTERM, restart with the counters kept, and
 /// `ccgate usage` (JSON and table) reading the ledger from the file.
 #[tokio::test]
@@ -305,7 +276,8 @@ async fn binary_restart_and_usage_command() {
 
     let f = process::run(sb.command(&["usage", "--json"])).await;
     f.assert_success();
-    let v: Value = serde_json::from_str(&f.stdout).expect("usage --json prints JSON");
+    let ledger: Value = serde_json::from_str(&f.stdout).expect("usage --json prints JSON");
+    let v = &ledger;
     let rows = v["rows"].as_array().expect("rows");
     assert_eq!(rows.len(), 1, "{v}");
     let row = &rows[0];
@@ -330,16 +302,20 @@ async fn binary_restart_and_usage_command() {
 
     // Restart: lifetime picks up where the first run left off.
     let serving = process::start(sb.command(&["serve"])).await;
-    let v = endpoint(serving.addr, "main").await;
+    let v = process::endpoint_view(serving.addr, "main").await;
     assert_eq!(v["total_requests"], 0);
     assert_eq!(four(&v["lifetime"]), [3, 3, 0, 0], "{v}");
     let stats = process::get(serving.addr, "/_ccgate/stats", &[])
         .await
         .json();
     assert_eq!(stats["lifetime"]["total_requests"], 3, "{stats}");
-    // While it runs, `usage` still reads the file (read-only, beside the writer).
+    // While it runs, `usage` still reads the file (read-only, beside the writer): the same ledger.
     let f = process::run(sb.command(&["usage", "--json"])).await;
     f.assert_success();
+    let running: Value = serde_json::from_str(&f.stdout).expect("usage --json prints JSON");
+    assert_eq!(running["rows"], ledger["rows"], "{running}");
+    assert_eq!(running["total"], ledger["total"], "{running}");
+    assert_eq!(running["total"]["requests"], 3, "{running}");
     serving.stop().await;
 }
 
@@ -438,11 +414,11 @@ async fn kill_9_mid_traffic_leaves_an_intact_database() {
     }
 
     // Kill only once the writer has committed at least two flushes while traffic keeps going.
-    let first = eventually("a first flush during traffic", || async {
+    let first = eventually_some("a first flush during traffic", || async {
         stored(&db).map(|s| s.started).filter(|&n| n >= 50)
     })
     .await;
-    let (flushed_started, flushed_success) = eventually("a second flush", || async {
+    let (flushed_started, flushed_success) = eventually_some("a second flush", || async {
         let s = stored(&db)?;
         (s.started > first && answered.load(Ordering::Relaxed) > s.started)
             .then_some((s.started, s.success))
@@ -495,7 +471,7 @@ async fn kill_9_mid_traffic_leaves_an_intact_database() {
 
     // The gateway starts again on the same file and shows what it holds.
     let serving = process::start(sb.command(&["serve"])).await;
-    let v = endpoint(serving.addr, "main").await;
+    let v = process::endpoint_view(serving.addr, "main").await;
     assert_eq!(v["lifetime"]["total_requests"], started, "{v}");
     let episodes = process::get(serving.addr, "/_ccgate/episodes", &[]).await;
     assert_eq!(episodes.status, StatusCode::OK);

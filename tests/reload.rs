@@ -2,17 +2,18 @@
 //! keep their counters and health, changed ones start afresh, removed ones stop, and a bad file
 //! leaves the running gateway as it was.
 
+#[cfg(unix)]
+#[path = "support/process.rs"]
+mod process;
 mod support;
-
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ccgate::config::Config;
 use http::Method;
 use support::gateway::{GatewayBuilder, TestGateway};
 use support::mock::{MockUpstream, Script};
+#[cfg(unix)]
+use support::wait; // for `support/process.rs`
 
 fn endpoint(name: &str, url: &str, extra: &str) -> String {
     format!(
@@ -210,95 +211,58 @@ async fn reload_without_a_config_file_is_refused() {
     gw.shutdown().await;
 }
 
-/// Kills the child on drop.
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
+/// The real binary, in a sandbox (temporary HOME and XDG dirs, `support/process.rs`): SIGHUP
+/// rereads its config file, and the gateway keeps running.
+#[cfg(unix)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_running_binary() {
     let (a, b) = (MockUpstream::start().await, MockUpstream::start().await);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("config.toml");
+    let sb = process::Sandbox::new();
     let head = "[server]\nlisten = \"127.0.0.1:0\"\n";
-    write(&path, &format!("{head}{}", endpoint("a", &a.url(), "")));
-    #[cfg(unix)]
-    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-        .expect("chmod");
-    let mut child = Child(
-        Command::new(env!("CARGO_BIN_EXE_ccgate"))
-            .args(["serve", "--config"])
-            .arg(&path)
-            .env_clear()
-            .env("HOME", dir.path())
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn ccgate"),
+    // Owner-only, as the gateway wants a file that holds credentials.
+    let path = sb.write(
+        "config.toml",
+        &format!("{head}{}", endpoint("a", &a.url(), "")),
     );
-    let stdout = child.0.stdout.take().expect("stdout");
-    let line = tokio::task::spawn_blocking(move || {
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).map(|_| line)
-    })
-    .await
-    .expect("join")
-    .expect("read");
-    let url = line
-        .trim()
-        .strip_prefix("listening on ")
-        .expect("listening line")
-        .to_string();
-    let client = support::gateway::http_client();
-    let names = || async {
-        let resp = client
-            .get(format!("{url}/_ccgate/endpoints").parse().expect("uri"))
-            .await
-            .expect("gateway answers");
-        let body = http_body_util::BodyExt::collect(resp.into_body())
-            .await
-            .expect("body")
-            .to_bytes();
-        let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    let mut cmd = sb.command(&["serve", "--config", path.to_str().expect("utf-8 path")]);
+    cmd.env("RUST_LOG", "warn");
+    let mut serving = process::start(cmd).await;
+    let addr = serving.addr;
+    let names = || async move {
+        let v = process::get(addr, "/_ccgate/endpoints", &[]).await.json();
         v["endpoints"]
             .as_array()
-            .map(|l| l.iter().map(|e| e["name"].to_string()).collect::<Vec<_>>())
+            .map(|l| {
+                l.iter()
+                    .map(|e| e["name"].as_str().unwrap_or("?").to_string())
+                    .collect::<Vec<_>>()
+            })
             .unwrap_or_default()
     };
-    assert_eq!(names().await, ["\"a\""]);
-    write(
-        &path,
+    assert_eq!(names().await, ["a"]);
+    sb.write(
+        "config.toml",
         &format!(
             "{head}{}{}",
             endpoint("a", &a.url(), ""),
             endpoint("b", &b.url(), "")
         ),
     );
-    let status = Command::new("kill")
-        .args(["-HUP", &child.0.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
+    serving.signal("HUP");
     // The reload happens in the background: poll the view, with a deadline.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if names().await == ["\"a\"", "\"b\""] {
-            break;
+    support::wait::eventually_ok("SIGHUP to reload the config", || async {
+        let now = names().await;
+        if now == ["a", "b"] {
+            Ok(())
+        } else {
+            Err(format!("endpoints {now:?}"))
         }
-        assert!(
-            Instant::now() < deadline,
-            "SIGHUP did not reload the config"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
     assert!(
-        child.0.try_wait().expect("status").is_none(),
-        "SIGHUP must not stop the gateway"
+        serving.is_running(),
+        "SIGHUP must not stop the gateway\nstderr:\n{}",
+        serving.stderr_now()
     );
+    serving.stop().await;
 }

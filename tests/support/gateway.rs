@@ -23,6 +23,8 @@ use ccgate::config::Config;
 use ccgate::proxy::Gateway;
 use ccgate::server::Server;
 
+use super::wait::DEADLINE;
+
 /// Builds a config in TOML, section by section.
 #[derive(Default, Clone)]
 pub struct GatewayBuilder {
@@ -203,7 +205,8 @@ impl TestGateway {
         format!("http://{}{}", self.addr, path)
     }
 
-    /// Sends a request and returns the response with its body still streaming.
+    /// Sends a request and returns the response with its body still streaming; panics when no
+    /// response head arrives within [`DEADLINE`].
     pub async fn send(
         &self,
         method: Method,
@@ -211,17 +214,22 @@ impl TestGateway {
         headers: &[(&str, &str)],
         body: impl Into<Bytes>,
     ) -> Response<Incoming> {
+        let what = format!("{method} {path}");
         let mut b = Request::builder().method(method).uri(self.url(path));
         for (k, v) in headers {
             b = b.header(*k, *v);
         }
-        self.client
-            .request(b.body(Full::new(body.into())).expect("request"))
+        let req = b.body(Full::new(body.into())).expect("request");
+        tokio::time::timeout(DEADLINE, self.client.request(req))
             .await
-            .expect("gateway answered")
+            .unwrap_or_else(|_| {
+                panic!("{what}: no response head from the gateway within {DEADLINE:?}")
+            })
+            .unwrap_or_else(|e| panic!("{what}: the gateway did not answer: {e}"))
     }
 
-    /// Sends a request and reads the whole answer.
+    /// Sends a request and reads the whole answer; panics when the body breaks or does not end
+    /// within [`DEADLINE`] (tests that expect a broken body use [`TestGateway::send`]).
     pub async fn request(
         &self,
         method: Method,
@@ -231,11 +239,16 @@ impl TestGateway {
     ) -> Answer {
         let resp = self.send(method, path, headers, body).await;
         let (parts, body) = resp.into_parts();
-        let body = body
-            .collect()
+        let body = tokio::time::timeout(DEADLINE, body.collect())
             .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
+            .unwrap_or_else(|_| {
+                panic!(
+                    "the answer body ({}) did not end within {DEADLINE:?}",
+                    parts.status
+                )
+            })
+            .unwrap_or_else(|e| panic!("answer body ({}): {e}", parts.status))
+            .to_bytes();
         Answer {
             status: parts.status,
             headers: parts.headers,
@@ -293,9 +306,10 @@ impl TestGateway {
 
     /// Waits until every endpoint and the gateway report nothing in flight (the relay records an
     /// attempt when the client has read its body end, which may be a moment after the client
-    /// sees it).
+    /// sees it). Panics after [`DEADLINE`].
     pub async fn settle(&self) {
-        for _ in 0..2000 {
+        let until = tokio::time::Instant::now() + DEADLINE;
+        loop {
             let gw = self.handle.current();
             let busy = gw
                 .registry
@@ -306,10 +320,13 @@ impl TestGateway {
             if !busy {
                 return;
             }
+            assert!(
+                tokio::time::Instant::now() < until,
+                "gateway did not settle within {DEADLINE:?}: requests still in flight"
+            );
             tokio::task::yield_now().await;
             tokio::time::sleep(std::time::Duration::from_millis(1)).await;
         }
-        panic!("gateway did not settle: requests still in flight");
     }
 
     /// Stops the gateway and waits for it to finish.

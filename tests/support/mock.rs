@@ -453,11 +453,6 @@ impl Script {
         self
     }
 
-    /// This script's label.
-    pub fn label_name(&self) -> &'static str {
-        self.label
-    }
-
     fn default_label(mut self, label: &'static str) -> Self {
         if !self.label_fixed {
             self.label = label;

@@ -1,2 +1,4 @@
 pub mod gateway;
 pub mod mock;
+pub mod port;
+pub mod wait;

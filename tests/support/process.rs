@@ -3,7 +3,10 @@
 //! environment, so the developer's own configuration and credentials never leak in. Children are
 //! killed when dropped (a failing test leaves nothing behind); readiness of `serve` is its
 //! `listening on http://ADDR` line. Shared by the suites that run the binary (`tests/cli.rs`,
-//! `tests/cli_ops.rs`, `tests/persistence.rs`).
+//! `tests/cli_ops.rs`, `tests/persistence.rs`, `tests/reload.rs`), which include this file by
+//! path. It needs `crate::wait` (`support/wait.rs`): a suite without `mod support` includes that
+//! by path too, one with `mod support` brings it in with `use support::wait;` (loading the same
+//! file twice in one crate is what clippy's `duplicate_mod` forbids).
 
 use std::io::{BufRead, Read};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -20,10 +23,11 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
+/// Upper bound for anything that should happen promptly (start, a request, an exit).
+pub use crate::wait::DEADLINE;
+
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_ccgate");
-/// Upper bound for anything that should happen promptly (start, a request, an exit).
-pub const DEADLINE: Duration = Duration::from_secs(20);
 
 /// Temporary HOME / XDG dirs and a cleared environment.
 pub struct Sandbox {
@@ -534,4 +538,21 @@ pub async fn post_message(addr: SocketAddr, headers: &[(&str, &str)]) -> Answer 
 /// `GET path`.
 pub async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Answer {
     call(addr, Method::GET, path, headers, String::new()).await
+}
+
+/// The entry for endpoint `name` in a `GET /_ccgate/endpoints` answer.
+#[track_caller]
+pub fn endpoint_entry<'a>(view: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    view["endpoints"]
+        .as_array()
+        .expect("endpoints")
+        .iter()
+        .find(|e| e["name"] == name)
+        .unwrap_or_else(|| panic!("no endpoint {name}: {view}"))
+}
+
+/// Endpoint `name` as `GET /_ccgate/endpoints` shows it (without an access token).
+pub async fn endpoint_view(addr: SocketAddr, name: &str) -> serde_json::Value {
+    let view = get(addr, "/_ccgate/endpoints", &[]).await.json();
+    endpoint_entry(&view, name).clone()
 }
