@@ -133,13 +133,17 @@ pub enum Verdict {
 }
 
 /// Classifies a response by its status and headers. `now` turns absolute reset times into
-/// durations.
-pub fn classify_status(status: StatusCode, headers: &HeaderMap, now: SystemTime) -> Verdict {
+/// durations; it is only asked for a 429.
+pub fn classify_status(
+    status: StatusCode,
+    headers: &HeaderMap,
+    now: impl FnOnce() -> SystemTime,
+) -> Verdict {
     match status.as_u16() {
         200..=299 => Verdict::Relay,
         401..=403 => Verdict::FailOver(Outcome::Auth),
         408 => Verdict::FailOver(Outcome::Transport(TransportKind::Timeout)),
-        429 => Verdict::FailOver(Outcome::RateLimited(retry_after(headers, now))),
+        429 => Verdict::FailOver(Outcome::RateLimited(retry_after(headers, now()))),
         503 | 529 => Verdict::FailOver(Outcome::Overloaded),
         500..=599 => Verdict::FailOver(Outcome::ServerError),
         // 1xx never reach here (hyper handles them); 3xx and the remaining 4xx are answers about
@@ -214,7 +218,7 @@ mod tests {
             );
         }
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
-        let got = classify_status(StatusCode::from_u16(status).expect("status"), &map, now);
+        let got = classify_status(StatusCode::from_u16(status).expect("status"), &map, || now);
         assert_eq!(got, want, "status {status} {headers:?}");
     }
 

@@ -322,7 +322,7 @@ async fn forward_request(
             }
         };
         attempt.first_byte();
-        let verdict = classify_status(resp.status(), resp.headers(), SystemTime::now());
+        let verdict = classify_status(resp.status(), resp.headers(), SystemTime::now);
         let (parts, body) = resp.into_parts();
         let commit = Commit {
             gw,

@@ -1,36 +1,76 @@
-//! The upstream HTTP client: one pooled keep-alive client per endpoint, HTTPS through rustls.
+//! The upstream HTTP client: keep-alive HTTP/1.1 connections per endpoint, HTTPS through rustls.
 //!
 //! Trust comes from the Mozilla roots (webpki-roots) plus the platform's store, plus an endpoint's
 //! own `ca_file` when it names one (self-hosted relays, and the tests' self-signed upstream).
 //! HTTP/1.1 only, as Claude Code itself speaks to the API, so relays see the traffic they expect.
 //!
-//! Each serving worker thread (see `server.rs`) has its own pool, so a request, its upstream
-//! connection task and the connection's wakeups stay on one thread; threads that are not workers
-//! (the prober, tests) share one more pool.
+//! Each serving worker thread (see `server.rs`) has its own pool of idle connections, so a
+//! request, its upstream connection task and the connection's wakeups stay on one thread; threads
+//! that are not workers (the prober, tests) share one more pool. A client belongs to one endpoint,
+//! so a pool holds connections to one origin and needs no key: it is a stack of idle senders
+//! (the most recently used first, so the fewest connections stay warm), each dropped once it has
+//! idled [`IDLE_TIMEOUT`], once its connection closed, or when it is found not ready.
+//!
+//! A connection goes back to its pool once its response body has been read to the end (a small
+//! task waits for that). A request that finds its pooled connection closed before anything was
+//! written to it is retried on another connection: that is the keep-alive race with an upstream
+//! that closes idle connections, not a failure of the endpoint.
 
 use std::cell::Cell;
+use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, Uri};
 use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
 use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use parking_lot::Mutex;
+use tokio::time::Instant;
+use tower_service::Service;
 
 use crate::config::Timeouts;
 
 /// Body type of upstream requests: the buffered client body, replayed per attempt.
 pub type UpstreamBody = Full<Bytes>;
 
-type Pool = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
+/// How long an unused connection is kept.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// The pooled clients of one endpoint: one per serving worker, plus one shared by other threads.
+/// The connections of one endpoint: one idle pool per serving worker, plus one shared by other
+/// threads.
 #[derive(Clone)]
 pub struct UpstreamClient {
-    pools: Arc<[Pool]>,
+    inner: Arc<Pools>,
+}
+
+struct Pools {
+    connector: HttpsConnector<HttpConnector>,
+    idle: Box<[Mutex<VecDeque<Idle>>]>,
+}
+
+struct Idle {
+    sender: SendRequest<UpstreamBody>,
+    since: Instant,
+}
+
+/// Why an upstream request got no response.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// The URL cannot be requested (no host).
+    #[error("invalid upstream URL {0}")]
+    Url(String),
+    /// No connection could be made (DNS, TCP, TLS).
+    #[error("connect error")]
+    Connect(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The HTTP/1.1 exchange failed (connection closed, malformed response, ...).
+    #[error("upstream connection error")]
+    Http(#[from] hyper::Error),
 }
 
 thread_local! {
@@ -43,14 +83,132 @@ pub fn set_worker(index: usize) {
 }
 
 impl UpstreamClient {
-    /// Sends a request on this thread's pool.
-    pub fn request(
+    /// Sends a request (its URI absolute) on a connection from this thread's pool, or a new one,
+    /// and waits for the response headers.
+    pub async fn request(
         &self,
-        req: http::Request<UpstreamBody>,
-    ) -> hyper_util::client::legacy::ResponseFuture {
-        let shared = self.pools.len() - 1;
-        let i = WORKER.with(Cell::get).map_or(shared, |w| w.min(shared));
-        self.pools[i].request(req)
+        mut req: Request<UpstreamBody>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let shared = self.inner.idle.len() - 1;
+        let slot = WORKER.with(Cell::get).map_or(shared, |w| w.min(shared));
+        let uri = req.uri().clone();
+        let host = host_header(&uri)?;
+        req.headers_mut().insert(header::HOST, host);
+        *req.uri_mut() = origin_form(&uri);
+
+        while let Some(mut sender) = self.inner.checkout(slot) {
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    self.inner.keep(slot, sender);
+                    return Ok(resp);
+                }
+                // Closed before the request was written: the keep-alive race, try another.
+                Err(mut e) => match e.take_message() {
+                    Some(back) => req = back,
+                    None => return Err(UpstreamError::Http(e.into_error())),
+                },
+            }
+        }
+        let mut sender = self.inner.connect(uri).await?;
+        let resp = sender.send_request(req).await?;
+        self.inner.keep(slot, sender);
+        Ok(resp)
+    }
+}
+
+impl UpstreamClient {
+    /// Idle connections ready for a request, over all pools.
+    pub fn idle_connections(&self) -> usize {
+        self.inner
+            .idle
+            .iter()
+            .map(|p| p.lock().iter().filter(|i| i.sender.is_ready()).count())
+            .sum()
+    }
+}
+
+impl Pools {
+    /// The most recently used ready connection of `slot`, if any.
+    fn checkout(&self, slot: usize) -> Option<SendRequest<UpstreamBody>> {
+        let mut idle = self.idle[slot].lock();
+        while let Some(i) = idle.pop_back() {
+            if i.since.elapsed() >= IDLE_TIMEOUT {
+                // Everything below it idled longer still.
+                idle.clear();
+                return None;
+            }
+            if i.sender.is_ready() {
+                return Some(i.sender);
+            }
+            // Closed, or in a state it should not be in while idle: drop it.
+        }
+        None
+    }
+
+    /// Returns `sender` to `slot`'s pool once its response has been read to the end.
+    fn keep(self: &Arc<Self>, slot: usize, mut sender: SendRequest<UpstreamBody>) {
+        if sender.is_ready() {
+            self.checkin(slot, sender);
+            return;
+        }
+        let pools = Arc::clone(self);
+        tokio::spawn(async move {
+            if sender.ready().await.is_ok() {
+                pools.checkin(slot, sender);
+            }
+        });
+    }
+
+    fn checkin(&self, slot: usize, sender: SendRequest<UpstreamBody>) {
+        let now = Instant::now();
+        let mut idle = self.idle[slot].lock();
+        while idle
+            .front()
+            .is_some_and(|i| now.duration_since(i.since) >= IDLE_TIMEOUT)
+        {
+            idle.pop_front();
+        }
+        idle.push_back(Idle { sender, since: now });
+    }
+
+    /// A new connection to `uri`'s origin, its task spawned on the current runtime.
+    async fn connect(&self, uri: Uri) -> Result<SendRequest<UpstreamBody>, UpstreamError> {
+        let mut connector = self.connector.clone();
+        std::future::poll_fn(|cx| connector.poll_ready(cx))
+            .await
+            .map_err(UpstreamError::Connect)?;
+        let io = connector.call(uri).await.map_err(UpstreamError::Connect)?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(io).await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream connection ended");
+            }
+        });
+        Ok(sender)
+    }
+}
+
+/// `Host` for `uri`: its host, with the port when it is not the scheme's default.
+fn host_header(uri: &Uri) -> Result<HeaderValue, UpstreamError> {
+    let bad = || UpstreamError::Url(uri.to_string());
+    let host = uri.host().ok_or_else(bad)?;
+    let default_port = if uri.scheme_str() == Some("https") {
+        443
+    } else {
+        80
+    };
+    match uri.port_u16() {
+        Some(p) if p != default_port => HeaderValue::from_str(&format!("{host}:{p}")),
+        _ => HeaderValue::from_str(host),
+    }
+    .map_err(|_| bad())
+}
+
+/// The request target sent on the connection: path and query only.
+fn origin_form(uri: &Uri) -> Uri {
+    match uri.path_and_query() {
+        Some(pq) if pq.as_str() != "/" => Uri::from(pq.clone()),
+        _ => Uri::from_static("/"),
     }
 }
 
@@ -132,16 +290,11 @@ pub fn build_worker_clients(
         .https_or_http()
         .enable_http1()
         .wrap_connector(http);
-    let pools: Vec<Pool> = (0..=workers)
-        .map(|_| {
-            Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(Duration::from_secs(90))
-                .pool_timer(hyper_util::rt::TokioTimer::new())
-                .timer(hyper_util::rt::TokioTimer::new())
-                .build(https.clone())
-        })
-        .collect();
+    let idle = (0..=workers).map(|_| Mutex::new(VecDeque::new())).collect();
     Ok(UpstreamClient {
-        pools: pools.into(),
+        inner: Arc::new(Pools {
+            connector: https,
+            idle,
+        }),
     })
 }

@@ -303,6 +303,8 @@ pub struct Script {
     label_fixed: bool,
     delay_before_headers: Option<Duration>,
     close_connection: bool,
+    close_silently: bool,
+    close_at: Option<Gate>,
     action: Action,
 }
 
@@ -349,6 +351,8 @@ impl Script {
             label_fixed: false,
             delay_before_headers: None,
             close_connection: false,
+            close_silently: false,
+            close_at: None,
             action,
         }
     }
@@ -494,6 +498,20 @@ impl Script {
     /// Sends `connection: close` and closes the connection after this response.
     pub fn close_connection(mut self) -> Self {
         self.close_connection = true;
+        self
+    }
+
+    /// Closes the connection after this response without announcing it (no `connection: close`):
+    /// what a client sees when an upstream drops idle keep-alive connections.
+    pub fn close_silently(mut self) -> Self {
+        self.close_silently = true;
+        self
+    }
+
+    /// Keeps the connection open and idle after this response until `gate` opens, then closes it
+    /// without notice: an upstream's keep-alive timeout, at a moment the test chooses.
+    pub fn close_at(mut self, gate: Gate) -> Self {
+        self.close_at = Some(gate);
         self
     }
 
@@ -940,6 +958,8 @@ enum ReadError {
 /// What to do with the connection after a script ran.
 enum After {
     KeepAlive,
+    /// Idle until the gate opens, then close cleanly.
+    CloseAt(Gate),
     /// Close cleanly (FIN / close_notify).
     Close,
     /// Just drop the socket (the peer is gone, or SO_LINGER 0 was set for a reset).
@@ -993,6 +1013,12 @@ impl<S: MockStream> Conn<S> {
             let script = self.state.accept_request(req.received);
             match self.run(script, keep_alive, is_head).await {
                 After::KeepAlive => {}
+                After::CloseAt(gate) => {
+                    if self.watch_or_gone(gate.wait()).await.is_some() {
+                        let _ = self.stream.shutdown().await;
+                    }
+                    return;
+                }
                 After::Close => {
                     let _ = self.stream.shutdown().await;
                     return;
@@ -1212,10 +1238,10 @@ impl<S: MockStream> Conn<S> {
             }
         }
         let keep_alive = req_keep_alive && !script.close_connection;
-        let done = if keep_alive {
-            After::KeepAlive
-        } else {
-            After::Close
+        let done = match script.close_at {
+            Some(gate) if keep_alive => After::CloseAt(gate),
+            _ if keep_alive && !script.close_silently => After::KeepAlive,
+            _ => After::Close,
         };
         match script.action {
             Action::Stall => {

@@ -1,0 +1,126 @@
+//! The leanest reverse proxy hyper and tokio allow, as a yardstick for ccgate's own overhead.
+//!
+//! It does nothing a gateway needs beyond moving bytes: no failover, no statistics, no body
+//! buffering, no header rewriting besides what HTTP/1.1 requires. Its architecture matches
+//! ccgate's serving path (one single-threaded runtime per worker thread, each with its own
+//! upstream connections), so `ccgate - bare-proxy` is the cost of ccgate's features and
+//! `bare-proxy - nginx` the cost of the hyper/tokio stack itself.
+//!
+//! ```text
+//! bare-proxy --port 0 --upstream 127.0.0.1:PORT_A --upstream 127.0.0.1:PORT_B [--workers N]
+//! ```
+//! Prints `listening on http://ADDR` once ready.
+
+use std::cell::{Cell, RefCell};
+use std::net::SocketAddr;
+use std::rc::Rc;
+
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+/// One worker's keep-alive connections to each upstream.
+struct Pools {
+    upstreams: Vec<SocketAddr>,
+    idle: Vec<RefCell<Vec<SendRequest<Incoming>>>>,
+    next: Cell<usize>,
+}
+
+impl Pools {
+    async fn send(&self, mut req: Request<Incoming>) -> Result<Response<Incoming>, Error> {
+        let i = self.next.get();
+        self.next.set((i + 1) % self.upstreams.len());
+        let addr = self.upstreams[i];
+        let mut sender = self.checkout(i);
+        if sender.is_none() {
+            let tcp = TcpStream::connect(addr).await?;
+            tcp.set_nodelay(true)?;
+            let (s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+            tokio::task::spawn_local(async move {
+                let _ = conn.await;
+            });
+            sender = Some(s);
+        }
+        let mut sender = sender.expect("a connection");
+        let host = addr.to_string().parse()?;
+        req.headers_mut().insert(http::header::HOST, host);
+        let resp = sender.send_request(req).await?;
+        // Busy until its body is read; `checkout` skips it until then.
+        self.idle[i].borrow_mut().push(sender);
+        Ok(resp)
+    }
+
+    fn checkout(&self, i: usize) -> Option<SendRequest<Incoming>> {
+        let mut idle = self.idle[i].borrow_mut();
+        idle.retain(|s| !s.is_closed());
+        let pos = idle.iter().position(SendRequest::is_ready)?;
+        Some(idle.swap_remove(pos))
+    }
+}
+
+fn main() -> Result<(), Error> {
+    let mut port = 0u16;
+    let mut upstreams = Vec::new();
+    let mut workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut value = || args.next().ok_or_else(|| format!("{a} needs a value"));
+        match a.as_str() {
+            "--port" => port = value()?.parse()?,
+            "--upstream" => upstreams.push(value()?.parse::<SocketAddr>()?),
+            "--workers" => workers = value()?.parse()?,
+            _ => return Err(format!("unknown argument {a}").into()),
+        }
+    }
+    if upstreams.is_empty() {
+        return Err("at least one --upstream ADDR".into());
+    }
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port))?;
+    listener.set_nonblocking(true)?;
+    println!("listening on http://{}", listener.local_addr()?);
+    let threads: Vec<_> = (0..workers)
+        .map(|_| {
+            let listener = listener.try_clone().expect("clone the listener");
+            let upstreams = upstreams.clone();
+            std::thread::spawn(move || worker(listener, upstreams))
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("worker thread")?;
+    }
+    Ok(())
+}
+
+fn worker(listener: std::net::TcpListener, upstreams: Vec<SocketAddr>) -> Result<(), Error> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let listener = TcpListener::from_std(listener)?;
+        let pools = Rc::new(Pools {
+            idle: upstreams.iter().map(|_| RefCell::new(Vec::new())).collect(),
+            upstreams,
+            next: Cell::new(0),
+        });
+        loop {
+            let (tcp, _) = listener.accept().await?;
+            tcp.set_nodelay(true)?;
+            let pools = Rc::clone(&pools);
+            tokio::task::spawn_local(async move {
+                let svc = service_fn(move |req| {
+                    let pools = Rc::clone(&pools);
+                    async move { pools.send(req).await }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    })
+}

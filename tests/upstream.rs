@@ -1,0 +1,187 @@
+//! The upstream client's connection pool, against the mock upstream: connections are reused once
+//! their answer was read, never while a stream still runs on them, not after the upstream closed
+//! them, and not after idling [`IDLE_TIMEOUT`]; requests go out in origin form with `Host`.
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use ccgate::config::Timeouts;
+use ccgate::upstream::{IDLE_TIMEOUT, UpstreamClient, build_client};
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use support::mock::{Gate, MockUpstream, Script, SseEvent};
+use support::wait::{eventually, within};
+
+fn client() -> UpstreamClient {
+    let timeouts = Timeouts {
+        connect: Duration::from_secs(5),
+        first_byte: Duration::from_secs(10),
+        idle: Duration::from_secs(10),
+    };
+    build_client(None, &timeouts).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn post(url: &str) -> Request<Full<Bytes>> {
+    Request::post(url)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(b"{\"model\":\"m\"}")))
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Sends one request and reads its whole body; the status and the body.
+async fn exchange(client: &UpstreamClient, url: &str) -> (u16, Bytes) {
+    within("an upstream exchange", async {
+        let resp = client
+            .request(post(url))
+            .await
+            .unwrap_or_else(|e| panic!("request to {url}: {e}"));
+        let status = resp.status().as_u16();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .unwrap_or_else(|e| panic!("body from {url}: {e}"))
+            .to_bytes();
+        (status, body)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn sequential_requests_share_one_connection_in_origin_form() {
+    let up = MockUpstream::start().await;
+    let client = client();
+    let url = format!("{}/v1/messages?beta=true", up.url());
+    for _ in 0..5 {
+        let (status, body) = exchange(&client, &url).await;
+        assert_eq!(status, 200);
+        assert!(!body.is_empty());
+    }
+    assert_eq!(up.count(), 5);
+    assert_eq!(up.connections_accepted(), 1, "the connection was reused");
+    let last = up
+        .last_request()
+        .unwrap_or_else(|| panic!("no request recorded"));
+    assert_eq!(last.path_and_query, "/v1/messages?beta=true");
+    assert!(up.received().iter().all(|r| r.connection_id == 1));
+    assert_eq!(last.header("host"), Some(up.addr().to_string().as_str()));
+}
+
+#[tokio::test]
+async fn a_running_stream_keeps_its_connection_until_its_body_ends() {
+    let up = MockUpstream::start().await;
+    let client = client();
+    let url = format!("{}/v1/messages", up.url());
+    let gate = Gate::new();
+    up.push(Script::sse_events(SseEvent::message_stream(2)).gate_after(1, gate.clone()));
+
+    // The stream's headers arrive; its body is held at the gate.
+    let stream = within("the stream's headers", client.request(post(&url)))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    gate.wait_arrived(1).await;
+    // A request meanwhile needs a second connection: the first is busy.
+    let (status, _) = exchange(&client, &url).await;
+    assert_eq!(status, 200);
+    assert_eq!(up.connections_accepted(), 2);
+
+    gate.open();
+    let body = within("the stream's body", stream.into_body().collect())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .to_bytes();
+    assert!(body.ends_with(b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"));
+    // Both connections are back in the pool, and two requests at once use them both.
+    eventually("both connections idle", || async {
+        client.idle_connections() == 2
+    })
+    .await;
+    let (a, b) = tokio::join!(exchange(&client, &url), exchange(&client, &url));
+    assert_eq!((a.0, b.0), (200, 200));
+    assert_eq!(up.connections_accepted(), 2);
+}
+
+#[tokio::test]
+async fn connections_the_upstream_closes_are_never_a_failed_request() {
+    // Every answer closes its connection without saying so: the next request either finds the
+    // pooled connection closed or loses the race to the close; both must end in a new
+    // connection, never in an error.
+    let up = MockUpstream::start().await;
+    up.set_default(Script::json_ok().close_silently());
+    let client = client();
+    let url = format!("{}/v1/messages", up.url());
+    const N: usize = 200;
+    for _ in 0..N {
+        let (status, _) = exchange(&client, &url).await;
+        assert_eq!(status, 200);
+    }
+    assert_eq!(up.count(), N, "every request reached the upstream once");
+    assert_eq!(up.connections_accepted(), N as u64);
+}
+
+#[tokio::test]
+async fn an_idle_connection_the_upstream_closed_is_dropped_not_used() {
+    let up = MockUpstream::start().await;
+    let client = client();
+    let url = format!("{}/v1/messages", up.url());
+    let gate = Gate::new();
+    up.push(Script::json_ok().close_at(gate.clone()));
+    exchange(&client, &url).await;
+    eventually("the connection back in the pool", || async {
+        client.idle_connections() == 1
+    })
+    .await;
+    gate.open();
+    eventually("the close noticed", || async {
+        client.idle_connections() == 0
+    })
+    .await;
+    let (status, _) = exchange(&client, &url).await;
+    assert_eq!(status, 200);
+    assert_eq!(up.count(), 2);
+    assert_eq!(up.connections_accepted(), 2);
+}
+
+#[tokio::test]
+async fn concurrent_requests_return_every_connection_to_the_pool() {
+    let up = MockUpstream::start().await;
+    let client = client();
+    let url = format!("{}/v1/messages", up.url());
+    const C: usize = 16;
+    for round in 0..3 {
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..C {
+            let (client, url) = (client.clone(), url.clone());
+            tasks.spawn(async move { exchange(&client, &url).await.0 });
+        }
+        while let Some(status) = tasks.join_next().await {
+            assert_eq!(status.unwrap_or_else(|e| panic!("{e}")), 200);
+        }
+        assert!(
+            up.connections_accepted() <= C as u64,
+            "round {round}: {} connections for {C} concurrent requests",
+            up.connections_accepted()
+        );
+    }
+    assert_eq!(up.count(), 3 * C);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_connection_idle_past_the_timeout_is_not_reused() {
+    let up = MockUpstream::start().await;
+    let client = client();
+    let url = format!("{}/v1/messages", up.url());
+    exchange(&client, &url).await;
+    tokio::time::advance(IDLE_TIMEOUT - Duration::from_secs(1)).await;
+    exchange(&client, &url).await;
+    assert_eq!(
+        up.connections_accepted(),
+        1,
+        "reused within the idle timeout"
+    );
+    tokio::time::advance(IDLE_TIMEOUT).await;
+    exchange(&client, &url).await;
+    assert_eq!(up.connections_accepted(), 2, "a fresh connection after it");
+}
