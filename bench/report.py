@@ -12,7 +12,7 @@ import os
 import statistics
 import sys
 
-TARGETS = ["direct", "nginx", "ccgate"]
+TARGETS = ["direct", "nginx", "hyper", "ccgate"]
 
 
 def load(results):
@@ -62,6 +62,9 @@ def oha_metrics(d, run):
     }
     if "gw_cpu_s" in run and ok:
         m["gw_cpu_us_per_req"] = run["gw_cpu_s"] / ok * 1e6
+        if "gw_user_s" in run:
+            m["gw_user_us_per_req"] = run["gw_user_s"] / ok * 1e6
+            m["gw_sys_us_per_req"] = (run["gw_cpu_s"] - run["gw_user_s"]) / ok * 1e6
         m["mocks_cpu_us_per_req"] = run["mocks_cpu_s"] / ok * 1e6
         m["gw_cpu_share"] = run["gw_cpu_s"] / max(1e-9, run["wall_s"])
     return m
@@ -147,7 +150,7 @@ def main():
     w("Produced by `bench/run.sh` (issue #6). **Ratios are what count**: the machine is shared and")
     w("noisy, and the load generator, the proxies and both mock upstreams all share its "
       f"{meta.get('nproc', '?')} cores (nothing is pinned), so absolute numbers move from run to run.")
-    w("Targets alternate (direct / nginx / ccgate, order rotated every repeat) so noise hits all alike;")
+    w("Targets alternate (direct / nginx / hyper / ccgate, order rotated every repeat) so noise hits all alike;")
     w(f"every number below is the **median over {meta.get('repeats')} repeats**.")
     w("")
     w("| | |")
@@ -164,22 +167,28 @@ def main():
     w(f"| raw results | `{meta.get('results')}/` |")
     w("")
     w("*direct* is the client talking straight to mock A; *nginx* and *ccgate* spread the same load "
-      "over mocks A and B.")
+      "over mocks A and B. *hyper* is `bare-proxy` (bench/mock-upstream/src/bin/bare-proxy.rs) over the "
+      "same two mocks: the leanest reverse proxy hyper and tokio allow, with ccgate's threading (a "
+      "single-threaded runtime per core, per-worker upstream connections) and none of its features "
+      "(no failover, accounting, body buffering or header rewriting). It is a yardstick, not a "
+      "contender: *ccgate − hyper* is what ccgate's features cost, *hyper − nginx* what the stack "
+      "costs. It takes part in the first three workloads.")
     w("")
 
     # ---------------- main table ----------------
     w("## Results")
     w("")
-    w("| workload | metric | direct | nginx | ccgate | ccgate/direct | ccgate/nginx |")
-    w("|---|---|---:|---:|---:|---:|---:|")
+    w("| workload | metric | direct | nginx | hyper | ccgate | ccgate/direct | ccgate/nginx | ccgate/hyper |")
+    w("|---|---|---:|---:|---:|---:|---:|---:|---:|")
 
     def row(wl, label, key, nd=2, show_direct=True, scale=1.0):
         vals = [med(data, wl, t, key) for t in TARGETS]
         vals = [None if v is None else v * scale for v in vals]
-        d, n, c = vals
+        d, n, h, c = vals
         if not show_direct:
             d = None
-        w(f"| {wl} | {label} | {fmt(d, nd)} | {fmt(n, nd)} | {fmt(c, nd)} | {ratio(c, d)} | {ratio(c, n)} |")
+        w(f"| {wl} | {label} | {fmt(d, nd)} | {fmt(n, nd)} | {fmt(h, nd)} | {fmt(c, nd)} "
+          f"| {ratio(c, d)} | {ratio(c, n)} | {ratio(c, h)} |")
 
     if any(k[0] == "ns_c1" for k in data):
         row("ns_c1", "latency p50 (ms)", "p50_ms", 3)
@@ -190,6 +199,8 @@ def main():
         row("ns_c64", "latency p50 (ms)", "p50_ms", 3)
         row("ns_c64", "latency p99 (ms)", "p99_ms", 3)
         row("ns_c64", "gateway CPU per request (µs)", "gw_cpu_us_per_req", 1, show_direct=False)
+        row("ns_c64", "— of it in user space (µs)", "gw_user_us_per_req", 2, show_direct=False)
+        row("ns_c64", "— of it in the kernel (µs)", "gw_sys_us_per_req", 2, show_direct=False)
         row("ns_c64", "gateway CPU use (cores)", "gw_cpu_share", 2, show_direct=False)
     if any(k[0] == "sse_c64" for k in data):
         row("sse_c64", "completed streams/s", "sps", 1)
@@ -222,11 +233,12 @@ def main():
             ct = cf + sum(m.get("ok", 0) for m in data.get((wl, "ccgate"), []))
             w(f"| failover | {label}: requests answered 2xx (%); failed/all over all repeats | — "
               f"| {fmt(None if n is None else n * 100, 3)}; {nf}/{nt} "
-              f"| {fmt(None if c is None else c * 100, 3)}; {cf}/{ct} | — | {ratio(c, n)} |")
+              f"| — | {fmt(None if c is None else c * 100, 3)}; {cf}/{ct} | — | {ratio(c, n)} | — |")
     w("")
     w("Rows marked *gateway* count only the proxy's processes (nginx: master and workers summed; its "
       "VmHWM is the sum of per-process peaks; RSS sums count pages shared between nginx's processes "
-      "once per process, PSS splits them, so for nginx PSS is the fairer sum). CPU is utime+stime from `/proc/PID/stat` over the run. "
+      "once per process, PSS splits them, so for nginx PSS is the fairer sum). CPU is utime+stime from `/proc/PID/stat` over the run "
+      "(user space: utime; kernel: stime, which on loopback includes the receiving side's network processing). "
       "The *slow* workload starts fresh gateways: idle RSS is read 1 s after startup, peak RSS is "
       f"sampled every 50 ms while {meta.get('slow_streams')} streams of {meta.get('slow_events')} events "
       f"{meta.get('slow_pace_ms')} ms apart run at once. Streaming: {meta.get('stream_events')} content "

@@ -12,8 +12,11 @@
 #      bench/mock-upstream (binaries `mock-upstream` and `sse-load`);
 #   3. starts two mocks, nginx over both (keep-alive to the upstreams, no buffering, next-upstream
 #      on errors) and ccgate over both (equal priority);
-#   4. alternating targets (direct = straight to mock A / nginx / ccgate, order rotated every repeat
-#      so machine noise hits all alike), REPEATS times:
+#      It also starts `bare-proxy` (bench/mock-upstream) over both: the leanest reverse proxy
+#      hyper and tokio allow, with ccgate's threading but none of its features — the "hyper"
+#      target, a yardstick that separates the stack's cost from ccgate's own;
+#   4. alternating targets (direct = straight to mock A / nginx / hyper / ccgate, order rotated
+#      every repeat so machine noise hits all alike), REPEATS times (hyper: the first three only):
 #        ns_c1      non-streaming POST /v1/messages, ~2 KB body, concurrency 1     (oha)
 #        ns_c64     the same at concurrency 64                                      (oha)
 #        sse_c64    streaming, 20 events 5 ms apart, concurrency 64                (sse-load)
@@ -202,6 +205,7 @@ build() {
     local tdir=${CARGO_TARGET_DIR:-$BENCH/mock-upstream/target}
     MOCK=$tdir/release/mock-upstream
     SSE_LOAD=$tdir/release/sse-load
+    BARE=$tdir/release/bare-proxy
 }
 
 # ------------------------------------------------------------------------------------------------
@@ -302,15 +306,16 @@ pids_of() {
     case $1 in
         nginx) echo "$G_NGINX_PID" $(pgrep -P "$G_NGINX_PID" || true) ;;
         ccgate) echo "$G_CCGATE_PID" ;;
+        hyper) echo "$G_HYPER_PID" ;;
         direct) echo ;;
     esac
 }
 
-# cpu_ticks PID... : summed utime+stime in clock ticks.
+# cpu_ticks PID... : summed utime+stime in clock ticks (USER_ONLY=1: utime only).
 cpu_ticks() {
     local sum=0 p t
     for p in "$@"; do
-        t=$(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0)
+        t=$(awk -v u="${USER_ONLY:-0}" '{print (u == 1) ? $14 : $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0)
         sum=$((sum + t))
     done
     echo "$sum"
@@ -359,6 +364,7 @@ url_of() {
         direct) echo "http://$G_DIRECT_ADDR/v1/messages" ;;
         nginx) echo "http://$G_NGINX_ADDR/v1/messages" ;;
         ccgate) echo "http://$G_CCGATE_ADDR/v1/messages" ;;
+        hyper) echo "http://$G_HYPER_ADDR/v1/messages" ;;
     esac
 }
 
@@ -375,8 +381,8 @@ measure() {
     local rep=$1 wl=$2 target=$3 tool=$4; shift 4
     local raw="$RAW/r$rep-$wl-$target.json" gw_pids mocks="$G_MOCK_A_PID $G_MOCK_B_PID"
     gw_pids=$(pids_of "$target")
-    local g0 m0 g1 m1 t0 t1 perf_pid=
-    g0=$(cpu_ticks $gw_pids); m0=$(cpu_ticks $mocks); t0=$(date +%s.%N)
+    local g0 m0 g1 m1 u0 u1 t0 t1 perf_pid=
+    g0=$(cpu_ticks $gw_pids); u0=$(USER_ONLY=1 cpu_ticks $gw_pids); m0=$(cpu_ticks $mocks); t0=$(date +%s.%N)
     if [[ $PROFILE == 1 && $target == ccgate && $rep == 1 ]] && [[ $wl == ns_c64 || $wl == sse_c64 ]]; then
         perf record -e cpu-clock -F 999 -g -p "$G_CCGATE_PID" -o "$RESULTS/perf-$wl.data" \
             >"$LOGS/perf-$wl.log" 2>&1 &
@@ -385,7 +391,7 @@ measure() {
     fi
     "$@" >"$raw" 2>"$LOGS/r$rep-$wl-$target.err" || log "warning: $wl/$target exited non-zero (see logs)"
     t1=$(date +%s.%N)
-    g1=$(cpu_ticks $gw_pids); m1=$(cpu_ticks $mocks)
+    g1=$(cpu_ticks $gw_pids); u1=$(USER_ONLY=1 cpu_ticks $gw_pids); m1=$(cpu_ticks $mocks)
     if [[ -n $perf_pid ]]; then
         kill -INT "$perf_pid" 2>/dev/null || true
         wait "$perf_pid" 2>/dev/null || true
@@ -401,7 +407,7 @@ measure() {
     fi
     record rep="$rep" workload="\"$wl\"" target="\"$target\"" tool="\"$tool\"" \
         raw="\"${raw#"$RESULTS"/}\"" wall_s="$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", b - a }')" \
-        gw_cpu_s="$(div $((g1 - g0)) "$CLK_TCK")" mocks_cpu_s="$(div $((m1 - m0)) "$CLK_TCK")"
+        gw_cpu_s="$(div $((g1 - g0)) "$CLK_TCK")" gw_user_s="$(div $((u1 - u0)) "$CLK_TCK")" mocks_cpu_s="$(div $((m1 - m0)) "$CLK_TCK")"
 }
 
 oha_run() { # CONCURRENCY URL [extra oha args]
@@ -417,10 +423,10 @@ sse_run() { # CONCURRENCY URL [extra sse-load args]
         --expect-events $((STREAM_EVENTS + 6)) "$@"
 }
 
-# rotated REPEAT : the three targets, rotated by REPEAT.
+# rotated REPEAT : the four targets, rotated by REPEAT.
 rotated() {
-    local t=(direct nginx ccgate) i
-    for i in 0 1 2; do printf '%s ' "${t[$(((i + $1) % 3))]}"; done
+    local t=(direct nginx hyper ccgate) i
+    for i in 0 1 2 3; do printf '%s ' "${t[$(((i + $1) % 4))]}"; done
 }
 
 has() { [[ " $WORKLOADS " == *" $1 "* ]]; }
@@ -567,15 +573,17 @@ PY
     G_DIRECT_ADDR=$G_MOCK_A_ADDR
     start_nginx nginx "$G_MOCK_A_ADDR" "$G_MOCK_B_ADDR"; G_NGINX_PID=$NGINX_PID; G_NGINX_ADDR=$NGINX_ADDR
     start_ccgate ccgate "$G_MOCK_A_ADDR" "$G_MOCK_B_ADDR"; G_CCGATE_PID=$CCGATE_PID; G_CCGATE_ADDR=$CCGATE_ADDR
+    start hyper "$BARE" --port 0 --upstream "$G_MOCK_A_ADDR" --upstream "$G_MOCK_B_ADDR"
+    G_HYPER_PID=$LAST_PID; G_HYPER_ADDR=$(wait_listening hyper "$G_HYPER_PID")
     sleep 1
     local idle
     idle=$(rss_kb VmRSS "$G_CCGATE_PID")
     record rep=0 workload='"idle"' target='"ccgate"' idle_rss_kb="$idle"
     record rep=0 workload='"idle"' target='"nginx"' idle_rss_kb="$(rss_kb VmRSS $(pids_of nginx))"
-    log "mocks $G_MOCK_A_ADDR $G_MOCK_B_ADDR, nginx $G_NGINX_ADDR, ccgate $G_CCGATE_ADDR (idle RSS ${idle} kB)"
+    log "mocks $G_MOCK_A_ADDR $G_MOCK_B_ADDR, nginx $G_NGINX_ADDR, ccgate $G_CCGATE_ADDR, bare hyper proxy $G_HYPER_ADDR (idle RSS ${idle} kB)"
 
     local t
-    for t in direct nginx ccgate; do
+    for t in direct nginx hyper ccgate; do
         log "warm-up $t"
         oha -z "${WARMUP}s" -c 64 -m POST -D "$BODY_FILE" "${NS_HEADERS[@]}" --no-tui \
             --output-format quiet "$(url_of "$t")" >/dev/null 2>&1 || true
