@@ -172,7 +172,7 @@ def main():
       "single-threaded runtime per core, per-worker upstream connections) and none of its features "
       "(no failover, accounting, body buffering or header rewriting). It is a yardstick, not a "
       "contender: *ccgate − hyper* is what ccgate's features cost, *hyper − nginx* what the stack "
-      "costs. It takes part in the first three workloads.")
+      "costs. It takes part in every workload but failover, which it cannot do.")
     w("")
 
     # ---------------- main table ----------------

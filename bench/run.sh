@@ -16,7 +16,7 @@
 #      hyper and tokio allow, with ccgate's threading but none of its features — the "hyper"
 #      target, a yardstick that separates the stack's cost from ccgate's own;
 #   4. alternating targets (direct = straight to mock A / nginx / hyper / ccgate, order rotated
-#      every repeat so machine noise hits all alike), REPEATS times (hyper: the first three only):
+#      every repeat so machine noise hits all alike), REPEATS times (hyper: all but failover):
 #        ns_c1      non-streaming POST /v1/messages, ~2 KB body, concurrency 1     (oha)
 #        ns_c64     the same at concurrency 64                                      (oha)
 #        sse_c64    streaming, 20 events 5 ms apart, concurrency 64                (sse-load)
@@ -438,26 +438,31 @@ slow_round() {
     local np=$NGINX_PID na=$NGINX_ADDR
     start_ccgate "slow-ccgate-r$rep" "$G_MOCK_A_ADDR" "$G_MOCK_B_ADDR"
     local cp=$CCGATE_PID ca=$CCGATE_ADDR
+    start "slow-hyper-r$rep" "$BARE" --port 0 --upstream "$G_MOCK_A_ADDR" --upstream "$G_MOCK_B_ADDR"
+    local hp=$LAST_PID ha
+    ha=$(wait_listening "slow-hyper-r$rep" "$hp")
     # Idle RSS once startup has settled: sample every 0.2 s until two samples in a row agree
     # (nginx's worker set and both RSS sums), at most 10 s.
-    local n_pids c_pids=$cp sample prev= i
+    local n_pids c_pids=$cp h_pids=$hp sample prev= i
     for ((i = 0; i < 50; i++)); do
         n_pids="$np $(pgrep -P "$np" | tr '\n' ' ' || true)"
-        sample="$n_pids/$(rss_kb VmRSS $n_pids)/$(rss_kb VmRSS $c_pids)"
+        sample="$n_pids/$(rss_kb VmRSS $n_pids)/$(rss_kb VmRSS $c_pids)/$(rss_kb VmRSS $h_pids)"
         [[ $sample == "$prev" ]] && break
         prev=$sample
         sleep 0.2
     done
     ((i < 50)) || log "warning: idle RSS still moving after 10 s; recording the last sample"
-    local idle_n idle_c idle_pss_n idle_pss_c
-    idle_n=$(rss_kb VmRSS $n_pids); idle_c=$(rss_kb VmRSS $c_pids)
-    idle_pss_n=$(pss_kb $n_pids); idle_pss_c=$(pss_kb $c_pids)
+    local idle_n idle_c idle_h idle_pss_n idle_pss_c idle_pss_h
+    idle_n=$(rss_kb VmRSS $n_pids); idle_c=$(rss_kb VmRSS $c_pids); idle_h=$(rss_kb VmRSS $h_pids)
+    idle_pss_n=$(pss_kb $n_pids); idle_pss_c=$(pss_kb $c_pids); idle_pss_h=$(pss_kb $h_pids)
     for target in $(rotated "$rep"); do
         local url pids idle idle_pss
         case $target in
             direct) url="http://$G_MOCK_A_ADDR/v1/messages"; pids=""; idle=0; idle_pss=0 ;;
             nginx) url="http://$na/v1/messages"; pids=$n_pids; idle=$idle_n; idle_pss=$idle_pss_n ;;
             ccgate) url="http://$ca/v1/messages"; pids=$c_pids; idle=$idle_c; idle_pss=$idle_pss_c ;;
+            hyper) url="http://$ha/v1/messages"; pids=$h_pids; idle=$idle_h; idle_pss=$idle_pss_h ;;
+            *) die "slow_round: unknown target $target" ;;
         esac
         log "  slow/$target: $SLOW_STREAMS streams of $SLOW_EVENTS events ${SLOW_PACE_MS} ms apart"
         local peak_file=$RESULTS/peak-r$rep-$target sampler=
@@ -481,7 +486,7 @@ slow_round() {
             raw="\"${raw#"$RESULTS"/}\"" idle_rss_kb="$idle" peak_rss_kb="$peak" hwm_rss_kb="$hwm" \
             idle_pss_kb="$idle_pss" peak_pss_kb="$peak_pss"
     done
-    stop "$cp"; stop "$np"
+    stop "$cp"; stop "$np"; stop "$hp"
 }
 
 # --- failover: fresh gateways over mock A and a broken upstream ---------------------------------
