@@ -35,6 +35,8 @@ pub struct Endpoint {
     pub base_url: BaseUrl,
     /// Prebuilt credential header, marked sensitive.
     pub auth_header: (HeaderName, HeaderValue),
+    /// The name as the `x-ccgate-endpoint` response header (`None` if not a valid header value).
+    pub name_header: Option<HeaderValue>,
     /// Lower is preferred.
     pub priority: u32,
     /// Share within a priority tier.
@@ -87,6 +89,7 @@ impl Endpoint {
             name: cfg.name.clone(),
             base_url: cfg.base_url.clone(),
             auth_header: (name, value),
+            name_header: HeaderValue::from_str(&cfg.name).ok(),
             priority: cfg.priority,
             weight: cfg.weight,
             model_map: cfg.model_map.clone(),

@@ -518,8 +518,8 @@ fn relay_response(
     method: &Method,
 ) -> Response<GateBody> {
     forward::strip_hop_by_hop(&mut parts.headers);
-    if let Ok(v) = HeaderValue::from_str(&ep.name) {
-        parts.headers.insert("x-ccgate-endpoint", v);
+    if let Some(v) = &ep.name_header {
+        parts.headers.insert("x-ccgate-endpoint", v.clone());
     }
     parts
         .headers

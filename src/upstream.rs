@@ -6,8 +6,9 @@
 //!
 //! Each serving worker thread (see `server.rs`) has its own pool of idle connections, so a
 //! request, its upstream connection task and the connection's wakeups stay on one thread; threads
-//! that are not workers (the prober, tests) share one more pool. A client belongs to one endpoint,
-//! so a pool holds connections to one origin and needs no key: it is a stack of idle senders
+//! that are not workers (the prober, tests) share one more pool. A client belongs to one endpoint:
+//! its first request binds it to that origin (whose `Host` header is then built once) and a
+//! request to any other origin is refused, so a pool needs no key: it is a stack of idle senders
 //! (the most recently used first, so the fewest connections stay warm), each dropped once it has
 //! idled [`IDLE_TIMEOUT`], once its connection closed, or when it is found not ready.
 //!
@@ -24,6 +25,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
+use http::uri::{Authority, Scheme};
 use http::{Request, Response, Uri};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -52,6 +54,15 @@ pub struct UpstreamClient {
 struct Pools {
     connector: HttpsConnector<HttpConnector>,
     idle: Box<[Mutex<VecDeque<Idle>>]>,
+    /// The origin every request of this client goes to, set by the first one.
+    origin: OnceLock<Origin>,
+}
+
+struct Origin {
+    scheme: Scheme,
+    authority: Authority,
+    /// `Host` for it.
+    host: HeaderValue,
 }
 
 struct Idle {
@@ -65,6 +76,14 @@ pub enum UpstreamError {
     /// The URL cannot be requested (no host).
     #[error("invalid upstream URL {0}")]
     Url(String),
+    /// The URL is on another origin than the one this client is bound to.
+    #[error("{requested} is not on {bound}, the origin of this client")]
+    OtherOrigin {
+        /// The URL asked for.
+        requested: String,
+        /// The client's origin.
+        bound: String,
+    },
     /// No connection could be made (DNS, TCP, TLS).
     #[error("connect error")]
     Connect(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -91,10 +110,11 @@ impl UpstreamClient {
     ) -> Result<Response<Incoming>, UpstreamError> {
         let shared = self.inner.idle.len() - 1;
         let slot = WORKER.with(Cell::get).map_or(shared, |w| w.min(shared));
-        let uri = req.uri().clone();
-        let host = host_header(&uri)?;
-        req.headers_mut().insert(header::HOST, host);
-        *req.uri_mut() = origin_form(&uri);
+        let origin = self.inner.origin(req.uri())?;
+        req.headers_mut().insert(header::HOST, origin.host.clone());
+        // The connection gets the origin form; the absolute URI is kept for connecting.
+        let target = origin_form(req.uri());
+        let uri = std::mem::replace(req.uri_mut(), target);
 
         while let Some(mut sender) = self.inner.checkout(slot) {
             match sender.try_send_request(req).await {
@@ -128,6 +148,32 @@ impl UpstreamClient {
 }
 
 impl Pools {
+    /// The origin of `uri`, which must be this client's (the first request binds it).
+    fn origin(&self, uri: &Uri) -> Result<&Origin, UpstreamError> {
+        let (Some(scheme), Some(authority)) = (uri.scheme(), uri.authority()) else {
+            return Err(UpstreamError::Url(uri.to_string()));
+        };
+        let origin = match self.origin.get() {
+            Some(o) => o,
+            None => {
+                let o = Origin {
+                    scheme: scheme.clone(),
+                    authority: authority.clone(),
+                    host: host_header(uri)?,
+                };
+                self.origin.get_or_init(|| o)
+            }
+        };
+        if origin.scheme == *scheme && origin.authority == *authority {
+            Ok(origin)
+        } else {
+            Err(UpstreamError::OtherOrigin {
+                requested: uri.to_string(),
+                bound: format!("{}://{}", origin.scheme, origin.authority),
+            })
+        }
+    }
+
     /// The most recently used ready connection of `slot`, if any.
     fn checkout(&self, slot: usize) -> Option<SendRequest<UpstreamBody>> {
         let mut idle = self.idle[slot].lock();
@@ -295,6 +341,7 @@ pub fn build_worker_clients(
         inner: Arc::new(Pools {
             connector: https,
             idle,
+            origin: OnceLock::new(),
         }),
     })
 }

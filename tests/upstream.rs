@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use ccgate::config::Timeouts;
-use ccgate::upstream::{IDLE_TIMEOUT, UpstreamClient, build_client};
+use ccgate::upstream::{IDLE_TIMEOUT, UpstreamClient, UpstreamError, build_client};
 use http::Request;
 use http_body_util::{BodyExt, Full};
 use support::mock::{Gate, MockUpstream, Script, SseEvent};
@@ -166,6 +166,25 @@ async fn concurrent_requests_return_every_connection_to_the_pool() {
         );
     }
     assert_eq!(up.count(), 3 * C);
+}
+
+#[tokio::test]
+async fn a_client_refuses_an_origin_other_than_its_first() {
+    let (a, b) = (MockUpstream::start().await, MockUpstream::start().await);
+    let client = client();
+    exchange(&client, &format!("{}/v1/messages", a.url())).await;
+    let other = within(
+        "a request to another origin",
+        client.request(post(&b.url())),
+    )
+    .await
+    .map(|r| r.status());
+    assert!(
+        matches!(other, Err(UpstreamError::OtherOrigin { .. })),
+        "{other:?}"
+    );
+    assert_eq!(b.count(), 0);
+    assert_eq!(b.connections_accepted(), 0);
 }
 
 #[tokio::test(start_paused = true)]

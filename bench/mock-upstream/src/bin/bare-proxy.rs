@@ -27,6 +27,8 @@ type Error = Box<dyn std::error::Error + Send + Sync>;
 /// One worker's keep-alive connections to each upstream.
 struct Pools {
     upstreams: Vec<SocketAddr>,
+    /// `Host` for each upstream, built once.
+    hosts: Vec<http::HeaderValue>,
     idle: Vec<RefCell<Vec<SendRequest<Incoming>>>>,
     next: Cell<usize>,
 }
@@ -47,8 +49,8 @@ impl Pools {
             sender = Some(s);
         }
         let mut sender = sender.expect("a connection");
-        let host = addr.to_string().parse()?;
-        req.headers_mut().insert(http::header::HOST, host);
+        req.headers_mut()
+            .insert(http::header::HOST, self.hosts[i].clone());
         let resp = sender.send_request(req).await?;
         // Busy until its body is read; `checkout` skips it until then.
         self.idle[i].borrow_mut().push(sender);
@@ -103,7 +105,12 @@ fn worker(listener: std::net::TcpListener, upstreams: Vec<SocketAddr>) -> Result
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
         let listener = TcpListener::from_std(listener)?;
+        let hosts = upstreams
+            .iter()
+            .map(|a| a.to_string().parse())
+            .collect::<Result<_, _>>()?;
         let pools = Rc::new(Pools {
+            hosts,
             idle: upstreams.iter().map(|_| RefCell::new(Vec::new())).collect(),
             upstreams,
             next: Cell::new(0),

@@ -226,7 +226,10 @@ impl Body for MockBody {
 }
 
 impl SseBody {
-    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         if let Some(p) = self.preamble.take() {
             if self.remaining > 0 && !self.pace.is_zero() {
                 self.sleep = Some(Box::pin(tokio::time::sleep(self.pace)));
@@ -286,7 +289,10 @@ fn respond(status: u16, ctype: &'static str, body: MockBody) -> Response<MockBod
     *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let h = r.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
-    h.insert("request-id", HeaderValue::from_static("req_01MockBenchmarkUpstream"));
+    h.insert(
+        "request-id",
+        HeaderValue::from_static("req_01MockBenchmarkUpstream"),
+    );
     if ctype == "text/event-stream" {
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     }

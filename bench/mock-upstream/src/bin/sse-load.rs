@@ -157,7 +157,11 @@ enum Outcome {
 
 /// One stream on `sender`; records into `st`. Returns whether the connection may be reused.
 async fn one_stream(args: &Args, sender: &mut Sender, st: &mut Stats) -> (Outcome, bool) {
-    let authority = args.url.authority().map(|a| a.as_str()).unwrap_or("127.0.0.1");
+    let authority = args
+        .url
+        .authority()
+        .map(|a| a.as_str())
+        .unwrap_or("127.0.0.1");
     let path = args.url.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let mut b = Request::builder()
         .method(Method::POST)
@@ -246,7 +250,10 @@ async fn one_stream(args: &Args, sender: &mut Sender, st: &mut Stats) -> (Outcom
         }
         if let Some(exp) = args.expect_events {
             if events != exp {
-                return (Outcome::Failed(format!("events_{events}_expected_{exp}")), true);
+                return (
+                    Outcome::Failed(format!("events_{events}_expected_{exp}")),
+                    true,
+                );
             }
         }
     }
