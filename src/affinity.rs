@@ -15,14 +15,17 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
+use std::sync::LazyLock;
 
 use bytes::Bytes;
 use http::HeaderMap;
+use memchr::memmem;
 use parking_lot::Mutex;
 use serde::Deserialize;
 
 use crate::clock::{Clock, ms};
 use crate::config::AffinityConfig;
+use crate::json_top;
 
 /// Header Claude Code sends with its session id.
 pub const SESSION_HEADER: &str = "x-claude-code-session-id";
@@ -130,23 +133,14 @@ pub fn session_key(headers: &HeaderMap, body: &Bytes) -> Option<String> {
             return Some(v.to_string());
         }
     }
-    // Parse only bodies that can hold the key: most requests without the header have none, and
-    // scanning for the field name is far cheaper than parsing the JSON.
-    if body.first() != Some(&b'{') || memchr::memmem::find(body, b"\"user_id\"").is_none() {
-        return None;
-    }
-    #[derive(Deserialize)]
-    struct Request<'a> {
-        #[serde(borrow)]
-        metadata: Option<Metadata<'a>>,
-    }
-    #[derive(Deserialize)]
-    struct Metadata<'a> {
-        #[serde(borrow)]
-        user_id: Option<std::borrow::Cow<'a, str>>,
-    }
-    let req: Request<'_> = serde_json::from_slice(body).ok()?;
-    let user_id = req.metadata?.user_id?;
+    // Look only in bodies that can hold the key (most requests without the header have none),
+    // and parse only the top-level `metadata` member, not the whole body.
+    static USER_ID: LazyLock<memmem::Finder<'static>> =
+        LazyLock::new(|| memmem::Finder::new(b"\"user_id\""));
+    USER_ID.find(body)?;
+    let metadata = json_top::member(body, b"metadata")?;
+    let (_, user_id) = json_top::members(metadata).find(|&(k, _)| k == b"user_id")?;
+    let user_id = json_top::as_str(user_id)?;
     session_from_user_id(&user_id)
 }
 
@@ -156,9 +150,11 @@ pub fn session_from_user_id(user_id: &str) -> Option<String> {
     struct UserId {
         session_id: Option<String>,
     }
-    let id = match serde_json::from_str::<UserId>(user_id) {
-        Ok(u) => u.session_id,
-        Err(_) => user_id.rsplit_once("_session_").map(|(_, s)| s.to_string()),
+    // Claude Code's JSON form starts with `{`; anything else is the older plain form.
+    let json = user_id.trim_start().starts_with('{');
+    let id = match json.then(|| serde_json::from_str::<UserId>(user_id)) {
+        Some(Ok(u)) => u.session_id,
+        _ => user_id.rsplit_once("_session_").map(|(_, s)| s.to_string()),
     }?;
     let id = id.trim();
     (!id.is_empty() && id.len() <= MAX_KEY_LEN).then(|| id.to_string())

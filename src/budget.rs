@@ -40,7 +40,11 @@ impl RetryBudget {
     }
 
     fn second(&self) -> u64 {
-        self.clock.now_ms() / 1000 + 1
+        Self::second_of(self.clock.now_ms())
+    }
+
+    fn second_of(now_ms: u64) -> u64 {
+        now_ms / 1000 + 1
     }
 
     fn slot(slots: &mut [Slot], second: u64) -> &mut Slot {
@@ -57,7 +61,13 @@ impl RetryBudget {
 
     /// Counts a client request.
     pub fn deposit(&self) {
-        let second = self.second();
+        self.deposit_at(self.clock.now_ms());
+    }
+
+    /// Counts a client request arriving at `now_ms` on the budget's clock (a reading the caller
+    /// already took).
+    pub fn deposit_at(&self, now_ms: u64) {
+        let second = Self::second_of(now_ms);
         Self::slot(&mut self.slots.lock(), second).requests += 1;
     }
 

@@ -231,6 +231,22 @@ impl BaseUrl {
     pub fn join(&self, path_and_query: &str) -> String {
         format!("{self}{path_and_query}")
     }
+
+    /// The URI of `path_and_query` on this base. Without a path prefix it is assembled from the
+    /// parsed parts (shared buffers, no formatting or parsing); with one it is joined and parsed.
+    pub fn uri(&self, path_and_query: &http::uri::PathAndQuery) -> Result<http::Uri, String> {
+        if !self.path_prefix.is_empty() {
+            return self
+                .join(path_and_query.as_str())
+                .parse()
+                .map_err(|e| format!("invalid upstream URL: {e}"));
+        }
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(path_and_query.clone());
+        http::Uri::from_parts(parts).map_err(|e| format!("invalid upstream URL: {e}"))
+    }
 }
 
 impl fmt::Display for BaseUrl {
@@ -1453,6 +1469,40 @@ weight = 0
         );
         assert!(BaseUrl::parse("https://user:pw@relay.example").is_err());
         assert!(BaseUrl::parse("relay.example").is_err());
+    }
+
+    #[test]
+    fn base_url_uri_keeps_prefix_path_and_query() {
+        let pq = |s: &str| http::uri::PathAndQuery::try_from(s).expect("valid");
+        let cases = [
+            (
+                "https://relay.example/api/",
+                "/v1/messages?beta=true",
+                "https://relay.example/api/v1/messages?beta=true",
+            ),
+            (
+                "http://127.0.0.1:8080",
+                "/v1/messages?beta=true",
+                "http://127.0.0.1:8080/v1/messages?beta=true",
+            ),
+            ("http://127.0.0.1:8080/", "/", "http://127.0.0.1:8080/"),
+            (
+                "https://relay.example",
+                "/v1/models",
+                "https://relay.example/v1/models",
+            ),
+        ];
+        for (base, path, want) in cases {
+            let uri = BaseUrl::parse(base)
+                .expect("valid")
+                .uri(&pq(path))
+                .expect("uri");
+            assert_eq!(uri.to_string(), want, "{base} + {path}");
+            assert_eq!(
+                uri.to_string(),
+                BaseUrl::parse(base).expect("valid").join(path)
+            );
+        }
     }
 
     #[test]

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName};
+use http::uri::PathAndQuery;
 use http::{Method, Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full};
@@ -29,13 +30,15 @@ pub struct Prepared {
     /// Method.
     pub method: Method,
     /// The client's path and query, appended to the endpoint's base URL.
-    pub path_and_query: String,
+    pub path_and_query: PathAndQuery,
     /// Headers to forward: the client's, minus credentials, hop-by-hop headers, `host` and
     /// `content-length` (the body sent may be rewritten by the model map).
     pub headers: HeaderMap,
     /// The body.
     pub body: Bytes,
 }
+
+static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
 /// Headers that describe one connection, not the message, and never cross a proxy.
 static HOP_BY_HOP: [HeaderName; 9] = [
@@ -76,14 +79,14 @@ impl Prepared {
     /// Prepares a client request for forwarding.
     pub fn new(
         method: Method,
-        path_and_query: String,
+        path_and_query: PathAndQuery,
         mut headers: HeaderMap,
         body: Bytes,
     ) -> Self {
         strip_hop_by_hop(&mut headers);
         headers.remove(header::HOST);
         headers.remove(header::CONTENT_LENGTH);
-        headers.remove("x-api-key");
+        headers.remove(&X_API_KEY);
         headers.remove(header::AUTHORIZATION);
         Self {
             method,
@@ -96,11 +99,13 @@ impl Prepared {
     /// The request for one endpoint, with its credential set and its model mapping applied.
     pub fn for_endpoint(&self, ep: &Endpoint) -> Result<Request<Full<Bytes>>, String> {
         let body = crate::model_map::apply(&ep.model_map, &self.body);
-        let mut req = Request::builder()
-            .method(self.method.clone())
-            .uri(ep.base_url.join(&self.path_and_query))
-            .body(Full::new(body))
+        let uri = ep
+            .base_url
+            .uri(&self.path_and_query)
             .map_err(|e| format!("cannot build the upstream request: {e}"))?;
+        let mut req = Request::new(Full::new(body));
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = uri;
         *req.headers_mut() = self.headers.clone();
         req.headers_mut()
             .insert(ep.auth_header.0.clone(), ep.auth_header.1.clone());
@@ -280,7 +285,12 @@ pub struct RelayBody {
     upstream: Option<Incoming>,
     judge: Judge,
     idle: Duration,
-    sleep: Pin<Box<Sleep>>,
+    /// The idle timer, armed only when the upstream first keeps the body waiting: a body that is
+    /// ready as soon as it is polled (most plain answers) never reads the clock or touches the
+    /// timer wheel.
+    sleep: Option<Pin<Box<Sleep>>>,
+    /// A frame arrived since the idle timer was last armed.
+    fresh: bool,
     attempt: Option<Attempt>,
     request: Option<RequestGuard>,
     /// An SSE error event to send after an upstream failure, then end.
@@ -329,7 +339,8 @@ impl RelayBody {
             upstream: Some(upstream),
             judge,
             idle,
-            sleep: Box::pin(tokio::time::sleep(idle)),
+            sleep: None,
+            fresh: false,
             attempt: Some(attempt),
             request: Some(request),
             trailer: None,
@@ -369,7 +380,7 @@ impl RelayBody {
             },
         };
         if let Some(u) = found {
-            tap.tally.add(&ep.name, &u);
+            tap.tally.add(&ep.name, u);
         }
     }
 
@@ -479,8 +490,7 @@ impl Body for RelayBody {
         };
         match Pin::new(upstream).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                let deadline = Instant::now() + this.idle;
-                this.sleep.as_mut().reset(deadline);
+                this.fresh = true;
                 match frame.into_data() {
                     Ok(data) => {
                         if let Judge::Stream(sc) = &mut this.judge {
@@ -511,7 +521,18 @@ impl Body for RelayBody {
                 Poll::Ready(this.trailer.take().map(|b| Ok(Frame::data(b))))
             }
             Poll::Pending => {
-                ready!(this.sleep.as_mut().poll(cx));
+                // The upstream went quiet: it has `idle` from now (that is, from its last frame,
+                // which was just relayed) to send the next.
+                let sleep = match &mut this.sleep {
+                    Some(sleep) if !this.fresh => sleep,
+                    Some(sleep) => {
+                        sleep.as_mut().reset(Instant::now() + this.idle);
+                        sleep
+                    }
+                    None => this.sleep.insert(Box::pin(tokio::time::sleep(this.idle))),
+                };
+                this.fresh = false;
+                ready!(sleep.as_mut().poll(cx));
                 let idle = humantime::format_duration(this.idle).to_string();
                 this.fail(
                     Outcome::Transport(TransportKind::Idle),

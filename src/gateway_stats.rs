@@ -151,6 +151,18 @@ impl Default for RequestId {
     }
 }
 
+impl RequestId {
+    /// The id as a header value (`req_` and 16 hex digits), written without a formatter.
+    pub fn header_value(self) -> http::HeaderValue {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut out = *b"req_0000000000000000";
+        for (i, b) in out[4..].iter_mut().enumerate() {
+            *b = HEX[(self.0 >> (60 - 4 * i) & 0xf) as usize];
+        }
+        http::HeaderValue::from_bytes(&out).expect("`req_` and hex digits are a valid header value")
+    }
+}
+
 impl std::fmt::Display for RequestId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "req_{:016x}", self.0)
@@ -184,6 +196,9 @@ impl RequestGuard {
     }
 
     fn log(&self, how: RequestEnd) {
+        if !tracing::enabled!(tracing::Level::INFO) {
+            return;
+        }
         let latency_ms = self.started.elapsed().as_secs_f64() * 1000.0;
         match &self.served {
             Some((ep, attempts, status)) => tracing::info!(
@@ -224,5 +239,26 @@ impl Drop for RequestGuard {
             self.stats.ended[RequestEnd::Cancelled as usize].fetch_add(1, Ordering::AcqRel);
             self.log(RequestEnd::Cancelled);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_id_header_matches_its_display() {
+        for n in [
+            0,
+            1,
+            0xabc,
+            u64::MAX,
+            0x0123_4567_89ab_cdef,
+            fastrand::u64(..),
+        ] {
+            let id = RequestId(n);
+            assert_eq!(id.header_value(), id.to_string().as_str(), "{n:#x}");
+        }
+        assert_eq!(RequestId(0xabc).header_value(), "req_0000000000000abc");
     }
 }

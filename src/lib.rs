@@ -17,6 +17,7 @@ pub mod events;
 pub mod forward;
 pub mod gateway_stats;
 pub mod health;
+pub mod json_top;
 pub mod logging;
 pub mod metrics;
 pub mod model_map;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body::Body;
 use http_body_util::{BodyExt, Limited};
 
@@ -23,6 +23,12 @@ use crate::select::{Selector, Tried};
 
 /// The reserved path prefix of ccgate's own views; never forwarded.
 pub const ADMIN_PREFIX: &str = "/_ccgate";
+
+// Response headers ccgate adds, named once rather than parsed from a string per request.
+static REQUEST_ID: HeaderName = HeaderName::from_static("x-ccgate-request-id");
+static ENDPOINT: HeaderName = HeaderName::from_static("x-ccgate-endpoint");
+static ATTEMPTS: HeaderName = HeaderName::from_static("x-ccgate-attempts");
+static FALLBACK: HeaderName = HeaderName::from_static("x-ccgate-fallback");
 
 /// Everything the request handler needs, shared by all connections.
 pub struct Gateway {
@@ -151,10 +157,9 @@ where
         );
     }
     let guard = gw.registry.gateway.begin();
-    let id = HeaderValue::try_from(guard.id().to_string())
-        .expect("a request id is `req_` and hex digits, a valid header value");
+    let id = guard.id().header_value();
     let mut resp = proxied(&gw, req, guard).await;
-    resp.headers_mut().insert("x-ccgate-request-id", id);
+    resp.headers_mut().insert(REQUEST_ID.clone(), id);
     resp
 }
 
@@ -193,7 +198,8 @@ where
     let path_and_query = parts
         .uri
         .path_and_query()
-        .map_or_else(|| "/".to_string(), |p| p.as_str().to_string());
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
     let prepared = Prepared::new(parts.method, path_and_query, parts.headers, body);
     forward_request(gw, prepared, guard).await
 }
@@ -242,10 +248,9 @@ async fn forward_request(
     let timeouts = gw.config.timeouts;
     let max_attempts = gw.config.server.max_attempts;
     let mut rng = fastrand::Rng::new();
-    let mut ranking = gw
-        .selector
-        .rank(&reg.endpoints, reg.clock.now_ms(), &mut rng);
-    gw.budget.deposit();
+    let now_ms = reg.clock.now_ms();
+    let mut ranking = gw.selector.rank(&reg.endpoints, now_ms, &mut rng);
+    gw.budget.deposit_at(now_ms);
     // A session goes first to the endpoint that served it last; if that endpoint is not
     // admitted now, admission skips it and whoever serves the session becomes its binding.
     let session = gw
@@ -375,7 +380,7 @@ async fn forward_request(
     let mut resp = all_down(reg, &failures);
     if fallback {
         resp.headers_mut()
-            .insert("x-ccgate-fallback", HeaderValue::from_static("least-bad"));
+            .insert(FALLBACK.clone(), HeaderValue::from_static("least-bad"));
     }
     // The log line names the last endpoint tried with the status the client got (none when
     // nothing could be tried).
@@ -519,15 +524,15 @@ fn relay_response(
 ) -> Response<GateBody> {
     forward::strip_hop_by_hop(&mut parts.headers);
     if let Some(v) = &ep.name_header {
-        parts.headers.insert("x-ccgate-endpoint", v.clone());
+        parts.headers.insert(ENDPOINT.clone(), v.clone());
     }
     parts
         .headers
-        .insert("x-ccgate-attempts", HeaderValue::from(attempts));
+        .insert(ATTEMPTS.clone(), HeaderValue::from(attempts));
     if fallback {
         parts
             .headers
-            .insert("x-ccgate-fallback", HeaderValue::from_static("least-bad"));
+            .insert(FALLBACK.clone(), HeaderValue::from_static("least-bad"));
     }
     tracing::debug!(endpoint = %ep.name, status = parts.status.as_u16(), attempts, "relaying");
     // Bodiless answers are complete with their headers; hyper will not poll their body.

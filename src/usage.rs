@@ -10,9 +10,10 @@ use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::config::{ProcessEnv, StorageConfig, resolve_config_path};
+use crate::json_top;
 
 /// Tokens of one answer (or a sum of answers).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -69,29 +70,37 @@ pub const MAX_JSON_BODY: usize = 1024 * 1024;
 /// The top-level `model` and `usage` of a non-streaming Messages response; `None` when the body
 /// is not JSON or carries no `usage` object (a `count_tokens` or `models` answer, say).
 pub fn from_json_body(body: &[u8]) -> Option<MessageUsage> {
-    #[derive(Deserialize)]
-    struct Top {
-        model: Option<String>,
-        usage: Option<RawUsage>,
+    // Only these members are read; the content between them is stepped over, not parsed.
+    // `usage` comes last in a Messages response, `model` near the front.
+    let (mut usage, mut model) = (None, None);
+    for (key, value) in json_top::members(body) {
+        match key {
+            b"usage" if usage.is_none() => usage = Some(value),
+            b"model" if model.is_none() => model = Some(value),
+            _ => {}
+        }
+        if usage.is_some() && model.is_some() {
+            break;
+        }
     }
-    #[derive(Deserialize)]
-    struct RawUsage {
-        input_tokens: Option<u64>,
-        output_tokens: Option<u64>,
-        cache_creation_input_tokens: Option<u64>,
-        cache_read_input_tokens: Option<u64>,
+    let usage = usage?;
+    if usage.first() != Some(&b'{') {
+        return None;
     }
-    // Only these fields are materialised; everything else (the content) is skipped.
-    let top: Top = serde_json::from_slice(body).ok()?;
-    let u = top.usage?;
+    let mut tokens = Usage::default();
+    for (key, value) in json_top::members(usage) {
+        let field = match key {
+            b"input_tokens" => &mut tokens.input,
+            b"output_tokens" => &mut tokens.output,
+            b"cache_creation_input_tokens" => &mut tokens.cache_creation,
+            b"cache_read_input_tokens" => &mut tokens.cache_read,
+            _ => continue,
+        };
+        *field = json_top::as_u64(value).unwrap_or(0);
+    }
     Some(MessageUsage {
-        model: top.model,
-        usage: Usage {
-            input: u.input_tokens.unwrap_or(0),
-            output: u.output_tokens.unwrap_or(0),
-            cache_creation: u.cache_creation_input_tokens.unwrap_or(0),
-            cache_read: u.cache_read_input_tokens.unwrap_or(0),
-        },
+        model: model.and_then(json_top::as_str).map(String::from),
+        usage: tokens,
     })
 }
 
@@ -146,16 +155,21 @@ pub fn day_of(t: SystemTime) -> i64 {
 
 impl UsageTally {
     /// Adds one answer's usage (request path: one short lock, no I/O).
-    pub fn add(&self, endpoint: &str, usage: &MessageUsage) {
-        let model = match usage.model.as_deref() {
-            Some(m) if !m.is_empty() => m,
-            _ => OTHER_MODEL,
+    pub fn add(&self, endpoint: &str, usage: MessageUsage) {
+        let model = match usage.model {
+            Some(mut m) if !m.is_empty() => {
+                if m.len() > MAX_MODEL_LEN {
+                    m = m.chars().take(MAX_MODEL_LEN).collect();
+                }
+                m
+            }
+            _ => OTHER_MODEL.to_string(),
         };
         // The key is built before the lock is taken: only the map operations happen under it.
         let mut key = UsageKey {
             day: day_of(SystemTime::now()),
             endpoint: endpoint.to_string(),
-            model: model.chars().take(MAX_MODEL_LEN).collect(),
+            model,
         };
         let one = UsageSums {
             requests: 1,
@@ -385,6 +399,15 @@ mod tests {
         assert_eq!(from_json_body(br#"{"input_tokens": 5}"#), None);
         assert_eq!(from_json_body(b"not json"), None);
         assert_eq!(from_json_body(br#"{"usage": "weird"}"#), None);
+        assert_eq!(from_json_body(br#"{"usage": null}"#), None);
+        // A nested `usage` (a tool's input, say) is not the message's.
+        assert_eq!(
+            from_json_body(br#"{"content":[{"input":{"usage":{"input_tokens":1}}}]}"#),
+            None
+        );
+        let no_model =
+            from_json_body(br#"{"model":5,"usage":{"output_tokens":2}}"#).expect("usage");
+        assert_eq!((no_model.model, no_model.usage.output), (None, 2));
     }
 
     #[test]
@@ -399,10 +422,12 @@ mod tests {
                 cache_read: 4,
             },
         };
-        t.add("a", &u("m"));
-        t.add("a", &u("m"));
+        t.add("a", u("m"));
+        t.add("a", u("m"));
+        let long = "é".repeat(MAX_MODEL_LEN + 1);
+        t.add("c", u(&long));
         for i in 0..MAX_ROWS + 5 {
-            t.add("b", &u(&format!("model-{i}")));
+            t.add("b", u(&format!("model-{i}")));
         }
         let rows = t.take();
         assert!(rows.len() <= MAX_ROWS + 1, "{}", rows.len());
@@ -413,6 +438,8 @@ mod tests {
             .expect("row a");
         assert_eq!(a.requests, 2);
         assert_eq!(a.usage.output, 4);
+        let c = rows.keys().find(|k| k.endpoint == "c").expect("row c");
+        assert_eq!(c.model, "é".repeat(MAX_MODEL_LEN));
         let b_requests: u64 = rows
             .iter()
             .filter(|(k, _)| k.endpoint == "b")
