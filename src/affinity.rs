@@ -154,7 +154,13 @@ pub fn session_from_user_id(user_id: &str) -> Option<String> {
     let json = user_id.trim_start().starts_with('{');
     let id = match json.then(|| serde_json::from_str::<UserId>(user_id)) {
         Some(Ok(u)) => u.session_id,
-        _ => user_id.rsplit_once("_session_").map(|(_, s)| s.to_string()),
+        _ => {
+            static SESSION: LazyLock<memmem::FinderRev<'static>> =
+                LazyLock::new(|| memmem::FinderRev::new(b"_session_"));
+            SESSION
+                .rfind(user_id)
+                .map(|at| user_id[at + "_session_".len()..].to_string())
+        }
     }?;
     let id = id.trim();
     (!id.is_empty() && id.len() <= MAX_KEY_LEN).then(|| id.to_string())

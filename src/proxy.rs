@@ -514,6 +514,15 @@ fn is_encoded(h: &HeaderMap) -> bool {
         .is_some_and(|v| !v.eq_ignore_ascii_case("identity"))
 }
 
+/// `x-ccgate-attempts`: the common small counts without an allocation.
+fn attempts_value(attempts: u32) -> HeaderValue {
+    const SMALL: [&str; 10] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"];
+    match SMALL.get(attempts as usize) {
+        Some(s) => HeaderValue::from_static(s),
+        None => HeaderValue::from(attempts),
+    }
+}
+
 fn relay_response(
     mut parts: http::response::Parts,
     relay: RelayBody,
@@ -528,7 +537,7 @@ fn relay_response(
     }
     parts
         .headers
-        .insert(ATTEMPTS.clone(), HeaderValue::from(attempts));
+        .insert(ATTEMPTS.clone(), attempts_value(attempts));
     if fallback {
         parts
             .headers
@@ -584,4 +593,16 @@ fn all_down(reg: &Registry, failures: &[Failure]) -> Response<GateBody> {
     resp.headers_mut()
         .insert("x-should-retry", HeaderValue::from_static("true"));
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attempts_header_is_the_count() {
+        for n in [0, 1, 2, 9, 10, 11, 123, u32::MAX] {
+            assert_eq!(attempts_value(n), n.to_string().as_str(), "{n}");
+        }
+    }
 }
