@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Instructions per proxied request, counted by callgrind: a deterministic measure of the gateway's
+# user-space work that machine noise does not move (timed runs on this shared machine vary by ±10%).
+#
+#   bench/callgrind.sh [BIN|hyper]...     default: target/release/ccgate and the bare hyper proxy
+#   N=4000 C=16 bench/callgrind.sh        requests counted, concurrency
+#
+# Each gateway runs under `valgrind --tool=callgrind` over two in-tree mock upstreams; after 2000
+# warm-up requests the counters are zeroed, N non-streaming requests (the benchmark's ~2 KB body)
+# are sent with oha, and the total is dumped. The profile stays in $OUT/<name>/ for
+# `callgrind_annotate` (for example `--inclusive=yes`). Needs valgrind (apt-get install valgrind),
+# oha, and the release builds bench/run.sh makes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N=${N:-4000}; C=${C:-16}
+OUT=${OUT:-bench/results/callgrind}
+T=bench/mock-upstream/target/release
+BODY=bench/results/latest/body.json
+[[ -f $BODY ]] || { echo "run bench/run.sh once first (it writes $BODY)" >&2; exit 1; }
+command -v valgrind >/dev/null || { echo "valgrind is needed: apt-get install -y valgrind" >&2; exit 1; }
+(($#)) || set -- target/release/ccgate hyper
+mkdir -p "$OUT"
+trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null' EXIT
+addr() { for _ in $(seq 100); do grep -o 'listening on [^ ]*' "$1" 2>/dev/null | awk '{print $3}' | sed 's|http://||' && return; sleep 0.2; done; echo "no listen address in $1" >&2; exit 1; }
+"$T/mock-upstream" --port 0 >"$OUT/mock-a.log" 2>&1 &
+"$T/mock-upstream" --port 0 >"$OUT/mock-b.log" 2>&1 &
+A=$(addr "$OUT/mock-a.log"); B=$(addr "$OUT/mock-b.log")
+for bin in "$@"; do
+    name=$(basename "$bin"); d=$OUT/$name; rm -rf "$d"; mkdir -p "$d/data"
+    if [[ $bin == hyper ]]; then
+        cmd=("$T/bare-proxy" --port 0 --upstream "$A" --upstream "$B")
+    else
+        printf '[server]\nlisten = "127.0.0.1:0"\n\n[[endpoints]]\nname = "a"\nbase_url = "http://%s"\napi_key = "k"\n\n[[endpoints]]\nname = "b"\nbase_url = "http://%s"\napi_key = "k"\n' "$A" "$B" >"$d/config.toml"
+        chmod 600 "$d/config.toml"
+        cmd=("$bin" serve --config "$d/config.toml")
+    fi
+    XDG_DATA_HOME=$d/data XDG_STATE_HOME=$d/data RUST_LOG=warn \
+        valgrind --tool=callgrind --callgrind-out-file="$d/callgrind.out" "${cmd[@]}" >"$d/gateway.log" 2>&1 &
+    pid=$!
+    url=http://$(addr "$d/gateway.log")/v1/messages
+    load() { oha -n "$1" -c "$C" -m POST -D "$BODY" -H 'content-type: application/json' \
+        -H 'anthropic-version: 2023-06-01' --no-tui --output-format json "$url"; }
+    load 2000 >/dev/null
+    callgrind_control -z "$pid" >/dev/null
+    load "$N" >"$d/oha.json"
+    callgrind_control -d "$pid" >/dev/null
+    sleep 0.5; kill "$pid"; wait "$pid" 2>/dev/null || true
+    file=$(ls -t "$d"/callgrind.out.* 2>/dev/null | head -n1); file=${file:-$d/callgrind.out}
+    total=$(callgrind_annotate "$file" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1; exit}')
+    ok=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["statusCodeDistribution"])' "$d/oha.json")
+    printf '%-10s %8d instructions per request   (%s; %s)\n' "$name" $((total / N)) "$ok" "$file"
+done
