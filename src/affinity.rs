@@ -13,6 +13,7 @@
 //! used binding. (Hand-written rather than a cache crate so that expiry follows the registry
 //! clock, which tests drive with tokio's paused time.)
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::LazyLock;
@@ -139,29 +140,28 @@ pub fn session_key(headers: &HeaderMap, body: &Bytes) -> Option<String> {
         LazyLock::new(|| memmem::Finder::new(b"\"user_id\""));
     USER_ID.find(body)?;
     let metadata = json_top::member(body, b"metadata")?;
-    let (_, user_id) = json_top::members(metadata).find(|&(k, _)| k == b"user_id")?;
-    let user_id = json_top::as_str(user_id)?;
+    let user_id = json_top::as_str(json_top::member(metadata, b"user_id")?)?;
     session_from_user_id(&user_id)
 }
 
 /// The session id inside a `metadata.user_id` value.
 pub fn session_from_user_id(user_id: &str) -> Option<String> {
     #[derive(Deserialize)]
-    struct UserId {
-        session_id: Option<String>,
+    struct UserId<'a> {
+        #[serde(borrow)]
+        session_id: Option<Cow<'a, str>>,
     }
     // Claude Code's JSON form starts with `{`; anything else is the older plain form.
     let json = user_id.trim_start().starts_with('{');
-    let id = match json.then(|| serde_json::from_str::<UserId>(user_id)) {
-        Some(Ok(u)) => u.session_id,
+    let id: Cow<'_, str> = match json.then(|| serde_json::from_str::<UserId>(user_id)) {
+        Some(Ok(u)) => u.session_id?,
         _ => {
             static SESSION: LazyLock<memmem::FinderRev<'static>> =
                 LazyLock::new(|| memmem::FinderRev::new(b"_session_"));
-            SESSION
-                .rfind(user_id)
-                .map(|at| user_id[at + "_session_".len()..].to_string())
+            let at = SESSION.rfind(user_id)?;
+            Cow::Borrowed(&user_id[at + "_session_".len()..])
         }
-    }?;
+    };
     let id = id.trim();
     (!id.is_empty() && id.len() <= MAX_KEY_LEN).then(|| id.to_string())
 }

@@ -59,14 +59,9 @@ impl RetryBudget {
         s
     }
 
-    /// Counts a client request.
-    pub fn deposit(&self) {
-        self.deposit_at(self.clock.now_ms());
-    }
-
-    /// Counts a client request arriving at `now_ms` on the budget's clock (a reading the caller
-    /// already took).
-    pub fn deposit_at(&self, now_ms: u64) {
+    /// Counts a client request arriving at `now_ms` on the budget's clock (the reading the
+    /// request path already took for ranking).
+    pub fn deposit(&self, now_ms: u64) {
         let second = Self::second_of(now_ms);
         Self::slot(&mut self.slots.lock(), second).requests += 1;
     }
@@ -120,7 +115,7 @@ mod tests {
         let b = budget(0.2, 1);
         assert_eq!(drain(&b), 10, "the floor: 1 per second over 10 s");
         for _ in 0..100 {
-            b.deposit();
+            b.deposit(b.clock.now_ms());
         }
         assert_eq!(drain(&b), 20, "20% of 100 requests");
         assert_eq!(drain(&b), 0);
@@ -130,14 +125,14 @@ mod tests {
     async fn window_slides() {
         let b = budget(0.5, 0);
         for _ in 0..10 {
-            b.deposit();
+            b.deposit(b.clock.now_ms());
         }
         assert_eq!(drain(&b), 5);
         tokio::time::advance(Duration::from_secs(5)).await;
         assert_eq!(drain(&b), 0, "still inside the window: spent");
         tokio::time::advance(Duration::from_secs(6)).await;
         for _ in 0..4 {
-            b.deposit();
+            b.deposit(b.clock.now_ms());
         }
         assert_eq!(drain(&b), 2, "old requests and retries left the window");
     }
@@ -146,7 +141,7 @@ mod tests {
     fn concurrent_retries_never_overspend() {
         let b = std::sync::Arc::new(budget(0.1, 0));
         for _ in 0..1000 {
-            b.deposit();
+            b.deposit(b.clock.now_ms());
         }
         let granted = std::sync::atomic::AtomicU32::new(0);
         std::thread::scope(|s| {

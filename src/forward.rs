@@ -521,8 +521,8 @@ impl Body for RelayBody {
                 Poll::Ready(this.trailer.take().map(|b| Ok(Frame::data(b))))
             }
             Poll::Pending => {
-                // The upstream went quiet: it has `idle` from now (that is, from its last frame,
-                // which was just relayed) to send the next.
+                // The upstream went quiet: from the first wait after its last frame, it has
+                // `idle` to send the next.
                 let sleep = match &mut this.sleep {
                     Some(sleep) if !this.fresh => sleep,
                     Some(sleep) => {

@@ -152,20 +152,27 @@ impl Default for RequestId {
 }
 
 impl RequestId {
-    /// The id as a header value (`req_` and 16 hex digits), written without a formatter.
-    pub fn header_value(self) -> http::HeaderValue {
+    /// `req_` and the id in 16 lowercase hex digits, written without a formatter.
+    fn text(self) -> [u8; 20] {
         const HEX: &[u8; 16] = b"0123456789abcdef";
         let mut out = *b"req_0000000000000000";
         for (i, b) in out[4..].iter_mut().enumerate() {
             *b = HEX[(self.0 >> (60 - 4 * i) & 0xf) as usize];
         }
-        http::HeaderValue::from_bytes(&out).expect("`req_` and hex digits are a valid header value")
+        out
+    }
+
+    /// The id as a header value.
+    pub fn header_value(self) -> http::HeaderValue {
+        http::HeaderValue::from_bytes(&self.text())
+            .expect("`req_` and hex digits are a valid header value")
     }
 }
 
 impl std::fmt::Display for RequestId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "req_{:016x}", self.0)
+        let text = self.text();
+        f.write_str(std::str::from_utf8(&text).map_err(|_| std::fmt::Error)?)
     }
 }
 
@@ -258,6 +265,7 @@ mod tests {
         ] {
             let id = RequestId(n);
             assert_eq!(id.header_value(), id.to_string().as_str(), "{n:#x}");
+            assert_eq!(id.to_string(), format!("req_{n:016x}"));
         }
         assert_eq!(RequestId(0xabc).header_value(), "req_0000000000000abc");
     }

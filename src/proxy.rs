@@ -250,7 +250,7 @@ async fn forward_request(
     let mut rng = fastrand::Rng::new();
     let now_ms = reg.clock.now_ms();
     let mut ranking = gw.selector.rank(&reg.endpoints, now_ms, &mut rng);
-    gw.budget.deposit_at(now_ms);
+    gw.budget.deposit(now_ms);
     // A session goes first to the endpoint that served it last; if that endpoint is not
     // admitted now, admission skips it and whoever serves the session becomes its binding.
     let session = gw

@@ -662,6 +662,19 @@ async fn row_stream_idle_too_long_is_a_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_whose_gaps_stay_under_the_idle_timeout_is_never_cut() {
+    // Each gap (150 ms) is well under the idle timeout (600 ms) while the whole stream (~1.6 s)
+    // is well over it: the timeout runs from the last event, not from the first wait.
+    let d = Duo::start(builder().timeouts("idle = \"600ms\"")).await;
+    d.a.push(Script::sse_ok(6).pacing(Duration::from_millis(150)));
+    let ans = d.post(&TestGateway::message_body(true)).await;
+    assert_eq!(ans.status, 200);
+    assert_eq!(ans.body, sse_ok_bytes(6), "{}", ans.text());
+    d.gw.settle().await;
+    assert_outcomes(&d.gw.endpoint_view("a").await, &[("success", 1)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn row_sse_error_event_before_content_fails_over() {
     // (error position, error type, outcome): right after message_start, and after the preamble
     // (message_start, content_block_start, ping) but before any text.
