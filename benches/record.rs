@@ -16,12 +16,13 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 
-use ccgate::classify::Outcome;
 use ccgate::config::{Config, Strategy};
-use ccgate::endpoint::{Attempt, Endpoint, Recorder};
-use ccgate::registry::Registry;
-use ccgate::select::Selector;
-use ccgate::sse::SseScanner;
+use ccgate::health::attempt::{Attempt, Recorder};
+use ccgate::health::classify::Outcome;
+use ccgate::health::endpoint::Endpoint;
+use ccgate::health::registry::Registry;
+use ccgate::select::strategy::Selector;
+use ccgate::wire::sse::SseScanner;
 
 const THREADS: [usize; 3] = [1, 2, 8];
 

@@ -3,7 +3,7 @@
 //!
 //! Deadlines live in atomics as these milliseconds; `0` means "none", so the clock starts at 1.
 
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// A monotonic millisecond clock anchored to wall time for display.
 #[derive(Clone, Copy, Debug)]
@@ -62,4 +62,39 @@ pub fn rfc3339(t: SystemTime) -> String {
 /// Converts a duration to whole milliseconds, saturating.
 pub fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Days since the Unix epoch, UTC.
+pub fn day_of(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs() / 86_400).unwrap_or(0))
+}
+
+/// `YYYY-MM-DD` of a day number (days since 1970-01-01), proleptic Gregorian.
+pub fn day_string(days: i64) -> String {
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn days_format_as_utc_dates() {
+        assert_eq!(day_string(0), "1970-01-01");
+        assert_eq!(day_string(19_723), "2024-01-01");
+        assert_eq!(day_string(19_782), "2024-02-29");
+        assert_eq!(day_string(20_454), "2026-01-01");
+        assert_eq!(day_string(-1), "1969-12-31");
+    }
 }

@@ -28,10 +28,11 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::{Config, ProcessEnv};
-use crate::forward::BoxError;
-use crate::proxy::{self, Gateway};
-use crate::registry::ReloadReport;
-use crate::response::{self, GateBody};
+use crate::health::registry::ReloadReport;
+use crate::proxy::handler::{self, ADMIN_PREFIX, Gateway};
+use crate::proxy::relay::BoxError;
+use crate::proxy::response::{self, GateBody};
+use crate::store::Persist;
 
 /// A bound, not yet running, gateway.
 pub struct Server {
@@ -42,6 +43,9 @@ pub struct Server {
 /// The gateway in service, and how to replace it.
 pub struct Handle {
     current: ArcSwap<Gateway>,
+    /// State that lasts: the database, lifetime counters and episodes (one per process, shared
+    /// by every gateway a reload builds).
+    persist: Arc<Persist>,
     source: Option<PathBuf>,
     reloading: tokio::sync::Mutex<()>,
     prober: parking_lot::Mutex<Option<BgTask>>,
@@ -97,7 +101,7 @@ pub enum ReloadError {
     Config(#[from] crate::config::ConfigError),
     /// An endpoint's client could not be built.
     #[error(transparent)]
-    Client(#[from] crate::upstream::ClientError),
+    Client(#[from] crate::transport::upstream::ClientError),
 }
 
 impl Handle {
@@ -137,7 +141,7 @@ impl Handle {
 
     /// Starts the prober for `gw`, stopping the previous gateway's.
     fn start_prober(&self, gw: Arc<Gateway>) {
-        let prober = BgTask::spawn(|stop| crate::probe::run_prober(gw, stop));
+        let prober = BgTask::spawn(|stop| crate::control::prober::run_prober(gw, stop));
         if let Some(old) = self.prober.lock().replace(prober) {
             old.signal();
         }
@@ -155,7 +159,7 @@ impl Handle {
 /// other admin writes).
 async fn reload_route<B>(handle: &Handle, req: &Request<B>) -> Response<GateBody> {
     if let Some(refused) =
-        crate::admin::refuse_write(&handle.current(), req.method(), req.headers())
+        crate::control::admin::refuse_write(&handle.current(), req.method(), req.headers())
     {
         return refused;
     }
@@ -178,16 +182,21 @@ async fn reload_route<B>(handle: &Handle, req: &Request<B>) -> Response<GateBody
     }
 }
 
-/// Routes one request to the current gateway.
+/// Routes one request: ccgate's own prefix to the control plane, everything else to the proxy
+/// of the current gateway. The proxy never sees `/_ccgate/`.
 async fn serve_one<B>(handle: Arc<Handle>, req: Request<B>) -> Response<GateBody>
 where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    if req.uri().path() == "/_ccgate/reload" {
+    let path = req.uri().path();
+    if path == "/_ccgate/reload" {
         return reload_route(&handle, &req).await;
     }
-    proxy::handle(handle.current(), req).await
+    if path == ADMIN_PREFIX || path.starts_with("/_ccgate/") {
+        return crate::control::admin::handle(handle.current(), &handle.persist, req).await;
+    }
+    handler::handle(handle.current(), req).await
 }
 
 /// Why the server could not start.
@@ -195,7 +204,7 @@ where
 pub enum StartError {
     /// An endpoint's upstream client could not be built.
     #[error(transparent)]
-    Client(#[from] crate::upstream::ClientError),
+    Client(#[from] crate::transport::upstream::ClientError),
     /// The listen address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -215,13 +224,14 @@ impl Server {
     ) -> Result<Self, StartError> {
         let addr = config.server.listen;
         let mut gateway = Gateway::new(config)?;
-        crate::store::attach(&mut gateway).await;
+        let persist = crate::store::attach(&mut gateway).await;
         let gateway = Arc::new(gateway);
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| StartError::Bind { addr, source })?;
         let handle = Arc::new(Handle {
             current: ArcSwap::new(gateway),
+            persist,
             source,
             reloading: tokio::sync::Mutex::new(()),
             prober: parking_lot::Mutex::new(None),
@@ -401,7 +411,7 @@ impl Worker {
         let spawned = std::thread::Builder::new()
             .name(format!("ccgate-worker-{index}"))
             .spawn(move || {
-                crate::upstream::set_worker(index);
+                crate::transport::upstream::set_worker(index);
                 let runtime = match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
@@ -503,7 +513,7 @@ pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
 /// Starts the database writer (state that lasts); without a database open it ends at once.
 /// Stopping it makes it flush one last time.
 fn start_writer(handle: &Arc<Handle>) -> BgTask {
-    let persist = Arc::clone(&handle.current().persist);
+    let persist = Arc::clone(&handle.persist);
     let handle = Arc::clone(handle);
     BgTask::spawn(|stop| crate::store::run_writer(persist, move || handle.current(), stop))
 }

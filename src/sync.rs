@@ -2,8 +2,8 @@
 //!
 //! Normal builds get `std`'s atomics and `parking_lot`'s mutex, exactly as if they were named
 //! directly. Under `--cfg ccgate_loom` the same names are loom's model-checked versions, so the
-//! one-winner transition ([`crate::queue::FailureQueue::transition`]) and the counter snapshot
-//! ([`crate::endpoint::Live::snapshot`]) run unchanged inside `loom::model` and every interleaving
+//! one-winner transition ([`crate::health::queue::FailureQueue::transition`]) and the counter snapshot
+//! ([`crate::health::endpoint::Live::snapshot`]) run unchanged inside `loom::model` and every interleaving
 //! of them is explored (see `tests/one_winner.rs`).
 
 #[cfg(not(ccgate_loom))]

@@ -14,8 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use ccgate::classify::{Kind, Outcome};
-use ccgate::endpoint::{Attempt, Counters};
+use ccgate::health::attempt::Attempt;
+use ccgate::health::classify::{Kind, Outcome};
+use ccgate::health::endpoint::Counters;
 use http::{Method, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::Value;

@@ -21,13 +21,14 @@ use loom::thread;
 #[cfg(not(ccgate_loom))]
 use std::thread;
 
-use ccgate::classify::{Outcome, TransportKind};
 use ccgate::clock::Clock;
 use ccgate::config::Config;
-use ccgate::endpoint::{Attempt, Endpoint, Recorder};
-use ccgate::health::{Phase, Reason};
-use ccgate::queue::FailureQueue;
-use ccgate::upstream::{UpstreamClient, build_client};
+use ccgate::health::attempt::{Attempt, Recorder};
+use ccgate::health::classify::{Outcome, TransportKind};
+use ccgate::health::endpoint::Endpoint;
+use ccgate::health::machine::{Phase, Reason};
+use ccgate::health::queue::FailureQueue;
+use ccgate::transport::upstream::{UpstreamClient, build_client};
 
 /// Rounds per scenario in the std stress version.
 #[cfg(not(ccgate_loom))]

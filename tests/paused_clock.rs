@@ -5,11 +5,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ccgate::classify::Outcome;
 use ccgate::config::Config;
-use ccgate::endpoint::{Attempt, Endpoint};
-use ccgate::health::{Phase, Reason};
-use ccgate::registry::{Admission, Registry};
+use ccgate::health::attempt::Attempt;
+use ccgate::health::classify::Outcome;
+use ccgate::health::endpoint::Endpoint;
+use ccgate::health::machine::{Phase, Reason};
+use ccgate::health::registry::{Admission, Registry};
 
 /// A registry with endpoints `a` (and `b`), threshold `threshold`, probes every 10 s doubling up to
 /// 80 s, and a 30 s default cooldown.
@@ -224,7 +225,7 @@ fn put_on_probation(reg: &Registry, ep: &Arc<Endpoint>) {
     record(
         reg,
         ep,
-        Outcome::Transport(ccgate::classify::TransportKind::Cut),
+        Outcome::Transport(ccgate::health::classify::TransportKind::Cut),
     );
     assert!(ep.live.phase() == Phase::Ejected || ep.live.phase() == Phase::Probation);
     reg.queue.probe_result(ep, true, "ok".to_string());

@@ -10,11 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use ccgate::classify::Outcome;
 use ccgate::config::{Config, Strategy};
-use ccgate::endpoint::Attempt;
-use ccgate::registry::Registry;
-use ccgate::select::Selector;
+use ccgate::health::attempt::Attempt;
+use ccgate::health::classify::Outcome;
+use ccgate::health::registry::Registry;
+use ccgate::select::strategy::Selector;
 use http::Method;
 use serde_json::json;
 use support::gateway::{GatewayBuilder, TestGateway};

@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 
-use ccgate::classify::Outcome;
 use ccgate::config::Config;
-use ccgate::endpoint::Attempt;
-use ccgate::health::{self, Effect, Event, Phase, Reason};
-use ccgate::registry::{Admission, Registry};
+use ccgate::health::attempt::Attempt;
+use ccgate::health::classify::Outcome;
+use ccgate::health::machine::{self as health, Effect, Event, Phase, Reason};
+use ccgate::health::registry::{Admission, Registry};
 
 const PHASES: [Phase; 5] = [
     Phase::Healthy,

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use ccgate::config::Timeouts;
-use ccgate::upstream::{IDLE_TIMEOUT, UpstreamClient, UpstreamError, build_client};
+use ccgate::transport::upstream::{IDLE_TIMEOUT, UpstreamClient, UpstreamError, build_client};
 use http::Request;
 use http_body_util::{BodyExt, Full};
 use support::mock::{Gate, MockUpstream, Script, SseEvent};

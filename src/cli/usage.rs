@@ -1,0 +1,145 @@
+//! `ccgate usage`: the ledger of tokens per day, endpoint and model, read straight from the
+//! database file (read-only; no gateway needed).
+
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+use anyhow::Context;
+
+use crate::clock::{day_of, day_string};
+use crate::config::{ProcessEnv, StorageConfig, resolve_config_path};
+use crate::proxy::usage::UsageSums;
+use crate::wire::usage::Usage;
+
+/// `ccgate usage`: the ledger of tokens per day, endpoint and model.
+#[derive(clap::Args, Debug)]
+pub struct UsageArgs {
+    /// Config file, for `[storage]` (default: $CCGATE_CONFIG, then ~/.config/ccgate/config.toml).
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Days to show, counting today (UTC).
+    #[arg(long, value_name = "N", default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=36_500))]
+    pub days: u32,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs `ccgate usage`: reads the database file directly (read-only; no gateway needed).
+pub fn run(args: UsageArgs) -> anyhow::Result<()> {
+    let storage = storage_config(args.config)?;
+    let Some(path) = storage.resolved_path() else {
+        anyhow::bail!("this platform has no data directory; set [storage] path in the config");
+    };
+    let today = day_of(SystemTime::now());
+    let since = day_string(today - i64::from(args.days) + 1);
+    let rows = if path.exists() {
+        crate::store::read_ledger(&path, &since)
+            .with_context(|| format!("cannot read the usage ledger in {}", path.display()))?
+    } else {
+        Vec::new()
+    };
+    let mut total = UsageSums::default();
+    for r in &rows {
+        total.add(&UsageSums {
+            requests: r.requests,
+            usage: Usage {
+                input: r.input_tokens,
+                output: r.output_tokens,
+                cache_creation: r.cache_creation_input_tokens,
+                cache_read: r.cache_read_input_tokens,
+            },
+        });
+    }
+    if args.json {
+        let v = serde_json::json!({
+            "database": path.display().to_string(),
+            "since": since,
+            "days": args.days,
+            "rows": rows,
+            "total": {
+                "requests": total.requests,
+                "input_tokens": total.usage.input,
+                "output_tokens": total.usage.output,
+                "cache_creation_input_tokens": total.usage.cache_creation,
+                "cache_read_input_tokens": total.usage.cache_read,
+            },
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    if !path.exists() {
+        println!(
+            "no usage recorded yet: {} does not exist (the gateway creates it)",
+            path.display()
+        );
+        return Ok(());
+    }
+    println!("usage since {since} (UTC), from {}", path.display());
+    if rows.is_empty() {
+        println!("\nno requests in these {} days", args.days);
+        return Ok(());
+    }
+    let num = |n: u64| n.to_string();
+    let mut table: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.day.clone(),
+                r.endpoint.clone(),
+                r.model.clone(),
+                num(r.requests),
+                num(r.input_tokens),
+                num(r.output_tokens),
+                num(r.cache_creation_input_tokens),
+                num(r.cache_read_input_tokens),
+            ]
+        })
+        .collect();
+    table.push(vec![
+        "total".into(),
+        String::new(),
+        String::new(),
+        num(total.requests),
+        num(total.usage.input),
+        num(total.usage.output),
+        num(total.usage.cache_creation),
+        num(total.usage.cache_read),
+    ]);
+    println!();
+    print!(
+        "{}",
+        crate::cli::table::table(
+            &[
+                "DAY",
+                "ENDPOINT",
+                "MODEL",
+                "REQUESTS",
+                "INPUT",
+                "OUTPUT",
+                "CACHE WRITE",
+                "CACHE READ",
+            ],
+            &table,
+        )
+    );
+    Ok(())
+}
+
+/// The `[storage]` settings: from `--config`, else `$CCGATE_CONFIG`, else the default config file
+/// if it exists, else the defaults (see [`resolve_config_path`]). Only `[storage]` is read, so a
+/// config whose credentials come from variables this shell does not have still works.
+fn storage_config(explicit: Option<PathBuf>) -> anyhow::Result<StorageConfig> {
+    let Some((path, chosen)) = resolve_config_path(explicit.as_deref(), &ProcessEnv) else {
+        return Ok(StorageConfig::default());
+    };
+    if !path.exists() && !chosen {
+        return Ok(StorageConfig::default());
+    }
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(StorageConfig::from_toml(
+        &text,
+        &path.display().to_string(),
+    )?)
+}

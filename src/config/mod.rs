@@ -1,0 +1,431 @@
+//! The configuration file, in two stages.
+//!
+//! Stage one is a serde mirror of the TOML file as written (`Raw*`, `deny_unknown_fields`, every
+//! value wrapped in [`Spanned`] so we know where it came from). Stage two, [`Config::from_toml`],
+//! turns that mirror into a validated [`Config`] and reports *every* problem it finds at once, each
+//! with its line and dotted key, so a user fixes a file in one pass instead of one error per run.
+//!
+//! Secrets are read here (including the `*_env` variants, from the environment at load time) and
+//! kept in [`Secret`], whose `Debug` never shows the value.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use toml::Spanned;
+
+/// Default listen address: loopback only. [`default_listen`] is the same address as a `SocketAddr`.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7860";
+/// Default base URL of an endpoint: the official API.
+pub const DEFAULT_BASE_URL: &str = "https://api.anthropic.com";
+/// Default `priority` of an endpoint (lower is preferred).
+pub const DEFAULT_PRIORITY: u32 = 1;
+/// Default `weight` of an endpoint (its share within a priority tier).
+pub const DEFAULT_WEIGHT: u32 = 100;
+/// Default cap on a client request body. Claude Code sends 70–120 KB on a first turn and more as a
+/// conversation grows; the API itself accepts 32 MB.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
+/// The most endpoints one gateway serves: the set of endpoints a request has tried is a `u64` bitmask.
+pub const MAX_ENDPOINTS: usize = 64;
+
+/// A secret string (API key, bearer token, access token). `Debug` and `Display` redact it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    /// The secret itself; call only where it is put on the wire or compared.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// How the gateway picks among healthy endpoints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Strategy {
+    /// Lowest priority number first; weighted random within a tier.
+    Priority,
+    /// Each request starts at the next endpoint in turn.
+    RoundRobin,
+    /// Weighted random over all endpoints, ignoring priority.
+    Weighted,
+    /// Power of two choices over a decaying time-to-first-byte estimate that counts failures as
+    /// slow, weighted by requests in flight.
+    LeastLatency,
+}
+
+impl Strategy {
+    fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "priority" => Ok(Self::Priority),
+            "round_robin" => Ok(Self::RoundRobin),
+            "weighted" => Ok(Self::Weighted),
+            "least_latency" => Ok(Self::LeastLatency),
+            other => Err(format!(
+                "unknown strategy `{other}`; expected priority, round_robin, weighted or least_latency"
+            )),
+        }
+    }
+}
+
+/// How a recovery probe checks that an endpoint works again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProbeMode {
+    /// A tiny real message whose reply must contain a random code the probe asked for.
+    Message,
+    /// `POST /v1/messages/count_tokens`: cheap, proves the credential and the route.
+    CountTokens,
+    /// `GET /v1/models`: cheapest, proves the credential only.
+    Models,
+}
+
+impl ProbeMode {
+    /// The name the config uses for this mode (the inverse of parsing it).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Message => "message",
+            Self::CountTokens => "count_tokens",
+            Self::Models => "models",
+        }
+    }
+
+    fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "message" => Ok(Self::Message),
+            "count_tokens" => Ok(Self::CountTokens),
+            "models" => Ok(Self::Models),
+            other => Err(format!(
+                "unknown probe mode `{other}`; expected message, count_tokens or models"
+            )),
+        }
+    }
+}
+
+/// `[server]`: the listener and client-facing behaviour.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Address to listen on; port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// If set, clients must present it as `x-api-key` or `Authorization: Bearer`.
+    pub access_token: Option<Secret>,
+    /// Endpoint selection strategy.
+    pub strategy: Strategy,
+    /// Largest accepted request body; larger bodies get 413 without touching any endpoint.
+    pub max_body_bytes: usize,
+    /// How long shutdown waits for in-flight requests before it gives up on them.
+    pub shutdown_timeout: Duration,
+    /// Most attempts (first try plus failovers) for one client request.
+    pub max_attempts: usize,
+    /// Serving threads, each with its own event loop and upstream pools.
+    pub workers: usize,
+}
+
+/// `[timeouts]`: limits on each upstream attempt.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    /// TCP (and TLS) connect.
+    pub connect: Duration,
+    /// From sending the request to receiving response headers. Non-streaming requests only get
+    /// headers when the whole answer is ready, so this must stay generous.
+    pub first_byte: Duration,
+    /// Longest silence between two body chunks of a response (SSE events, or JSON bytes).
+    pub idle: Duration,
+}
+
+/// `[health]`: when endpoints leave and re-enter rotation.
+#[derive(Clone, Debug)]
+pub struct HealthConfig {
+    /// Consecutive endpoint-fault failures that eject an endpoint.
+    pub failure_threshold: u32,
+    /// Delay before the first recovery probe of an ejected endpoint; it doubles per failed probe.
+    pub probe_interval: Duration,
+    /// Cap on the probe backoff.
+    pub probe_max_interval: Duration,
+    /// Time limit of one probe.
+    pub probe_timeout: Duration,
+    /// Default probe mode.
+    pub probe_mode: ProbeMode,
+    /// Model named by `message` and `count_tokens` probes.
+    pub probe_model: String,
+    /// Cooldown after a 429 that carries no `retry-after` or reset header.
+    pub rate_limit_cooldown: Duration,
+}
+
+/// The credential an endpoint sends upstream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Credential {
+    /// Sent as `x-api-key`.
+    ApiKey(Secret),
+    /// Sent as `Authorization: Bearer`.
+    AuthToken(Secret),
+}
+
+impl Credential {
+    /// The secret, for redaction checks.
+    pub fn secret(&self) -> &Secret {
+        match self {
+            Self::ApiKey(s) | Self::AuthToken(s) => s,
+        }
+    }
+}
+
+/// An upstream base URL, split once at load time.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BaseUrl {
+    /// `http` or `https`.
+    pub scheme: http::uri::Scheme,
+    /// Host and port.
+    pub authority: http::uri::Authority,
+    /// Path prefix without a trailing slash (empty for none), prepended to the client's path.
+    pub path_prefix: String,
+}
+
+impl BaseUrl {
+    /// Parses and checks a base URL.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let uri: http::Uri = s
+            .parse()
+            .map_err(|e| format!("`{s}` is not a valid URL ({e})"))?;
+        let scheme = uri
+            .scheme()
+            .cloned()
+            .ok_or_else(|| format!("`{s}` must start with http:// or https://"))?;
+        if scheme != http::uri::Scheme::HTTP && scheme != http::uri::Scheme::HTTPS {
+            return Err(format!("`{s}` must start with http:// or https://"));
+        }
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| format!("`{s}` has no host"))?;
+        if authority.as_str().contains('@') {
+            return Err("credentials do not belong in the URL; use api_key or auth_token".into());
+        }
+        if authority.host().is_empty() {
+            return Err(format!("`{s}` has no host"));
+        }
+        if uri.query().is_some() {
+            return Err(format!("`{s}` must not carry a query string"));
+        }
+        let path_prefix = uri.path().trim_end_matches('/').to_string();
+        Ok(Self {
+            scheme,
+            authority,
+            path_prefix,
+        })
+    }
+
+    /// The URL of `path_and_query` (which starts with `/`) on this base: scheme, authority, path
+    /// prefix, then `path_and_query`.
+    pub fn join(&self, path_and_query: &str) -> String {
+        format!("{self}{path_and_query}")
+    }
+
+    /// The URI of `path_and_query` on this base. Without a path prefix it is assembled from the
+    /// parsed parts (shared buffers, no formatting or parsing); with one it is joined and parsed.
+    pub fn uri(&self, path_and_query: &http::uri::PathAndQuery) -> Result<http::Uri, String> {
+        if !self.path_prefix.is_empty() {
+            return self
+                .join(path_and_query.as_str())
+                .parse()
+                .map_err(|e| format!("invalid upstream URL: {e}"));
+        }
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(path_and_query.clone());
+        http::Uri::from_parts(parts).map_err(|e| format!("invalid upstream URL: {e}"))
+    }
+}
+
+impl fmt::Display for BaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}://{}{}",
+            self.scheme, self.authority, self.path_prefix
+        )
+    }
+}
+
+/// One validated `[[endpoints]]` entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointConfig {
+    /// Unique name.
+    pub name: String,
+    /// Where requests go.
+    pub base_url: BaseUrl,
+    /// The one credential sent upstream.
+    pub credential: Credential,
+    /// Lower is preferred.
+    pub priority: u32,
+    /// Share within a priority tier.
+    pub weight: u32,
+    /// `false` keeps the endpoint configured but out of rotation.
+    pub enabled: bool,
+    /// Rewrite of the request's `model` for this endpoint.
+    pub model_map: BTreeMap<String, String>,
+    /// Extra PEM CA certificate(s) to trust for this endpoint (self-hosted relays).
+    pub ca_file: Option<PathBuf>,
+    /// Probe mode for this endpoint.
+    pub probe: ProbeMode,
+}
+
+/// `[affinity]`: keeping one client session on one endpoint, so its prompt cache keeps hitting.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AffinityConfig {
+    /// Whether sessions are pinned at all.
+    pub enabled: bool,
+    /// How long an unused binding lasts.
+    pub ttl: Duration,
+    /// Most sessions remembered; the least recently used go first.
+    pub max_sessions: usize,
+}
+
+/// `[retry_budget]`: how many attempts after the first the gateway may send, so an outage across
+/// endpoints cannot multiply the load.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RetryBudgetConfig {
+    /// Retries may add this share of the requests seen in the window.
+    pub ratio: f64,
+    /// Plus this many retries per second of the window, so a quiet gateway can still fail over.
+    pub min_per_second: u32,
+    /// The sliding window the budget is counted over.
+    pub window: Duration,
+}
+
+/// `[storage]`: the embedded database that keeps counters, failure episodes and the usage ledger
+/// across restarts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StorageConfig {
+    /// Whether anything is stored at all.
+    pub enabled: bool,
+    /// The database file; `None` means the default, `<data dir>/ccgate/ccgate.db`.
+    pub path: Option<PathBuf>,
+    /// How often the background writer commits what happened since its last commit.
+    pub flush_interval: Duration,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            path: None,
+            flush_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+impl StorageConfig {
+    /// The database file: `path`, else `<platform data dir>/ccgate/ccgate.db` (`$XDG_DATA_HOME`
+    /// or `~/.local/share` on Linux). `None` when the platform has no data dir.
+    pub fn resolved_path(&self) -> Option<PathBuf> {
+        match &self.path {
+            Some(p) => Some(p.clone()),
+            None => dirs::data_dir().map(|d| d.join("ccgate").join("ccgate.db")),
+        }
+    }
+}
+
+/// The validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// `[server]`.
+    pub server: ServerConfig,
+    /// `[timeouts]`.
+    pub timeouts: Timeouts,
+    /// `[health]`.
+    pub health: HealthConfig,
+    /// `[affinity]`.
+    pub affinity: AffinityConfig,
+    /// `[retry_budget]`.
+    pub retry_budget: RetryBudgetConfig,
+    /// `[storage]`.
+    pub storage: StorageConfig,
+    /// `[[endpoints]]`, in file order.
+    pub endpoints: Vec<EndpointConfig>,
+}
+
+/// One thing wrong with a configuration, with where it is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// 1-based line, when known.
+    pub line: Option<usize>,
+    /// Dotted key, e.g. `endpoints[1].base_url`.
+    pub key: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// Every problem found in one configuration.
+#[derive(Debug)]
+pub struct ConfigError {
+    /// Where the configuration came from (a path, or a description).
+    pub source_name: String,
+    /// The problems, in file order.
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.problems.len();
+        writeln!(
+            f,
+            "{} has {n} problem{}:",
+            self.source_name,
+            if n == 1 { "" } else { "s" }
+        )?;
+        for p in &self.problems {
+            match p.line {
+                Some(line) => {
+                    writeln!(f, "  {}:{line}: {}: {}", self.source_name, p.key, p.message)?
+                }
+                None => writeln!(f, "  {}: {}: {}", self.source_name, p.key, p.message)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Whether `url` points at a gateway listening on `listen` (a loopback host on the same port).
+pub fn is_self(url: &BaseUrl, listen: SocketAddr) -> bool {
+    let port = url
+        .authority
+        .port_u16()
+        .unwrap_or(if url.scheme == http::uri::Scheme::HTTPS {
+            443
+        } else {
+            80
+        });
+    let host = url.authority.host();
+    let loopback = host == "localhost"
+        || host
+            .trim_matches(['[', ']'])
+            .parse::<IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    loopback && port == listen.port() && listen.port() != 0
+}
+
+mod env;
+mod load;
+mod raw;
+#[cfg(test)]
+mod tests;
+mod validate;
+
+pub use crate::config::env::{
+    Env, ProcessEnv, default_config_path, default_listen, resolve_config_path,
+};
+pub use crate::config::load::toml_string;

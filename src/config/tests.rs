@@ -1,0 +1,267 @@
+//! Table tests of loading and validating configuration text.
+use crate::config::*;
+
+fn no_env(_: &str) -> Option<String> {
+    None
+}
+
+fn problems(text: &str) -> Vec<Problem> {
+    Config::from_toml(text, "t.toml", &no_env)
+        .expect_err("config should be rejected")
+        .problems
+}
+
+const ONE: &str =
+    "[[endpoints]]\nname = \"a\"\nbase_url = \"https://api.example.com\"\napi_key = \"k\"\n";
+
+#[test]
+fn minimal_config_gets_defaults() {
+    let c = Config::from_toml(ONE, "t.toml", &no_env).expect("valid");
+    assert_eq!(c.server.listen.to_string(), DEFAULT_LISTEN);
+    assert_eq!(c.server.strategy, Strategy::Priority);
+    assert_eq!(c.server.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
+    assert_eq!(c.health.failure_threshold, 3);
+    let e = &c.endpoints[0];
+    assert_eq!((e.priority, e.weight, e.enabled), (1, 100, true));
+    assert_eq!(e.credential, Credential::ApiKey(Secret::new("k")));
+    assert_eq!(e.base_url.to_string(), "https://api.example.com");
+}
+
+#[test]
+fn every_problem_is_reported_with_line_and_key() {
+    let text = r#"[server]
+listen = "0.0.0.0:80"
+strategy = "fastest"
+
+[timeouts]
+idle = "soon"
+
+[[endpoints]]
+name = "a"
+base_url = "ftp://x"
+api_key = "k"
+
+[[endpoints]]
+name = "a"
+base_url = "https://b.example"
+api_key = "k"
+auth_token = "t"
+weight = 0
+"#;
+    let got: Vec<(Option<usize>, String)> = problems(text)
+        .into_iter()
+        .map(|p| (p.line, p.key))
+        .collect();
+    let want: Vec<(Option<usize>, String)> = vec![
+        (Some(2), "server.listen".into()),
+        (Some(3), "server.strategy".into()),
+        (Some(6), "timeouts.idle".into()),
+        (Some(10), "endpoints[0].base_url".into()),
+        (Some(17), "endpoints[1].auth_token".into()),
+        (Some(18), "endpoints[1].weight".into()),
+    ];
+    assert_eq!(got, want);
+}
+
+#[test]
+fn duplicate_names_are_rejected() {
+    let text = format!("{ONE}\n{ONE}");
+    let p = problems(&text);
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].key, "endpoints[1].name");
+    assert_eq!(p[0].line, Some(7));
+}
+
+#[test]
+fn unknown_key_names_its_line() {
+    let p = problems("[server]\nlisten = \"127.0.0.1:1\"\nlisen = 3\n");
+    assert_eq!(p.len(), 2, "{p:?}"); // and: no endpoints
+    assert_eq!(p[0].line, Some(3));
+    assert_eq!(p[0].key, "server.lisen");
+    assert!(p[0].message.contains("unknown key"), "{}", p[0].message);
+}
+
+#[test]
+fn unknown_keys_are_reported_with_every_other_problem() {
+    let p = problems(
+        "[server]\nlisen = 1\n[timeouts]\nidle = \"soon\"\n[[endpoints]]\nname = \"a\"\nbase_url = \"http://x\"\napi_key = \"k\"\ncolour = 1\n[[endpoints]]\nname = \"b\"\nbase_url = \"ftp://x\"\napi_key = \"k\"\n[nope]\nx = 1\n",
+    );
+    let keys: Vec<(Option<usize>, &str)> = p.iter().map(|p| (p.line, p.key.as_str())).collect();
+    assert_eq!(
+        keys,
+        [
+            (Some(2), "server.lisen"),
+            (Some(4), "timeouts.idle"),
+            (Some(9), "endpoints[0].colour"),
+            (Some(12), "endpoints[1].base_url"),
+            (Some(14), "nope"),
+        ]
+    );
+}
+
+#[test]
+fn a_syntax_error_never_echoes_the_value() {
+    let p =
+        problems("[[endpoints]]\nname = \"a\"\nbase_url = \"http://x\"\napi_key = sk-ant-SECRET\n");
+    assert_eq!(p.len(), 1);
+    assert_eq!(p[0].line, Some(4));
+    assert_eq!(p[0].key, "api_key");
+    assert!(!format!("{p:?}").contains("SECRET"), "{p:?}");
+}
+
+#[test]
+fn syntax_error_names_its_line() {
+    let p = problems("[server\nlisten = 1\n");
+    assert_eq!(p[0].line, Some(1));
+}
+
+#[test]
+fn credentials_from_env() {
+    let env = |k: &str| (k == "MY_TOKEN").then(|| "tok".to_string());
+    let text = "[[endpoints]]\nname = \"a\"\nbase_url = \"http://127.0.0.1:9\"\nauth_token_env = \"MY_TOKEN\"\n";
+    let c = Config::from_toml(text, "t", &env).expect("valid");
+    assert_eq!(
+        c.endpoints[0].credential,
+        Credential::AuthToken(Secret::new("tok"))
+    );
+    let missing = text.replace("MY_TOKEN", "OTHER");
+    let p = Config::from_toml(&missing, "t", &env)
+        .expect_err("missing var")
+        .problems;
+    assert_eq!(p[0].key, "endpoints[0].auth_token_env");
+    assert_eq!(p[0].line, Some(4));
+}
+
+#[test]
+fn missing_credential_and_name() {
+    let p = problems("[[endpoints]]\nbase_url = \"http://h\"\n");
+    let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+    assert_eq!(keys, ["endpoints[0].name", "endpoints[0].api_key"]);
+}
+
+#[test]
+fn no_endpoints_is_a_problem() {
+    let p = problems("[server]\n");
+    assert_eq!(p[0].key, "endpoints");
+}
+
+#[test]
+fn non_loopback_needs_access_token() {
+    let text = format!("[server]\nlisten = \"0.0.0.0:7860\"\naccess_token = \"s\"\n{ONE}");
+    assert!(Config::from_toml(&text, "t", &no_env).is_ok());
+}
+
+#[test]
+fn base_url_prefix_is_kept_without_trailing_slash() {
+    let b = BaseUrl::parse("https://relay.example/api/").expect("valid");
+    assert_eq!(b.path_prefix, "/api");
+    assert_eq!(
+        BaseUrl::parse("https://relay.example")
+            .expect("valid")
+            .path_prefix,
+        ""
+    );
+    assert!(BaseUrl::parse("https://user:pw@relay.example").is_err());
+    assert!(BaseUrl::parse("relay.example").is_err());
+}
+
+#[test]
+fn base_url_uri_keeps_prefix_path_and_query() {
+    let pq = |s: &str| http::uri::PathAndQuery::try_from(s).expect("valid");
+    let cases = [
+        (
+            "https://relay.example/api/",
+            "/v1/messages?beta=true",
+            "https://relay.example/api/v1/messages?beta=true",
+        ),
+        (
+            "http://127.0.0.1:8080",
+            "/v1/messages?beta=true",
+            "http://127.0.0.1:8080/v1/messages?beta=true",
+        ),
+        ("http://127.0.0.1:8080/", "/", "http://127.0.0.1:8080/"),
+        (
+            "https://relay.example",
+            "/v1/models",
+            "https://relay.example/v1/models",
+        ),
+    ];
+    for (base, path, want) in cases {
+        let uri = BaseUrl::parse(base)
+            .expect("valid")
+            .uri(&pq(path))
+            .expect("uri");
+        assert_eq!(uri.to_string(), want, "{base} + {path}");
+        assert_eq!(
+            uri.to_string(),
+            BaseUrl::parse(base).expect("valid").join(path)
+        );
+    }
+}
+
+#[test]
+fn pointing_at_itself_is_rejected() {
+    let text = "[server]\nlisten = \"127.0.0.1:7860\"\n[[endpoints]]\nname = \"a\"\nbase_url = \"http://localhost:7860\"\napi_key = \"k\"\n";
+    assert_eq!(problems(text)[0].key, "endpoints[0].base_url");
+}
+
+#[test]
+fn env_fallback_config() {
+    let env = |k: &str| match k {
+        "ANTHROPIC_AUTH_TOKEN" => Some("t".to_string()),
+        "ANTHROPIC_BASE_URL" => Some("https://relay.example/api".to_string()),
+        _ => None,
+    };
+    let c = Config::from_anthropic_env(&env)
+        .expect("some")
+        .expect("valid");
+    assert_eq!(
+        c.endpoints[0].credential,
+        Credential::AuthToken(Secret::new("t"))
+    );
+    assert_eq!(c.endpoints[0].base_url.path_prefix, "/api");
+    assert!(Config::from_anthropic_env(&no_env).is_none());
+}
+
+#[test]
+fn storage_defaults_and_problems() {
+    let c = Config::from_toml(ONE, "t.toml", &no_env).expect("valid");
+    assert_eq!(c.storage, StorageConfig::default());
+    assert!(c.storage.enabled);
+    assert_eq!(c.storage.flush_interval, Duration::from_secs(5));
+    let text = format!(
+        "[storage]\nenabled = false\npath = \"/tmp/x.db\"\nflush_interval = \"200ms\"\n{ONE}"
+    );
+    let c = Config::from_toml(&text, "t.toml", &no_env).expect("valid");
+    assert!(!c.storage.enabled);
+    assert_eq!(c.storage.path, Some(PathBuf::from("/tmp/x.db")));
+    assert_eq!(c.storage.flush_interval, Duration::from_millis(200));
+    let text = format!("[storage]\npath = \"\"\nflush_interval = \"1ms\"\nflsh = 1\n{ONE}");
+    let got: Vec<(Option<usize>, String)> = problems(&text)
+        .into_iter()
+        .map(|p| (p.line, p.key))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (Some(2), "storage.path".to_string()),
+            (Some(3), "storage.flush_interval".to_string()),
+            (Some(4), "storage.flsh".to_string()),
+        ]
+    );
+    let only = StorageConfig::from_toml(
+        "[server]\nwhatever = 1\n[storage]\nflush_interval = \"2s\"\n",
+        "t.toml",
+    )
+    .expect("only [storage] is checked");
+    assert_eq!(only.flush_interval, Duration::from_secs(2));
+    let e = StorageConfig::from_toml("[storage]\nflush_interval = \"soon\"\n", "t.toml")
+        .expect_err("bad duration");
+    assert_eq!(e.problems[0].line, Some(2));
+}
+
+#[test]
+fn secrets_are_redacted_in_debug() {
+    let c = Config::from_toml(ONE, "t", &no_env).expect("valid");
+    assert!(!format!("{c:?}").contains("\"k\""));
+}

@@ -1,0 +1,183 @@
+//! ccgate's own HTTP surface under `/_ccgate/`: routing, the access token and same-site rules,
+//! and the admin switches, which send commands to the registry and the failure queue. The JSON
+//! views are in [`crate::control::views`], the page in [`crate::control::dashboard`].
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+
+use crate::control::views::{
+    endpoint_view, endpoints_json, episodes_json, failure_queue_json, stats_json,
+};
+use crate::proxy::handler::Gateway;
+use crate::proxy::response::{self, GateBody};
+use crate::store::Persist;
+
+/// The answer refusing an admin change (a `POST`), if it must be refused: the access token, the
+/// method and the same-site rule are checked in that order.
+pub(crate) fn refuse_write(
+    gw: &Gateway,
+    method: &Method,
+    headers: &HeaderMap,
+) -> Option<Response<GateBody>> {
+    if !gw.authorized(headers) {
+        Some(unauthorized())
+    } else if method != Method::POST {
+        Some(response::method_not_allowed())
+    } else if cross_site(headers) {
+        Some(cross_site_refused())
+    } else {
+        None
+    }
+}
+
+fn unauthorized() -> Response<GateBody> {
+    response::error(
+        StatusCode::UNAUTHORIZED,
+        "authentication_error",
+        "ccgate: missing or wrong access token",
+    )
+}
+
+fn cross_site_refused() -> Response<GateBody> {
+    response::error(
+        StatusCode::FORBIDDEN,
+        "permission_error",
+        "ccgate: admin changes are not accepted from another site",
+    )
+}
+
+/// Handles a request under `/_ccgate/`.
+pub async fn handle<B>(gw: Arc<Gateway>, persist: &Persist, req: Request<B>) -> Response<GateBody> {
+    let path = req.uri().path().trim_end_matches('/').to_string();
+    let method = req.method().clone();
+    if path == "/_ccgate/health" {
+        return response::json(StatusCode::OK, &serde_json::json!({"status": "ok"}));
+    }
+    if path == crate::proxy::handler::ADMIN_PREFIX {
+        return crate::control::dashboard::page(&gw, &method, req.uri(), req.headers());
+    }
+    if !gw.authorized(req.headers()) {
+        return unauthorized();
+    }
+    let segments: Vec<&str> = path
+        .trim_start_matches("/_ccgate")
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .collect();
+    match (&method, segments.as_slice()) {
+        (&Method::GET, ["endpoints"]) => {
+            response::json(StatusCode::OK, &endpoints_json(&gw, persist))
+        }
+        (&Method::GET, ["failure-queue"]) => {
+            response::json(StatusCode::OK, &failure_queue_json(&gw))
+        }
+        (&Method::GET, ["stats"]) => response::json(StatusCode::OK, &stats_json(&gw, persist)),
+        (&Method::GET, ["episodes"]) => {
+            response::json(StatusCode::OK, &episodes_json(&gw, persist))
+        }
+        (&Method::GET, ["events"]) => response::json(
+            StatusCode::OK,
+            &serde_json::json!({ "failovers": gw.events.recent() }),
+        ),
+        (&Method::GET, ["metrics"]) => response::body(
+            crate::control::metrics::CONTENT_TYPE,
+            crate::control::metrics::render(&gw),
+        ),
+        (&Method::GET, ["endpoints", name]) => match gw.registry.by_name(name) {
+            Some(ep) => response::json(
+                StatusCode::OK,
+                &serde_json::to_value(endpoint_view(&gw, persist, ep)).unwrap_or_default(),
+            ),
+            None => unknown_endpoint(name),
+        },
+        (&Method::POST, _) if cross_site(req.headers()) => cross_site_refused(),
+        (&Method::POST, ["endpoints", name, action]) => {
+            let Some(ep) = gw.registry.by_name(name).cloned() else {
+                return unknown_endpoint(name);
+            };
+            match *action {
+                "enable" => {
+                    ep.live.admin_disabled.store(false, Ordering::Release);
+                    gw.registry.queue.probe_now(ep.idx);
+                    response::json(
+                        StatusCode::OK,
+                        &serde_json::to_value(endpoint_view(&gw, persist, &ep)).unwrap_or_default(),
+                    )
+                }
+                "disable" => {
+                    ep.live.admin_disabled.store(true, Ordering::Release);
+                    response::json(
+                        StatusCode::OK,
+                        &serde_json::to_value(endpoint_view(&gw, persist, &ep)).unwrap_or_default(),
+                    )
+                }
+                "probe" => {
+                    let result = crate::proxy::probe::probe_and_record(&gw, &ep).await;
+                    response::json(
+                        StatusCode::OK,
+                        &serde_json::json!({
+                            "name": ep.name,
+                            "passed": result.passed,
+                            "detail": result.detail,
+                            "latency_ms": result.latency.as_secs_f64() * 1000.0,
+                            "state": ep.state_name(),
+                        }),
+                    )
+                }
+                _ => not_found(),
+            }
+        }
+        (_, ["endpoints"] | ["failure-queue"] | ["stats"] | ["metrics"] | ["episodes"]) => {
+            response::method_not_allowed()
+        }
+        _ => not_found(),
+    }
+}
+
+/// Whether a browser sent this request from another site (a cross-site form POST must not be
+/// able to switch endpoints off). Non-browser clients send neither header and pass.
+pub(crate) fn cross_site(headers: &http::HeaderMap) -> bool {
+    if headers
+        .get("sec-fetch-site")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v == "cross-site")
+    {
+        return true;
+    }
+    let Some(origin) = headers
+        .get(http::header::ORIGIN)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let host = headers
+        .get(http::header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let origin_host = origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"))
+        .unwrap_or(origin);
+    origin_host != host
+}
+
+fn unknown_endpoint(name: &str) -> Response<GateBody> {
+    response::error(
+        StatusCode::NOT_FOUND,
+        "not_found_error",
+        &format!("ccgate: no endpoint named `{name}`"),
+    )
+}
+
+fn not_found() -> Response<GateBody> {
+    let mut r = response::error(
+        StatusCode::NOT_FOUND,
+        "not_found_error",
+        "ccgate: unknown admin path",
+    );
+    r.headers_mut()
+        .insert("cache-control", http::HeaderValue::from_static("no-store"));
+    r
+}

@@ -1,0 +1,273 @@
+//! `GET /_ccgate/metrics`: the live state in Prometheus text format.
+//!
+//! Nothing is counted twice: a `prometheus-client` [`Collector`] reads the same atomics the admin
+//! views read, at scrape time. Each endpoint's counters come from one [`Live::snapshot`], so the
+//! exposition satisfies the accounting identity just as the JSON does:
+//! `Σ ccgate_endpoint_attempts_total{endpoint=e} + ccgate_endpoint_in_flight{endpoint=e} ==
+//! ccgate_endpoint_attempts_started_total{endpoint=e}`.
+//!
+//! [`Live::snapshot`]: crate::health::endpoint::Live::snapshot
+
+use std::fmt;
+use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::{MetricType, TypedMetric};
+use prometheus_client::registry::Registry;
+
+use crate::health::classify::Kind;
+use crate::health::endpoint::{Endpoint, LATENCY_BUCKETS, Latency, Live, STATES};
+use crate::health::totals::RequestEnd;
+use crate::proxy::handler::Gateway;
+use crate::store::saturating_i64;
+
+/// Content type of the exposition.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Renders the exposition.
+pub fn render(gw: &Arc<Gateway>) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(GatewayCollector(Arc::clone(gw))));
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+    out
+}
+
+struct GatewayCollector(Arc<Gateway>);
+
+impl fmt::Debug for GatewayCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("GatewayCollector")
+    }
+}
+
+/// A sample's labels.
+type Labels<'a> = Vec<(&'static str, &'a str)>;
+
+/// A counter sample.
+fn counter(v: u64) -> ConstCounter {
+    ConstCounter::new(v)
+}
+
+/// A gauge sample.
+fn gauge(v: u64) -> ConstGauge {
+    ConstGauge::new(saturating_i64(v))
+}
+
+/// The `endpoint` label of `e`'s samples.
+fn endpoint_label(e: &Endpoint) -> Labels<'_> {
+    vec![("endpoint", e.name.as_str())]
+}
+
+/// One sample per endpoint, labelled with its name; `value` gets the endpoint's position.
+fn per_endpoint<M>(
+    eps: &[Arc<Endpoint>],
+    value: impl Fn(usize, &Endpoint) -> M,
+) -> Vec<(Labels<'_>, M)> {
+    eps.iter()
+        .enumerate()
+        .map(|(i, e)| (endpoint_label(e), value(i, e)))
+        .collect()
+}
+
+/// One metric family (a counter or a gauge, by the samples' type).
+fn family<M: EncodeMetric + TypedMetric>(
+    enc: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    rows: &[(Labels<'_>, M)],
+) -> fmt::Result {
+    let mut m = enc.encode_descriptor(name, help, None, M::TYPE)?;
+    for (labels, v) in rows {
+        v.encode(m.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+/// A latency histogram per endpoint, `latency` choosing which of its live histograms.
+fn histogram(
+    enc: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    eps: &[Arc<Endpoint>],
+    latency: fn(&Live) -> &Latency,
+) -> fmt::Result {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Histogram)?;
+    for e in eps {
+        let latency = latency(&e.live);
+        // Per-bucket counts: the encoder accumulates them into `le` buckets itself.
+        let counts = latency.bucket_counts();
+        let count = counts.iter().sum();
+        let buckets: Vec<(f64, u64)> = counts
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| {
+                let le = if i == LATENCY_BUCKETS - 1 {
+                    f64::INFINITY
+                } else {
+                    Latency::bucket_upper_ms(i) / 1000.0
+                };
+                (le, c)
+            })
+            .collect();
+        m.encode_family(&endpoint_label(e))?
+            .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                latency.sum().as_secs_f64(),
+                count,
+                &buckets,
+                None,
+            )?;
+    }
+    Ok(())
+}
+
+impl Collector for GatewayCollector {
+    fn encode(&self, mut enc: DescriptorEncoder<'_>) -> fmt::Result {
+        let gw = &self.0;
+        let reg = &gw.registry;
+        let eps = &reg.endpoints;
+        let snaps: Vec<_> = eps.iter().map(|e| e.live.snapshot()).collect();
+
+        family(
+            &mut enc,
+            "ccgate_endpoint_attempts_started",
+            "Attempts sent to the endpoint (total_requests).",
+            &per_endpoint(eps, |i, _| counter(snaps[i].total)),
+        )?;
+        let mut ended = Vec::new();
+        for (e, s) in eps.iter().zip(&snaps) {
+            for k in Kind::ALL {
+                let mut labels = endpoint_label(e);
+                labels.push(("outcome", k.name()));
+                ended.push((labels, counter(s.by_kind[k as usize])));
+            }
+        }
+        family(
+            &mut enc,
+            "ccgate_endpoint_attempts",
+            "Ended attempts by outcome.",
+            &ended,
+        )?;
+        family(
+            &mut enc,
+            "ccgate_endpoint_in_flight",
+            "Attempts in progress.",
+            &per_endpoint(eps, |i, _| gauge(snaps[i].in_flight)),
+        )?;
+        family(
+            &mut enc,
+            "ccgate_endpoint_consecutive_failures",
+            "Endpoint-fault failures since the last success.",
+            &per_endpoint(eps, |_, e| gauge(u64::from(e.live.consecutive_failures()))),
+        )?;
+        let mut states = Vec::new();
+        for e in eps {
+            let current = e.state_name();
+            for st in STATES {
+                let mut labels = endpoint_label(e);
+                labels.push(("state", st));
+                states.push((labels, gauge(u64::from(current == st))));
+            }
+        }
+        family(
+            &mut enc,
+            "ccgate_endpoint_state",
+            "1 for the endpoint's current state.",
+            &states,
+        )?;
+        histogram(
+            &mut enc,
+            "ccgate_endpoint_first_byte_seconds",
+            "Time from sending an attempt to its response headers.",
+            eps,
+            |l| &l.ttfb,
+        )?;
+        histogram(
+            &mut enc,
+            "ccgate_endpoint_duration_seconds",
+            "Time from sending an attempt to the end of its response body.",
+            eps,
+            |l| &l.total,
+        )?;
+
+        let size = reg.queue.len();
+        let q = reg.queue.stats();
+        family(
+            &mut enc,
+            "ccgate_failure_queue_size",
+            "Endpoints out of rotation.",
+            &[(vec![], gauge(size as u64))],
+        )?;
+        family(
+            &mut enc,
+            "ccgate_failure_episodes",
+            "Failure episodes opened (total_failed).",
+            &[(vec![], counter(q.total_failed))],
+        )?;
+        family(
+            &mut enc,
+            "ccgate_probes",
+            "Recovery probes by result.",
+            &[
+                (vec![("result", "passed")], counter(q.total_recovered)),
+                (vec![("result", "failed")], counter(q.total_still_failed)),
+            ],
+        )?;
+
+        let g = reg.gateway.snapshot();
+        family(
+            &mut enc,
+            "ccgate_requests_started",
+            "Client requests received (total_requests).",
+            &[(vec![], counter(g.total))],
+        )?;
+        family(
+            &mut enc,
+            "ccgate_requests",
+            "Ended client requests by result.",
+            &RequestEnd::ALL.map(|how| (vec![("result", how.name())], counter(g.ended(how)))),
+        )?;
+        family(
+            &mut enc,
+            "ccgate_requests_in_flight",
+            "Client requests in progress.",
+            &[(vec![], gauge(g.in_flight))],
+        )?;
+        family(
+            &mut enc,
+            "ccgate_retries",
+            "Attempts after a request's first.",
+            &[(vec![], counter(g.retries))],
+        )?;
+        family(
+            &mut enc,
+            "ccgate_retry_budget_refusals",
+            "Failovers not made because the retry budget was spent.",
+            &[(vec![], counter(g.budget_refusals))],
+        )?;
+        family(
+            &mut enc,
+            "ccgate_fallbacks",
+            "Requests sent to the least-bad endpoint because none was admitted.",
+            &[(vec![], counter(g.fallbacks))],
+        )?;
+        let sessions = gw.affinity.as_ref().map_or(0, |a| a.len());
+        family(
+            &mut enc,
+            "ccgate_sessions",
+            "Client sessions bound to an endpoint.",
+            &[(vec![], gauge(sessions as u64))],
+        )?;
+        family(
+            &mut enc,
+            "ccgate_uptime_seconds",
+            "Seconds since the gateway started.",
+            &[(vec![], gauge(reg.clock.uptime().as_secs()))],
+        )?;
+        Ok(())
+    }
+}

@@ -1,0 +1,274 @@
+//! The JSON views of the live state under `/_ccgate/` (SPEC §8 contract names).
+//!
+//! **Invariant:** only this module knows the JSON shape of the views; they read snapshots and
+//! change nothing.
+
+use serde::Serialize;
+
+use crate::clock::{ms, rfc3339};
+use crate::health::classify::Kind;
+use crate::health::endpoint::Endpoint;
+use crate::health::machine::Phase;
+use crate::proxy::handler::Gateway;
+use crate::store::{Persist, StorageStatus};
+
+/// Latency figures in milliseconds.
+#[derive(Serialize)]
+pub struct LatencyView {
+    /// Decaying average.
+    pub avg_ms: Option<f64>,
+    /// Median (histogram bucket bound).
+    pub p50_ms: Option<f64>,
+    /// 90th percentile.
+    pub p90_ms: Option<f64>,
+    /// 99th percentile.
+    pub p99_ms: Option<f64>,
+}
+
+/// The last failure of an endpoint.
+#[derive(Serialize)]
+pub struct LastErrorView {
+    /// Outcome kind.
+    pub kind: &'static str,
+    /// Detail (never a secret).
+    pub message: String,
+    /// When (RFC 3339).
+    pub at: String,
+}
+
+/// Cumulative counters across restarts: what the database holds plus what happened since the
+/// last flush. The contract fields beside it stay per-process.
+#[derive(Serialize)]
+pub struct LifetimeView {
+    /// Attempts (or client requests) ever sent.
+    pub total_requests: u64,
+    /// Of those, answered correctly.
+    pub successful_requests: u64,
+    /// Failed.
+    pub failed_requests: u64,
+    /// Abandoned because the client left.
+    pub cancelled: u64,
+}
+
+/// One endpoint, as `GET /_ccgate/endpoints` shows it.
+#[derive(Serialize)]
+pub struct EndpointView {
+    /// Name.
+    pub name: String,
+    /// Base URL (never a credential).
+    pub base_url: String,
+    /// Priority.
+    pub priority: u32,
+    /// Weight.
+    pub weight: u32,
+    /// `healthy`, `degraded`, `ejected`, `cooling_down` or `disabled`.
+    pub state: &'static str,
+    /// Whether an operator has it switched on.
+    pub enabled: bool,
+    /// On probation after a passed probe.
+    pub probation: bool,
+    /// Attempts in progress.
+    pub in_flight: u64,
+    /// Attempts sent.
+    pub total_requests: u64,
+    /// Attempts the endpoint answered correctly (successes and caller errors).
+    pub successful_requests: u64,
+    /// Attempts that failed through the endpoint's fault.
+    pub failed_requests: u64,
+    /// Part of `successful_requests`: answered with the caller's own error (not the endpoint's fault).
+    pub caller_errors: u64,
+    /// Attempts abandoned because the client left.
+    pub cancelled: u64,
+    /// Ended attempts by outcome kind.
+    pub outcomes: serde_json::Map<String, serde_json::Value>,
+    /// Consecutive failures since the last success.
+    pub consecutive_failures: u32,
+    /// `successful / (successful + failed)`, 1.0 before any verdict.
+    pub success_rate: f64,
+    /// Time to response headers.
+    pub latency_first_byte: LatencyView,
+    /// Time to the end of the body.
+    pub latency_total: LatencyView,
+    /// The last failure.
+    pub last_error: Option<LastErrorView>,
+    /// End of a rate-limit cooldown (RFC 3339), while cooling down.
+    pub cooldown_until: Option<String>,
+    /// Counters across restarts (state that lasts).
+    pub lifetime: LifetimeView,
+}
+
+fn latency(l: &crate::health::endpoint::Latency) -> LatencyView {
+    LatencyView {
+        avg_ms: l.ewma().map(|d| d.as_secs_f64() * 1000.0),
+        p50_ms: l.percentile_ms(0.5),
+        p90_ms: l.percentile_ms(0.9),
+        p99_ms: l.percentile_ms(0.99),
+    }
+}
+
+/// Builds the view of one endpoint.
+pub fn endpoint_view(gw: &Gateway, persist: &Persist, ep: &Endpoint) -> EndpointView {
+    let c = ep.live.snapshot();
+    let clock = gw.registry.clock;
+    let mut outcomes = serde_json::Map::new();
+    for k in Kind::ALL {
+        outcomes.insert(k.name().into(), c.by_kind[k as usize].into());
+    }
+    let phase = ep.live.phase();
+    EndpointView {
+        name: ep.name.clone(),
+        base_url: ep.base_url.to_string(),
+        priority: ep.priority,
+        weight: ep.weight,
+        state: ep.state_name(),
+        enabled: !ep.live.admin_disabled(),
+        probation: phase == Phase::Probation,
+        in_flight: c.in_flight,
+        total_requests: c.total,
+        successful_requests: c.successful(),
+        failed_requests: c.failed(),
+        caller_errors: c.caller_errors(),
+        cancelled: c.cancelled(),
+        outcomes,
+        consecutive_failures: ep.live.consecutive_failures(),
+        success_rate: c.success_rate(),
+        latency_first_byte: latency(&ep.live.ttfb),
+        latency_total: latency(&ep.live.total),
+        last_error: ep.live.last_error().map(|e| LastErrorView {
+            kind: e.kind.name(),
+            message: e.message.clone(),
+            at: rfc3339(clock.wall(e.at_ms)),
+        }),
+        cooldown_until: (phase == Phase::CoolingDown)
+            .then(|| rfc3339(clock.wall(ep.live.cooldown_until_ms()))),
+        lifetime: {
+            let l = persist.lifetime(&ep.name, &ep.live);
+            LifetimeView {
+                total_requests: l.total,
+                successful_requests: l.successful(),
+                failed_requests: l.failed(),
+                cancelled: l.cancelled(),
+            }
+        },
+    }
+}
+
+/// `GET /_ccgate/endpoints`.
+pub fn endpoints_json(gw: &Gateway, persist: &Persist) -> serde_json::Value {
+    let list: Vec<EndpointView> = gw
+        .registry
+        .endpoints
+        .iter()
+        .map(|e| endpoint_view(gw, persist, e))
+        .collect();
+    serde_json::json!({ "endpoints": list })
+}
+
+/// `GET /_ccgate/failure-queue`.
+pub fn failure_queue_json(gw: &Gateway) -> serde_json::Value {
+    let clock = gw.registry.clock;
+    let (entries, stats) = gw.registry.queue.view();
+    let entries: Vec<serde_json::Value> = entries
+        .iter()
+        .map(|e| {
+            let ep = &gw.registry.endpoints[e.idx];
+            serde_json::json!({
+                "name": e.name,
+                "reason": e.reason.name(),
+                "state": ep.state_name(),
+                "since": rfc3339(clock.wall(e.since_ms)),
+                "next_probe_at": rfc3339(clock.wall(e.next_probe_at_ms)),
+                "probe_attempts": e.probe_attempts,
+                "probation": e.probation,
+                "last_probe": e.last_probe,
+                "last_error": ep.live.last_error().map(|l| l.message.clone()),
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "size": entries.len(),
+        "entries": entries,
+        "stats": {
+            "total_failed": stats.total_failed,
+            "total_verified": stats.total_verified,
+            "total_recovered": stats.total_recovered,
+            "total_still_failed": stats.total_still_failed,
+            "total_closed": stats.total_closed,
+        }
+    })
+}
+
+/// `GET /_ccgate/stats`.
+pub fn stats_json(gw: &Gateway, persist: &Persist) -> serde_json::Value {
+    let s = gw.registry.gateway.snapshot();
+    let lifetime = persist.gateway_lifetime(&gw.registry.gateway);
+    serde_json::json!({
+        "total_requests": s.total,
+        "successful_requests": s.successful,
+        "failed_requests": s.failed,
+        "in_flight": s.in_flight,
+        "upstream_errors": s.upstream_errors,
+        "caller_errors": s.caller_errors,
+        "cancelled": s.cancelled,
+        "retries": s.retries,
+        "fallbacks": s.fallbacks,
+        "budget_refusals": s.budget_refusals,
+        "sessions": gw.affinity.as_ref().map_or(0, |a| a.len()),
+        "uptime_seconds": gw.registry.clock.uptime().as_secs(),
+        "endpoints": gw.registry.endpoints.len(),
+        "failure_queue_size": gw.registry.queue.len(),
+        "lifetime": {
+            "total_requests": lifetime.started,
+            "successful_requests": lifetime.success,
+            "failed_requests": lifetime.failed(),
+            "upstream_errors": lifetime.upstream_errors,
+            "caller_errors": lifetime.caller_errors,
+            "cancelled": lifetime.cancelled,
+        },
+        "storage": storage_json(&persist.status()),
+    })
+}
+
+/// The `storage` object of `/_ccgate/stats`.
+fn storage_json(s: &StorageStatus) -> serde_json::Value {
+    serde_json::json!({
+        "enabled": s.enabled,
+        "configured": s.configured,
+        "path": s.path.as_ref().map(|p| p.display().to_string()),
+        "flush_interval_ms": ms(s.flush_interval),
+        "last_flush": s.last_flush.map(rfc3339),
+        "error": s.error,
+    })
+}
+
+/// `GET /_ccgate/episodes`: the latest episodes, newest first; an open episode shows the probes
+/// run so far.
+pub fn episodes_json(gw: &Gateway, persist: &Persist) -> serde_json::Value {
+    let list: Vec<serde_json::Value> = persist
+        .recent_episodes()
+        .iter()
+        .map(|r| {
+            let probes = match r.ended_at_ms {
+                Some(_) => r.probes,
+                None => gw
+                    .registry
+                    .by_name(&r.endpoint)
+                    .and_then(|ep| gw.registry.queue.probe_attempts(ep.idx))
+                    .map_or(r.probes, |p| p.max(r.probes)),
+            };
+            serde_json::json!({
+                "id": r.id,
+                "endpoint": r.endpoint,
+                "reason": r.reason,
+                "started_at": rfc3339(r.started_at()),
+                "ended_at": r.ended_at().map(rfc3339),
+                "duration_seconds": r.ended_at_ms
+                    .map(|e| (e - r.started_at_ms).max(0) as f64 / 1000.0),
+                "probes": probes,
+                "open": r.ended_at_ms.is_none(),
+                "ended_by": r.ended_by,
+            })
+        })
+        .collect();
+    serde_json::json!({ "storage": persist.is_active(), "episodes": list })
+}

@@ -1,0 +1,367 @@
+//! Endpoints: immutable facts plus live, lock-free counters (moved only by
+//! [`crate::health::attempt::Attempt`]).
+//!
+//! **Invariant:** `in_flight` is not a counter of its own. It is `started − Σ ended`, read ended-first,
+//! so a snapshot always satisfies `successful + failed + caller_errors + cancelled + in_flight ==
+//! total` and `in_flight` is never negative (see [`Live::snapshot`]).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue};
+
+use crate::config::{BaseUrl, Credential, EndpointConfig, ProbeMode};
+use crate::health::classify::Kind;
+use crate::health::estimate::PeakEwma;
+use crate::health::machine::Phase;
+use crate::sync;
+use crate::transport::upstream::UpstreamClient;
+
+/// One configured upstream endpoint.
+pub struct Endpoint {
+    /// Position in the registry (bit index in a request's tried-set).
+    pub idx: usize,
+    /// Unique name.
+    pub name: String,
+    /// Where requests go.
+    pub base_url: BaseUrl,
+    /// Prebuilt credential header, marked sensitive.
+    pub auth_header: (HeaderName, HeaderValue),
+    /// The name as the `x-ccgate-endpoint` response header (`None` if not a valid header value).
+    pub name_header: Option<HeaderValue>,
+    /// Lower is preferred.
+    pub priority: u32,
+    /// Share within a priority tier.
+    pub weight: u32,
+    /// Model rewrites for this endpoint.
+    pub model_map: BTreeMap<String, String>,
+    /// How recovery probes check this endpoint.
+    pub probe: ProbeMode,
+    /// Pooled HTTP(S) client for this endpoint.
+    pub client: UpstreamClient,
+    /// Live counters and health; shared with the endpoint's successor when a config reload
+    /// keeps it unchanged.
+    pub live: Arc<Live>,
+    /// The config it was built from.
+    pub config: EndpointConfig,
+}
+
+impl Endpoint {
+    /// Builds an endpoint from its validated config.
+    pub fn new(idx: usize, cfg: &EndpointConfig, client: UpstreamClient) -> Self {
+        let live = Live::default();
+        live.admin_disabled.store(!cfg.enabled, Ordering::Relaxed);
+        Self::with_live(idx, cfg, client, Arc::new(live))
+    }
+
+    /// Builds an endpoint that continues `live` (its counters and health) at a new position.
+    pub fn with_live(
+        idx: usize,
+        cfg: &EndpointConfig,
+        client: UpstreamClient,
+        live: Arc<Live>,
+    ) -> Self {
+        let auth_header = match &cfg.credential {
+            Credential::ApiKey(k) => (
+                HeaderName::from_static("x-api-key"),
+                HeaderValue::from_str(k.expose()),
+            ),
+            Credential::AuthToken(t) => (
+                http::header::AUTHORIZATION,
+                HeaderValue::from_str(&format!("Bearer {}", t.expose())),
+            ),
+        };
+        // Config validation rejected control characters, so this cannot fail; fall back to an empty
+        // value rather than panicking if it ever did.
+        let (name, value) = auth_header;
+        let mut value = value.unwrap_or_else(|_| HeaderValue::from_static(""));
+        value.set_sensitive(true);
+        Self {
+            idx,
+            name: cfg.name.clone(),
+            base_url: cfg.base_url.clone(),
+            auth_header: (name, value),
+            name_header: HeaderValue::from_str(&cfg.name).ok(),
+            priority: cfg.priority,
+            weight: cfg.weight,
+            model_map: cfg.model_map.clone(),
+            probe: cfg.probe,
+            client,
+            live,
+            config: cfg.clone(),
+        }
+    }
+}
+
+impl Endpoint {
+    /// Removes this endpoint's credential from text an upstream sent back (some relays echo the
+    /// key they refused), so that it never reaches a view, a log line or an error message.
+    pub fn scrub(&self, text: &str) -> String {
+        let secret = self.auth_header.1.to_str().unwrap_or("");
+        let secret = secret.strip_prefix("Bearer ").unwrap_or(secret);
+        if secret.len() >= 4 {
+            text.replace(secret, "***")
+        } else {
+            text.to_string()
+        }
+    }
+}
+
+/// What the last failure was, for views. Never holds a secret: messages are built by ccgate or
+/// taken from an upstream's error JSON `message`, which is scrubbed of the endpoint's credential.
+#[derive(Clone, Debug)]
+pub struct LastError {
+    /// Outcome kind.
+    pub kind: Kind,
+    /// Human-readable detail.
+    pub message: String,
+    /// When, in ms on the registry clock.
+    pub at_ms: u64,
+}
+
+/// A decaying latency estimate plus a log-bucketed histogram, all atomics.
+pub struct Latency {
+    ewma_us: AtomicU64,
+    sum_us: AtomicU64,
+    buckets: [AtomicU64; LATENCY_BUCKETS],
+}
+
+/// Buckets of the latency histogram: bucket `i` holds samples below `2^((i+1)/2)` ms.
+pub const LATENCY_BUCKETS: usize = 40;
+
+impl Default for Latency {
+    fn default() -> Self {
+        Self {
+            ewma_us: AtomicU64::new(0),
+            sum_us: AtomicU64::new(0),
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+}
+
+impl Latency {
+    /// Adds a sample.
+    pub fn observe(&self, d: Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+        // EWMA with alpha = 1/8, in integer microseconds; a CAS loop so concurrent samples are
+        // not lost.
+        let _ = self
+            .ewma_us
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+                Some(
+                    if old == 0 {
+                        us.max(1)
+                    } else {
+                        (old * 7 + us) / 8
+                    }
+                    .max(1),
+                )
+            });
+        self.buckets[Self::bucket(d)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn bucket(d: Duration) -> usize {
+        let ms = d.as_secs_f64() * 1000.0;
+        if ms < 1.0 {
+            return 0;
+        }
+        ((ms.log2() * 2.0).floor() as usize).min(LATENCY_BUCKETS - 1)
+    }
+
+    /// Upper bound of bucket `i`, in ms.
+    pub fn bucket_upper_ms(i: usize) -> f64 {
+        2f64.powf((i as f64 + 1.0) / 2.0)
+    }
+
+    /// The decaying average, if any sample was taken.
+    pub fn ewma(&self) -> Option<Duration> {
+        match self.ewma_us.load(Ordering::Relaxed) {
+            0 => None,
+            us => Some(Duration::from_micros(us)),
+        }
+    }
+
+    /// Approximate percentile (upper bucket bound, ms), `q` in `[0, 1]`.
+    pub fn percentile_ms(&self, q: f64) -> Option<f64> {
+        let counts: Vec<u64> = self
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = ((total as f64) * q).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, c) in counts.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                return Some(Self::bucket_upper_ms(i));
+            }
+        }
+        Some(Self::bucket_upper_ms(LATENCY_BUCKETS - 1))
+    }
+
+    /// Sum of all samples.
+    pub fn sum(&self) -> Duration {
+        Duration::from_micros(self.sum_us.load(Ordering::Relaxed))
+    }
+
+    /// Bucket counts, for metrics.
+    pub fn bucket_counts(&self) -> [u64; LATENCY_BUCKETS] {
+        std::array::from_fn(|i| self.buckets[i].load(Ordering::Relaxed))
+    }
+}
+
+/// Live per-endpoint state. Written by attempts (atomics, no locks on the hot path); phase
+/// transitions go through [`crate::health::queue::FailureQueue::transition`].
+#[derive(Default)]
+pub struct Live {
+    // The fields that attempts race on are `crate::sync` types: std atomics, or loom's under
+    // `--cfg loom` so the model checker sees every interleaving of them.
+    pub(in crate::health) started: sync::AtomicU64,
+    pub(in crate::health) ended: [sync::AtomicU64; Kind::COUNT],
+    pub(crate) consecutive: sync::AtomicU32,
+    pub(crate) phase: sync::AtomicU8,
+    pub(crate) admin_disabled: AtomicBool,
+    pub(crate) probation_busy: sync::AtomicBool,
+    /// Cooldown deadline (registry-clock ms); only ever raised, with `fetch_max`.
+    pub(crate) cooldown_until_ms: sync::AtomicU64,
+    /// Time to response headers.
+    pub ttfb: Latency,
+    /// Time to the end of the response body.
+    pub total: Latency,
+    /// Decaying time-to-first-byte estimate, failures counted as slow (for `least_latency`).
+    pub estimate: PeakEwma,
+    /// The last failure. A plain short lock: an `ArcSwap` store costs more as more threads have
+    /// used it, and failures come in bursts from many threads at once.
+    pub(crate) last_error: parking_lot::Mutex<Option<Arc<LastError>>>,
+}
+
+/// A consistent view of one endpoint's counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Attempts sent.
+    pub total: u64,
+    /// Attempts in progress.
+    pub in_flight: u64,
+    /// Ended attempts by outcome kind, indexed by `Kind as usize`.
+    pub by_kind: [u64; Kind::COUNT],
+}
+
+impl Counters {
+    /// The counters for `total` attempts started of which `by_kind` ended; `in_flight` is the
+    /// difference (never negative).
+    pub fn from_parts(total: u64, by_kind: [u64; Kind::COUNT]) -> Self {
+        let ended: u64 = by_kind.iter().sum();
+        Self {
+            total,
+            in_flight: total.saturating_sub(ended),
+            by_kind,
+        }
+    }
+
+    /// Attempts the endpoint answered correctly: successes, and the caller's own errors (a 400 is
+    /// the endpoint doing its job). With this split, `successful + failed + cancelled + in_flight
+    /// == total` uses exactly the contract's field names.
+    pub fn successful(&self) -> u64 {
+        self.by_kind[Kind::Success as usize] + self.by_kind[Kind::CallerError as usize]
+    }
+    /// Attempts that failed through the endpoint's fault.
+    pub fn failed(&self) -> u64 {
+        Kind::ALL
+            .iter()
+            .filter(|k| k.is_failure())
+            .map(|k| self.by_kind[*k as usize])
+            .sum()
+    }
+    /// Attempts the caller's own request spoiled (part of [`Counters::successful`]).
+    pub fn caller_errors(&self) -> u64 {
+        self.by_kind[Kind::CallerError as usize]
+    }
+    /// Attempts abandoned because the client left.
+    pub fn cancelled(&self) -> u64 {
+        self.by_kind[Kind::Cancelled as usize]
+    }
+    /// Success share of the attempts that reached a verdict about the endpoint.
+    pub fn success_rate(&self) -> f64 {
+        let judged = self.successful() + self.failed();
+        if judged == 0 {
+            1.0
+        } else {
+            self.successful() as f64 / judged as f64
+        }
+    }
+}
+
+impl Live {
+    /// Gives back a probation slot that admission claimed but no attempt used.
+    pub fn release_probation(&self) {
+        self.probation_busy.store(false, Ordering::Release);
+    }
+
+    /// Whether the endpoint looks admissible (healthy or on probation, not switched off) without
+    /// claiming anything; the attempt loop's admission check has the last word.
+    pub fn in_rotation(&self) -> bool {
+        !self.admin_disabled() && matches!(self.phase(), Phase::Healthy | Phase::Probation)
+    }
+
+    /// Reads the counters. Ended counters are read before `started` (each with acquire ordering):
+    /// every end observed implies its start is observed, so `in_flight = started − ended ≥ 0` and
+    /// the sum identity holds in every snapshot, under any concurrency.
+    pub fn snapshot(&self) -> Counters {
+        let by_kind: [u64; Kind::COUNT] =
+            std::array::from_fn(|i| self.ended[i].load(Ordering::Acquire));
+        let total = self.started.load(Ordering::Acquire);
+        Counters::from_parts(total, by_kind)
+    }
+
+    /// Current phase.
+    pub fn phase(&self) -> Phase {
+        Phase::from_u8(self.phase.load(Ordering::Acquire))
+    }
+
+    /// Consecutive endpoint-fault failures since the last success.
+    pub fn consecutive_failures(&self) -> u32 {
+        self.consecutive.load(Ordering::Acquire)
+    }
+
+    /// Whether an operator switched the endpoint off.
+    pub fn admin_disabled(&self) -> bool {
+        self.admin_disabled.load(Ordering::Acquire)
+    }
+
+    /// Last failure, if any.
+    pub fn last_error(&self) -> Option<Arc<LastError>> {
+        self.last_error.lock().clone()
+    }
+
+    /// Cooldown deadline in registry-clock ms (0 = none).
+    pub fn cooldown_until_ms(&self) -> u64 {
+        self.cooldown_until_ms.load(Ordering::Acquire)
+    }
+}
+
+/// Every name [`Endpoint::state_name`] gives (the states `ccgate_endpoint_state` exports).
+pub const STATES: [&str; 5] = ["healthy", "degraded", "ejected", "cooling_down", "disabled"];
+
+impl Endpoint {
+    /// The state name shown for this endpoint: one of [`STATES`].
+    pub fn state_name(&self) -> &'static str {
+        if self.live.admin_disabled() {
+            return "disabled";
+        }
+        match self.live.phase() {
+            Phase::Healthy if self.live.consecutive_failures() > 0 => "degraded",
+            Phase::Healthy => "healthy",
+            Phase::Probation => "degraded",
+            Phase::Ejected => "ejected",
+            Phase::CoolingDown => "cooling_down",
+            Phase::AuthDisabled => "disabled",
+        }
+    }
+}

@@ -1,0 +1,388 @@
+//! The failure queue: every endpoint out of rotation, exactly once, with why and when it is due for
+//! its next probe; and the place where health phase transitions are applied.
+//!
+//! **Invariant:** an endpoint's phase only changes inside [`FailureQueue::transition`], under the
+//! queue's lock, after re-reading the phase. Of any number of attempts racing on the same
+//! transition exactly one performs it; the others find the phase already moved and do nothing.
+//! Attempts whose event cannot change the phase (the overwhelming majority) never take the lock.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::Notify;
+
+use crate::clock::{Clock, ms};
+use crate::health::endpoint::{Endpoint, Live};
+use crate::health::machine::{self, Effect, Event, Phase, Reason};
+use crate::sync::Mutex;
+
+/// One endpoint out of rotation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// Registry index.
+    pub idx: usize,
+    /// Endpoint name.
+    pub name: String,
+    /// Why it left rotation (latest reason).
+    pub reason: Reason,
+    /// When the episode began (clock ms).
+    pub since_ms: u64,
+    /// Probes run in this episode.
+    pub probe_attempts: u32,
+    /// When the next probe (or, cooling down, the automatic return) is due (clock ms). For a
+    /// rate-limited entry this is the endpoint's cooldown deadline, read when the entry is copied
+    /// out of the queue (the deadline has one home: [`Live::cooldown_until_ms`]).
+    pub next_probe_at_ms: u64,
+    /// A probe passed; one real request at a time is being admitted.
+    pub probation: bool,
+    /// What the last probe found.
+    pub last_probe: Option<String>,
+}
+
+/// Failure-queue statistics (names kept from the tool ccgate replaces).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Failure episodes (entries ever opened).
+    pub total_failed: u64,
+    /// Probes run.
+    pub total_verified: u64,
+    /// Probes that found the endpoint working.
+    pub total_recovered: u64,
+    /// Probes that found it still failing.
+    pub total_still_failed: u64,
+    /// Episodes that ended with the endpoint back in rotation.
+    pub total_closed: u64,
+}
+
+/// A failure episode opening or closing, logged for the store (see
+/// [`FailureQueue::record_episodes`]); the queue itself never reads it.
+#[derive(Clone, Debug)]
+pub struct EpisodeEvent {
+    /// `Some(reason)` when the episode opened, `None` when it closed.
+    pub opened: Option<Reason>,
+    /// Endpoint name.
+    pub name: String,
+    /// The endpoint's live cell: identifies the episode's endpoint across config reloads.
+    pub live: Weak<Live>,
+    /// When (wall clock).
+    pub at: SystemTime,
+    /// Probes run in the episode (at its close).
+    pub probes: u32,
+}
+
+/// A queue entry and the live cell of its endpoint (where a rate-limited entry's deadline is).
+#[derive(Clone)]
+struct Slot {
+    entry: Entry,
+    live: Arc<Live>,
+}
+
+impl Slot {
+    /// The entry as callers see it: a rate-limited one is due when its cooldown ends.
+    fn entry(&self) -> Entry {
+        let mut e = self.entry.clone();
+        e.next_probe_at_ms = self.next_probe_at();
+        e
+    }
+
+    fn next_probe_at(&self) -> u64 {
+        match self.entry.reason {
+            Reason::RateLimited => self.live.cooldown_until_ms().max(1),
+            Reason::Failures | Reason::Auth => self.entry.next_probe_at_ms,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    entries: BTreeMap<usize, Slot>,
+    stats: QueueStats,
+    /// Episode opens and closes not yet taken by the store; `None` while nobody records them.
+    episodes: Option<Vec<EpisodeEvent>>,
+}
+
+impl Inner {
+    fn log_episode(&mut self, opened: Option<Reason>, ep: &Endpoint, at: SystemTime, probes: u32) {
+        if let Some(log) = &mut self.episodes {
+            log.push(EpisodeEvent {
+                opened,
+                name: ep.name.clone(),
+                live: Arc::downgrade(&ep.live),
+                at,
+                probes,
+            });
+        }
+    }
+}
+
+/// The failure queue.
+pub struct FailureQueue {
+    inner: Mutex<Inner>,
+    clock: Clock,
+    threshold: u32,
+    probe_base: Duration,
+    probe_cap: Duration,
+    /// Woken whenever entries change, so the prober re-plans.
+    pub changed: Notify,
+}
+
+impl FailureQueue {
+    /// An empty queue.
+    pub fn new(clock: Clock, threshold: u32, probe_base: Duration, probe_cap: Duration) -> Self {
+        Self {
+            inner: Mutex::new(Inner::default()),
+            clock,
+            threshold,
+            probe_base,
+            probe_cap,
+            changed: Notify::new(),
+        }
+    }
+
+    /// Applies `event` to `ep`'s phase, performing the transition's effect if this caller wins it.
+    /// Returns whether this call changed the phase.
+    pub fn transition(&self, ep: &Endpoint, event: Event, now_ms: u64) -> bool {
+        // Lock-free fast path: if the event cannot change the current phase, it linearizes here.
+        if machine::next(ep.live.phase(), event, self.threshold).is_none() {
+            return false;
+        }
+        let mut inner = self.inner.lock();
+        let Some((to, effect)) = machine::next(ep.live.phase(), event, self.threshold) else {
+            return false;
+        };
+        ep.live.phase.store(to as u8, Ordering::Release);
+        match effect {
+            Effect::None => {}
+            Effect::Open(reason) => self.open(&mut inner, ep, reason, now_ms),
+            Effect::Reason(reason) => {
+                if let Some(Slot { entry: e, .. }) = inner.entries.get_mut(&ep.idx) {
+                    e.reason = reason;
+                    e.probation = false;
+                    e.next_probe_at_ms = now_ms + ms(self.backoff(e.probe_attempts));
+                }
+            }
+            Effect::Probation => {
+                if let Some(Slot { entry: e, .. }) = inner.entries.get_mut(&ep.idx) {
+                    e.probation = true;
+                }
+            }
+            Effect::Close => self.close(&mut inner, ep, now_ms),
+        }
+        drop(inner);
+        self.changed.notify_one();
+        true
+    }
+
+    /// Opens a failure episode for `ep` (the caller holds the lock and has checked the phase).
+    fn open(&self, inner: &mut Inner, ep: &Endpoint, reason: Reason, now_ms: u64) {
+        inner.stats.total_failed += 1;
+        inner.log_episode(Some(reason), ep, self.clock.wall(now_ms), 0);
+        let entry = Entry {
+            idx: ep.idx,
+            name: ep.name.clone(),
+            reason,
+            since_ms: now_ms,
+            probe_attempts: 0,
+            next_probe_at_ms: now_ms + ms(self.backoff(0)),
+            probation: false,
+            last_probe: None,
+        };
+        let live = Arc::clone(&ep.live);
+        inner.entries.insert(ep.idx, Slot { entry, live });
+    }
+
+    /// Closes `ep`'s failure episode (the caller holds the lock and has checked the phase).
+    fn close(&self, inner: &mut Inner, ep: &Endpoint, now_ms: u64) {
+        let probes = inner
+            .entries
+            .remove(&ep.idx)
+            .map_or(0, |s| s.entry.probe_attempts);
+        inner.stats.total_closed += 1;
+        inner.log_episode(None, ep, self.clock.wall(now_ms), probes);
+    }
+
+    /// Probe backoff after `attempts` failed probes (with jitter).
+    pub fn backoff(&self, attempts: u32) -> Duration {
+        machine::probe_backoff(self.probe_base, self.probe_cap, attempts, fastrand::f64())
+    }
+
+    /// Records a probe's result for `ep`: on success the endpoint moves to probation.
+    pub fn probe_result(&self, ep: &Endpoint, passed: bool, detail: String) {
+        let now = self.clock.now_ms();
+        {
+            let mut inner = self.inner.lock();
+            inner.stats.total_verified += 1;
+            if passed {
+                inner.stats.total_recovered += 1;
+            } else {
+                inner.stats.total_still_failed += 1;
+            }
+            if let Some(Slot { entry: e, .. }) = inner.entries.get_mut(&ep.idx) {
+                e.probe_attempts += 1;
+                e.last_probe = Some(detail);
+                if !passed {
+                    e.next_probe_at_ms = now + ms(self.backoff(e.probe_attempts));
+                }
+            }
+        }
+        if passed {
+            self.transition(ep, Event::ProbePassed, now);
+        }
+        self.changed.notify_one();
+    }
+
+    /// Pulls an entry's next probe forward to now (admin "probe" and "enable").
+    pub fn probe_now(&self, idx: usize) {
+        let now = self.clock.now_ms();
+        if let Some(s) = self.inner.lock().entries.get_mut(&idx) {
+            s.entry.next_probe_at_ms = now;
+        }
+        self.changed.notify_one();
+    }
+
+    /// The entries, in registry order.
+    pub fn entries(&self) -> Vec<Entry> {
+        self.inner
+            .lock()
+            .entries
+            .values()
+            .map(Slot::entry)
+            .collect()
+    }
+
+    /// One endpoint's entry.
+    pub fn entry(&self, idx: usize) -> Option<Entry> {
+        self.inner.lock().entries.get(&idx).map(Slot::entry)
+    }
+
+    /// Whether the endpoint at `idx` has an entry.
+    pub fn contains(&self, idx: usize) -> bool {
+        self.inner.lock().entries.contains_key(&idx)
+    }
+
+    /// When the endpoint at `idx` is due for its next probe (or, cooling down, back), if it has
+    /// an entry.
+    pub fn next_probe_at(&self, idx: usize) -> Option<u64> {
+        self.inner.lock().entries.get(&idx).map(Slot::next_probe_at)
+    }
+
+    /// Probes run so far in the episode of the endpoint at `idx`, if it has an entry.
+    pub fn probe_attempts(&self, idx: usize) -> Option<u32> {
+        self.inner
+            .lock()
+            .entries
+            .get(&idx)
+            .map(|s| s.entry.probe_attempts)
+    }
+
+    /// How many endpoints are out of rotation.
+    pub fn len(&self) -> usize {
+        self.inner.lock().entries.len()
+    }
+
+    /// Whether every endpoint is in rotation.
+    pub fn is_empty(&self) -> bool {
+        self.inner.lock().entries.is_empty()
+    }
+
+    /// The statistics.
+    pub fn stats(&self) -> QueueStats {
+        self.inner.lock().stats
+    }
+
+    /// Takes over `old`'s statistics and the entries of the endpoints a config reload kept:
+    /// `moved(old_idx)` gives an endpoint's new index, or `None` if it was removed or changed
+    /// (its episode ends with it). Called once, before the new registry serves requests.
+    pub fn adopt(&self, old: &FailureQueue, moved: impl Fn(usize) -> Option<usize>) {
+        let mut from = old.inner.lock();
+        let mut inner = self.inner.lock();
+        inner.stats = from.stats;
+        // The episode log (and whether one is kept) moves on with the statistics.
+        inner.episodes = from.episodes.as_mut().map(std::mem::take);
+        for (old_idx, slot) in &from.entries {
+            if let Some(idx) = moved(*old_idx) {
+                let mut slot = slot.clone();
+                slot.entry.idx = idx;
+                inner.entries.insert(idx, slot);
+            }
+        }
+        drop(inner);
+        self.changed.notify_waiters();
+    }
+
+    /// Makes the queue agree with `ep`'s phase after a config reload: an attempt begun before the
+    /// reload records through the previous gateway's queue, so it may eject a kept endpoint (which
+    /// then needs an entry here, and the probes that come with it) or end its probation (whose
+    /// entry here must then close). Counted as the episode events they are. The prober calls this
+    /// on every round; outside reloads it finds nothing to do. Returns whether it changed anything.
+    pub fn reconcile(&self, ep: &Endpoint, now_ms: u64) -> bool {
+        let changed = self.reconcile_locked(&mut self.inner.lock(), ep, now_ms);
+        if changed {
+            self.changed.notify_waiters();
+        }
+        changed
+    }
+
+    /// [`FailureQueue::reconcile`] for every endpoint, under one lock. Returns whether it changed
+    /// anything.
+    pub fn reconcile_all(&self, endpoints: &[Arc<Endpoint>], now_ms: u64) -> bool {
+        let mut inner = self.inner.lock();
+        let mut changed = false;
+        for ep in endpoints {
+            changed |= self.reconcile_locked(&mut inner, ep, now_ms);
+        }
+        drop(inner);
+        if changed {
+            self.changed.notify_waiters();
+        }
+        changed
+    }
+
+    fn reconcile_locked(&self, inner: &mut Inner, ep: &Endpoint, now_ms: u64) -> bool {
+        // Phases change only under a queue lock: read it under this one.
+        let queued = inner.entries.contains_key(&ep.idx);
+        let reason = match ep.live.phase() {
+            Phase::Ejected => Reason::Failures,
+            Phase::CoolingDown => Reason::RateLimited,
+            Phase::AuthDisabled => Reason::Auth,
+            Phase::Probation => return false,
+            Phase::Healthy => {
+                if queued {
+                    self.close(inner, ep, now_ms);
+                }
+                return queued;
+            }
+        };
+        if !queued {
+            self.open(inner, ep, reason, now_ms);
+        }
+        !queued
+    }
+
+    /// Starts keeping a log of episode opens and closes for [`FailureQueue::take_episode_events`]
+    /// (the store's writer drains it; without one nothing is kept).
+    pub fn record_episodes(&self) {
+        self.inner.lock().episodes.get_or_insert_with(Vec::new);
+    }
+
+    /// Takes the episode events logged since the last call, oldest first.
+    pub fn take_episode_events(&self) -> Vec<EpisodeEvent> {
+        self.inner
+            .lock()
+            .episodes
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    /// Entries and stats read together under one lock.
+    pub fn view(&self) -> (Vec<Entry>, QueueStats) {
+        let inner = self.inner.lock();
+        (
+            inner.entries.values().map(Slot::entry).collect(),
+            inner.stats,
+        )
+    }
+}

@@ -1,0 +1,612 @@
+//! The request handler: read the body once (capped), walk the candidates, attempt, fail over while
+//! nothing has reached the client, and answer.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body::Body;
+use http_body_util::{BodyExt, Limited};
+
+use crate::config::Config;
+use crate::health::attempt::Attempt;
+use crate::health::classify::{Outcome, TransportKind, Verdict, classify_status};
+use crate::health::endpoint::Endpoint;
+use crate::health::registry::{Admission, Registry};
+use crate::health::totals::{RequestEnd, RequestGuard};
+use crate::proxy::events::{Events, FailedAttempt, Failover};
+use crate::proxy::forward::{self, Preamble, Prepared};
+use crate::proxy::relay::{BoxError, Judge, RelayBody};
+use crate::proxy::response::{self, GateBody};
+use crate::proxy::usage::UsageTally;
+use crate::select::affinity::{self, Affinity};
+use crate::select::budget::RetryBudget;
+use crate::select::strategy::{Selector, Tried};
+
+/// The reserved path prefix of ccgate's own views; never forwarded.
+pub const ADMIN_PREFIX: &str = "/_ccgate";
+
+// Response headers ccgate adds, named once rather than parsed from a string per request.
+static REQUEST_ID: HeaderName = HeaderName::from_static("x-ccgate-request-id");
+static ENDPOINT: HeaderName = HeaderName::from_static("x-ccgate-endpoint");
+static ATTEMPTS: HeaderName = HeaderName::from_static("x-ccgate-attempts");
+static FALLBACK: HeaderName = HeaderName::from_static("x-ccgate-fallback");
+
+/// Everything the request handler needs, shared by all connections.
+pub struct Gateway {
+    /// Endpoints and their state.
+    pub registry: Arc<Registry>,
+    /// Candidate ranking.
+    pub selector: Selector,
+    /// Session → endpoint bindings (`None` when affinity is off).
+    pub affinity: Option<Arc<Affinity>>,
+    /// Limits attempts after the first.
+    pub budget: Arc<RetryBudget>,
+    /// Recent failovers, for the dashboard.
+    pub events: Arc<Events>,
+    /// The configuration the gateway runs with.
+    pub config: Config,
+    /// The usage tally successful answers add to, when storage is on (the store's writer drains
+    /// it; carried over by reloads).
+    pub usage: Option<Arc<UsageTally>>,
+}
+
+impl Gateway {
+    /// Builds the gateway state from a validated config.
+    pub fn new(config: Config) -> Result<Self, crate::transport::upstream::ClientError> {
+        let registry = Arc::new(Registry::new(&config)?);
+        let clock = registry.clock;
+        Ok(Self {
+            registry,
+            selector: Selector::new(config.server.strategy),
+            affinity: config
+                .affinity
+                .enabled
+                .then(|| Arc::new(Affinity::new(&config.affinity, clock))),
+            budget: Arc::new(RetryBudget::new(&config.retry_budget, clock)),
+            events: Arc::default(),
+            config,
+            usage: None,
+        })
+    }
+
+    /// The gateway for a reloaded config, continuing this one (see [`Registry::reloaded`]).
+    /// Session bindings carry over while every kept endpoint keeps its position; the retry
+    /// budget and the recent failovers carry over; the listen address cannot change without a
+    /// restart and stays as it is.
+    pub fn reloaded(
+        &self,
+        mut config: Config,
+    ) -> Result<
+        (Self, crate::health::registry::ReloadReport),
+        crate::transport::upstream::ClientError,
+    > {
+        config.server.listen = self.config.server.listen;
+        // The database stays the one opened at start (changing it needs a restart).
+        config.storage = self.config.storage.clone();
+        let (registry, report) = Registry::reloaded(&config, &self.registry)?;
+        let clock = registry.clock;
+        let positions_kept = report.changed.is_empty()
+            && report.removed.is_empty()
+            && registry.endpoints.iter().all(|e| {
+                self.registry
+                    .by_name(&e.name)
+                    .is_none_or(|o| o.idx == e.idx)
+            });
+        let affinity = match (&self.affinity, config.affinity.enabled) {
+            (Some(a), true) if positions_kept && config.affinity == self.config.affinity => {
+                Some(Arc::clone(a))
+            }
+            (_, true) => Some(Arc::new(Affinity::new(&config.affinity, clock))),
+            (_, false) => None,
+        };
+        let budget = if config.retry_budget == self.config.retry_budget {
+            Arc::clone(&self.budget)
+        } else {
+            Arc::new(RetryBudget::new(&config.retry_budget, clock))
+        };
+        let gateway = Self {
+            registry: Arc::new(registry),
+            selector: Selector::new(config.server.strategy),
+            affinity,
+            budget,
+            events: Arc::clone(&self.events),
+            config,
+            usage: self.usage.clone(),
+        };
+        Ok((gateway, report))
+    }
+
+    /// Whether the request carries the access token (always true when none is configured).
+    pub fn authorized(&self, headers: &HeaderMap) -> bool {
+        let Some(token) = &self.config.server.access_token else {
+            return true;
+        };
+        // Either header may carry it: Claude Code sends its own key as `x-api-key` next to
+        // `ANTHROPIC_AUTH_TOKEN` as a Bearer token when both are set.
+        let api_key = headers.get("x-api-key").and_then(|v| v.to_str().ok());
+        let bearer = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        [api_key, bearer]
+            .into_iter()
+            .flatten()
+            .any(|p| constant_time_eq(p.as_bytes(), token.expose().as_bytes()))
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Handles one proxied client request. The admin prefix never reaches this: the server routes
+/// it to the control plane first.
+pub async fn handle<B>(gw: Arc<Gateway>, req: Request<B>) -> Response<GateBody>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let path = req.uri().path();
+    // Claude Code pre-connects with a credential-less `HEAD /`; answer it here, uncounted.
+    if req.method() == Method::HEAD && path == "/" {
+        return Response::new(GateBody::empty());
+    }
+    if !gw.authorized(req.headers()) {
+        return response::error(
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "ccgate: missing or wrong access token",
+        );
+    }
+    let guard = gw.registry.gateway.begin();
+    let id = guard.id().header_value();
+    let mut resp = proxied(&gw, req, guard).await;
+    resp.headers_mut().insert(REQUEST_ID.clone(), id);
+    resp
+}
+
+/// Reads the body (capped) and forwards the request.
+async fn proxied<B>(gw: &Gateway, req: Request<B>, guard: RequestGuard) -> Response<GateBody>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let (parts, body) = req.into_parts();
+    let cap = gw.config.server.max_body_bytes;
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > cap as u64) {
+        guard.end(RequestEnd::Caller);
+        return too_large(cap);
+    }
+    let body = match Limited::new(body, cap).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            guard.end(RequestEnd::Caller);
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                return too_large(cap);
+            }
+            return response::error_for(
+                StatusCode::BAD_REQUEST,
+                "ccgate: could not read the request body",
+            );
+        }
+    };
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    let prepared = Prepared::new(parts.method, path_and_query, parts.headers, body);
+    forward_request(gw, prepared, guard).await
+}
+
+fn too_large(cap: usize) -> Response<GateBody> {
+    response::error_for(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        &format!("ccgate: request body exceeds {cap} bytes"),
+    )
+}
+
+/// One failed attempt, kept for the final answer.
+struct Failure {
+    endpoint: Arc<Endpoint>,
+    outcome: Outcome,
+    message: String,
+}
+
+/// Ends a failed attempt: logs it as `log` (if given; the message is already scrubbed where it
+/// needs to be), records it with its message for `last_error`, and keeps it for the final answer.
+fn fail_attempt(
+    failures: &mut Vec<Failure>,
+    attempt: Attempt,
+    outcome: Outcome,
+    message: String,
+    log: Option<&'static str>,
+) {
+    let endpoint = Arc::clone(attempt.endpoint());
+    if let Some(log) = log {
+        tracing::warn!(endpoint = %endpoint.name, kind = outcome.kind().name(), %message, "{log}");
+    }
+    attempt.finish(outcome, Some(message.clone()));
+    failures.push(Failure {
+        endpoint,
+        outcome,
+        message,
+    });
+}
+
+async fn forward_request(
+    gw: &Gateway,
+    req: Prepared,
+    mut guard: RequestGuard,
+) -> Response<GateBody> {
+    let reg = &gw.registry;
+    let timeouts = gw.config.timeouts;
+    let max_attempts = gw.config.server.max_attempts;
+    let mut rng = fastrand::Rng::new();
+    let now_ms = reg.clock.now_ms();
+    let mut ranking = gw.selector.rank(&reg.endpoints, now_ms, &mut rng);
+    gw.budget.deposit(now_ms);
+    // A session goes first to the endpoint that served it last; if that endpoint is not
+    // admitted now, admission skips it and whoever serves the session becomes its binding.
+    let session = gw
+        .affinity
+        .as_ref()
+        .and_then(|a| Some((a, affinity::session_key(&req.headers, &req.body)?)));
+    if let Some(bound) = session.as_ref().and_then(|(a, key)| a.lookup(key)) {
+        if let Some(pos) = ranking.iter().position(|&i| i == bound) {
+            ranking[..=pos].rotate_right(1);
+        }
+    }
+    let mut candidates = ranking.into_iter();
+    let mut tried = Tried::default();
+    let mut failures: Vec<Failure> = Vec::new();
+    let mut fallback = false;
+
+    while (tried.len() as usize) < max_attempts {
+        let Some((ep, holds_probation)) =
+            next_candidate(reg, &mut candidates, tried).or_else(|| {
+                // Nothing admitted and nothing tried yet: rather than fail blind, try the endpoint
+                // expected back soonest.
+                if tried.is_empty() && !fallback {
+                    fallback = true;
+                    reg.least_bad().map(|e| (e, false))
+                } else {
+                    None
+                }
+            })
+        else {
+            break;
+        };
+        if !tried.is_empty() {
+            if !gw.budget.try_withdraw() {
+                if holds_probation {
+                    ep.live.release_probation();
+                }
+                reg.gateway
+                    .budget_refusals
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(endpoint = %ep.name, "retry budget spent; not failing over");
+                break;
+            }
+            reg.gateway
+                .retries
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        tried.insert(ep.idx);
+        if fallback {
+            reg.gateway
+                .fallbacks
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(endpoint = %ep.name, "no endpoint admitted; trying the least-bad one");
+        }
+        let attempt = Attempt::begin(Arc::clone(&ep), Arc::clone(&reg.recorder), holds_probation);
+        let upstream_req = match req.for_endpoint(&ep) {
+            Ok(r) => r,
+            Err(m) => {
+                let connect = Outcome::Transport(TransportKind::Connect);
+                fail_attempt(&mut failures, attempt, connect, m, None);
+                continue;
+            }
+        };
+        let resp = match forward::send(&ep, upstream_req, timeouts.first_byte).await {
+            Ok(r) => r,
+            Err((outcome, message)) => {
+                fail_attempt(
+                    &mut failures,
+                    attempt,
+                    outcome,
+                    message,
+                    Some("attempt failed"),
+                );
+                continue;
+            }
+        };
+        attempt.first_byte();
+        let verdict = classify_status(resp.status(), resp.headers(), SystemTime::now);
+        let (parts, body) = resp.into_parts();
+        let commit = Commit {
+            gw,
+            failures: &failures,
+            session: session.as_ref(),
+            ep: &ep,
+            attempts: tried.len(),
+            fallback,
+            method: &req.method,
+        };
+        match verdict {
+            Verdict::Relay if is_event_stream(&parts.headers) && !is_encoded(&parts.headers) => {
+                match forward::await_content(body, timeouts.idle).await {
+                    Preamble::Commit {
+                        held,
+                        scanner,
+                        body,
+                    } => {
+                        let judge = Judge::Stream(scanner);
+                        return commit.relay(guard, attempt, parts, body, held, judge);
+                    }
+                    Preamble::Failed(outcome, message) => {
+                        let message = ep.scrub(&message);
+                        let log = Some("stream failed before content");
+                        fail_attempt(&mut failures, attempt, outcome, message, log);
+                    }
+                }
+            }
+            Verdict::Relay => {
+                return commit.relay(guard, attempt, parts, body, Vec::new(), Judge::Plain);
+            }
+            Verdict::RelayCallerError => {
+                return commit.relay(guard, attempt, parts, body, Vec::new(), Judge::CallerError);
+            }
+            Verdict::FailOver(outcome) => {
+                let text = forward::read_small(body, 16 * 1024, timeouts.idle).await;
+                let message = crate::wire::anthropic::error_message(&text)
+                    .unwrap_or_else(|| format!("HTTP {}", parts.status.as_u16()));
+                let message = format!("HTTP {}: {}", parts.status.as_u16(), ep.scrub(&message));
+                fail_attempt(
+                    &mut failures,
+                    attempt,
+                    outcome,
+                    message,
+                    Some("attempt failed"),
+                );
+            }
+        }
+    }
+    let mut resp = all_down(reg, &failures);
+    if fallback {
+        resp.headers_mut()
+            .insert(FALLBACK.clone(), HeaderValue::from_static("least-bad"));
+    }
+    // The log line names the last endpoint tried with the status the client got (none when
+    // nothing could be tried).
+    if let Some(last) = failures.last() {
+        guard.served_by(&last.endpoint, tried.len(), resp.status().as_u16());
+    }
+    note_failover(gw, &guard, &failures, None, resp.status());
+    guard.end(RequestEnd::Upstream);
+    resp
+}
+
+/// What committing to an endpoint's answer needs besides the answer itself.
+struct Commit<'a> {
+    gw: &'a Gateway,
+    failures: &'a [Failure],
+    session: Option<&'a (&'a Arc<Affinity>, String)>,
+    ep: &'a Arc<Endpoint>,
+    attempts: u32,
+    fallback: bool,
+    method: &'a Method,
+}
+
+impl Commit<'_> {
+    /// Relays `ep`'s answer: the request's log line names `ep`; unless the answer is the caller's
+    /// error, the failovers that led here go to the ring, the body's usage (a stream's, or a JSON
+    /// body's) is counted and the session binds to `ep`.
+    fn relay(
+        self,
+        mut guard: RequestGuard,
+        attempt: Attempt,
+        parts: http::response::Parts,
+        body: hyper::body::Incoming,
+        held: Vec<Bytes>,
+        judge: Judge,
+    ) -> Response<GateBody> {
+        let Self {
+            gw,
+            failures,
+            session,
+            ep,
+            attempts,
+            fallback,
+            method,
+        } = self;
+        guard.served_by(ep, attempts, parts.status.as_u16());
+        let tally = match &judge {
+            Judge::Stream(_) => gw.usage.clone(),
+            Judge::Plain => gw
+                .usage
+                .clone()
+                .filter(|_| is_json(&parts.headers) && !is_encoded(&parts.headers)),
+            Judge::CallerError => None,
+        };
+        if !matches!(judge, Judge::CallerError) {
+            note_failover(gw, &guard, failures, Some(ep), parts.status);
+            if let Some((a, key)) = session {
+                a.bind(key, ep.idx);
+            }
+        }
+        let relay = RelayBody::new(body, held, judge, gw.config.timeouts.idle, attempt, guard)
+            .with_usage(tally);
+        relay_response(parts, relay, ep, attempts, fallback, method)
+    }
+}
+
+/// Keeps a request that needed failover (or found nothing) in the recent-failovers ring.
+fn note_failover(
+    gw: &Gateway,
+    guard: &RequestGuard,
+    failures: &[Failure],
+    served_by: Option<&Endpoint>,
+    status: StatusCode,
+) {
+    if failures.is_empty() && served_by.is_some() {
+        return;
+    }
+    gw.events.push(Failover {
+        at: crate::clock::rfc3339(SystemTime::now()),
+        request_id: guard.id().to_string(),
+        failed: failures
+            .iter()
+            .map(|f| FailedAttempt {
+                endpoint: f.endpoint.name.clone(),
+                outcome: f.outcome.kind().name(),
+                message: f.message.clone(),
+            })
+            .collect(),
+        served_by: served_by.map(|e| e.name.clone()),
+        status: status.as_u16(),
+    });
+}
+
+/// The next admitted candidate not yet tried.
+fn next_candidate(
+    reg: &Registry,
+    candidates: &mut impl Iterator<Item = usize>,
+    tried: Tried,
+) -> Option<(Arc<Endpoint>, bool)> {
+    for idx in candidates.by_ref() {
+        if tried.contains(idx) {
+            continue;
+        }
+        let ep = &reg.endpoints[idx];
+        match reg.admit(ep) {
+            Admission::Yes => return Some((Arc::clone(ep), false)),
+            Admission::Probation => return Some((Arc::clone(ep), true)),
+            Admission::No => {}
+        }
+    }
+    None
+}
+
+/// A JSON answer, whose `usage` the ledger reads.
+fn is_json(h: &HeaderMap) -> bool {
+    h.get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().starts_with("application/json"))
+}
+
+fn is_event_stream(h: &HeaderMap) -> bool {
+    h.get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().starts_with("text/event-stream"))
+}
+
+/// A compressed stream is relayed byte for byte; ccgate cannot read its events, so it is judged
+/// like a plain body (success when it ends cleanly).
+fn is_encoded(h: &HeaderMap) -> bool {
+    h.get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| !v.eq_ignore_ascii_case("identity"))
+}
+
+/// `x-ccgate-attempts`: the common small counts without an allocation.
+fn attempts_value(attempts: u32) -> HeaderValue {
+    const SMALL: [&str; 10] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"];
+    match SMALL.get(attempts as usize) {
+        Some(s) => HeaderValue::from_static(s),
+        None => HeaderValue::from(attempts),
+    }
+}
+
+fn relay_response(
+    mut parts: http::response::Parts,
+    relay: RelayBody,
+    ep: &Endpoint,
+    attempts: u32,
+    fallback: bool,
+    method: &Method,
+) -> Response<GateBody> {
+    forward::strip_hop_by_hop(&mut parts.headers);
+    if let Some(v) = &ep.name_header {
+        parts.headers.insert(ENDPOINT.clone(), v.clone());
+    }
+    parts
+        .headers
+        .insert(ATTEMPTS.clone(), attempts_value(attempts));
+    if fallback {
+        parts
+            .headers
+            .insert(FALLBACK.clone(), HeaderValue::from_static("least-bad"));
+    }
+    tracing::debug!(endpoint = %ep.name, status = parts.status.as_u16(), attempts, "relaying");
+    // Bodiless answers are complete with their headers; hyper will not poll their body.
+    if *method == Method::HEAD
+        || parts.status == StatusCode::NO_CONTENT
+        || parts.status == StatusCode::NOT_MODIFIED
+    {
+        relay.complete_without_body();
+        return Response::from_parts(parts, GateBody::empty());
+    }
+    Response::from_parts(parts, GateBody::Relay(Box::new(relay)))
+}
+
+/// The answer when no candidate produced one. The status tells clients how to behave: 503 (they
+/// keep retrying, honouring `retry-after`) when nothing was available or everything was
+/// overloaded or rate limited; 504 when attempts timed out; 502 for other upstream breakage.
+/// Never a bare 529, which Claude Code gives up on after three.
+fn all_down(reg: &Registry, failures: &[Failure]) -> Response<GateBody> {
+    let busy = |o: Outcome| matches!(o, Outcome::Overloaded | Outcome::RateLimited(_));
+    let status = if failures.is_empty() || failures.iter().all(|f| busy(f.outcome)) {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else if failures
+        .iter()
+        .any(|f| f.outcome.kind() == crate::health::classify::Kind::Timeout)
+    {
+        StatusCode::GATEWAY_TIMEOUT
+    } else {
+        StatusCode::BAD_GATEWAY
+    };
+    let message = if failures.is_empty() {
+        "ccgate: no endpoint is available".to_string()
+    } else {
+        let parts: Vec<String> = failures
+            .iter()
+            .map(|f| format!("{}: {}", f.endpoint.name, f.message))
+            .collect();
+        format!("ccgate: every endpoint tried failed ({})", parts.join("; "))
+    };
+    let retry_after = reg.retry_after_secs();
+    tracing::warn!(
+        status = status.as_u16(),
+        attempts = failures.len(),
+        retry_after,
+        "all endpoints failed"
+    );
+    let mut resp = response::error_for(status, &message);
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+    resp.headers_mut()
+        .insert("x-should-retry", HeaderValue::from_static("true"));
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attempts_header_is_the_count() {
+        for n in [0, 1, 2, 9, 10, 11, 123, u32::MAX] {
+            assert_eq!(attempts_value(n), n.to_string().as_str(), "{n}");
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! Recovery probes: one probe request in the endpoint's mode, and its result recorded in the
+//! failure queue. The background loop that runs them is [`crate::control::prober`].
+//!
+//! A probe is not a client attempt: it never touches the endpoint's attempt counters. Its result
+//! goes to the failure queue, which moves a verified endpoint onto probation (one real request at
+//! a time until one succeeds) or schedules the next probe with growing backoff.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, header};
+use http_body_util::{BodyExt, Full};
+
+use crate::config::ProbeMode;
+use crate::health::endpoint::Endpoint;
+use crate::proxy::handler::Gateway;
+
+/// What one probe found.
+#[derive(Clone, Debug)]
+pub struct ProbeResult {
+    /// Whether the endpoint works.
+    pub passed: bool,
+    /// What was checked, or what went wrong.
+    pub detail: String,
+    /// How long it took.
+    pub latency: Duration,
+}
+
+/// Runs one probe against `ep` in its configured mode.
+pub async fn probe(gw: &Gateway, ep: &Endpoint) -> ProbeResult {
+    let started = tokio::time::Instant::now();
+    let limit = gw.config.health.probe_timeout;
+    let (passed, detail) = match tokio::time::timeout(limit, probe_inner(gw, ep)).await {
+        Ok(Ok(detail)) => (true, ep.scrub(&detail)),
+        Ok(Err(detail)) => (false, ep.scrub(&detail)),
+        Err(_) => (
+            false,
+            format!(
+                "probe timed out after {}",
+                humantime::format_duration(limit)
+            ),
+        ),
+    };
+    ProbeResult {
+        passed,
+        detail,
+        latency: started.elapsed(),
+    }
+}
+
+/// Runs one probe now and records its result if the endpoint is in the failure queue.
+pub async fn probe_and_record(gw: &Gateway, ep: &Endpoint) -> ProbeResult {
+    let result = probe(gw, ep).await;
+    if gw.registry.queue.contains(ep.idx) {
+        gw.registry
+            .queue
+            .probe_result(ep, result.passed, result.detail.clone());
+    }
+    tracing::info!(endpoint = %ep.name, passed = result.passed, detail = %result.detail, "probe");
+    result
+}
+
+async fn probe_inner(gw: &Gateway, ep: &Endpoint) -> Result<String, String> {
+    let model = ep
+        .model_map
+        .get(&gw.config.health.probe_model)
+        .cloned()
+        .unwrap_or_else(|| gw.config.health.probe_model.clone());
+    let code = format!("ccg{:06}", fastrand::u32(0..1_000_000));
+    let (method, path, body) = match ep.probe {
+        ProbeMode::Models => (Method::GET, "/v1/models", None),
+        ProbeMode::CountTokens => (
+            Method::POST,
+            "/v1/messages/count_tokens",
+            Some(
+                serde_json::json!({"model": model, "messages": [{"role": "user", "content": "ping"}]}),
+            ),
+        ),
+        ProbeMode::Message => (
+            Method::POST,
+            "/v1/messages",
+            Some(serde_json::json!({
+                "model": model,
+                "max_tokens": 20,
+                "messages": [{"role": "user", "content": format!("Reply with exactly this code and nothing else: {code}")}],
+            })),
+        ),
+    };
+    let uri = ep.base_url.join(path);
+    let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
+    let mut req = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("anthropic-version", "2023-06-01")
+        .header(
+            header::USER_AGENT,
+            concat!("ccgate-probe/", env!("CARGO_PKG_VERSION")),
+        )
+        .body(Full::new(body))
+        .map_err(|e| format!("cannot build probe: {e}"))?;
+    if req.method() == Method::POST {
+        req.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+    }
+    req.headers_mut()
+        .insert(ep.auth_header.0.clone(), ep.auth_header.1.clone());
+    let resp = ep
+        .client
+        .request(req)
+        .await
+        .map_err(|e| crate::transport::error_chain(&e))?;
+    let status = resp.status();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("body: {}", crate::transport::error_chain(&e)))?
+        .to_bytes();
+    if !status.is_success() {
+        let msg = crate::wire::anthropic::error_message(&body).unwrap_or_default();
+        return Err(format!("HTTP {} {msg}", status.as_u16()).trim().to_string());
+    }
+    match ep.probe {
+        ProbeMode::Models => Ok("models listed".into()),
+        ProbeMode::CountTokens => {
+            let v: serde_json::Value = serde_json::from_slice(&body)
+                .map_err(|_| "count_tokens answered with something that is not JSON".to_string())?;
+            v.get("input_tokens")
+                .and_then(|t| t.as_u64())
+                .map(|n| format!("count_tokens = {n}"))
+                .ok_or_else(|| "count_tokens answer has no input_tokens".into())
+        }
+        ProbeMode::Message => {
+            let v: serde_json::Value = serde_json::from_slice(&body)
+                .map_err(|_| "message answered with something that is not JSON".to_string())?;
+            let text: String = v
+                .get("content")
+                .and_then(|c| c.as_array())
+                .map(|blocks| {
+                    blocks
+                        .iter()
+                        .filter_map(|b| b.get("text").and_then(|t| t.as_str()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            if text.contains(&code) {
+                Ok(format!("reply carried the code {code}"))
+            } else {
+                Err(format!(
+                    "reply did not carry the code {code}: the endpoint answers, but not with the model's words"
+                ))
+            }
+        }
+    }
+}

@@ -1,0 +1,333 @@
+//! The relayed response body: frames pass through as they arrive, and the attempt's outcome is
+//! decided and recorded when the body ends — or, if the client goes away, when it is dropped.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
+
+use crate::health::attempt::Attempt;
+use crate::health::classify::{Outcome, TransportKind, classify_sse_error};
+use crate::health::totals::RequestGuard;
+use crate::proxy::usage::UsageTally;
+use crate::wire::sse::{SseScanner, error_event};
+use crate::wire::usage;
+
+use crate::transport::error_chain;
+
+/// How a relayed body is judged when it ends.
+pub enum Judge {
+    /// An SSE stream, read by its scanner (in the state the held preamble left it): success needs
+    /// `message_stop`; an `error` event decides otherwise.
+    Stream(SseScanner),
+    /// Any other 2xx body: success when it ends cleanly.
+    Plain,
+    /// An answer already judged the caller's error: that verdict, when it ends.
+    CallerError,
+}
+
+/// The response body relayed to the client. It owns the attempt and the request guards, so the
+/// attempt's outcome is recorded when the body ends — or, if the client goes away, when it is
+/// dropped. Frames pass through as they arrive, none held back after the preamble; a plain body
+/// whose usage is read is also kept (shared `Bytes`, up to [`usage::MAX_JSON_BODY`]) until it
+/// ends.
+pub struct RelayBody {
+    held: VecDeque<Bytes>,
+    upstream: Option<Incoming>,
+    judge: Judge,
+    idle: Duration,
+    /// The idle timer, armed only when the upstream first keeps the body waiting: a body that is
+    /// ready as soon as it is polled (most plain answers) never reads the clock or touches the
+    /// timer wheel.
+    sleep: Option<Pin<Box<Sleep>>>,
+    /// A frame arrived since the idle timer was last armed.
+    fresh: bool,
+    attempt: Option<Attempt>,
+    request: Option<RequestGuard>,
+    /// An SSE error event to send after an upstream failure, then end.
+    trailer: Option<Bytes>,
+    /// Where a successful answer's token usage goes (see [`RelayBody::with_usage`]).
+    usage: Option<UsageTap>,
+}
+
+/// A relayed answer's way into the usage tally: streams report usage through their scanner; a
+/// plain body is kept (as the frames' shared `Bytes`, not copied) up to
+/// [`usage::MAX_JSON_BODY`] and read when it ends.
+struct UsageTap {
+    tally: Arc<UsageTally>,
+    frames: Vec<Bytes>,
+    len: usize,
+    too_large: bool,
+}
+
+impl UsageTap {
+    fn keep(&mut self, data: &Bytes) {
+        if self.too_large {
+            return;
+        }
+        self.len += data.len();
+        if self.len > usage::MAX_JSON_BODY {
+            self.too_large = true;
+            self.frames = Vec::new();
+        } else {
+            self.frames.push(data.clone());
+        }
+    }
+}
+
+impl RelayBody {
+    /// Wraps an upstream body.
+    pub fn new(
+        upstream: Incoming,
+        held: Vec<Bytes>,
+        judge: Judge,
+        idle: Duration,
+        attempt: Attempt,
+        request: RequestGuard,
+    ) -> Self {
+        Self {
+            held: held.into(),
+            upstream: Some(upstream),
+            judge,
+            idle,
+            sleep: None,
+            fresh: false,
+            attempt: Some(attempt),
+            request: Some(request),
+            trailer: None,
+            usage: None,
+        }
+    }
+
+    /// Adds the answer's token usage to `tally` when it ends successfully: for a stream from its
+    /// `message_start` / `message_delta` events, for a plain JSON body from its top-level `usage`.
+    /// Only a success is counted, so never a caller error. Only in-memory work happens on this
+    /// path.
+    pub fn with_usage(mut self, tally: Option<Arc<UsageTally>>) -> Self {
+        self.usage = tally.map(|tally| UsageTap {
+            tally,
+            frames: Vec::new(),
+            len: 0,
+            too_large: false,
+        });
+        self
+    }
+
+    /// Hands a successful answer's usage to the tally.
+    fn record_usage(&mut self) {
+        let Some(tap) = self.usage.take() else {
+            return;
+        };
+        let Some(ep) = self.attempt.as_ref().map(|a| a.endpoint()) else {
+            return;
+        };
+        let found = match (&self.judge, tap.too_large) {
+            (Judge::Stream(sc), _) => sc.usage().cloned(),
+            (_, true) => None,
+            (_, false) => match tap.frames.as_slice() {
+                [] => None,
+                [one] => usage::from_json_body(one),
+                many => usage::from_json_body(&many.concat()),
+            },
+        };
+        if let Some(u) = found {
+            tap.tally.add(&ep.name, u);
+        }
+    }
+
+    fn finish(&mut self, outcome: Outcome, detail: Option<String>) {
+        self.upstream = None;
+        if outcome == Outcome::Success {
+            self.record_usage();
+        }
+        self.usage = None;
+        if let Some(a) = self.attempt.take() {
+            a.finish(outcome, detail);
+        }
+        if let Some(r) = self.request.take() {
+            r.finish(outcome);
+        }
+    }
+
+    /// Ends the relay after an upstream failure: the outcome is recorded and, for a stream, an SSE
+    /// `error` event tells the client what happened instead of a silent cut.
+    fn fail(
+        &mut self,
+        outcome: Outcome,
+        detail: String,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let stream = matches!(self.judge, Judge::Stream(_));
+        self.finish(outcome, Some(detail.clone()));
+        if stream {
+            let ty = if outcome == Outcome::Overloaded {
+                "overloaded_error"
+            } else {
+                "api_error"
+            };
+            return Poll::Ready(Some(Ok(Frame::data(error_event(
+                ty,
+                &format!("upstream stream failed: {detail}"),
+            )))));
+        }
+        Poll::Ready(Some(Err(detail.into())))
+    }
+
+    /// Records the outcome of an answer that has no body (HEAD, 204, 304).
+    pub fn complete_without_body(mut self) {
+        let outcome = if matches!(self.judge, Judge::CallerError) {
+            Outcome::CallerError
+        } else {
+            Outcome::Success
+        };
+        self.finish(outcome, None);
+    }
+
+    /// Records the outcome of an upstream body that has ended. A stream that ended without
+    /// `message_stop` (and without an `error` event of its own) is a failure after the first byte:
+    /// like every other, it ends the client's stream with an SSE `error` event (queued as the
+    /// trailer), so the client cannot take a truncated answer for a complete one.
+    fn end(&mut self) {
+        let (outcome, detail) = self.end_outcome();
+        if matches!(self.judge, Judge::Stream(_))
+            && outcome == Outcome::Transport(TransportKind::Cut)
+        {
+            let message = detail
+                .as_deref()
+                .unwrap_or("stream ended before message_stop");
+            self.trailer = Some(error_event(
+                "api_error",
+                &format!("upstream stream failed: {message}"),
+            ));
+        }
+        self.finish(outcome, detail);
+    }
+
+    fn end_outcome(&self) -> (Outcome, Option<String>) {
+        match &self.judge {
+            Judge::CallerError => (Outcome::CallerError, None),
+            Judge::Stream(sc) => {
+                let f = sc.facts();
+                match &f.error {
+                    Some((ty, msg)) => (classify_sse_error(ty), Some(format!("{ty}: {msg}"))),
+                    None if f.message_stop => (Outcome::Success, None),
+                    None => (
+                        Outcome::Transport(TransportKind::Cut),
+                        Some("stream ended before message_stop".into()),
+                    ),
+                }
+            }
+            Judge::Plain => (Outcome::Success, None),
+        }
+    }
+}
+
+/// Error type of client-facing bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl Body for RelayBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if let Some(b) = this.held.pop_front() {
+            return Poll::Ready(Some(Ok(Frame::data(b))));
+        }
+        let Some(upstream) = this.upstream.as_mut() else {
+            return Poll::Ready(this.trailer.take().map(|b| Ok(Frame::data(b))));
+        };
+        match Pin::new(upstream).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.fresh = true;
+                match frame.into_data() {
+                    Ok(data) => {
+                        if let Judge::Stream(sc) = &mut this.judge {
+                            sc.feed(&data);
+                        } else if let Some(tap) = this.usage.as_mut() {
+                            tap.keep(&data);
+                        }
+                        // hyper drops a body once its declared length is written, without polling
+                        // for the end: record the attempt as soon as the upstream body is complete.
+                        if this.upstream.as_ref().is_some_and(Body::is_end_stream) {
+                            this.end();
+                        }
+                        Poll::Ready(Some(Ok(Frame::data(data))))
+                    }
+                    // Trailers are not part of the Anthropic API; drop them and keep reading.
+                    Err(_) => {
+                        cx.waker().wake_by_ref();
+                        Poll::Pending
+                    }
+                }
+            }
+            Poll::Ready(Some(Err(e))) => this.fail(
+                Outcome::Transport(TransportKind::Cut),
+                format!("upstream body broke: {}", error_chain(&e)),
+            ),
+            Poll::Ready(None) => {
+                this.end();
+                Poll::Ready(this.trailer.take().map(|b| Ok(Frame::data(b))))
+            }
+            Poll::Pending => {
+                // The upstream went quiet: from the first wait after its last frame, it has
+                // `idle` to send the next.
+                let sleep = match &mut this.sleep {
+                    Some(sleep) if !this.fresh => sleep,
+                    Some(sleep) => {
+                        sleep.as_mut().reset(Instant::now() + this.idle);
+                        sleep
+                    }
+                    None => this.sleep.insert(Box::pin(tokio::time::sleep(this.idle))),
+                };
+                this.fresh = false;
+                ready!(sleep.as_mut().poll(cx));
+                let idle = humantime::format_duration(this.idle).to_string();
+                this.fail(
+                    Outcome::Transport(TransportKind::Idle),
+                    format!("upstream silent for {idle}"),
+                )
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.upstream.is_none() && self.held.is_empty() && self.trailer.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match (&self.upstream, self.held.is_empty()) {
+            (Some(u), true) => u.size_hint(),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+impl Drop for RelayBody {
+    fn drop(&mut self) {
+        // The client went away before the body ended. A stream that already carried its
+        // `message_stop` was delivered in full; anything else was cancelled.
+        if self.attempt.is_some() {
+            let delivered = matches!(&self.judge,
+                Judge::Stream(s) if s.facts().message_stop && s.facts().error.is_none());
+            if delivered {
+                self.finish(Outcome::Success, None);
+            } else {
+                self.upstream = None;
+                self.attempt.take();
+                if let Some(r) = self.request.take() {
+                    r.finish(Outcome::Cancelled);
+                }
+            }
+        }
+    }
+}

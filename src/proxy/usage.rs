@@ -1,0 +1,141 @@
+//! The in-memory usage tally the request path adds to: tokens per (UTC day, endpoint, model).
+//!
+//! **Invariant:** the request path only touches [`UsageTally::add`]: a short, bounded critical
+//! section on an in-memory map. The store's writer takes the map once per flush interval and
+//! writes it in its own transaction; nothing here does I/O for a request.
+
+use std::collections::HashMap;
+use std::time::SystemTime;
+
+use crate::clock::day_of;
+use crate::wire::usage::{MessageUsage, Usage};
+
+/// One row of the ledger, in memory: endpoint, model and UTC day.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct UsageKey {
+    /// Days since 1970-01-01 (UTC).
+    pub day: i64,
+    /// Endpoint name.
+    pub endpoint: String,
+    /// Model as the response named it.
+    pub model: String,
+}
+
+/// Requests and tokens of one ledger row.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UsageSums {
+    /// Answers counted.
+    pub requests: u64,
+    /// Their tokens.
+    pub usage: Usage,
+}
+
+impl UsageSums {
+    /// Adds `other`.
+    pub fn add(&mut self, other: &UsageSums) {
+        self.requests = self.requests.saturating_add(other.requests);
+        self.usage.add(&other.usage);
+    }
+}
+
+/// Rows one flush interval may gather before new models are folded into [`OTHER_MODEL`], so that
+/// an upstream inventing model names cannot grow the map without bound.
+const MAX_ROWS: usize = 10_000;
+/// Longest model name kept, in characters (applied here, to the model of streams and JSON bodies
+/// alike).
+const MAX_MODEL_LEN: usize = 200;
+/// The model name for usage without one, or beyond [`MAX_ROWS`].
+pub const OTHER_MODEL: &str = "(other)";
+
+/// Usage gathered since the store's last flush.
+#[derive(Default)]
+pub struct UsageTally {
+    rows: parking_lot::Mutex<HashMap<UsageKey, UsageSums>>,
+}
+
+impl UsageTally {
+    /// Adds one answer's usage (request path: one short lock, no I/O).
+    pub fn add(&self, endpoint: &str, usage: MessageUsage) {
+        let model = match usage.model {
+            Some(mut m) if !m.is_empty() => {
+                if m.len() > MAX_MODEL_LEN {
+                    m = m.chars().take(MAX_MODEL_LEN).collect();
+                }
+                m
+            }
+            _ => OTHER_MODEL.to_string(),
+        };
+        // The key is built before the lock is taken: only the map operations happen under it.
+        let mut key = UsageKey {
+            day: day_of(SystemTime::now()),
+            endpoint: endpoint.to_string(),
+            model,
+        };
+        let one = UsageSums {
+            requests: 1,
+            usage: usage.usage,
+        };
+        let mut rows = self.rows.lock();
+        if rows.len() >= MAX_ROWS && !rows.contains_key(&key) {
+            key.model = OTHER_MODEL.to_string();
+        }
+        rows.entry(key).or_default().add(&one);
+    }
+
+    /// Takes everything gathered so far.
+    pub fn take(&self) -> HashMap<UsageKey, UsageSums> {
+        std::mem::take(&mut *self.rows.lock())
+    }
+
+    /// Puts back rows a failed flush could not write.
+    pub fn restore(&self, rows: HashMap<UsageKey, UsageSums>) {
+        let mut mine = self.rows.lock();
+        for (k, v) in rows {
+            mine.entry(k).or_default().add(&v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tally_sums_and_bounds_rows() {
+        let t = UsageTally::default();
+        let u = |m: &str| MessageUsage {
+            model: Some(m.into()),
+            usage: Usage {
+                input: 1,
+                output: 2,
+                cache_creation: 0,
+                cache_read: 4,
+            },
+        };
+        t.add("a", u("m"));
+        t.add("a", u("m"));
+        let long = "é".repeat(MAX_MODEL_LEN + 1);
+        t.add("c", u(&long));
+        for i in 0..MAX_ROWS + 5 {
+            t.add("b", u(&format!("model-{i}")));
+        }
+        let rows = t.take();
+        assert!(rows.len() <= MAX_ROWS + 1, "{}", rows.len());
+        let a = rows
+            .iter()
+            .find(|(k, _)| k.endpoint == "a")
+            .map(|(_, v)| *v)
+            .expect("row a");
+        assert_eq!(a.requests, 2);
+        assert_eq!(a.usage.output, 4);
+        let c = rows.keys().find(|k| k.endpoint == "c").expect("row c");
+        assert_eq!(c.model, "é".repeat(MAX_MODEL_LEN));
+        let b_requests: u64 = rows
+            .iter()
+            .filter(|(k, _)| k.endpoint == "b")
+            .map(|(_, v)| v.requests)
+            .sum();
+        assert_eq!(b_requests, (MAX_ROWS + 5) as u64);
+        assert!(t.take().is_empty());
+    }
+}

@@ -1,0 +1,233 @@
+//! Session affinity: requests of one client session go to the endpoint that served the session
+//! last, so the upstream's prompt cache keeps hitting.
+//!
+//! The key is the `X-Claude-Code-Session-Id` header, else the `session_id` inside the body's
+//! `metadata.user_id` (Claude Code sends a JSON-encoded string there; older versions a
+//! `user_…_account_…_session_<id>` string), else there is none and the request is balanced
+//! normally. A binding yields to health: the attempt loop only uses it while the endpoint is
+//! admitted, and whichever endpoint then serves the session becomes its new binding — so a
+//! session that moved off an ejected endpoint stays moved when that endpoint recovers.
+//!
+//! Memory is bounded: the map is split into shards, each holding at most its share of
+//! `max_sessions`; bindings unused for `ttl` expire, and a full shard drops its least recently
+//! used binding. (Hand-written rather than a cache crate so that expiry follows the registry
+//! clock, which tests drive with tokio's paused time.)
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::LazyLock;
+
+use bytes::Bytes;
+use http::HeaderMap;
+use memchr::memmem;
+use parking_lot::Mutex;
+use serde::Deserialize;
+
+use crate::clock::{Clock, ms};
+use crate::config::AffinityConfig;
+use crate::wire::json_top;
+
+/// Header Claude Code sends with its session id.
+pub const SESSION_HEADER: &str = "x-claude-code-session-id";
+
+/// Longest session key accepted; longer ones are ignored rather than stored.
+const MAX_KEY_LEN: usize = 256;
+
+const SHARDS: usize = 16;
+
+struct Binding {
+    endpoint: usize,
+    last_used_ms: u64,
+}
+
+/// Session → endpoint bindings.
+pub struct Affinity {
+    shards: Vec<Mutex<HashMap<Box<str>, Binding>>>,
+    hasher: RandomState,
+    per_shard: usize,
+    ttl_ms: u64,
+    clock: Clock,
+}
+
+impl Affinity {
+    /// An empty map sized by `cfg`.
+    pub fn new(cfg: &AffinityConfig, clock: Clock) -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            hasher: RandomState::new(),
+            per_shard: cfg.max_sessions.div_ceil(SHARDS).max(1),
+            ttl_ms: ms(cfg.ttl).max(1),
+            clock,
+        }
+    }
+
+    fn shard(&self, key: &str) -> &Mutex<HashMap<Box<str>, Binding>> {
+        &self.shards[(self.hasher.hash_one(key) as usize) % SHARDS]
+    }
+
+    /// The endpoint `key` is bound to, if the binding is alive; refreshes it.
+    pub fn lookup(&self, key: &str) -> Option<usize> {
+        let now = self.clock.now_ms();
+        let mut shard = self.shard(key).lock();
+        let b = shard.get_mut(key)?;
+        if now.saturating_sub(b.last_used_ms) >= self.ttl_ms {
+            shard.remove(key);
+            return None;
+        }
+        b.last_used_ms = now;
+        Some(b.endpoint)
+    }
+
+    /// Binds `key` to `endpoint`.
+    pub fn bind(&self, key: &str, endpoint: usize) {
+        let now = self.clock.now_ms();
+        let mut shard = self.shard(key).lock();
+        if let Some(b) = shard.get_mut(key) {
+            b.endpoint = endpoint;
+            b.last_used_ms = now;
+            return;
+        }
+        if shard.len() >= self.per_shard {
+            let ttl = self.ttl_ms;
+            shard.retain(|_, b| now.saturating_sub(b.last_used_ms) < ttl);
+            if shard.len() >= self.per_shard {
+                let oldest = shard
+                    .iter()
+                    .min_by_key(|(_, b)| b.last_used_ms)
+                    .map(|(k, _)| k.clone());
+                if let Some(k) = oldest {
+                    shard.remove(&k);
+                }
+            }
+        }
+        shard.insert(
+            key.into(),
+            Binding {
+                endpoint,
+                last_used_ms: now,
+            },
+        );
+    }
+
+    /// Bindings held (live or not yet swept).
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().len()).sum()
+    }
+
+    /// Whether no binding is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Most bindings the map will hold.
+    pub fn capacity(&self) -> usize {
+        self.per_shard * SHARDS
+    }
+}
+
+/// The session key of a request: the session header, else `metadata.user_id`'s session id.
+pub fn session_key(headers: &HeaderMap, body: &Bytes) -> Option<String> {
+    if let Some(v) = headers.get(SESSION_HEADER).and_then(|v| v.to_str().ok()) {
+        let v = v.trim();
+        if !v.is_empty() && v.len() <= MAX_KEY_LEN {
+            return Some(v.to_string());
+        }
+    }
+    // Look only in bodies that can hold the key (most requests without the header have none),
+    // and parse only the top-level `metadata` member, not the whole body.
+    static USER_ID: LazyLock<memmem::Finder<'static>> =
+        LazyLock::new(|| memmem::Finder::new(b"\"user_id\""));
+    USER_ID.find(body)?;
+    let metadata = json_top::member(body, b"metadata")?;
+    let user_id = json_top::as_str(json_top::member(metadata, b"user_id")?)?;
+    session_from_user_id(&user_id)
+}
+
+/// The session id inside a `metadata.user_id` value.
+pub fn session_from_user_id(user_id: &str) -> Option<String> {
+    #[derive(Deserialize)]
+    struct UserId<'a> {
+        #[serde(borrow)]
+        session_id: Option<Cow<'a, str>>,
+    }
+    // Claude Code's JSON form starts with `{`; anything else is the older plain form.
+    let json = user_id.trim_start().starts_with('{');
+    let id: Cow<'_, str> = match json.then(|| serde_json::from_str::<UserId>(user_id)) {
+        Some(Ok(u)) => u.session_id?,
+        _ => {
+            static SESSION: LazyLock<memmem::FinderRev<'static>> =
+                LazyLock::new(|| memmem::FinderRev::new(b"_session_"));
+            let at = SESSION.rfind(user_id)?;
+            Cow::Borrowed(&user_id[at + "_session_".len()..])
+        }
+    };
+    let id = id.trim();
+    (!id.is_empty() && id.len() <= MAX_KEY_LEN).then(|| id.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn cfg(max: usize, ttl: Duration) -> AffinityConfig {
+        AffinityConfig {
+            enabled: true,
+            ttl,
+            max_sessions: max,
+        }
+    }
+
+    #[test]
+    fn key_sources_in_order() {
+        let mut h = HeaderMap::new();
+        let body = Bytes::from_static(
+            br#"{"model":"m","metadata":{"user_id":"{\"device_id\":\"d\",\"account_uuid\":\"a\",\"session_id\":\"s-json\"}"},"messages":[]}"#,
+        );
+        assert_eq!(session_key(&h, &body).as_deref(), Some("s-json"));
+        let legacy = Bytes::from_static(
+            br#"{"metadata":{"user_id":"user_abc_account_123_session_s-legacy"}}"#,
+        );
+        assert_eq!(session_key(&h, &legacy).as_deref(), Some("s-legacy"));
+        h.insert(SESSION_HEADER, http::HeaderValue::from_static("s-header"));
+        assert_eq!(session_key(&h, &body).as_deref(), Some("s-header"));
+        let none = Bytes::from_static(br#"{"metadata":{"user_id":"plain-user"}}"#);
+        assert_eq!(session_key(&HeaderMap::new(), &none), None);
+        assert_eq!(
+            session_key(&HeaderMap::new(), &Bytes::from_static(b"not json")),
+            None
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bindings_expire_after_ttl_of_disuse() {
+        let a = Affinity::new(&cfg(100, Duration::from_secs(60)), Clock::new());
+        a.bind("s", 2);
+        tokio::time::advance(Duration::from_secs(59)).await;
+        assert_eq!(a.lookup("s"), Some(2), "use refreshes the binding");
+        tokio::time::advance(Duration::from_secs(59)).await;
+        assert_eq!(a.lookup("s"), Some(2));
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert_eq!(a.lookup("s"), None);
+        assert!(a.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn map_stays_bounded_and_drops_least_recently_used() {
+        let a = Affinity::new(&cfg(1600, Duration::from_secs(3600)), Clock::new());
+        a.bind("keep", 1);
+        for i in 0..10_000 {
+            tokio::time::advance(Duration::from_millis(1)).await;
+            a.bind(&format!("s{i}"), i % 3);
+            if i % 100 == 0 {
+                assert_eq!(a.lookup("keep"), Some(1));
+            }
+        }
+        assert!(a.len() <= a.capacity(), "{} > {}", a.len(), a.capacity());
+        assert_eq!(a.lookup("keep"), Some(1), "recently used survives");
+        assert_eq!(a.lookup("s0"), None, "least recently used went first");
+        assert_eq!(a.lookup("s9999"), Some(9999 % 3));
+    }
+}

@@ -1,0 +1,394 @@
+//! The SQLite database: schema migrations, opening (owner-only file, WAL), reading back on start,
+//! and writing one flush in one transaction.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Weak;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+
+use crate::clock::day_string;
+use crate::health::classify::Kind;
+use crate::health::endpoint::{Counters, Live};
+use crate::health::queue::EpisodeEvent;
+use crate::proxy::usage::{UsageKey, UsageSums};
+use crate::store::values::*;
+
+/// Schema migrations; `MIGRATIONS[i]` takes the schema from version `i` to `i + 1`.
+pub(crate) const MIGRATIONS: &[&str] = &[
+    // 1: the first schema.
+    "CREATE TABLE endpoint_counters (
+        endpoint TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        count INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (endpoint, kind)
+    ) WITHOUT ROWID;
+    CREATE TABLE gateway_counters (
+        kind TEXT PRIMARY KEY,
+        count INTEGER NOT NULL DEFAULT 0
+    ) WITHOUT ROWID;
+    CREATE TABLE episodes (
+        id INTEGER PRIMARY KEY,
+        endpoint TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        started_at_ms INTEGER NOT NULL,
+        ended_at_ms INTEGER,
+        probes INTEGER NOT NULL DEFAULT 0,
+        ended_by TEXT
+    );
+    CREATE INDEX episodes_by_start ON episodes (started_at_ms);
+    CREATE TABLE usage (
+        day TEXT NOT NULL,
+        endpoint TEXT NOT NULL,
+        model TEXT NOT NULL,
+        requests INTEGER NOT NULL DEFAULT 0,
+        input_tokens INTEGER NOT NULL DEFAULT 0,
+        output_tokens INTEGER NOT NULL DEFAULT 0,
+        cache_creation_input_tokens INTEGER NOT NULL DEFAULT 0,
+        cache_read_input_tokens INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (day, endpoint, model)
+    ) WITHOUT ROWID;
+    CREATE TABLE meta (
+        key TEXT PRIMARY KEY,
+        value INTEGER
+    ) WITHOUT ROWID;",
+];
+
+/// Everything read back on start.
+#[derive(Default)]
+pub(crate) struct Loaded {
+    pub(crate) endpoints: HashMap<String, Counters>,
+    pub(crate) gateway: GatewayTotals,
+    pub(crate) episodes: Vec<EpisodeRow>,
+}
+
+/// An open database connection (owned by the writer while it runs).
+pub struct Store {
+    pub(crate) conn: Connection,
+}
+
+/// `n` as the `i64` that SQLite (and a Prometheus gauge) holds, saturating.
+pub fn saturating_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+pub(crate) fn from_sql_int(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
+/// Creates the database's directory (owner-only when ccgate creates it) and the file itself
+/// owner-only; an existing file that others can read is made owner-only.
+pub(crate) fn prepare_file(path: &Path) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        let mut b = std::fs::DirBuilder::new();
+        b.recursive(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            b.mode(0o700);
+        }
+        b.create(dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    opts.open(path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path)?.permissions().mode();
+        if mode & 0o077 != 0 {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                .with_context(|| format!("cannot make {} owner-only", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path`: WAL journal, `synchronous = NORMAL`,
+    /// schema migrated to the current version in one transaction.
+    pub fn open(path: &Path) -> anyhow::Result<Self> {
+        prepare_file(path)?;
+        let conn = Connection::open(path)
+            .with_context(|| format!("cannot open the database {}", path.display()))?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            anyhow::bail!(
+                "{} cannot use a write-ahead log (journal mode {mode})",
+                path.display()
+            );
+        }
+        conn.execute_batch("PRAGMA synchronous = NORMAL;")?;
+        let mut store = Self { conn };
+        store
+            .migrate()
+            .with_context(|| format!("cannot bring the database {} up to date", path.display()))?;
+        Ok(store)
+    }
+
+    /// Applies the migrations the file has not seen, all in one transaction.
+    pub(crate) fn migrate(&mut self) -> anyhow::Result<()> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);")?;
+        let version: i64 = tx.query_row(
+            "SELECT COALESCE(MAX(version), 0) FROM schema_version",
+            [],
+            |r| r.get(0),
+        )?;
+        let latest = MIGRATIONS.len();
+        let from = usize::try_from(version).unwrap_or(usize::MAX);
+        if from > latest {
+            anyhow::bail!(
+                "it has schema version {version}, written by a newer ccgate (this one knows {latest})"
+            );
+        }
+        if from == latest {
+            return Ok(());
+        }
+        for m in &MIGRATIONS[from..] {
+            tx.execute_batch(m)?;
+        }
+        tx.execute("DELETE FROM schema_version", [])?;
+        tx.execute(
+            "INSERT INTO schema_version (version) VALUES (?1)",
+            [saturating_i64(latest as u64)],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Ends episodes a previous run left open (it stopped without its last flush) at that run's
+    /// last flush, then reads everything the gateway shows.
+    pub(crate) fn load(&mut self, now: SystemTime) -> anyhow::Result<Loaded> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let last_flush: Option<i64> = tx
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'last_flush_ms'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?
+            .flatten();
+        tx.execute(
+            "UPDATE episodes SET ended_at_ms = MAX(started_at_ms, ?1), ended_by = 'restart'
+             WHERE ended_at_ms IS NULL",
+            [last_flush.unwrap_or_else(|| unix_ms(now))],
+        )?;
+        let mut loaded = Loaded::default();
+        {
+            let mut st = tx.prepare("SELECT endpoint, kind, count FROM endpoint_counters")?;
+            let rows = st.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })?;
+            for row in rows {
+                let (endpoint, kind, count) = row?;
+                let c = loaded.endpoints.entry(endpoint).or_default();
+                let n = from_sql_int(count);
+                if kind == STARTED {
+                    c.total = n;
+                } else if let Some(k) = Kind::ALL.iter().find(|k| k.name() == kind) {
+                    c.by_kind[*k as usize] = n;
+                }
+            }
+            for c in loaded.endpoints.values_mut() {
+                *c = Counters::from_parts(c.total, c.by_kind);
+            }
+            let mut st = tx.prepare("SELECT kind, count FROM gateway_counters")?;
+            let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+            let mut values = [0u64; 5];
+            for row in rows {
+                let (kind, count) = row?;
+                if let Some(i) = GatewayTotals::names().iter().position(|n| *n == kind) {
+                    values[i] = from_sql_int(count);
+                }
+            }
+            loaded.gateway = GatewayTotals::from_values(values);
+            let mut st = tx.prepare(
+                "SELECT id, endpoint, reason, started_at_ms, ended_at_ms, probes, ended_by
+                 FROM episodes ORDER BY started_at_ms DESC, id DESC LIMIT ?1",
+            )?;
+            let rows = st.query_map([RECENT_EPISODES as i64], |r| {
+                Ok(EpisodeRow {
+                    id: r.get(0)?,
+                    endpoint: r.get(1)?,
+                    reason: r.get(2)?,
+                    started_at_ms: r.get(3)?,
+                    ended_at_ms: r.get(4)?,
+                    probes: u32::try_from(r.get::<_, i64>(5)?).unwrap_or(0),
+                    ended_by: r.get(6)?,
+                })
+            })?;
+            for row in rows {
+                loaded.episodes.push(row?);
+            }
+        }
+        tx.commit()?;
+        Ok(loaded)
+    }
+
+    /// Writes one flush in one transaction. Returns the row ids of the episodes it opened, in
+    /// the order of their `Open` operations.
+    pub(crate) fn write(&mut self, b: &Batch) -> rusqlite::Result<Vec<i64>> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut opened = Vec::new();
+        {
+            let mut counter = tx.prepare_cached(
+                "INSERT INTO endpoint_counters (endpoint, kind, count) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (endpoint, kind) DO UPDATE SET count = count + excluded.count",
+            )?;
+            for (name, d) in &b.endpoint_deltas {
+                if d.total > 0 {
+                    counter.execute(params![name, STARTED, saturating_i64(d.total)])?;
+                }
+                for k in Kind::ALL {
+                    let n = d.by_kind[k as usize];
+                    if n > 0 {
+                        counter.execute(params![name, k.name(), saturating_i64(n)])?;
+                    }
+                }
+            }
+            if let Some((delta, _)) = &b.gateway {
+                let mut st = tx.prepare_cached(
+                    "INSERT INTO gateway_counters (kind, count) VALUES (?1, ?2)
+                     ON CONFLICT (kind) DO UPDATE SET count = count + excluded.count",
+                )?;
+                for (name, n) in GatewayTotals::names().into_iter().zip(delta.values()) {
+                    if n > 0 {
+                        st.execute(params![name, saturating_i64(n)])?;
+                    }
+                }
+            }
+            let mut usage = tx.prepare_cached(
+                "INSERT INTO usage (day, endpoint, model, requests, input_tokens, output_tokens,
+                                    cache_creation_input_tokens, cache_read_input_tokens)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                 ON CONFLICT (day, endpoint, model) DO UPDATE SET
+                    requests = requests + excluded.requests,
+                    input_tokens = input_tokens + excluded.input_tokens,
+                    output_tokens = output_tokens + excluded.output_tokens,
+                    cache_creation_input_tokens =
+                        cache_creation_input_tokens + excluded.cache_creation_input_tokens,
+                    cache_read_input_tokens =
+                        cache_read_input_tokens + excluded.cache_read_input_tokens",
+            )?;
+            for (k, v) in &b.usage {
+                usage.execute(params![
+                    day_string(k.day),
+                    k.endpoint,
+                    k.model,
+                    saturating_i64(v.requests),
+                    saturating_i64(v.usage.input),
+                    saturating_i64(v.usage.output),
+                    saturating_i64(v.usage.cache_creation),
+                    saturating_i64(v.usage.cache_read),
+                ])?;
+            }
+            let mut open = tx.prepare_cached(
+                "INSERT INTO episodes (endpoint, reason, started_at_ms, probes) VALUES (?1, ?2, ?3, 0)",
+            )?;
+            let mut close = tx.prepare_cached(
+                "UPDATE episodes SET ended_at_ms = ?1, probes = ?2, ended_by = ?3 WHERE id = ?4",
+            )?;
+            for op in &b.ops {
+                match op {
+                    EpisodeOp::Open {
+                        endpoint,
+                        reason,
+                        at,
+                    } => {
+                        open.execute(params![endpoint, reason, unix_ms(*at)])?;
+                        opened.push(tx.last_insert_rowid());
+                    }
+                    EpisodeOp::Close {
+                        target,
+                        at,
+                        probes,
+                        by,
+                    } => {
+                        let id = target.resolve(&opened);
+                        close.execute(params![unix_ms(*at), i64::from(*probes), by, id])?;
+                    }
+                }
+            }
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES ('last_flush_ms', ?1)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                [unix_ms(b.at)],
+            )?;
+        }
+        tx.commit()?;
+        Ok(opened)
+    }
+}
+
+/// Where a not-yet-closed episode is: a stored row, or the `i`-th open of the flush in progress.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum OpenRef {
+    Row(i64),
+    Local(usize),
+}
+
+impl OpenRef {
+    /// The row id, given the ids of the rows the flush opened (`-1` for an open it lacks).
+    pub(crate) fn resolve(self, opened: &[i64]) -> i64 {
+        match self {
+            OpenRef::Row(id) => id,
+            OpenRef::Local(i) => opened.get(i).copied().unwrap_or(-1),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub(crate) struct OpenEpisode {
+    pub(crate) target: OpenRef,
+    /// Held so that the cell's address, the key, cannot be reused while the episode is open.
+    pub(crate) _cell: Weak<Live>,
+    pub(crate) probes: u32,
+}
+
+pub(crate) enum EpisodeOp {
+    Open {
+        endpoint: String,
+        reason: &'static str,
+        at: SystemTime,
+    },
+    Close {
+        target: OpenRef,
+        at: SystemTime,
+        probes: u32,
+        by: &'static str,
+    },
+}
+
+/// One flush, gathered under the books' lock and written on the blocking pool.
+pub(crate) struct Batch {
+    pub(crate) at: SystemTime,
+    pub(crate) endpoint_deltas: HashMap<String, Counters>,
+    /// Per followed cell: the snapshot written, and whether it is the cell's last.
+    pub(crate) cells: Vec<(usize, Counters, bool)>,
+    pub(crate) gateway: Option<(GatewayTotals, GatewayTotals)>,
+    pub(crate) usage: HashMap<UsageKey, UsageSums>,
+    pub(crate) events: Vec<EpisodeEvent>,
+    pub(crate) ops: Vec<EpisodeOp>,
+    pub(crate) open_after: HashMap<usize, OpenEpisode>,
+}

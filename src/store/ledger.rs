@@ -1,0 +1,69 @@
+//! The usage ledger read back for `ccgate usage`, from the database file opened read-only.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
+use serde::Serialize;
+
+use crate::store::db::*;
+
+/// One row of the stored ledger.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct LedgerRow {
+    /// UTC day, `YYYY-MM-DD`.
+    pub day: String,
+    /// Endpoint name.
+    pub endpoint: String,
+    /// Model.
+    pub model: String,
+    /// Answers counted.
+    pub requests: u64,
+    /// Input tokens.
+    pub input_tokens: u64,
+    /// Output tokens.
+    pub output_tokens: u64,
+    /// Prompt-cache writes.
+    pub cache_creation_input_tokens: u64,
+    /// Prompt-cache reads.
+    pub cache_read_input_tokens: u64,
+}
+
+/// The usage ledger from `since` (`YYYY-MM-DD`, UTC) on, read from the database file at `path`
+/// opened read-only (a running gateway keeps writing undisturbed).
+pub fn read_ledger(path: &Path, since: &str) -> anyhow::Result<Vec<LedgerRow>> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    let has_usage: bool = conn
+        .query_row(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'usage'",
+            [],
+            |_| Ok(true),
+        )
+        .optional()?
+        .unwrap_or(false);
+    if !has_usage {
+        return Ok(Vec::new());
+    }
+    let mut st = conn.prepare(
+        "SELECT day, endpoint, model, requests, input_tokens, output_tokens,
+                cache_creation_input_tokens, cache_read_input_tokens
+         FROM usage WHERE day >= ?1 ORDER BY day, endpoint, model",
+    )?;
+    let rows = st.query_map([since], |r| {
+        Ok(LedgerRow {
+            day: r.get(0)?,
+            endpoint: r.get(1)?,
+            model: r.get(2)?,
+            requests: from_sql_int(r.get(3)?),
+            input_tokens: from_sql_int(r.get(4)?),
+            output_tokens: from_sql_int(r.get(5)?),
+            cache_creation_input_tokens: from_sql_int(r.get(6)?),
+            cache_read_input_tokens: from_sql_int(r.get(7)?),
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}

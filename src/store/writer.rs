@@ -1,0 +1,466 @@
+//! The background writer and the books it keeps: what has been committed, the counter cells it
+//! follows, open episodes, and the lifetime and episode views read from them.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use parking_lot::Mutex;
+use tokio::sync::watch;
+
+use crate::config::StorageConfig;
+use crate::health::endpoint::{Counters, Live};
+use crate::health::queue::EpisodeEvent;
+use crate::health::totals::GatewayStats;
+use crate::proxy::handler::Gateway;
+use crate::proxy::usage::UsageTally;
+use crate::store::db::*;
+use crate::store::values::*;
+
+/// Episode events kept for a retry while the database refuses writes.
+const MAX_PENDING_EVENTS: usize = 10_000;
+
+/// A live counter cell the writer follows, and what it last wrote of it.
+pub(crate) struct Tracked {
+    pub(crate) name: String,
+    pub(crate) live: Arc<Live>,
+    pub(crate) written: Counters,
+}
+
+/// What the writer knows has been committed, and what it follows.
+#[derive(Default)]
+pub(crate) struct Books {
+    /// Committed cumulative counters per endpoint name (in the database).
+    pub(crate) endpoints: HashMap<String, Counters>,
+    /// Counter cells followed, by address (the `Arc` held here keeps the address unique).
+    pub(crate) tracked: HashMap<usize, Tracked>,
+    /// Committed client-request totals.
+    pub(crate) gateway: GatewayTotals,
+    /// The gateway totals followed and what was last written of them.
+    pub(crate) gateway_tracked: Option<(Arc<GatewayStats>, GatewayTotals)>,
+    /// Episodes open in the database, by the address of their endpoint's live cell.
+    pub(crate) open: HashMap<usize, OpenEpisode>,
+    /// Episode events a failed flush could not write, to write first next time.
+    pub(crate) pending: Vec<EpisodeEvent>,
+    /// The latest episodes, newest first.
+    pub(crate) recent: VecDeque<EpisodeRow>,
+    pub(crate) last_flush: Option<SystemTime>,
+    pub(crate) error: Option<String>,
+}
+
+/// The gateway's persistence: the database (until the writer takes it), the usage tally, and the
+/// books the views read `lifetime` and episodes from. Shared by every gateway of one process.
+pub struct Persist {
+    configured: bool,
+    path: Option<PathBuf>,
+    flush_interval: Duration,
+    tally: Option<Arc<UsageTally>>,
+    store: Mutex<Option<Store>>,
+    books: Mutex<Books>,
+}
+
+impl Persist {
+    /// No persistence (a gateway built without a server, or `[storage] enabled = false`).
+    pub fn off() -> Self {
+        Self {
+            configured: false,
+            path: None,
+            flush_interval: StorageConfig::default().flush_interval,
+            tally: None,
+            store: Mutex::new(None),
+            books: Mutex::new(Books::default()),
+        }
+    }
+
+    /// Opens the database `config` names (which [`attach`] has checked is enabled) and reads
+    /// back what it holds. Never fails: a database that cannot be opened is logged and reported
+    /// in the views, and the gateway serves without persistence. Blocking (file I/O); call it
+    /// off the async workers.
+    fn open(config: &StorageConfig) -> Self {
+        let mut p = Self::off();
+        p.configured = true;
+        p.flush_interval = config.flush_interval;
+        p.path = config.resolved_path();
+        let Some(path) = p.path.clone() else {
+            let msg = "this platform has no data directory; set [storage] path".to_string();
+            tracing::warn!("storage: {msg}; serving without persistence");
+            p.books.lock().error = Some(msg);
+            return p;
+        };
+        let opened = Store::open(&path).and_then(|mut s| {
+            let loaded = s.load(SystemTime::now())?;
+            Ok((s, loaded))
+        });
+        match opened {
+            Ok((store, loaded)) => {
+                tracing::info!(path = %path.display(), "storage: database open");
+                let mut books = p.books.lock();
+                books.endpoints = loaded.endpoints;
+                books.gateway = loaded.gateway;
+                books.recent = loaded.episodes.into();
+                drop(books);
+                *p.store.lock() = Some(store);
+                p.tally = Some(Arc::default());
+            }
+            Err(e) => {
+                let msg = format!("{e:#}");
+                tracing::warn!(path = %path.display(), error = %msg, "storage: cannot open the database; serving without persistence");
+                p.books.lock().error = Some(msg);
+            }
+        }
+        p
+    }
+
+    /// Whether a database is open and written.
+    pub fn is_active(&self) -> bool {
+        self.tally.is_some()
+    }
+
+    /// Where requests add their token usage (`None` without persistence).
+    pub fn tally(&self) -> Option<Arc<UsageTally>> {
+        self.tally.clone()
+    }
+
+    /// Cumulative counters of the endpoint named `name` whose live cell is `live`: what the
+    /// database holds plus what happened since the last flush, for every cell of that name.
+    pub fn lifetime(&self, name: &str, live: &Arc<Live>) -> Counters {
+        let books = self.books.lock();
+        let mut c = books.endpoints.get(name).copied().unwrap_or_default();
+        let mut followed = false;
+        for t in books.tracked.values().filter(|t| t.name == name) {
+            followed |= Arc::ptr_eq(&t.live, live);
+            c = plus(&c, &minus(&t.live.snapshot(), &t.written));
+        }
+        if !followed {
+            c = plus(&c, &live.snapshot());
+        }
+        c
+    }
+
+    /// Cumulative client-request totals: stored plus not yet flushed.
+    pub fn gateway_lifetime(&self, stats: &Arc<GatewayStats>) -> GatewayTotals {
+        let books = self.books.lock();
+        let now = GatewayTotals::from(stats.snapshot());
+        let unflushed = match &books.gateway_tracked {
+            Some((s, written)) if Arc::ptr_eq(s, stats) => now.zip(written, u64::saturating_sub),
+            _ => now,
+        };
+        books.gateway.zip(&unflushed, u64::saturating_add)
+    }
+
+    /// Where persistence stands (the `storage` object of `/_ccgate/stats`).
+    pub fn status(&self) -> StorageStatus {
+        let books = self.books.lock();
+        StorageStatus {
+            enabled: self.is_active(),
+            configured: self.configured,
+            path: self.path.clone(),
+            flush_interval: self.flush_interval,
+            last_flush: books.last_flush,
+            error: books.error.clone(),
+        }
+    }
+
+    /// The latest episodes, newest first, as last committed (an open one's `probes` is what was
+    /// written; the failure queue knows the probes run since).
+    pub fn recent_episodes(&self) -> Vec<EpisodeRow> {
+        self.books.lock().recent.iter().cloned().collect()
+    }
+
+    /// Gathers one flush: counter deltas of every followed cell, the gateway totals, the usage
+    /// tally and the episode events, turned into row operations. Moves nothing on in the books
+    /// (that waits for the commit) except to start following new cells.
+    fn collect(&self, gw: &Gateway, last: bool) -> Batch {
+        let at = SystemTime::now();
+        let mut books = self.books.lock();
+        let books = &mut *books;
+        let current: HashMap<usize, &Arc<crate::health::endpoint::Endpoint>> = gw
+            .registry
+            .endpoints
+            .iter()
+            .map(|e| (Arc::as_ptr(&e.live) as usize, e))
+            .collect();
+        for (key, ep) in &current {
+            books.tracked.entry(*key).or_insert_with(|| Tracked {
+                name: ep.name.clone(),
+                live: Arc::clone(&ep.live),
+                written: Counters::default(),
+            });
+        }
+        let mut endpoint_deltas: HashMap<String, Counters> = HashMap::new();
+        let mut cells = Vec::with_capacity(books.tracked.len());
+        for (key, t) in &books.tracked {
+            // Nothing else holds a cell no endpoint uses: its snapshot now is final.
+            let retired = !current.contains_key(key) && Arc::strong_count(&t.live) == 1;
+            let snap = t.live.snapshot();
+            let delta = minus(&snap, &t.written);
+            if delta != Counters::default() {
+                let d = endpoint_deltas.entry(t.name.clone()).or_default();
+                *d = plus(d, &delta);
+            }
+            cells.push((*key, snap, retired));
+        }
+        let stats = &gw.registry.gateway;
+        let snap = GatewayTotals::from(stats.snapshot());
+        let written = match &books.gateway_tracked {
+            Some((s, w)) if Arc::ptr_eq(s, stats) => *w,
+            _ => {
+                books.gateway_tracked = Some((Arc::clone(stats), GatewayTotals::default()));
+                GatewayTotals::default()
+            }
+        };
+        let delta = snap.zip(&written, u64::saturating_sub);
+        let gateway = (delta != GatewayTotals::default()).then_some((delta, snap));
+
+        let usage = self.tally.as_ref().map(|t| t.take()).unwrap_or_default();
+
+        // Episodes: replay the events on a copy of the open set, skipping what is already so
+        // (a reload may report one outage through two queues).
+        let mut events = std::mem::take(&mut books.pending);
+        events.extend(gw.registry.queue.take_episode_events());
+        let mut open = books.open.clone();
+        let mut ops = Vec::new();
+        let mut opened = 0usize;
+        for ev in &events {
+            let key = ev.live.as_ptr() as usize;
+            match ev.opened {
+                Some(reason) => {
+                    if open.contains_key(&key) || !current.contains_key(&key) {
+                        continue;
+                    }
+                    ops.push(EpisodeOp::Open {
+                        endpoint: ev.name.clone(),
+                        reason: reason.name(),
+                        at: ev.at,
+                    });
+                    open.insert(
+                        key,
+                        OpenEpisode {
+                            target: OpenRef::Local(opened),
+                            _cell: ev.live.clone(),
+                            probes: 0,
+                        },
+                    );
+                    opened += 1;
+                }
+                None => {
+                    if let Some(o) = open.remove(&key) {
+                        ops.push(EpisodeOp::Close {
+                            target: o.target,
+                            at: ev.at,
+                            probes: ev.probes.max(o.probes),
+                            by: "recovered",
+                        });
+                    }
+                }
+            }
+        }
+        // Probes run so far, and episodes whose endpoint a reload changed or removed (they end
+        // with it), or all of them when the gateway stops.
+        let mut ended = Vec::new();
+        for (key, o) in &mut open {
+            let Some(ep) = current.get(key) else {
+                ended.push((*key, "reload"));
+                continue;
+            };
+            if let Some(probes) = gw.registry.queue.probe_attempts(ep.idx) {
+                o.probes = o.probes.max(probes);
+            }
+            if last {
+                ended.push((*key, "shutdown"));
+            }
+        }
+        for (key, by) in ended {
+            if let Some(o) = open.remove(&key) {
+                ops.push(EpisodeOp::Close {
+                    target: o.target,
+                    at,
+                    probes: o.probes,
+                    by,
+                });
+            }
+        }
+        Batch {
+            at,
+            endpoint_deltas,
+            cells,
+            gateway,
+            usage,
+            events,
+            ops,
+            open_after: open,
+        }
+    }
+
+    /// After a commit: moves the books on to what is now in the database.
+    fn committed(&self, b: Batch, ids: &[i64]) {
+        let mut books = self.books.lock();
+        for (name, d) in &b.endpoint_deltas {
+            let c = books.endpoints.entry(name.clone()).or_default();
+            *c = plus(c, d);
+        }
+        for (key, snap, retired) in &b.cells {
+            if *retired {
+                books.tracked.remove(key);
+            } else if let Some(t) = books.tracked.get_mut(key) {
+                t.written = *snap;
+            }
+        }
+        if let Some((delta, snap)) = &b.gateway {
+            books.gateway = books.gateway.zip(delta, u64::saturating_add);
+            if let Some((_, written)) = &mut books.gateway_tracked {
+                *written = *snap;
+            }
+        }
+        books.open = b
+            .open_after
+            .into_iter()
+            .map(|(k, mut o)| {
+                o.target = OpenRef::Row(o.target.resolve(ids));
+                (k, o)
+            })
+            .collect();
+        let mut next_local = 0usize;
+        for op in b.ops {
+            match op {
+                EpisodeOp::Open {
+                    endpoint,
+                    reason,
+                    at,
+                } => {
+                    let id = OpenRef::Local(next_local).resolve(ids);
+                    next_local += 1;
+                    books.recent.push_front(EpisodeRow {
+                        id,
+                        endpoint,
+                        reason: reason.to_string(),
+                        started_at_ms: unix_ms(at),
+                        ended_at_ms: None,
+                        probes: 0,
+                        ended_by: None,
+                    });
+                }
+                EpisodeOp::Close {
+                    target,
+                    at,
+                    probes,
+                    by,
+                } => {
+                    let id = target.resolve(ids);
+                    if let Some(r) = books.recent.iter_mut().find(|r| r.id == id) {
+                        r.ended_at_ms = Some(unix_ms(at));
+                        r.probes = probes;
+                        r.ended_by = Some(by.to_string());
+                    }
+                }
+            }
+        }
+        books.recent.truncate(RECENT_EPISODES);
+        books.last_flush = Some(b.at);
+        books.error = None;
+    }
+
+    /// After a failed write: keeps what must be written next time (counter deltas need nothing:
+    /// what was last written has not moved).
+    fn failed(&self, b: Batch, error: String) {
+        if let Some(t) = &self.tally {
+            t.restore(b.usage);
+        }
+        let mut books = self.books.lock();
+        let mut events = b.events;
+        let excess = events.len().saturating_sub(MAX_PENDING_EVENTS);
+        events.drain(..excess);
+        books.pending = events;
+        if books.error.as_deref() != Some(error.as_str()) {
+            tracing::warn!(error = %error, "storage: flush failed; will retry");
+        }
+        books.error = Some(error);
+    }
+
+    /// Writes one flush: gather, write on the blocking pool, then book the result. Returns
+    /// whether the database is still usable.
+    async fn flush(&self, gw: &Gateway, last: bool) -> bool {
+        let Some(mut store) = self.store.lock().take() else {
+            return false;
+        };
+        let batch = self.collect(gw, last);
+        let joined = tokio::task::spawn_blocking(move || {
+            let result = store.write(&batch);
+            (store, batch, result)
+        })
+        .await;
+        match joined {
+            Ok((store, batch, result)) => {
+                *self.store.lock() = Some(store);
+                match result {
+                    Ok(ids) => self.committed(batch, &ids),
+                    Err(e) => self.failed(batch, format!("cannot write the database: {e}")),
+                }
+                true
+            }
+            Err(e) => {
+                let msg = format!("the database writer stopped: {e}");
+                tracing::error!("storage: {msg}");
+                self.books.lock().error = Some(msg);
+                false
+            }
+        }
+    }
+}
+
+/// The background writer: flushes every `flush_interval` until `stop` turns true (or its sender
+/// goes away), then flushes one last time — closing open episodes as ended by shutdown — and
+/// closes the database. `current` gives the gateway in service (it changes on reloads). Without a
+/// database open it returns at once.
+pub async fn run_writer<F>(persist: Arc<Persist>, current: F, mut stop: watch::Receiver<bool>)
+where
+    F: Fn() -> Arc<Gateway> + Send + 'static,
+{
+    if !persist.is_active() {
+        return;
+    }
+    let mut tick = tokio::time::interval(persist.flush_interval.max(Duration::from_millis(10)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        let last = tokio::select! {
+            _ = tick.tick() => false,
+            changed = stop.changed() => changed.is_err() || *stop.borrow(),
+        };
+        let gw = current();
+        if !persist.flush(&gw, last).await {
+            return;
+        }
+        if last {
+            break;
+        }
+    }
+    // Close the connection on the blocking pool: closing checkpoints the write-ahead log.
+    let store = persist.store.lock().take();
+    if let Some(store) = store {
+        let _ = tokio::task::spawn_blocking(move || drop(store)).await;
+    }
+}
+
+/// Opens the database for a gateway about to be served (off the async workers), and starts its
+/// failure queue's episode log and usage tally when it is open. The returned persistence is the
+/// process's: every later gateway (reloads) shares it.
+pub async fn attach(gateway: &mut Gateway) -> Arc<Persist> {
+    let config = gateway.config.storage.clone();
+    let persist = if config.enabled {
+        tokio::task::spawn_blocking(move || Persist::open(&config))
+            .await
+            .unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "storage: cannot open the database; serving without persistence");
+                Persist::off()
+            })
+    } else {
+        Persist::off()
+    };
+    if persist.is_active() {
+        gateway.registry.queue.record_episodes();
+    }
+    gateway.usage = persist.tally();
+    Arc::new(persist)
+}

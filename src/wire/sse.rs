@@ -1,0 +1,360 @@
+//! An incremental scanner for Server-Sent Events, just deep enough to judge an Anthropic stream.
+//!
+//! It sees the bytes ccgate relays, chunk by chunk as they arrive, and reports event names. It keeps
+//! the `data` of an event only when the verdict or the usage ledger needs it (`error`,
+//! `message_start` and `message_delta` events, or events without an `event:` line whose type is in
+//! the JSON), capped, so a long stream costs no memory.
+
+use crate::wire::usage::MessageUsage;
+
+/// The cap on one buffered line or data payload.
+const MAX_LINE: usize = 64 * 1024;
+
+/// What the scanner has learned about the stream so far.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StreamFacts {
+    /// Events seen, of any kind.
+    pub events: u64,
+    /// Whether a content-bearing event (anything but `message_start`, `ping` and
+    /// `content_block_start`, which only opens a block) was seen.
+    pub content: bool,
+    /// Whether `message_stop` was seen.
+    pub message_stop: bool,
+    /// The first `error` event's `error.type` and `error.message`.
+    pub error: Option<(String, String)>,
+}
+
+/// The event names the scanner tells apart; every other name (or one that is not UTF-8) is
+/// [`EventName::Other`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum EventName {
+    MessageStart,
+    MessageDelta,
+    MessageStop,
+    Ping,
+    ContentBlockStart,
+    Error,
+    Other,
+}
+
+impl EventName {
+    fn parse(name: &[u8]) -> Self {
+        match name {
+            b"message_start" => Self::MessageStart,
+            b"message_delta" => Self::MessageDelta,
+            b"message_stop" => Self::MessageStop,
+            b"ping" => Self::Ping,
+            b"content_block_start" => Self::ContentBlockStart,
+            b"error" => Self::Error,
+            _ => Self::Other,
+        }
+    }
+
+    /// Whether the verdict or the usage ledger reads this event's `data`.
+    fn keeps_data(self) -> bool {
+        matches!(self, Self::Error | Self::MessageStart | Self::MessageDelta)
+    }
+}
+
+/// Incremental SSE scanner.
+#[derive(Default)]
+pub struct SseScanner {
+    line: Vec<u8>,
+    overlong: bool,
+    event: Option<EventName>,
+    data: Vec<u8>,
+    keep_data: bool,
+    facts: StreamFacts,
+    /// Boxed: most scanners never see usage, and the scanner travels by value.
+    usage: Option<Box<MessageUsage>>,
+}
+
+impl SseScanner {
+    /// A fresh scanner.
+    pub fn new() -> Self {
+        Self {
+            keep_data: true,
+            ..Self::default()
+        }
+    }
+
+    /// What is known so far.
+    pub fn facts(&self) -> &StreamFacts {
+        &self.facts
+    }
+
+    /// The model and tokens the stream reported: `message_start`'s `message.model` and
+    /// `message.usage`, updated by each `message_delta`'s cumulative `usage`.
+    pub fn usage(&self) -> Option<&MessageUsage> {
+        self.usage.as_deref()
+    }
+
+    /// Feeds the next chunk of the stream.
+    pub fn feed(&mut self, mut chunk: &[u8]) {
+        while !chunk.is_empty() {
+            match memchr::memchr(b'\n', chunk) {
+                Some(i) => {
+                    self.push_partial(&chunk[..i]);
+                    chunk = &chunk[i + 1..];
+                    let mut line = std::mem::take(&mut self.line);
+                    if line.last() == Some(&b'\r') {
+                        line.pop();
+                    }
+                    if !self.overlong {
+                        self.line_done(&line);
+                    }
+                    self.overlong = false;
+                    line.clear();
+                    self.line = line;
+                }
+                None => {
+                    self.push_partial(chunk);
+                    chunk = &[];
+                }
+            }
+        }
+    }
+
+    fn push_partial(&mut self, part: &[u8]) {
+        if self.overlong {
+            return;
+        }
+        if self.line.len() + part.len() > MAX_LINE {
+            // A long data line of an uninteresting event: we only need to know where it ends.
+            self.overlong = true;
+            self.line.clear();
+            return;
+        }
+        self.line.extend_from_slice(part);
+    }
+
+    fn line_done(&mut self, line: &[u8]) {
+        if line.is_empty() {
+            self.dispatch();
+            return;
+        }
+        let (field, value) = match memchr::memchr(b':', line) {
+            Some(0) => return, // comment
+            Some(i) => {
+                let v = &line[i + 1..];
+                (&line[..i], v.strip_prefix(b" ").unwrap_or(v))
+            }
+            None => (line, &b""[..]),
+        };
+        match field {
+            b"event" => {
+                let name = EventName::parse(value);
+                self.keep_data = name.keeps_data();
+                self.event = Some(name);
+            }
+            b"data" if self.keep_data && self.data.len() + value.len() < MAX_LINE => {
+                if !self.data.is_empty() {
+                    self.data.push(b'\n');
+                }
+                self.data.extend_from_slice(value);
+            }
+            _ => {}
+        }
+    }
+
+    fn dispatch(&mut self) {
+        let event = self.event.take();
+        let data = std::mem::take(&mut self.data);
+        self.keep_data = true;
+        if event.is_none() && data.is_empty() {
+            return;
+        }
+        let json: Option<serde_json::Value> = if data.is_empty() {
+            None
+        } else {
+            serde_json::from_slice(&data).ok()
+        };
+        // Without an `event:` line the name is the JSON's `type` (the SSE default, `message`, is
+        // none the scanner tells apart).
+        let name = event.unwrap_or_else(|| {
+            json.as_ref()
+                .and_then(|j| j.get("type"))
+                .and_then(|t| t.as_str())
+                .map_or(EventName::Other, |t| EventName::parse(t.as_bytes()))
+        });
+        self.facts.events += 1;
+        if let Some(j) = &json {
+            self.note_usage(name, j);
+        }
+        match name {
+            // A block opening carries no generated text yet: holding it keeps a failure before the
+            // first delta transparent to fail over.
+            EventName::MessageStart | EventName::Ping | EventName::ContentBlockStart => {}
+            EventName::MessageStop => self.facts.message_stop = true,
+            EventName::Error => {
+                if self.facts.error.is_none() {
+                    let (ty, message) = json
+                        .as_ref()
+                        .and_then(|j| j.get("error"))
+                        .map_or((None, String::new()), crate::wire::anthropic::read_error);
+                    self.facts.error = Some((ty.unwrap_or("api_error").to_string(), message));
+                }
+            }
+            EventName::MessageDelta | EventName::Other => self.facts.content = true,
+        }
+    }
+}
+
+impl SseScanner {
+    /// Notes `message_start`'s model and usage and `message_delta`'s usage. The model is kept as
+    /// sent (the line cap bounds it); the tally shortens it.
+    fn note_usage(&mut self, name: EventName, json: &serde_json::Value) {
+        match name {
+            EventName::MessageStart => {
+                let Some(message) = json.get("message") else {
+                    return;
+                };
+                let u = self.usage.get_or_insert_with(Box::default);
+                if let Some(m) = message.get("model").and_then(|m| m.as_str()) {
+                    u.model = Some(m.to_owned());
+                }
+                if let Some(usage) = message.get("usage") {
+                    u.usage.update_from(usage);
+                }
+            }
+            EventName::MessageDelta => {
+                if let Some(usage) = json.get("usage") {
+                    self.usage
+                        .get_or_insert_with(Box::default)
+                        .usage
+                        .update_from(usage);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// An Anthropic SSE `error` event, as ccgate sends it when a stream breaks after bytes went out.
+pub fn error_event(error_type: &str, message: &str) -> bytes::Bytes {
+    let body =
+        serde_json::json!({"type": "error", "error": {"type": error_type, "message": message}});
+    bytes::Bytes::from(format!("event: error\ndata: {body}\n\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STREAM: &str = "event: message_start\ndata: {\"type\":\"message_start\"}\n\nevent: ping\ndata: {\"type\": \"ping\"}\n\n\
+event: content_block_start\ndata: {\"type\":\"content_block_start\"}\n\n\
+event: content_block_delta\ndata: {\"type\":\"content_block_delta\"}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+
+    fn scan_in_pieces(s: &str, piece: usize) -> StreamFacts {
+        let mut sc = SseScanner::new();
+        for c in s.as_bytes().chunks(piece) {
+            sc.feed(c);
+        }
+        sc.facts().clone()
+    }
+
+    #[test]
+    fn any_chunking_gives_the_same_facts() {
+        let whole = scan_in_pieces(STREAM, STREAM.len());
+        assert_eq!(
+            whole,
+            StreamFacts {
+                events: 5,
+                content: true,
+                message_stop: true,
+                error: None
+            }
+        );
+        for piece in 1..40 {
+            assert_eq!(scan_in_pieces(STREAM, piece), whole, "piece size {piece}");
+        }
+        let crlf = STREAM.replace('\n', "\r\n");
+        assert_eq!(scan_in_pieces(&crlf, 7), whole);
+    }
+
+    #[test]
+    fn preamble_is_not_content() {
+        let f = scan_in_pieces(
+            "event: message_start\ndata: {}\n\nevent: content_block_start\ndata: {}\n\nevent: ping\ndata: {}\n\n",
+            5,
+        );
+        assert!(!f.content && !f.message_stop);
+        assert_eq!(f.events, 3);
+    }
+
+    #[test]
+    fn error_event_is_read() {
+        let s = "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n";
+        let f = scan_in_pieces(s, 3);
+        assert_eq!(
+            f.error,
+            Some(("overloaded_error".into(), "Overloaded".into()))
+        );
+        assert!(!f.content);
+    }
+
+    #[test]
+    fn events_without_name_use_json_type() {
+        let f = scan_in_pieces("data: {\"type\":\"message_stop\"}\n\n", 4);
+        assert!(f.message_stop);
+        let f = scan_in_pieces(
+            "data: {\"type\":\"error\",\"error\":{\"type\":\"api_error\"}}\n\n",
+            4,
+        );
+        assert_eq!(f.error.map(|e| e.0), Some("api_error".into()));
+    }
+
+    #[test]
+    fn usage_comes_from_message_start_and_message_delta() {
+        let s = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"claude-x\",\"content\":[],\
+\"usage\":{\"input_tokens\":25,\"cache_creation_input_tokens\":3,\"cache_read_input_tokens\":40,\"output_tokens\":1}}}\n\n\
+event: content_block_delta\ndata: {\"type\":\"content_block_delta\"}\n\n\
+event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":9}}\n\n\
+event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":15}}\n\n\
+event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+        for piece in [1, 7, s.len()] {
+            let mut sc = SseScanner::new();
+            for c in s.as_bytes().chunks(piece) {
+                sc.feed(c);
+            }
+            let u = sc.usage().expect("usage");
+            assert_eq!(u.model.as_deref(), Some("claude-x"));
+            assert_eq!(
+                u.usage,
+                crate::wire::usage::Usage {
+                    input: 25,
+                    output: 15,
+                    cache_creation: 3,
+                    cache_read: 40
+                }
+            );
+            assert!(sc.facts().message_stop && sc.facts().content);
+        }
+        assert!(scan_usage(STREAM).is_none());
+    }
+
+    fn scan_usage(s: &str) -> Option<MessageUsage> {
+        let mut sc = SseScanner::new();
+        sc.feed(s.as_bytes());
+        sc.usage().cloned()
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let mut sc = SseScanner::new();
+        sc.feed(&[0xff, b'\n', b':', b'\n', b'\n', 0, 1, 2]);
+        sc.feed(&vec![b'x'; 200_000]);
+        sc.feed(b"\n\nevent: message_stop\n\n");
+        assert!(sc.facts().message_stop);
+    }
+
+    #[test]
+    fn error_event_bytes_parse_back() {
+        let mut sc = SseScanner::new();
+        sc.feed(&error_event("api_error", "upstream \"cut\""));
+        assert_eq!(
+            sc.facts().error,
+            Some(("api_error".into(), "upstream \"cut\"".into()))
+        );
+    }
+}
