@@ -29,6 +29,9 @@
 //!   because writes into the kernel buffer still succeed: to prove cancellation, use
 //!   `stall_after`, `gate_after`, `pacing` or `delay_before_headers`. A peer half-close (FIN while
 //!   still reading) is treated as the peer going away.)
+//! * How each answer ended is recorded by label ([`MockUpstream::endings`]): completed, cut or
+//!   reset as scripted, or abandoned by the peer ([`Ending`]); [`MockUpstream::wait_finished`] waits
+//!   until every request read so far has ended.
 //! * Dropping the [`MockUpstream`] aborts the accept loop and every connection task.
 
 use std::collections::{HashMap, VecDeque};
@@ -315,6 +318,8 @@ enum Action {
         headers: Vec<(String, String)>,
         body: Bytes,
         cut_body_after: Option<usize>,
+        /// After `cut_body_after` bytes, hold the connection instead of closing it.
+        stall_body: bool,
     },
     Sse(SseSpec),
     Stall,
@@ -331,6 +336,8 @@ struct SseSpec {
     gates: Vec<(usize, Gate)>,
     cut_after: Option<usize>,
     stall_after: Option<usize>,
+    /// Sent over and over after `events`, until the peer goes away.
+    repeat: Option<SseEvent>,
 }
 
 fn status_label(status: u16) -> &'static str {
@@ -366,6 +373,7 @@ impl Script {
                 headers: vec![("content-type".into(), content_type.into())],
                 body: body.into(),
                 cut_body_after: None,
+                stall_body: false,
             },
         )
     }
@@ -426,8 +434,48 @@ impl Script {
                 gates: Vec::new(),
                 cut_after: None,
                 stall_after: None,
+                repeat: None,
             }),
         )
+    }
+
+    /// An SSE stream (status 200) of `events`, then `repeat` sent again and again, never ending,
+    /// until the peer goes away (label `"sse_endless"`).
+    pub fn sse_endless(events: Vec<SseEvent>, repeat: SseEvent) -> Self {
+        let mut script = Self::sse_events(events).default_label("sse_endless");
+        script.sse_mut("sse_endless").repeat = Some(repeat);
+        script
+    }
+
+    /// How the mock will end this answer if the peer stays (see [`Ending`]).
+    fn planned_ending(&self, is_head: bool) -> Ending {
+        match &self.action {
+            Action::Stall => Ending::PeerGone,
+            Action::Reset => Ending::Reset,
+            Action::Close => Ending::Cut,
+            Action::Respond {
+                body,
+                cut_body_after,
+                stall_body,
+                ..
+            } => match cut_body_after {
+                Some(n) if *n < body.len() && !is_head && *stall_body => Ending::PeerGone,
+                Some(n) if *n < body.len() && !is_head => Ending::Cut,
+                _ => Ending::Completed,
+            },
+            Action::Sse(_) if is_head => Ending::Completed,
+            Action::Sse(spec) => {
+                if spec.repeat.is_some() {
+                    Ending::PeerGone
+                } else if spec.cut_after.is_some_and(|k| k <= spec.events.len()) {
+                    Ending::Cut
+                } else if spec.stall_after.is_some_and(|k| k <= spec.events.len()) {
+                    Ending::PeerGone
+                } else {
+                    Ending::Completed
+                }
+            }
+        }
     }
 
     /// Read the request, never answer; hold the connection until the peer closes it (which is
@@ -525,6 +573,24 @@ impl Script {
         self.default_label("body_cut")
     }
 
+    /// Responses only: announce the full `content-length`, send `n` body bytes, then send nothing
+    /// more and hold the connection until the peer goes away (counted as a peer disconnect).
+    /// Label `"body_stall"` unless set explicitly.
+    pub fn stall_body_after(mut self, n: usize) -> Self {
+        match &mut self.action {
+            Action::Respond {
+                cut_body_after,
+                stall_body,
+                ..
+            } => {
+                *cut_body_after = Some(n);
+                *stall_body = true;
+            }
+            _ => panic!("Script::stall_body_after applies only to plain responses"),
+        }
+        self.default_label("body_stall")
+    }
+
     fn sse_mut(&mut self, what: &str) -> &mut SseSpec {
         match &mut self.action {
             Action::Sse(spec) => spec,
@@ -570,6 +636,46 @@ impl Script {
         spec.events.truncate(k);
         spec.events.push(SseEvent::error(error_type, &message));
         self.default_label("sse_error")
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Endings
+// ---------------------------------------------------------------------------------------------
+
+/// How the mock's side of one answer ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Ending {
+    /// Written in full as scripted (a complete body, or every event of a stream, whatever the
+    /// events said; the peer may have left before the terminating chunk).
+    Completed,
+    /// Closed cleanly by the script before the answer was complete: a cut body or stream, or a
+    /// close before any response.
+    Cut,
+    /// Reset by the script (`SO_LINGER` 0) before any response.
+    Reset,
+    /// The peer went away (closed or reset) before the script was done: a stall, an endless
+    /// stream, or a client that hung up.
+    PeerGone,
+}
+
+impl Ending {
+    /// All endings.
+    pub const ALL: [Ending; 4] = [
+        Ending::Completed,
+        Ending::Cut,
+        Ending::Reset,
+        Ending::PeerGone,
+    ];
+
+    /// Short name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Ending::Completed => "completed",
+            Ending::Cut => "cut",
+            Ending::Reset => "reset",
+            Ending::PeerGone => "peer_gone",
+        }
     }
 }
 
@@ -640,6 +746,9 @@ struct State {
     default: Mutex<DefaultScript>,
     received: Mutex<Vec<ReceivedRequest>>,
     labels: Mutex<HashMap<String, u64>>,
+    endings: Mutex<HashMap<(String, Ending), u64>>,
+    finished: AtomicU64,
+    finished_notify: Notify,
     requests_notify: Notify,
     connections: AtomicU64,
     disconnects: AtomicU64,
@@ -653,6 +762,9 @@ impl State {
             default: Mutex::new(DefaultScript::Fixed(Script::json_ok())),
             received: Mutex::new(Vec::new()),
             labels: Mutex::new(HashMap::new()),
+            endings: Mutex::new(HashMap::new()),
+            finished: AtomicU64::new(0),
+            finished_notify: Notify::new(),
             requests_notify: Notify::new(),
             connections: AtomicU64::new(0),
             disconnects: AtomicU64::new(0),
@@ -679,6 +791,15 @@ impl State {
             .or_insert(0) += 1;
         self.requests_notify.notify_waiters();
         script
+    }
+
+    /// Records how the answer to a request ended.
+    fn ended(&self, label: &str, ending: Ending) {
+        *lock(&self.endings)
+            .entry((label.to_owned(), ending))
+            .or_insert(0) += 1;
+        self.finished.fetch_add(1, Ordering::SeqCst);
+        self.finished_notify.notify_waiters();
     }
 
     fn peer_gone(&self) {
@@ -853,6 +974,29 @@ impl MockUpstream {
         lock(&self.state.labels).get(label).copied().unwrap_or(0)
     }
 
+    /// How the answers ended, by script label and [`Ending`] (only answers that have ended).
+    pub fn endings(&self) -> HashMap<(String, Ending), u64> {
+        lock(&self.state.endings).clone()
+    }
+
+    /// Answers with script label `label` that ended with `ending`.
+    pub fn ended(&self, label: &str, ending: Ending) -> u64 {
+        lock(&self.state.endings)
+            .get(&(label.to_owned(), ending))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Number of answers that have ended (each request read ends exactly once).
+    pub fn finished(&self) -> u64 {
+        self.state.finished.load(Ordering::SeqCst)
+    }
+
+    /// Waits until at least `n` answers have ended.
+    pub async fn wait_finished(&self, n: u64) {
+        wait_until(&self.state.finished_notify, || self.finished() >= n).await;
+    }
+
     /// Responses (streams, stalls, delays) the client abandoned before the mock finished them.
     pub fn peer_disconnects(&self) -> u64 {
         self.state.disconnects.load(Ordering::SeqCst)
@@ -977,6 +1121,8 @@ struct Conn<S> {
     buf: BytesMut,
     state: Arc<State>,
     id: u64,
+    /// The peer went away during the current answer.
+    gone: bool,
 }
 
 impl<S: MockStream> Conn<S> {
@@ -986,6 +1132,7 @@ impl<S: MockStream> Conn<S> {
             buf: BytesMut::with_capacity(READ_CHUNK),
             state,
             id,
+            gone: false,
         }
     }
 
@@ -1011,7 +1158,13 @@ impl<S: MockStream> Conn<S> {
             let keep_alive = req.keep_alive;
             let is_head = req.is_head;
             let script = self.state.accept_request(req.received);
-            match self.run(script, keep_alive, is_head).await {
+            let label = script.label;
+            let planned = script.planned_ending(is_head);
+            self.gone = false;
+            let after = self.run(script, keep_alive, is_head).await;
+            let ending = if self.gone { Ending::PeerGone } else { planned };
+            self.state.ended(label, ending);
+            match after {
                 After::KeepAlive => {}
                 After::CloseAt(gate) => {
                     if self.watch_or_gone(gate.wait()).await.is_some() {
@@ -1211,6 +1364,7 @@ impl<S: MockStream> Conn<S> {
     async fn watch_or_gone<F: Future>(&mut self, fut: F) -> Option<F::Output> {
         let out = self.watch(fut).await;
         if out.is_none() {
+            self.gone = true;
             self.state.peer_gone();
         }
         out
@@ -1220,6 +1374,7 @@ impl<S: MockStream> Conn<S> {
     async fn send(&mut self, parts: &[&[u8]]) -> bool {
         let ok = self.write(parts).await.is_ok();
         if !ok {
+            self.gone = true;
             self.state.peer_gone();
         }
         ok
@@ -1258,6 +1413,7 @@ impl<S: MockStream> Conn<S> {
                 headers,
                 body,
                 cut_body_after,
+                stall_body,
             } => {
                 let head =
                     response_head(status, &headers, Framing::Length(body.len()), !keep_alive);
@@ -1269,6 +1425,12 @@ impl<S: MockStream> Conn<S> {
                     };
                 }
                 match cut_body_after {
+                    Some(n) if n < body.len() && stall_body => {
+                        if self.send(&[&head, &body[..n]]).await {
+                            let _never = self.watch_or_gone(std::future::pending::<()>()).await;
+                        }
+                        After::Drop
+                    }
                     Some(n) if n < body.len() => {
                         if self.send(&[&head, &body[..n]]).await {
                             After::Close
@@ -1331,9 +1493,31 @@ impl<S: MockStream> Conn<S> {
                 return After::Drop;
             }
         }
-        if self.send(&[b"0\r\n\r\n"]).await {
+        if let Some(event) = spec.repeat {
+            let size_line = format!("{:x}\r\n", event.bytes.len());
+            loop {
+                if !spec.pacing.is_zero()
+                    && self
+                        .watch_or_gone(tokio::time::sleep(spec.pacing))
+                        .await
+                        .is_none()
+                {
+                    return After::Drop;
+                }
+                if !self
+                    .send(&[size_line.as_bytes(), &event.bytes, b"\r\n"])
+                    .await
+                {
+                    return After::Drop;
+                }
+            }
+        }
+        // Every event was written: a peer leaving now (having read what it needed, e.g. an
+        // `error` event it fails over on) does not make the answer incomplete.
+        if self.write(&[b"0\r\n\r\n"]).await.is_ok() {
             done
         } else {
+            self.state.peer_gone();
             After::Drop
         }
     }
