@@ -9,6 +9,7 @@ pub mod classify;
 pub mod claude;
 pub mod cli;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod edit;
 pub mod endpoint;
