@@ -3,7 +3,7 @@
 //! states as they change after a fault, a real mouse click on **Disable** switches an endpoint
 //! off, and a screenshot of the result is written to `target/dashboard.png`.
 //!
-//! Needs `/usr/bin/chromium` (`apt-get install -y chromium`); without it the browser test fails,
+//! Needs `/usr/bin/chromium` (`scripts/test.sh` installs it); without it the browser test fails,
 //! unless `CCGATE_SKIP_BROWSER_TESTS=1` is set.
 
 mod support;
