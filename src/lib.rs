@@ -14,6 +14,7 @@
 //! | [`proxy`] | the request handler, one attempt, the relay body, error answers |
 //! | [`select`] | strategies, session affinity, retry budget |
 //! | [`health`] | endpoints and live counters, the attempt guard, the health machine, the failure queue |
+//! | [`cluster`] | the Redis link that instances share health through (opt-in) |
 //! | [`transport`] | upstream connection pools and TLS |
 //! | [`config`] | the file as written and the validated config |
 //! | [`wire`], [`clock`] | pure leaves: byte formats read from the network, time |

@@ -18,6 +18,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("leaves", &["clock.rs", "sync.rs", "wire/"]),
     ("config", &["config/"]),
     ("transport", &["transport/"]),
+    ("cluster", &["cluster/"]),
     ("health", &["health/"]),
     ("select", &["select/"]),
     ("proxy", &["proxy/"]),
