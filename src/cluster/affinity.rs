@@ -13,31 +13,11 @@
 
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 
-use super::keys::EndpointId;
-use super::link::{ClusterError, ClusterLink};
-use super::scripts;
-
-/// A binding made, moved or dropped by another instance.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SessionNews {
-    /// The session key.
-    pub session: String,
-    /// The endpoint (`name@fingerprint`), or `None` when the binding was dropped.
-    pub endpoint: Option<String>,
-    /// The binding's TTL.
-    pub ttl_ms: u64,
-    /// The instance that made the change.
-    pub origin: String,
-}
-
-impl SessionNews {
-    /// The endpoint bound, parsed.
-    pub fn endpoint_id(&self) -> Option<EndpointId> {
-        self.endpoint.as_deref().and_then(EndpointId::parse_wire)
-    }
-}
+use crate::cluster::keys::EndpointId;
+use crate::cluster::link::{ClusterError, ClusterLink};
+use crate::cluster::news::SessionNews;
+use crate::cluster::scripts;
 
 fn ms(d: Duration) -> u64 {
     (d.as_millis() as u64).max(1)

@@ -21,9 +21,9 @@ use std::time::Duration;
 
 use redis::Value;
 
-use super::keys::EndpointId;
-use super::link::{ClusterError, ClusterLink};
-use super::scripts;
+use crate::cluster::keys::EndpointId;
+use crate::cluster::link::{ClusterError, ClusterLink};
+use crate::cluster::scripts;
 
 /// The result of a claim.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -24,11 +24,11 @@ use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, RedisResult};
 use tokio::sync::{Notify, broadcast, watch};
 
-use super::affinity::SessionNews;
-use super::config::{ClusterConfig, LinkOptions};
-use super::health::HealthNews;
-use super::keys::Keys;
-use super::scripts;
+use crate::cluster::config::{ClusterConfig, LinkOptions};
+use crate::cluster::keys::Keys;
+use crate::cluster::news::HealthNews;
+use crate::cluster::news::SessionNews;
+use crate::cluster::scripts;
 
 /// Why a cluster call did not happen. None of these is ever shown to a client: cluster calls run
 /// in background tasks, and the gateway keeps serving on its local state.

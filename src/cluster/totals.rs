@@ -16,8 +16,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use super::link::{ClusterError, ClusterLink};
-use super::scripts;
+use crate::cluster::link::{ClusterError, ClusterLink};
+use crate::cluster::scripts;
 
 /// One numbered set of deltas, sent until acknowledged.
 #[derive(Clone, Debug, PartialEq, Eq)]
