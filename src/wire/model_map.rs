@@ -15,11 +15,7 @@ struct Top<'a> {
 
 /// The body to send to an endpoint with this `model_map`.
 pub fn apply(map: &BTreeMap<String, String>, body: &Bytes) -> Bytes {
-    if map.is_empty()
-        || body
-            .first()
-            .is_none_or(|b| !b.is_ascii_whitespace() && *b != b'{')
-    {
+    if map.is_empty() || body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return body.clone();
     }
     let Ok(text) = std::str::from_utf8(body) else {
