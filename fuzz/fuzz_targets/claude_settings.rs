@@ -11,7 +11,7 @@
 use std::path::Path;
 use std::sync::OnceLock;
 
-use ccgate::claude::{self, AUTH_TOKEN_KEY, BASE_URL_KEY, Disabled, Paths};
+use ccgate::cli::claude::{self, AUTH_TOKEN_KEY, BASE_URL_KEY, Disabled, Paths};
 use libfuzzer_sys::fuzz_target;
 use serde_json::{Map, Value};
 

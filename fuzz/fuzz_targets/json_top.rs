@@ -3,7 +3,7 @@
 //! found value is the text of a JSON value, and `member`/`as_u64`/`as_str` agree with serde_json.
 #![no_main]
 
-use ccgate::json_top;
+use ccgate::wire::json_top;
 use libfuzzer_sys::fuzz_target;
 use serde_json::{Map, Value};
 

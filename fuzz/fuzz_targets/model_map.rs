@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
-use ccgate::model_map;
+use ccgate::wire::model_map;
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 
@@ -64,7 +64,7 @@ fuzz_target!(|data: &[u8]| {
 /// output is the input with exactly that span replaced by the quoted target.
 fn check_bytes(map: &BTreeMap<String, String>, data: &[u8], out: &[u8]) {
     // A name written with escapes (`"m\u006fdel"`) is not one json_top matches.
-    let Some(raw) = ccgate::json_top::member(data, b"model") else {
+    let Some(raw) = ccgate::wire::json_top::member(data, b"model") else {
         return;
     };
     let model: String = serde_json::from_slice(raw).expect("model is a string");

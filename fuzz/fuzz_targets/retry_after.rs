@@ -5,7 +5,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ccgate::classify::{Outcome, Verdict, classify_sse_error, classify_status, retry_after};
+use ccgate::health::classify::{Outcome, Verdict, classify_sse_error, classify_status, retry_after};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use libfuzzer_sys::fuzz_target;
 

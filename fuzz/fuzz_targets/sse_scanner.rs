@@ -3,7 +3,7 @@
 //! and one byte at a time).
 #![no_main]
 
-use ccgate::sse::SseScanner;
+use ccgate::wire::sse::SseScanner;
 use libfuzzer_sys::fuzz_target;
 
 fn scan<'a>(chunks: impl Iterator<Item = &'a [u8]>) -> SseScanner {

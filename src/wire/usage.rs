@@ -79,15 +79,20 @@ pub fn from_json_body(body: &[u8]) -> Option<MessageUsage> {
         return None;
     }
     let mut tokens = Usage::default();
+    // Members come last-first: the first one seen of a repeated count is the document's last,
+    // which is the one a full parse (and the stream path) keeps.
+    let mut seen = [false; 4];
     for (key, value) in json_top::members(usage) {
-        let field = match key {
-            b"input_tokens" => &mut tokens.input,
-            b"output_tokens" => &mut tokens.output,
-            b"cache_creation_input_tokens" => &mut tokens.cache_creation,
-            b"cache_read_input_tokens" => &mut tokens.cache_read,
+        let (i, field) = match key {
+            b"input_tokens" => (0, &mut tokens.input),
+            b"output_tokens" => (1, &mut tokens.output),
+            b"cache_creation_input_tokens" => (2, &mut tokens.cache_creation),
+            b"cache_read_input_tokens" => (3, &mut tokens.cache_read),
             _ => continue,
         };
-        *field = json_top::as_u64(value).unwrap_or(0);
+        if !std::mem::replace(&mut seen[i], true) {
+            *field = json_top::as_u64(value).unwrap_or(0);
+        }
     }
     Some(MessageUsage {
         model: model.and_then(json_top::as_str).map(String::from),
