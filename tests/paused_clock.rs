@@ -210,7 +210,7 @@ async fn least_bad_is_the_endpoint_back_soonest() {
     );
     assert_eq!(reg.admit(&a), Admission::No);
     assert_eq!(reg.admit(&b), Admission::No);
-    let least = reg.least_bad().expect("something to try");
+    let least = reg.least_bad(|_| true).expect("something to try");
     assert_eq!(least.name, "b", "b is back in 20 s, a in 50 s");
     assert_eq!(reg.retry_after_secs(), 20);
     tokio::time::advance(Duration::from_secs(19)).await;

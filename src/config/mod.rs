@@ -275,6 +275,9 @@ pub struct EndpointConfig {
     pub enabled: bool,
     /// Rewrite of the request's `model` for this endpoint.
     pub model_map: BTreeMap<String, String>,
+    /// The models this endpoint serves, as the client names them (before `model_map`);
+    /// `None` serves every model.
+    pub models: Option<ModelPatterns>,
     /// Extra PEM CA certificate(s) to trust for this endpoint (self-hosted relays).
     pub ca_file: Option<PathBuf>,
     /// Probe mode for this endpoint.
@@ -429,3 +432,55 @@ pub use crate::config::env::{
     Env, ProcessEnv, default_config_path, default_listen, resolve_config_path,
 };
 pub use crate::config::load::toml_string;
+
+/// The models an endpoint serves: glob patterns (`*` any run of characters, `?` one character),
+/// matched against the request's `model` exactly as the client sent it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelPatterns(Vec<String>);
+
+impl ModelPatterns {
+    /// Patterns as written; validation has checked each is non-empty.
+    pub fn new(patterns: Vec<String>) -> Self {
+        Self(patterns)
+    }
+
+    /// The patterns, as written.
+    pub fn patterns(&self) -> &[String] {
+        &self.0
+    }
+
+    /// Whether `model` matches one of the patterns.
+    pub fn serves(&self, model: &str) -> bool {
+        self.0
+            .iter()
+            .any(|p| glob_match(p.as_bytes(), model.as_bytes()))
+    }
+}
+
+/// Glob matching with `*` and `?`, linear in practice: on a mismatch it backtracks only to the
+/// last `*`.
+fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
+    let (mut p, mut t) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        match pattern.get(p) {
+            Some(b'*') => {
+                star = Some((p, t));
+                p += 1;
+            }
+            Some(&c) if c == b'?' || c == text[t] => {
+                p += 1;
+                t += 1;
+            }
+            _ => match star {
+                Some((sp, st)) => {
+                    p = sp + 1;
+                    t = st + 1;
+                    star = Some((sp, st + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    pattern[p..].iter().all(|&c| c == b'*')
+}

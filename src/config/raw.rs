@@ -87,6 +87,7 @@ pub(super) struct RawEndpoint {
     pub(super) weight: Option<Spanned<i64>>,
     pub(super) enabled: Option<Spanned<bool>>,
     pub(super) model_map: Option<Spanned<BTreeMap<String, String>>>,
+    pub(super) models: Option<Spanned<Vec<String>>>,
     pub(super) ca_file: Option<Spanned<String>>,
     pub(super) probe: Option<Spanned<String>>,
 }

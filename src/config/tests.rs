@@ -265,3 +265,35 @@ fn secrets_are_redacted_in_debug() {
     let c = Config::from_toml(ONE, "t", &no_env).expect("valid");
     assert!(!format!("{c:?}").contains("\"k\""));
 }
+
+#[test]
+fn model_patterns_match_globs() {
+    let m = ModelPatterns::new(vec!["claude-sonnet-*".into(), "claude-haiku-4-?".into()]);
+    for (model, serves) in [
+        ("claude-sonnet-4-5", true),
+        ("claude-sonnet-", true),
+        ("claude-haiku-4-5", true),
+        ("claude-haiku-4-50", false),
+        ("claude-opus-4-1", false),
+        ("xclaude-sonnet-4", false),
+        ("", false),
+    ] {
+        assert_eq!(m.serves(model), serves, "{model}");
+    }
+    let any = ModelPatterns::new(vec!["*".into()]);
+    assert!(any.serves("") && any.serves("anything"));
+    let mid = ModelPatterns::new(vec!["claude-*-4-*".into()]);
+    assert!(mid.serves("claude-opus-4-1") && !mid.serves("claude-opus-3-1"));
+}
+
+#[test]
+fn models_are_validated() {
+    let text = format!("{ONE}models = []\n");
+    let p = problems(&text);
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].key, "endpoints[0].models");
+    let text = format!("{ONE}models = [\"claude-sonnet-*\", \"claude-haiku-*\"]\n");
+    let c = Config::from_toml(&text, "t.toml", &no_env).expect("valid");
+    let models = c.endpoints[0].models.as_ref().expect("models");
+    assert!(models.serves("claude-haiku-4-5") && !models.serves("claude-opus-4-1"));
+}

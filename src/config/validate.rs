@@ -559,6 +559,20 @@ fn validate_endpoint(
             p.at(m, key("model_map"), "model names must not be empty");
         }
     }
+    let models = ep.models.as_ref().map(|m| {
+        let list = m.get_ref();
+        if list.is_empty() {
+            p.at(
+                m,
+                key("models"),
+                "lists no model: leave it out to serve every model",
+            );
+        }
+        if list.iter().any(|s| s.trim().is_empty()) {
+            p.at(m, key("models"), "model patterns must not be empty");
+        }
+        ModelPatterns::new(list.clone())
+    });
     let ca_file = ep.ca_file.as_ref().map(|f| PathBuf::from(f.get_ref()));
     if let (Some(f), Some(path)) = (&ep.ca_file, &ca_file) {
         if !path.is_file() {
@@ -587,6 +601,7 @@ fn validate_endpoint(
         weight,
         enabled: ep.enabled.as_ref().is_none_or(|e| *e.get_ref()),
         model_map,
+        models,
         ca_file,
         probe,
     })

@@ -93,6 +93,8 @@ pub struct EndpointView {
     pub last_error: Option<LastErrorView>,
     /// End of a rate-limit cooldown (RFC 3339), while cooling down.
     pub cooldown_until: Option<String>,
+    /// The model patterns it serves (`null`: every model).
+    pub models: Option<Vec<String>>,
     /// Counters across restarts (state that lasts).
     pub lifetime: LifetimeView,
 }
@@ -139,6 +141,7 @@ pub fn endpoint_view(gw: &Gateway, persist: &Persist, ep: &Endpoint) -> Endpoint
             message: e.message.clone(),
             at: rfc3339(clock.wall(e.at_ms)),
         }),
+        models: ep.models.as_ref().map(|m| m.patterns().to_vec()),
         cooldown_until: (phase == Phase::CoolingDown)
             .then(|| rfc3339(clock.wall(ep.live.cooldown_until_ms()))),
         lifetime: {

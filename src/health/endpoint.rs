@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use http::{HeaderName, HeaderValue};
 
-use crate::config::{BaseUrl, Credential, EndpointConfig, ProbeMode};
+use crate::config::{BaseUrl, Credential, EndpointConfig, ModelPatterns, ProbeMode};
 use crate::health::classify::Kind;
 use crate::health::estimate::PeakEwma;
 use crate::health::machine::Phase;
@@ -37,6 +37,8 @@ pub struct Endpoint {
     pub weight: u32,
     /// Model rewrites for this endpoint.
     pub model_map: BTreeMap<String, String>,
+    /// The models it serves (`None`: all).
+    pub models: Option<ModelPatterns>,
     /// How recovery probes check this endpoint.
     pub probe: ProbeMode,
     /// Pooled HTTP(S) client for this endpoint.
@@ -87,6 +89,7 @@ impl Endpoint {
             priority: cfg.priority,
             weight: cfg.weight,
             model_map: cfg.model_map.clone(),
+            models: cfg.models.clone(),
             probe: cfg.probe,
             client,
             live,

@@ -207,10 +207,10 @@ impl Registry {
 
     /// The endpoint to try when nothing is admitted: the one expected back soonest (ties go to
     /// the preferred one). Switched-off endpoints are never chosen.
-    pub fn least_bad(&self) -> Option<Arc<Endpoint>> {
+    pub fn least_bad(&self, eligible: impl Fn(&Endpoint) -> bool) -> Option<Arc<Endpoint>> {
         self.endpoints
             .iter()
-            .filter(|e| !e.live.admin_disabled())
+            .filter(|e| !e.live.admin_disabled() && eligible(e))
             .min_by_key(|e| (self.expected_back_ms(e).unwrap_or(0), e.priority, e.idx))
             .cloned()
     }

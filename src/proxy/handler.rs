@@ -23,6 +23,7 @@ use crate::proxy::usage::UsageTally;
 use crate::select::affinity::{self, Affinity};
 use crate::select::budget::RetryBudget;
 use crate::select::strategy::{Selector, Tried};
+use crate::wire::json_top;
 
 /// The reserved path prefix of ccgate's own views; never forwarded.
 pub const ADMIN_PREFIX: &str = "/_ccgate";
@@ -251,6 +252,18 @@ async fn forward_request(
     let reg = &gw.registry;
     let timeouts = gw.config.timeouts;
     let max_attempts = gw.config.server.max_attempts;
+    // Endpoints that do not serve the request's model are not candidates at all.
+    let skip = match not_serving(reg, &req) {
+        Ok(skip) => skip,
+        Err(model) => {
+            guard.end(RequestEnd::Caller);
+            return response::error(
+                StatusCode::NOT_FOUND,
+                "not_found_error",
+                &format!("ccgate: no enabled endpoint serves the model `{model}`"),
+            );
+        }
+    };
     let mut rng = fastrand::Rng::new();
     let now_ms = reg.clock.now_ms();
     let mut ranking = gw.selector.rank(&reg.endpoints, now_ms, &mut rng);
@@ -272,13 +285,13 @@ async fn forward_request(
     let mut fallback = false;
 
     while (tried.len() as usize) < max_attempts {
-        let Some((ep, holds_probation)) =
-            next_candidate(reg, &mut candidates, tried).or_else(|| {
+        let Some((ep, holds_probation)) = next_candidate(reg, &mut candidates, tried, skip)
+            .or_else(|| {
                 // Nothing admitted and nothing tried yet: rather than fail blind, try the endpoint
                 // expected back soonest.
                 if tried.is_empty() && !fallback {
                     fallback = true;
-                    reg.least_bad().map(|e| (e, false))
+                    reg.least_bad(|e| !skip.contains(e.idx)).map(|e| (e, false))
                 } else {
                     None
                 }
@@ -396,6 +409,32 @@ async fn forward_request(
     resp
 }
 
+/// The endpoints that do not serve the request's model (as a set to skip), or the model when no
+/// enabled endpoint serves it. Only endpoints with a `models` list restrict anything, and the body
+/// is only read for its model when one has.
+fn not_serving(reg: &Registry, req: &Prepared) -> Result<Tried, String> {
+    let mut skip = Tried::default();
+    if reg.endpoints.iter().all(|e| e.models.is_none()) {
+        return Ok(skip);
+    }
+    let Some(model) = json_top::member(&req.body, b"model").and_then(json_top::as_str) else {
+        return Ok(skip);
+    };
+    for ep in &reg.endpoints {
+        if ep.models.as_ref().is_some_and(|m| !m.serves(&model)) {
+            skip.insert(ep.idx);
+        }
+    }
+    if reg
+        .endpoints
+        .iter()
+        .all(|e| skip.contains(e.idx) || e.live.admin_disabled())
+    {
+        return Err(model.into_owned());
+    }
+    Ok(skip)
+}
+
 /// What committing to an endpoint's answer needs besides the answer itself.
 struct Commit<'a> {
     gw: &'a Gateway,
@@ -482,9 +521,10 @@ fn next_candidate(
     reg: &Registry,
     candidates: &mut impl Iterator<Item = usize>,
     tried: Tried,
+    skip: Tried,
 ) -> Option<(Arc<Endpoint>, bool)> {
     for idx in candidates.by_ref() {
-        if tried.contains(idx) {
+        if tried.contains(idx) || skip.contains(idx) {
             continue;
         }
         let ep = &reg.endpoints[idx];

@@ -1,0 +1,124 @@
+//! Model-aware routing through the real server: an endpoint's `models` globs decide whether it is
+//! a candidate at all, so a request never reaches (or fails over to) an endpoint that does not
+//! serve its model, and a model nobody serves is answered locally, touching no endpoint.
+
+mod support;
+
+use serde_json::json;
+use support::gateway::GatewayBuilder;
+use support::mock::{MockUpstream, Script};
+
+fn body(model: &str, stream: bool) -> serde_json::Value {
+    json!({
+        "model": model,
+        "max_tokens": 16,
+        "stream": stream,
+        "messages": [{"role": "user", "content": "hi"}],
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_go_only_to_endpoints_that_serve_their_model() {
+    let official = MockUpstream::start().await;
+    let relay = MockUpstream::start().await;
+    let gw = GatewayBuilder::new()
+        .endpoint(
+            "official",
+            &official.url(),
+            "priority = 2\nmodels = [\"claude-opus-*\"]",
+        )
+        .endpoint(
+            "relay",
+            &relay.url(),
+            "priority = 1\nmodels = [\"claude-sonnet-*\", \"claude-haiku-*\"]",
+        )
+        .start()
+        .await;
+
+    // Each model reaches only its endpoint, whatever the priorities say.
+    for _ in 0..3 {
+        let a = gw
+            .post("/v1/messages", &[], &body("claude-opus-4-1", false))
+            .await;
+        assert_eq!(a.status, 200, "{}", a.text());
+        assert_eq!(a.header("x-ccgate-endpoint"), Some("official"));
+        let a = gw
+            .post("/v1/messages", &[], &body("claude-haiku-4-5", false))
+            .await;
+        assert_eq!(a.status, 200, "{}", a.text());
+        assert_eq!(a.header("x-ccgate-endpoint"), Some("relay"));
+    }
+    assert_eq!(official.received().len(), 3);
+    assert_eq!(relay.received().len(), 3);
+
+    // The relay fails: a sonnet request must not fail over to the endpoint that does not serve
+    // sonnet; the client gets the relay's failure, the official endpoint sees nothing.
+    relay.push(Script::overloaded());
+    let a = gw
+        .post("/v1/messages", &[], &body("claude-sonnet-4-5", false))
+        .await;
+    assert_ne!(a.status, 200, "{}", a.text());
+    assert_eq!(official.received().len(), 3, "official must not see sonnet");
+    assert_eq!(relay.received().len(), 4);
+
+    // A model no endpoint serves: a local 404 naming it, no endpoint touched, a caller error.
+    let a = gw.post("/v1/messages", &[], &body("gpt-4o", true)).await;
+    assert_eq!(a.status, 404, "{}", a.text());
+    let v = a.json();
+    assert_eq!(v["type"], "error");
+    assert_eq!(v["error"]["type"], "not_found_error");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("`gpt-4o`"),
+        "{v}"
+    );
+    assert_eq!(official.received().len(), 3);
+    assert_eq!(relay.received().len(), 4);
+
+    // A request without a model (say `GET /v1/models`) is not restricted.
+    let a = gw
+        .request(http::Method::GET, "/v1/models", &[], bytes::Bytes::new())
+        .await;
+    assert_eq!(a.status, 200, "{}", a.text());
+
+    gw.settle().await;
+    let official_view = gw.endpoint_view("official").await;
+    let relay_view = gw.endpoint_view("relay").await;
+    assert_eq!(official_view["models"], json!(["claude-opus-*"]));
+    assert_eq!(
+        relay_view["models"],
+        json!(["claude-sonnet-*", "claude-haiku-*"])
+    );
+    let total = official_view["total_requests"].as_u64().unwrap_or(0)
+        + relay_view["total_requests"].as_u64().unwrap_or(0);
+    assert_eq!(
+        total,
+        (official.received().len() + relay.received().len()) as u64
+    );
+    let stats = gw.admin("stats").await;
+    assert_eq!(stats["caller_errors"], 1, "{stats}");
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disabled_endpoint_does_not_count_as_serving_the_model() {
+    let a = MockUpstream::start().await;
+    let b = MockUpstream::start().await;
+    let gw = GatewayBuilder::new()
+        .endpoint(
+            "a",
+            &a.url(),
+            "models = [\"claude-opus-*\"]\nenabled = false",
+        )
+        .endpoint("b", &b.url(), "models = [\"claude-haiku-*\"]")
+        .start()
+        .await;
+    let r = gw
+        .post("/v1/messages", &[], &body("claude-opus-4-1", false))
+        .await;
+    assert_eq!(r.status, 404, "{}", r.text());
+    assert!(a.received().is_empty() && b.received().is_empty());
+    gw.shutdown().await;
+}
