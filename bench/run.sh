@@ -45,6 +45,9 @@
 #   PROFILE=1              perf-record ccgate (cpu-clock) during the first ns_c64 and sse_c64 runs;
 #                          reports land in the results dir as perf-*.txt. Sampling slows ccgate a
 #                          little in those runs: leave it off for the numbers you publish.
+#   BODY=2k                request body size, from bench/payloads.py: 2k, 100k or 1m (Claude Code's
+#                          shape: system blocks with cache_control, tool schemas, tool_use /
+#                          tool_result history, metadata.user_id last)
 #   OUT=BENCHMARKS.md      report path (relative to the repo root)
 #
 # The load generator, the proxies and the mocks share the machine's cores: nothing is pinned.
@@ -55,7 +58,8 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BENCH=$ROOT/bench
 CCGATE_RUST_LOG=${CCGATE_RUST_LOG:-warn}
-COMMAND_LINE="$(for v in DURATION REPEATS WARMUP SLOW_STREAMS SLOW_EVENTS SLOW_PACE_MS STREAM_EVENTS \
+BODY=${BODY:-2k}
+COMMAND_LINE="$(for v in BODY DURATION REPEATS WARMUP SLOW_STREAMS SLOW_EVENTS SLOW_PACE_MS STREAM_EVENTS \
     STREAM_PACE_MS FAILOVER_CONCURRENCY WORKLOADS CCGATE_BIN CCGATE_REF PROFILE; do
     if [[ -n "${!v:-}" ]]; then printf '%s=%q ' "$v" "${!v}"; fi; done)bench/run.sh"
 
@@ -551,26 +555,12 @@ main() {
     build
     ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" || true
 
-    # Request bodies: ~2 KB JSON, like a small Messages API call.
-    BODY_FILE=$RESULTS/body.json
-    STREAM_BODY_FILE=$RESULTS/body-stream.json
-    python3 - "$BODY_FILE" "$STREAM_BODY_FILE" <<'PY'
-import json, sys
-text = ("You are reviewing a pull request. Summarise the change, list risks and suggest tests. "
-        "The diff touches the request path of a gateway, the health accounting and the selector. ") * 8
-def body(stream):
-    b = {"model": "claude-sonnet-4-5-20250929", "max_tokens": 1024,
-         "system": "You are a careful code reviewer.",
-         "messages": [{"role": "user", "content": text},
-                      {"role": "assistant", "content": "Understood. Please paste the diff."},
-                      {"role": "user", "content": "diff --git a/src/proxy.rs b/src/proxy.rs ..."}],
-         "metadata": {"user_id": "user_bench_0000000000000000"}}
-    if stream:
-        b["stream"] = True
-    return json.dumps(b)
-open(sys.argv[1], "w").write(body(False))
-open(sys.argv[2], "w").write(body(True))
-PY
+    # Request bodies shaped like Claude Code's (bench/payloads.py): BODY=2k (default), 100k or 1m.
+    python3 "$BENCH/payloads.py" "$RESULTS/payloads" >/dev/null
+    BODY_FILE=$RESULTS/payloads/$BODY.json
+    STREAM_BODY_FILE=$RESULTS/payloads/$BODY-stream.json
+    [[ -f $BODY_FILE ]] || { echo "BODY must be one of 2k, 100k, 1m" >&2; exit 1; }
+    cp "$BODY_FILE" "$RESULTS/body.json"; cp "$STREAM_BODY_FILE" "$RESULTS/body-stream.json"
     log "request body: $(wc -c <"$BODY_FILE") bytes"
 
     start_mock mock-a; G_MOCK_A_PID=$MOCK_PID; G_MOCK_A_ADDR=$MOCK_ADDR
