@@ -4,7 +4,9 @@ pub mod check;
 pub mod claude;
 pub mod edit;
 pub mod endpoints;
+pub mod launch;
 pub mod logging;
+pub mod service;
 pub mod status;
 pub mod table;
 pub mod target;
@@ -126,6 +128,13 @@ pub enum Command {
     /// Edits ~/.claude/settings.json ($CLAUDE_CONFIG_DIR/settings.json when that is set).
     #[command(subcommand)]
     Claude(ClaudeCommand),
+    /// Run the gateway in the background: a systemd user unit (a launchd agent on macOS).
+    ///
+    /// The unit runs `ccgate serve --config <absolute path>` and restarts it on failure; its logs
+    /// go to the journal (`journalctl --user -u ccgate`; ~/Library/Logs/ccgate.log on macOS).
+    /// With CCGATE_SERVICE_DRY_RUN=1 the systemctl/launchctl commands are printed, not run.
+    #[command(subcommand)]
+    Service(crate::cli::service::ServiceCommand),
     /// Print the usage ledger: requests and tokens per day, endpoint and model.
     ///
     /// Reads the gateway's database file directly (read-only), so no gateway needs to run.
@@ -254,6 +263,33 @@ pub enum ClaudeCommand {
     /// Restores settings.json exactly as it was; if it was changed since, removes only what
     /// ccgate set and keeps everything else.
     Disable,
+    /// Start Claude Code pointed at the gateway, without touching settings.json.
+    ///
+    /// Sets ANTHROPIC_BASE_URL (and ANTHROPIC_AUTH_TOKEN when the gateway has an access token) in
+    /// Claude Code's environment only. Uses the running gateway when it answers; otherwise starts
+    /// one from the config on a free loopback port for as long as Claude runs (its log goes to
+    /// <state dir>/ccgate/claude-run.log). Runs `claude` from PATH, or $CCGATE_CLAUDE_BIN. Exits
+    /// with Claude Code's exit code.
+    Run {
+        /// Config file (default: $CCGATE_CONFIG, then ~/.config/ccgate/config.toml).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The running gateway's URL; it must answer (default: http://<server.listen>, else a
+        /// gateway started for the session).
+        #[arg(long, value_name = "URL")]
+        url: Option<String>,
+        /// Arguments for Claude Code, after `--`.
+        #[arg(last = true, value_name = "CLAUDE_ARGS")]
+        args: Vec<std::ffi::OsString>,
+    },
+    /// The gateway `claude run` starts for a session: on a free loopback port, stopping when its
+    /// standard input closes.
+    #[command(hide = true)]
+    SessionGateway {
+        /// Config file.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
 }
 
 /// Runs the CLI. An error that is an [`Exit`] has been described to the user already and only
@@ -302,6 +338,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Claude(cmd) => claude(cmd),
         Command::Usage(args) => crate::cli::usage::run(args),
+        Command::Service(cmd) => crate::cli::service::run(cmd),
         Command::Completions { shell } => {
             let mut cmd = Cli::command();
             clap_complete::generate(shell, &mut cmd, "ccgate", &mut std::io::stdout());
@@ -395,9 +432,12 @@ fn secret_arg(value: String, flag: &str) -> anyhow::Result<String> {
 fn claude(cmd: ClaudeCommand) -> anyhow::Result<()> {
     use crate::cli::claude::{self, Disabled};
     let env = ProcessEnv;
-    let paths = claude::Paths::locate(&env)?;
+    let paths = || claude::Paths::locate(&env);
     match cmd {
+        ClaudeCommand::Run { config, url, args } => return claude_run(config, url, &args),
+        ClaudeCommand::SessionGateway { config } => return session_gateway(config),
         ClaudeCommand::Enable { config, url } => {
+            let paths = paths()?;
             let target = target::find_target(config.as_deref(), url.as_deref(), &env)?;
             let token = target.token.as_ref().map(|t| t.expose().to_string());
             let done = claude::enable(&paths, &target.url, token.as_deref())?;
@@ -426,6 +466,7 @@ fn claude(cmd: ClaudeCommand) -> anyhow::Result<()> {
             println!("start a new Claude Code session to pick it up");
         }
         ClaudeCommand::Disable => {
+            let paths = paths()?;
             let settings = paths.settings.display();
             match claude::disable(&paths)? {
                 Disabled::Restored => {
@@ -442,6 +483,63 @@ fn claude(cmd: ClaudeCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `ccgate claude run`: the running gateway, or one for this session; then Claude Code.
+fn claude_run(
+    config: Option<PathBuf>,
+    url: Option<String>,
+    args: &[std::ffi::OsString],
+) -> anyhow::Result<()> {
+    let env = ProcessEnv;
+    let running = launch::find_running(config.as_deref(), url.as_deref(), &env)?;
+    // Declared before the run, so it outlives Claude and stops after it.
+    let session: launch::Session;
+    let (url, token) = match running {
+        Some(target) => (target.url, target.token),
+        None => {
+            // Loaded here too, for the access token and to report a broken config before anything starts.
+            let (loaded, _) = load(config.as_deref(), &env)?;
+            session = launch::Session::start(config.as_deref())?;
+            eprintln!(
+                "ccgate: started a gateway for this session at {} (log: {})",
+                session.url(),
+                session.log().display()
+            );
+            (session.url().to_string(), loaded.server.access_token)
+        }
+    };
+    let program = launch::claude_program(&env);
+    match launch::run_claude(&program, &url, token.as_ref(), args)? {
+        0 => Ok(()),
+        code => Err(Exit(code).into()),
+    }
+}
+
+/// The gateway `claude run` starts: on a free loopback port, until stdin closes or a signal.
+fn session_gateway(config: Option<PathBuf>) -> anyhow::Result<()> {
+    let (mut config, source) = load(config.as_deref(), &ProcessEnv)?;
+    override_listen(&mut config, SocketAddr::from(([127, 0, 0, 1], 0)))?;
+    let runtime = target::runtime()?;
+    runtime.block_on(async move {
+        let file = source.file().map(Path::to_path_buf);
+        let server = crate::server::Server::bind_with_source(config, file).await?;
+        let addr = server.local_addr();
+        let signal = crate::server::shutdown_signal();
+        tracing::info!(config = %source, "ccgate {} started for a Claude Code session", env!("CARGO_PKG_VERSION"));
+        let mut out = std::io::stdout();
+        writeln!(out, "listening on http://{addr}")?;
+        out.flush()?;
+        let shutdown = async {
+            tokio::select! {
+                () = signal => {}
+                () = launch::stdin_closed() => {}
+            }
+        };
+        server.run(shutdown).await;
+        tracing::info!("stopped");
+        anyhow::Ok(())
+    })
 }
 
 /// Where a loaded configuration came from. `Display` describes it for messages.
