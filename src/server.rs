@@ -22,14 +22,15 @@ use std::path::PathBuf;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::{Request, Response, StatusCode};
+use http::{Request, Response, StatusCode, Uri};
 use http_body::Body;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::{Config, ProcessEnv};
 use crate::health::registry::ReloadReport;
-use crate::proxy::handler::{self, ADMIN_PREFIX, Gateway};
+use crate::proxy::entry::{self, Destination};
+use crate::proxy::handler::{self, Gateway};
 use crate::proxy::relay::BoxError;
 use crate::proxy::response::{self, GateBody};
 use crate::store::Persist;
@@ -182,21 +183,33 @@ async fn reload_route<B>(handle: &Handle, req: &Request<B>) -> Response<GateBody
     }
 }
 
-/// Routes one request: ccgate's own prefix to the control plane, everything else to the proxy
-/// of the current gateway. The proxy never sees `/_ccgate/`.
-async fn serve_one<B>(handle: Arc<Handle>, req: Request<B>) -> Response<GateBody>
+/// Routes one request: admission first (method, target, path; see [`entry`]), then ccgate's own
+/// prefix to the control plane, the pre-connect answered here, and API paths to the proxy of the
+/// current gateway. The proxy never sees `/_ccgate/`, and every later stage sees the normalised
+/// origin-form target only.
+async fn serve_one<B>(handle: Arc<Handle>, mut req: Request<B>) -> Response<GateBody>
 where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let path = req.uri().path();
-    if path == "/_ccgate/reload" {
-        return reload_route(&handle, &req).await;
+    let admitted = match entry::admit(req.method(), req.uri()) {
+        Ok(a) => a,
+        Err(refusal) => {
+            tracing::debug!(method = %req.method(), %refusal, "request refused at the door");
+            return refusal.answer();
+        }
+    };
+    *req.uri_mut() = Uri::from(admitted.target);
+    match admitted.destination {
+        Destination::Preconnect => Response::new(GateBody::empty()),
+        Destination::Control if req.uri().path() == "/_ccgate/reload" => {
+            reload_route(&handle, &req).await
+        }
+        Destination::Control => {
+            crate::control::admin::handle(handle.current(), &handle.persist, req).await
+        }
+        Destination::Api => handler::handle(handle.current(), req).await,
     }
-    if path == ADMIN_PREFIX || path.starts_with("/_ccgate/") {
-        return crate::control::admin::handle(handle.current(), &handle.persist, req).await;
-    }
-    handler::handle(handle.current(), req).await
 }
 
 /// Why the server could not start.

@@ -599,6 +599,15 @@ async fn client_admin_prefix_tricks_reach_no_admin_view_and_leak_no_token() {
             eprintln!("{path} with the token: {}", r.status);
         }
     }
+    assert_eq!(
+        up.count(),
+        0,
+        "the admin prefix in disguise is never forwarded: {:?}",
+        up.received()
+            .iter()
+            .map(|r| r.path_and_query.clone())
+            .collect::<Vec<_>>()
+    );
     for got in up.received() {
         assert!(!got.path_and_query.contains(TOKEN));
         for (name, value) in &got.headers {
@@ -618,8 +627,9 @@ async fn client_admin_prefix_tricks_reach_no_admin_view_and_leak_no_token() {
     );
 }
 
-/// `METHOD TARGET` answered locally with `status`, counted against no endpoint.
-async fn answered_locally(method: &str, target: &str, status: u16) {
+/// `METHOD TARGET` answered locally with `status`, counted against no endpoint nor in the
+/// gateway's totals; the answer.
+async fn answered_locally(method: &str, target: &str, status: u16) -> Raw {
     let up = MockUpstream::start().await;
     let gw = builder().endpoint("a", &up.url(), "").start().await;
     let r = raw(&gw, &raw_request(method, target, &[], b"")).await;
@@ -645,16 +655,30 @@ async fn answered_locally(method: &str, target: &str, status: u16) {
     assert_anthropic_error(&r.body);
     assert_eq!(up.count(), 0, "{method} {target} forwarded");
     assert_eq!(counts(&gw, "a").await, (0, 0, 0));
+    let s = gw.admin("stats").await;
+    assert_eq!(n(&s, "total_requests"), 0, "refused at the door: {s}");
+    r
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "defect: issue 17 #5 — TRACE is forwarded upstream and counted (client gets the upstream's 200), not a local 405"]
 async fn client_trace_is_405_locally() {
-    answered_locally("TRACE", MESSAGES, 405).await;
+    let r = answered_locally("TRACE", MESSAGES, 405).await;
+    let allow = r.header("allow").expect("Allow on a 405");
+    assert!(
+        allow.contains("POST") && !allow.contains("TRACE"),
+        "{allow}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "defect: issue 17 #5 — CONNECT is forwarded upstream as `CONNECT /`; the client connection ends with no answer"]
+async fn client_unused_methods_are_405_locally() {
+    for method in ["PUT", "PATCH", "PROPFIND", "FOO"] {
+        let r = answered_locally(method, MESSAGES, 405).await;
+        assert!(r.header("allow").is_some(), "{method}: {r:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_connect_is_405_locally() {
     let up = MockUpstream::start().await;
     let target = up.addr().to_string();
@@ -662,21 +686,100 @@ async fn client_connect_is_405_locally() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "defect: issue 17 #5 — `POST *` is forwarded upstream as `POST *` (client gets 200), not a local 400"]
 async fn client_asterisk_target_is_400_locally() {
     answered_locally("POST", "*", 400).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "defect: issue 21 #4 — `GET /v1/../../admin` is forwarded verbatim with the endpoint's key (client gets 200)"]
 async fn client_path_climbing_above_the_root_is_400_locally() {
     answered_locally("GET", "/v1/../../admin", 400).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "defect: issue 21 #4 — `%2e%2e` segments are forwarded verbatim with the endpoint's key (client gets 200)"]
 async fn client_encoded_dot_segments_climbing_above_the_root_are_400_locally() {
     answered_locally("GET", "/v1/%2e%2e/%2E%2E/admin", 400).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_encoded_slashes_in_a_path_are_400_locally() {
+    answered_locally("GET", "/v1/models%2F..%2F..%2Fadmin", 400).await;
+    answered_locally("POST", "/v1/messages%5c..", 400).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_dot_segments_are_removed_before_forwarding() {
+    let up = MockUpstream::start().await;
+    let gw = builder().endpoint("a", &up.url(), "").start().await;
+    let body = message_bytes(false);
+    for target in [
+        "/v1/x/../messages?beta=true",
+        "/v1/./%2E%2e/v1//messages?beta=true",
+    ] {
+        let r = raw(&gw, &raw_request("POST", target, &[], &body))
+            .await
+            .expect("an answer");
+        assert_eq!(r.status, 200, "{target}: {r:?}");
+        let got = up.last_request().expect("forwarded");
+        assert_eq!(got.path_and_query, "/v1/messages?beta=true", "{target}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_paths_outside_the_api_get_a_local_404() {
+    for target in [
+        "/",
+        "/favicon.ico",
+        "/v2/messages",
+        "/admin",
+        "/api",
+        "/metrics/x",
+    ] {
+        let r = answered_locally("GET", target, 404).await;
+        let v = assert_anthropic_error(&r.body);
+        assert_eq!(v["error"]["type"], "not_found_error", "{target}: {v}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_api_and_claude_code_paths_are_forwarded() {
+    let up = MockUpstream::start().await;
+    let gw = builder().endpoint("a", &up.url(), "").start().await;
+    for (method, path) in [
+        (Method::GET, "/v1/models"),
+        (Method::POST, "/v1/messages/count_tokens"),
+        (Method::POST, "/api/event_logging/batch"),
+        (Method::DELETE, "/v1/files/file_1"),
+    ] {
+        let a = gw
+            .request(method.clone(), path, &[], Bytes::from_static(b"{}"))
+            .await;
+        assert_eq!(a.status, 200, "{method} {path}: {}", a.text());
+        let got = up.last_request().expect("forwarded");
+        assert_eq!((got.method.as_str(), got.path()), (method.as_str(), path));
+    }
+    assert_eq!(up.count(), 4);
+    assert_eq!(counts(&gw, "a").await, (4, 4, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_501_is_the_callers_error_not_the_endpoints() {
+    let up = MockUpstream::start().await;
+    up.set_default(Script::error(501, "api_error", "not implemented"));
+    let gw = builder()
+        .health("failure_threshold = 2")
+        .endpoint("a", &up.url(), "")
+        .start()
+        .await;
+    for _ in 0..4 {
+        let a = gw
+            .request(Method::OPTIONS, MESSAGES, &[], Bytes::new())
+            .await;
+        assert_eq!(a.status, 501, "{}", a.text());
+    }
+    assert_eq!(up.count(), 4, "each request tried once, never failed over");
+    let v = gw.endpoint_view("a").await;
+    assert_eq!(n(&v, "failed_requests"), 0, "{v}");
+    assert_eq!(v["state"], "healthy", "{v}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -705,7 +808,6 @@ async fn client_aborting_its_upload_is_cancelled() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "defect: issue 21 #6 — `Authorization: bearer <token>` (lower-case scheme) gets 401"]
 async fn client_bearer_scheme_is_case_insensitive() {
     const TOKEN: &str = "gate-token-case";
     let up = MockUpstream::start().await;
@@ -728,7 +830,6 @@ async fn client_bearer_scheme_is_case_insensitive() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "defect: issue 21 #7 — `GET /_ccgate/endpoints/a/probe` gets 404, not 405 with Allow"]
 async fn client_wrong_method_on_an_admin_path_is_405_with_allow() {
     let up = MockUpstream::start().await;
     let gw = builder().endpoint("a", &up.url(), "").start().await;
@@ -744,14 +845,38 @@ async fn client_wrong_method_on_an_admin_path_is_405_with_allow() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "defect: issue 21 #5 — `GET /metrics` is forwarded upstream with the endpoint's key and counted"]
 async fn client_metrics_at_the_root_is_served_locally() {
     let up = MockUpstream::start().await;
     let gw = builder().endpoint("a", &up.url(), "").start().await;
     let a = gw.request(Method::GET, "/metrics", &[], Bytes::new()).await;
     assert_eq!(a.status, 200, "{}", a.text());
+    assert!(a.text().contains("# TYPE"), "{}", a.text());
     assert_eq!(up.count(), 0, "forwarded upstream");
     assert_eq!(counts(&gw, "a").await, (0, 0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_metrics_at_the_root_needs_the_access_token() {
+    const TOKEN: &str = "gate-token-metrics";
+    let up = MockUpstream::start().await;
+    let gw = builder()
+        .server(&format!("access_token = \"{TOKEN}\""))
+        .endpoint("a", &up.url(), "")
+        .start()
+        .await;
+    let a = gw.request(Method::GET, "/metrics", &[], Bytes::new()).await;
+    assert_eq!(a.status, 401, "{}", a.text());
+    let bearer = format!("Bearer {TOKEN}");
+    let a = gw
+        .request(
+            Method::GET,
+            "/metrics",
+            &[("authorization", &bearer)],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(up.count(), 0, "forwarded upstream");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -126,10 +126,13 @@ impl Gateway {
         // Either header may carry it: Claude Code sends its own key as `x-api-key` next to
         // `ANTHROPIC_AUTH_TOKEN` as a Bearer token when both are set.
         let api_key = headers.get("x-api-key").and_then(|v| v.to_str().ok());
+        // The scheme is case-insensitive (RFC 9110 §11.1): `bearer`, `Bearer`, `BEARER`.
         let bearer = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim_start_matches(' '));
         [api_key, bearer]
             .into_iter()
             .flatten()
@@ -141,18 +144,14 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Handles one proxied client request. The admin prefix never reaches this: the server routes
-/// it to the control plane first.
+/// Handles one proxied client request. Only admitted API paths reach this (see
+/// [`crate::proxy::entry`]): the server answers the rest, and routes the admin prefix to the
+/// control plane.
 pub async fn handle<B>(gw: Arc<Gateway>, req: Request<B>) -> Response<GateBody>
 where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let path = req.uri().path();
-    // Claude Code pre-connects with a credential-less `HEAD /`; answer it here, uncounted.
-    if req.method() == Method::HEAD && path == "/" {
-        return Response::new(GateBody::empty());
-    }
     if !gw.authorized(req.headers()) {
         return response::error(
             StatusCode::UNAUTHORIZED,
