@@ -186,25 +186,57 @@ where
     let body = match Limited::new(body, cap).collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) => {
-            guard.end(RequestEnd::Caller);
             if e.downcast_ref::<http_body_util::LengthLimitError>()
                 .is_some()
             {
+                guard.end(RequestEnd::Caller);
                 return too_large(cap);
             }
+            // A client that leaves during its upload cancelled its request; a body that breaks
+            // the framing (bad chunk sizes) is the caller's error.
+            guard.end(if client_left(&*e) {
+                RequestEnd::Cancelled
+            } else {
+                RequestEnd::Caller
+            });
             return response::error_for(
                 StatusCode::BAD_REQUEST,
                 "ccgate: could not read the request body",
             );
         }
     };
+    let mut headers = parts.headers;
+    // The client's `Expect: 100-continue` was answered when its body was read; the upstream gets
+    // the whole body at once and must not wait for an interim answer of its own.
+    headers.remove(header::EXPECT);
     let path_and_query = parts
         .uri
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-    let prepared = Prepared::new(parts.method, path_and_query, parts.headers, body);
+    let prepared = Prepared::new(parts.method, path_and_query, headers, body);
     forward_request(gw, prepared, guard).await
+}
+
+/// Whether reading the request body failed because the client went away (the connection closed
+/// or broke before the body's end), rather than because the body was malformed.
+fn client_left(e: &(dyn std::error::Error + 'static)) -> bool {
+    let Some(h) = e.downcast_ref::<hyper::Error>() else {
+        return false;
+    };
+    if h.is_incomplete_message() || h.is_canceled() || h.is_closed() {
+        return true;
+    }
+    // A broken connection surfaces as an I/O error (`UnexpectedEof`, a reset); a framing error
+    // as `InvalidInput` or `InvalidData`.
+    std::error::Error::source(h)
+        .and_then(|s| s.downcast_ref::<std::io::Error>())
+        .is_some_and(|io| {
+            !matches!(
+                io.kind(),
+                std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput
+            )
+        })
 }
 
 fn too_large(cap: usize) -> Response<GateBody> {
