@@ -1141,3 +1141,143 @@ fn gzip_helper_is_valid() {
     let z = gzip_stored(b"123456789");
     assert_eq!(&z[z.len() - 8..z.len() - 4], &0xcbf4_3926u32.to_le_bytes());
 }
+
+// ---------------------------------------------------------------------------------------------
+// Connection limits
+// ---------------------------------------------------------------------------------------------
+
+/// `GET /_ccgate/health` on `tcp`, keeping the connection open; whether it was answered 200.
+async fn health_on(tcp: &mut TcpStream) -> bool {
+    if tcp
+        .write_all(b"GET /_ccgate/health HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    let mut buf = Vec::new();
+    read_response(tcp, &mut buf)
+        .await
+        .is_some_and(|r| r.status == 200)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_keeps_at_most_max_idle_upstream_connections_per_worker() {
+    let up = MockUpstream::start().await;
+    let gate = Gate::new();
+    up.push_n(
+        Script::sse_events(SseEvent::message_stream(2)).gate_after(3, gate.clone()),
+        6,
+    );
+    let gw = builder()
+        .server("workers = 1")
+        .server("max_idle_upstream = 2")
+        .endpoint("a", &up.url(), "")
+        .start()
+        .await;
+    let gw = std::sync::Arc::new(gw);
+    let streams: Vec<_> = (0..6)
+        .map(|_| {
+            let gw = std::sync::Arc::clone(&gw);
+            tokio::spawn(async move { post_stream(&gw, &[]).await })
+        })
+        .collect();
+    // Six streams run at once, each on its own upstream connection.
+    gate.wait_arrived(6).await;
+    assert_eq!(up.connections_accepted(), 6);
+    gate.open();
+    for s in streams {
+        assert_clean_stream(&s.await.expect("stream task"));
+    }
+    // Back in the pool, two stay; the other four are closed.
+    support::wait::eventually("four idle connections closed", || async {
+        up.connections_ended() == 4
+    })
+    .await;
+    let ep = gw.gateway.registry.by_name("a").expect("endpoint a");
+    assert_eq!(ep.client.idle_connections(), 2);
+    assert_eq!(up.connections_ended(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_closes_connections_past_max_connections() {
+    let up = MockUpstream::start().await;
+    let gw = builder()
+        .server("max_connections = 2")
+        .endpoint("a", &up.url(), "")
+        .start()
+        .await;
+    let mut c1 = TcpStream::connect(gw.addr).await.expect("connect");
+    let mut c2 = TcpStream::connect(gw.addr).await.expect("connect");
+    assert!(health_on(&mut c1).await, "first connection served");
+    assert!(health_on(&mut c2).await, "second connection served");
+    // Both stay open (keep-alive): a third is accepted and closed without an answer.
+    let mut c3 = TcpStream::connect(gw.addr).await.expect("connect");
+    assert!(!health_on(&mut c3).await, "a third connection is closed");
+    assert!(
+        health_on(&mut c2).await,
+        "open connections keep being served"
+    );
+    // One ends: a new connection is served again.
+    drop(c1);
+    support::wait::eventually("a new connection served", || async {
+        match TcpStream::connect(gw.addr).await {
+            Ok(mut c) => health_on(&mut c).await,
+            Err(_) => false,
+        }
+    })
+    .await;
+    assert_eq!(up.count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_trickling_its_head_is_cut_by_the_header_read_timeout() {
+    // On a listener reachable from other machines the deadline is on by default (60 s); the
+    // knob arms the same mechanism on loopback.
+    let up = MockUpstream::start().await;
+    let gw = builder()
+        .server("header_read_timeout = \"300ms\"")
+        .endpoint("a", &up.url(), "")
+        .start()
+        .await;
+    let mut tcp = TcpStream::connect(gw.addr).await.expect("connect");
+    let started = std::time::Instant::now();
+    tcp.write_all(b"POST /v1/messages HTTP/1.1\r\n")
+        .await
+        .expect("write");
+    // One byte every 50 ms: a slowloris client that never finishes its head.
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(50));
+    let trickle = b"x-slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    let mut sent = 0;
+    let mut chunk = [0u8; 1024];
+    within("the gateway to cut the slow client", async {
+        loop {
+            tokio::select! {
+                read = tcp.read(&mut chunk) => {
+                    // An error answer (408) or the connection's end.
+                    if matches!(read, Ok(0) | Err(_)) { break; }
+                }
+                _ = tick.tick() => {
+                    let b = trickle[sent % trickle.len()];
+                    sent += 1;
+                    if tcp.write_all(&[b]).await.is_err() { break; }
+                }
+            }
+        }
+    })
+    .await;
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(300),
+        "cut before the deadline: {:?}",
+        started.elapsed()
+    );
+    // A kept-alive connection that stays idle is closed by the same deadline.
+    let mut idle = TcpStream::connect(gw.addr).await.expect("connect");
+    assert!(health_on(&mut idle).await);
+    within("the idle connection to be closed", async {
+        let mut b = [0u8; 64];
+        while !matches!(idle.read(&mut b).await, Ok(0) | Err(_)) {}
+    })
+    .await;
+    assert_eq!(up.count(), 0);
+}
