@@ -10,6 +10,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use hyper::service::service_fn;
@@ -22,14 +23,15 @@ use std::path::PathBuf;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::{Request, Response, StatusCode};
+use http::{Request, Response, StatusCode, Uri};
 use http_body::Body;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::{Config, ProcessEnv};
 use crate::health::registry::ReloadReport;
-use crate::proxy::handler::{self, ADMIN_PREFIX, Gateway};
+use crate::proxy::entry::{self, Destination};
+use crate::proxy::handler::{self, Gateway};
 use crate::proxy::relay::BoxError;
 use crate::proxy::response::{self, GateBody};
 use crate::store::Persist;
@@ -182,21 +184,33 @@ async fn reload_route<B>(handle: &Handle, req: &Request<B>) -> Response<GateBody
     }
 }
 
-/// Routes one request: ccgate's own prefix to the control plane, everything else to the proxy
-/// of the current gateway. The proxy never sees `/_ccgate/`.
-async fn serve_one<B>(handle: Arc<Handle>, req: Request<B>) -> Response<GateBody>
+/// Routes one request: admission first (method, target, path; see [`entry`]), then ccgate's own
+/// prefix to the control plane, the pre-connect answered here, and API paths to the proxy of the
+/// current gateway. The proxy never sees `/_ccgate/`, and every later stage sees the normalised
+/// origin-form target only.
+async fn serve_one<B>(handle: Arc<Handle>, mut req: Request<B>) -> Response<GateBody>
 where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let path = req.uri().path();
-    if path == "/_ccgate/reload" {
-        return reload_route(&handle, &req).await;
+    let admitted = match entry::admit(req.method(), req.uri()) {
+        Ok(a) => a,
+        Err(refusal) => {
+            tracing::debug!(method = %req.method(), %refusal, "request refused at the door");
+            return refusal.answer();
+        }
+    };
+    *req.uri_mut() = Uri::from(admitted.target);
+    match admitted.destination {
+        Destination::Preconnect => Response::new(GateBody::empty()),
+        Destination::Control if req.uri().path() == "/_ccgate/reload" => {
+            reload_route(&handle, &req).await
+        }
+        Destination::Control => {
+            crate::control::admin::handle(handle.current(), &handle.persist, req).await
+        }
+        Destination::Api => handler::handle(handle.current(), req).await,
     }
-    if path == ADMIN_PREFIX || path.starts_with("/_ccgate/") {
-        return crate::control::admin::handle(handle.current(), &handle.persist, req).await;
-    }
-    handler::handle(handle.current(), req).await
 }
 
 /// Why the server could not start.
@@ -266,11 +280,21 @@ impl Server {
         let exposed = listener
             .local_addr()
             .map_or(true, |a| !a.ip().is_loopback());
-        let workers: Vec<Worker> = (0..handle.current().config.server.workers)
-            .filter_map(|i| Worker::spawn(i, Arc::clone(&handle), exposed))
+        let server_config = handle.current().config.server.clone();
+        // A deadline for reading each request head guards against clients that trickle bytes to
+        // hold connections open, and closes idle keep-alive connections. It arms a timer for
+        // every request (about 7% of ccgate's CPU per request in the c=64 benchmark), so unless
+        // configured it is used only when the listener is reachable from other machines; on
+        // loopback the clients are the user's own.
+        let header_timeout = server_config
+            .header_read_timeout
+            .or(exposed.then_some(crate::config::EXPOSED_HEADER_READ_TIMEOUT));
+        let limit = Arc::new(ConnectionLimit::new(server_config.max_connections));
+        let workers: Vec<Worker> = (0..server_config.workers)
+            .filter_map(|i| Worker::spawn(i, Arc::clone(&handle), header_timeout))
             .collect();
         // Connections no worker could take (none started) are served here.
-        let local = Connections::new(exposed);
+        let local = Connections::new(header_timeout);
         let mut next = 0usize;
         tokio::pin!(shutdown);
         loop {
@@ -295,18 +319,24 @@ impl Server {
                     continue;
                 }
             };
+            // Past the limit a connection is accepted and closed at once: the client gets a clear
+            // connection error instead of waiting in the backlog, and nothing is held for it.
+            let Some(slot) = limit.take() else {
+                drop(stream);
+                continue;
+            };
             let _ = stream.set_nodelay(true);
             // Connections go to the workers in turn; each serves its connections on its own
             // single-threaded event loop.
             let stream = match workers.get(next % workers.len().max(1)) {
                 Some(w) => match stream.into_std() {
-                    Ok(std) => match w.tx.send(std) {
+                    Ok(std) => match w.tx.send((std, slot)) {
                         Ok(()) => {
                             next = next.wrapping_add(1);
                             continue;
                         }
-                        Err(tokio::sync::mpsc::error::SendError(std)) => {
-                            TcpStream::from_std(std).ok()
+                        Err(tokio::sync::mpsc::error::SendError((std, slot))) => {
+                            TcpStream::from_std(std).ok().map(|s| (s, slot))
                         }
                     },
                     Err(e) => {
@@ -314,10 +344,10 @@ impl Server {
                         None
                     }
                 },
-                None => Some(stream),
+                None => Some((stream, slot)),
             };
-            if let Some(stream) = stream {
-                local.serve(stream, Arc::clone(&handle));
+            if let Some((stream, slot)) = stream {
+                local.serve(stream, slot, Arc::clone(&handle));
             }
         }
         drop(listener);
@@ -348,13 +378,8 @@ struct Connections {
 }
 
 impl Connections {
-    /// `exposed`: the listener is reachable beyond this machine.
-    fn new(exposed: bool) -> Self {
-        // A deadline for reading each request head guards against clients that trickle bytes to
-        // hold connections open. It arms a timer for every request (about 7% of ccgate's CPU per
-        // request in the c=64 benchmark), so it is used only when the listener is reachable
-        // from other machines; on loopback the clients are the user's own.
-        let header_timeout = exposed.then_some(Duration::from_secs(60));
+    /// `header_timeout`: the deadline for reading a request head, if any.
+    fn new(header_timeout: Option<Duration>) -> Self {
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
@@ -366,8 +391,8 @@ impl Connections {
         }
     }
 
-    /// Serves one connection on the current runtime.
-    fn serve(&self, stream: TcpStream, handle: Arc<Handle>) {
+    /// Serves one connection on the current runtime; `slot` is freed when it ends.
+    fn serve(&self, stream: TcpStream, slot: ConnectionSlot, handle: Arc<Handle>) {
         let service = service_fn(move |req| {
             let handle = Arc::clone(&handle);
             async move { Ok::<_, Infallible>(serve_one(handle, req).await) }
@@ -381,6 +406,7 @@ impl Connections {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
+            drop(slot);
         });
     }
 
@@ -397,16 +423,73 @@ impl Connections {
     }
 }
 
+/// The cap on open client connections (`server.max_connections`). Each idle keep-alive
+/// connection costs a task and its buffers, so thousands of them must stay bounded.
+struct ConnectionLimit {
+    open: AtomicUsize,
+    max: usize,
+    /// Set while the limit is reached, so that it is logged once per episode, not per refusal.
+    full: AtomicBool,
+}
+
+/// One open client connection, counted until dropped.
+struct ConnectionSlot(Arc<ConnectionLimit>);
+
+impl ConnectionLimit {
+    fn new(max: usize) -> Self {
+        Self {
+            open: AtomicUsize::new(0),
+            max,
+            full: AtomicBool::new(false),
+        }
+    }
+
+    /// A slot for a new connection, or `None` at the limit (logged once until a slot frees).
+    fn take(self: &Arc<Self>) -> Option<ConnectionSlot> {
+        let taken = self
+            .open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .is_ok();
+        if taken {
+            if self.full.swap(false, Ordering::AcqRel) {
+                tracing::info!(
+                    max_connections = self.max,
+                    "client connections below the limit again; accepting"
+                );
+            }
+            Some(ConnectionSlot(Arc::clone(self)))
+        } else {
+            if !self.full.swap(true, Ordering::AcqRel) {
+                tracing::warn!(
+                    max_connections = self.max,
+                    "client connection limit reached (server.max_connections); closing new \
+                     connections until some end"
+                );
+            }
+            None
+        }
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// A serving thread with its own single-threaded runtime and upstream pools: a request, its
 /// upstream connection and all their wakeups stay on one thread, as in nginx's worker model.
 struct Worker {
-    tx: tokio::sync::mpsc::UnboundedSender<std::net::TcpStream>,
+    tx: tokio::sync::mpsc::UnboundedSender<(std::net::TcpStream, ConnectionSlot)>,
     done: tokio::sync::oneshot::Receiver<()>,
 }
 
 impl Worker {
-    fn spawn(index: usize, handle: Arc<Handle>, exposed: bool) -> Option<Self> {
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<std::net::TcpStream>();
+    fn spawn(index: usize, handle: Arc<Handle>, header_timeout: Option<Duration>) -> Option<Self> {
+        let (tx, mut rx) =
+            tokio::sync::mpsc::unbounded_channel::<(std::net::TcpStream, ConnectionSlot)>();
         let (done_tx, done) = tokio::sync::oneshot::channel();
         let spawned = std::thread::Builder::new()
             .name(format!("ccgate-worker-{index}"))
@@ -423,10 +506,10 @@ impl Worker {
                     }
                 };
                 runtime.block_on(async move {
-                    let conns = Connections::new(exposed);
-                    while let Some(std) = rx.recv().await {
+                    let conns = Connections::new(header_timeout);
+                    while let Some((std, slot)) = rx.recv().await {
                         match TcpStream::from_std(std) {
-                            Ok(stream) => conns.serve(stream, Arc::clone(&handle)),
+                            Ok(stream) => conns.serve(stream, slot, Arc::clone(&handle)),
                             Err(e) => tracing::debug!(error = %e, "cannot adopt a connection"),
                         }
                     }

@@ -415,7 +415,6 @@ async fn client_chunked_request_body_is_forwarded_whole() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "defect: issue 17 #9 — 100 Continue comes and the answer is 200, but `expect: 100-continue` reaches the upstream"]
 async fn client_expect_100_continue_is_honoured_and_not_forwarded() {
     let up = MockUpstream::start().await;
     let gw = builder().endpoint("a", &up.url(), "").start().await;
@@ -599,6 +598,15 @@ async fn client_admin_prefix_tricks_reach_no_admin_view_and_leak_no_token() {
             eprintln!("{path} with the token: {}", r.status);
         }
     }
+    assert_eq!(
+        up.count(),
+        0,
+        "the admin prefix in disguise is never forwarded: {:?}",
+        up.received()
+            .iter()
+            .map(|r| r.path_and_query.clone())
+            .collect::<Vec<_>>()
+    );
     for got in up.received() {
         assert!(!got.path_and_query.contains(TOKEN));
         for (name, value) in &got.headers {
@@ -618,8 +626,9 @@ async fn client_admin_prefix_tricks_reach_no_admin_view_and_leak_no_token() {
     );
 }
 
-/// `METHOD TARGET` answered locally with `status`, counted against no endpoint.
-async fn answered_locally(method: &str, target: &str, status: u16) {
+/// `METHOD TARGET` answered locally with `status`, counted against no endpoint nor in the
+/// gateway's totals; the answer.
+async fn answered_locally(method: &str, target: &str, status: u16) -> Raw {
     let up = MockUpstream::start().await;
     let gw = builder().endpoint("a", &up.url(), "").start().await;
     let r = raw(&gw, &raw_request(method, target, &[], b"")).await;
@@ -645,16 +654,30 @@ async fn answered_locally(method: &str, target: &str, status: u16) {
     assert_anthropic_error(&r.body);
     assert_eq!(up.count(), 0, "{method} {target} forwarded");
     assert_eq!(counts(&gw, "a").await, (0, 0, 0));
+    let s = gw.admin("stats").await;
+    assert_eq!(n(&s, "total_requests"), 0, "refused at the door: {s}");
+    r
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "defect: issue 17 #5 — TRACE is forwarded upstream and counted (client gets the upstream's 200), not a local 405"]
 async fn client_trace_is_405_locally() {
-    answered_locally("TRACE", MESSAGES, 405).await;
+    let r = answered_locally("TRACE", MESSAGES, 405).await;
+    let allow = r.header("allow").expect("Allow on a 405");
+    assert!(
+        allow.contains("POST") && !allow.contains("TRACE"),
+        "{allow}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "defect: issue 17 #5 — CONNECT is forwarded upstream as `CONNECT /`; the client connection ends with no answer"]
+async fn client_unused_methods_are_405_locally() {
+    for method in ["PUT", "PATCH", "PROPFIND", "FOO"] {
+        let r = answered_locally(method, MESSAGES, 405).await;
+        assert!(r.header("allow").is_some(), "{method}: {r:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_connect_is_405_locally() {
     let up = MockUpstream::start().await;
     let target = up.addr().to_string();
@@ -662,25 +685,103 @@ async fn client_connect_is_405_locally() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "defect: issue 17 #5 — `POST *` is forwarded upstream as `POST *` (client gets 200), not a local 400"]
 async fn client_asterisk_target_is_400_locally() {
     answered_locally("POST", "*", 400).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "defect: issue 21 #4 — `GET /v1/../../admin` is forwarded verbatim with the endpoint's key (client gets 200)"]
 async fn client_path_climbing_above_the_root_is_400_locally() {
     answered_locally("GET", "/v1/../../admin", 400).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "defect: issue 21 #4 — `%2e%2e` segments are forwarded verbatim with the endpoint's key (client gets 200)"]
 async fn client_encoded_dot_segments_climbing_above_the_root_are_400_locally() {
     answered_locally("GET", "/v1/%2e%2e/%2E%2E/admin", 400).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "defect: issue 17 #7 — a client leaving during its upload is counted caller_errors 1, cancelled 0"]
+async fn client_encoded_slashes_in_a_path_are_400_locally() {
+    answered_locally("GET", "/v1/models%2F..%2F..%2Fadmin", 400).await;
+    answered_locally("POST", "/v1/messages%5c..", 400).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_dot_segments_are_removed_before_forwarding() {
+    let up = MockUpstream::start().await;
+    let gw = builder().endpoint("a", &up.url(), "").start().await;
+    let body = message_bytes(false);
+    for target in [
+        "/v1/x/../messages?beta=true",
+        "/v1/./%2E%2e/v1//messages?beta=true",
+    ] {
+        let r = raw(&gw, &raw_request("POST", target, &[], &body))
+            .await
+            .expect("an answer");
+        assert_eq!(r.status, 200, "{target}: {r:?}");
+        let got = up.last_request().expect("forwarded");
+        assert_eq!(got.path_and_query, "/v1/messages?beta=true", "{target}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_paths_outside_the_api_get_a_local_404() {
+    for target in [
+        "/",
+        "/favicon.ico",
+        "/v2/messages",
+        "/admin",
+        "/api",
+        "/metrics/x",
+    ] {
+        let r = answered_locally("GET", target, 404).await;
+        let v = assert_anthropic_error(&r.body);
+        assert_eq!(v["error"]["type"], "not_found_error", "{target}: {v}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_api_and_claude_code_paths_are_forwarded() {
+    let up = MockUpstream::start().await;
+    let gw = builder().endpoint("a", &up.url(), "").start().await;
+    for (method, path) in [
+        (Method::GET, "/v1/models"),
+        (Method::POST, "/v1/messages/count_tokens"),
+        (Method::POST, "/api/event_logging/batch"),
+        (Method::DELETE, "/v1/files/file_1"),
+    ] {
+        let a = gw
+            .request(method.clone(), path, &[], Bytes::from_static(b"{}"))
+            .await;
+        assert_eq!(a.status, 200, "{method} {path}: {}", a.text());
+        let got = up.last_request().expect("forwarded");
+        assert_eq!((got.method.as_str(), got.path()), (method.as_str(), path));
+    }
+    assert_eq!(up.count(), 4);
+    assert_eq!(counts(&gw, "a").await, (4, 4, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_501_is_the_callers_error_not_the_endpoints() {
+    let up = MockUpstream::start().await;
+    up.set_default(Script::error(501, "api_error", "not implemented"));
+    let gw = builder()
+        .health("failure_threshold = 2")
+        .endpoint("a", &up.url(), "")
+        .start()
+        .await;
+    for _ in 0..4 {
+        let a = gw
+            .request(Method::OPTIONS, MESSAGES, &[], Bytes::new())
+            .await;
+        assert_eq!(a.status, 501, "{}", a.text());
+    }
+    assert_eq!(up.count(), 4, "each request tried once, never failed over");
+    let v = gw.endpoint_view("a").await;
+    assert_eq!(n(&v, "failed_requests"), 0, "{v}");
+    assert_eq!(v["state"], "healthy", "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_aborting_its_upload_is_cancelled() {
     let up = MockUpstream::start().await;
     let gw = builder().endpoint("a", &up.url(), "").start().await;
@@ -705,7 +806,27 @@ async fn client_aborting_its_upload_is_cancelled() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "defect: issue 21 #6 — `Authorization: bearer <token>` (lower-case scheme) gets 401"]
+async fn client_malformed_chunked_body_is_the_callers_error_not_cancelled() {
+    let up = MockUpstream::start().await;
+    let gw = builder().endpoint("a", &up.url(), "").start().await;
+    let req = b"POST /v1/messages HTTP/1.1\r\nhost: x\r\nconnection: close\r\ntransfer-encoding: chunked\r\n\r\n4\r\n{\"a\"\r\nzz\r\n";
+    let mut tcp = TcpStream::connect(gw.addr).await.expect("connect");
+    tcp.write_all(req).await.expect("write");
+    let mut buf = Vec::new();
+    let r = read_response(&mut tcp, &mut buf).await;
+    eprintln!("malformed chunk: {r:?}");
+    support::wait::eventually("the request to end", || async {
+        let s = gw.admin("stats").await;
+        n(&s, "total_requests") == 1 && n(&s, "in_flight") == 0
+    })
+    .await;
+    let s = gw.admin("stats").await;
+    assert_eq!(n(&s, "caller_errors"), 1, "{s}");
+    assert_eq!(n(&s, "cancelled"), 0, "{s}");
+    assert_eq!(up.count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_bearer_scheme_is_case_insensitive() {
     const TOKEN: &str = "gate-token-case";
     let up = MockUpstream::start().await;
@@ -728,7 +849,6 @@ async fn client_bearer_scheme_is_case_insensitive() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "defect: issue 21 #7 — `GET /_ccgate/endpoints/a/probe` gets 404, not 405 with Allow"]
 async fn client_wrong_method_on_an_admin_path_is_405_with_allow() {
     let up = MockUpstream::start().await;
     let gw = builder().endpoint("a", &up.url(), "").start().await;
@@ -744,14 +864,38 @@ async fn client_wrong_method_on_an_admin_path_is_405_with_allow() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "defect: issue 21 #5 — `GET /metrics` is forwarded upstream with the endpoint's key and counted"]
 async fn client_metrics_at_the_root_is_served_locally() {
     let up = MockUpstream::start().await;
     let gw = builder().endpoint("a", &up.url(), "").start().await;
     let a = gw.request(Method::GET, "/metrics", &[], Bytes::new()).await;
     assert_eq!(a.status, 200, "{}", a.text());
+    assert!(a.text().contains("# TYPE"), "{}", a.text());
     assert_eq!(up.count(), 0, "forwarded upstream");
     assert_eq!(counts(&gw, "a").await, (0, 0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_metrics_at_the_root_needs_the_access_token() {
+    const TOKEN: &str = "gate-token-metrics";
+    let up = MockUpstream::start().await;
+    let gw = builder()
+        .server(&format!("access_token = \"{TOKEN}\""))
+        .endpoint("a", &up.url(), "")
+        .start()
+        .await;
+    let a = gw.request(Method::GET, "/metrics", &[], Bytes::new()).await;
+    assert_eq!(a.status, 401, "{}", a.text());
+    let bearer = format!("Bearer {TOKEN}");
+    let a = gw
+        .request(
+            Method::GET,
+            "/metrics",
+            &[("authorization", &bearer)],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(up.count(), 0, "forwarded upstream");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -996,4 +1140,144 @@ fn gzip_helper_is_valid() {
     // CRC-32 of "123456789" is 0xCBF43926.
     let z = gzip_stored(b"123456789");
     assert_eq!(&z[z.len() - 8..z.len() - 4], &0xcbf4_3926u32.to_le_bytes());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connection limits
+// ---------------------------------------------------------------------------------------------
+
+/// `GET /_ccgate/health` on `tcp`, keeping the connection open; whether it was answered 200.
+async fn health_on(tcp: &mut TcpStream) -> bool {
+    if tcp
+        .write_all(b"GET /_ccgate/health HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    let mut buf = Vec::new();
+    read_response(tcp, &mut buf)
+        .await
+        .is_some_and(|r| r.status == 200)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_keeps_at_most_max_idle_upstream_connections_per_worker() {
+    let up = MockUpstream::start().await;
+    let gate = Gate::new();
+    up.push_n(
+        Script::sse_events(SseEvent::message_stream(2)).gate_after(3, gate.clone()),
+        6,
+    );
+    let gw = builder()
+        .server("workers = 1")
+        .server("max_idle_upstream = 2")
+        .endpoint("a", &up.url(), "")
+        .start()
+        .await;
+    let gw = std::sync::Arc::new(gw);
+    let streams: Vec<_> = (0..6)
+        .map(|_| {
+            let gw = std::sync::Arc::clone(&gw);
+            tokio::spawn(async move { post_stream(&gw, &[]).await })
+        })
+        .collect();
+    // Six streams run at once, each on its own upstream connection.
+    gate.wait_arrived(6).await;
+    assert_eq!(up.connections_accepted(), 6);
+    gate.open();
+    for s in streams {
+        assert_clean_stream(&s.await.expect("stream task"));
+    }
+    // Back in the pool, two stay; the other four are closed.
+    support::wait::eventually("four idle connections closed", || async {
+        up.connections_ended() == 4
+    })
+    .await;
+    let ep = gw.gateway.registry.by_name("a").expect("endpoint a");
+    assert_eq!(ep.client.idle_connections(), 2);
+    assert_eq!(up.connections_ended(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_closes_connections_past_max_connections() {
+    let up = MockUpstream::start().await;
+    let gw = builder()
+        .server("max_connections = 2")
+        .endpoint("a", &up.url(), "")
+        .start()
+        .await;
+    let mut c1 = TcpStream::connect(gw.addr).await.expect("connect");
+    let mut c2 = TcpStream::connect(gw.addr).await.expect("connect");
+    assert!(health_on(&mut c1).await, "first connection served");
+    assert!(health_on(&mut c2).await, "second connection served");
+    // Both stay open (keep-alive): a third is accepted and closed without an answer.
+    let mut c3 = TcpStream::connect(gw.addr).await.expect("connect");
+    assert!(!health_on(&mut c3).await, "a third connection is closed");
+    assert!(
+        health_on(&mut c2).await,
+        "open connections keep being served"
+    );
+    // One ends: a new connection is served again.
+    drop(c1);
+    support::wait::eventually("a new connection served", || async {
+        match TcpStream::connect(gw.addr).await {
+            Ok(mut c) => health_on(&mut c).await,
+            Err(_) => false,
+        }
+    })
+    .await;
+    assert_eq!(up.count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_trickling_its_head_is_cut_by_the_header_read_timeout() {
+    // On a listener reachable from other machines the deadline is on by default (60 s); the
+    // knob arms the same mechanism on loopback.
+    let up = MockUpstream::start().await;
+    let gw = builder()
+        .server("header_read_timeout = \"300ms\"")
+        .endpoint("a", &up.url(), "")
+        .start()
+        .await;
+    let mut tcp = TcpStream::connect(gw.addr).await.expect("connect");
+    let started = std::time::Instant::now();
+    tcp.write_all(b"POST /v1/messages HTTP/1.1\r\n")
+        .await
+        .expect("write");
+    // One byte every 50 ms: a slowloris client that never finishes its head.
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(50));
+    let trickle = b"x-slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    let mut sent = 0;
+    let mut chunk = [0u8; 1024];
+    within("the gateway to cut the slow client", async {
+        loop {
+            tokio::select! {
+                read = tcp.read(&mut chunk) => {
+                    // An error answer (408) or the connection's end.
+                    if matches!(read, Ok(0) | Err(_)) { break; }
+                }
+                _ = tick.tick() => {
+                    let b = trickle[sent % trickle.len()];
+                    sent += 1;
+                    if tcp.write_all(&[b]).await.is_err() { break; }
+                }
+            }
+        }
+    })
+    .await;
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(300),
+        "cut before the deadline: {:?}",
+        started.elapsed()
+    );
+    // A kept-alive connection that stays idle is closed by the same deadline.
+    let mut idle = TcpStream::connect(gw.addr).await.expect("connect");
+    assert!(health_on(&mut idle).await);
+    within("the idle connection to be closed", async {
+        let mut b = [0u8; 64];
+        while !matches!(idle.read(&mut b).await, Ok(0) | Err(_)) {}
+    })
+    .await;
+    assert_eq!(up.count(), 0);
 }

@@ -27,6 +27,14 @@ pub const DEFAULT_WEIGHT: u32 = 100;
 /// Default cap on a client request body. Claude Code sends 70–120 KB on a first turn and more as a
 /// conversation grows; the API itself accepts 32 MB.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
+/// Default cap on open client connections (`server.max_connections`).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// Default cap on idle upstream connections kept per endpoint and serving worker
+/// (`server.max_idle_upstream`).
+pub const DEFAULT_MAX_IDLE_UPSTREAM: usize = 64;
+/// How long a client may take to send a request head when the listener is reachable from other
+/// machines and `server.header_read_timeout` is not set.
+pub const EXPOSED_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(60);
 /// The most endpoints one gateway serves: the set of endpoints a request has tried is a `u64` bitmask.
 pub const MAX_ENDPOINTS: usize = 64;
 
@@ -129,6 +137,15 @@ pub struct ServerConfig {
     pub max_attempts: usize,
     /// Serving threads, each with its own event loop and upstream pools.
     pub workers: usize,
+    /// Most client connections open at once; past it new connections are accepted and closed.
+    /// Read at start only.
+    pub max_connections: usize,
+    /// Most idle upstream connections kept per endpoint and serving worker.
+    pub max_idle_upstream: usize,
+    /// Deadline for reading a request head (also bounds an idle keep-alive connection). `None`:
+    /// [`EXPOSED_HEADER_READ_TIMEOUT`] on a listener reachable from other machines, none on
+    /// loopback. Read at start only.
+    pub header_read_timeout: Option<Duration>,
 }
 
 /// `[timeouts]`: limits on each upstream attempt.

@@ -34,6 +34,9 @@ pub(super) struct RawServer {
     pub(super) shutdown_timeout: Option<Spanned<String>>,
     pub(super) max_attempts: Option<Spanned<i64>>,
     pub(super) workers: Option<Spanned<i64>>,
+    pub(super) max_connections: Option<Spanned<i64>>,
+    pub(super) max_idle_upstream: Option<Spanned<i64>>,
+    pub(super) header_read_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]

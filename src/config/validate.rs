@@ -355,6 +355,27 @@ fn validate_server(s: &RawServer, p: &mut Problems<'_>, env: &dyn Env) -> Server
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n as usize,
         },
+        max_connections: p.int_in(
+            &s.max_connections,
+            "server.max_connections",
+            1,
+            1 << 20,
+            DEFAULT_MAX_CONNECTIONS as i64,
+        ) as usize,
+        max_idle_upstream: p.int_in(
+            &s.max_idle_upstream,
+            "server.max_idle_upstream",
+            0,
+            1 << 16,
+            DEFAULT_MAX_IDLE_UPSTREAM as i64,
+        ) as usize,
+        header_read_timeout: s.header_read_timeout.as_ref().map(|_| {
+            p.duration(
+                &s.header_read_timeout,
+                "server.header_read_timeout",
+                EXPOSED_HEADER_READ_TIMEOUT,
+            )
+        }),
     }
 }
 

@@ -24,7 +24,7 @@ pub(crate) fn refuse_write(
     if !gw.authorized(headers) {
         Some(unauthorized())
     } else if method != Method::POST {
-        Some(response::method_not_allowed())
+        Some(response::method_not_allowed("POST"))
     } else if cross_site(headers) {
         Some(cross_site_refused())
     } else {
@@ -129,8 +129,10 @@ pub async fn handle<B>(gw: Arc<Gateway>, persist: &Persist, req: Request<B>) -> 
                 _ => not_found(),
             }
         }
-        (_, ["endpoints"] | ["failure-queue"] | ["stats"] | ["metrics"] | ["episodes"]) => {
-            response::method_not_allowed()
+        (_, ["endpoints" | "failure-queue" | "stats" | "metrics" | "episodes" | "events"])
+        | (_, ["endpoints", _]) => response::method_not_allowed("GET"),
+        (_, ["endpoints", _, "enable" | "disable" | "probe"]) => {
+            response::method_not_allowed("POST")
         }
         _ => not_found(),
     }

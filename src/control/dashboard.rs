@@ -18,7 +18,7 @@ pub fn page(
     headers: &HeaderMap,
 ) -> Response<GateBody> {
     if method != Method::GET && method != Method::HEAD {
-        return response::method_not_allowed();
+        return response::method_not_allowed("GET, HEAD");
     }
     let query_ok = || {
         query_param(uri.query().unwrap_or(""), "token")

@@ -145,6 +145,8 @@ pub fn classify_status(
         408 => Verdict::FailOver(Outcome::Transport(TransportKind::Timeout)),
         429 => Verdict::FailOver(Outcome::RateLimited(retry_after(headers, now()))),
         503 | 529 => Verdict::FailOver(Outcome::Overloaded),
+        // "Not Implemented" is about the request's method, which every endpoint would refuse.
+        501 => Verdict::RelayCallerError,
         500..=599 => Verdict::FailOver(Outcome::ServerError),
         // 1xx never reach here (hyper handles them); 3xx and the remaining 4xx are answers about
         // the request itself, which another endpoint would give too.
@@ -232,6 +234,7 @@ mod tests {
             check(s, &[], FailOver(ServerError));
         }
         check(503, &[], FailOver(Overloaded));
+        check(501, &[], RelayCallerError);
         check(529, &[], FailOver(Overloaded));
         check(429, &[], FailOver(RateLimited(None)));
         check(

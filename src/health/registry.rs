@@ -51,6 +51,7 @@ fn fresh_endpoint(
         e.ca_file.as_deref(),
         &config.timeouts,
         config.server.workers,
+        config.server.max_idle_upstream,
     )?;
     Ok(Endpoint::new(idx, e, client))
 }

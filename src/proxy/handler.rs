@@ -127,10 +127,13 @@ impl Gateway {
         // Either header may carry it: Claude Code sends its own key as `x-api-key` next to
         // `ANTHROPIC_AUTH_TOKEN` as a Bearer token when both are set.
         let api_key = headers.get("x-api-key").and_then(|v| v.to_str().ok());
+        // The scheme is case-insensitive (RFC 9110 §11.1): `bearer`, `Bearer`, `BEARER`.
         let bearer = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim_start_matches(' '));
         [api_key, bearer]
             .into_iter()
             .flatten()
@@ -142,18 +145,14 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Handles one proxied client request. The admin prefix never reaches this: the server routes
-/// it to the control plane first.
+/// Handles one proxied client request. Only admitted API paths reach this (see
+/// [`crate::proxy::entry`]): the server answers the rest, and routes the admin prefix to the
+/// control plane.
 pub async fn handle<B>(gw: Arc<Gateway>, req: Request<B>) -> Response<GateBody>
 where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let path = req.uri().path();
-    // Claude Code pre-connects with a credential-less `HEAD /`; answer it here, uncounted.
-    if req.method() == Method::HEAD && path == "/" {
-        return Response::new(GateBody::empty());
-    }
     if !gw.authorized(req.headers()) {
         return response::error(
             StatusCode::UNAUTHORIZED,
@@ -188,25 +187,57 @@ where
     let body = match Limited::new(body, cap).collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) => {
-            guard.end(RequestEnd::Caller);
             if e.downcast_ref::<http_body_util::LengthLimitError>()
                 .is_some()
             {
+                guard.end(RequestEnd::Caller);
                 return too_large(cap);
             }
+            // A client that leaves during its upload cancelled its request; a body that breaks
+            // the framing (bad chunk sizes) is the caller's error.
+            guard.end(if client_left(&*e) {
+                RequestEnd::Cancelled
+            } else {
+                RequestEnd::Caller
+            });
             return response::error_for(
                 StatusCode::BAD_REQUEST,
                 "ccgate: could not read the request body",
             );
         }
     };
+    let mut headers = parts.headers;
+    // The client's `Expect: 100-continue` was answered when its body was read; the upstream gets
+    // the whole body at once and must not wait for an interim answer of its own.
+    headers.remove(header::EXPECT);
     let path_and_query = parts
         .uri
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-    let prepared = Prepared::new(parts.method, path_and_query, parts.headers, body);
+    let prepared = Prepared::new(parts.method, path_and_query, headers, body);
     forward_request(gw, prepared, guard).await
+}
+
+/// Whether reading the request body failed because the client went away (the connection closed
+/// or broke before the body's end), rather than because the body was malformed.
+fn client_left(e: &(dyn std::error::Error + 'static)) -> bool {
+    let Some(h) = e.downcast_ref::<hyper::Error>() else {
+        return false;
+    };
+    if h.is_incomplete_message() || h.is_canceled() || h.is_closed() {
+        return true;
+    }
+    // A broken connection surfaces as an I/O error (`UnexpectedEof`, a reset); a framing error
+    // as `InvalidInput` or `InvalidData`.
+    std::error::Error::source(h)
+        .and_then(|s| s.downcast_ref::<std::io::Error>())
+        .is_some_and(|io| {
+            !matches!(
+                io.kind(),
+                std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput
+            )
+        })
 }
 
 fn too_large(cap: usize) -> Response<GateBody> {

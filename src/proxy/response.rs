@@ -107,11 +107,14 @@ pub fn error_for(status: StatusCode, message: &str) -> Response<GateBody> {
     error(status, error_type_for(status), message)
 }
 
-/// `405 Method Not Allowed` for one of ccgate's own paths.
-pub fn method_not_allowed() -> Response<GateBody> {
-    error(
+/// `405 Method Not Allowed`, with `Allow` naming the methods the path takes.
+pub fn method_not_allowed(allow: &'static str) -> Response<GateBody> {
+    let mut r = error(
         StatusCode::METHOD_NOT_ALLOWED,
         "invalid_request_error",
         "ccgate: method not allowed",
-    )
+    );
+    r.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
+    r
 }

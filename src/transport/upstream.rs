@@ -10,7 +10,9 @@
 //! its first request binds it to that origin (whose `Host` header is then built once) and a
 //! request to any other origin is refused, so a pool needs no key: it is a stack of idle senders
 //! (the most recently used first, so the fewest connections stay warm), each dropped once it has
-//! idled [`IDLE_TIMEOUT`], once its connection closed, or when it is found not ready.
+//! idled [`IDLE_TIMEOUT`], once its connection closed, or when it is found not ready. A pool keeps
+//! at most `server.max_idle_upstream` connections: one that comes back to a full pool pushes out
+//! the one idle longest, so a burst of concurrent requests leaves no more than that many open.
 //!
 //! A connection goes back to its pool once its response body has been read to the end (a small
 //! task waits for that). A request that finds its pooled connection closed before anything was
@@ -36,7 +38,7 @@ use parking_lot::Mutex;
 use tokio::time::Instant;
 use tower_service::Service;
 
-use crate::config::Timeouts;
+use crate::config::{DEFAULT_MAX_IDLE_UPSTREAM, Timeouts};
 
 /// Body type of upstream requests: the buffered client body, replayed per attempt.
 pub type UpstreamBody = Full<Bytes>;
@@ -54,6 +56,8 @@ pub struct UpstreamClient {
 struct Pools {
     connector: HttpsConnector<HttpConnector>,
     idle: Box<[Mutex<VecDeque<Idle>>]>,
+    /// Most idle connections one pool keeps.
+    max_idle: usize,
     /// The origin every request of this client goes to, set by the first one.
     origin: OnceLock<Origin>,
 }
@@ -214,6 +218,13 @@ impl Pools {
         {
             idle.pop_front();
         }
+        if self.max_idle == 0 {
+            return;
+        }
+        while idle.len() >= self.max_idle {
+            // Dropping the sender closes its connection.
+            idle.pop_front();
+        }
         idle.push_back(Idle { sender, since: now });
     }
 
@@ -288,19 +299,21 @@ pub enum ClientError {
     Tls(String),
 }
 
-/// Builds the client for one endpoint with a single (shared) pool.
+/// Builds the client for one endpoint with a single (shared) pool of the default size.
 pub fn build_client(
     ca_file: Option<&Path>,
     timeouts: &Timeouts,
 ) -> Result<UpstreamClient, ClientError> {
-    build_worker_clients(ca_file, timeouts, 0)
+    build_worker_clients(ca_file, timeouts, 0, DEFAULT_MAX_IDLE_UPSTREAM)
 }
 
-/// Builds the pooled clients for one endpoint: `workers` worker pools and a shared one.
+/// Builds the pooled clients for one endpoint: `workers` worker pools and a shared one, each
+/// keeping at most `max_idle` idle connections.
 pub fn build_worker_clients(
     ca_file: Option<&Path>,
     timeouts: &Timeouts,
     workers: usize,
+    max_idle: usize,
 ) -> Result<UpstreamClient, ClientError> {
     let mut roots = base_roots().clone();
     if let Some(path) = ca_file {
@@ -341,6 +354,7 @@ pub fn build_worker_clients(
         inner: Arc::new(Pools {
             connector: https,
             idle,
+            max_idle,
             origin: OnceLock::new(),
         }),
     })

@@ -751,6 +751,7 @@ struct State {
     finished_notify: Notify,
     requests_notify: Notify,
     connections: AtomicU64,
+    connections_ended: AtomicU64,
     disconnects: AtomicU64,
     disconnects_notify: Notify,
 }
@@ -767,6 +768,7 @@ impl State {
             finished_notify: Notify::new(),
             requests_notify: Notify::new(),
             connections: AtomicU64::new(0),
+            connections_ended: AtomicU64::new(0),
             disconnects: AtomicU64::new(0),
             disconnects_notify: Notify::new(),
         }
@@ -1014,6 +1016,11 @@ impl MockUpstream {
     pub fn connections_accepted(&self) -> u64 {
         self.state.connections.load(Ordering::SeqCst)
     }
+
+    /// Number of TCP connections that have ended (closed by either side).
+    pub fn connections_ended(&self) -> u64 {
+        self.state.connections_ended.load(Ordering::SeqCst)
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1063,13 +1070,14 @@ async fn handle_connection(
     id: u64,
 ) {
     match tls {
-        None => Conn::new(stream, state, id).serve().await,
+        None => Conn::new(stream, Arc::clone(&state), id).serve().await,
         Some(acceptor) => {
             if let Ok(stream) = acceptor.accept(stream).await {
-                Conn::new(stream, state, id).serve().await;
+                Conn::new(stream, Arc::clone(&state), id).serve().await;
             }
         }
     }
+    state.connections_ended.fetch_add(1, Ordering::SeqCst);
 }
 
 /// A stream the mock can serve on, with access to the TCP socket underneath.
