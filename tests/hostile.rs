@@ -787,7 +787,7 @@ async fn upstream_endless_ping_preamble_is_capped() {
     events.extend(std::iter::repeat_n(SseEvent::raw(batch), 256));
     let hold = Gate::new();
     a.set_default(Script::sse_events(events).gate_after(257, hold.clone()));
-    let (_b, gw) = a_then_b(builder().timeouts("idle = \"60s\""), &a.url()).await;
+    let (b, gw) = a_then_b(builder().timeouts("idle = \"60s\""), &a.url()).await;
     // Past the cap the gateway either fails over (a whole answer from B) or commits A's stream
     // (its first bytes arrive); it never holds the client while the preamble grows.
     let resp = gw
@@ -809,6 +809,25 @@ async fn upstream_endless_ping_preamble_is_capped() {
     .expect("not broken");
     assert!(first.data_ref().is_some_and(|d| !d.is_empty()));
     hold.open();
+    // ccgate fails over past the cap: the answer is B's whole stream, A's attempt a failure.
+    let mut text = String::from_utf8_lossy(first.data_ref().expect("data")).into_owned();
+    let rest = within(
+        "the rest of the answer",
+        http_body_util::BodyExt::collect(body),
+    )
+    .await
+    .expect("not broken")
+    .to_bytes();
+    text.push_str(&String::from_utf8_lossy(&rest));
+    assert!(text.starts_with("event: message_start"), "{text:?}");
+    assert!(text.contains("event: message_stop"), "{text:?}");
+    // A's pings (written with a space after the colon) never reach the client.
+    assert!(
+        !text.contains("{\"type\": \"ping\"}"),
+        "A's preamble leaked"
+    );
+    assert_eq!(b.count(), 1);
+    assert_eq!(counts(&gw, "a").await, (1, 0, 1));
 }
 
 /// `data` gzip-compressed with stored (uncompressed) deflate blocks: a valid gzip member any
