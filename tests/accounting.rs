@@ -184,6 +184,14 @@ async fn ten_concurrent_failures_make_one_episode() {
     let up_b = MockUpstream::start().await;
     let gate = Gate::new();
     up_a.set_default(held_error(500, &gate).label("a_500"));
+    // B answers each request in kind: a stream to a stream, JSON to the rest.
+    up_b.set_default_fn(|req| {
+        if req.json().and_then(|v| v["stream"].as_bool()) == Some(true) {
+            Script::sse_ok(2)
+        } else {
+            Script::json_ok()
+        }
+    });
     let gw = Arc::new(start_a_b(builder().health("failure_threshold = 3"), &up_a, &up_b).await);
     let clients: Vec<_> = (0..10)
         .map(|i| {
@@ -333,9 +341,10 @@ fn client_gone_script() -> Script {
 
 /// Points `up` at a seeded random draw from [`mix`] (clients that will leave get a stall, probes
 /// get a models list).
+/// Each draw is of the request's kind: SSE scripts answer streams, JSON ones the rest (the gateway
+/// fails over a 2xx of the wrong kind, issue #17 item 4).
 fn randomize(up: &MockUpstream, seed: u64) {
     let faults = mix();
-    let total: u32 = faults.iter().map(|f| f.weight).sum();
     let rng = Mutex::new(fastrand::Rng::with_seed(seed));
     up.set_default_fn(move |req| {
         if req.path() != MESSAGES {
@@ -344,8 +353,14 @@ fn randomize(up: &MockUpstream, seed: u64) {
         if req.header(PLAN_HEADER) == Some("gone") {
             return client_gone_script();
         }
+        let stream = req
+            .json()
+            .and_then(|v| v["stream"].as_bool())
+            .unwrap_or(false);
+        let fitting: Vec<&Fault> = faults.iter().filter(|f| fits(f.label, stream)).collect();
+        let total: u32 = fitting.iter().map(|f| f.weight).sum();
         let mut pick = rng.lock().expect("rng").u32(0..total);
-        for f in &faults {
+        for f in fitting {
             if pick < f.weight {
                 return f.script.clone();
             }
@@ -353,6 +368,15 @@ fn randomize(up: &MockUpstream, seed: u64) {
         }
         unreachable!("weights cover the range")
     });
+}
+
+/// Whether the fault labelled `label` answers a request of this kind.
+fn fits(label: &str, stream: bool) -> bool {
+    match label {
+        "ok_json" | "json_cut" => !stream,
+        "ok_sse" | "cut_pre" | "cut_mid" | "sse_err_pre" | "sse_err_mid" | "sse_no_stop" => stream,
+        _ => true,
+    }
 }
 
 /// The outcome bucket of a mock label.
@@ -1160,7 +1184,7 @@ async fn recovery_by_background_prober() {
         .count() as u64;
     assert_eq!(q["stats"]["total_verified"], probes, "{q}");
 
-    let a = post(&gw, true).await;
+    let a = post(&gw, false).await;
     assert_eq!(a.status, StatusCode::OK);
     assert_eq!(a.header("x-ccgate-endpoint"), Some("a"));
     gw.settle().await;

@@ -19,8 +19,9 @@
 //!
 //! Replay: the seed is printed; `CCGATE_CHAOS_SEED=<seed>` replays its schedules and request mix
 //! (timing still differs run to run). `CCGATE_CHAOS_JSON_CUT=0` leaves out the two mid-body faults
-//! of JSON answers, the cut and the stall (issue #12 item 1: today both reach the client as a
-//! truncated body); their slots then answer JSON requests in full.
+//! of JSON answers, the cut and the stall (the gateway reads a JSON answer whole before committing
+//! to it, so both fail over like a fault before the headers); their slots then answer JSON
+//! requests in full.
 
 mod support;
 

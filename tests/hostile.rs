@@ -474,7 +474,7 @@ async fn client_http2_prior_knowledge_is_served() {
     let req = http::Request::post(format!("http://{}{MESSAGES}", gw.addr))
         .header("content-type", "application/json")
         .header("anthropic-version", "2023-06-01")
-        .body(http_body_util::Full::new(Bytes::from(message_bytes(true))))
+        .body(http_body_util::Full::new(Bytes::from(message_bytes(false))))
         .expect("request");
     let resp = within("an HTTP/2 answer", send.send_request(req))
         .await
@@ -488,7 +488,7 @@ async fn client_http2_prior_knowledge_is_served() {
     .expect("body")
     .to_bytes();
     let text = String::from_utf8_lossy(&body);
-    // The default mock answers JSON; what matters is that it arrived whole over HTTP/2.
+    // What matters is that the JSON answer arrived whole over HTTP/2.
     let v: Value = serde_json::from_str(&text).expect("a whole JSON answer");
     assert_eq!(v["type"], "message");
     assert_eq!(up.count(), 1);
@@ -903,7 +903,6 @@ async fn client_metrics_at_the_root_needs_the_access_token() {
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "defect: issue 17 #3 — garbage SSE before content is committed and relayed with an error event; B is never tried"]
 async fn upstream_garbage_sse_before_content_fails_over() {
     let a = MockUpstream::start().await;
     a.set_default(Script::sse_events(vec![
@@ -923,7 +922,6 @@ async fn upstream_garbage_sse_before_content_fails_over() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "defect: issue 17 #1 — the SSE preamble has no cap: 8.5 MB of pings are held, no response head within 20 s"]
 async fn upstream_endless_ping_preamble_is_capped() {
     let a = MockUpstream::start().await;
     // About 8.5 MB and 256,000 pings without content, then the upstream holds the stream open.
@@ -933,7 +931,7 @@ async fn upstream_endless_ping_preamble_is_capped() {
     events.extend(std::iter::repeat_n(SseEvent::raw(batch), 256));
     let hold = Gate::new();
     a.set_default(Script::sse_events(events).gate_after(257, hold.clone()));
-    let (_b, gw) = a_then_b(builder().timeouts("idle = \"60s\""), &a.url()).await;
+    let (b, gw) = a_then_b(builder().timeouts("idle = \"60s\""), &a.url()).await;
     // Past the cap the gateway either fails over (a whole answer from B) or commits A's stream
     // (its first bytes arrive); it never holds the client while the preamble grows.
     let resp = gw
@@ -955,6 +953,25 @@ async fn upstream_endless_ping_preamble_is_capped() {
     .expect("not broken");
     assert!(first.data_ref().is_some_and(|d| !d.is_empty()));
     hold.open();
+    // ccgate fails over past the cap: the answer is B's whole stream, A's attempt a failure.
+    let mut text = String::from_utf8_lossy(first.data_ref().expect("data")).into_owned();
+    let rest = within(
+        "the rest of the answer",
+        http_body_util::BodyExt::collect(body),
+    )
+    .await
+    .expect("not broken")
+    .to_bytes();
+    text.push_str(&String::from_utf8_lossy(&rest));
+    assert!(text.starts_with("event: message_start"), "{text:?}");
+    assert!(text.contains("event: message_stop"), "{text:?}");
+    // A's pings (written with a space after the colon) never reach the client.
+    assert!(
+        !text.contains("{\"type\": \"ping\"}"),
+        "A's preamble leaked"
+    );
+    assert_eq!(b.count(), 1);
+    assert_eq!(counts(&gw, "a").await, (1, 0, 1));
 }
 
 /// `data` gzip-compressed with stored (uncompressed) deflate blocks: a valid gzip member any
@@ -990,7 +1007,6 @@ fn gzip_stored(data: &[u8]) -> Vec<u8> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "defect: issue 17 #2 — gzip SSE with an early error event is relayed from A (content-encoding gzip); B is never tried"]
 async fn upstream_gzip_sse_with_an_early_error_event_fails_over() {
     let a = MockUpstream::start().await;
     // Compressed only when the request allows it, as a real upstream does; a gateway that asks
@@ -1027,7 +1043,6 @@ async fn upstream_gzip_sse_with_an_early_error_event_fails_over() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "defect: issue 17 #4 — a 200 text/html answer to a stream request is relayed to the client; B is never tried"]
 async fn upstream_html_200_to_a_stream_request_fails_over() {
     let a = MockUpstream::start().await;
     a.set_default(Script::response(
@@ -1043,7 +1058,6 @@ async fn upstream_html_200_to_a_stream_request_fails_over() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "defect: issue 17 #9 — a 120 KB response header is relayed to the client; B is never tried"]
 async fn upstream_huge_response_header_fails_over() {
     let a = MockUpstream::start().await;
     a.set_default(Script::json_ok().header("x-huge", &"h".repeat(120 * 1024)));
@@ -1059,7 +1073,6 @@ async fn upstream_huge_response_header_fails_over() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "defect: issue 12 #1/#6 — a 200 with invalid (cut) JSON is relayed to the client; B is never tried"]
 async fn upstream_200_with_invalid_json_fails_over() {
     let a = MockUpstream::start().await;
     a.set_default(Script::response(
@@ -1099,7 +1112,6 @@ async fn upstream_that_accepts_tcp_and_never_answers_times_out_and_fails_over() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "defect: issue 17 #6 — an upstream 400 echoing the endpoint's key reaches the client with the key in body and header"]
 async fn upstream_400_echoing_the_key_is_scrubbed() {
     const SECRET: &str = "sk-ant-hostile-secret-0123456789";
     let a = MockUpstream::start().await;
@@ -1280,4 +1292,197 @@ async fn client_trickling_its_head_is_cut_by_the_header_read_timeout() {
     })
     .await;
     assert_eq!(up.count(), 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Judging an answer before committing to it (issue #12 items 1–2, issue #17 items 2–4)
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_json_cut_mid_body_fails_over() {
+    let a = MockUpstream::start().await;
+    a.set_default(Script::json_ok().cut_body_after(40));
+    let (b, gw) = a_then_b(builder(), &a.url()).await;
+    let ans = gw.post_message(false).await;
+    assert_json_from_b(&ans);
+    assert_eq!(b.count(), 1);
+    let v = gw.endpoint_view("a").await;
+    assert_eq!(n(&v["outcomes"], "transport"), 1, "{v}");
+    assert_eq!(counts(&gw, "a").await, (1, 0, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_json_stalling_mid_body_times_out_and_fails_over() {
+    let a = MockUpstream::start().await;
+    a.set_default(Script::json_ok().stall_body_after(40));
+    let (b, gw) = a_then_b(builder().timeouts("idle = \"300ms\""), &a.url()).await;
+    let ans = gw.post_message(false).await;
+    assert_json_from_b(&ans);
+    assert_eq!(b.count(), 1);
+    let v = gw.endpoint_view("a").await;
+    assert_eq!(n(&v["outcomes"], "timeout"), 1, "{v}");
+    assert_eq!(counts(&gw, "a").await, (1, 0, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_json_over_the_judging_cap_is_relayed_as_it_comes() {
+    let a = MockUpstream::start().await;
+    let big = "x".repeat(4000);
+    a.set_default(Script::json(
+        200,
+        &support::mock::anthropic_message(MOCK_MODEL, &big, 10, 5),
+    ));
+    let (b, gw) = a_then_b(builder().table("relay", "max_json_bytes = 1024"), &a.url()).await;
+    let ans = gw.post_message(false).await;
+    assert_eq!(ans.status, 200);
+    assert_eq!(ans.json()["content"][0]["text"], big.as_str());
+    assert_eq!(b.count(), 0);
+    assert_eq!(counts(&gw, "a").await, (1, 1, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_html_200_to_a_json_request_fails_over() {
+    let a = MockUpstream::start().await;
+    a.set_default(Script::response(
+        200,
+        "text/html; charset=utf-8",
+        "<html><body>Please log in</body></html>",
+    ));
+    let (b, gw) = a_then_b(builder(), &a.url()).await;
+    let ans = gw.post_message(false).await;
+    assert_json_from_b(&ans);
+    assert_eq!(b.count(), 1);
+    assert_eq!(counts(&gw, "a").await, (1, 0, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_json_answer_to_a_stream_request_fails_over() {
+    let a = MockUpstream::start().await;
+    a.set_default(Script::json_ok());
+    let (b, gw) = a_then_b(builder(), &a.url()).await;
+    let ans = post_stream(&gw, &[]).await;
+    assert_clean_stream(&ans);
+    assert_eq!(b.count(), 1);
+    assert_eq!(counts(&gw, "a").await, (1, 0, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_gzip_sse_despite_identity_fails_over() {
+    let a = MockUpstream::start().await;
+    let plain: Vec<u8> = SseEvent::message_stream(2)
+        .iter()
+        .flat_map(|e| e.as_bytes().to_vec())
+        .collect();
+    // An upstream that compresses whatever it is asked.
+    a.set_default(
+        Script::sse_events(vec![SseEvent::raw(gzip_stored(&plain))])
+            .header("content-encoding", "gzip"),
+    );
+    let (b, gw) = a_then_b(builder(), &a.url()).await;
+    let ans = post_stream(&gw, &[("accept-encoding", "gzip, deflate, br, zstd")]).await;
+    assert_clean_stream(&ans);
+    assert_eq!(ans.header("content-encoding"), None);
+    assert_eq!(b.count(), 1);
+    let asked = a.last_request().expect("A was asked");
+    assert_eq!(asked.header("accept-encoding"), Some("identity"));
+    assert_eq!(counts(&gw, "a").await, (1, 0, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_unknown_event_after_content_is_relayed() {
+    let a = MockUpstream::start().await;
+    let mut events = SseEvent::message_stream(2);
+    events.insert(
+        4,
+        SseEvent::raw("event: brand_new\ndata: {\"type\":\"brand_new\"}\n\n"),
+    );
+    a.set_default(Script::sse_events(events));
+    let (b, gw) = a_then_b(builder(), &a.url()).await;
+    let ans = post_stream(&gw, &[]).await;
+    assert_eq!(ans.status, 200);
+    let text = ans.text();
+    assert!(text.contains("event: brand_new"), "{text:?}");
+    assert!(text.ends_with("event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"));
+    assert_eq!(b.count(), 0);
+    assert_eq!(counts(&gw, "a").await, (1, 1, 0));
+}
+
+/// Asserts a stream answer that ends with ccgate's `error` event on a fresh event boundary, and
+/// returns the bytes before that event.
+#[track_caller]
+fn assert_ends_with_error_event_on_a_boundary(ans: &Answer) -> Vec<u8> {
+    assert_eq!(ans.status, 200, "{}", ans.text());
+    let body = &ans.body[..];
+    let at = body
+        .windows(13)
+        .rposition(|w| w == b"event: error\n")
+        .unwrap_or_else(|| panic!("no error event: {:?}", ans.text()));
+    let before = &body[..at];
+    assert!(
+        before.ends_with(b"\n\n"),
+        "the error event does not start a fresh event: {:?}",
+        String::from_utf8_lossy(body)
+    );
+    let event = std::str::from_utf8(&body[at..]).expect("the error event is UTF-8");
+    assert!(event.ends_with("\n\n"), "{event:?}");
+    let data = event
+        .lines()
+        .find_map(|l| l.strip_prefix("data: "))
+        .expect("data line");
+    assert_anthropic_error(data.as_bytes());
+    before.to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_stream_cut_inside_a_character_ends_with_an_error_event_on_a_fresh_boundary() {
+    let a = MockUpstream::start().await;
+    let half = b"event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"caf\xc3";
+    a.set_default(
+        Script::sse_events(vec![
+            SseEvent::message_start(),
+            SseEvent::content_block_start(),
+            SseEvent::text_delta("Hello "),
+            SseEvent::raw(&half[..]),
+        ])
+        .cut_after(4),
+    );
+    let (b, gw) = a_then_b(builder(), &a.url()).await;
+    let ans = post_stream(&gw, &[]).await;
+    let before = assert_ends_with_error_event_on_a_boundary(&ans);
+    assert!(
+        before.ends_with(b"\xc3\n\n"),
+        "{:?}",
+        String::from_utf8_lossy(&before)
+    );
+    assert_eq!(b.count(), 0, "content went out: no failover");
+    assert_eq!(counts(&gw, "a").await, (1, 0, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_stream_ending_cleanly_without_message_stop_ends_with_an_error_event() {
+    let a = MockUpstream::start().await;
+    let (_b, gw) = a_then_b(builder(), &a.url()).await;
+    // Mid-line, then at an event boundary: the error event always starts a fresh event, and
+    // no empty event is added when none is needed.
+    for (tail, fresh) in [
+        (SseEvent::raw("data: {\"type\":\"content_bl"), false),
+        (SseEvent::content_block_stop(), true),
+    ] {
+        a.set_default(Script::sse_events(vec![
+            SseEvent::message_start(),
+            SseEvent::content_block_start(),
+            SseEvent::text_delta("Hello "),
+            tail,
+        ]));
+        let ans = post_stream(&gw, &[]).await;
+        let before = assert_ends_with_error_event_on_a_boundary(&ans);
+        assert!(!before.ends_with(b"\n\n\n\n"), "{:?}", ans.text());
+        assert_eq!(
+            before.ends_with(b"content_bl\n\n"),
+            !fresh,
+            "{:?}",
+            ans.text()
+        );
+    }
+    assert_eq!(counts(&gw, "a").await, (2, 0, 2));
 }

@@ -160,6 +160,33 @@ pub struct Timeouts {
     pub idle: Duration,
 }
 
+/// `[relay]`: how much of an upstream answer ccgate holds to judge it before committing to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RelayLimits {
+    /// A non-streaming answer up to this size is read whole (and judged) before its status line
+    /// goes to the client, so a cut body can still fail over; a larger one is relayed as it comes.
+    pub max_json_bytes: usize,
+    /// The most bytes of a stream's preamble (everything before its first content) held back;
+    /// past it the attempt fails over.
+    pub max_preamble_bytes: usize,
+    /// The most events of a stream's preamble held back; past it the attempt fails over.
+    pub max_preamble_events: u64,
+    /// The largest response header block (names and values) accepted from an upstream; a larger
+    /// one fails over, as no client would parse it.
+    pub max_response_header_bytes: usize,
+}
+
+impl Default for RelayLimits {
+    fn default() -> Self {
+        Self {
+            max_json_bytes: 4 * 1024 * 1024,
+            max_preamble_bytes: 256 * 1024,
+            max_preamble_events: 1000,
+            max_response_header_bytes: 64 * 1024,
+        }
+    }
+}
+
 /// `[health]`: when endpoints leave and re-enter rotation.
 #[derive(Clone, Debug)]
 pub struct HealthConfig {
@@ -364,6 +391,8 @@ pub struct Config {
     pub server: ServerConfig,
     /// `[timeouts]`.
     pub timeouts: Timeouts,
+    /// `[relay]`.
+    pub relay: RelayLimits,
     /// `[health]`.
     pub health: HealthConfig,
     /// `[affinity]`.

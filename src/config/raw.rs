@@ -13,6 +13,8 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub(super) timeouts: RawTimeouts,
     #[serde(default)]
+    pub(super) relay: RawRelay,
+    #[serde(default)]
     pub(super) health: RawHealth,
     #[serde(default)]
     pub(super) affinity: RawAffinity,
@@ -44,6 +46,14 @@ pub(super) struct RawTimeouts {
     pub(super) connect: Option<Spanned<String>>,
     pub(super) first_byte: Option<Spanned<String>>,
     pub(super) idle: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+pub(super) struct RawRelay {
+    pub(super) max_json_bytes: Option<Spanned<i64>>,
+    pub(super) max_preamble_bytes: Option<Spanned<i64>>,
+    pub(super) max_preamble_events: Option<Spanned<i64>>,
+    pub(super) max_response_header_bytes: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize, Default)]

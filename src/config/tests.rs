@@ -297,3 +297,38 @@ fn models_are_validated() {
     let models = c.endpoints[0].models.as_ref().expect("models");
     assert!(models.serves("claude-haiku-4-5") && !models.serves("claude-opus-4-1"));
 }
+
+#[test]
+fn relay_limits_have_defaults_and_ranges() {
+    let c = Config::from_toml(ONE, "t.toml", &no_env).expect("valid");
+    assert_eq!(c.relay, RelayLimits::default());
+    assert_eq!(c.relay.max_json_bytes, 4 * 1024 * 1024);
+    let set = format!(
+        "[relay]\nmax_json_bytes = 2048\nmax_preamble_bytes = 4096\nmax_preamble_events = 10\n\
+         max_response_header_bytes = 8192\n{ONE}"
+    );
+    let c = Config::from_toml(&set, "t.toml", &no_env).expect("valid");
+    assert_eq!(
+        c.relay,
+        RelayLimits {
+            max_json_bytes: 2048,
+            max_preamble_bytes: 4096,
+            max_preamble_events: 10,
+            max_response_header_bytes: 8192,
+        }
+    );
+    let keys: Vec<String> = problems(&format!(
+        "[relay]\nmax_json_bytes = 0\nmax_preamble_events = 1\nmax_response_header_bytes = 1048576\n{ONE}"
+    ))
+    .into_iter()
+    .map(|p| p.key)
+    .collect();
+    assert_eq!(
+        keys,
+        [
+            "relay.max_json_bytes",
+            "relay.max_preamble_events",
+            "relay.max_response_header_bytes"
+        ]
+    );
+}

@@ -130,6 +130,7 @@ pub(super) fn validate(raw: RawConfig, p: &mut Problems<'_>, env: &dyn Env) -> C
         ),
         idle: p.duration(&t.idle, "timeouts.idle", Duration::from_secs(300)),
     };
+    let relay = validate_relay(&raw.relay, p);
     let health = validate_health(&raw.health, p);
     let a = &raw.affinity;
     let affinity = AffinityConfig {
@@ -220,6 +221,7 @@ pub(super) fn validate(raw: RawConfig, p: &mut Problems<'_>, env: &dyn Env) -> C
     Config {
         server,
         timeouts,
+        relay,
         health,
         affinity,
         retry_budget,
@@ -389,6 +391,40 @@ fn parse_listen(s: &str) -> Result<SocketAddr, String> {
         }
     }
     Err(format!("`{s}` is not an address like \"127.0.0.1:7860\""))
+}
+
+fn validate_relay(r: &RawRelay, p: &mut Problems<'_>) -> RelayLimits {
+    let d = RelayLimits::default();
+    RelayLimits {
+        max_json_bytes: p.int_in(
+            &r.max_json_bytes,
+            "relay.max_json_bytes",
+            1024,
+            1 << 30,
+            d.max_json_bytes as i64,
+        ) as usize,
+        max_preamble_bytes: p.int_in(
+            &r.max_preamble_bytes,
+            "relay.max_preamble_bytes",
+            1024,
+            1 << 30,
+            d.max_preamble_bytes as i64,
+        ) as usize,
+        max_preamble_events: p.int_in(
+            &r.max_preamble_events,
+            "relay.max_preamble_events",
+            3,
+            1_000_000,
+            d.max_preamble_events as i64,
+        ) as u64,
+        max_response_header_bytes: p.int_in(
+            &r.max_response_header_bytes,
+            "relay.max_response_header_bytes",
+            1024,
+            256 * 1024,
+            d.max_response_header_bytes as i64,
+        ) as usize,
+    }
 }
 
 fn validate_health(h: &RawHealth, p: &mut Problems<'_>) -> HealthConfig {

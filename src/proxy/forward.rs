@@ -1,5 +1,6 @@
 //! One upstream attempt: build the request for an endpoint, send it under the first-byte timeout,
-//! and hold back a stream's preamble until its first content. The body is then relayed by
+//! judge what came back before committing to it — a stream's preamble is held until its first
+//! content, a non-streaming answer is read whole (up to a cap) — and hand it to
 //! [`crate::proxy::relay::RelayBody`].
 
 use std::time::Duration;
@@ -11,6 +12,7 @@ use http::{Method, Request, Response};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 
+use crate::config::RelayLimits;
 use crate::health::classify::{Outcome, TransportKind, classify_sse_error};
 use crate::health::endpoint::Endpoint;
 use crate::transport::error_chain;
@@ -28,6 +30,65 @@ pub struct Prepared {
     pub headers: HeaderMap,
     /// The body.
     pub body: Bytes,
+    /// What a successful answer must look like.
+    pub expects: Expects,
+}
+
+/// What a 2xx answer to a request must be. The Messages endpoints answer SSE to `stream: true` and
+/// JSON otherwise; anything else (a relay's HTML login page, say) is the endpoint failing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expects {
+    /// `text/event-stream`.
+    EventStream,
+    /// `application/json`, read whole and parsed before it is relayed.
+    Json,
+    /// Any other path: whatever the upstream sends.
+    Anything,
+}
+
+impl Expects {
+    /// What `method` on `path` with `body` must be answered with.
+    fn of(method: &Method, path: &str, body: &[u8]) -> Self {
+        if *method != Method::POST
+            || (path != "/v1/messages" && path != "/v1/messages/count_tokens")
+        {
+            return Self::Anything;
+        }
+        match crate::wire::json_top::member(body, b"stream") {
+            Some(b"true") if path == "/v1/messages" => Self::EventStream,
+            _ => Self::Json,
+        }
+    }
+
+    /// Why a 2xx answer with `headers` is not what was asked for, if it is not.
+    pub fn mismatch(self, headers: &HeaderMap) -> Option<String> {
+        let content_type = headers
+            .get(header::CONTENT_TYPE)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        let want = match self {
+            Self::Anything => return None,
+            Self::EventStream => "text/event-stream",
+            Self::Json => "application/json",
+        };
+        let got = content_type.as_deref().unwrap_or("");
+        let essence = got.split(';').next().unwrap_or("").trim();
+        if !essence.eq_ignore_ascii_case(want) {
+            return Some(format!(
+                "answered content-type `{}` where {want} was asked for",
+                got.chars().take(100).collect::<String>()
+            ));
+        }
+        // Identity was asked for (see [`Prepared::new`]): an encoded answer could not be judged.
+        if let Some(enc) = headers.get(header::CONTENT_ENCODING) {
+            if !enc.as_bytes().eq_ignore_ascii_case(b"identity") {
+                return Some(format!(
+                    "answered content-encoding `{}` although identity was asked for",
+                    String::from_utf8_lossy(&enc.as_bytes()[..enc.len().min(100)])
+                ));
+            }
+        }
+        None
+    }
 }
 
 static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
@@ -80,11 +141,20 @@ impl Prepared {
         headers.remove(header::CONTENT_LENGTH);
         headers.remove(&X_API_KEY);
         headers.remove(header::AUTHORIZATION);
+        // Answers are judged by what they say (a stream by its events, a JSON answer by parsing
+        // it) and error answers are scrubbed of secrets: ccgate must be able to read them, so it
+        // asks for them unencoded.
+        headers.insert(
+            header::ACCEPT_ENCODING,
+            http::HeaderValue::from_static("identity"),
+        );
+        let expects = Expects::of(&method, path_and_query.path(), &body);
         Self {
             method,
             path_and_query,
             headers,
             body,
+            expects,
         }
     }
 
@@ -148,6 +218,82 @@ pub async fn read_small(mut body: Incoming, cap: usize, idle: Duration) -> Bytes
     buf.freeze()
 }
 
+/// A non-streaming answer read before it is committed to.
+pub enum Collected {
+    /// The whole body, as the frames it arrived in (shared, not copied).
+    Complete(Vec<Bytes>),
+    /// The body is larger than the cap: the frames read so far and the rest, to relay as it comes.
+    OverCap {
+        /// Frames read so far.
+        held: Vec<Bytes>,
+        /// The rest of the body.
+        body: Incoming,
+    },
+    /// The body broke off, or went silent: a transport failure of the attempt.
+    Failed(Outcome, String),
+}
+
+/// Reads a body to its end, up to `cap` bytes, with `idle` as the longest silence between frames.
+pub async fn read_to_end(mut body: Incoming, cap: usize, idle: Duration) -> Collected {
+    let mut held = Vec::new();
+    let mut len = 0usize;
+    loop {
+        if http_body::Body::is_end_stream(&body) {
+            return Collected::Complete(held);
+        }
+        match tokio::time::timeout(idle, body.frame()).await {
+            Err(_) => {
+                return Collected::Failed(
+                    Outcome::Transport(TransportKind::Idle),
+                    format!(
+                        "body silent for {} after {len} bytes",
+                        humantime::format_duration(idle)
+                    ),
+                );
+            }
+            Ok(None) => return Collected::Complete(held),
+            Ok(Some(Err(e))) => {
+                return Collected::Failed(
+                    Outcome::Transport(TransportKind::Cut),
+                    format!("body broke after {len} bytes: {}", error_chain(&e)),
+                );
+            }
+            Ok(Some(Ok(frame))) => {
+                // Trailers are not part of the Anthropic API; they are dropped.
+                if let Ok(data) = frame.into_data() {
+                    len += data.len();
+                    held.push(data);
+                    if len > cap && !http_body::Body::is_end_stream(&body) {
+                        return Collected::OverCap { held, body };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Whether `frames` hold one JSON value (and nothing else), judged without building it: about
+/// 0.7 µs per KB (release build; 1.2 µs for a 2 KB answer, 14 µs for 17 KB, 0.33 ms for 860 KB).
+/// An answer in several frames is joined into a scratch buffer for the parse only (the frames
+/// relayed stay shared): measured, that costs less than parsing through a reader over the frames,
+/// which reads byte by byte and is 25–100 times slower.
+pub fn is_valid_json(frames: &[Bytes]) -> bool {
+    use serde::de::IgnoredAny;
+    match frames {
+        [one] => serde_json::from_slice::<IgnoredAny>(one).is_ok(),
+        many => serde_json::from_slice::<IgnoredAny>(&many.concat()).is_ok(),
+    }
+}
+
+/// The size of a response header block as it came on the wire (about: names, values and the
+/// `": "` and CRLF around each).
+pub fn header_block_len(headers: &HeaderMap) -> usize {
+    headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum()
+}
+
 /// A stream held back until its first content event.
 pub enum Preamble {
     /// Content arrived (or the stream completed): commit to this endpoint.
@@ -164,11 +310,14 @@ pub enum Preamble {
 }
 
 /// Reads an SSE stream's preamble (`message_start`, `ping`, `content_block_start`) until the first
-/// content event, so that an `error` event or a cut before any content can still fail over
-/// transparently.
-pub async fn await_content(mut body: Incoming, idle: Duration) -> Preamble {
+/// content event, so that an `error` event, a malformed event or a cut before any content can
+/// still fail over transparently. The preamble held is capped in bytes and events: an upstream
+/// that sends only pings (or anything else that is not content) fails over once past the cap,
+/// and what was held is freed with it.
+pub async fn await_content(mut body: Incoming, idle: Duration, limits: &RelayLimits) -> Preamble {
     let mut scanner = SseScanner::new();
     let mut held = Vec::new();
+    let mut len = 0usize;
     loop {
         match tokio::time::timeout(idle, body.frame()).await {
             Err(_) => {
@@ -210,12 +359,30 @@ pub async fn await_content(mut body: Incoming, idle: Duration) -> Preamble {
                     continue;
                 };
                 scanner.feed(&data);
+                len += data.len();
                 held.push(data);
                 let facts = scanner.facts();
                 if let Some((ty, msg)) = &facts.error {
                     if is_failover_error(ty) {
                         return Preamble::Failed(classify_sse_error(ty), format!("{ty}: {msg}"));
                     }
+                }
+                if let Some(what) = &facts.malformed {
+                    return Preamble::Failed(
+                        Outcome::ServerError,
+                        format!("malformed stream before its first content: {what}"),
+                    );
+                }
+                let over =
+                    len > limits.max_preamble_bytes || facts.events > limits.max_preamble_events;
+                if over && !(facts.content || facts.message_stop || facts.error.is_some()) {
+                    return Preamble::Failed(
+                        Outcome::ServerError,
+                        format!(
+                            "no content within {len} bytes and {} events of the stream",
+                            facts.events
+                        ),
+                    );
                 }
                 if facts.content || facts.message_stop || facts.error.is_some() {
                     return Preamble::Commit {
@@ -231,4 +398,70 @@ pub async fn await_content(mut body: Incoming, idle: Duration) -> Preamble {
 
 fn is_failover_error(error_type: &str) -> bool {
     classify_sse_error(error_type).is_endpoint_fault()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_is_judged_across_frames() {
+        let body = br#"{"type":"message","content":[{"type":"text","text":"caf\u00e9 \"x\""}]}"#;
+        for cut in 1..body.len() {
+            let frames = [
+                Bytes::copy_from_slice(&body[..cut]),
+                Bytes::copy_from_slice(&body[cut..]),
+            ];
+            assert!(is_valid_json(&frames), "split at {cut}");
+            assert!(!is_valid_json(&frames[..1]), "cut at {cut}");
+        }
+        assert!(is_valid_json(&[Bytes::from_static(body)]));
+        assert!(!is_valid_json(&[]));
+        assert!(!is_valid_json(&[Bytes::from_static(b"{} {}")]));
+    }
+
+    #[test]
+    fn messages_answers_must_match_the_request() {
+        let json = |ct: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONTENT_TYPE, ct.parse().expect("value"));
+            h
+        };
+        let post = |path: &str, body: &[u8]| Expects::of(&Method::POST, path, body);
+        assert_eq!(
+            post("/v1/messages", br#"{"stream":true}"#),
+            Expects::EventStream
+        );
+        assert_eq!(post("/v1/messages", br#"{"stream":false}"#), Expects::Json);
+        assert_eq!(
+            post("/v1/messages/count_tokens", br#"{"stream":true}"#),
+            Expects::Json
+        );
+        assert_eq!(post("/v1/models", b"{}"), Expects::Anything);
+        assert_eq!(
+            Expects::of(&Method::GET, "/v1/messages", b""),
+            Expects::Anything
+        );
+        assert!(
+            Expects::Json
+                .mismatch(&json("application/json; charset=utf-8"))
+                .is_none()
+        );
+        assert!(Expects::Json.mismatch(&json("text/html")).is_some());
+        assert!(
+            Expects::EventStream
+                .mismatch(&json("text/event-stream"))
+                .is_none()
+        );
+        assert!(
+            Expects::EventStream
+                .mismatch(&json("application/json"))
+                .is_some()
+        );
+        assert!(Expects::EventStream.mismatch(&HeaderMap::new()).is_some());
+        let mut gz = json("text/event-stream");
+        gz.insert(header::CONTENT_ENCODING, "gzip".parse().expect("value"));
+        assert!(Expects::EventStream.mismatch(&gz).is_some());
+        assert!(Expects::Anything.mismatch(&gz).is_none());
+    }
 }

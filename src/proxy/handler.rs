@@ -16,7 +16,7 @@ use crate::health::endpoint::Endpoint;
 use crate::health::registry::{Admission, Registry};
 use crate::health::totals::{RequestEnd, RequestGuard};
 use crate::proxy::events::{Events, FailedAttempt, Failover};
-use crate::proxy::forward::{self, Preamble, Prepared};
+use crate::proxy::forward::{self, Collected, Expects, Preamble, Prepared};
 use crate::proxy::relay::{BoxError, Judge, RelayBody};
 use crate::proxy::response::{self, GateBody};
 use crate::proxy::usage::UsageTally;
@@ -375,8 +375,19 @@ async fn forward_request(
             }
         };
         attempt.first_byte();
+        let limits = gw.config.relay;
+        let header_len = forward::header_block_len(resp.headers());
+        if header_len > limits.max_response_header_bytes {
+            let message = format!(
+                "response headers of {header_len} bytes exceed {}",
+                limits.max_response_header_bytes
+            );
+            let log = Some("attempt failed");
+            fail_attempt(&mut failures, attempt, Outcome::ServerError, message, log);
+            continue;
+        }
         let verdict = classify_status(resp.status(), resp.headers(), SystemTime::now);
-        let (parts, body) = resp.into_parts();
+        let (mut parts, body) = resp.into_parts();
         let commit = Commit {
             gw,
             failures: &failures,
@@ -386,29 +397,118 @@ async fn forward_request(
             fallback,
             method: &req.method,
         };
+        // Bodiless answers are complete with their headers.
+        let bodiless = req.method == Method::HEAD
+            || parts.status == StatusCode::NO_CONTENT
+            || parts.status == StatusCode::NOT_MODIFIED;
         match verdict {
-            Verdict::Relay if is_event_stream(&parts.headers) && !is_encoded(&parts.headers) => {
-                match forward::await_content(body, timeouts.idle).await {
-                    Preamble::Commit {
-                        held,
-                        scanner,
-                        body,
-                    } => {
-                        let judge = Judge::Stream(scanner);
-                        return commit.relay(guard, attempt, parts, body, held, judge);
+            Verdict::Relay => {
+                if let Some(problem) = req.expects.mismatch(&parts.headers) {
+                    let log = Some("answer is not what was asked for");
+                    fail_attempt(&mut failures, attempt, Outcome::ServerError, problem, log);
+                    continue;
+                }
+                if bodiless {
+                    return commit.relay(
+                        guard,
+                        attempt,
+                        parts,
+                        Some(body),
+                        Vec::new(),
+                        Judge::Plain,
+                    );
+                }
+                let stream = is_event_stream(&parts.headers);
+                if stream && is_encoded(&parts.headers) {
+                    // Not a Messages answer (those were asked for identity and checked above):
+                    // relayed byte for byte, judged like a plain body.
+                    return commit.relay(
+                        guard,
+                        attempt,
+                        parts,
+                        Some(body),
+                        Vec::new(),
+                        Judge::Plain,
+                    );
+                }
+                if stream {
+                    match forward::await_content(body, timeouts.idle, &limits).await {
+                        Preamble::Commit {
+                            held,
+                            scanner,
+                            body,
+                        } => {
+                            let judge = Judge::Stream(scanner);
+                            return commit.relay(guard, attempt, parts, Some(body), held, judge);
+                        }
+                        Preamble::Failed(outcome, message) => {
+                            let message = ep.scrub(&message);
+                            let log = Some("stream failed before content");
+                            fail_attempt(&mut failures, attempt, outcome, message, log);
+                            continue;
+                        }
                     }
-                    Preamble::Failed(outcome, message) => {
-                        let message = ep.scrub(&message);
-                        let log = Some("stream failed before content");
+                }
+                // A non-streaming answer is read whole before anything goes to the client, so a
+                // body that breaks off, stalls or is not JSON can still fail over.
+                match forward::read_to_end(body, limits.max_json_bytes, timeouts.idle).await {
+                    Collected::Complete(frames) => {
+                        if req.expects == Expects::Json && !forward::is_valid_json(&frames) {
+                            let message = "answered 2xx with a body that is not valid JSON".into();
+                            let log = Some("attempt failed");
+                            fail_attempt(
+                                &mut failures,
+                                attempt,
+                                Outcome::ServerError,
+                                message,
+                                log,
+                            );
+                            continue;
+                        }
+                        return commit.relay(guard, attempt, parts, None, frames, Judge::Plain);
+                    }
+                    Collected::OverCap { held, body } => {
+                        return commit.relay(guard, attempt, parts, Some(body), held, Judge::Plain);
+                    }
+                    Collected::Failed(outcome, message) => {
+                        let log = Some("attempt failed");
                         fail_attempt(&mut failures, attempt, outcome, message, log);
                     }
                 }
             }
-            Verdict::Relay => {
-                return commit.relay(guard, attempt, parts, body, Vec::new(), Judge::Plain);
-            }
             Verdict::RelayCallerError => {
-                return commit.relay(guard, attempt, parts, body, Vec::new(), Judge::CallerError);
+                // The caller's error goes back as the upstream said it, less any secret it echoes.
+                scrub_headers(reg, &mut parts.headers);
+                if bodiless {
+                    let judge = Judge::CallerError;
+                    return commit.relay(guard, attempt, parts, Some(body), Vec::new(), judge);
+                }
+                match forward::read_to_end(body, limits.max_json_bytes, timeouts.idle).await {
+                    Collected::Complete(frames) => {
+                        let frames = if is_encoded(&parts.headers) {
+                            // Cannot be read (identity was asked for, the upstream did not care).
+                            frames
+                        } else {
+                            scrub_body(reg, frames, &mut parts.headers)
+                        };
+                        let judge = Judge::CallerError;
+                        return commit.relay(guard, attempt, parts, None, frames, judge);
+                    }
+                    Collected::OverCap { .. } => {
+                        // Too large to scrub: the client gets the status and a short error instead.
+                        let message = format!(
+                            "ccgate: the upstream's error answer exceeds {} bytes",
+                            limits.max_json_bytes
+                        );
+                        let own_body = replace_with_own_error(&mut parts, &message);
+                        let judge = Judge::CallerError;
+                        return commit.relay(guard, attempt, parts, None, vec![own_body], judge);
+                    }
+                    Collected::Failed(outcome, message) => {
+                        let log = Some("attempt failed");
+                        fail_attempt(&mut failures, attempt, outcome, message, log);
+                    }
+                }
             }
             Verdict::FailOver(outcome) => {
                 let text = forward::read_small(body, 16 * 1024, timeouts.idle).await;
@@ -486,7 +586,7 @@ impl Commit<'_> {
         mut guard: RequestGuard,
         attempt: Attempt,
         parts: http::response::Parts,
-        body: hyper::body::Incoming,
+        body: Option<hyper::body::Incoming>,
         held: Vec<Bytes>,
         judge: Judge,
     ) -> Response<GateBody> {
@@ -587,6 +687,77 @@ fn is_encoded(h: &HeaderMap) -> bool {
     h.get(header::CONTENT_ENCODING)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| !v.eq_ignore_ascii_case("identity"))
+}
+
+/// The secrets an upstream could echo: every endpoint's credential (ccgate never sends the
+/// client's own).
+fn secrets(reg: &Registry) -> impl Iterator<Item = &[u8]> {
+    reg.endpoints.iter().filter_map(|e| {
+        let v = e.auth_header.1.as_bytes();
+        let v = v.strip_prefix(b"Bearer ").unwrap_or(v);
+        (v.len() >= 4).then_some(v)
+    })
+}
+
+/// `text` with every secret replaced by `***`, or `None` when it holds none.
+fn scrub_bytes(reg: &Registry, text: &[u8]) -> Option<Vec<u8>> {
+    let mut out: Option<Vec<u8>> = None;
+    for secret in secrets(reg) {
+        let current = out.as_deref().unwrap_or(text);
+        if memchr::memmem::find(current, secret).is_none() {
+            continue;
+        }
+        let mut next = Vec::with_capacity(current.len());
+        let mut rest = current;
+        while let Some(i) = memchr::memmem::find(rest, secret) {
+            next.extend_from_slice(&rest[..i]);
+            next.extend_from_slice(b"***");
+            rest = &rest[i + secret.len()..];
+        }
+        next.extend_from_slice(rest);
+        out = Some(next);
+    }
+    out
+}
+
+/// Replaces every secret in the header values of a relayed error answer.
+fn scrub_headers(reg: &Registry, headers: &mut HeaderMap) {
+    for value in headers.values_mut() {
+        if let Some(clean) = scrub_bytes(reg, value.as_bytes()) {
+            *value = HeaderValue::from_bytes(&clean).unwrap_or(HeaderValue::from_static("***"));
+        }
+    }
+}
+
+/// A relayed error answer's body with every secret replaced; the frames as they were (shared, not
+/// copied) when it holds none. A changed body loses its `content-length` (the relay sets it).
+fn scrub_body(reg: &Registry, frames: Vec<Bytes>, headers: &mut HeaderMap) -> Vec<Bytes> {
+    let clean = match frames.as_slice() {
+        [] => None,
+        [one] => scrub_bytes(reg, one),
+        many => scrub_bytes(reg, &many.concat()),
+    };
+    match clean {
+        None => frames,
+        Some(clean) => {
+            headers.remove(header::CONTENT_LENGTH);
+            vec![Bytes::from(clean)]
+        }
+    }
+}
+
+/// Turns a relayed error answer into ccgate's own Anthropic error with the same status; returns
+/// the body.
+fn replace_with_own_error(parts: &mut http::response::Parts, message: &str) -> Bytes {
+    let error = serde_json::json!({"type": "error", "error": {
+        "type": response::error_type_for(parts.status), "message": message}});
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.remove(header::CONTENT_ENCODING);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Bytes::from(error.to_string())
 }
 
 /// `x-ccgate-attempts`: the common small counts without an allocation.

@@ -83,18 +83,20 @@ impl UsageTap {
 }
 
 impl RelayBody {
-    /// Wraps an upstream body.
+    /// Wraps an upstream body: `held` frames first, then the rest of `upstream`. With no upstream
+    /// (a body already read whole and judged), the outcome is recorded as the last held frame goes
+    /// out.
     pub fn new(
-        upstream: Incoming,
+        upstream: Option<Incoming>,
         held: Vec<Bytes>,
         judge: Judge,
         idle: Duration,
         attempt: Attempt,
         request: RequestGuard,
     ) -> Self {
-        Self {
+        let mut relay = Self {
             held: held.into(),
-            upstream: Some(upstream),
+            upstream,
             judge,
             idle,
             sleep: None,
@@ -103,7 +105,12 @@ impl RelayBody {
             request: Some(request),
             trailer: None,
             usage: None,
+        };
+        if relay.upstream.is_none() && relay.held.is_empty() {
+            // An empty body read whole: nothing will be polled.
+            relay.end();
         }
+        relay
     }
 
     /// Adds the answer's token usage to `tally` when it ends successfully: for a stream from its
@@ -111,11 +118,19 @@ impl RelayBody {
     /// Only a success is counted, so never a caller error. Only in-memory work happens on this
     /// path.
     pub fn with_usage(mut self, tally: Option<Arc<UsageTally>>) -> Self {
-        self.usage = tally.map(|tally| UsageTap {
-            tally,
-            frames: Vec::new(),
-            len: 0,
-            too_large: false,
+        self.usage = tally.map(|tally| {
+            let mut tap = UsageTap {
+                tally,
+                frames: Vec::new(),
+                len: 0,
+                too_large: false,
+            };
+            if !matches!(self.judge, Judge::Stream(_)) {
+                for data in &self.held {
+                    tap.keep(data);
+                }
+            }
+            tap
         });
         self
     }
@@ -163,15 +178,19 @@ impl RelayBody {
         outcome: Outcome,
         detail: String,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let stream = matches!(self.judge, Judge::Stream(_));
+        let boundary = match &self.judge {
+            Judge::Stream(sc) => Some(sc.at_boundary()),
+            _ => None,
+        };
         self.finish(outcome, Some(detail.clone()));
-        if stream {
+        if let Some(boundary) = boundary {
             let ty = if outcome == Outcome::Overloaded {
                 "overloaded_error"
             } else {
                 "api_error"
             };
-            return Poll::Ready(Some(Ok(Frame::data(error_event(
+            return Poll::Ready(Some(Ok(Frame::data(closing_error_event(
+                boundary,
                 ty,
                 &format!("upstream stream failed: {detail}"),
             )))));
@@ -195,16 +214,17 @@ impl RelayBody {
     /// trailer), so the client cannot take a truncated answer for a complete one.
     fn end(&mut self) {
         let (outcome, detail) = self.end_outcome();
-        if matches!(self.judge, Judge::Stream(_))
-            && outcome == Outcome::Transport(TransportKind::Cut)
-        {
-            let message = detail
-                .as_deref()
-                .unwrap_or("stream ended before message_stop");
-            self.trailer = Some(error_event(
-                "api_error",
-                &format!("upstream stream failed: {message}"),
-            ));
+        if let Judge::Stream(sc) = &self.judge {
+            if outcome == Outcome::Transport(TransportKind::Cut) {
+                let message = detail
+                    .as_deref()
+                    .unwrap_or("stream ended before message_stop");
+                self.trailer = Some(closing_error_event(
+                    sc.at_boundary(),
+                    "api_error",
+                    &format!("upstream stream failed: {message}"),
+                ));
+            }
         }
         self.finish(outcome, detail);
     }
@@ -228,6 +248,21 @@ impl RelayBody {
     }
 }
 
+/// The `error` event that ends a relayed stream after an upstream failure. It always starts a
+/// fresh event: when the bytes relayed so far stopped inside an event (mid-line, or inside a
+/// multi-byte character), a blank line ends that event first, so the error event is never read as
+/// part of it.
+fn closing_error_event(at_boundary: bool, error_type: &str, message: &str) -> Bytes {
+    let event = error_event(error_type, message);
+    if at_boundary {
+        return event;
+    }
+    let mut out = Vec::with_capacity(event.len() + 2);
+    out.extend_from_slice(b"\n\n");
+    out.extend_from_slice(&event);
+    Bytes::from(out)
+}
+
 /// Error type of client-facing bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -241,9 +276,19 @@ impl Body for RelayBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         if let Some(b) = this.held.pop_front() {
+            let upstream_done = this.upstream.as_ref().is_none_or(Body::is_end_stream);
+            if this.held.is_empty() && upstream_done && this.attempt.is_some() {
+                // A body read whole before it was committed: it ends with its last frame (hyper
+                // may not poll again once the declared length is written).
+                this.end();
+            }
             return Poll::Ready(Some(Ok(Frame::data(b))));
         }
         let Some(upstream) = this.upstream.as_mut() else {
+            if this.attempt.is_some() {
+                // An empty body read whole.
+                this.end();
+            }
             return Poll::Ready(this.trailer.take().map(|b| Ok(Frame::data(b))));
         };
         match Pin::new(upstream).poll_frame(cx) {
@@ -307,6 +352,9 @@ impl Body for RelayBody {
     fn size_hint(&self) -> SizeHint {
         match (&self.upstream, self.held.is_empty()) {
             (Some(u), true) => u.size_hint(),
+            (None, _) if self.trailer.is_none() => {
+                SizeHint::with_exact(self.held.iter().map(|b| b.len() as u64).sum())
+            }
             _ => SizeHint::default(),
         }
     }

@@ -15,13 +15,19 @@ const MAX_LINE: usize = 64 * 1024;
 pub struct StreamFacts {
     /// Events seen, of any kind.
     pub events: u64,
-    /// Whether a content-bearing event (anything but `message_start`, `ping` and
-    /// `content_block_start`, which only opens a block) was seen.
+    /// Whether content was seen: a `content_block_delta`, or a `content_block_start` whose block
+    /// already carries generated content (see [`starts_with_content`]). Nothing else commits a
+    /// stream: `message_start`, `ping`, `content_block_stop` and `message_delta` only frame it.
     pub content: bool,
     /// Whether `message_stop` was seen.
     pub message_stop: bool,
     /// The first `error` event's `error.type` and `error.message`.
     pub error: Option<(String, String)>,
+    /// Before any content: the first event (or line) that is not a well-formed Anthropic event —
+    /// a field SSE does not define, data that is not a JSON object with a string `type`, a `type`
+    /// that differs from the `event:` name, or an event type this scanner does not know. After
+    /// content, such events are relayed unjudged (new event types must not break streams).
+    pub malformed: Option<String>,
 }
 
 /// The event names the scanner tells apart; every other name (or one that is not UTF-8) is
@@ -33,6 +39,8 @@ enum EventName {
     MessageStop,
     Ping,
     ContentBlockStart,
+    ContentBlockDelta,
+    ContentBlockStop,
     Error,
     Other,
 }
@@ -45,6 +53,8 @@ impl EventName {
             b"message_stop" => Self::MessageStop,
             b"ping" => Self::Ping,
             b"content_block_start" => Self::ContentBlockStart,
+            b"content_block_delta" => Self::ContentBlockDelta,
+            b"content_block_stop" => Self::ContentBlockStop,
             b"error" => Self::Error,
             _ => Self::Other,
         }
@@ -64,6 +74,10 @@ pub struct SseScanner {
     event: Option<EventName>,
     data: Vec<u8>,
     keep_data: bool,
+    /// A non-empty line completed since the last blank line: an event is under way.
+    pending: bool,
+    /// A line of the current event was too long to keep.
+    event_overlong: bool,
     facts: StreamFacts,
     /// Boxed: most scanners never see usage, and the scanner travels by value.
     usage: Option<Box<MessageUsage>>,
@@ -89,6 +103,12 @@ impl SseScanner {
         self.usage.as_deref()
     }
 
+    /// Whether the bytes fed so far end on an event boundary (nothing fed yet, or a blank line just
+    /// ended an event): bytes sent after them start a fresh event.
+    pub fn at_boundary(&self) -> bool {
+        self.line.is_empty() && !self.overlong && !self.pending
+    }
+
     /// Feeds the next chunk of the stream.
     pub fn feed(&mut self, mut chunk: &[u8]) {
         while !chunk.is_empty() {
@@ -100,7 +120,11 @@ impl SseScanner {
                     if line.last() == Some(&b'\r') {
                         line.pop();
                     }
-                    if !self.overlong {
+                    if self.overlong {
+                        // Too long to judge; the event it belongs to is judged by its name.
+                        self.pending = true;
+                        self.event_overlong = true;
+                    } else {
                         self.line_done(&line);
                     }
                     self.overlong = false;
@@ -130,9 +154,11 @@ impl SseScanner {
 
     fn line_done(&mut self, line: &[u8]) {
         if line.is_empty() {
+            self.pending = false;
             self.dispatch();
             return;
         }
+        self.pending = true;
         let (field, value) = match memchr::memchr(b':', line) {
             Some(0) => return, // comment
             Some(i) => {
@@ -144,8 +170,14 @@ impl SseScanner {
         match field {
             b"event" => {
                 let name = EventName::parse(value);
-                self.keep_data = name.keeps_data();
+                // Before content every event is read whole, to be judged.
+                self.keep_data = name.keeps_data() || !self.facts.content;
                 self.event = Some(name);
+                if name == EventName::Other {
+                    self.malformed_before_content(|| {
+                        format!("unknown event `{}`", String::from_utf8_lossy(value))
+                    });
+                }
             }
             b"data" if self.keep_data && self.data.len() + value.len() < MAX_LINE => {
                 if !self.data.is_empty() {
@@ -153,13 +185,25 @@ impl SseScanner {
                 }
                 self.data.extend_from_slice(value);
             }
-            _ => {}
+            b"data" | b"id" | b"retry" => {}
+            other => self.malformed_before_content(|| {
+                format!("not an SSE field: `{}`", String::from_utf8_lossy(other))
+            }),
+        }
+    }
+
+    /// Notes a malformed event or line, if no content came before it (and nothing else was
+    /// noted). The overlong-line path needs no note: a long line is a long `data` of an event.
+    fn malformed_before_content(&mut self, what: impl FnOnce() -> String) {
+        if !self.facts.content && self.facts.malformed.is_none() {
+            self.facts.malformed = Some(what().chars().take(200).collect());
         }
     }
 
     fn dispatch(&mut self) {
         let event = self.event.take();
         let data = std::mem::take(&mut self.data);
+        let overlong = std::mem::take(&mut self.event_overlong);
         self.keep_data = true;
         if event.is_none() && data.is_empty() {
             return;
@@ -169,6 +213,7 @@ impl SseScanner {
         } else {
             serde_json::from_slice(&data).ok()
         };
+        let judged = !self.facts.content && !overlong;
         // Without an `event:` line the name is the JSON's `type` (the SSE default, `message`, is
         // none the scanner tells apart).
         let name = event.unwrap_or_else(|| {
@@ -178,13 +223,54 @@ impl SseScanner {
                 .map_or(EventName::Other, |t| EventName::parse(t.as_bytes()))
         });
         self.facts.events += 1;
+        if judged && name != EventName::Error {
+            let ty = json
+                .as_ref()
+                .and_then(|j| j.get("type"))
+                .and_then(|t| t.as_str());
+            match (ty, event) {
+                (None, _) => {
+                    self.malformed_before_content(|| {
+                        format!(
+                            "event data is not a JSON object with a type: {}",
+                            String::from_utf8_lossy(&data[..data.len().min(100)])
+                        )
+                    });
+                    return;
+                }
+                (Some(t), Some(e))
+                    if EventName::parse(t.as_bytes()) != e || e == EventName::Other =>
+                {
+                    self.malformed_before_content(|| {
+                        format!("event type `{t}` does not match its name")
+                    });
+                    return;
+                }
+                (Some(t), None) if name == EventName::Other => {
+                    self.malformed_before_content(|| format!("unknown event `{t}`"));
+                    return;
+                }
+                _ => {}
+            }
+        }
         if let Some(j) = &json {
             self.note_usage(name, j);
         }
         match name {
-            // A block opening carries no generated text yet: holding it keeps a failure before the
-            // first delta transparent to fail over.
-            EventName::MessageStart | EventName::Ping | EventName::ContentBlockStart => {}
+            // A block opening usually carries no generated content yet: holding it keeps a failure
+            // before the first delta transparent to fail over.
+            EventName::ContentBlockStart => {
+                // A block too large to read whole is not an empty opening.
+                if json.as_ref().map_or(!judged, starts_with_content) {
+                    self.facts.content = true;
+                }
+            }
+            EventName::ContentBlockDelta => self.facts.content = true,
+            EventName::MessageStart
+            | EventName::Ping
+            | EventName::ContentBlockStop
+            | EventName::MessageDelta
+            | EventName::Other => {}
             EventName::MessageStop => self.facts.message_stop = true,
             EventName::Error => {
                 if self.facts.error.is_none() {
@@ -195,8 +281,29 @@ impl SseScanner {
                     self.facts.error = Some((ty.unwrap_or("api_error").to_string(), message));
                 }
             }
-            EventName::MessageDelta | EventName::Other => self.facts.content = true,
         }
+    }
+}
+
+/// Whether a `content_block_start` event already carries generated content: its `content_block`
+/// is a `tool_use` (or any block type other than `text` and `thinking`: server tool uses and their
+/// results, redacted thinking), or a `text` / `thinking` block whose text is not empty. An empty
+/// `text` or `thinking` block only opens the block.
+pub fn starts_with_content(event: &serde_json::Value) -> bool {
+    let Some(block) = event.get("content_block") else {
+        return false;
+    };
+    match block.get("type").and_then(|t| t.as_str()) {
+        Some("text") => block
+            .get("text")
+            .and_then(|t| t.as_str())
+            .is_some_and(|t| !t.is_empty()),
+        Some("thinking") => block
+            .get("thinking")
+            .and_then(|t| t.as_str())
+            .is_some_and(|t| !t.is_empty()),
+        Some(_) => true,
+        None => false,
     }
 }
 
@@ -262,7 +369,8 @@ event: content_block_delta\ndata: {\"type\":\"content_block_delta\"}\n\nevent: m
                 events: 5,
                 content: true,
                 message_stop: true,
-                error: None
+                error: None,
+                malformed: None,
             }
         );
         for piece in 1..40 {
@@ -344,8 +452,85 @@ event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
         let mut sc = SseScanner::new();
         sc.feed(&[0xff, b'\n', b':', b'\n', b'\n', 0, 1, 2]);
         sc.feed(&vec![b'x'; 200_000]);
-        sc.feed(b"\n\nevent: message_stop\n\n");
+        sc.feed(b"\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n");
         assert!(sc.facts().message_stop);
+        assert!(sc.facts().malformed.is_some());
+    }
+
+    #[test]
+    fn garbage_before_content_is_malformed() {
+        for bad in [
+            "\x00\u{ff}binary garbage\n\n",
+            "event: nonsense\ndata: {\"type\":\"nonsense\"}\n\n",
+            "event: ping\ndata: {not json\n\n",
+            "event: ping\ndata: {\"type\":\"message_stop\"}\n\n",
+            "data: {\"type\":\"nonsense\"}\n\n",
+            "data: \x7f\x7f\n\n",
+        ] {
+            let s = format!("event: message_start\ndata: {{\"type\":\"message_start\"}}\n\n{bad}");
+            let f = scan_in_pieces(&s, 3);
+            assert!(f.malformed.is_some() && !f.content, "{bad:?}: {f:?}");
+        }
+        assert_eq!(scan_in_pieces(STREAM, 5).malformed, None);
+    }
+
+    #[test]
+    fn unknown_events_after_content_are_relayed_unjudged() {
+        let s = "event: content_block_delta\ndata: {\"type\":\"content_block_delta\"}\n\n\
+event: brand_new\ndata: {\"type\":\"brand_new\"}\n\ndata: not json\n\n";
+        let f = scan_in_pieces(s, 4);
+        assert!(f.content && f.malformed.is_none(), "{f:?}");
+    }
+
+    #[test]
+    fn a_block_start_commits_only_with_content() {
+        let start = |block: &str| {
+            format!(
+                "event: content_block_start\ndata: {{\"type\":\"content_block_start\",\"index\":0,\"content_block\":{block}}}\n\n"
+            )
+        };
+        for (block, content) in [
+            (r#"{"type":"text","text":""}"#, false),
+            (r#"{"type":"thinking","thinking":""}"#, false),
+            (r#"{"type":"text","text":"Hi"}"#, true),
+            (
+                r#"{"type":"tool_use","id":"t","name":"f","input":{}}"#,
+                true,
+            ),
+            (r#"{"type":"redacted_thinking","data":"x"}"#, true),
+        ] {
+            let f = scan_in_pieces(&start(block), 7);
+            assert_eq!(f.content, content, "{block}");
+            assert!(f.malformed.is_none(), "{block}");
+        }
+        // message_delta and content_block_stop only frame the answer.
+        let f = scan_in_pieces(
+            "event: message_delta\ndata: {\"type\":\"message_delta\"}\n\n",
+            3,
+        );
+        assert!(!f.content && f.malformed.is_none());
+    }
+
+    #[test]
+    fn boundary_is_tracked() {
+        let mut sc = SseScanner::new();
+        assert!(sc.at_boundary());
+        sc.feed(b"event: ping\n");
+        assert!(!sc.at_boundary());
+        sc.feed(b"data: {\"type\":\"ping\"}\n\n");
+        assert!(sc.at_boundary());
+        sc.feed("data: caf\u{e9}".as_bytes().split_last().expect("bytes").1);
+        assert!(!sc.at_boundary());
+        sc.feed(b"\n");
+        assert!(!sc.at_boundary());
+        sc.feed(b"\r\n");
+        assert!(sc.at_boundary());
+        sc.feed(&vec![b'x'; 100_000]);
+        assert!(!sc.at_boundary());
+        sc.feed(b"\n");
+        assert!(!sc.at_boundary());
+        sc.feed(b"\n");
+        assert!(sc.at_boundary());
     }
 
     #[test]
