@@ -153,6 +153,11 @@ impl FailureQueue {
             return false;
         };
         ep.live.phase.store(to as u8, Ordering::Release);
+        if event == Event::CooldownExpired {
+            // The 429 that started the cooldown has been paid for by it: the endpoint comes back
+            // as healthy, not as `degraded` by a failure it already sat out.
+            ep.live.consecutive.store(0, Ordering::Release);
+        }
         match effect {
             Effect::None => {}
             Effect::Open(reason) => self.open(&mut inner, ep, reason, now_ms),
