@@ -128,7 +128,8 @@ async fn restart_keeps_counters_episodes_and_usage() {
     let first_a = gw.endpoint_view("a").await;
     let first_b = gw.endpoint_view("b").await;
     assert_eq!(four(&first_a), [2, 2, 0, 0], "{first_a}");
-    assert_eq!(four(&first_b), [4, 2, 2, 0], "{first_b}");
+    // b's caller error is one of its `failed_requests`, not a success (issue 21 #3).
+    assert_eq!(four(&first_b), [4, 1, 3, 0], "{first_b}");
     // In the first run, lifetime is this run: nothing was counted twice across the reload.
     assert_eq!(four(&first_a["lifetime"]), four(&first_a));
     assert_eq!(four(&first_b["lifetime"]), four(&first_b));
@@ -475,5 +476,47 @@ async fn kill_9_mid_traffic_leaves_an_intact_database() {
     assert_eq!(v["lifetime"]["total_requests"], started, "{v}");
     let episodes = process::get(serving.addr, "/_ccgate/episodes", &[]).await;
     assert_eq!(episodes.status, StatusCode::OK);
+    serving.stop().await;
+}
+
+/// Issue 17 #9: an attempt in flight at a `kill -9` was stored as started but never as ended; the
+/// next start closes it as `cancelled`, so the lifetime totals add up again (endpoint and gateway).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_in_flight_is_closed_as_cancelled_on_the_next_start() {
+    let up = MockUpstream::start().await;
+    up.push(Script::stall_before_headers());
+    let sb = process::Sandbox::new();
+    write_config(&sb, &up.url(), "flush_interval = \"50ms\"");
+    let db = sandbox_db(&sb);
+    let serving = process::start(sb.command(&["serve"])).await;
+    let addr = serving.addr;
+    let held = tokio::spawn(async move { process::post_message(addr, &[]).await });
+    // A flush has committed the attempt as started while it is still in flight.
+    eventually_some("the stalled attempt committed as started", || async {
+        stored(&db).map(|s| s.started).filter(|&n| n == 1)
+    })
+    .await;
+    serving.signal("KILL");
+    drop(serving);
+    held.abort();
+
+    let serving = process::start(sb.command(&["serve"])).await;
+    let v = process::endpoint_view(serving.addr, "main").await;
+    let l = &v["lifetime"];
+    assert_eq!(four(l), [1, 0, 0, 1], "closed as cancelled: {v}");
+    let stats = process::get(serving.addr, "/_ccgate/stats", &[])
+        .await
+        .json();
+    let l = &stats["lifetime"];
+    assert_eq!(l["total_requests"], 1, "{stats}");
+    assert_eq!(
+        (
+            &l["successful_requests"],
+            &l["failed_requests"],
+            &l["cancelled"]
+        ),
+        (&Value::from(0), &Value::from(1), &Value::from(1)),
+        "{stats}"
+    );
     serving.stop().await;
 }

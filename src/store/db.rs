@@ -13,6 +13,7 @@ use crate::clock::day_string;
 use crate::health::classify::Kind;
 use crate::health::endpoint::{Counters, Live};
 use crate::health::queue::EpisodeEvent;
+use crate::health::totals::RequestEnd;
 use crate::proxy::usage::{UsageKey, UsageSums};
 use crate::store::values::*;
 
@@ -109,6 +110,41 @@ pub(crate) fn prepare_file(path: &Path) -> anyhow::Result<()> {
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
                 .with_context(|| format!("cannot make {} owner-only", path.display()))?;
         }
+    }
+    Ok(())
+}
+
+/// Closes what a previous run left in flight (it stopped without its last flush, as after `kill
+/// -9`): attempts and client requests stored as started but never as ended are counted as
+/// `cancelled` — they ended with the process, nobody got their answer, and they say nothing about
+/// an endpoint — so that `successful + failed + cancelled == total` holds for lifetime totals too.
+fn close_lost_in_flight(
+    tx: &rusqlite::Transaction<'_>,
+    loaded: &mut Loaded,
+) -> rusqlite::Result<()> {
+    let cancelled = Kind::Cancelled.name();
+    for (name, c) in loaded.endpoints.iter_mut() {
+        if c.in_flight == 0 {
+            continue;
+        }
+        tx.execute(
+            "INSERT INTO endpoint_counters (endpoint, kind, count) VALUES (?1, ?2, ?3)
+             ON CONFLICT (endpoint, kind) DO UPDATE SET count = count + excluded.count",
+            params![name, cancelled, saturating_i64(c.in_flight)],
+        )?;
+        c.by_kind[Kind::Cancelled as usize] += c.in_flight;
+        *c = Counters::from_parts(c.total, c.by_kind);
+    }
+    let g = &mut loaded.gateway;
+    let ended = g.success + g.failed();
+    if g.started > ended {
+        let lost = g.started - ended;
+        tx.execute(
+            "INSERT INTO gateway_counters (kind, count) VALUES (?1, ?2)
+             ON CONFLICT (kind) DO UPDATE SET count = count + excluded.count",
+            params![RequestEnd::Cancelled.name(), saturating_i64(lost)],
+        )?;
+        g.cancelled += lost;
     }
     Ok(())
 }
@@ -221,6 +257,7 @@ impl Store {
                 }
             }
             loaded.gateway = GatewayTotals::from_values(values);
+            close_lost_in_flight(&tx, &mut loaded)?;
             let mut st = tx.prepare(
                 "SELECT id, endpoint, reason, started_at_ms, ended_at_ms, probes, ended_by
                  FROM episodes ORDER BY started_at_ms DESC, id DESC LIMIT ?1",
