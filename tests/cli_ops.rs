@@ -700,7 +700,8 @@ async fn endpoint_added_while_running_receives_traffic_and_others_keep_counters(
     assert_eq!(total("c"), Some(2), "{v}");
 
     // A change the CLI accepts but the gateway cannot load (a variable only the CLI's
-    // environment could lack): saved, refused by the gateway, exit 1, and the gateway keeps going.
+    // environment could lack): refused by the gateway, the file restored, exit 1, and the gateway
+    // keeps going.
     let mut add = sb.command(&[
         "endpoints",
         "add",
@@ -718,12 +719,13 @@ async fn endpoint_added_while_running_receives_traffic_and_others_keep_counters(
     let f = run(add).await;
     f.assert_code(1);
     assert!(
-        f.stdout.contains("refused to reload") && f.stdout.contains("CCGATE_TEST_UNSET_KEY"),
+        f.stdout.contains("refused the edited config")
+            && f.stdout.contains("CCGATE_TEST_UNSET_KEY"),
         "{}",
         f.output()
     );
     f.assert_no_secret(&["sk-ant-only-in-the-cli"]);
-    assert!(read(&cfg).contains("name = \"d\""));
+    assert!(!read(&cfg).contains("name = \"d\""), "restored as it was");
     let r = post_message(gw.addr, &[]).await;
     assert_eq!(r.header("x-ccgate-endpoint"), Some("c"), "{r:?}");
     gw.stop().await;
@@ -897,5 +899,53 @@ async fn status_splits_totals_and_shows_the_state_after_a_cooldown() {
         "{}",
         f.output()
     );
+    gw.stop().await;
+}
+
+/// Issue 21 #10: `endpoints add --auth-token-env VAR` with VAR set only in the CLI's shell. The
+/// running gateway refuses the edited file; the command says why (the gateway's own reason, naming
+/// VAR), restores the file byte for byte, and exits non-zero, so later reloads still work.
+#[tokio::test]
+async fn an_edit_the_running_gateway_refuses_is_restored_and_explained() {
+    let up = MockUpstream::start().await;
+    let sb = Sandbox::new();
+    let cfg = sb.write_at(
+        &sb.path("gw.toml"),
+        &config(&[("a", &up.url(), "sk-ant-a")], ""),
+    );
+    let before = read(&cfg);
+    let c = cfg_arg(&cfg);
+    let gw = start(sb.command(&["serve", "--config", c])).await;
+
+    let mut cmd = sb.command(&[
+        "endpoints",
+        "add",
+        "relay",
+        "--base-url",
+        &up.url(),
+        "--auth-token-env",
+        "RELAY_TOKEN_ONLY_HERE",
+        "--config",
+        c,
+        "--url",
+        &gw.url(),
+    ]);
+    cmd.env("RELAY_TOKEN_ONLY_HERE", "relay-secret-Q7w");
+    let f = run(cmd).await;
+    f.assert_failure();
+    assert!(
+        f.stdout.contains("refused the edited config")
+            && f.stdout.contains("RELAY_TOKEN_ONLY_HERE"),
+        "{}",
+        f.output()
+    );
+    assert!(f.stdout.contains("restored as it was"), "{}", f.output());
+    f.assert_no_secret(&["relay-secret-Q7w"]);
+    assert_eq!(read(&cfg), before, "the file is as it was");
+
+    // The gateway still serves its old config, and a reload of the file now succeeds.
+    let r = post_message(gw.addr, &[]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    endpoints_applied(&sb, &["disable", "a"], c, &gw.url()).await;
     gw.stop().await;
 }
