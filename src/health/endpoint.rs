@@ -96,6 +96,25 @@ impl Endpoint {
 }
 
 impl Endpoint {
+    /// Identifies the endpoint's configuration across restarts without holding its secret: a
+    /// 64-bit FNV-1a hash of its name, base URL, credential kind and credential, in hex. Health
+    /// saved under another fingerprint (the URL or the key changed) is not resumed.
+    pub fn fingerprint(&self) -> String {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let (kind, secret) = match &self.config.credential {
+            Credential::ApiKey(k) => ("api_key", k.expose()),
+            Credential::AuthToken(t) => ("auth_token", t.expose()),
+        };
+        let base = self.base_url.to_string();
+        for part in [self.name.as_str(), base.as_str(), kind, secret] {
+            for b in part.bytes().chain(std::iter::once(0)) {
+                h ^= u64::from(b);
+                h = h.wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+        format!("{h:016x}")
+    }
+
     /// Removes this endpoint's credential from text an upstream sent back (some relays echo the
     /// key they refused), so that it never reaches a view, a log line or an error message.
     pub fn scrub(&self, text: &str) -> String {

@@ -55,6 +55,17 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         key TEXT PRIMARY KEY,
         value INTEGER
     ) WITHOUT ROWID;",
+    // 2: endpoints out of rotation, resumed on the next start.
+    "CREATE TABLE endpoint_health (
+        endpoint TEXT PRIMARY KEY,
+        fingerprint TEXT NOT NULL,
+        phase TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        since_ms INTEGER NOT NULL,
+        next_probe_at_ms INTEGER NOT NULL,
+        cooldown_until_ms INTEGER NOT NULL,
+        probes INTEGER NOT NULL DEFAULT 0
+    ) WITHOUT ROWID;",
 ];
 
 /// Everything read back on start.
@@ -63,6 +74,7 @@ pub(crate) struct Loaded {
     pub(crate) endpoints: HashMap<String, Counters>,
     pub(crate) gateway: GatewayTotals,
     pub(crate) episodes: Vec<EpisodeRow>,
+    pub(crate) health: Vec<SavedHealth>,
 }
 
 /// An open database connection (owned by the writer while it runs).
@@ -276,6 +288,25 @@ impl Store {
             for row in rows {
                 loaded.episodes.push(row?);
             }
+            let mut st = tx.prepare(
+                "SELECT endpoint, fingerprint, phase, reason, since_ms, next_probe_at_ms,
+                        cooldown_until_ms, probes FROM endpoint_health",
+            )?;
+            let rows = st.query_map([], |r| {
+                Ok(SavedHealth {
+                    endpoint: r.get(0)?,
+                    fingerprint: r.get(1)?,
+                    phase: r.get(2)?,
+                    reason: r.get(3)?,
+                    since_ms: r.get(4)?,
+                    next_probe_at_ms: r.get(5)?,
+                    cooldown_until_ms: r.get(6)?,
+                    probes: u32::try_from(r.get::<_, i64>(7)?).unwrap_or(0),
+                })
+            })?;
+            for row in rows {
+                loaded.health.push(row?);
+            }
         }
         tx.commit()?;
         Ok(loaded)
@@ -288,6 +319,26 @@ impl Store {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut opened = Vec::new();
+        if let Some(health) = &b.health {
+            tx.execute("DELETE FROM endpoint_health", [])?;
+            let mut st = tx.prepare_cached(
+                "INSERT OR REPLACE INTO endpoint_health (endpoint, fingerprint, phase, reason,
+                    since_ms, next_probe_at_ms, cooldown_until_ms, probes)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?;
+            for h in health {
+                st.execute(params![
+                    h.endpoint,
+                    h.fingerprint,
+                    h.phase,
+                    h.reason,
+                    h.since_ms,
+                    h.next_probe_at_ms,
+                    h.cooldown_until_ms,
+                    i64::from(h.probes)
+                ])?;
+            }
+        }
         {
             let mut counter = tx.prepare_cached(
                 "INSERT INTO endpoint_counters (endpoint, kind, count) VALUES (?1, ?2, ?3)
@@ -421,6 +472,8 @@ pub(crate) enum EpisodeOp {
 pub(crate) struct Batch {
     pub(crate) at: SystemTime,
     pub(crate) endpoint_deltas: HashMap<String, Counters>,
+    /// Every endpoint out of rotation now (replaces what is saved); `None` leaves it.
+    pub(crate) health: Option<Vec<SavedHealth>>,
     /// Per followed cell: the snapshot written, and whether it is the cell's last.
     pub(crate) cells: Vec<(usize, Counters, bool)>,
     pub(crate) gateway: Option<(GatewayTotals, GatewayTotals)>,
