@@ -574,3 +574,45 @@ async fn ejected_endpoint_stays_out_across_a_restart_until_its_config_changes() 
     assert_eq!(r.header("x-ccgate-endpoint"), Some("a"), "{}", r.body);
     serving.stop().await;
 }
+
+/// Issue 21 #9: a cooldown still running when the gateway stops goes on after the restart; one
+/// that ended while the gateway was down is over.
+#[tokio::test]
+async fn cooldown_resumes_across_a_restart_and_ends_if_it_expired_meanwhile() {
+    let up_a = MockUpstream::start().await;
+    let up_b = MockUpstream::start().await;
+    up_a.push(Script::error(429, "rate_limit_error", "slow down").header("retry-after", "600"));
+    let sb = process::Sandbox::new();
+    write_two(&sb, &up_a.url(), "sk-test-a", &up_b.url());
+    let db = sandbox_db(&sb);
+    let serving = process::start(sb.command(&["serve"])).await;
+    let r = process::post_message(serving.addr, &[]).await;
+    assert_eq!(r.header("x-ccgate-endpoint"), Some("b"), "{}", r.body);
+    serving.stop().await;
+
+    let serving = process::start(sb.command(&["serve"])).await;
+    let r = process::post_message(serving.addr, &[]).await;
+    assert_eq!(r.header("x-ccgate-endpoint"), Some("b"), "{}", r.body);
+    let v = process::endpoint_view(serving.addr, "a").await;
+    assert_eq!(v["state"], "cooling_down", "{v}");
+    assert!(v["cooldown_until"].is_string(), "{v}");
+    serving.stop().await;
+    assert_eq!(up_a.count(), 1);
+
+    // The deadline passes while the gateway is down.
+    let conn = rusqlite::Connection::open(&db).expect("open");
+    let n = conn
+        .execute(
+            "UPDATE endpoint_health SET cooldown_until_ms = 1 WHERE endpoint = 'a'",
+            [],
+        )
+        .expect("update");
+    assert_eq!(n, 1, "the cooldown was saved");
+    drop(conn);
+    let serving = process::start(sb.command(&["serve"])).await;
+    let r = process::post_message(serving.addr, &[]).await;
+    assert_eq!(r.header("x-ccgate-endpoint"), Some("a"), "{}", r.body);
+    let v = process::endpoint_view(serving.addr, "a").await;
+    assert_eq!(v["state"], "healthy", "{v}");
+    serving.stop().await;
+}
