@@ -171,7 +171,7 @@ const KINDS: [&str; 9] = [
     "auth",
 ];
 
-/// Outcome kinds counted in `failed_requests`.
+/// Outcome kinds counted in `endpoint_errors` (with `caller_error`, in `failed_requests`).
 const FAILURE_KINDS: [&str; 6] = [
     "overloaded",
     "server_error",
@@ -797,11 +797,16 @@ async fn chaos_soak() {
         check(
             "successful_requests",
             n(&v, "successful_requests"),
-            want["success"] + want["caller_error"],
+            want["success"],
         );
         check(
             "failed_requests",
             n(&v, "failed_requests"),
+            FAILURE_KINDS.iter().map(|k| want[k]).sum::<u64>() + want["caller_error"],
+        );
+        check(
+            "endpoint_errors",
+            n(&v, "endpoint_errors"),
             FAILURE_KINDS.iter().map(|k| want[k]).sum(),
         );
         check("cancelled", n(&v, "cancelled"), want["cancelled"]);

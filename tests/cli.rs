@@ -381,6 +381,52 @@ async fn bad_config_is_refused_before_binding_with_every_problem() {
     drop(held);
 }
 
+/// Issue 21 #1 and #2: values of the wrong type are reported beside every other problem, each
+/// under its full key, and a duplicate name is found although one of the two endpoints is broken.
+const MISTYPED_CONFIG: &str = r#"[server]
+listen = "127.0.0.1:0"
+strategy = "fastest"
+max_attempts = "3"
+
+[[endpoints]]
+name = "relay"
+base_url = "http://127.0.0.1:9"
+api_key = "k1"
+priority = "high"
+
+[[endpoints]]
+name = "relay"
+base_url = "ftp://relay.example"
+api_key = "k2"
+weight = 1.5
+"#;
+
+#[tokio::test]
+async fn type_errors_are_reported_with_every_other_problem_under_full_keys() {
+    let sb = Sandbox::new();
+    let cfg = sb.write("typed.toml", MISTYPED_CONFIG);
+    let want = [
+        (3, "server.strategy"),
+        (4, "server.max_attempts"),
+        (10, "endpoints[0].priority"),
+        (13, "endpoints[1].name"),
+        (14, "endpoints[1].base_url"),
+        (16, "endpoints[1].weight"),
+    ];
+    for cmd in ["validate", "serve"] {
+        let f = run(sb.command(&[cmd, "--config", cfg.to_str().expect("utf-8")])).await;
+        f.assert_refused();
+        assert_names(&f, &cfg, &want);
+        assert!(f.stderr.contains("6 problems"), "{cmd}\n{}", f.output());
+        assert!(
+            f.stderr.contains("expected an integer, found a string"),
+            "{cmd}\n{}",
+            f.output()
+        );
+        assert!(!f.stderr.contains("is required"), "{cmd}\n{}", f.output());
+    }
+}
+
 #[tokio::test]
 async fn unknown_key_is_reported_with_its_line() {
     let sb = Sandbox::new();

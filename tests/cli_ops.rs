@@ -145,7 +145,8 @@ async fn operator_flow_from_init_to_claude_disable() {
         f.output()
     );
     let cols: Vec<&str> = a.split_whitespace().collect();
-    assert_eq!(cols[cols.len() - 2..], ["2", "0"], "{}", f.output());
+    // REQUESTS, ENDPOINT ERRORS, CALLER ERRORS.
+    assert_eq!(cols[cols.len() - 3..], ["2", "0", "0"], "{}", f.output());
     assert!(row(&f, "b").contains("healthy"), "{}", f.output());
     assert!(f.stdout.contains("failure queue: empty"), "{}", f.output());
     assert!(f.stdout.contains("totals: 2 requests"), "{}", f.output());
@@ -699,7 +700,8 @@ async fn endpoint_added_while_running_receives_traffic_and_others_keep_counters(
     assert_eq!(total("c"), Some(2), "{v}");
 
     // A change the CLI accepts but the gateway cannot load (a variable only the CLI's
-    // environment could lack): saved, refused by the gateway, exit 1, and the gateway keeps going.
+    // environment could lack): refused by the gateway, the file restored, exit 1, and the gateway
+    // keeps going.
     let mut add = sb.command(&[
         "endpoints",
         "add",
@@ -717,12 +719,13 @@ async fn endpoint_added_while_running_receives_traffic_and_others_keep_counters(
     let f = run(add).await;
     f.assert_code(1);
     assert!(
-        f.stdout.contains("refused to reload") && f.stdout.contains("CCGATE_TEST_UNSET_KEY"),
+        f.stdout.contains("refused the edited config")
+            && f.stdout.contains("CCGATE_TEST_UNSET_KEY"),
         "{}",
         f.output()
     );
     f.assert_no_secret(&["sk-ant-only-in-the-cli"]);
-    assert!(read(&cfg).contains("name = \"d\""));
+    assert!(!read(&cfg).contains("name = \"d\""), "restored as it was");
     let r = post_message(gw.addr, &[]).await;
     assert_eq!(r.header("x-ccgate-endpoint"), Some("c"), "{r:?}");
     gw.stop().await;
@@ -818,4 +821,131 @@ async fn help_and_completions() {
     run(sb.command(&["completions", "tcsh"]))
         .await
         .assert_failure();
+}
+
+/// Issue 21 #3 and #8: an endpoint's caller error is not its success, every total shows its
+/// split, and after a 429 cooldown ends `status` shows the endpoint back in rotation with a health
+/// rate that says what it is over.
+#[tokio::test]
+async fn status_splits_totals_and_shows_the_state_after_a_cooldown() {
+    let up_a = MockUpstream::start().await;
+    let up_b = MockUpstream::start().await;
+    let sb = Sandbox::new();
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n[[endpoints]]\nname = \"a\"\nbase_url = \"{}\"\napi_key = \"sk-ant-a\"\npriority = 1\n\n[[endpoints]]\nname = \"b\"\nbase_url = \"{}\"\napi_key = \"sk-ant-b\"\npriority = 2\n\n[[endpoints]]\nname = \"idle\"\nbase_url = \"{}\"\napi_key = \"sk-ant-c\"\npriority = 3\n",
+        up_a.url(),
+        up_b.url(),
+        up_b.url()
+    );
+    let cfg = sb.write_at(&sb.path("gw.toml"), &text);
+    let gw = start(sb.command(&["serve", "--config", cfg_arg(&cfg)])).await;
+
+    // `a` rate-limits for one second: the request fails over to `b`.
+    up_a.push(Script::error(429, "rate_limit_error", "slow down").header("retry-after", "1"));
+    let r = post_message(gw.addr, &[]).await;
+    assert_eq!(r.header("x-ccgate-endpoint"), Some("b"), "{r:?}");
+    wait::eventually("`a` back from its cooldown", || async {
+        endpoint_entry(&get(gw.addr, "/_ccgate/endpoints", &[]).await.json(), "a")["state"]
+            != "cooling_down"
+    })
+    .await;
+    // Then the caller sends a bad request: `a` answers 400, the caller's own error.
+    up_a.push(Script::error(400, "invalid_request_error", "bad request"));
+    let r = post_message(gw.addr, &[]).await;
+    assert_eq!(r.status, 400, "{r:?}");
+
+    let v = get(gw.addr, "/_ccgate/endpoints", &[]).await.json();
+    let a = endpoint_entry(&v, "a");
+    assert_eq!(a["state"], "healthy", "the cooldown is over: {a}");
+    assert_eq!(a["successful_requests"], 0, "a 400 is no success: {a}");
+    assert_eq!(a["failed_requests"], 2, "{a}");
+    assert_eq!(a["endpoint_errors"], 1, "{a}");
+    assert_eq!(a["caller_errors"], 1, "{a}");
+    assert_eq!(a["judged_requests"], 1, "{a}");
+    let s = get(gw.addr, "/_ccgate/stats", &[]).await.json();
+    assert_eq!(
+        (
+            &s["successful_requests"],
+            &s["caller_errors"],
+            &s["upstream_errors"]
+        ),
+        (&Value::from(1), &Value::from(1), &Value::from(0)),
+        "{s}"
+    );
+
+    let f = run(sb.command(&["status", "--url", &gw.url()])).await;
+    f.assert_success();
+    let a = row(&f, "a");
+    assert!(
+        a.contains("healthy") && !a.contains("degraded"),
+        "{}",
+        f.output()
+    );
+    assert!(a.contains("0.0% of 1"), "{}", f.output());
+    let cols: Vec<&str> = a.split_whitespace().collect();
+    assert_eq!(cols[cols.len() - 3..], ["2", "1", "1"], "{}", f.output());
+    assert!(row(&f, "b").contains("100.0% of 1"), "{}", f.output());
+    let idle: Vec<&str> = row(&f, "idle").split_whitespace().collect();
+    assert_eq!(
+        idle[1..3],
+        ["healthy", "-"],
+        "no rate from nothing\n{}",
+        f.output()
+    );
+    assert!(
+        f.stdout.contains(
+            "totals: 2 requests: 1 answered, 1 not (0 upstream errors, 1 caller errors, 0 cancelled), 0 in flight"
+        ),
+        "{}",
+        f.output()
+    );
+    gw.stop().await;
+}
+
+/// Issue 21 #10: `endpoints add --auth-token-env VAR` with VAR set only in the CLI's shell. The
+/// running gateway refuses the edited file; the command says why (the gateway's own reason, naming
+/// VAR), restores the file byte for byte, and exits non-zero, so later reloads still work.
+#[tokio::test]
+async fn an_edit_the_running_gateway_refuses_is_restored_and_explained() {
+    let up = MockUpstream::start().await;
+    let sb = Sandbox::new();
+    let cfg = sb.write_at(
+        &sb.path("gw.toml"),
+        &config(&[("a", &up.url(), "sk-ant-a")], ""),
+    );
+    let before = read(&cfg);
+    let c = cfg_arg(&cfg);
+    let gw = start(sb.command(&["serve", "--config", c])).await;
+
+    let mut cmd = sb.command(&[
+        "endpoints",
+        "add",
+        "relay",
+        "--base-url",
+        &up.url(),
+        "--auth-token-env",
+        "RELAY_TOKEN_ONLY_HERE",
+        "--config",
+        c,
+        "--url",
+        &gw.url(),
+    ]);
+    cmd.env("RELAY_TOKEN_ONLY_HERE", "relay-secret-Q7w");
+    let f = run(cmd).await;
+    f.assert_failure();
+    assert!(
+        f.stdout.contains("refused the edited config")
+            && f.stdout.contains("RELAY_TOKEN_ONLY_HERE"),
+        "{}",
+        f.output()
+    );
+    assert!(f.stdout.contains("restored as it was"), "{}", f.output());
+    f.assert_no_secret(&["relay-secret-Q7w"]);
+    assert_eq!(read(&cfg), before, "the file is as it was");
+
+    // The gateway still serves its old config, and a reload of the file now succeeds.
+    let r = post_message(gw.addr, &[]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    endpoints_applied(&sb, &["disable", "a"], c, &gw.url()).await;
+    gw.stop().await;
 }

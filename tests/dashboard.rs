@@ -184,6 +184,29 @@ async fn dashboard_in_headless_chromium() {
     )
     .await;
 
+    // A caller's bad request answered by `b`: shown as a caller error beside `b`'s endpoint
+    // errors, not against its health, and in the clients' split (issue 21 #3).
+    b.push(Script::error(400, "invalid_request_error", "bad request"));
+    let r = gw
+        .post("/v1/messages", &auth, &TestGateway::message_body(false))
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
+    gw.settle().await;
+    page.wait_for(
+        "`b` shows its caller error apart, health untouched",
+        r#"[document.querySelector('tr[data-endpoint="b"] td[data-label^="Endpoint errors"]').textContent,
+            document.querySelector('tr[data-endpoint="b"] td.rate').textContent,
+            document.getElementById('c-rate-sub').textContent]"#,
+        |v| {
+            v[0] == "0 · 1 caller"
+                && v[1] == "100%"
+                && v[2]
+                    .as_str()
+                    .is_some_and(|t| t.contains("0 upstream errors") && t.contains("1 caller errors"))
+        },
+    )
+    .await;
+
     // 3. A real mouse click on `a`'s Disable button.
     let at = page
         .eval(

@@ -73,14 +73,15 @@ fn n(v: &Value, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("`{key}` is not a count in {v}"))
 }
 
-/// `(total, successful, failed)` of an endpoint, once nothing is in flight.
+/// `(total, successful, endpoint_errors)` of an endpoint, once nothing is in flight: the third is
+/// what blames the endpoint (`failed_requests` also holds the caller's own errors).
 async fn counts(gw: &TestGateway, name: &str) -> (u64, u64, u64) {
     gw.settle().await;
     let v = gw.endpoint_view(name).await;
     (
         n(&v, "total_requests"),
         n(&v, "successful_requests"),
-        n(&v, "failed_requests"),
+        n(&v, "endpoint_errors"),
     )
 }
 

@@ -129,10 +129,15 @@ fn assert_outcomes(v: &Value, want: &[(&str, u64)]) {
     );
     assert_eq!(
         field("successful_requests"),
-        success + caller,
+        success,
         "endpoint {name}\n{v:#}"
     );
-    assert_eq!(field("failed_requests"), failed, "endpoint {name}\n{v:#}");
+    assert_eq!(
+        field("failed_requests"),
+        failed + caller,
+        "endpoint {name}\n{v:#}"
+    );
+    assert_eq!(field("endpoint_errors"), failed, "endpoint {name}\n{v:#}");
     assert_eq!(field("caller_errors"), caller, "endpoint {name}\n{v:#}");
     assert_eq!(field("cancelled"), cancelled, "endpoint {name}\n{v:#}");
     assert_eq!(field("in_flight"), 0, "endpoint {name}\n{v:#}");

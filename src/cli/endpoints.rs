@@ -132,7 +132,7 @@ pub async fn apply_to_running(target: Target, switch: Option<(&str, bool)>) -> A
 
 /// `ccgate endpoints add|remove|enable|disable`: edits the file (refusing an edit whose result
 /// would not load, leaving the file as it was), writes it atomically, and applies it to the
-/// running gateway.
+/// running gateway; when the running gateway refuses the edited file, it is restored as it was.
 pub fn run_edit(
     explicit_config: Option<&Path>,
     url: Option<&str>,
@@ -204,10 +204,38 @@ pub fn run_edit(
             "saved; the running gateway was not reached ({why}): restart it or send it SIGHUP"
         )?,
         Applied::Refused(why) => {
+            // The gateway may see another environment than this shell (an `*_env` variable set
+            // only here): a file it refuses would also fail every later SIGHUP and restart, so
+            // the edit is taken back and the gateway's reason is shown as it gave it.
+            let restored = if edited == text {
+                Ok(())
+            } else {
+                edit::write_atomic(&path, text.as_bytes(), 0o600)
+            };
             writeln!(
                 out,
-                "saved, but the running gateway at {url} refused to reload it: {why}"
+                "the running gateway at {url} refused the edited config: {why}"
             )?;
+            match restored {
+                Ok(()) if edited != text => writeln!(
+                    out,
+                    "{} is restored as it was; the change is not made",
+                    path.display()
+                )?,
+                Ok(()) => {}
+                Err(e) => writeln!(
+                    out,
+                    "and {} could not be restored ({e}): fix it before the gateway reloads",
+                    path.display()
+                )?,
+            }
+            if let Some((name, on)) = switch {
+                writeln!(
+                    out,
+                    "`{name}` is {} in the running gateway until it restarts",
+                    if on { "enabled" } else { "disabled" }
+                )?;
+            }
             out.flush()?;
             return Err(Exit(1).into());
         }

@@ -60,15 +60,14 @@ pub fn render_status(url: &str, endpoints: &Value, queue: &Value, stats: &Value)
             vec![
                 s(&e["name"]),
                 s(&e["state"]),
-                e["success_rate"]
-                    .as_f64()
-                    .map_or("-".into(), |r| format!("{:.1}%", r * 100.0)),
+                health(e),
                 e["latency_first_byte"]["p50_ms"]
                     .as_f64()
                     .map_or("-".into(), fmt_ms),
                 u(&e["in_flight"]).to_string(),
                 u(&e["total_requests"]).to_string(),
-                u(&e["failed_requests"]).to_string(),
+                u(&e["endpoint_errors"]).to_string(),
+                u(&e["caller_errors"]).to_string(),
             ]
         })
         .collect();
@@ -76,11 +75,12 @@ pub fn render_status(url: &str, endpoints: &Value, queue: &Value, stats: &Value)
         &[
             "ENDPOINT",
             "STATE",
-            "SUCCESS",
+            "HEALTH",
             "P50 FIRST BYTE",
             "IN FLIGHT",
             "REQUESTS",
-            "FAILURES",
+            "ENDPOINT ERRORS",
+            "CALLER ERRORS",
         ],
         &rows,
     ));
@@ -115,10 +115,13 @@ pub fn render_status(url: &str, endpoints: &Value, queue: &Value, stats: &Value)
     }
     let _ = writeln!(
         out,
-        "\ntotals: {} requests: {} successful, {} failed, {} in flight; {} retries, {} fallbacks, {} budget refusals",
+        "\ntotals: {} requests: {} answered, {} not ({} upstream errors, {} caller errors, {} cancelled), {} in flight; {} retries, {} fallbacks, {} budget refusals",
         u(&stats["total_requests"]),
         u(&stats["successful_requests"]),
         u(&stats["failed_requests"]),
+        u(&stats["upstream_errors"]),
+        u(&stats["caller_errors"]),
+        u(&stats["cancelled"]),
         u(&stats["in_flight"]),
         u(&stats["retries"]),
         u(&stats["fallbacks"]),
@@ -127,31 +130,49 @@ pub fn render_status(url: &str, endpoints: &Value, queue: &Value, stats: &Value)
     out
 }
 
+/// An endpoint's health: its success rate over the attempts it is responsible for, with what it
+/// is over (`97.5% of 40`), or `-` before any such attempt (no rate from nothing).
+fn health(e: &Value) -> String {
+    match (e["success_rate"].as_f64(), e["judged_requests"].as_u64()) {
+        (Some(r), Some(n)) if n > 0 => format!("{:.1}% of {n}", r * 100.0),
+        _ => "-".into(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     #[test]
     fn status_renders_every_section() {
         let endpoints = serde_json::json!({"endpoints": [
-            {"name": "a", "state": "healthy", "success_rate": 1.0, "latency_first_byte": {"p50_ms": 2.0},
-             "in_flight": 0, "total_requests": 3, "failed_requests": 0},
-            {"name": "b", "state": "ejected", "success_rate": 0.25, "latency_first_byte": {"p50_ms": null},
-             "in_flight": 1, "total_requests": 4, "failed_requests": 3},
+            {"name": "a", "state": "healthy", "success_rate": 1.0, "judged_requests": 3,
+             "latency_first_byte": {"p50_ms": 2.0}, "in_flight": 0, "total_requests": 3,
+             "endpoint_errors": 0, "caller_errors": 0},
+            {"name": "b", "state": "ejected", "success_rate": 0.25, "judged_requests": 4,
+             "latency_first_byte": {"p50_ms": null}, "in_flight": 1, "total_requests": 5,
+             "endpoint_errors": 3, "caller_errors": 1},
+            {"name": "c", "state": "healthy", "success_rate": 1.0, "judged_requests": 0,
+             "latency_first_byte": {"p50_ms": null}, "in_flight": 0, "total_requests": 0,
+             "endpoint_errors": 0, "caller_errors": 0},
         ]});
         let queue = serde_json::json!({"size": 1, "entries": [
             {"name": "b", "reason": "server_error", "since": "2000-01-01T00:00:00Z",
              "next_probe_at": "2000-01-01T00:00:10Z", "probe_attempts": 2, "probation": false}
         ]});
-        let stats = serde_json::json!({"total_requests": 7, "successful_requests": 4, "failed_requests": 3,
-            "in_flight": 1, "uptime_seconds": 62});
+        let stats = serde_json::json!({"total_requests": 7, "successful_requests": 3, "failed_requests": 3,
+            "upstream_errors": 1, "caller_errors": 1, "cancelled": 1, "in_flight": 1, "uptime_seconds": 62});
         let out = render_status("http://x", &endpoints, &queue, &stats);
         assert!(out.contains("ccgate at http://x, up 1m 2s"), "{out}");
-        assert!(out.contains("a         healthy  100.0%   2.0 ms"), "{out}");
-        assert!(out.contains("b         ejected  25.0%    -"), "{out}");
+        assert!(
+            out.contains("a         healthy  100.0% of 3  2.0 ms"),
+            "{out}"
+        );
+        assert!(out.contains("b         ejected  25.0% of 4   -"), "{out}");
+        assert!(out.contains("c         healthy  -            -"), "{out}");
         assert!(out.contains("failure queue: 1"), "{out}");
         assert!(out.contains("server_error"), "{out}");
         assert!(
-            out.contains("totals: 7 requests: 4 successful, 3 failed, 1 in flight"),
+            out.contains("totals: 7 requests: 3 answered, 3 not (1 upstream errors, 1 caller errors, 1 cancelled), 1 in flight"),
             "{out}"
         );
     }

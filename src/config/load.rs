@@ -6,6 +6,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::config::env::Env;
+use crate::config::lenient;
 use crate::config::raw::{RawConfig, RawStorage};
 use crate::config::validate::{Problems, validate, validate_storage};
 use crate::config::{Config, ConfigError, DEFAULT_BASE_URL, Problem, StorageConfig};
@@ -31,8 +32,11 @@ impl Config {
         // Unknown keys are collected rather than fatal, so that they are reported together with
         // every other problem.
         let mut unknown: Vec<Vec<String>> = Vec::new();
-        let parsed = toml::Deserializer::parse(text).and_then(|de| {
-            serde_ignored::deserialize(de, |path| unknown.push(path_segments(&path)))
+        // Values of the wrong type are collected too, and read as absent.
+        let (parsed, wrong_types) = lenient::collect(|| {
+            toml::Deserializer::parse(text).and_then(|de| {
+                serde_ignored::deserialize(de, |path| unknown.push(path_segments(&path)))
+            })
         });
         let raw: RawConfig = match parsed {
             Ok(raw) => raw,
@@ -48,11 +52,18 @@ impl Config {
                 return Err(p.into_error(source_name));
             }
         };
-        if !unknown.is_empty() {
+        if !unknown.is_empty() || !wrong_types.is_empty() {
             let spans = toml::de::DeTable::parse(text).ok();
             for path in &unknown {
                 let offset = spans.as_ref().and_then(|t| key_offset(t.get_ref(), path));
                 p.at_line(offset.map(|o| p.line_of(o)), dotted(path), "unknown key");
+            }
+            for w in wrong_types {
+                let key = spans
+                    .as_ref()
+                    .and_then(|t| path_at(t.get_ref(), w.span.start))
+                    .map_or_else(|| "(value)".to_string(), |path| dotted(&path));
+                p.at_line(Some(p.line_of(w.span.start)), key, w.message);
             }
         }
         let config = validate(raw, &mut p, env);
@@ -132,6 +143,47 @@ fn dotted(path: &[String]) -> String {
         s.push_str(seg);
     }
     s
+}
+
+/// The path of the value written at `offset`: the deepest key whose value covers it.
+fn path_at(table: &toml::de::DeTable<'_>, offset: usize) -> Option<Vec<String>> {
+    use toml::de::DeValue;
+    let covers = |span: std::ops::Range<usize>| span.contains(&offset);
+    for (key, value) in table.iter() {
+        let here = || vec![key.get_ref().to_string()];
+        match value.get_ref() {
+            // Tables are searched whatever their span: a `[table]`'s span is its header only.
+            DeValue::Table(t) => {
+                if let Some(mut rest) = path_at(t, offset) {
+                    rest.insert(0, key.get_ref().to_string());
+                    return Some(rest);
+                }
+                if covers(value.span()) {
+                    return Some(here());
+                }
+            }
+            DeValue::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    let inner = match item.get_ref() {
+                        DeValue::Table(t) => path_at(t, offset),
+                        _ => None,
+                    };
+                    if inner.is_some() || covers(item.span()) {
+                        let mut path = here();
+                        path.push(format!("[{i}]"));
+                        path.extend(inner.unwrap_or_default());
+                        return Some(path);
+                    }
+                }
+                if covers(value.span()) {
+                    return Some(here());
+                }
+            }
+            _ if covers(value.span()) => return Some(here()),
+            _ => {}
+        }
+    }
+    None
 }
 
 /// Where the last key of `path` is written in the document.

@@ -468,6 +468,7 @@ pub fn is_self(url: &BaseUrl, listen: SocketAddr) -> bool {
 }
 
 mod env;
+mod lenient;
 mod load;
 mod raw;
 #[cfg(test)]

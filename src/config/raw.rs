@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::config::lenient::lenient;
+
 #[derive(Deserialize, Default)]
 pub(super) struct RawConfig {
     #[serde(default)]
@@ -28,79 +30,126 @@ pub(super) struct RawConfig {
 
 #[derive(Deserialize, Default)]
 pub(super) struct RawServer {
+    #[serde(default, deserialize_with = "lenient")]
     pub(super) listen: Option<Spanned<String>>,
+    #[serde(default, deserialize_with = "lenient")]
     pub(super) access_token: Option<Spanned<String>>,
+    #[serde(default, deserialize_with = "lenient")]
     pub(super) access_token_env: Option<Spanned<String>>,
+    #[serde(default, deserialize_with = "lenient")]
     pub(super) strategy: Option<Spanned<String>>,
+    #[serde(default, deserialize_with = "lenient")]
     pub(super) max_body_bytes: Option<Spanned<i64>>,
+    #[serde(default, deserialize_with = "lenient")]
     pub(super) shutdown_timeout: Option<Spanned<String>>,
+    #[serde(default, deserialize_with = "lenient")]
     pub(super) max_attempts: Option<Spanned<i64>>,
+    #[serde(default, deserialize_with = "lenient")]
     pub(super) workers: Option<Spanned<i64>>,
+    #[serde(default, deserialize_with = "lenient")]
     pub(super) max_connections: Option<Spanned<i64>>,
+    #[serde(default, deserialize_with = "lenient")]
     pub(super) max_idle_upstream: Option<Spanned<i64>>,
+    #[serde(default, deserialize_with = "lenient")]
     pub(super) header_read_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
 pub(super) struct RawTimeouts {
+    #[serde(default, deserialize_with = "lenient")]
     pub(super) connect: Option<Spanned<String>>,
+    #[serde(default, deserialize_with = "lenient")]
     pub(super) first_byte: Option<Spanned<String>>,
+    #[serde(default, deserialize_with = "lenient")]
     pub(super) idle: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
 pub(super) struct RawRelay {
+    #[serde(default, deserialize_with = "lenient")]
     pub(super) max_json_bytes: Option<Spanned<i64>>,
+    #[serde(default, deserialize_with = "lenient")]
     pub(super) max_preamble_bytes: Option<Spanned<i64>>,
+    #[serde(default, deserialize_with = "lenient")]
     pub(super) max_preamble_events: Option<Spanned<i64>>,
+    #[serde(default, deserialize_with = "lenient")]
     pub(super) max_response_header_bytes: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize, Default)]
 pub(super) struct RawAffinity {
+    #[serde(default, deserialize_with = "lenient")]
     pub(super) enabled: Option<Spanned<bool>>,
+    #[serde(default, deserialize_with = "lenient")]
     pub(super) ttl: Option<Spanned<String>>,
+    #[serde(default, deserialize_with = "lenient")]
     pub(super) max_sessions: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize, Default)]
 pub(super) struct RawRetryBudget {
+    #[serde(default, deserialize_with = "lenient")]
     pub(super) ratio: Option<Spanned<f64>>,
+    #[serde(default, deserialize_with = "lenient")]
     pub(super) min_per_second: Option<Spanned<i64>>,
+    #[serde(default, deserialize_with = "lenient")]
     pub(super) window: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
 pub(super) struct RawStorage {
+    #[serde(default, deserialize_with = "lenient")]
     pub(super) enabled: Option<Spanned<bool>>,
+    #[serde(default, deserialize_with = "lenient")]
     pub(super) path: Option<Spanned<String>>,
+    #[serde(default, deserialize_with = "lenient")]
     pub(super) flush_interval: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
 pub(super) struct RawHealth {
+    #[serde(default, deserialize_with = "lenient")]
     pub(super) failure_threshold: Option<Spanned<i64>>,
+    #[serde(default, deserialize_with = "lenient")]
     pub(super) probe_interval: Option<Spanned<String>>,
+    #[serde(default, deserialize_with = "lenient")]
     pub(super) probe_max_interval: Option<Spanned<String>>,
+    #[serde(default, deserialize_with = "lenient")]
     pub(super) probe_timeout: Option<Spanned<String>>,
+    #[serde(default, deserialize_with = "lenient")]
     pub(super) probe_mode: Option<Spanned<String>>,
+    #[serde(default, deserialize_with = "lenient")]
     pub(super) probe_model: Option<Spanned<String>>,
+    #[serde(default, deserialize_with = "lenient")]
     pub(super) rate_limit_cooldown: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
 pub(super) struct RawEndpoint {
+    #[serde(default, deserialize_with = "lenient")]
     pub(super) name: Option<Spanned<String>>,
+    #[serde(default, deserialize_with = "lenient")]
     pub(super) base_url: Option<Spanned<String>>,
+    #[serde(default, deserialize_with = "lenient")]
     pub(super) api_key: Option<Spanned<String>>,
+    #[serde(default, deserialize_with = "lenient")]
     pub(super) auth_token: Option<Spanned<String>>,
+    #[serde(default, deserialize_with = "lenient")]
     pub(super) api_key_env: Option<Spanned<String>>,
+    #[serde(default, deserialize_with = "lenient")]
     pub(super) auth_token_env: Option<Spanned<String>>,
+    #[serde(default, deserialize_with = "lenient")]
     pub(super) priority: Option<Spanned<i64>>,
+    #[serde(default, deserialize_with = "lenient")]
     pub(super) weight: Option<Spanned<i64>>,
+    #[serde(default, deserialize_with = "lenient")]
     pub(super) enabled: Option<Spanned<bool>>,
+    #[serde(default, deserialize_with = "lenient")]
     pub(super) model_map: Option<Spanned<BTreeMap<String, String>>>,
+    #[serde(default, deserialize_with = "lenient")]
     pub(super) models: Option<Spanned<Vec<String>>>,
+    #[serde(default, deserialize_with = "lenient")]
     pub(super) ca_file: Option<Spanned<String>>,
+    #[serde(default, deserialize_with = "lenient")]
     pub(super) probe: Option<Spanned<String>>,
 }

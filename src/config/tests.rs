@@ -57,6 +57,8 @@ weight = 0
         (Some(3), "server.strategy".into()),
         (Some(6), "timeouts.idle".into()),
         (Some(10), "endpoints[0].base_url".into()),
+        // The duplicate is found although the first `a` is broken (issue 21 #2).
+        (Some(14), "endpoints[1].name".into()),
         (Some(17), "endpoints[1].auth_token".into()),
         (Some(18), "endpoints[1].weight".into()),
     ];

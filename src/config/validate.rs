@@ -37,6 +37,12 @@ impl<'a> Problems<'a> {
         }
     }
 
+    /// Whether a problem was already reported under `key` (a value of the wrong type is read as
+    /// absent: it must not be reported again as missing).
+    pub(super) fn has(&self, key: &str) -> bool {
+        self.list.iter().any(|p| p.key == key)
+    }
+
     pub(super) fn line_of(&self, offset: usize) -> usize {
         let end = offset.min(self.text.len());
         self.text.as_bytes()[..end]
@@ -170,22 +176,27 @@ pub(super) fn validate(raw: RawConfig, p: &mut Problems<'_>, env: &dyn Env) -> C
     };
     let storage = validate_storage(&raw.storage, p);
 
-    let mut endpoints = Vec::with_capacity(raw.endpoints.len());
-    let mut names: BTreeMap<String, usize> = BTreeMap::new();
+    // Duplicate names are checked on the names as written, whatever else is wrong with either
+    // endpoint.
+    let mut names: BTreeMap<&str, usize> = BTreeMap::new();
     for (i, ep) in raw.endpoints.iter().enumerate() {
-        if let Some(e) = validate_endpoint(i, ep, p, env, health.probe_mode) {
-            if let Some(first) = names.insert(e.name.clone(), i) {
-                let name = ep
-                    .get_ref()
-                    .name
-                    .as_ref()
-                    .expect("validated endpoints have names");
+        if let Some(name) = &ep.get_ref().name {
+            if let Some(first) = names.insert(name.get_ref(), i) {
                 p.at(
                     name,
                     format!("endpoints[{i}].name"),
-                    format!("`{}` is already the name of endpoints[{first}]", e.name),
+                    format!(
+                        "`{}` is already the name of endpoints[{first}]",
+                        name.get_ref()
+                    ),
                 );
+                names.insert(name.get_ref(), first);
             }
+        }
+    }
+    let mut endpoints = Vec::with_capacity(raw.endpoints.len());
+    for (i, ep) in raw.endpoints.iter().enumerate() {
+        if let Some(e) = validate_endpoint(i, ep, p, env, health.probe_mode) {
             if is_self(&e.base_url, server.listen) {
                 let url = ep
                     .get_ref()
@@ -490,7 +501,9 @@ fn validate_endpoint(
 
     let name = match &ep.name {
         None => {
-            p.at(spanned, key("name"), "is required");
+            if !p.has(&key("name")) {
+                p.at(spanned, key("name"), "is required");
+            }
             String::new()
         }
         Some(n) => {
@@ -512,7 +525,9 @@ fn validate_endpoint(
     };
     let base_url = match &ep.base_url {
         None => {
-            p.at(spanned, key("base_url"), "is required");
+            if !p.has(&key("base_url")) {
+                p.at(spanned, key("base_url"), "is required");
+            }
             None
         }
         Some(u) => match BaseUrl::parse(u.get_ref()) {
@@ -533,7 +548,11 @@ fn validate_endpoint(
     .into_iter()
     .filter_map(|(k, v)| v.as_ref().map(|v| (k, v)))
     .collect();
+    let mistyped_credential = ["api_key", "auth_token", "api_key_env", "auth_token_env"]
+        .iter()
+        .any(|k| p.has(&key(k)));
     let credential = match given.as_slice() {
+        [] if mistyped_credential => None,
         [] => {
             p.at(
                 spanned,

@@ -44,8 +44,13 @@ pub struct LifetimeView {
     pub total_requests: u64,
     /// Of those, answered correctly.
     pub successful_requests: u64,
-    /// Failed.
+    /// Ended without a success: `endpoint_errors + caller_errors` (endpoints), as the live
+    /// figure.
     pub failed_requests: u64,
+    /// Part of `failed_requests`: the endpoint's fault.
+    pub endpoint_errors: u64,
+    /// Part of `failed_requests`: the caller's own error.
+    pub caller_errors: u64,
     /// Abandoned because the client left.
     pub cancelled: u64,
 }
@@ -71,11 +76,14 @@ pub struct EndpointView {
     pub in_flight: u64,
     /// Attempts sent.
     pub total_requests: u64,
-    /// Attempts the endpoint answered correctly (successes and caller errors).
+    /// Attempts the endpoint answered completely and correctly.
     pub successful_requests: u64,
-    /// Attempts that failed through the endpoint's fault.
+    /// Attempts that ended without a success (and were not cancelled):
+    /// `endpoint_errors + caller_errors`.
     pub failed_requests: u64,
-    /// Part of `successful_requests`: answered with the caller's own error (not the endpoint's fault).
+    /// Part of `failed_requests`: the endpoint's fault (what its health is judged on).
+    pub endpoint_errors: u64,
+    /// Part of `failed_requests`: the caller's own error, not the endpoint's fault.
     pub caller_errors: u64,
     /// Attempts abandoned because the client left.
     pub cancelled: u64,
@@ -83,8 +91,11 @@ pub struct EndpointView {
     pub outcomes: serde_json::Map<String, serde_json::Value>,
     /// Consecutive failures since the last success.
     pub consecutive_failures: u32,
-    /// `successful / (successful + failed)`, 1.0 before any verdict.
+    /// Health: `successful / judged_requests`, 1.0 before any verdict.
     pub success_rate: f64,
+    /// What `success_rate` is over: `successful_requests + endpoint_errors` (caller errors and
+    /// cancellations say nothing about the endpoint).
+    pub judged_requests: u64,
     /// Time to response headers.
     pub latency_first_byte: LatencyView,
     /// Time to the end of the body.
@@ -129,11 +140,13 @@ pub fn endpoint_view(gw: &Gateway, persist: &Persist, ep: &Endpoint) -> Endpoint
         total_requests: c.total,
         successful_requests: c.successful(),
         failed_requests: c.failed(),
+        endpoint_errors: c.endpoint_errors(),
         caller_errors: c.caller_errors(),
         cancelled: c.cancelled(),
         outcomes,
         consecutive_failures: ep.live.consecutive_failures(),
         success_rate: c.success_rate(),
+        judged_requests: c.judged(),
         latency_first_byte: latency(&ep.live.ttfb),
         latency_total: latency(&ep.live.total),
         last_error: ep.live.last_error().map(|e| LastErrorView {
@@ -150,6 +163,8 @@ pub fn endpoint_view(gw: &Gateway, persist: &Persist, ep: &Endpoint) -> Endpoint
                 total_requests: l.total,
                 successful_requests: l.successful(),
                 failed_requests: l.failed(),
+                endpoint_errors: l.endpoint_errors(),
+                caller_errors: l.caller_errors(),
                 cancelled: l.cancelled(),
             }
         },

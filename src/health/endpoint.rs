@@ -2,8 +2,8 @@
 //! [`crate::health::attempt::Attempt`]).
 //!
 //! **Invariant:** `in_flight` is not a counter of its own. It is `started − Σ ended`, read ended-first,
-//! so a snapshot always satisfies `successful + failed + caller_errors + cancelled + in_flight ==
-//! total` and `in_flight` is never negative (see [`Live::snapshot`]).
+//! so a snapshot always satisfies `successful + failed + cancelled + in_flight == total` (with
+//! `failed == endpoint_errors + caller_errors`) and `in_flight` is never negative (see [`Live::snapshot`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -99,6 +99,25 @@ impl Endpoint {
 }
 
 impl Endpoint {
+    /// Identifies the endpoint's configuration across restarts without holding its secret: a
+    /// 64-bit FNV-1a hash of its name, base URL, credential kind and credential, in hex. Health
+    /// saved under another fingerprint (the URL or the key changed) is not resumed.
+    pub fn fingerprint(&self) -> String {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let (kind, secret) = match &self.config.credential {
+            Credential::ApiKey(k) => ("api_key", k.expose()),
+            Credential::AuthToken(t) => ("auth_token", t.expose()),
+        };
+        let base = self.base_url.to_string();
+        for part in [self.name.as_str(), base.as_str(), kind, secret] {
+            for b in part.bytes().chain(std::iter::once(0)) {
+                h ^= u64::from(b);
+                h = h.wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+        format!("{h:016x}")
+    }
+
     /// Removes this endpoint's credential from text an upstream sent back (some relays echo the
     /// key they refused), so that it never reaches a view, a log line or an error message.
     pub fn scrub(&self, text: &str) -> String {
@@ -268,35 +287,53 @@ impl Counters {
         }
     }
 
-    /// Attempts the endpoint answered correctly: successes, and the caller's own errors (a 400 is
-    /// the endpoint doing its job). With this split, `successful + failed + cancelled + in_flight
-    /// == total` uses exactly the contract's field names.
+    // The words, defined once (SPEC §5; README "Totals"):
+    // - successful: the endpoint gave a complete, correct answer;
+    // - endpoint_errors: the attempt failed through the endpoint's fault (5xx, 529, 429, 401/403,
+    //   transport, timeout, an SSE error event);
+    // - caller_errors: the caller's own request was wrong (400, 404, 413, 422): not the
+    //   endpoint's fault, and not a success either;
+    // - failed: every ended attempt that was not a success and not cancelled, that is
+    //   `endpoint_errors + caller_errors`, so `successful + failed + cancelled + in_flight ==
+    //   total` keeps the contract's field names;
+    // - cancelled: the client went away.
+
+    /// Attempts the endpoint answered with a complete, correct answer.
     pub fn successful(&self) -> u64 {
-        self.by_kind[Kind::Success as usize] + self.by_kind[Kind::CallerError as usize]
+        self.by_kind[Kind::Success as usize]
     }
     /// Attempts that failed through the endpoint's fault.
-    pub fn failed(&self) -> u64 {
+    pub fn endpoint_errors(&self) -> u64 {
         Kind::ALL
             .iter()
             .filter(|k| k.is_failure())
             .map(|k| self.by_kind[*k as usize])
             .sum()
     }
-    /// Attempts the caller's own request spoiled (part of [`Counters::successful`]).
+    /// Attempts answered with the caller's own error.
     pub fn caller_errors(&self) -> u64 {
         self.by_kind[Kind::CallerError as usize]
+    }
+    /// Attempts that ended without a success and were not cancelled:
+    /// `endpoint_errors + caller_errors`.
+    pub fn failed(&self) -> u64 {
+        self.endpoint_errors() + self.caller_errors()
     }
     /// Attempts abandoned because the client left.
     pub fn cancelled(&self) -> u64 {
         self.by_kind[Kind::Cancelled as usize]
     }
-    /// Success share of the attempts that reached a verdict about the endpoint.
+    /// Attempts that say something about the endpoint's health: `successful + endpoint_errors`
+    /// (caller errors and cancellations say nothing about it).
+    pub fn judged(&self) -> u64 {
+        self.successful() + self.endpoint_errors()
+    }
+    /// The endpoint's health: `successful / judged`, 1.0 before any verdict (views that a person
+    /// reads show `-` then, from [`Counters::judged`]).
     pub fn success_rate(&self) -> f64 {
-        let judged = self.successful() + self.failed();
-        if judged == 0 {
-            1.0
-        } else {
-            self.successful() as f64 / judged as f64
+        match self.judged() {
+            0 => 1.0,
+            judged => self.successful() as f64 / judged as f64,
         }
     }
 }

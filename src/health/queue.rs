@@ -153,6 +153,11 @@ impl FailureQueue {
             return false;
         };
         ep.live.phase.store(to as u8, Ordering::Release);
+        if event == Event::CooldownExpired {
+            // The 429 that started the cooldown has been paid for by it: the endpoint comes back
+            // as healthy, not as `degraded` by a failure it already sat out.
+            ep.live.consecutive.store(0, Ordering::Release);
+        }
         match effect {
             Effect::None => {}
             Effect::Open(reason) => self.open(&mut inner, ep, reason, now_ms),
@@ -201,6 +206,50 @@ impl FailureQueue {
             .map_or(0, |s| s.entry.probe_attempts);
         inner.stats.total_closed += 1;
         inner.log_episode(None, ep, self.clock.wall(now_ms), probes);
+    }
+
+    /// Resumes, on start, an endpoint that was out of rotation when the previous run stopped:
+    /// `phase` is `Ejected`, `AuthDisabled` or `CoolingDown` (until `cooldown_until_ms`), the
+    /// episode began at `since_ms` with `probe_attempts` probes run, and its next probe is due at
+    /// `next_probe_at_ms` (all registry-clock ms). Opens a queue entry as any ejection does.
+    /// Does nothing unless the endpoint is in rotation and not queued.
+    #[allow(clippy::too_many_arguments)]
+    pub fn resume(
+        &self,
+        ep: &Endpoint,
+        phase: Phase,
+        reason: Reason,
+        since_ms: u64,
+        next_probe_at_ms: u64,
+        cooldown_until_ms: u64,
+        probe_attempts: u32,
+    ) -> bool {
+        if !matches!(
+            phase,
+            Phase::Ejected | Phase::AuthDisabled | Phase::CoolingDown
+        ) {
+            return false;
+        }
+        let mut inner = self.inner.lock();
+        if ep.live.phase() != Phase::Healthy || inner.entries.contains_key(&ep.idx) {
+            return false;
+        }
+        if phase == Phase::CoolingDown {
+            ep.live
+                .cooldown_until_ms
+                .fetch_max(cooldown_until_ms.max(1), Ordering::AcqRel);
+        }
+        ep.live.phase.store(phase as u8, Ordering::Release);
+        let now = self.clock.now_ms();
+        self.open(&mut inner, ep, reason, now);
+        if let Some(Slot { entry: e, .. }) = inner.entries.get_mut(&ep.idx) {
+            e.since_ms = since_ms.clamp(1, now);
+            e.probe_attempts = probe_attempts;
+            e.next_probe_at_ms = next_probe_at_ms.max(now);
+        }
+        drop(inner);
+        self.changed.notify_waiters();
+        true
     }
 
     /// Probe backoff after `attempts` failed probes (with jitter).

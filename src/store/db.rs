@@ -13,6 +13,7 @@ use crate::clock::day_string;
 use crate::health::classify::Kind;
 use crate::health::endpoint::{Counters, Live};
 use crate::health::queue::EpisodeEvent;
+use crate::health::totals::RequestEnd;
 use crate::proxy::usage::{UsageKey, UsageSums};
 use crate::store::values::*;
 
@@ -54,6 +55,17 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         key TEXT PRIMARY KEY,
         value INTEGER
     ) WITHOUT ROWID;",
+    // 2: endpoints out of rotation, resumed on the next start.
+    "CREATE TABLE endpoint_health (
+        endpoint TEXT PRIMARY KEY,
+        fingerprint TEXT NOT NULL,
+        phase TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        since_ms INTEGER NOT NULL,
+        next_probe_at_ms INTEGER NOT NULL,
+        cooldown_until_ms INTEGER NOT NULL,
+        probes INTEGER NOT NULL DEFAULT 0
+    ) WITHOUT ROWID;",
 ];
 
 /// Everything read back on start.
@@ -62,6 +74,7 @@ pub(crate) struct Loaded {
     pub(crate) endpoints: HashMap<String, Counters>,
     pub(crate) gateway: GatewayTotals,
     pub(crate) episodes: Vec<EpisodeRow>,
+    pub(crate) health: Vec<SavedHealth>,
 }
 
 /// An open database connection (owned by the writer while it runs).
@@ -109,6 +122,41 @@ pub(crate) fn prepare_file(path: &Path) -> anyhow::Result<()> {
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
                 .with_context(|| format!("cannot make {} owner-only", path.display()))?;
         }
+    }
+    Ok(())
+}
+
+/// Closes what a previous run left in flight (it stopped without its last flush, as after `kill
+/// -9`): attempts and client requests stored as started but never as ended are counted as
+/// `cancelled` — they ended with the process, nobody got their answer, and they say nothing about
+/// an endpoint — so that `successful + failed + cancelled == total` holds for lifetime totals too.
+fn close_lost_in_flight(
+    tx: &rusqlite::Transaction<'_>,
+    loaded: &mut Loaded,
+) -> rusqlite::Result<()> {
+    let cancelled = Kind::Cancelled.name();
+    for (name, c) in loaded.endpoints.iter_mut() {
+        if c.in_flight == 0 {
+            continue;
+        }
+        tx.execute(
+            "INSERT INTO endpoint_counters (endpoint, kind, count) VALUES (?1, ?2, ?3)
+             ON CONFLICT (endpoint, kind) DO UPDATE SET count = count + excluded.count",
+            params![name, cancelled, saturating_i64(c.in_flight)],
+        )?;
+        c.by_kind[Kind::Cancelled as usize] += c.in_flight;
+        *c = Counters::from_parts(c.total, c.by_kind);
+    }
+    let g = &mut loaded.gateway;
+    let ended = g.success + g.failed();
+    if g.started > ended {
+        let lost = g.started - ended;
+        tx.execute(
+            "INSERT INTO gateway_counters (kind, count) VALUES (?1, ?2)
+             ON CONFLICT (kind) DO UPDATE SET count = count + excluded.count",
+            params![RequestEnd::Cancelled.name(), saturating_i64(lost)],
+        )?;
+        g.cancelled += lost;
     }
     Ok(())
 }
@@ -221,6 +269,7 @@ impl Store {
                 }
             }
             loaded.gateway = GatewayTotals::from_values(values);
+            close_lost_in_flight(&tx, &mut loaded)?;
             let mut st = tx.prepare(
                 "SELECT id, endpoint, reason, started_at_ms, ended_at_ms, probes, ended_by
                  FROM episodes ORDER BY started_at_ms DESC, id DESC LIMIT ?1",
@@ -239,6 +288,25 @@ impl Store {
             for row in rows {
                 loaded.episodes.push(row?);
             }
+            let mut st = tx.prepare(
+                "SELECT endpoint, fingerprint, phase, reason, since_ms, next_probe_at_ms,
+                        cooldown_until_ms, probes FROM endpoint_health",
+            )?;
+            let rows = st.query_map([], |r| {
+                Ok(SavedHealth {
+                    endpoint: r.get(0)?,
+                    fingerprint: r.get(1)?,
+                    phase: r.get(2)?,
+                    reason: r.get(3)?,
+                    since_ms: r.get(4)?,
+                    next_probe_at_ms: r.get(5)?,
+                    cooldown_until_ms: r.get(6)?,
+                    probes: u32::try_from(r.get::<_, i64>(7)?).unwrap_or(0),
+                })
+            })?;
+            for row in rows {
+                loaded.health.push(row?);
+            }
         }
         tx.commit()?;
         Ok(loaded)
@@ -251,6 +319,26 @@ impl Store {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut opened = Vec::new();
+        if let Some(health) = &b.health {
+            tx.execute("DELETE FROM endpoint_health", [])?;
+            let mut st = tx.prepare_cached(
+                "INSERT OR REPLACE INTO endpoint_health (endpoint, fingerprint, phase, reason,
+                    since_ms, next_probe_at_ms, cooldown_until_ms, probes)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?;
+            for h in health {
+                st.execute(params![
+                    h.endpoint,
+                    h.fingerprint,
+                    h.phase,
+                    h.reason,
+                    h.since_ms,
+                    h.next_probe_at_ms,
+                    h.cooldown_until_ms,
+                    i64::from(h.probes)
+                ])?;
+            }
+        }
         {
             let mut counter = tx.prepare_cached(
                 "INSERT INTO endpoint_counters (endpoint, kind, count) VALUES (?1, ?2, ?3)
@@ -384,6 +472,8 @@ pub(crate) enum EpisodeOp {
 pub(crate) struct Batch {
     pub(crate) at: SystemTime,
     pub(crate) endpoint_deltas: HashMap<String, Counters>,
+    /// Every endpoint out of rotation now (replaces what is saved); `None` leaves it.
+    pub(crate) health: Option<Vec<SavedHealth>>,
     /// Per followed cell: the snapshot written, and whether it is the cell's last.
     pub(crate) cells: Vec<(usize, Counters, bool)>,
     pub(crate) gateway: Option<(GatewayTotals, GatewayTotals)>,

@@ -161,3 +161,26 @@ pub(crate) fn wall(ms: i64) -> SystemTime {
         .checked_add(Duration::from_millis(ms))
         .unwrap_or(UNIX_EPOCH)
 }
+
+/// An endpoint out of rotation, as saved for the next start (wall times in Unix ms; never the
+/// secret, only [`crate::health::endpoint::Endpoint::fingerprint`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SavedHealth {
+    /// Endpoint name.
+    pub endpoint: String,
+    /// Fingerprint of its configuration (name, URL, credential).
+    pub fingerprint: String,
+    /// `ejected`, `auth_disabled`, `cooling_down` (probation is saved as `ejected`: the probe must
+    /// pass again).
+    pub phase: String,
+    /// Why it left rotation (a [`crate::health::machine::Reason`] name).
+    pub reason: String,
+    /// When the episode began.
+    pub since_ms: i64,
+    /// When the next probe is due.
+    pub next_probe_at_ms: i64,
+    /// End of a rate-limit cooldown (0 when not cooling down).
+    pub cooldown_until_ms: i64,
+    /// Probes run in the episode.
+    pub probes: u32,
+}

@@ -11,6 +11,7 @@ use tokio::sync::watch;
 
 use crate::config::StorageConfig;
 use crate::health::endpoint::{Counters, Live};
+use crate::health::machine::{Phase, Reason};
 use crate::health::queue::EpisodeEvent;
 use crate::health::totals::GatewayStats;
 use crate::proxy::handler::Gateway;
@@ -58,6 +59,8 @@ pub struct Persist {
     tally: Option<Arc<UsageTally>>,
     store: Mutex<Option<Store>>,
     books: Mutex<Books>,
+    /// Endpoints out of rotation when the previous run stopped, until [`attach`] resumes them.
+    saved_health: Mutex<Vec<SavedHealth>>,
 }
 
 impl Persist {
@@ -70,6 +73,7 @@ impl Persist {
             tally: None,
             store: Mutex::new(None),
             books: Mutex::new(Books::default()),
+            saved_health: Mutex::new(Vec::new()),
         }
     }
 
@@ -100,6 +104,7 @@ impl Persist {
                 books.gateway = loaded.gateway;
                 books.recent = loaded.episodes.into();
                 drop(books);
+                *p.saved_health.lock() = loaded.health;
                 *p.store.lock() = Some(store);
                 p.tally = Some(Arc::default());
             }
@@ -281,8 +286,10 @@ impl Persist {
                 });
             }
         }
+        let health = Some(saved_health(gw));
         Batch {
             at,
+            health,
             endpoint_deltas,
             cells,
             gateway,
@@ -460,7 +467,95 @@ pub async fn attach(gateway: &mut Gateway) -> Arc<Persist> {
     };
     if persist.is_active() {
         gateway.registry.queue.record_episodes();
+        let saved = std::mem::take(&mut *persist.saved_health.lock());
+        resume_health(gateway, &saved);
     }
     gateway.usage = persist.tally();
     Arc::new(persist)
+}
+
+/// Every endpoint out of rotation now, as saved for the next start.
+fn saved_health(gw: &Gateway) -> Vec<SavedHealth> {
+    let reg = &gw.registry;
+    let clock = reg.clock;
+    let mut out = Vec::new();
+    for ep in reg.endpoints.iter() {
+        let phase = match ep.live.phase() {
+            Phase::Healthy => continue,
+            // A passed probe is not saved: after a restart the probe must pass again.
+            Phase::Ejected | Phase::Probation => "ejected",
+            Phase::AuthDisabled => "auth_disabled",
+            Phase::CoolingDown => "cooling_down",
+        };
+        let Some(entry) = reg.queue.entry(ep.idx) else {
+            continue;
+        };
+        let cooldown = ep.live.cooldown_until_ms();
+        out.push(SavedHealth {
+            endpoint: ep.name.clone(),
+            fingerprint: ep.fingerprint(),
+            phase: phase.to_string(),
+            reason: entry.reason.name().to_string(),
+            since_ms: unix_ms(clock.wall(entry.since_ms)),
+            next_probe_at_ms: unix_ms(clock.wall(entry.next_probe_at_ms)),
+            cooldown_until_ms: if cooldown == 0 {
+                0
+            } else {
+                unix_ms(clock.wall(cooldown))
+            },
+            probes: entry.probe_attempts,
+        });
+    }
+    out
+}
+
+/// Puts the endpoints that were out of rotation when the previous run stopped back where they
+/// were: an ejected or auth-disabled endpoint stays out (and is probed when its probe is due, at
+/// once if that time passed while the gateway was down); a cooldown that is still running goes on
+/// until its deadline, one that ended while the gateway was down is over. An endpoint whose name,
+/// base URL or credential changed starts fresh.
+fn resume_health(gateway: &Gateway, saved: &[SavedHealth]) {
+    let reg = &gateway.registry;
+    let now_ms = reg.clock.now_ms();
+    let now_wall = unix_ms(SystemTime::now());
+    // Wall time (Unix ms) to registry-clock ms; the past is clamped to now (deadlines) or to the
+    // clock's start (when an episode began).
+    let deadline = |wall: i64| now_ms.saturating_add(u64::try_from(wall - now_wall).unwrap_or(0));
+    let began = |wall: i64| {
+        now_ms
+            .saturating_sub(u64::try_from(now_wall - wall).unwrap_or(0))
+            .max(1)
+    };
+    for h in saved {
+        let Some(ep) = reg.by_name(&h.endpoint) else {
+            continue;
+        };
+        if ep.fingerprint() != h.fingerprint {
+            tracing::info!(endpoint = %h.endpoint, "health: its configuration changed since the last run; it starts fresh");
+            continue;
+        }
+        let reason = match h.reason.as_str() {
+            "consecutive_failures" => Reason::Failures,
+            "rate_limited" => Reason::RateLimited,
+            "auth" => Reason::Auth,
+            _ => continue,
+        };
+        let phase = match h.phase.as_str() {
+            "ejected" => Phase::Ejected,
+            "auth_disabled" => Phase::AuthDisabled,
+            "cooling_down" if h.cooldown_until_ms > now_wall => Phase::CoolingDown,
+            _ => continue,
+        };
+        if reg.queue.resume(
+            ep,
+            phase,
+            reason,
+            began(h.since_ms),
+            deadline(h.next_probe_at_ms),
+            deadline(h.cooldown_until_ms),
+            h.probes,
+        ) {
+            tracing::info!(endpoint = %h.endpoint, phase = %h.phase, reason = %h.reason, "health: resumed from the last run");
+        }
+    }
 }
