@@ -107,8 +107,14 @@ impl Schedule {
     fn new(seed: u64) -> Self {
         let mut rng = fastrand::Rng::with_seed(seed);
         let total: u32 = MODES.iter().map(|(_, w)| w).sum();
-        let slots: Vec<(Duration, Mode)> = (0..2000)
-            .map(|_| {
+        // An opening tour: every mode once, in a seeded order, long enough for requests of both
+        // kinds to meet it, so that every fault is served in every run (the weights alone leave
+        // rare modes out of a short run now and then).
+        let mut tour: Vec<Mode> = MODES.iter().map(|(m, _)| *m).collect();
+        rng.shuffle(&mut tour);
+        let opening = tour.into_iter().map(|m| (Duration::from_millis(150), m));
+        let slots: Vec<(Duration, Mode)> = opening
+            .chain((0..2000).map(|_| {
                 let len = Duration::from_millis(rng.u64(20..=80));
                 let mut pick = rng.u32(0..total);
                 let mode = MODES
@@ -121,7 +127,7 @@ impl Schedule {
                     .map(|(m, _)| *m)
                     .expect("weights cover the range");
                 (len, mode)
-            })
+            }))
             .collect();
         let period = slots.iter().map(|(d, _)| *d).sum();
         Self { slots, period }
