@@ -778,7 +778,8 @@ async fn upstream_501_is_the_callers_error_not_the_endpoints() {
     }
     assert_eq!(up.count(), 4, "each request tried once, never failed over");
     let v = gw.endpoint_view("a").await;
-    assert_eq!(n(&v, "failed_requests"), 0, "{v}");
+    assert_eq!(n(&v, "endpoint_errors"), 0, "{v}");
+    assert_eq!(n(&v, "caller_errors"), 4, "{v}");
     assert_eq!(v["state"], "healthy", "{v}");
 }
 
