@@ -84,6 +84,29 @@ pub fn render_status(url: &str, endpoints: &Value, queue: &Value, stats: &Value)
         ],
         &rows,
     ));
+    // Which models each endpoint serves, when any endpoint is restricted (model-aware routing).
+    let restricted: Vec<String> = endpoints["endpoints"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|e| {
+            let models: Vec<&str> = e["models"]
+                .as_array()?
+                .iter()
+                .filter_map(Value::as_str)
+                .collect();
+            Some(format!("{}: {}", s(&e["name"]), models.join(", ")))
+        })
+        .collect();
+    if !restricted.is_empty() {
+        let _ = writeln!(
+            out,
+            "
+models: {} (others: every model)",
+            restricted.join("; ")
+        );
+    }
     let entries = queue["entries"]
         .as_array()
         .map(Vec::as_slice)
@@ -153,7 +176,7 @@ mod tests {
              "endpoint_errors": 3, "caller_errors": 1},
             {"name": "c", "state": "healthy", "success_rate": 1.0, "judged_requests": 0,
              "latency_first_byte": {"p50_ms": null}, "in_flight": 0, "total_requests": 0,
-             "endpoint_errors": 0, "caller_errors": 0},
+             "endpoint_errors": 0, "caller_errors": 0, "models": ["claude-haiku-*", "claude-sonnet-*"]},
         ]});
         let queue = serde_json::json!({"size": 1, "entries": [
             {"name": "b", "reason": "server_error", "since": "2000-01-01T00:00:00Z",
@@ -170,6 +193,10 @@ mod tests {
         assert!(out.contains("b         ejected  25.0% of 4   -"), "{out}");
         assert!(out.contains("c         healthy  -            -"), "{out}");
         assert!(out.contains("failure queue: 1"), "{out}");
+        assert!(
+            out.contains("models: c: claude-haiku-*, claude-sonnet-* (others: every model)"),
+            "{out}"
+        );
         assert!(out.contains("server_error"), "{out}");
         assert!(
             out.contains("totals: 7 requests: 3 answered, 3 not (1 upstream errors, 1 caller errors, 1 cancelled), 1 in flight"),
