@@ -13,7 +13,6 @@
 
 use std::time::Duration;
 
-
 use crate::cluster::keys::EndpointId;
 use crate::cluster::link::{ClusterError, ClusterLink};
 use crate::cluster::news::SessionNews;

@@ -15,7 +15,6 @@
 
 use std::sync::atomic::Ordering;
 
-
 use crate::cluster::keys::EndpointId;
 use crate::cluster::link::{ClusterError, ClusterLink, unix_ms};
 use crate::cluster::news::{HealthNews, PhaseChange};

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+use crate::config::cluster::validate_cluster;
 use crate::config::env::Env;
 use crate::config::raw::{RawConfig, RawStorage};
 use crate::config::validate::{Problems, validate, validate_storage};
@@ -55,7 +56,10 @@ impl Config {
                 p.at_line(offset.map(|o| p.line_of(o)), dotted(path), "unknown key");
             }
         }
-        let config = validate(raw, &mut p, env);
+        let mut raw = raw;
+        let cluster = raw.cluster.take();
+        let mut config = validate(raw, &mut p, env);
+        config.cluster = validate_cluster(&cluster, &mut p, env);
         p.list.sort_by_key(|pr| pr.line.unwrap_or(usize::MAX));
         p.finish(source_name, config)
     }

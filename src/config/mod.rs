@@ -354,6 +354,8 @@ pub struct Config {
     pub storage: StorageConfig,
     /// `[[endpoints]]`, in file order.
     pub endpoints: Vec<EndpointConfig>,
+    /// `[cluster]`, when instances share health through Redis.
+    pub cluster: Option<ClusterSettings>,
 }
 
 /// One thing wrong with a configuration, with where it is.
@@ -418,6 +420,7 @@ pub fn is_self(url: &BaseUrl, listen: SocketAddr) -> bool {
     loopback && port == listen.port() && listen.port() != 0
 }
 
+mod cluster;
 mod env;
 mod load;
 mod raw;
@@ -425,6 +428,7 @@ mod raw;
 mod tests;
 mod validate;
 
+pub use crate::config::cluster::ClusterSettings;
 pub use crate::config::env::{
     Env, ProcessEnv, default_config_path, default_listen, resolve_config_path,
 };
