@@ -26,7 +26,7 @@ struct Ep<'a> {
 /// Three instances sharing one Redis under a prefix of their own.
 struct Cluster {
     instances: Vec<Serving>,
-    _sandboxes: Vec<Sandbox>,
+    sandboxes: Vec<Sandbox>,
     prefix: String,
 }
 
@@ -73,7 +73,7 @@ impl Cluster {
         }
         let c = Self {
             instances,
-            _sandboxes: sandboxes,
+            sandboxes,
             prefix,
         };
         for s in &c.instances {
@@ -223,6 +223,19 @@ async fn one_outage_is_one_episode_and_one_prober_cluster_wide() {
     })
     .await;
     assert_eq!(view["instances"].as_array().map(Vec::len), Some(3));
+    // `ccgate status --cluster` shows every instance and the sums.
+    let url = c.instances[2].url();
+    let f = process::run(c.sandboxes[2].command(&["status", "--cluster", "--url", &url])).await;
+    f.assert_success();
+    for name in [
+        "i1",
+        "i2",
+        "i3",
+        "cluster (all flushes)",
+        "Redis redis://127.0.0.1",
+    ] {
+        assert!(f.stdout.contains(name), "{name} missing:\n{}", f.stdout);
+    }
 
     // One prober: only the lease holder runs probes, for several probe intervals.
     tokio::time::sleep(Duration::from_millis(2000)).await;
