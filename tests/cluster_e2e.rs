@@ -515,4 +515,15 @@ async fn redis_outage_is_invisible_to_clients_and_repaired() {
     }
     c.totals_agree(&["total_requests", "successful_requests", "failed_requests"])
         .await;
+    // The outage was logged once per instance, and the end of it once.
+    for s in &c.instances {
+        let log = s.stderr_now();
+        if std::env::var("CLUSTER_TEST_LOG").is_ok() {
+            eprintln!("=== {}\n{log}", s.addr);
+        }
+        let lost = log.matches("cluster: lost Redis").count()
+            + log.matches("cluster: Redis unreachable").count();
+        assert_eq!(lost, 1, "one warning per outage:\n{log}");
+        assert_eq!(log.matches("Redis reachable again").count(), 1, "{log}");
+    }
 }

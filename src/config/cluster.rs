@@ -147,6 +147,48 @@ pub(super) fn validate_cluster(
 mod tests {
     use super::*;
 
+    fn load(cluster: &str) -> Result<crate::config::Config, crate::config::ConfigError> {
+        let text = format!(
+            "[[endpoints]]\nname = \"a\"\nbase_url = \"http://127.0.0.1:9\"\napi_key = \"k\"\n\n[cluster]\n{cluster}\n"
+        );
+        let env = |v: &str| (v == "REDIS_URL").then(|| "rediss://u:envpw@host:6380".to_owned());
+        crate::config::Config::from_toml(&text, "test", &env)
+    }
+
+    #[test]
+    fn cluster_table_is_validated_and_its_password_never_shown() {
+        let c = load("redis_url = \"redis://:s3cret@127.0.0.1:6379/0\"").expect("valid");
+        let s = c.cluster.as_ref().expect("cluster");
+        assert_eq!(s.key_prefix, DEFAULT_KEY_PREFIX);
+        assert_eq!(s.instance, None);
+        assert!(!format!("{c:?}").contains("s3cret"));
+        let c = load("redis_url_env = \"REDIS_URL\"\ninstance = \"gw-1\"").expect("valid");
+        let s = c.cluster.expect("cluster");
+        assert_eq!(s.redis_url.expose(), "rediss://u:envpw@host:6380");
+        assert_eq!(s.instance.as_deref(), Some("gw-1"));
+        for bad in [
+            "redis_url = \"http://:s3cret@host\"",
+            "redis_url = \"redis://:s3cret@\"",
+            "redis_url_env = \"NOPE\"",
+            "key_prefix = \"a b\"\nredis_url = \"redis://h\"",
+            "instance = \"\"\nredis_url = \"redis://h\"",
+            "redis_url = \"redis://h\"\nredis_url_env = \"REDIS_URL\"",
+            "key_prefix = \"p\"",
+            "redis_url = \"redis://h\"\nunknown = 1",
+        ] {
+            let e = load(bad).expect_err(bad).to_string();
+            assert!(e.contains("cluster."), "{bad}: {e}");
+            assert!(!e.contains("s3cret"), "{bad}: {e}");
+        }
+        let none = crate::config::Config::from_toml(
+            "[[endpoints]]\nname = \"a\"\nbase_url = \"http://127.0.0.1:9\"\napi_key = \"k\"\n",
+            "test",
+            &|_: &str| None,
+        )
+        .expect("valid");
+        assert!(none.cluster.is_none());
+    }
+
     #[test]
     fn url_shapes() {
         assert_eq!(url_problem("redis://127.0.0.1:6379/0"), None);
