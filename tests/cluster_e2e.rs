@@ -9,6 +9,7 @@ mod support;
 
 use std::time::Duration;
 
+use http::Method;
 use serde_json::Value;
 
 use process::{Sandbox, Serving, get, post_message};
@@ -272,6 +273,34 @@ async fn one_outage_is_one_episode_and_one_prober_cluster_wide() {
         back
     })
     .await;
+
+    // An operator's switch on one instance holds on all.
+    let disable = process::call(
+        c.addr(1),
+        Method::POST,
+        "/_ccgate/endpoints/a/disable",
+        &[],
+        String::new(),
+    )
+    .await;
+    assert_eq!(disable.status, 200);
+    c.wait_state("a", "disabled").await;
+    let enable = process::call(
+        c.addr(2),
+        Method::POST,
+        "/_ccgate/endpoints/a/enable",
+        &[],
+        String::new(),
+    )
+    .await;
+    assert_eq!(enable.status, 200);
+    for i in 0..3 {
+        let c = &c;
+        eventually("enabled everywhere", || async move {
+            c.state(i, "a").await != "disabled"
+        })
+        .await;
+    }
 }
 
 /// A 429 cooldown set by one instance is honoured by the others until its deadline, and a later,
