@@ -405,13 +405,35 @@ impl ClusterNode {
         }
     }
 
-    /// Publishes this instance's phases where the shared view has none (an empty Redis is
-    /// repopulated), then applies the shared view.
+    /// Republishes this instance's view and re-reads the shared one: an endpoint the shared view
+    /// lacks is seeded (an empty Redis is repopulated); one this instance took out of rotation
+    /// while the link was down, but the view still shows in rotation, is published (what was
+    /// learnt alone is not lost); then every entry of the view is applied.
     async fn resync(&self, gw: &Gateway) {
+        let view = match self.link.health_view().await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::debug!(error = %e, "cluster: reading the shared view failed");
+                return;
+            }
+        };
+        let known: HashMap<String, SharedPhase> = view
+            .iter()
+            .map(|n| (n.endpoint_id().wire(), n.phase))
+            .collect();
         for ep in &gw.registry.endpoints {
+            let id = endpoint_id(ep);
             let change = Self::current_change(gw, ep);
-            if let Err(e) = self.link.seed_health(&endpoint_id(ep), change).await {
-                tracing::debug!(error = %e, "cluster: seeding the shared view failed");
+            let out = change.phase.out_of_rotation();
+            let result = match known.get(&id.wire()) {
+                None => self.link.seed_health(&id, change).await.map(|_| ()),
+                Some(shared) if out && !shared.out_of_rotation() => {
+                    self.link.publish_health(&id, change).await.map(|_| ())
+                }
+                Some(_) => Ok(()),
+            };
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "cluster: republishing this instance's view failed");
                 return;
             }
         }
