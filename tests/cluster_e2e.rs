@@ -556,3 +556,46 @@ async fn redis_outage_is_invisible_to_clients_and_repaired() {
         assert_eq!(log.matches("Redis reachable again").count(), 1, "{log}");
     }
 }
+
+/// What an instance learns while it cannot reach Redis is published when the link is back, even
+/// though Redis kept a shared view that still says otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_was_learnt_alone_is_republished_on_reconnect() {
+    let redis = RedisServer::start();
+    let a = MockUpstream::start().await;
+    let b = MockUpstream::start().await;
+    a.set_default(Script::json_ok());
+    b.set_default(Script::json_ok());
+    let eps = [
+        Ep {
+            name: "a",
+            mock: &a,
+            extra: "priority = 1",
+        },
+        Ep {
+            name: "b",
+            mock: &b,
+            extra: "priority = 2",
+        },
+    ];
+    let c = Cluster::start(&redis, &eps, "").await;
+    // Redis stops answering (its data stays): every link times out and goes down.
+    assert!(redis.command("CLIENT PAUSE 4000 ALL").contains("OK"));
+    let addr = c.addr(0);
+    eventually("instance 1 sees Redis down", || async move {
+        get(addr, "/_ccgate/health", &[]).await.json()["cluster"]["redis_up"] == false
+    })
+    .await;
+    let r = process::call(
+        addr,
+        Method::POST,
+        "/_ccgate/endpoints/b/disable",
+        &[],
+        String::new(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "admin switches work without Redis");
+    assert_eq!(served_by(&post_message(addr, &[]).await), "a");
+    // Once Redis answers again, the others learn it.
+    c.wait_state("b", "disabled").await;
+}
