@@ -51,6 +51,8 @@ pub struct Handle {
     source: Option<PathBuf>,
     reloading: tokio::sync::Mutex<()>,
     prober: parking_lot::Mutex<Option<BgTask>>,
+    /// Cluster mode (`[cluster]`): this instance's link to the others.
+    cluster: Option<Arc<crate::control::cluster::ClusterNode>>,
 }
 
 /// A background task and the signal that stops it.
@@ -143,7 +145,8 @@ impl Handle {
 
     /// Starts the prober for `gw`, stopping the previous gateway's.
     fn start_prober(&self, gw: Arc<Gateway>) {
-        let prober = BgTask::spawn(|stop| crate::control::prober::run_prober(gw, stop));
+        let cluster = self.cluster.clone();
+        let prober = BgTask::spawn(|stop| crate::control::prober::run_prober_in(gw, cluster, stop));
         if let Some(old) = self.prober.lock().replace(prober) {
             old.signal();
         }
@@ -207,7 +210,13 @@ where
             reload_route(&handle, &req).await
         }
         Destination::Control => {
-            crate::control::admin::handle(handle.current(), &handle.persist, req).await
+            let gw = handle.current();
+            if let Some(resp) =
+                crate::control::cluster::route(handle.cluster.as_ref(), &gw, &req).await
+            {
+                return resp;
+            }
+            crate::control::admin::handle(gw, &handle.persist, req).await
         }
         Destination::Api => handler::handle(handle.current(), req).await,
     }
@@ -219,6 +228,9 @@ pub enum StartError {
     /// An endpoint's upstream client could not be built.
     #[error(transparent)]
     Client(#[from] crate::transport::upstream::ClientError),
+    /// The `[cluster]` table could not be used.
+    #[error("cluster: {0}")]
+    Cluster(String),
     /// The listen address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -239,6 +251,15 @@ impl Server {
         let addr = config.server.listen;
         let mut gateway = Gateway::new(config)?;
         let persist = crate::store::attach(&mut gateway).await;
+        let cluster = match &gateway.config.cluster {
+            Some(settings) => {
+                let node = crate::control::cluster::ClusterNode::new(settings)
+                    .map_err(StartError::Cluster)?;
+                node.attach(&gateway);
+                Some(node)
+            }
+            None => None,
+        };
         let gateway = Arc::new(gateway);
         let listener = TcpListener::bind(addr)
             .await
@@ -249,6 +270,7 @@ impl Server {
             source,
             reloading: tokio::sync::Mutex::new(()),
             prober: parking_lot::Mutex::new(None),
+            cluster,
         });
         Ok(Self { listener, handle })
     }
@@ -256,6 +278,11 @@ impl Server {
     /// The handle through which the gateway in service is reached and reloaded.
     pub fn handle(&self) -> Arc<Handle> {
         Arc::clone(&self.handle)
+    }
+
+    /// Cluster mode's link, when `[cluster]` is configured.
+    pub fn cluster(&self) -> Option<Arc<crate::control::cluster::ClusterNode>> {
+        self.handle.cluster.clone()
     }
 
     /// The address actually bound (the real port when the config asked for port 0).
@@ -274,6 +301,7 @@ impl Server {
     /// up to `server.shutdown_timeout`, and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let Server { listener, handle } = self;
+        let cluster = start_cluster(&handle);
         handle.start_prober(handle.current());
         let writer = start_writer(&handle);
         let mut hangups = hangups();
@@ -368,6 +396,12 @@ impl Server {
         }
         // The writer's last flush comes after the requests have drained.
         writer.stop().await;
+        for task in cluster {
+            task.stop().await;
+        }
+        if let Some(node) = &handle.cluster {
+            node.shutdown();
+        }
     }
 }
 
@@ -599,4 +633,39 @@ fn start_writer(handle: &Arc<Handle>) -> BgTask {
     let persist = Arc::clone(&handle.persist);
     let handle = Arc::clone(handle);
     BgTask::spawn(|stop| crate::store::run_writer(persist, move || handle.current(), stop))
+}
+
+/// Starts cluster mode's tasks (the link's supervisor, news in, news out, totals) when
+/// `[cluster]` is configured. The event task subscribed when the node was built, before the
+/// supervisor runs, so it sees the first `Resync`.
+fn start_cluster(handle: &Arc<Handle>) -> Vec<BgTask> {
+    let Some(node) = handle.cluster.clone() else {
+        return Vec::new();
+    };
+    let current = {
+        let handle = Arc::clone(handle);
+        Arc::new(move || handle.current()) as crate::control::cluster::Current
+    };
+    let mut tasks = Vec::new();
+    if let Some(supervisor) = node.take_supervisor() {
+        let link = node.link().clone();
+        tasks.push(BgTask::spawn(|mut stop| async move {
+            tokio::select! {
+                () = supervisor.run() => {}
+                _ = stop.changed() => link.shutdown(),
+            }
+        }));
+    }
+    let (n, c) = (Arc::clone(&node), Arc::clone(&current));
+    tasks.push(BgTask::spawn(|stop| {
+        crate::control::cluster::run_events(n, c, stop)
+    }));
+    let (n, c) = (Arc::clone(&node), Arc::clone(&current));
+    tasks.push(BgTask::spawn(|stop| {
+        crate::control::cluster::run_publisher(n, c, stop)
+    }));
+    tasks.push(BgTask::spawn(|stop| {
+        crate::control::cluster::run_totals(node, current, stop)
+    }));
+    tasks
 }

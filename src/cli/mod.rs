@@ -113,6 +113,10 @@ pub enum Command {
         /// The gateway's URL (default: http://<server.listen> from the config).
         #[arg(long, value_name = "URL")]
         url: Option<String>,
+        /// Show the cluster instead: live instances, when each was last heard from, and the
+        /// cluster-wide totals (`[cluster]` mode).
+        #[arg(long)]
+        cluster: bool,
     },
     /// Probe every configured endpoint now and show which work.
     ///
@@ -321,9 +325,17 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Endpoints(cmd) => endpoints(cmd),
-        Command::Status { config, url } => {
+        Command::Status {
+            config,
+            url,
+            cluster,
+        } => {
             let target = target::find_target(config.as_deref(), url.as_deref(), &ProcessEnv)?;
-            print!("{}", status::status(target)?);
+            if cluster {
+                print!("{}", status::cluster_status(target)?);
+            } else {
+                print!("{}", status::status(target)?);
+            }
             Ok(())
         }
         Command::Check { config } => {

@@ -43,6 +43,88 @@ pub fn status(target: Target) -> anyhow::Result<String> {
     })
 }
 
+/// `ccgate status --cluster`: the running gateway's `/_ccgate/cluster` view.
+pub fn cluster_status(target: Target) -> anyhow::Result<String> {
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let client = AdminClient::new(target)?;
+        let a = client.call(Method::GET, "cluster").await.map_err(|e| {
+            anyhow!("cannot reach the gateway: {e}\nIs `ccgate serve` running? (pass --url if it listens elsewhere)")
+        })?;
+        match a.status {
+            StatusCode::OK => Ok(render_cluster(client.url(), &a.json())),
+            StatusCode::UNAUTHORIZED => bail!(
+                "the gateway at {} wants its access token: set server.access_token (or access_token_env) in the config this command reads",
+                client.url()
+            ),
+            _ => bail!(
+                "the gateway at {} answered {}: {}; is it a ccgate with cluster mode?",
+                client.url(),
+                a.status,
+                a.error_message()
+            ),
+        }
+    })
+}
+
+/// Renders `/_ccgate/cluster` as the `status --cluster` report.
+pub fn render_cluster(url: &str, view: &Value) -> String {
+    let mut out = String::new();
+    if view["enabled"] != true {
+        let _ = writeln!(
+            out,
+            "ccgate at {url}: cluster mode is off (no [cluster] table in its config)"
+        );
+        return out;
+    }
+    let up = if view["redis"]["up"] == true {
+        "up"
+    } else {
+        "DOWN (serving on local state)"
+    };
+    let _ = writeln!(
+        out,
+        "ccgate at {url}: instance {}, Redis {} is {up}",
+        view["instance"].as_str().unwrap_or("?"),
+        view["redis"]["url"].as_str().unwrap_or("?"),
+    );
+    if let Some(e) = view["error"].as_str() {
+        let _ = writeln!(out, "cluster view unavailable: {e}");
+        return out;
+    }
+    let n = |v: &Value, k: &str| v[k].as_i64().unwrap_or(0);
+    let _ = writeln!(
+        out,
+        "\n{:<24} {:>10} {:>10} {:>10} {:>10} {:>8}",
+        "INSTANCE", "HEARD", "REQUESTS", "OK", "FAILED", "EPISODES"
+    );
+    for i in view["instances"].as_array().into_iter().flatten() {
+        let t = &i["totals"];
+        let _ = writeln!(
+            out,
+            "{:<24} {:>9}s {:>10} {:>10} {:>10} {:>8}",
+            i["instance"].as_str().unwrap_or("?"),
+            format!("{:.1}", n(i, "last_heard_ms_ago") as f64 / 1000.0),
+            n(t, "total_requests"),
+            n(t, "successful_requests"),
+            n(t, "failed_requests"),
+            n(t, "total_failed"),
+        );
+    }
+    let t = &view["totals"];
+    let _ = writeln!(
+        out,
+        "{:<24} {:>10} {:>10} {:>10} {:>10} {:>8}",
+        "cluster (all flushes)",
+        "",
+        n(t, "total_requests"),
+        n(t, "successful_requests"),
+        n(t, "failed_requests"),
+        n(t, "total_failed"),
+    );
+    out
+}
+
 /// Renders the three views as the `status` report.
 pub fn render_status(url: &str, endpoints: &Value, queue: &Value, stats: &Value) -> String {
     let mut out = String::new();

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+use crate::config::cluster::validate_cluster;
 use crate::config::env::Env;
 use crate::config::lenient;
 use crate::config::raw::{RawConfig, RawStorage};
@@ -66,7 +67,10 @@ impl Config {
                 p.at_line(Some(p.line_of(w.span.start)), key, w.message);
             }
         }
-        let config = validate(raw, &mut p, env);
+        let mut raw = raw;
+        let cluster = raw.cluster.take();
+        let mut config = validate(raw, &mut p, env);
+        config.cluster = validate_cluster(&cluster, &mut p, env);
         p.list.sort_by_key(|pr| pr.line.unwrap_or(usize::MAX));
         p.finish(source_name, config)
     }

@@ -403,6 +403,8 @@ pub struct Config {
     pub storage: StorageConfig,
     /// `[[endpoints]]`, in file order.
     pub endpoints: Vec<EndpointConfig>,
+    /// `[cluster]`, when instances share health through Redis.
+    pub cluster: Option<ClusterSettings>,
 }
 
 /// One thing wrong with a configuration, with where it is.
@@ -467,6 +469,7 @@ pub fn is_self(url: &BaseUrl, listen: SocketAddr) -> bool {
     loopback && port == listen.port() && listen.port() != 0
 }
 
+mod cluster;
 mod env;
 mod lenient;
 mod load;
@@ -475,6 +478,7 @@ mod raw;
 mod tests;
 mod validate;
 
+pub use crate::config::cluster::ClusterSettings;
 pub use crate::config::env::{
     Env, ProcessEnv, default_config_path, default_listen, resolve_config_path,
 };

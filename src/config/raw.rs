@@ -26,6 +26,17 @@ pub(super) struct RawConfig {
     pub(super) storage: RawStorage,
     #[serde(default)]
     pub(super) endpoints: Vec<Spanned<RawEndpoint>>,
+    #[serde(default)]
+    pub(super) cluster: Option<RawCluster>,
+}
+
+#[derive(Deserialize, Default)]
+pub(super) struct RawCluster {
+    pub(super) redis_url: Option<Spanned<String>>,
+    pub(super) redis_url_env: Option<Spanned<String>>,
+    pub(super) key_prefix: Option<Spanned<String>>,
+    pub(super) instance: Option<Spanned<String>>,
+    pub(super) flush_interval: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]

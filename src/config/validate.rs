@@ -238,6 +238,8 @@ pub(super) fn validate(raw: RawConfig, p: &mut Problems<'_>, env: &dyn Env) -> C
         retry_budget,
         storage,
         endpoints,
+        // Validated by `load` (`config::cluster`), which uses this module's `Problems`.
+        cluster: None,
     }
 }
 

@@ -10,6 +10,7 @@ use http::{HeaderMap, Method, Request, Response, StatusCode};
 use crate::control::views::{
     endpoint_view, endpoints_json, episodes_json, failure_queue_json, stats_json,
 };
+use crate::health::queue::PhaseChange;
 use crate::proxy::handler::Gateway;
 use crate::proxy::response::{self, GateBody};
 use crate::store::Persist;
@@ -101,6 +102,9 @@ pub async fn handle<B>(gw: Arc<Gateway>, persist: &Persist, req: Request<B>) -> 
                 "enable" => {
                     ep.live.admin_disabled.store(false, Ordering::Release);
                     gw.registry.queue.probe_now(ep.idx);
+                    gw.registry
+                        .queue
+                        .note_change(&ep, PhaseChange::Admin(false));
                     response::json(
                         StatusCode::OK,
                         &serde_json::to_value(endpoint_view(&gw, persist, &ep)).unwrap_or_default(),
@@ -108,6 +112,7 @@ pub async fn handle<B>(gw: Arc<Gateway>, persist: &Persist, req: Request<B>) -> 
                 }
                 "disable" => {
                     ep.live.admin_disabled.store(true, Ordering::Release);
+                    gw.registry.queue.note_change(&ep, PhaseChange::Admin(true));
                     response::json(
                         StatusCode::OK,
                         &serde_json::to_value(endpoint_view(&gw, persist, &ep)).unwrap_or_default(),

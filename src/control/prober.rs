@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use tokio::task::JoinSet;
 
+use crate::control::cluster::ClusterNode;
 use crate::health::machine::{Event, Phase};
 use crate::proxy::handler::Gateway;
 use crate::proxy::probe::probe_and_record;
@@ -14,6 +15,16 @@ use crate::proxy::probe::probe_and_record;
 /// time), returns cooled-down endpoints to rotation, and sleeps until the next due time or a
 /// change in the queue. Ends when `shutdown` resolves.
 pub async fn run_prober(gw: Arc<Gateway>, shutdown: tokio::sync::watch::Receiver<bool>) {
+    run_prober_in(gw, None, shutdown).await;
+}
+
+/// [`run_prober`] as one instance of a cluster: an endpoint is probed only while this instance
+/// holds its prober lease (or Redis is unreachable); otherwise its probe is postponed a backoff.
+pub async fn run_prober_in(
+    gw: Arc<Gateway>,
+    cluster: Option<Arc<ClusterNode>>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) {
     let mut shutdown = shutdown;
     let mut running: JoinSet<usize> = JoinSet::new();
     let mut busy: HashSet<usize> = HashSet::new();
@@ -47,7 +58,14 @@ pub async fn run_prober(gw: Arc<Gateway>, shutdown: tokio::sync::watch::Receiver
             busy.insert(entry.idx);
             let gw = Arc::clone(&gw);
             let ep = Arc::clone(ep);
+            let cluster = cluster.clone();
             running.spawn(async move {
+                if let Some(node) = cluster {
+                    if !node.may_probe(&gw, &ep).await {
+                        gw.registry.queue.postpone_probe(ep.idx);
+                        return ep.idx;
+                    }
+                }
                 probe_and_record(&gw, &ep).await;
                 ep.idx
             });

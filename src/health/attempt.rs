@@ -13,7 +13,9 @@ use crate::health::classify::Outcome;
 use crate::health::endpoint::{Endpoint, LastError};
 use crate::health::estimate::FAILURE_PENALTY;
 use crate::health::machine::Event;
+use crate::health::machine::Phase;
 use crate::health::queue::FailureQueue;
+use crate::health::queue::PhaseChange;
 
 /// Everything an [`Attempt`] needs to record its outcome and drive health.
 pub struct Recorder {
@@ -113,7 +115,13 @@ impl Attempt {
                         let wait = wait.unwrap_or(rec.default_cooldown);
                         let until = now.saturating_add(ms(wait)).max(now + 1);
                         // The queue entry reads the deadline from here: nothing else to update.
-                        live.cooldown_until_ms.fetch_max(until, Ordering::AcqRel);
+                        let before = live.cooldown_until_ms.fetch_max(until, Ordering::AcqRel);
+                        if before < until && live.phase() == Phase::CoolingDown {
+                            // Already out: no transition, but the cluster must hear of the
+                            // later deadline.
+                            rec.queue
+                                .note_change(&self.ep, PhaseChange::CooldownExtended);
+                        }
                         Event::RateLimited
                     }
                     Outcome::Auth => Event::AuthFailed,

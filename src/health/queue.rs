@@ -72,6 +72,38 @@ pub struct EpisodeEvent {
     pub probes: u32,
 }
 
+/// A phase change to share with other instances (cluster mode): logged by the transition's winner,
+/// or by an admin switch, for the cluster publisher to drain (see
+/// [`FailureQueue::record_phase_changes`]). Changes applied from another instance's news are
+/// logged too, marked [`PhaseChangeEvent::from_peer`], so that they are never published back.
+#[derive(Clone, Debug)]
+pub struct PhaseChangeEvent {
+    /// Endpoint name.
+    pub name: String,
+    /// The endpoint's live cell (its phase and cooldown deadline are read from here).
+    pub live: Weak<Live>,
+    /// What changed.
+    pub change: PhaseChange,
+    /// Applied from another instance's news.
+    pub from_peer: bool,
+}
+
+/// What a [`PhaseChangeEvent`] reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PhaseChange {
+    /// Entered this phase; `opened` when the change opened a new failure episode.
+    Entered {
+        /// The new phase.
+        phase: Phase,
+        /// A new episode began (the cluster claims it before counting it).
+        opened: bool,
+    },
+    /// Still cooling down, with a later deadline (a 429 while already cooling down).
+    CooldownExtended,
+    /// An operator switched the endpoint off (`true`) or on (`false`).
+    Admin(bool),
+}
+
 /// A queue entry and the live cell of its endpoint (where a rate-limited entry's deadline is).
 #[derive(Clone)]
 struct Slot {
@@ -101,9 +133,34 @@ struct Inner {
     stats: QueueStats,
     /// Episode opens and closes not yet taken by the store; `None` while nobody records them.
     episodes: Option<Vec<EpisodeEvent>>,
+    /// Phase changes not yet taken by the cluster publisher; `None` outside cluster mode.
+    phases: Option<Vec<PhaseChangeEvent>>,
+    /// Cluster mode: an episode opened here is counted in `total_failed` only once this instance
+    /// wins its cluster-wide claim ([`FailureQueue::count_episode`]).
+    count_on_claim: bool,
 }
 
+/// Most phase changes kept for a publisher that is not draining them (Redis down for long): the
+/// oldest go first; a reconnect republishes every endpoint's current phase anyway.
+const MAX_PHASE_LOG: usize = 4096;
+
 impl Inner {
+    fn log_phase(&mut self, ep: &Endpoint, change: PhaseChange, from_peer: bool) -> bool {
+        let Some(log) = &mut self.phases else {
+            return false;
+        };
+        if log.len() >= MAX_PHASE_LOG {
+            log.remove(0);
+        }
+        log.push(PhaseChangeEvent {
+            name: ep.name.clone(),
+            live: Arc::downgrade(&ep.live),
+            change,
+            from_peer,
+        });
+        true
+    }
+
     fn log_episode(&mut self, opened: Option<Reason>, ep: &Endpoint, at: SystemTime, probes: u32) {
         if let Some(log) = &mut self.episodes {
             log.push(EpisodeEvent {
@@ -126,6 +183,8 @@ pub struct FailureQueue {
     probe_cap: Duration,
     /// Woken whenever entries change, so the prober re-plans.
     pub changed: Notify,
+    /// Woken when a phase change is logged for the cluster publisher.
+    pub phase_logged: Notify,
 }
 
 impl FailureQueue {
@@ -138,12 +197,24 @@ impl FailureQueue {
             probe_base,
             probe_cap,
             changed: Notify::new(),
+            phase_logged: Notify::new(),
         }
     }
 
     /// Applies `event` to `ep`'s phase, performing the transition's effect if this caller wins it.
     /// Returns whether this call changed the phase.
     pub fn transition(&self, ep: &Endpoint, event: Event, now_ms: u64) -> bool {
+        self.transition_from(ep, event, now_ms, false)
+    }
+
+    /// [`FailureQueue::transition`] for a change another instance published (cluster mode): the
+    /// same path and the same one-winner rule; the change is logged as the peer's, so it is not
+    /// published back, and an episode it opens is that instance's to count.
+    pub fn transition_from_peer(&self, ep: &Endpoint, event: Event, now_ms: u64) -> bool {
+        self.transition_from(ep, event, now_ms, true)
+    }
+
+    fn transition_from(&self, ep: &Endpoint, event: Event, now_ms: u64, from_peer: bool) -> bool {
         // Lock-free fast path: if the event cannot change the current phase, it linearizes here.
         if machine::next(ep.live.phase(), event, self.threshold).is_none() {
             return false;
@@ -175,14 +246,62 @@ impl FailureQueue {
             }
             Effect::Close => self.close(&mut inner, ep, now_ms),
         }
+        let opened = matches!(effect, Effect::Open(_));
+        let logged = inner.log_phase(ep, PhaseChange::Entered { phase: to, opened }, from_peer);
         drop(inner);
         self.changed.notify_one();
+        if logged {
+            self.phase_logged.notify_one();
+        }
         true
+    }
+
+    /// Logs a change that is not a transition (a longer cooldown deadline, an admin switch) for
+    /// the cluster publisher; nothing happens outside cluster mode.
+    pub fn note_change(&self, ep: &Endpoint, change: PhaseChange) {
+        if self.inner.lock().log_phase(ep, change, false) {
+            self.phase_logged.notify_one();
+        }
+    }
+
+    /// Starts keeping the phase-change log (cluster mode) and counting episodes on their claim.
+    pub fn record_phase_changes(&self) {
+        let mut inner = self.inner.lock();
+        inner.phases.get_or_insert_with(Vec::new);
+        inner.count_on_claim = true;
+    }
+
+    /// Takes the phase changes logged since the last call, oldest first.
+    pub fn take_phase_changes(&self) -> Vec<PhaseChangeEvent> {
+        self.inner
+            .lock()
+            .phases
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    /// Counts one failure episode: this instance won the cluster-wide claim for an episode it
+    /// opened (or could not reach the cluster and acts alone).
+    pub fn count_episode(&self) {
+        self.inner.lock().stats.total_failed += 1;
+    }
+
+    /// Moves an entry's next probe a backoff later without probing (another instance holds the
+    /// endpoint's prober lease).
+    pub fn postpone_probe(&self, idx: usize) {
+        let now = self.clock.now_ms();
+        if let Some(s) = self.inner.lock().entries.get_mut(&idx) {
+            s.entry.next_probe_at_ms = now + ms(self.backoff(s.entry.probe_attempts));
+        }
+        self.changed.notify_one();
     }
 
     /// Opens a failure episode for `ep` (the caller holds the lock and has checked the phase).
     fn open(&self, inner: &mut Inner, ep: &Endpoint, reason: Reason, now_ms: u64) {
-        inner.stats.total_failed += 1;
+        if !inner.count_on_claim {
+            inner.stats.total_failed += 1;
+        }
         inner.log_episode(Some(reason), ep, self.clock.wall(now_ms), 0);
         let entry = Entry {
             idx: ep.idx,
@@ -350,6 +469,8 @@ impl FailureQueue {
         inner.stats = from.stats;
         // The episode log (and whether one is kept) moves on with the statistics.
         inner.episodes = from.episodes.as_mut().map(std::mem::take);
+        inner.phases = from.phases.as_mut().map(std::mem::take);
+        inner.count_on_claim = from.count_on_claim;
         for (old_idx, slot) in &from.entries {
             if let Some(idx) = moved(*old_idx) {
                 let mut slot = slot.clone();

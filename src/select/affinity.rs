@@ -41,6 +41,21 @@ struct Binding {
     last_used_ms: u64,
 }
 
+/// A binding this instance made or changed (cluster mode: written through to the shared map by a
+/// background task, never on the request path).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BindingChange {
+    /// The session key.
+    pub session: String,
+    /// The endpoint it is bound to now (registry index).
+    pub endpoint: usize,
+    /// The endpoint it was bound to before, if any (a move).
+    pub previous: Option<usize>,
+}
+
+/// Most binding changes kept for a writer that is not draining them; the oldest go first.
+const MAX_CHANGE_LOG: usize = 8192;
+
 /// Session → endpoint bindings.
 pub struct Affinity {
     shards: Vec<Mutex<HashMap<Box<str>, Binding>>>,
@@ -48,6 +63,8 @@ pub struct Affinity {
     per_shard: usize,
     ttl_ms: u64,
     clock: Clock,
+    /// Changes made here, for the cluster writer; `None` outside cluster mode.
+    changes: Mutex<Option<Vec<BindingChange>>>,
 }
 
 impl Affinity {
@@ -59,7 +76,66 @@ impl Affinity {
             per_shard: cfg.max_sessions.div_ceil(SHARDS).max(1),
             ttl_ms: ms(cfg.ttl).max(1),
             clock,
+            changes: Mutex::new(None),
         }
+    }
+
+    /// Starts logging binding changes for [`Affinity::take_changes`] (cluster mode).
+    pub fn record_changes(&self) {
+        self.changes.lock().get_or_insert_with(Vec::new);
+    }
+
+    /// Takes the binding changes made since the last call, oldest first.
+    pub fn take_changes(&self) -> Vec<BindingChange> {
+        self.changes
+            .lock()
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    fn log_change(&self, key: &str, endpoint: usize, previous: Option<usize>) {
+        if let Some(log) = self.changes.lock().as_mut() {
+            if log.len() >= MAX_CHANGE_LOG {
+                log.remove(0);
+            }
+            log.push(BindingChange {
+                session: key.to_owned(),
+                endpoint,
+                previous,
+            });
+        }
+    }
+
+    /// Takes over a binding another instance made (cluster mode): not logged as a change here.
+    /// `None` drops the binding.
+    pub fn adopt(&self, key: &str, endpoint: Option<usize>) {
+        match endpoint {
+            Some(e) => {
+                self.set(key, e);
+            }
+            None => {
+                self.shard(key).lock().remove(key);
+            }
+        }
+    }
+
+    /// Bindings used since `since_ms` (registry clock), for sliding their shared TTL.
+    pub fn used_since(&self, since_ms: u64) -> Vec<(String, usize)> {
+        let mut out = Vec::new();
+        for shard in &self.shards {
+            for (k, b) in shard.lock().iter() {
+                if b.last_used_ms >= since_ms {
+                    out.push((k.to_string(), b.endpoint));
+                }
+            }
+        }
+        out
+    }
+
+    /// The binding's TTL.
+    pub fn ttl(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.ttl_ms)
     }
 
     fn shard(&self, key: &str) -> &Mutex<HashMap<Box<str>, Binding>> {
@@ -81,12 +157,21 @@ impl Affinity {
 
     /// Binds `key` to `endpoint`.
     pub fn bind(&self, key: &str, endpoint: usize) {
+        let previous = self.set(key, endpoint);
+        if previous != Some(endpoint) {
+            self.log_change(key, endpoint, previous);
+        }
+    }
+
+    /// Sets the binding; returns the endpoint it held before (if alive).
+    fn set(&self, key: &str, endpoint: usize) -> Option<usize> {
         let now = self.clock.now_ms();
         let mut shard = self.shard(key).lock();
         if let Some(b) = shard.get_mut(key) {
+            let previous = (now.saturating_sub(b.last_used_ms) < self.ttl_ms).then_some(b.endpoint);
             b.endpoint = endpoint;
             b.last_used_ms = now;
-            return;
+            return previous;
         }
         if shard.len() >= self.per_shard {
             let ttl = self.ttl_ms;
@@ -108,6 +193,7 @@ impl Affinity {
                 last_used_ms: now,
             },
         );
+        None
     }
 
     /// Bindings held (live or not yet swept).

@@ -1,0 +1,796 @@
+//! Cluster mode's wiring (issue #13): maps ccgate's endpoints, phases, sessions and counters onto
+//! the Redis link of [`crate::cluster`], and applies what other instances publish through the same
+//! entry points local outcomes use.
+//!
+//! Four background tasks, spawned by `server` (the only module that spawns long-lived tasks):
+//!
+//! * the link's [`Supervisor`] (connection, reconnects, down/up events);
+//! * [`run_events`]: applies other instances' health news through
+//!   [`FailureQueue::transition_from_peer`] (the one transition entry point, so the one-winner
+//!   rule holds for remote news too), adopts their session bindings, and on every `Resync` seeds
+//!   this instance's phases into an empty shared view and re-reads it;
+//! * [`run_publisher`]: drains the queue's phase-change log (filled by transition winners) and the
+//!   affinity map's change log: an opened episode is first claimed cluster-wide (`Won`: counted
+//!   here and published; `Held`: joined without a count), every other change is published;
+//!   bindings are written through (first binder wins, moves are compare-and-set);
+//! * [`run_totals`]: every `cluster.flush_interval`, adds this instance's counter deltas to the
+//!   cluster totals (exactly once, see [`TotalsFlusher`]) and caches the cluster view for metrics.
+//!
+//! **Redis is never on the request path**: requests read only local state; everything here runs
+//! in those tasks, and while Redis is down they fail fast and the gateway serves alone.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use http::{Method, Request, Response, StatusCode};
+use parking_lot::Mutex;
+use tokio::sync::{broadcast, watch};
+
+use crate::clock::rfc3339;
+use crate::cluster::{
+    Claim, ClusterConfig, ClusterEvent, ClusterLink, ClusterView, EndpointId, HealthNews,
+    LinkOptions, PhaseChange, RedisUrl, SessionNews, SharedPhase, Supervisor, TotalsFlusher,
+};
+use crate::config::ClusterSettings;
+use crate::health::endpoint::Endpoint;
+use crate::health::machine::{Event, Phase};
+use crate::health::queue::PhaseChange as LocalChange;
+use crate::health::queue::PhaseChangeEvent;
+use crate::proxy::handler::Gateway;
+use crate::proxy::response::{self, GateBody};
+
+/// The gateway in service now (it changes on a config reload).
+pub type Current = Arc<dyn Fn() -> Arc<Gateway> + Send + Sync>;
+
+/// An instance is shown as live while heard from within this long.
+const DEAD_AFTER: Duration = Duration::from_secs(5);
+
+/// How often bindings used since the last pass have their shared TTL slid.
+const SESSION_REFRESH: Duration = Duration::from_secs(5);
+
+/// This instance's membership of a cluster: the link and what the tasks share.
+pub struct ClusterNode {
+    link: ClusterLink,
+    url: RedisUrl,
+    flush_interval: Duration,
+    /// Subscribed before the supervisor runs, taken by [`run_events`].
+    events: Mutex<Option<broadcast::Receiver<ClusterEvent>>>,
+    supervisor: Mutex<Option<Supervisor>>,
+    /// Open episode tokens known here, by endpoint (wire form).
+    episodes: Mutex<HashMap<String, String>>,
+    /// Last news applied, by (origin, endpoint): `(seq, at_ms)`.
+    last_seen: Mutex<HashMap<(String, String), (u64, u64)>>,
+    /// Endpoints whose config differs from another instance's (warned once each).
+    mismatched: Mutex<HashSet<String>>,
+    /// The latest cluster view read by the totals task (for metrics; no Redis on that path).
+    last_view: Mutex<Option<ClusterView>>,
+    /// When this process started (unix ms): own news older than this is from an earlier life.
+    started_ms: u64,
+}
+
+fn unix_ms_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The cluster identity of an endpoint: its name and base URL.
+pub fn endpoint_id(ep: &Endpoint) -> EndpointId {
+    EndpointId::new(&ep.name, &ep.base_url.to_string())
+}
+
+impl ClusterNode {
+    /// The node for `settings`; nothing is contacted until the supervisor runs.
+    pub fn new(settings: &ClusterSettings) -> Result<Arc<Self>, String> {
+        let url = RedisUrl::new(settings.redis_url.expose()).map_err(|e| e.to_string())?;
+        let instance = settings
+            .instance
+            .clone()
+            .unwrap_or_else(ClusterConfig::default_instance);
+        let config = ClusterConfig::new(url.clone(), settings.key_prefix.clone(), instance)
+            .map_err(|e| e.to_string())?;
+        let (link, supervisor) =
+            ClusterLink::new(config, LinkOptions::default()).map_err(|e| e.to_string())?;
+        let events = link.subscribe();
+        Ok(Arc::new(Self {
+            link,
+            url,
+            flush_interval: settings.flush_interval,
+            events: Mutex::new(Some(events)),
+            supervisor: Mutex::new(Some(supervisor)),
+            episodes: Mutex::default(),
+            last_seen: Mutex::default(),
+            mismatched: Mutex::default(),
+            last_view: Mutex::default(),
+            started_ms: unix_ms_now(),
+        }))
+    }
+
+    /// The link (for views and tests).
+    pub fn link(&self) -> &ClusterLink {
+        &self.link
+    }
+
+    /// The supervisor, once (the wiring spawns it).
+    pub fn take_supervisor(&self) -> Option<Supervisor> {
+        self.supervisor.lock().take()
+    }
+
+    /// Stops the link (the supervisor returns).
+    pub fn shutdown(&self) {
+        self.link.shutdown();
+    }
+
+    /// Prepares `gw` for cluster mode: its queue logs phase changes and counts episodes on their
+    /// claim, its affinity map logs binding changes. Idempotent (called again after reloads).
+    pub fn attach(&self, gw: &Gateway) {
+        gw.registry.queue.record_phase_changes();
+        if let Some(a) = &gw.affinity {
+            a.record_changes();
+        }
+    }
+
+    fn episode_ttl(gw: &Gateway) -> Duration {
+        let h = &gw.config.health;
+        (h.probe_max_interval * 2 + h.probe_timeout).max(Duration::from_secs(60))
+    }
+
+    fn lease_ttl(gw: &Gateway) -> Duration {
+        let h = &gw.config.health;
+        h.probe_max_interval + h.probe_timeout + Duration::from_secs(1)
+    }
+
+    /// Converts a registry-clock deadline to unix ms, and back.
+    fn deadline_to_unix(gw: &Gateway, clock_ms: u64) -> u64 {
+        let now = gw.registry.clock.now_ms();
+        unix_ms_now().saturating_add(clock_ms.saturating_sub(now))
+    }
+
+    fn deadline_from_unix(gw: &Gateway, unix: u64) -> u64 {
+        let now = gw.registry.clock.now_ms();
+        now.saturating_add(unix.saturating_sub(unix_ms_now()))
+    }
+
+    /// The shared form of `ep`'s current phase (for seeding the view).
+    fn current_change(gw: &Gateway, ep: &Endpoint) -> PhaseChange {
+        if ep.live.admin_disabled() {
+            return PhaseChange::new(SharedPhase::AdminDisabled);
+        }
+        Self::change_for(gw, ep, ep.live.phase())
+    }
+
+    fn change_for(gw: &Gateway, ep: &Endpoint, phase: Phase) -> PhaseChange {
+        match phase {
+            Phase::Healthy => PhaseChange::new(SharedPhase::Healthy),
+            Phase::Ejected => PhaseChange::new(SharedPhase::Ejected),
+            Phase::AuthDisabled => PhaseChange::new(SharedPhase::AuthDisabled),
+            Phase::Probation => PhaseChange::new(SharedPhase::Probation),
+            Phase::CoolingDown => {
+                PhaseChange::cooling_down(Self::deadline_to_unix(gw, ep.live.cooldown_until_ms()))
+            }
+        }
+    }
+
+    // ---- outgoing -------------------------------------------------------------------------
+
+    /// Publishes one local phase change (claiming the episode first when it opened one).
+    async fn publish_change(&self, gw: &Gateway, ev: PhaseChangeEvent) {
+        let Some(live) = ev.live.upgrade() else {
+            return;
+        };
+        let Some(ep) = gw
+            .registry
+            .by_name(&ev.name)
+            .filter(|e| Arc::ptr_eq(&e.live, &live))
+        else {
+            return;
+        };
+        let id = endpoint_id(ep);
+        let wire = id.wire();
+        let queue = &gw.registry.queue;
+        let mut change = match ev.change {
+            LocalChange::Entered {
+                phase: Phase::Healthy,
+                ..
+            } => PhaseChange::new(SharedPhase::Recovered),
+            LocalChange::Entered { phase, .. } => Self::change_for(gw, ep, phase),
+            LocalChange::CooldownExtended => Self::change_for(gw, ep, Phase::CoolingDown),
+            LocalChange::Admin(true) => PhaseChange::new(SharedPhase::AdminDisabled),
+            LocalChange::Admin(false) => PhaseChange::new(SharedPhase::AdminEnabled),
+        };
+        if let LocalChange::Entered { phase, opened } = ev.change {
+            if opened {
+                match self.link.claim_episode(&id, Self::episode_ttl(gw)).await {
+                    Ok(Claim::Won { token }) => {
+                        queue.count_episode();
+                        self.episodes.lock().insert(wire.clone(), token.clone());
+                        change = change.in_episode(token);
+                    }
+                    Ok(Claim::Held { by, .. }) => {
+                        // Another instance opened this outage's episode: join it, uncounted. A
+                        // cooldown deadline is still shared (the longer one wins everywhere).
+                        self.episodes.lock().insert(wire.clone(), by.clone());
+                        if phase != Phase::CoolingDown {
+                            return;
+                        }
+                        change = change.in_episode(by);
+                    }
+                    Err(e) => {
+                        // Acting alone: the episode is this instance's to count.
+                        queue.count_episode();
+                        tracing::debug!(endpoint = %ep.name, error = %e, "cluster: episode not claimed");
+                        return;
+                    }
+                }
+            } else if phase == Phase::Healthy {
+                let token = self.episodes.lock().remove(&wire);
+                let token = match token {
+                    Some(t) => Some(t),
+                    None => self.link.open_episode(&id).await.ok().flatten(),
+                };
+                if let Some(t) = token {
+                    let _ = self.link.close_episode(&id, &t).await;
+                }
+                let _ = self.link.release_prober_lease(&id).await;
+            }
+        }
+        match self.link.publish_health(&id, change).await {
+            Ok(news) => {
+                tracing::debug!(endpoint = %ep.name, phase = ?news.phase, seq = news.seq, "cluster: phase change published")
+            }
+            Err(e) => {
+                tracing::debug!(endpoint = %ep.name, error = %e, "cluster: phase change not published")
+            }
+        }
+    }
+
+    /// Writes local binding changes through to the shared map; adopts the binding in force when
+    /// another instance bound or moved the session first.
+    async fn write_sessions(&self, gw: &Gateway) {
+        let Some(affinity) = &gw.affinity else {
+            return;
+        };
+        let ttl = affinity.ttl();
+        for ch in affinity.take_changes() {
+            let Some(ep) = gw.registry.endpoints.get(ch.endpoint) else {
+                continue;
+            };
+            let id = endpoint_id(ep);
+            // A move is a compare-and-set from an endpoint that left rotation; a request that
+            // was ranked before another instance's binding arrived is only a (late) first bind.
+            let moved_from = ch
+                .previous
+                .and_then(|p| gw.registry.endpoints.get(p))
+                .filter(|p| !p.live.in_rotation());
+            let in_force = match moved_from {
+                None => self.link.bind_session(&ch.session, &id, ttl).await,
+                Some(prev) => {
+                    let from = endpoint_id(prev);
+                    self.link
+                        .move_session(&ch.session, Some(&from), &id, ttl)
+                        .await
+                }
+            };
+            tracing::debug!(session = %ch.session, endpoint = %ep.name, result = ?in_force, "cluster: binding written through");
+            if let Ok(bound) = in_force {
+                if bound != id {
+                    if let Some(idx) = self.local_index(gw, &bound) {
+                        affinity.adopt(&ch.session, Some(idx));
+                    }
+                }
+            }
+        }
+    }
+
+    async fn refresh_sessions(&self, gw: &Gateway, since_ms: u64) {
+        let Some(affinity) = &gw.affinity else {
+            return;
+        };
+        let used = affinity.used_since(since_ms);
+        let ids: Vec<(String, EndpointId)> = used
+            .into_iter()
+            .filter_map(|(k, idx)| Some((k, endpoint_id(gw.registry.endpoints.get(idx)?))))
+            .collect();
+        let refs: Vec<(&str, &EndpointId)> = ids.iter().map(|(k, id)| (k.as_str(), id)).collect();
+        let _ = self.link.refresh_sessions(&refs, affinity.ttl()).await;
+    }
+
+    // ---- incoming -------------------------------------------------------------------------
+
+    /// The local index of the endpoint `id` names, when this instance's config agrees on its URL.
+    fn local_index(&self, gw: &Gateway, id: &EndpointId) -> Option<usize> {
+        let ep = gw.registry.by_name(id.name())?;
+        if endpoint_id(ep) == *id {
+            Some(ep.idx)
+        } else {
+            self.warn_mismatch(id.name());
+            None
+        }
+    }
+
+    fn warn_mismatch(&self, name: &str) {
+        if self.mismatched.lock().insert(name.to_owned()) {
+            tracing::warn!(endpoint = %name, "cluster: another instance configures this endpoint with a different base URL; ignoring its news about it");
+        }
+    }
+
+    /// Applies another instance's health news through the transition entry point.
+    fn apply_health(&self, gw: &Gateway, news: &HealthNews) {
+        tracing::debug!(endpoint = %news.endpoint, phase = ?news.phase, origin = %news.origin, seq = news.seq, "cluster: health news");
+        let Some(ep) = gw.registry.by_name(&news.endpoint) else {
+            return;
+        };
+        if endpoint_id(ep).fingerprint() != news.url_fingerprint {
+            self.warn_mismatch(&news.endpoint);
+            return;
+        }
+        {
+            let mut seen = self.last_seen.lock();
+            let key = (news.origin.clone(), news.endpoint.clone());
+            if let Some(&(seq, at)) = seen.get(&key) {
+                // Older news from the same origin (a later life of an instance with the same name
+                // restarts its numbering, but publishes at a later time).
+                if news.seq <= seq && news.at_ms <= at {
+                    return;
+                }
+            }
+            seen.insert(key, (news.seq, news.at_ms));
+        }
+        if let Some(token) = &news.episode {
+            self.episodes
+                .lock()
+                .insert(endpoint_id(ep).wire(), token.clone());
+        }
+        let queue = &gw.registry.queue;
+        let live = &ep.live;
+        let now = gw.registry.clock.now_ms();
+        match news.phase {
+            SharedPhase::Healthy | SharedPhase::Recovered => {
+                // A cooldown this instance knows to run longer is not cut short.
+                if live.phase() == Phase::CoolingDown && now < live.cooldown_until_ms() {
+                    return;
+                }
+                queue.transition_from_peer(ep, Event::Success, now);
+            }
+            SharedPhase::Ejected => {
+                queue.transition_from_peer(
+                    ep,
+                    Event::Failure {
+                        consecutive: u32::MAX,
+                    },
+                    now,
+                );
+            }
+            SharedPhase::CoolingDown => {
+                let Some(until) = news.cooldown_until_ms else {
+                    return;
+                };
+                let until = Self::deadline_from_unix(gw, until);
+                if until <= now {
+                    return;
+                }
+                live.cooldown_until_ms.fetch_max(until, Ordering::AcqRel);
+                queue.transition_from_peer(ep, Event::RateLimited, now);
+            }
+            SharedPhase::AuthDisabled => {
+                queue.transition_from_peer(ep, Event::AuthFailed, now);
+            }
+            SharedPhase::Verified | SharedPhase::Probation => {
+                queue.transition_from_peer(ep, Event::ProbePassed, now);
+            }
+            SharedPhase::AdminDisabled => live.admin_disabled.store(true, Ordering::Release),
+            SharedPhase::AdminEnabled => {
+                live.admin_disabled.store(false, Ordering::Release);
+                queue.probe_now(ep.idx);
+            }
+        }
+    }
+
+    fn apply_session(&self, gw: &Gateway, news: &SessionNews) {
+        tracing::debug!(session = %news.session, endpoint = ?news.endpoint, origin = %news.origin, "cluster: session news");
+        let Some(affinity) = &gw.affinity else {
+            return;
+        };
+        match news.endpoint_id() {
+            Some(id) => {
+                if let Some(idx) = self.local_index(gw, &id) {
+                    affinity.adopt(&news.session, Some(idx));
+                }
+            }
+            None if news.endpoint.is_none() => affinity.adopt(&news.session, None),
+            None => {}
+        }
+    }
+
+    /// Republishes this instance's view and re-reads the shared one: an endpoint the shared view
+    /// lacks is seeded (an empty Redis is repopulated); one this instance took out of rotation
+    /// while the link was down, but the view still shows in rotation, is published (what was
+    /// learnt alone is not lost); then every entry of the view is applied.
+    async fn resync(&self, gw: &Gateway) {
+        let view = match self.link.health_view().await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::debug!(error = %e, "cluster: reading the shared view failed");
+                return;
+            }
+        };
+        let known: HashMap<String, SharedPhase> = view
+            .iter()
+            .map(|n| (n.endpoint_id().wire(), n.phase))
+            .collect();
+        for ep in &gw.registry.endpoints {
+            let id = endpoint_id(ep);
+            let change = Self::current_change(gw, ep);
+            let out = change.phase.out_of_rotation();
+            let result = match known.get(&id.wire()) {
+                None => self.link.seed_health(&id, change).await.map(|_| ()),
+                Some(shared) if out && !shared.out_of_rotation() => {
+                    self.link.publish_health(&id, change).await.map(|_| ())
+                }
+                Some(_) => Ok(()),
+            };
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "cluster: republishing this instance's view failed");
+                return;
+            }
+        }
+        self.reread(gw).await;
+    }
+
+    async fn reread(&self, gw: &Gateway) {
+        match self.link.health_view().await {
+            Ok(view) => {
+                let own = self.link.instance();
+                for news in view {
+                    if news.origin == own && news.at_ms >= self.started_ms {
+                        continue;
+                    }
+                    self.apply_health(gw, &news);
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "cluster: reading the shared view failed"),
+        }
+    }
+
+    // ---- the prober lease -----------------------------------------------------------------
+
+    /// Whether this instance may probe `ep` now: it holds (or just took) the endpoint's prober
+    /// lease, or Redis is unreachable and it acts alone. Called from the prober's probe task.
+    pub async fn may_probe(&self, gw: &Gateway, ep: &Endpoint) -> bool {
+        let id = endpoint_id(ep);
+        match self
+            .link
+            .acquire_prober_lease(&id, Self::lease_ttl(gw))
+            .await
+        {
+            Ok(Claim::Won { .. }) => {
+                let _ = self.link.renew_prober_lease(&id, Self::lease_ttl(gw)).await;
+                let token = self.episodes.lock().get(&id.wire()).cloned();
+                if let Some(t) = token {
+                    let _ = self
+                        .link
+                        .extend_episode(&id, &t, Self::episode_ttl(gw))
+                        .await;
+                }
+                true
+            }
+            Ok(Claim::Held { .. }) => false,
+            Err(_) => true,
+        }
+    }
+
+    // ---- views ----------------------------------------------------------------------------
+
+    /// `GET /_ccgate/cluster`: live instances, when each was last heard from, their flushed
+    /// counters and the cluster-wide sums. Reads Redis (bounded by the command timeout): a view
+    /// for operators, never on a client request's path.
+    pub async fn view_json(&self) -> serde_json::Value {
+        let mut v = serde_json::json!({
+            "enabled": true,
+            "instance": self.link.instance(),
+            "redis": { "url": self.url.to_string(), "up": self.link.is_up() },
+        });
+        match self.link.cluster_view(DEAD_AFTER).await {
+            Ok(view) => {
+                let at = |ms: u64| rfc3339(UNIX_EPOCH + Duration::from_millis(ms));
+                v["now"] = at(view.now_ms).into();
+                v["instances"] = view
+                    .instances
+                    .iter()
+                    .map(|i| {
+                        serde_json::json!({
+                            "instance": i.instance,
+                            "last_heard": at(i.last_heard_ms),
+                            "last_heard_ms_ago": view.now_ms.saturating_sub(i.last_heard_ms),
+                            "totals": i.totals,
+                        })
+                    })
+                    .collect::<Vec<_>>()
+                    .into();
+                v["totals"] = serde_json::to_value(&view.totals).unwrap_or_default();
+                *self.last_view.lock() = Some(view);
+            }
+            Err(e) => v["error"] = e.to_string().into(),
+        }
+        v
+    }
+
+    /// The cluster's Prometheus series (from the view cached by the totals task).
+    pub fn metrics(&self) -> String {
+        use std::fmt::Write;
+        let me = escape(self.link.instance());
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "# HELP ccgate_cluster_redis_up Whether this instance's link to the cluster's Redis is up.\n# TYPE ccgate_cluster_redis_up gauge\nccgate_cluster_redis_up{{instance=\"{me}\"}} {}",
+            u8::from(self.link.is_up())
+        );
+        let view = self.last_view.lock().clone();
+        if let Some(view) = view {
+            let _ = writeln!(
+                s,
+                "# HELP ccgate_cluster_instances Live instances in the cluster.\n# TYPE ccgate_cluster_instances gauge\nccgate_cluster_instances {}",
+                view.instances.len()
+            );
+            let _ = writeln!(
+                s,
+                "# HELP ccgate_cluster_instance_last_heard_seconds Seconds since each live instance was last heard from.\n# TYPE ccgate_cluster_instance_last_heard_seconds gauge"
+            );
+            for i in &view.instances {
+                let _ = writeln!(
+                    s,
+                    "ccgate_cluster_instance_last_heard_seconds{{instance=\"{}\"}} {}",
+                    escape(&i.instance),
+                    view.now_ms.saturating_sub(i.last_heard_ms) as f64 / 1000.0
+                );
+            }
+            let _ = writeln!(
+                s,
+                "# HELP ccgate_cluster_instance_counter Each live instance's flushed counters.\n# TYPE ccgate_cluster_instance_counter gauge"
+            );
+            for i in &view.instances {
+                for (c, n) in &i.totals {
+                    let _ = writeln!(
+                        s,
+                        "ccgate_cluster_instance_counter{{instance=\"{}\",counter=\"{}\"}} {n}",
+                        escape(&i.instance),
+                        escape(c)
+                    );
+                }
+            }
+            let _ = writeln!(
+                s,
+                "# HELP ccgate_cluster_counter Cluster-wide sums of every instance's counters.\n# TYPE ccgate_cluster_counter gauge"
+            );
+            for (c, n) in &view.totals {
+                let _ = writeln!(s, "ccgate_cluster_counter{{counter=\"{}\"}} {n}", escape(c));
+            }
+        }
+        s
+    }
+
+    /// Sends the flusher's batch, then reads the cluster view (cached for metrics). A Redis that
+    /// lost this instance's row (restarted empty, flushed) is given back what it lost: the row
+    /// must equal everything acknowledged, so the difference is added again, once.
+    async fn flush_once(&self, flusher: &mut TotalsFlusher, acked: &mut BTreeMap<String, i64>) {
+        if let Some(batch) = flusher.next_batch().cloned() {
+            match self.link.send_totals(&batch).await {
+                Ok(_) => {
+                    for (k, d) in batch.deltas {
+                        *acked.entry(k).or_insert(0) += d;
+                    }
+                    flusher.acknowledge();
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "cluster: totals not flushed");
+                    return;
+                }
+            }
+        }
+        let Ok(view) = self.link.cluster_view(DEAD_AFTER).await else {
+            return;
+        };
+        // Only while this instance is listed (a missing heartbeat is not a lost row).
+        let row = view
+            .instances
+            .iter()
+            .find(|i| i.instance == self.link.instance())
+            .map(|i| &i.totals);
+        if let (true, Some(row)) = (flusher.is_idle(), row) {
+            let mut lost = false;
+            for (k, want) in acked.iter_mut() {
+                let have = row.get(k).copied().unwrap_or(0);
+                if have < *want {
+                    flusher.add(k, *want - have);
+                    *want = have;
+                    lost = true;
+                }
+            }
+            if lost {
+                tracing::info!("cluster: Redis lost this instance's totals; adding them again");
+            }
+        }
+        *self.last_view.lock() = Some(view);
+    }
+
+    /// The `cluster` member of `/_ccgate/health`.
+    pub fn health_json(&self) -> serde_json::Value {
+        serde_json::json!({ "instance": self.link.instance(), "redis_up": self.link.is_up() })
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// This instance's counters by name: the gateway totals, the failure-queue statistics and each
+/// endpoint's attempts.
+fn counters(gw: &Gateway) -> BTreeMap<String, i64> {
+    let mut m = BTreeMap::new();
+    let mut put = |k: String, v: u64| {
+        m.insert(k, i64::try_from(v).unwrap_or(i64::MAX));
+    };
+    let s = gw.registry.gateway.snapshot();
+    put("total_requests".into(), s.total);
+    put("successful_requests".into(), s.successful);
+    put("failed_requests".into(), s.failed);
+    put("upstream_errors".into(), s.upstream_errors);
+    put("caller_errors".into(), s.caller_errors);
+    put("cancelled".into(), s.cancelled);
+    put("retries".into(), s.retries);
+    put("fallbacks".into(), s.fallbacks);
+    let q = gw.registry.queue.stats();
+    put("total_failed".into(), q.total_failed);
+    put("total_verified".into(), q.total_verified);
+    put("total_recovered".into(), q.total_recovered);
+    put("total_still_failed".into(), q.total_still_failed);
+    for ep in &gw.registry.endpoints {
+        let c = ep.live.snapshot();
+        put(format!("endpoint:{}:total_requests", ep.name), c.total);
+        put(
+            format!("endpoint:{}:successful_requests", ep.name),
+            c.successful(),
+        );
+        put(format!("endpoint:{}:failed_requests", ep.name), c.failed());
+    }
+    m
+}
+
+/// Routes `/_ccgate/cluster` (with or without cluster mode), and in cluster mode adds the
+/// cluster's series to `/_ccgate/metrics` and its link state to `/_ccgate/health`. `None`: not a
+/// path this module answers.
+pub async fn route<B>(
+    node: Option<&Arc<ClusterNode>>,
+    gw: &Arc<Gateway>,
+    req: &Request<B>,
+) -> Option<Response<GateBody>> {
+    let path = req.uri().path().trim_end_matches('/');
+    let get = req.method() == Method::GET;
+    match (path, node) {
+        ("/_ccgate/health", Some(node)) if get => Some(response::json(
+            StatusCode::OK,
+            &serde_json::json!({"status": "ok", "cluster": node.health_json()}),
+        )),
+        ("/_ccgate/cluster", _) | ("/_ccgate/metrics", Some(_))
+            if !gw.authorized(req.headers()) =>
+        {
+            Some(response::error(
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                "ccgate: missing or wrong access token",
+            ))
+        }
+        ("/_ccgate/cluster", _) if !get => Some(response::method_not_allowed("GET")),
+        ("/_ccgate/cluster", None) => Some(response::json(
+            StatusCode::OK,
+            &serde_json::json!({ "enabled": false }),
+        )),
+        ("/_ccgate/cluster", Some(node)) => {
+            Some(response::json(StatusCode::OK, &node.view_json().await))
+        }
+        ("/_ccgate/metrics", Some(node)) if get => {
+            let mut text = crate::control::metrics::render(gw);
+            text.push_str(&node.metrics());
+            Some(response::body(crate::control::metrics::CONTENT_TYPE, text))
+        }
+        _ => None,
+    }
+}
+
+// ---- tasks ----------------------------------------------------------------------------------
+
+/// Applies other instances' news and resyncs on (re)connection. Ends when `stop` turns true.
+pub async fn run_events(node: Arc<ClusterNode>, current: Current, mut stop: watch::Receiver<bool>) {
+    let Some(mut events) = node.events.lock().take() else {
+        return;
+    };
+    loop {
+        let event = tokio::select! {
+            e = events.recv() => e,
+            _ = stop.changed() => return,
+        };
+        let gw = current();
+        node.attach(&gw);
+        match event {
+            Ok(ClusterEvent::Resync(reason)) => {
+                tracing::debug!(?reason, "cluster: resync");
+                node.resync(&gw).await;
+            }
+            Ok(ClusterEvent::Down) => {}
+            Ok(ClusterEvent::Health(news)) => node.apply_health(&gw, &news),
+            Ok(ClusterEvent::Session(news)) => node.apply_session(&gw, &news),
+            Err(broadcast::error::RecvError::Lagged(_)) => node.reread(&gw).await,
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+/// Publishes local phase changes and writes session bindings through. Ends when `stop` turns
+/// true (after one last drain).
+pub async fn run_publisher(
+    node: Arc<ClusterNode>,
+    current: Current,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut last_refresh = current().registry.clock.now_ms();
+    loop {
+        let gw = current();
+        node.attach(&gw);
+        for ev in gw.registry.queue.take_phase_changes() {
+            if !ev.from_peer {
+                node.publish_change(&gw, ev).await;
+            }
+        }
+        node.write_sessions(&gw).await;
+        let now = gw.registry.clock.now_ms();
+        if now.saturating_sub(last_refresh) >= SESSION_REFRESH.as_millis() as u64 {
+            node.refresh_sessions(&gw, last_refresh).await;
+            last_refresh = now;
+        }
+        if *stop.borrow() {
+            return;
+        }
+        tokio::select! {
+            () = gw.registry.queue.phase_logged.notified() => {}
+            () = tokio::time::sleep(Duration::from_millis(20)) => {}
+            _ = stop.changed() => {}
+        }
+    }
+}
+
+/// Adds this instance's counter deltas to the cluster totals every flush interval, and caches
+/// the cluster view for metrics. Ends when `stop` turns true (after one last flush).
+pub async fn run_totals(node: Arc<ClusterNode>, current: Current, mut stop: watch::Receiver<bool>) {
+    let mut flusher = TotalsFlusher::new();
+    let mut last: BTreeMap<String, i64> = BTreeMap::new();
+    // Everything Redis acknowledged from this process: what this instance's row must hold.
+    let mut acked: BTreeMap<String, i64> = BTreeMap::new();
+    let mut tick = tokio::time::interval(node.flush_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let stopping = tokio::select! {
+            _ = tick.tick() => false,
+            _ = stop.changed() => true,
+        };
+        let now = counters(&current());
+        for (k, v) in &now {
+            let before = last.get(k).copied().unwrap_or(0);
+            // A counter that went down was replaced (an endpoint rebuilt by a reload): its whole
+            // new value is new.
+            let delta = if *v >= before { v - before } else { *v };
+            flusher.add(k, delta);
+        }
+        last = now;
+        if node.link.is_up() {
+            node.flush_once(&mut flusher, &mut acked).await;
+        }
+        if stopping {
+            return;
+        }
+    }
+}

@@ -1,0 +1,601 @@
+//! Cluster mode end to end (issue #13): a real `redis-server` (`support/redis.rs`) and THREE real
+//! `ccgate serve` processes sharing it (`support/process.rs`), in front of scriptable mock
+//! upstreams (`support/mock.rs`). Every wait is a condition polled against a deadline.
+#![cfg(unix)]
+
+#[path = "support/process.rs"]
+mod process;
+mod support;
+
+use std::time::Duration;
+
+use http::Method;
+use serde_json::Value;
+
+use process::{Sandbox, Serving, get, post_message};
+use support::mock::{MockUpstream, Script};
+use support::redis::RedisServer;
+use support::wait::{self, eventually}; // `wait` for `support/process.rs`
+
+/// One endpoint of the test configs: name, mock, extra keys.
+struct Ep<'a> {
+    name: &'a str,
+    mock: &'a MockUpstream,
+    extra: &'a str,
+}
+
+/// Three instances sharing one Redis under a prefix of their own.
+struct Cluster {
+    instances: Vec<Serving>,
+    sandboxes: Vec<Sandbox>,
+    prefix: String,
+}
+
+fn cluster_config(
+    redis: &RedisServer,
+    prefix: &str,
+    instance: &str,
+    eps: &[Ep<'_>],
+    server: &str,
+) -> String {
+    let mut s = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n{server}\n\n\
+         [health]\nfailure_threshold = 2\nprobe_interval = \"300ms\"\nprobe_max_interval = \"600ms\"\n\n\
+         [cluster]\nredis_url = \"{}\"\nkey_prefix = \"{prefix}\"\ninstance = \"{instance}\"\nflush_interval = \"100ms\"\n",
+        redis.url()
+    );
+    for e in eps {
+        s.push_str(&format!(
+            "\n[[endpoints]]\nname = \"{}\"\nbase_url = \"{}\"\napi_key = \"sk-test-{}\"\nprobe = \"models\"\n{}\n",
+            e.name,
+            e.mock.url(),
+            e.name,
+            e.extra
+        ));
+    }
+    s
+}
+
+impl Cluster {
+    async fn start(redis: &RedisServer, eps: &[Ep<'_>], server: &str) -> Self {
+        let prefix = format!("t{}", fastrand::u64(..));
+        let mut instances = Vec::new();
+        let mut sandboxes = Vec::new();
+        for i in 1..=3 {
+            let sb = Sandbox::new();
+            let text = cluster_config(redis, &prefix, &format!("i{i}"), eps, server);
+            let path = sb.write("config.toml", &text);
+            let mut cmd = sb.command(&["serve", "--config", path.to_str().expect("utf-8 path")]);
+            if let Ok(filter) = std::env::var("CLUSTER_TEST_LOG") {
+                cmd.env("RUST_LOG", filter);
+            }
+            instances.push(process::start(cmd).await);
+            sandboxes.push(sb);
+        }
+        let c = Self {
+            instances,
+            sandboxes,
+            prefix,
+        };
+        for s in &c.instances {
+            let addr = s.addr;
+            eventually("instance linked to Redis", || async move {
+                get(addr, "/_ccgate/health", &[]).await.json()["cluster"]["redis_up"] == true
+            })
+            .await;
+        }
+        c
+    }
+
+    /// Waits for `check` like `eventually`, printing every instance's log when it never holds.
+    async fn until<F, Fut>(&self, what: &str, mut check: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while std::time::Instant::now() < deadline {
+            if check().await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for s in &self.instances {
+            eprintln!("=== {}\n{}", s.addr, s.stderr_now());
+        }
+        panic!("timed out waiting for {what}");
+    }
+
+    fn addr(&self, i: usize) -> std::net::SocketAddr {
+        self.instances[i].addr
+    }
+
+    async fn state(&self, i: usize, name: &str) -> String {
+        process::endpoint_view(self.addr(i), name).await["state"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    async fn wait_state(&self, name: &str, want: &str) {
+        for i in 0..3 {
+            let c = self;
+            eventually(&format!("{name} {want} on instance {i}"), || async move {
+                c.state(i, name).await == want
+            })
+            .await;
+        }
+    }
+
+    async fn queue(&self, i: usize) -> Value {
+        get(self.addr(i), "/_ccgate/failure-queue", &[])
+            .await
+            .json()
+    }
+
+    async fn stats(&self, i: usize) -> Value {
+        get(self.addr(i), "/_ccgate/stats", &[]).await.json()
+    }
+
+    async fn view(&self) -> Value {
+        get(self.addr(0), "/_ccgate/cluster", &[]).await.json()
+    }
+
+    /// Waits until the cluster view's sums equal the sum of the instances' own counters.
+    async fn totals_agree(&self, counters: &[&str]) -> Value {
+        let mut last = Value::Null;
+        for _ in 0..200 {
+            let view = self.view().await;
+            let mut ok = view["instances"].as_array().map(Vec::len) == Some(3);
+            for c in counters {
+                let mut sum = 0;
+                for i in 0..3 {
+                    sum += self.stats(i).await[c].as_i64().unwrap_or(0);
+                }
+                ok &= view["totals"][c].as_i64().unwrap_or(0) == sum;
+            }
+            if ok {
+                return view;
+            }
+            last = view;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("cluster totals never equalled the instances' sums: {last}");
+    }
+}
+
+fn served_by(a: &process::Answer) -> String {
+    a.header("x-ccgate-endpoint").unwrap_or("-").to_owned()
+}
+
+/// An endpoint failing for the instances at the same moment is ejected on all three, with one
+/// queue entry each, one episode cluster-wide (`total_failed` +1 in the cluster view), and one
+/// prober.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_outage_is_one_episode_and_one_prober_cluster_wide() {
+    let redis = RedisServer::start();
+    let bad = MockUpstream::start().await;
+    let good = MockUpstream::start().await;
+    bad.set_default(Script::error(500, "api_error", "boom"));
+    good.set_default(Script::json_ok());
+    let eps = [
+        Ep {
+            name: "a",
+            mock: &bad,
+            extra: "priority = 1",
+        },
+        Ep {
+            name: "b",
+            mock: &good,
+            extra: "priority = 2",
+        },
+    ];
+    let c = Cluster::start(&redis, &eps, "").await;
+
+    // Every instance sees `a` fail at once: two failing attempts each, concurrently.
+    let mut tasks = Vec::new();
+    for i in 0..3 {
+        for _ in 0..2 {
+            let addr = c.addr(i);
+            tasks.push(tokio::spawn(
+                async move { post_message(addr, &[]).await.status },
+            ));
+        }
+    }
+    for t in tasks {
+        assert_eq!(
+            t.await.expect("request task"),
+            200,
+            "failover serves every request"
+        );
+    }
+    c.wait_state("a", "ejected").await;
+    let mut local_failed = 0;
+    for i in 0..3 {
+        let q = c.queue(i).await;
+        assert_eq!(q["size"], 1, "one queue entry on instance {i}: {q}");
+        assert_eq!(q["entries"][0]["name"], "a");
+        local_failed += q["stats"]["total_failed"].as_i64().expect("total_failed");
+    }
+    assert_eq!(local_failed, 1, "exactly one instance won the episode");
+    let view = c.totals_agree(&["total_requests", "failed_requests"]).await;
+    eventually("cluster total_failed", || async {
+        c.view().await["totals"]["total_failed"] == 1
+    })
+    .await;
+    assert_eq!(view["instances"].as_array().map(Vec::len), Some(3));
+    // `ccgate status --cluster` shows every instance and the sums.
+    let url = c.instances[2].url();
+    let f = process::run(c.sandboxes[2].command(&["status", "--cluster", "--url", &url])).await;
+    f.assert_success();
+    for name in [
+        "i1",
+        "i2",
+        "i3",
+        "cluster (all flushes)",
+        "Redis redis://127.0.0.1",
+    ] {
+        assert!(f.stdout.contains(name), "{name} missing:\n{}", f.stdout);
+    }
+
+    // One prober: only the lease holder runs probes, for several probe intervals.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let mut probers = 0;
+    for i in 0..3 {
+        let verified = c.queue(i).await["stats"]["total_verified"]
+            .as_i64()
+            .unwrap_or(0);
+        if verified > 0 {
+            probers += 1;
+        }
+    }
+    assert_eq!(probers, 1, "exactly one instance probes the dead endpoint");
+    // And each database holds at most one episode of `a`.
+    for i in 0..3 {
+        let eps = get(c.addr(i), "/_ccgate/episodes", &[]).await.json();
+        let n = eps["episodes"]
+            .as_array()
+            .map_or(0, |l| l.iter().filter(|e| e["name"] == "a").count());
+        assert!(
+            n <= 1,
+            "instance {i} stored {n} episodes of one outage: {eps}"
+        );
+    }
+
+    // Recovery anywhere brings it back everywhere.
+    bad.set_default(Script::json_ok());
+    c.until("`a` back in rotation on every instance", || async {
+        post_message(c.addr(0), &[]).await;
+        let mut back = true;
+        for i in 0..3 {
+            back &= c.queue(i).await["size"] == 0;
+        }
+        back
+    })
+    .await;
+
+    // An operator's switch on one instance holds on all.
+    let disable = process::call(
+        c.addr(1),
+        Method::POST,
+        "/_ccgate/endpoints/a/disable",
+        &[],
+        String::new(),
+    )
+    .await;
+    assert_eq!(disable.status, 200);
+    c.wait_state("a", "disabled").await;
+    let enable = process::call(
+        c.addr(2),
+        Method::POST,
+        "/_ccgate/endpoints/a/enable",
+        &[],
+        String::new(),
+    )
+    .await;
+    assert_eq!(enable.status, 200);
+    for i in 0..3 {
+        let c = &c;
+        eventually("enabled everywhere", || async move {
+            c.state(i, "a").await != "disabled"
+        })
+        .await;
+    }
+}
+
+/// A 429 cooldown set by one instance is honoured by the others until its deadline, and a later,
+/// longer one extends it everywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cooldowns_are_shared_and_only_grow() {
+    let redis = RedisServer::start();
+    let a = MockUpstream::start().await;
+    let b = MockUpstream::start().await;
+    a.set_default(Script::json_ok());
+    b.set_default(Script::json_ok());
+    let eps = [
+        Ep {
+            name: "a",
+            mock: &a,
+            extra: "priority = 1",
+        },
+        Ep {
+            name: "b",
+            mock: &b,
+            extra: "priority = 2",
+        },
+    ];
+    let c = Cluster::start(&redis, &eps, "").await;
+    a.push(Script::rate_limited(3));
+    let first = post_message(c.addr(0), &[]).await;
+    assert_eq!(first.status, 200);
+    assert_eq!(served_by(&first), "b");
+    c.wait_state("a", "cooling_down").await;
+    let hits = a.count();
+    for i in [1, 2, 1, 2] {
+        let r = post_message(c.addr(i), &[]).await;
+        assert_eq!(served_by(&r), "b", "instance {i} honours the cooldown");
+    }
+    assert_eq!(
+        a.count(),
+        hits,
+        "nobody sent `a` a request while it cooled down"
+    );
+
+    // Instance 2 finds `b` rate limited for long, so its next request tries `a` as the least-bad
+    // endpoint, which answers with a longer cooldown: it must extend everywhere.
+    b.push(Script::rate_limited(30));
+    a.push(Script::rate_limited(8));
+    let r = post_message(c.addr(1), &[]).await;
+    assert_ne!(r.status, 200, "`b` is rate limited and `a` cools down");
+    let r = post_message(c.addr(1), &[]).await;
+    assert_eq!(r.header("x-ccgate-fallback"), Some("least-bad"), "{r:?}");
+    assert_eq!(a.count(), hits + 1);
+    // Past the first deadline (3 s), `a` still cools down on every instance.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    for i in 0..3 {
+        assert_eq!(c.state(i, "a").await, "cooling_down", "instance {i}");
+    }
+}
+
+/// A session alternating between instances keeps its endpoint, and moves for everyone when that
+/// endpoint is ejected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_stay_put_across_instances_and_move_together() {
+    let redis = RedisServer::start();
+    let mocks = [
+        MockUpstream::start().await,
+        MockUpstream::start().await,
+        MockUpstream::start().await,
+    ];
+    for m in &mocks {
+        m.set_default(Script::json_ok());
+    }
+    let eps = [
+        Ep {
+            name: "a",
+            mock: &mocks[0],
+            extra: "",
+        },
+        Ep {
+            name: "b",
+            mock: &mocks[1],
+            extra: "",
+        },
+        Ep {
+            name: "c",
+            mock: &mocks[2],
+            extra: "",
+        },
+    ];
+    let c = Cluster::start(&redis, &eps, "strategy = \"round_robin\"").await;
+    // Put the instances' round-robin cursors in different places.
+    for i in 0..3 {
+        for _ in 0..i {
+            post_message(c.addr(i), &[]).await;
+        }
+    }
+    let session = [("x-claude-code-session-id", "s-cluster-1")];
+    // The first binder in Redis wins: whichever instance that was, all converge on its choice.
+    post_message(c.addr(0), &session).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let bound = served_by(&post_message(c.addr(0), &session).await);
+    for round in 0..3 {
+        for i in [1, 2, 0] {
+            let addr = c.addr(i);
+            let want = bound.clone();
+            c.until(&format!("session on {want} via instance {i}"), || {
+                let want = want.clone();
+                async move { served_by(&post_message(addr, &session).await) == want }
+            })
+            .await;
+            let _ = round;
+        }
+    }
+    // Each later request lands on the bound endpoint at once.
+    for i in [1, 2, 0, 1, 2] {
+        assert_eq!(served_by(&post_message(c.addr(i), &session).await), bound);
+    }
+
+    // Its endpoint fails: the session moves, and stays moved for all.
+    let idx = ["a", "b", "c"]
+        .iter()
+        .position(|n| *n == bound)
+        .expect("bound name");
+    mocks[idx].set_default(Script::error(500, "api_error", "boom"));
+    let moved = served_by(&post_message(c.addr(0), &session).await);
+    assert_ne!(moved, bound);
+    // More traffic on instance 1 until it ejects the endpoint; the others learn it.
+    c.until("bound endpoint ejected", || {
+        let bound = bound.clone();
+        let c = &c;
+        async move {
+            post_message(c.addr(0), &[]).await;
+            c.state(0, &bound).await == "ejected"
+        }
+    })
+    .await;
+    c.wait_state(&bound, "ejected").await;
+    for i in [1, 2, 0] {
+        let addr = c.addr(i);
+        let want = moved.clone();
+        eventually(&format!("moved session on {want} via instance {i}"), || {
+            let want = want.clone();
+            async move { served_by(&post_message(addr, &session).await) == want }
+        })
+        .await;
+    }
+    for i in [2, 1, 0, 2, 1] {
+        assert_eq!(
+            served_by(&post_message(c.addr(i), &session).await),
+            moved,
+            "instance {i}"
+        );
+    }
+}
+
+/// Redis killed during traffic: no client request fails, every instance says Redis is down (health
+/// view and metric); Redis restarted empty: the shared view is rebuilt and the cluster counters
+/// equal the sum of the instances' own after a flush.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_is_invisible_to_clients_and_repaired() {
+    let mut redis = RedisServer::start();
+    let bad = MockUpstream::start().await;
+    let good = MockUpstream::start().await;
+    bad.set_default(Script::error(500, "api_error", "boom"));
+    good.set_default(Script::json_ok());
+    let eps = [
+        Ep {
+            name: "a",
+            mock: &bad,
+            extra: "priority = 1",
+        },
+        Ep {
+            name: "b",
+            mock: &good,
+            extra: "priority = 2",
+        },
+    ];
+    let c = Cluster::start(&redis, &eps, "").await;
+    post_message(c.addr(0), &[]).await;
+    post_message(c.addr(0), &[]).await;
+    c.wait_state("a", "ejected").await;
+
+    // Traffic on all three while Redis dies.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for i in 0..3 {
+        let addr = c.addr(i);
+        let stop = std::sync::Arc::clone(&stop);
+        tasks.push(tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                statuses.push(post_message(addr, &[]).await.status.as_u16());
+            }
+            statuses
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    redis.kill();
+    for i in 0..3 {
+        let addr = c.addr(i);
+        eventually("Redis reported down", || async move {
+            get(addr, "/_ccgate/health", &[]).await.json()["cluster"]["redis_up"] == false
+        })
+        .await;
+        let metrics = get(addr, "/_ccgate/metrics", &[]).await.body;
+        assert!(
+            metrics.contains(&format!(
+                "ccgate_cluster_redis_up{{instance=\"i{}\"}} 0",
+                i + 1
+            )),
+            "{metrics}"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    redis.restart();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = 0;
+    for t in tasks {
+        let statuses = t.await.expect("traffic task");
+        total += statuses.len();
+        assert!(
+            statuses.iter().all(|s| *s == 200),
+            "a request failed: {statuses:?}"
+        );
+    }
+    assert!(total > 10, "traffic ran ({total} requests)");
+    for i in 0..3 {
+        let addr = c.addr(i);
+        eventually("Redis reported up again", || async move {
+            get(addr, "/_ccgate/health", &[]).await.json()["cluster"]["redis_up"] == true
+        })
+        .await;
+    }
+    // The empty Redis got the shared view back: `a` is ejected in it.
+    let key = format!("HGETALL {}:health:view", c.prefix);
+    eventually("shared view rebuilt", || async {
+        let all = redis.command(&key);
+        all.contains("\"endpoint\":\"a\"") && all.contains("\"phase\":\"ejected\"")
+    })
+    .await;
+    for i in 0..3 {
+        assert_eq!(c.state(i, "a").await, "ejected");
+    }
+    c.totals_agree(&["total_requests", "successful_requests", "failed_requests"])
+        .await;
+    // The outage was logged once per instance, and the end of it once.
+    for s in &c.instances {
+        let log = s.stderr_now();
+        if std::env::var("CLUSTER_TEST_LOG").is_ok() {
+            eprintln!("=== {}\n{log}", s.addr);
+        }
+        let lost = log.matches("cluster: lost Redis").count()
+            + log.matches("cluster: Redis unreachable").count();
+        assert_eq!(lost, 1, "one warning per outage:\n{log}");
+        assert_eq!(log.matches("Redis reachable again").count(), 1, "{log}");
+    }
+}
+
+/// What an instance learns while it cannot reach Redis is published when the link is back, even
+/// though Redis kept a shared view that still says otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_was_learnt_alone_is_republished_on_reconnect() {
+    let redis = RedisServer::start();
+    let a = MockUpstream::start().await;
+    let b = MockUpstream::start().await;
+    a.set_default(Script::json_ok());
+    b.set_default(Script::json_ok());
+    let eps = [
+        Ep {
+            name: "a",
+            mock: &a,
+            extra: "priority = 1",
+        },
+        Ep {
+            name: "b",
+            mock: &b,
+            extra: "priority = 2",
+        },
+    ];
+    let c = Cluster::start(&redis, &eps, "").await;
+    // Redis stops answering (its data stays): every link times out and goes down.
+    assert!(redis.command("CLIENT PAUSE 4000 ALL").contains("OK"));
+    let addr = c.addr(0);
+    eventually("instance 1 sees Redis down", || async move {
+        get(addr, "/_ccgate/health", &[]).await.json()["cluster"]["redis_up"] == false
+    })
+    .await;
+    let r = process::call(
+        addr,
+        Method::POST,
+        "/_ccgate/endpoints/b/disable",
+        &[],
+        String::new(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "admin switches work without Redis");
+    assert_eq!(served_by(&post_message(addr, &[]).await), "a");
+    // Once Redis answers again, the others learn it.
+    c.wait_state("b", "disabled").await;
+}
