@@ -408,20 +408,11 @@ async fn forward_request(
                     fail_attempt(&mut failures, attempt, Outcome::ServerError, problem, log);
                     continue;
                 }
-                if bodiless {
-                    return commit.relay(
-                        guard,
-                        attempt,
-                        parts,
-                        Some(body),
-                        Vec::new(),
-                        Judge::Plain,
-                    );
-                }
                 let stream = is_event_stream(&parts.headers);
-                if stream && is_encoded(&parts.headers) {
-                    // Not a Messages answer (those were asked for identity and checked above):
-                    // relayed byte for byte, judged like a plain body.
+                // A bodiless answer, and an encoded stream that is not a Messages answer (those
+                // were asked for identity and checked above), are relayed byte for byte and
+                // judged like a plain body.
+                if bodiless || (stream && is_encoded(&parts.headers)) {
                     return commit.relay(
                         guard,
                         attempt,
