@@ -212,7 +212,7 @@ where
         Destination::Control => {
             let gw = handle.current();
             if let Some(resp) =
-                crate::control::cluster::route(handle.cluster.as_ref(), &gw, &req).await
+                crate::control::cluster_view::route(handle.cluster.as_ref(), &gw, &req).await
             {
                 return resp;
             }

@@ -24,11 +24,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use http::{Method, Request, Response, StatusCode};
 use parking_lot::Mutex;
 use tokio::sync::{broadcast, watch};
 
-use crate::clock::rfc3339;
 use crate::cluster::{
     Claim, ClusterConfig, ClusterEvent, ClusterLink, ClusterView, EndpointId, HealthNews,
     LinkOptions, PhaseChange, RedisUrl, SessionNews, SharedPhase, Supervisor, TotalsFlusher,
@@ -39,21 +37,20 @@ use crate::health::machine::{Event, Phase};
 use crate::health::queue::PhaseChange as LocalChange;
 use crate::health::queue::PhaseChangeEvent;
 use crate::proxy::handler::Gateway;
-use crate::proxy::response::{self, GateBody};
 
 /// The gateway in service now (it changes on a config reload).
 pub type Current = Arc<dyn Fn() -> Arc<Gateway> + Send + Sync>;
 
 /// An instance is shown as live while heard from within this long.
-const DEAD_AFTER: Duration = Duration::from_secs(5);
+pub(in crate::control) const DEAD_AFTER: Duration = Duration::from_secs(5);
 
 /// How often bindings used since the last pass have their shared TTL slid.
 const SESSION_REFRESH: Duration = Duration::from_secs(5);
 
 /// This instance's membership of a cluster: the link and what the tasks share.
 pub struct ClusterNode {
-    link: ClusterLink,
-    url: RedisUrl,
+    pub(in crate::control) link: ClusterLink,
+    pub(in crate::control) url: RedisUrl,
     flush_interval: Duration,
     /// Subscribed before the supervisor runs, taken by [`run_events`].
     events: Mutex<Option<broadcast::Receiver<ClusterEvent>>>,
@@ -65,7 +62,7 @@ pub struct ClusterNode {
     /// Endpoints whose config differs from another instance's (warned once each).
     mismatched: Mutex<HashSet<String>>,
     /// The latest cluster view read by the totals task (for metrics; no Redis on that path).
-    last_view: Mutex<Option<ClusterView>>,
+    pub(in crate::control) last_view: Mutex<Option<ClusterView>>,
     /// When this process started (unix ms): own news older than this is from an earlier life.
     started_ms: u64,
 }
@@ -484,94 +481,6 @@ impl ClusterNode {
 
     // ---- views ----------------------------------------------------------------------------
 
-    /// `GET /_ccgate/cluster`: live instances, when each was last heard from, their flushed
-    /// counters and the cluster-wide sums. Reads Redis (bounded by the command timeout): a view
-    /// for operators, never on a client request's path.
-    pub async fn view_json(&self) -> serde_json::Value {
-        let mut v = serde_json::json!({
-            "enabled": true,
-            "instance": self.link.instance(),
-            "redis": { "url": self.url.to_string(), "up": self.link.is_up() },
-        });
-        match self.link.cluster_view(DEAD_AFTER).await {
-            Ok(view) => {
-                let at = |ms: u64| rfc3339(UNIX_EPOCH + Duration::from_millis(ms));
-                v["now"] = at(view.now_ms).into();
-                v["instances"] = view
-                    .instances
-                    .iter()
-                    .map(|i| {
-                        serde_json::json!({
-                            "instance": i.instance,
-                            "last_heard": at(i.last_heard_ms),
-                            "last_heard_ms_ago": view.now_ms.saturating_sub(i.last_heard_ms),
-                            "totals": i.totals,
-                        })
-                    })
-                    .collect::<Vec<_>>()
-                    .into();
-                v["totals"] = serde_json::to_value(&view.totals).unwrap_or_default();
-                *self.last_view.lock() = Some(view);
-            }
-            Err(e) => v["error"] = e.to_string().into(),
-        }
-        v
-    }
-
-    /// The cluster's Prometheus series (from the view cached by the totals task).
-    pub fn metrics(&self) -> String {
-        use std::fmt::Write;
-        let me = escape(self.link.instance());
-        let mut s = String::new();
-        let _ = writeln!(
-            s,
-            "# HELP ccgate_cluster_redis_up Whether this instance's link to the cluster's Redis is up.\n# TYPE ccgate_cluster_redis_up gauge\nccgate_cluster_redis_up{{instance=\"{me}\"}} {}",
-            u8::from(self.link.is_up())
-        );
-        let view = self.last_view.lock().clone();
-        if let Some(view) = view {
-            let _ = writeln!(
-                s,
-                "# HELP ccgate_cluster_instances Live instances in the cluster.\n# TYPE ccgate_cluster_instances gauge\nccgate_cluster_instances {}",
-                view.instances.len()
-            );
-            let _ = writeln!(
-                s,
-                "# HELP ccgate_cluster_instance_last_heard_seconds Seconds since each live instance was last heard from.\n# TYPE ccgate_cluster_instance_last_heard_seconds gauge"
-            );
-            for i in &view.instances {
-                let _ = writeln!(
-                    s,
-                    "ccgate_cluster_instance_last_heard_seconds{{instance=\"{}\"}} {}",
-                    escape(&i.instance),
-                    view.now_ms.saturating_sub(i.last_heard_ms) as f64 / 1000.0
-                );
-            }
-            let _ = writeln!(
-                s,
-                "# HELP ccgate_cluster_instance_counter Each live instance's flushed counters.\n# TYPE ccgate_cluster_instance_counter gauge"
-            );
-            for i in &view.instances {
-                for (c, n) in &i.totals {
-                    let _ = writeln!(
-                        s,
-                        "ccgate_cluster_instance_counter{{instance=\"{}\",counter=\"{}\"}} {n}",
-                        escape(&i.instance),
-                        escape(c)
-                    );
-                }
-            }
-            let _ = writeln!(
-                s,
-                "# HELP ccgate_cluster_counter Cluster-wide sums of every instance's counters.\n# TYPE ccgate_cluster_counter gauge"
-            );
-            for (c, n) in &view.totals {
-                let _ = writeln!(s, "ccgate_cluster_counter{{counter=\"{}\"}} {n}", escape(c));
-            }
-        }
-        s
-    }
-
     /// Sends the flusher's batch, then reads the cluster view (cached for metrics). A Redis that
     /// lost this instance's row (restarted empty, flushed) is given back what it lost: the row
     /// must equal everything acknowledged, so the difference is added again, once.
@@ -615,17 +524,6 @@ impl ClusterNode {
         }
         *self.last_view.lock() = Some(view);
     }
-
-    /// The `cluster` member of `/_ccgate/health`.
-    pub fn health_json(&self) -> serde_json::Value {
-        serde_json::json!({ "instance": self.link.instance(), "redis_up": self.link.is_up() })
-    }
-}
-
-fn escape(s: &str) -> String {
-    s.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 /// This instance's counters by name: the gateway totals, the failure-queue statistics and each
@@ -659,47 +557,6 @@ fn counters(gw: &Gateway) -> BTreeMap<String, i64> {
         put(format!("endpoint:{}:failed_requests", ep.name), c.failed());
     }
     m
-}
-
-/// Routes `/_ccgate/cluster` (with or without cluster mode), and in cluster mode adds the
-/// cluster's series to `/_ccgate/metrics` and its link state to `/_ccgate/health`. `None`: not a
-/// path this module answers.
-pub async fn route<B>(
-    node: Option<&Arc<ClusterNode>>,
-    gw: &Arc<Gateway>,
-    req: &Request<B>,
-) -> Option<Response<GateBody>> {
-    let path = req.uri().path().trim_end_matches('/');
-    let get = req.method() == Method::GET;
-    match (path, node) {
-        ("/_ccgate/health", Some(node)) if get => Some(response::json(
-            StatusCode::OK,
-            &serde_json::json!({"status": "ok", "cluster": node.health_json()}),
-        )),
-        ("/_ccgate/cluster", _) | ("/_ccgate/metrics", Some(_))
-            if !gw.authorized(req.headers()) =>
-        {
-            Some(response::error(
-                StatusCode::UNAUTHORIZED,
-                "authentication_error",
-                "ccgate: missing or wrong access token",
-            ))
-        }
-        ("/_ccgate/cluster", _) if !get => Some(response::method_not_allowed("GET")),
-        ("/_ccgate/cluster", None) => Some(response::json(
-            StatusCode::OK,
-            &serde_json::json!({ "enabled": false }),
-        )),
-        ("/_ccgate/cluster", Some(node)) => {
-            Some(response::json(StatusCode::OK, &node.view_json().await))
-        }
-        ("/_ccgate/metrics", Some(node)) if get => {
-            let mut text = crate::control::metrics::render(gw);
-            text.push_str(&node.metrics());
-            Some(response::body(crate::control::metrics::CONTENT_TYPE, text))
-        }
-        _ => None,
-    }
 }
 
 // ---- tasks ----------------------------------------------------------------------------------

@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod cluster;
+pub mod cluster_view;
 pub mod dashboard;
 pub mod metrics;
 pub mod prober;
