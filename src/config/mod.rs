@@ -204,6 +204,9 @@ pub struct HealthConfig {
     pub probe_model: String,
     /// Cooldown after a 429 that carries no `retry-after` or reset header.
     pub rate_limit_cooldown: Duration,
+    /// Fraction of a rate-limit window used from which an endpoint is ranked last until the
+    /// window resets (`anthropic-ratelimit-*` answer headers).
+    pub quota_threshold: f64,
 }
 
 /// The credential an endpoint sends upstream.

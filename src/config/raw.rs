@@ -122,6 +122,8 @@ pub(super) struct RawHealth {
     pub(super) probe_model: Option<Spanned<String>>,
     #[serde(default, deserialize_with = "lenient")]
     pub(super) rate_limit_cooldown: Option<Spanned<String>>,
+    #[serde(default, deserialize_with = "lenient")]
+    pub(super) quota_threshold: Option<Spanned<f64>>,
 }
 
 #[derive(Deserialize)]

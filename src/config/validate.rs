@@ -465,7 +465,20 @@ fn validate_health(h: &RawHealth, p: &mut Problems<'_>) -> HealthConfig {
             ProbeMode::Models
         }),
     };
+    let quota_threshold = match &h.quota_threshold {
+        None => 0.95,
+        Some(v) if *v.get_ref() > 0.0 && *v.get_ref() <= 1.0 => *v.get_ref(),
+        Some(v) => {
+            p.at(
+                v,
+                "health.quota_threshold",
+                format!("{} is out of range (0.0 exclusive ..= 1.0)", v.get_ref()),
+            );
+            0.95
+        }
+    };
     HealthConfig {
+        quota_threshold,
         failure_threshold: p.int_in(&h.failure_threshold, "health.failure_threshold", 1, 1000, 3)
             as u32,
         probe_interval,

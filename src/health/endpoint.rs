@@ -13,7 +13,7 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue};
 
 use crate::config::{BaseUrl, Credential, EndpointConfig, ModelPatterns, ProbeMode};
-use crate::health::classify::Kind;
+use crate::health::classify::{Kind, Quota};
 use crate::health::estimate::PeakEwma;
 use crate::health::machine::Phase;
 use crate::sync;
@@ -262,6 +262,22 @@ pub struct Live {
     /// The last failure. A plain short lock: an `ArcSwap` store costs more as more threads have
     /// used it, and failures come in bursts from many threads at once.
     pub(crate) last_error: parking_lot::Mutex<Option<Arc<LastError>>>,
+    /// Until when (registry-clock ms) the endpoint is near its rate limit and ranked last; read
+    /// lock-free at ranking time.
+    pub(crate) quota_avoid_until_ms: AtomicU64,
+    /// What the last answer's rate-limit headers said, for views (a short lock, as `last_error`).
+    pub(crate) quota: parking_lot::Mutex<Option<QuotaSeen>>,
+}
+
+/// The rate-limit state an endpoint last reported (see [`crate::health::classify::quota`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct QuotaSeen {
+    /// Fraction of the tightest window still available, `0.0..=1.0`.
+    pub remaining_fraction: f64,
+    /// When that window resets (registry-clock ms), if the endpoint said.
+    pub reset_ms: Option<u64>,
+    /// Whether it was near its limit when it said so.
+    pub near_limit: bool,
 }
 
 /// A consistent view of one endpoint's counters.
@@ -378,6 +394,41 @@ impl Live {
     /// Last failure, if any.
     pub fn last_error(&self) -> Option<Arc<LastError>> {
         self.last_error.lock().clone()
+    }
+
+    /// Records what an answer's rate-limit headers said at `now_ms`. A near-limit endpoint is
+    /// ranked last until its reset, or for `fallback` when it named none (so that it is tried
+    /// again, and says again, rather than being avoided for ever).
+    pub fn observe_quota(&self, q: &Quota, now_ms: u64, fallback: Duration) {
+        let reset_ms = q
+            .reset_after
+            .map(|d| now_ms.saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)));
+        let avoid_until = if q.near_limit {
+            reset_ms.unwrap_or_else(|| {
+                now_ms.saturating_add(u64::try_from(fallback.as_millis()).unwrap_or(u64::MAX))
+            })
+        } else {
+            0
+        };
+        // Both under the lock so that racing answers leave the two in agreement.
+        let mut seen = self.quota.lock();
+        *seen = Some(QuotaSeen {
+            remaining_fraction: 1.0 - q.used,
+            reset_ms,
+            near_limit: q.near_limit,
+        });
+        self.quota_avoid_until_ms
+            .store(avoid_until, Ordering::Release);
+    }
+
+    /// Whether the endpoint is near its rate limit at `now_ms` (and so ranked last).
+    pub fn near_quota_limit(&self, now_ms: u64) -> bool {
+        now_ms < self.quota_avoid_until_ms.load(Ordering::Acquire)
+    }
+
+    /// The last rate-limit state reported, if any answer carried one.
+    pub fn quota(&self) -> Option<QuotaSeen> {
+        *self.quota.lock()
     }
 
     /// Cooldown deadline in registry-clock ms (0 = none).

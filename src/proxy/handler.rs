@@ -11,7 +11,7 @@ use http_body_util::{BodyExt, Limited};
 
 use crate::config::Config;
 use crate::health::attempt::Attempt;
-use crate::health::classify::{Outcome, TransportKind, Verdict, classify_status};
+use crate::health::classify::{Outcome, TransportKind, Verdict, classify_status, quota};
 use crate::health::endpoint::Endpoint;
 use crate::health::registry::{Admission, Registry};
 use crate::health::totals::{RequestEnd, RequestGuard};
@@ -305,7 +305,17 @@ async fn forward_request(
         .affinity
         .as_ref()
         .and_then(|a| Some((a, affinity::session_key(&req.headers, &req.body)?)));
-    if let Some(bound) = session.as_ref().and_then(|(a, key)| a.lookup(key)) {
+    // A session's endpoint near its rate limit stays ranked last: moving the session costs its
+    // prompt cache once, a 429 later costs a failed attempt and a cooldown.
+    if let Some(bound) = session
+        .as_ref()
+        .and_then(|(a, key)| a.lookup(key))
+        .filter(|&b| {
+            reg.endpoints
+                .get(b)
+                .is_none_or(|e| !e.live.near_quota_limit(now_ms))
+        })
+    {
         if let Some(pos) = ranking.iter().position(|&i| i == bound) {
             ranking[..=pos].rotate_right(1);
         }
@@ -375,6 +385,12 @@ async fn forward_request(
             }
         };
         attempt.first_byte();
+        // Every answer, whatever its status, may say how close the endpoint is to its limit.
+        let health = &gw.config.health;
+        if let Some(q) = quota(resp.headers(), SystemTime::now(), health.quota_threshold) {
+            let fallback = health.rate_limit_cooldown;
+            ep.live.observe_quota(&q, reg.clock.now_ms(), fallback);
+        }
         let limits = gw.config.relay;
         let header_len = forward::header_block_len(resp.headers());
         if header_len > limits.max_response_header_bytes {
