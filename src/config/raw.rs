@@ -141,6 +141,8 @@ pub(super) struct RawEndpoint {
     #[serde(default, deserialize_with = "lenient")]
     pub(super) auth_token_env: Option<Spanned<String>>,
     #[serde(default, deserialize_with = "lenient")]
+    pub(super) credential: Option<Spanned<String>>,
+    #[serde(default, deserialize_with = "lenient")]
     pub(super) priority: Option<Spanned<i64>>,
     #[serde(default, deserialize_with = "lenient")]
     pub(super) weight: Option<Spanned<i64>>,

@@ -564,13 +564,40 @@ fn validate_endpoint(
     let mistyped_credential = ["api_key", "auth_token", "api_key_env", "auth_token_env"]
         .iter()
         .any(|k| p.has(&key(k)));
+    let client = match &ep.credential {
+        None => false,
+        Some(c) if c.get_ref() == "client" => {
+            if let Some((k, _)) = given.first() {
+                p.at(
+                    c,
+                    key("credential"),
+                    format!(
+                        "`credential = \"client\"` forwards the client's own credential: remove {k}"
+                    ),
+                );
+            }
+            true
+        }
+        Some(c) => {
+            p.at(
+                c,
+                key("credential"),
+                format!(
+                    "`{}` is not a credential source; the only one is \"client\"",
+                    c.get_ref()
+                ),
+            );
+            false
+        }
+    };
     let credential = match given.as_slice() {
-        [] if mistyped_credential => None,
+        _ if client => Some(Credential::Client),
+        [] if mistyped_credential || p.has(&key("credential")) => None,
         [] => {
             p.at(
                 spanned,
                 key("api_key"),
-                "no credential: set one of api_key, auth_token, api_key_env or auth_token_env",
+                "no credential: set one of api_key, auth_token, api_key_env, auth_token_env or credential = \"client\"",
             );
             None
         }

@@ -154,6 +154,19 @@ pub fn classify_status(
     }
 }
 
+/// The verdict on an answer from an endpoint that forwards the client's own credential
+/// (`credential = "client"`): a 401/402/403 there refuses the *client's* login or account, which
+/// no other endpoint can fix and the endpoint is not to blame for. It goes back to the client
+/// unchanged (Claude Code then asks its user to log in again), counts as the caller's error, and
+/// neither fails over (a keyed endpoint would hide an expired login behind someone else's quota)
+/// nor disables the endpoint for everyone else.
+pub fn with_client_credential(verdict: Verdict) -> Verdict {
+    match verdict {
+        Verdict::FailOver(Outcome::Auth) => Verdict::RelayCallerError,
+        other => other,
+    }
+}
+
 /// Classifies an SSE `error` event by its `error.type`.
 pub fn classify_sse_error(error_type: &str) -> Outcome {
     match error_type {
@@ -372,6 +385,22 @@ mod tests {
         check(408, &[], FailOver(Transport(TransportKind::Timeout)));
         for s in [400, 404, 405, 409, 413, 422, 301] {
             check(s, &[], RelayCallerError);
+        }
+    }
+
+    #[test]
+    fn a_refused_client_credential_is_the_callers() {
+        use Outcome::*;
+        use Verdict::*;
+        assert_eq!(with_client_credential(FailOver(Auth)), RelayCallerError);
+        for keep in [
+            Relay,
+            RelayCallerError,
+            FailOver(RateLimited(None)),
+            FailOver(Overloaded),
+            FailOver(ServerError),
+        ] {
+            assert_eq!(with_client_credential(keep), keep);
         }
     }
 

@@ -27,8 +27,9 @@ pub struct Endpoint {
     pub name: String,
     /// Where requests go.
     pub base_url: BaseUrl,
-    /// Prebuilt credential header, marked sensitive.
-    pub auth_header: (HeaderName, HeaderValue),
+    /// Prebuilt credential header, marked sensitive; `None` for `credential = "client"`, which
+    /// forwards the client's own.
+    pub auth_header: Option<(HeaderName, HeaderValue)>,
     /// The name as the `x-ccgate-endpoint` response header (`None` if not a valid header value).
     pub name_header: Option<HeaderValue>,
     /// Lower is preferred.
@@ -66,25 +67,28 @@ impl Endpoint {
         live: Arc<Live>,
     ) -> Self {
         let auth_header = match &cfg.credential {
-            Credential::ApiKey(k) => (
+            Credential::ApiKey(k) => Some((
                 HeaderName::from_static("x-api-key"),
                 HeaderValue::from_str(k.expose()),
-            ),
-            Credential::AuthToken(t) => (
+            )),
+            Credential::AuthToken(t) => Some((
                 http::header::AUTHORIZATION,
                 HeaderValue::from_str(&format!("Bearer {}", t.expose())),
-            ),
+            )),
+            Credential::Client => None,
         };
         // Config validation rejected control characters, so this cannot fail; fall back to an empty
         // value rather than panicking if it ever did.
-        let (name, value) = auth_header;
-        let mut value = value.unwrap_or_else(|_| HeaderValue::from_static(""));
-        value.set_sensitive(true);
+        let auth_header = auth_header.map(|(name, value)| {
+            let mut value = value.unwrap_or_else(|_| HeaderValue::from_static(""));
+            value.set_sensitive(true);
+            (name, value)
+        });
         Self {
             idx,
             name: cfg.name.clone(),
             base_url: cfg.base_url.clone(),
-            auth_header: (name, value),
+            auth_header,
             name_header: HeaderValue::from_str(&cfg.name).ok(),
             priority: cfg.priority,
             weight: cfg.weight,
@@ -99,6 +103,11 @@ impl Endpoint {
 }
 
 impl Endpoint {
+    /// Whether the endpoint forwards the client's own credential (`credential = "client"`).
+    pub fn uses_client_credential(&self) -> bool {
+        self.auth_header.is_none()
+    }
+
     /// Identifies the endpoint's configuration across restarts without holding its secret: a
     /// 64-bit FNV-1a hash of its name, base URL, credential kind and credential, in hex. Health
     /// saved under another fingerprint (the URL or the key changed) is not resumed.
@@ -107,6 +116,7 @@ impl Endpoint {
         let (kind, secret) = match &self.config.credential {
             Credential::ApiKey(k) => ("api_key", k.expose()),
             Credential::AuthToken(t) => ("auth_token", t.expose()),
+            Credential::Client => ("client", ""),
         };
         let base = self.base_url.to_string();
         for part in [self.name.as_str(), base.as_str(), kind, secret] {
@@ -121,7 +131,11 @@ impl Endpoint {
     /// Removes this endpoint's credential from text an upstream sent back (some relays echo the
     /// key they refused), so that it never reaches a view, a log line or an error message.
     pub fn scrub(&self, text: &str) -> String {
-        let secret = self.auth_header.1.to_str().unwrap_or("");
+        let secret = self
+            .auth_header
+            .as_ref()
+            .and_then(|h| h.1.to_str().ok())
+            .unwrap_or("");
         let secret = secret.strip_prefix("Bearer ").unwrap_or(secret);
         if secret.len() >= 4 {
             text.replace(secret, "***")
