@@ -327,14 +327,17 @@ async fn forward_request(
     // Endpoints that forward the client's own credential cannot serve a request that carries
     // none: they are not candidates for it (not a failure of theirs).
     let mut skip = skip;
+    let mut needs_client_credential = false;
     if !req.has_client_credential() {
         for ep in reg.endpoints.iter().filter(|e| e.uses_client_credential()) {
+            needs_client_credential |= !skip.contains(ep.idx) && !ep.live.admin_disabled();
             skip.insert(ep.idx);
         }
-        if reg
-            .endpoints
-            .iter()
-            .all(|e| skip.contains(e.idx) || e.live.admin_disabled())
+        if needs_client_credential
+            && reg
+                .endpoints
+                .iter()
+                .all(|e| skip.contains(e.idx) || e.live.admin_disabled())
         {
             guard.end(RequestEnd::Caller);
             return response::error(
