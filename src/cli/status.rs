@@ -150,6 +150,7 @@ pub fn render_status(url: &str, endpoints: &Value, queue: &Value, stats: &Value)
                 u(&e["total_requests"]).to_string(),
                 u(&e["endpoint_errors"]).to_string(),
                 u(&e["caller_errors"]).to_string(),
+                quota(e),
             ]
         })
         .collect();
@@ -163,6 +164,7 @@ pub fn render_status(url: &str, endpoints: &Value, queue: &Value, stats: &Value)
             "REQUESTS",
             "ENDPOINT ERRORS",
             "CALLER ERRORS",
+            "QUOTA LEFT",
         ],
         &rows,
     ));
@@ -244,6 +246,23 @@ fn health(e: &Value) -> String {
     }
 }
 
+/// What is left of an endpoint's rate limit and when it resets (`3% left, resets in 4m`), marked
+/// when it is near the limit and ranked last; `-` if it never said.
+fn quota(e: &Value) -> String {
+    let q = &e["quota"];
+    let Some(left) = q["remaining_fraction"].as_f64() else {
+        return "-".into();
+    };
+    let mut out = format!("{:.0}% left", left * 100.0);
+    if let Some(reset) = q["reset"].as_str() {
+        let _ = write!(out, ", resets {}", relative(reset));
+    }
+    if q["near_limit"].as_bool() == Some(true) {
+        out.push_str(" (near limit: ranked last)");
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -252,7 +271,8 @@ mod tests {
         let endpoints = serde_json::json!({"endpoints": [
             {"name": "a", "state": "healthy", "success_rate": 1.0, "judged_requests": 3,
              "latency_first_byte": {"p50_ms": 2.0}, "in_flight": 0, "total_requests": 3,
-             "endpoint_errors": 0, "caller_errors": 0},
+             "endpoint_errors": 0, "caller_errors": 0,
+             "quota": {"remaining_fraction": 0.03, "reset": null, "near_limit": true}},
             {"name": "b", "state": "ejected", "success_rate": 0.25, "judged_requests": 4,
              "latency_first_byte": {"p50_ms": null}, "in_flight": 1, "total_requests": 5,
              "endpoint_errors": 3, "caller_errors": 1},
@@ -274,6 +294,7 @@ mod tests {
         );
         assert!(out.contains("b         ejected  25.0% of 4   -"), "{out}");
         assert!(out.contains("c         healthy  -            -"), "{out}");
+        assert!(out.contains("3% left (near limit: ranked last)"), "{out}");
         assert!(out.contains("failure queue: 1"), "{out}");
         assert!(
             out.contains("models: c: claude-haiku-*, claude-sonnet-* (others: every model)"),

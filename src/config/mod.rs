@@ -204,6 +204,9 @@ pub struct HealthConfig {
     pub probe_model: String,
     /// Cooldown after a 429 that carries no `retry-after` or reset header.
     pub rate_limit_cooldown: Duration,
+    /// Fraction of a rate-limit window used from which an endpoint is ranked last until the
+    /// window resets (`anthropic-ratelimit-*` answer headers).
+    pub quota_threshold: f64,
 }
 
 /// The credential an endpoint sends upstream.
@@ -213,13 +216,17 @@ pub enum Credential {
     ApiKey(Secret),
     /// Sent as `Authorization: Bearer`.
     AuthToken(Secret),
+    /// `credential = "client"`: the client's own `authorization` / `x-api-key` is forwarded
+    /// unchanged (a Claude Pro/Max OAuth login, say); ccgate holds no secret for it.
+    Client,
 }
 
 impl Credential {
-    /// The secret, for redaction checks.
-    pub fn secret(&self) -> &Secret {
+    /// The secret, for redaction checks (`None` for the client's own).
+    pub fn secret(&self) -> Option<&Secret> {
         match self {
-            Self::ApiKey(s) | Self::AuthToken(s) => s,
+            Self::ApiKey(s) | Self::AuthToken(s) => Some(s),
+            Self::Client => None,
         }
     }
 }

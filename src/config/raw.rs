@@ -133,6 +133,8 @@ pub(super) struct RawHealth {
     pub(super) probe_model: Option<Spanned<String>>,
     #[serde(default, deserialize_with = "lenient")]
     pub(super) rate_limit_cooldown: Option<Spanned<String>>,
+    #[serde(default, deserialize_with = "lenient")]
+    pub(super) quota_threshold: Option<Spanned<f64>>,
 }
 
 #[derive(Deserialize)]
@@ -149,6 +151,8 @@ pub(super) struct RawEndpoint {
     pub(super) api_key_env: Option<Spanned<String>>,
     #[serde(default, deserialize_with = "lenient")]
     pub(super) auth_token_env: Option<Spanned<String>>,
+    #[serde(default, deserialize_with = "lenient")]
+    pub(super) credential: Option<Spanned<String>>,
     #[serde(default, deserialize_with = "lenient")]
     pub(super) priority: Option<Spanned<i64>>,
     #[serde(default, deserialize_with = "lenient")]

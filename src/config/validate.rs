@@ -467,7 +467,20 @@ fn validate_health(h: &RawHealth, p: &mut Problems<'_>) -> HealthConfig {
             ProbeMode::Models
         }),
     };
+    let quota_threshold = match &h.quota_threshold {
+        None => 0.95,
+        Some(v) if *v.get_ref() > 0.0 && *v.get_ref() <= 1.0 => *v.get_ref(),
+        Some(v) => {
+            p.at(
+                v,
+                "health.quota_threshold",
+                format!("{} is out of range (0.0 exclusive ..= 1.0)", v.get_ref()),
+            );
+            0.95
+        }
+    };
     HealthConfig {
+        quota_threshold,
         failure_threshold: p.int_in(&h.failure_threshold, "health.failure_threshold", 1, 1000, 3)
             as u32,
         probe_interval,
@@ -553,13 +566,40 @@ fn validate_endpoint(
     let mistyped_credential = ["api_key", "auth_token", "api_key_env", "auth_token_env"]
         .iter()
         .any(|k| p.has(&key(k)));
+    let client = match &ep.credential {
+        None => false,
+        Some(c) if c.get_ref() == "client" => {
+            if let Some((k, _)) = given.first() {
+                p.at(
+                    c,
+                    key("credential"),
+                    format!(
+                        "`credential = \"client\"` forwards the client's own credential: remove {k}"
+                    ),
+                );
+            }
+            true
+        }
+        Some(c) => {
+            p.at(
+                c,
+                key("credential"),
+                format!(
+                    "`{}` is not a credential source; the only one is \"client\"",
+                    c.get_ref()
+                ),
+            );
+            false
+        }
+    };
     let credential = match given.as_slice() {
-        [] if mistyped_credential => None,
+        _ if client => Some(Credential::Client),
+        [] if mistyped_credential || p.has(&key("credential")) => None,
         [] => {
             p.at(
                 spanned,
                 key("api_key"),
-                "no credential: set one of api_key, auth_token, api_key_env or auth_token_env",
+                "no credential: set one of api_key, auth_token, api_key_env, auth_token_env or credential = \"client\"",
             );
             None
         }

@@ -164,6 +164,30 @@ impl Collector for GatewayCollector {
             "Endpoint-fault failures since the last success.",
             &per_endpoint(eps, |_, e| gauge(u64::from(e.live.consecutive_failures()))),
         )?;
+        let quotas: Vec<(Labels<'_>, ConstGauge<f64>)> = eps
+            .iter()
+            .filter_map(|e| {
+                Some((
+                    endpoint_label(e),
+                    ConstGauge::new(e.live.quota()?.remaining_fraction),
+                ))
+            })
+            .collect();
+        family(
+            &mut enc,
+            "ccgate_endpoint_quota_remaining_ratio",
+            "Fraction of the tightest rate-limit window left, as the endpoint's last answer said.",
+            &quotas,
+        )?;
+        let now_ms = reg.clock.now_ms();
+        family(
+            &mut enc,
+            "ccgate_endpoint_quota_near_limit",
+            "1 while the endpoint is near its rate limit and ranked last.",
+            &per_endpoint(eps, |_, e| {
+                gauge(u64::from(e.live.near_quota_limit(now_ms)))
+            }),
+        )?;
         let mut states = Vec::new();
         for e in eps {
             let current = e.state_name();

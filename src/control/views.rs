@@ -55,6 +55,17 @@ pub struct LifetimeView {
     pub cancelled: u64,
 }
 
+/// What an endpoint's last answer said about its rate limit.
+#[derive(Serialize)]
+pub struct QuotaView {
+    /// Fraction of the tightest window still available (`0.0..=1.0`).
+    pub remaining_fraction: f64,
+    /// When that window resets (RFC 3339), if the endpoint said.
+    pub reset: Option<String>,
+    /// Whether it is near its limit now, and so ranked last until `reset`.
+    pub near_limit: bool,
+}
+
 /// One endpoint, as `GET /_ccgate/endpoints` shows it.
 #[derive(Serialize)]
 pub struct EndpointView {
@@ -104,6 +115,9 @@ pub struct EndpointView {
     pub last_error: Option<LastErrorView>,
     /// End of a rate-limit cooldown (RFC 3339), while cooling down.
     pub cooldown_until: Option<String>,
+    /// Its rate limit as its last answer's `anthropic-ratelimit-*` headers told (`null`: never
+    /// told).
+    pub quota: Option<QuotaView>,
     /// The model patterns it serves (`null`: every model).
     pub models: Option<Vec<String>>,
     /// Counters across restarts (state that lasts).
@@ -155,6 +169,11 @@ pub fn endpoint_view(gw: &Gateway, persist: &Persist, ep: &Endpoint) -> Endpoint
             at: rfc3339(clock.wall(e.at_ms)),
         }),
         models: ep.models.as_ref().map(|m| m.patterns().to_vec()),
+        quota: ep.live.quota().map(|q| QuotaView {
+            remaining_fraction: q.remaining_fraction,
+            reset: q.reset_ms.map(|at| rfc3339(clock.wall(at))),
+            near_limit: ep.live.near_quota_limit(clock.now_ms()),
+        }),
         cooldown_until: (phase == Phase::CoolingDown)
             .then(|| rfc3339(clock.wall(ep.live.cooldown_until_ms()))),
         lifetime: {

@@ -154,6 +154,19 @@ pub fn classify_status(
     }
 }
 
+/// The verdict on an answer from an endpoint that forwards the client's own credential
+/// (`credential = "client"`): a 401/402/403 there refuses the *client's* login or account, which
+/// no other endpoint can fix and the endpoint is not to blame for. It goes back to the client
+/// unchanged (Claude Code then asks its user to log in again), counts as the caller's error, and
+/// neither fails over (a keyed endpoint would hide an expired login behind someone else's quota)
+/// nor disables the endpoint for everyone else.
+pub fn with_client_credential(verdict: Verdict) -> Verdict {
+    match verdict {
+        Verdict::FailOver(Outcome::Auth) => Verdict::RelayCallerError,
+        other => other,
+    }
+}
+
 /// Classifies an SSE `error` event by its `error.type`.
 pub fn classify_sse_error(error_type: &str) -> Outcome {
     match error_type {
@@ -200,6 +213,107 @@ pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
         }
     }
     best.map(|d| d.min(Duration::from_secs(86_400)))
+}
+
+/// How much of its rate limit an endpoint has used, as the rate-limit headers of one answer say.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Quota {
+    /// Fraction used of the tightest window, `0.0..=1.0`.
+    pub used: f64,
+    /// Time until that window resets (for a near-limit answer: until the windows that are near
+    /// their limit reset), if the headers said.
+    pub reset_after: Option<Duration>,
+    /// Whether the endpoint is close to its limit: `used >= threshold`, or a unified status other
+    /// than `allowed`.
+    pub near_limit: bool,
+}
+
+/// The API-key limits Anthropic reports, as `anthropic-ratelimit-{kind}-{limit,remaining,reset}`.
+const KEY_LIMITS: [&str; 4] = ["requests", "tokens", "input-tokens", "output-tokens"];
+const UNIFIED: &str = "anthropic-ratelimit-unified-";
+
+/// Reads the rate-limit headers of an answer (any status): for subscriptions
+/// `anthropic-ratelimit-unified-status` and each window's `-{w}-utilization` (0..1) and
+/// `-{w}-reset` (unix seconds); for API keys `anthropic-ratelimit-{kind}-{limit,remaining,reset}`
+/// (reset in RFC 3339). The tightest window counts. `None` when the answer carries none of them
+/// (a relay that does not pass them on says nothing, rather than "all is well").
+pub fn quota(headers: &HeaderMap, now: SystemTime, threshold: f64) -> Option<Quota> {
+    // (used, reset) per window.
+    let mut windows: Vec<(f64, Option<Duration>)> = Vec::new();
+    let until_unix = |v: &str| -> Option<Duration> {
+        let secs = v
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|s| s.is_finite() && *s >= 0.0)?;
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs_f64(secs.min(1e11));
+        Some(at.duration_since(now).unwrap_or_default())
+    };
+    for (name, value) in headers {
+        let Some(window) = name
+            .as_str()
+            .strip_prefix(UNIFIED)
+            .and_then(|n| n.strip_suffix("-utilization"))
+        else {
+            continue;
+        };
+        let Some(used) = value
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .filter(|u| u.is_finite())
+        else {
+            continue;
+        };
+        let reset = header_str(headers, &format!("{UNIFIED}{window}-reset")).and_then(until_unix);
+        windows.push((used.clamp(0.0, 1.0), reset));
+    }
+    for kind in KEY_LIMITS {
+        let num = |part: &str| {
+            header_str(headers, &format!("anthropic-ratelimit-{kind}-{part}"))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .filter(|n| n.is_finite() && *n >= 0.0)
+        };
+        let (Some(limit), Some(remaining)) = (num("limit"), num("remaining")) else {
+            continue;
+        };
+        if limit <= 0.0 {
+            continue;
+        }
+        let reset = header_str(headers, &format!("anthropic-ratelimit-{kind}-reset"))
+            .and_then(|v| humantime::parse_rfc3339_weak(v.trim()).ok())
+            .map(|at| at.duration_since(now).unwrap_or_default());
+        windows.push(((1.0 - remaining / limit).clamp(0.0, 1.0), reset));
+    }
+    let status = header_str(headers, &format!("{UNIFIED}status")).map(str::trim);
+    if windows.is_empty() && status.is_none() {
+        return None;
+    }
+    let tightest = windows
+        .iter()
+        .copied()
+        .max_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    let used = tightest.map_or(0.0, |t| t.0);
+    let status_near = status.is_some_and(|s| !s.eq_ignore_ascii_case("allowed"));
+    let over = windows
+        .iter()
+        .filter(|w| w.0 >= threshold)
+        .filter_map(|w| w.1)
+        .max();
+    let overall = header_str(headers, &format!("{UNIFIED}reset")).and_then(until_unix);
+    let latest = windows.iter().filter_map(|w| w.1).max();
+    let reset_after = if used >= threshold {
+        over.or(overall)
+    } else if status_near {
+        overall.or(latest)
+    } else {
+        tightest.and_then(|t| t.1).or(overall)
+    };
+    Some(Quota {
+        used,
+        reset_after: reset_after.map(|d| d.min(Duration::from_secs(8 * 86_400))),
+        near_limit: status_near || used >= threshold,
+    })
 }
 
 fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -275,6 +389,22 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_client_credential_is_the_callers() {
+        use Outcome::*;
+        use Verdict::*;
+        assert_eq!(with_client_credential(FailOver(Auth)), RelayCallerError);
+        for keep in [
+            Relay,
+            RelayCallerError,
+            FailOver(RateLimited(None)),
+            FailOver(Overloaded),
+            FailOver(ServerError),
+        ] {
+            assert_eq!(with_client_credential(keep), keep);
+        }
+    }
+
+    #[test]
     fn sse_errors() {
         assert_eq!(classify_sse_error("overloaded_error"), Outcome::Overloaded);
         assert_eq!(classify_sse_error("api_error"), Outcome::ServerError);
@@ -313,5 +443,109 @@ mod tests {
         assert!(!Outcome::CallerError.is_endpoint_fault());
         assert!(!Outcome::Cancelled.is_endpoint_fault());
         assert!(Outcome::Transport(TransportKind::Cut).is_endpoint_fault());
+    }
+
+    #[test]
+    fn quota_headers() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let read = |headers: &[(&str, &str)]| {
+            let mut map = HeaderMap::new();
+            for (k, v) in headers {
+                map.insert(
+                    http::HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                    HeaderValue::from_str(v).expect("value"),
+                );
+            }
+            quota(&map, now, 0.95)
+        };
+        let secs = Duration::from_secs;
+        assert_eq!(read(&[]), None);
+        assert_eq!(read(&[("retry-after", "3")]), None);
+        // A subscription: the tightest window counts, with its own reset.
+        assert_eq!(
+            read(&[
+                ("anthropic-ratelimit-unified-status", "allowed"),
+                ("anthropic-ratelimit-unified-5h-utilization", "0.5"),
+                ("anthropic-ratelimit-unified-5h-reset", "1700000600"),
+                ("anthropic-ratelimit-unified-7d-utilization", "0.25"),
+                ("anthropic-ratelimit-unified-7d-reset", "1700090000"),
+            ]),
+            Some(Quota {
+                used: 0.5,
+                reset_after: Some(secs(600)),
+                near_limit: false
+            })
+        );
+        assert_eq!(
+            read(&[
+                ("anthropic-ratelimit-unified-status", "allowed"),
+                ("anthropic-ratelimit-unified-5h-utilization", "0.97"),
+                ("anthropic-ratelimit-unified-5h-reset", "1700000060"),
+            ]),
+            Some(Quota {
+                used: 0.97,
+                reset_after: Some(secs(60)),
+                near_limit: true
+            })
+        );
+        // A status other than `allowed` is near the limit whatever the utilisation.
+        for status in ["allowed_warning", "rejected"] {
+            assert_eq!(
+                read(&[
+                    ("anthropic-ratelimit-unified-status", status),
+                    ("anthropic-ratelimit-unified-5h-utilization", "0.4"),
+                    ("anthropic-ratelimit-unified-5h-reset", "1700000100"),
+                    ("anthropic-ratelimit-unified-reset", "1700000200"),
+                ]),
+                Some(Quota {
+                    used: 0.4,
+                    reset_after: Some(secs(200)),
+                    near_limit: true
+                }),
+                "{status}"
+            );
+        }
+        // A reset in the past is due now; nonsense values are ignored.
+        assert_eq!(
+            read(&[
+                ("anthropic-ratelimit-unified-5h-utilization", "1.5"),
+                ("anthropic-ratelimit-unified-5h-reset", "1600000000"),
+                ("anthropic-ratelimit-unified-7d-utilization", "abc"),
+            ]),
+            Some(Quota {
+                used: 1.0,
+                reset_after: Some(secs(0)),
+                near_limit: true
+            })
+        );
+        // An API key: remaining over limit, per kind; the tightest kind counts.
+        assert_eq!(
+            read(&[
+                ("anthropic-ratelimit-requests-limit", "100"),
+                ("anthropic-ratelimit-requests-remaining", "3"),
+                ("anthropic-ratelimit-requests-reset", "2023-11-14T22:13:40Z"),
+                ("anthropic-ratelimit-tokens-limit", "1000"),
+                ("anthropic-ratelimit-tokens-remaining", "900"),
+                ("anthropic-ratelimit-tokens-reset", "2023-11-14T22:14:20Z"),
+            ]),
+            Some(Quota {
+                used: 0.97,
+                reset_after: Some(secs(20)),
+                near_limit: true
+            })
+        );
+        assert_eq!(
+            read(&[
+                ("anthropic-ratelimit-input-tokens-limit", "1000"),
+                ("anthropic-ratelimit-input-tokens-remaining", "500"),
+                ("anthropic-ratelimit-output-tokens-limit", "0"),
+                ("anthropic-ratelimit-output-tokens-remaining", "0"),
+            ]),
+            Some(Quota {
+                used: 0.5,
+                reset_after: None,
+                near_limit: false
+            })
+        );
     }
 }

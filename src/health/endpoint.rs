@@ -13,7 +13,7 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue};
 
 use crate::config::{BaseUrl, Credential, EndpointConfig, ModelPatterns, ProbeMode};
-use crate::health::classify::Kind;
+use crate::health::classify::{Kind, Quota};
 use crate::health::estimate::PeakEwma;
 use crate::health::machine::Phase;
 use crate::sync;
@@ -27,8 +27,9 @@ pub struct Endpoint {
     pub name: String,
     /// Where requests go.
     pub base_url: BaseUrl,
-    /// Prebuilt credential header, marked sensitive.
-    pub auth_header: (HeaderName, HeaderValue),
+    /// Prebuilt credential header, marked sensitive; `None` for `credential = "client"`, which
+    /// forwards the client's own.
+    pub auth_header: Option<(HeaderName, HeaderValue)>,
     /// The name as the `x-ccgate-endpoint` response header (`None` if not a valid header value).
     pub name_header: Option<HeaderValue>,
     /// Lower is preferred.
@@ -66,25 +67,28 @@ impl Endpoint {
         live: Arc<Live>,
     ) -> Self {
         let auth_header = match &cfg.credential {
-            Credential::ApiKey(k) => (
+            Credential::ApiKey(k) => Some((
                 HeaderName::from_static("x-api-key"),
                 HeaderValue::from_str(k.expose()),
-            ),
-            Credential::AuthToken(t) => (
+            )),
+            Credential::AuthToken(t) => Some((
                 http::header::AUTHORIZATION,
                 HeaderValue::from_str(&format!("Bearer {}", t.expose())),
-            ),
+            )),
+            Credential::Client => None,
         };
         // Config validation rejected control characters, so this cannot fail; fall back to an empty
         // value rather than panicking if it ever did.
-        let (name, value) = auth_header;
-        let mut value = value.unwrap_or_else(|_| HeaderValue::from_static(""));
-        value.set_sensitive(true);
+        let auth_header = auth_header.map(|(name, value)| {
+            let mut value = value.unwrap_or_else(|_| HeaderValue::from_static(""));
+            value.set_sensitive(true);
+            (name, value)
+        });
         Self {
             idx,
             name: cfg.name.clone(),
             base_url: cfg.base_url.clone(),
-            auth_header: (name, value),
+            auth_header,
             name_header: HeaderValue::from_str(&cfg.name).ok(),
             priority: cfg.priority,
             weight: cfg.weight,
@@ -99,6 +103,11 @@ impl Endpoint {
 }
 
 impl Endpoint {
+    /// Whether the endpoint forwards the client's own credential (`credential = "client"`).
+    pub fn uses_client_credential(&self) -> bool {
+        self.auth_header.is_none()
+    }
+
     /// Identifies the endpoint's configuration across restarts without holding its secret: a
     /// 64-bit FNV-1a hash of its name, base URL, credential kind and credential, in hex. Health
     /// saved under another fingerprint (the URL or the key changed) is not resumed.
@@ -107,6 +116,7 @@ impl Endpoint {
         let (kind, secret) = match &self.config.credential {
             Credential::ApiKey(k) => ("api_key", k.expose()),
             Credential::AuthToken(t) => ("auth_token", t.expose()),
+            Credential::Client => ("client", ""),
         };
         let base = self.base_url.to_string();
         for part in [self.name.as_str(), base.as_str(), kind, secret] {
@@ -121,7 +131,11 @@ impl Endpoint {
     /// Removes this endpoint's credential from text an upstream sent back (some relays echo the
     /// key they refused), so that it never reaches a view, a log line or an error message.
     pub fn scrub(&self, text: &str) -> String {
-        let secret = self.auth_header.1.to_str().unwrap_or("");
+        let secret = self
+            .auth_header
+            .as_ref()
+            .and_then(|h| h.1.to_str().ok())
+            .unwrap_or("");
         let secret = secret.strip_prefix("Bearer ").unwrap_or(secret);
         if secret.len() >= 4 {
             text.replace(secret, "***")
@@ -262,6 +276,22 @@ pub struct Live {
     /// The last failure. A plain short lock: an `ArcSwap` store costs more as more threads have
     /// used it, and failures come in bursts from many threads at once.
     pub(crate) last_error: parking_lot::Mutex<Option<Arc<LastError>>>,
+    /// Until when (registry-clock ms) the endpoint is near its rate limit and ranked last; read
+    /// lock-free at ranking time.
+    pub(crate) quota_avoid_until_ms: AtomicU64,
+    /// What the last answer's rate-limit headers said, for views (a short lock, as `last_error`).
+    pub(crate) quota: parking_lot::Mutex<Option<QuotaSeen>>,
+}
+
+/// The rate-limit state an endpoint last reported (see [`crate::health::classify::quota`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct QuotaSeen {
+    /// Fraction of the tightest window still available, `0.0..=1.0`.
+    pub remaining_fraction: f64,
+    /// When that window resets (registry-clock ms), if the endpoint said.
+    pub reset_ms: Option<u64>,
+    /// Whether it was near its limit when it said so.
+    pub near_limit: bool,
 }
 
 /// A consistent view of one endpoint's counters.
@@ -378,6 +408,41 @@ impl Live {
     /// Last failure, if any.
     pub fn last_error(&self) -> Option<Arc<LastError>> {
         self.last_error.lock().clone()
+    }
+
+    /// Records what an answer's rate-limit headers said at `now_ms`. A near-limit endpoint is
+    /// ranked last until its reset, or for `fallback` when it named none (so that it is tried
+    /// again, and says again, rather than being avoided for ever).
+    pub fn observe_quota(&self, q: &Quota, now_ms: u64, fallback: Duration) {
+        let reset_ms = q
+            .reset_after
+            .map(|d| now_ms.saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)));
+        let avoid_until = if q.near_limit {
+            reset_ms.unwrap_or_else(|| {
+                now_ms.saturating_add(u64::try_from(fallback.as_millis()).unwrap_or(u64::MAX))
+            })
+        } else {
+            0
+        };
+        // Both under the lock so that racing answers leave the two in agreement.
+        let mut seen = self.quota.lock();
+        *seen = Some(QuotaSeen {
+            remaining_fraction: 1.0 - q.used,
+            reset_ms,
+            near_limit: q.near_limit,
+        });
+        self.quota_avoid_until_ms
+            .store(avoid_until, Ordering::Release);
+    }
+
+    /// Whether the endpoint is near its rate limit at `now_ms` (and so ranked last).
+    pub fn near_quota_limit(&self, now_ms: u64) -> bool {
+        now_ms < self.quota_avoid_until_ms.load(Ordering::Acquire)
+    }
+
+    /// The last rate-limit state reported, if any answer carried one.
+    pub fn quota(&self) -> Option<QuotaSeen> {
+        *self.quota.lock()
     }
 
     /// Cooldown deadline in registry-clock ms (0 = none).

@@ -32,6 +32,9 @@ pub struct Prepared {
     pub body: Bytes,
     /// What a successful answer must look like.
     pub expects: Expects,
+    /// The client's own `authorization` / `x-api-key` (marked sensitive), forwarded only to
+    /// endpoints with `credential = "client"`; never logged, stored or shown.
+    client_credential: Vec<(HeaderName, http::HeaderValue)>,
 }
 
 /// What a 2xx answer to a request must be. The Messages endpoints answer SSE to `stream: true` and
@@ -139,8 +142,13 @@ impl Prepared {
         strip_hop_by_hop(&mut headers);
         headers.remove(header::HOST);
         headers.remove(header::CONTENT_LENGTH);
-        headers.remove(&X_API_KEY);
-        headers.remove(header::AUTHORIZATION);
+        let mut client_credential = Vec::new();
+        for name in [header::AUTHORIZATION, X_API_KEY.clone()] {
+            if let Some(mut value) = headers.remove(&name) {
+                value.set_sensitive(true);
+                client_credential.push((name, value));
+            }
+        }
         // Answers are judged by what they say (a stream by its events, a JSON answer by parsing
         // it) and error answers are scrubbed of secrets: ccgate must be able to read them, so it
         // asks for them unencoded.
@@ -155,7 +163,27 @@ impl Prepared {
             headers,
             body,
             expects,
+            client_credential,
         }
+    }
+
+    /// Whether the client sent a credential of its own.
+    pub fn has_client_credential(&self) -> bool {
+        !self.client_credential.is_empty()
+    }
+
+    /// `text` with the client's own credential replaced by `***` (an upstream may echo the
+    /// credential it refused).
+    pub fn scrub(&self, text: &str) -> String {
+        let mut out = text.to_string();
+        for (_, value) in &self.client_credential {
+            let v = value.to_str().unwrap_or("");
+            let v = v.split_once(' ').map_or(v, |(_, t)| t.trim());
+            if v.len() >= 4 {
+                out = out.replace(v, "***");
+            }
+        }
+        out
     }
 
     /// The request for one endpoint, with its credential set and its model mapping applied.
@@ -169,11 +197,46 @@ impl Prepared {
         *req.method_mut() = self.method.clone();
         *req.uri_mut() = uri;
         *req.headers_mut() = self.headers.clone();
-        req.headers_mut()
-            .insert(ep.auth_header.0.clone(), ep.auth_header.1.clone());
+        match &ep.auth_header {
+            Some((name, value)) => {
+                req.headers_mut().insert(name.clone(), value.clone());
+                strip_oauth_beta(req.headers_mut());
+            }
+            None => {
+                for (name, value) in &self.client_credential {
+                    req.headers_mut().insert(name.clone(), value.clone());
+                }
+            }
+        }
         Ok(req)
     }
 }
+
+/// Removes the `oauth-*` flags from `anthropic-beta` for an endpoint with its own key: they belong
+/// to the client's OAuth login (see `credential = "client"`), not to that key.
+fn strip_oauth_beta(headers: &mut HeaderMap) {
+    let Some(beta) = headers.get(&ANTHROPIC_BETA).and_then(|v| v.to_str().ok()) else {
+        return;
+    };
+    if !beta.contains("oauth-") {
+        return;
+    }
+    let kept: Vec<&str> = beta
+        .split(',')
+        .map(str::trim)
+        .filter(|f| !f.is_empty() && !f.starts_with("oauth-"))
+        .collect();
+    match http::HeaderValue::from_str(&kept.join(",")) {
+        Ok(v) if !kept.is_empty() => {
+            headers.insert(ANTHROPIC_BETA.clone(), v);
+        }
+        _ => {
+            headers.remove(&ANTHROPIC_BETA);
+        }
+    }
+}
+
+static ANTHROPIC_BETA: HeaderName = HeaderName::from_static("anthropic-beta");
 
 /// Sends one attempt and waits for the response headers.
 pub async fn send(

@@ -11,7 +11,7 @@ use http_body_util::{BodyExt, Limited};
 
 use crate::config::Config;
 use crate::health::attempt::Attempt;
-use crate::health::classify::{Outcome, TransportKind, Verdict, classify_status};
+use crate::health::classify::{self, Outcome, TransportKind, Verdict, classify_status, quota};
 use crate::health::endpoint::Endpoint;
 use crate::health::registry::{Admission, Registry};
 use crate::health::totals::{RequestEnd, RequestGuard};
@@ -121,12 +121,20 @@ impl Gateway {
 
     /// Whether the request carries the access token (always true when none is configured).
     pub fn authorized(&self, headers: &HeaderMap) -> bool {
+        self.access(headers).is_some()
+    }
+
+    /// Where the request carries the access token: `None` when it does not, `Some(None)` when
+    /// no token is configured, else the header it came in. `x-ccgate-token` is looked at first:
+    /// it leaves `authorization` and `x-api-key` to the client's own credential (for endpoints
+    /// with `credential = "client"`).
+    fn access(&self, headers: &HeaderMap) -> Option<Option<&'static HeaderName>> {
         let Some(token) = &self.config.server.access_token else {
-            return true;
+            return Some(None);
         };
+        let plain = |name: &HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
         // Either header may carry it: Claude Code sends its own key as `x-api-key` next to
         // `ANTHROPIC_AUTH_TOKEN` as a Bearer token when both are set.
-        let api_key = headers.get("x-api-key").and_then(|v| v.to_str().ok());
         // The scheme is case-insensitive (RFC 9110 §11.1): `bearer`, `Bearer`, `BEARER`.
         let bearer = headers
             .get(header::AUTHORIZATION)
@@ -134,12 +142,23 @@ impl Gateway {
             .and_then(|v| v.split_once(' '))
             .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
             .map(|(_, token)| token.trim_start_matches(' '));
-        [api_key, bearer]
-            .into_iter()
-            .flatten()
-            .any(|p| constant_time_eq(p.as_bytes(), token.expose().as_bytes()))
+        [
+            (&CCGATE_TOKEN, plain(&CCGATE_TOKEN)),
+            (&X_API_KEY, plain(&X_API_KEY)),
+            (&header::AUTHORIZATION, bearer),
+        ]
+        .into_iter()
+        .find(|(_, given)| {
+            given.is_some_and(|p| constant_time_eq(p.as_bytes(), token.expose().as_bytes()))
+        })
+        .map(|(name, _)| Some(name))
     }
 }
+
+/// The header that carries the access token when `authorization` and `x-api-key` are the
+/// client's own credential.
+static CCGATE_TOKEN: HeaderName = HeaderName::from_static("x-ccgate-token");
+static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
@@ -153,13 +172,23 @@ where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    if !gw.authorized(req.headers()) {
-        return response::error(
-            StatusCode::UNAUTHORIZED,
-            "authentication_error",
-            "ccgate: missing or wrong access token",
-        );
+    let mut req = req;
+    match gw.access(req.headers()) {
+        None => {
+            return response::error(
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                "ccgate: missing or wrong access token",
+            );
+        }
+        // The gateway's token is not a credential for any upstream: what is left of
+        // `authorization` / `x-api-key` is the client's own.
+        Some(Some(name)) => {
+            req.headers_mut().remove(name);
+        }
+        Some(None) => {}
     }
+    req.headers_mut().remove(&CCGATE_TOKEN);
     let guard = gw.registry.gateway.begin();
     let id = guard.id().header_value();
     let mut resp = proxied(&gw, req, guard).await;
@@ -295,6 +324,29 @@ async fn forward_request(
             );
         }
     };
+    // Endpoints that forward the client's own credential cannot serve a request that carries
+    // none: they are not candidates for it (not a failure of theirs).
+    let mut skip = skip;
+    let mut needs_client_credential = false;
+    if !req.has_client_credential() {
+        for ep in reg.endpoints.iter().filter(|e| e.uses_client_credential()) {
+            needs_client_credential |= !skip.contains(ep.idx) && !ep.live.admin_disabled();
+            skip.insert(ep.idx);
+        }
+        if needs_client_credential
+            && reg
+                .endpoints
+                .iter()
+                .all(|e| skip.contains(e.idx) || e.live.admin_disabled())
+        {
+            guard.end(RequestEnd::Caller);
+            return response::error(
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                "ccgate: the endpoints for this request forward the client's own credential, and it sent none",
+            );
+        }
+    }
     let mut rng = fastrand::Rng::new();
     let now_ms = reg.clock.now_ms();
     let mut ranking = gw.selector.rank(&reg.endpoints, now_ms, &mut rng);
@@ -305,7 +357,17 @@ async fn forward_request(
         .affinity
         .as_ref()
         .and_then(|a| Some((a, affinity::session_key(&req.headers, &req.body)?)));
-    if let Some(bound) = session.as_ref().and_then(|(a, key)| a.lookup(key)) {
+    // A session's endpoint near its rate limit stays ranked last: moving the session costs its
+    // prompt cache once, a 429 later costs a failed attempt and a cooldown.
+    if let Some(bound) = session
+        .as_ref()
+        .and_then(|(a, key)| a.lookup(key))
+        .filter(|&b| {
+            reg.endpoints
+                .get(b)
+                .is_none_or(|e| !e.live.near_quota_limit(now_ms))
+        })
+    {
         if let Some(pos) = ranking.iter().position(|&i| i == bound) {
             ranking[..=pos].rotate_right(1);
         }
@@ -375,6 +437,12 @@ async fn forward_request(
             }
         };
         attempt.first_byte();
+        // Every answer, whatever its status, may say how close the endpoint is to its limit.
+        let health = &gw.config.health;
+        if let Some(q) = quota(resp.headers(), SystemTime::now(), health.quota_threshold) {
+            let fallback = health.rate_limit_cooldown;
+            ep.live.observe_quota(&q, reg.clock.now_ms(), fallback);
+        }
         let limits = gw.config.relay;
         let header_len = forward::header_block_len(resp.headers());
         if header_len > limits.max_response_header_bytes {
@@ -386,7 +454,10 @@ async fn forward_request(
             fail_attempt(&mut failures, attempt, Outcome::ServerError, message, log);
             continue;
         }
-        let verdict = classify_status(resp.status(), resp.headers(), SystemTime::now);
+        let mut verdict = classify_status(resp.status(), resp.headers(), SystemTime::now);
+        if ep.uses_client_credential() {
+            verdict = classify::with_client_credential(verdict);
+        }
         let (mut parts, body) = resp.into_parts();
         let commit = Commit {
             gw,
@@ -433,7 +504,7 @@ async fn forward_request(
                             return commit.relay(guard, attempt, parts, Some(body), held, judge);
                         }
                         Preamble::Failed(outcome, message) => {
-                            let message = ep.scrub(&message);
+                            let message = req.scrub(&ep.scrub(&message));
                             let log = Some("stream failed before content");
                             fail_attempt(&mut failures, attempt, outcome, message, log);
                             continue;
@@ -505,7 +576,8 @@ async fn forward_request(
                 let text = forward::read_small(body, 16 * 1024, timeouts.idle).await;
                 let message = crate::wire::anthropic::error_message(&text)
                     .unwrap_or_else(|| format!("HTTP {}", parts.status.as_u16()));
-                let message = format!("HTTP {}: {}", parts.status.as_u16(), ep.scrub(&message));
+                let message = req.scrub(&ep.scrub(&message));
+                let message = format!("HTTP {}: {message}", parts.status.as_u16());
                 fail_attempt(
                     &mut failures,
                     attempt,
@@ -684,7 +756,7 @@ fn is_encoded(h: &HeaderMap) -> bool {
 /// client's own).
 fn secrets(reg: &Registry) -> impl Iterator<Item = &[u8]> {
     reg.endpoints.iter().filter_map(|e| {
-        let v = e.auth_header.1.as_bytes();
+        let v = e.auth_header.as_ref()?.1.as_bytes();
         let v = v.strip_prefix(b"Bearer ").unwrap_or(v);
         (v.len() >= 4).then_some(v)
     })

@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderValue, Method, Request, header};
+use http::{HeaderValue, Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 
 use crate::config::ProbeMode;
@@ -104,8 +104,9 @@ async fn probe_inner(gw: &Gateway, ep: &Endpoint) -> Result<String, String> {
             HeaderValue::from_static("application/json"),
         );
     }
-    req.headers_mut()
-        .insert(ep.auth_header.0.clone(), ep.auth_header.1.clone());
+    if let Some((name, value)) = &ep.auth_header {
+        req.headers_mut().insert(name.clone(), value.clone());
+    }
     let resp = ep
         .client
         .request(req)
@@ -118,6 +119,16 @@ async fn probe_inner(gw: &Gateway, ep: &Endpoint) -> Result<String, String> {
         .await
         .map_err(|e| format!("body: {}", crate::transport::error_chain(&e)))?
         .to_bytes();
+    // An endpoint that forwards its clients' credentials has none of its own to probe with: that
+    // it answers as an API does (it refuses the missing credential) is all a probe can learn.
+    if ep.uses_client_credential()
+        && matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN)
+    {
+        return Ok(format!(
+            "reachable (HTTP {} without a client credential)",
+            status.as_u16()
+        ));
+    }
     if !status.is_success() {
         let msg = crate::wire::anthropic::error_message(&body).unwrap_or_default();
         return Err(format!("HTTP {} {msg}", status.as_u16()).trim().to_string());

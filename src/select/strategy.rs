@@ -49,8 +49,24 @@ impl Selector {
     }
 
     /// Endpoint indexes in the order this request should try them; `now_ms` is the registry
-    /// clock (for `least_latency`'s decaying estimates).
+    /// clock (for `least_latency`'s decaying estimates and rate-limit resets). Endpoints near
+    /// their rate limit come last, in the strategy's order among themselves, until their window
+    /// resets: they are still candidates, so a request that nothing else can serve goes there.
     pub fn rank(
+        &self,
+        endpoints: &[std::sync::Arc<Endpoint>],
+        now_ms: u64,
+        rng: &mut fastrand::Rng,
+    ) -> Vec<usize> {
+        let mut order = self.strategy_order(endpoints, now_ms, rng);
+        if endpoints.iter().any(|e| e.live.near_quota_limit(now_ms)) {
+            // A stable sort on a boolean: the strategy's order is kept within each group.
+            order.sort_by_key(|&i| endpoints[i].live.near_quota_limit(now_ms));
+        }
+        order
+    }
+
+    fn strategy_order(
         &self,
         endpoints: &[std::sync::Arc<Endpoint>],
         now_ms: u64,

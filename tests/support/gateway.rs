@@ -62,7 +62,9 @@ impl GatewayBuilder {
     /// An endpoint with `api_key = "key-NAME"` unless `extra` sets a credential; `extra` holds
     /// more `key = value` lines.
     pub fn endpoint(mut self, name: &str, url: &str, extra: &str) -> Self {
-        let has_cred = ["api_key", "auth_token"].iter().any(|k| extra.contains(k));
+        let has_cred = ["api_key", "auth_token", "credential"]
+            .iter()
+            .any(|k| extra.contains(k));
         let cred = if has_cred {
             String::new()
         } else {
