@@ -13,7 +13,7 @@ use crate::health::endpoint::Endpoint;
 pub fn check(config: Config) -> anyhow::Result<(String, bool)> {
     let rt = runtime()?;
     rt.block_on(async move {
-        let gw = crate::proxy::handler::Gateway::new(config)?;
+        let gw = crate::proxy::gateway::Gateway::new(config)?;
         let endpoints: Vec<std::sync::Arc<Endpoint>> = gw.registry.endpoints.to_vec();
         let results = futures_util::future::join_all(
             endpoints

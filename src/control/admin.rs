@@ -11,7 +11,7 @@ use crate::control::views::{
     endpoint_view, endpoints_json, episodes_json, failure_queue_json, stats_json,
 };
 use crate::health::queue::PhaseChange;
-use crate::proxy::handler::Gateway;
+use crate::proxy::gateway::Gateway;
 use crate::proxy::response::{self, GateBody};
 use crate::store::Persist;
 
@@ -56,7 +56,7 @@ pub async fn handle<B>(gw: Arc<Gateway>, persist: &Persist, req: Request<B>) -> 
     if path == "/_ccgate/health" {
         return response::json(StatusCode::OK, &serde_json::json!({"status": "ok"}));
     }
-    if path == crate::proxy::handler::ADMIN_PREFIX {
+    if path == crate::proxy::gateway::ADMIN_PREFIX {
         return crate::control::dashboard::page(&gw, &method, req.uri(), req.headers());
     }
     if !gw.authorized(req.headers()) {

@@ -36,7 +36,7 @@ use crate::health::endpoint::Endpoint;
 use crate::health::machine::{Event, Phase};
 use crate::health::queue::PhaseChange as LocalChange;
 use crate::health::queue::PhaseChangeEvent;
-use crate::proxy::handler::Gateway;
+use crate::proxy::gateway::Gateway;
 
 /// The gateway in service now (it changes on a config reload).
 pub type Current = Arc<dyn Fn() -> Arc<Gateway> + Send + Sync>;

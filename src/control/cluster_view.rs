@@ -10,7 +10,7 @@ use http::{Method, Request, Response, StatusCode};
 
 use crate::clock::rfc3339;
 use crate::control::cluster::{ClusterNode, DEAD_AFTER};
-use crate::proxy::handler::Gateway;
+use crate::proxy::gateway::Gateway;
 use crate::proxy::response::{self, GateBody};
 
 impl ClusterNode {

@@ -2,7 +2,7 @@
 
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
 
-use crate::proxy::handler::Gateway;
+use crate::proxy::gateway::Gateway;
 use crate::proxy::response::{self, GateBody};
 
 /// The live dashboard (`GET /_ccgate/`): one self-contained page that polls the JSON views above.

@@ -21,7 +21,7 @@ use prometheus_client::registry::Registry;
 use crate::health::classify::Kind;
 use crate::health::endpoint::{Endpoint, LATENCY_BUCKETS, Latency, Live, STATES};
 use crate::health::totals::RequestEnd;
-use crate::proxy::handler::Gateway;
+use crate::proxy::gateway::Gateway;
 use crate::store::saturating_i64;
 
 /// Content type of the exposition.

@@ -8,7 +8,7 @@ use tokio::task::JoinSet;
 
 use crate::control::cluster::ClusterNode;
 use crate::health::machine::{Event, Phase};
-use crate::proxy::handler::Gateway;
+use crate::proxy::gateway::Gateway;
 use crate::proxy::probe::probe_and_record;
 
 /// The background prober: probes each queued endpoint when it is due (one probe per endpoint at a

@@ -9,7 +9,7 @@ use crate::clock::{ms, rfc3339};
 use crate::health::classify::Kind;
 use crate::health::endpoint::Endpoint;
 use crate::health::machine::Phase;
-use crate::proxy::handler::Gateway;
+use crate::proxy::gateway::Gateway;
 use crate::store::{Persist, StorageStatus};
 
 /// Latency figures in milliseconds.

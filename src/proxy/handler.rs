@@ -9,160 +9,26 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Status
 use http_body::Body;
 use http_body_util::{BodyExt, Limited};
 
-use crate::config::Config;
 use crate::health::attempt::Attempt;
 use crate::health::classify::{self, Outcome, TransportKind, Verdict, classify_status, quota};
 use crate::health::endpoint::Endpoint;
 use crate::health::registry::{Admission, Registry};
 use crate::health::totals::{RequestEnd, RequestGuard};
-use crate::proxy::events::{Events, FailedAttempt, Failover};
+use crate::proxy::events::{FailedAttempt, Failover};
 use crate::proxy::forward::{self, Collected, Expects, Preamble, Prepared};
+use crate::proxy::gateway::{CCGATE_TOKEN, Gateway};
 use crate::proxy::relay::{BoxError, Judge, RelayBody};
 use crate::proxy::response::{self, GateBody};
-use crate::proxy::usage::UsageTally;
+use crate::proxy::scrub::{replace_with_own_error, scrub_body, scrub_headers};
 use crate::select::affinity::{self, Affinity};
-use crate::select::budget::RetryBudget;
-use crate::select::strategy::{Selector, Tried};
+use crate::select::strategy::Tried;
 use crate::wire::json_top;
-
-/// The reserved path prefix of ccgate's own views; never forwarded.
-pub const ADMIN_PREFIX: &str = "/_ccgate";
 
 // Response headers ccgate adds, named once rather than parsed from a string per request.
 static REQUEST_ID: HeaderName = HeaderName::from_static("x-ccgate-request-id");
 static ENDPOINT: HeaderName = HeaderName::from_static("x-ccgate-endpoint");
 static ATTEMPTS: HeaderName = HeaderName::from_static("x-ccgate-attempts");
 static FALLBACK: HeaderName = HeaderName::from_static("x-ccgate-fallback");
-
-/// Everything the request handler needs, shared by all connections.
-pub struct Gateway {
-    /// Endpoints and their state.
-    pub registry: Arc<Registry>,
-    /// Candidate ranking.
-    pub selector: Selector,
-    /// Session → endpoint bindings (`None` when affinity is off).
-    pub affinity: Option<Arc<Affinity>>,
-    /// Limits attempts after the first.
-    pub budget: Arc<RetryBudget>,
-    /// Recent failovers, for the dashboard.
-    pub events: Arc<Events>,
-    /// The configuration the gateway runs with.
-    pub config: Config,
-    /// The usage tally successful answers add to, when storage is on (the store's writer drains
-    /// it; carried over by reloads).
-    pub usage: Option<Arc<UsageTally>>,
-}
-
-impl Gateway {
-    /// Builds the gateway state from a validated config.
-    pub fn new(config: Config) -> Result<Self, crate::transport::upstream::ClientError> {
-        let registry = Arc::new(Registry::new(&config)?);
-        let clock = registry.clock;
-        Ok(Self {
-            registry,
-            selector: Selector::new(config.server.strategy),
-            affinity: config
-                .affinity
-                .enabled
-                .then(|| Arc::new(Affinity::new(&config.affinity, clock))),
-            budget: Arc::new(RetryBudget::new(&config.retry_budget, clock)),
-            events: Arc::default(),
-            config,
-            usage: None,
-        })
-    }
-
-    /// The gateway for a reloaded config, continuing this one (see [`Registry::reloaded`]).
-    /// Session bindings carry over while every kept endpoint keeps its position; the retry
-    /// budget and the recent failovers carry over; the listen address cannot change without a
-    /// restart and stays as it is.
-    pub fn reloaded(
-        &self,
-        mut config: Config,
-    ) -> Result<
-        (Self, crate::health::registry::ReloadReport),
-        crate::transport::upstream::ClientError,
-    > {
-        config.server.listen = self.config.server.listen;
-        // The database stays the one opened at start (changing it needs a restart).
-        config.storage = self.config.storage.clone();
-        let (registry, report) = Registry::reloaded(&config, &self.registry)?;
-        let clock = registry.clock;
-        let positions_kept = report.changed.is_empty()
-            && report.removed.is_empty()
-            && registry.endpoints.iter().all(|e| {
-                self.registry
-                    .by_name(&e.name)
-                    .is_none_or(|o| o.idx == e.idx)
-            });
-        let affinity = match (&self.affinity, config.affinity.enabled) {
-            (Some(a), true) if positions_kept && config.affinity == self.config.affinity => {
-                Some(Arc::clone(a))
-            }
-            (_, true) => Some(Arc::new(Affinity::new(&config.affinity, clock))),
-            (_, false) => None,
-        };
-        let budget = if config.retry_budget == self.config.retry_budget {
-            Arc::clone(&self.budget)
-        } else {
-            Arc::new(RetryBudget::new(&config.retry_budget, clock))
-        };
-        let gateway = Self {
-            registry: Arc::new(registry),
-            selector: Selector::new(config.server.strategy),
-            affinity,
-            budget,
-            events: Arc::clone(&self.events),
-            config,
-            usage: self.usage.clone(),
-        };
-        Ok((gateway, report))
-    }
-
-    /// Whether the request carries the access token (always true when none is configured).
-    pub fn authorized(&self, headers: &HeaderMap) -> bool {
-        self.access(headers).is_some()
-    }
-
-    /// Where the request carries the access token: `None` when it does not, `Some(None)` when
-    /// no token is configured, else the header it came in. `x-ccgate-token` is looked at first:
-    /// it leaves `authorization` and `x-api-key` to the client's own credential (for endpoints
-    /// with `credential = "client"`).
-    fn access(&self, headers: &HeaderMap) -> Option<Option<&'static HeaderName>> {
-        let Some(token) = &self.config.server.access_token else {
-            return Some(None);
-        };
-        let plain = |name: &HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
-        // Either header may carry it: Claude Code sends its own key as `x-api-key` next to
-        // `ANTHROPIC_AUTH_TOKEN` as a Bearer token when both are set.
-        // The scheme is case-insensitive (RFC 9110 §11.1): `bearer`, `Bearer`, `BEARER`.
-        let bearer = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split_once(' '))
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map(|(_, token)| token.trim_start_matches(' '));
-        [
-            (&CCGATE_TOKEN, plain(&CCGATE_TOKEN)),
-            (&X_API_KEY, plain(&X_API_KEY)),
-            (&header::AUTHORIZATION, bearer),
-        ]
-        .into_iter()
-        .find(|(_, given)| {
-            given.is_some_and(|p| constant_time_eq(p.as_bytes(), token.expose().as_bytes()))
-        })
-        .map(|(name, _)| Some(name))
-    }
-}
-
-/// The header that carries the access token when `authorization` and `x-api-key` are the
-/// client's own credential.
-static CCGATE_TOKEN: HeaderName = HeaderName::from_static("x-ccgate-token");
-static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
 
 /// Handles one proxied client request. Only admitted API paths reach this (see
 /// [`crate::proxy::entry`]): the server answers the rest, and routes the admin prefix to the
@@ -750,77 +616,6 @@ fn is_encoded(h: &HeaderMap) -> bool {
     h.get(header::CONTENT_ENCODING)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| !v.eq_ignore_ascii_case("identity"))
-}
-
-/// The secrets an upstream could echo: every endpoint's credential (ccgate never sends the
-/// client's own).
-fn secrets(reg: &Registry) -> impl Iterator<Item = &[u8]> {
-    reg.endpoints.iter().filter_map(|e| {
-        let v = e.auth_header.as_ref()?.1.as_bytes();
-        let v = v.strip_prefix(b"Bearer ").unwrap_or(v);
-        (v.len() >= 4).then_some(v)
-    })
-}
-
-/// `text` with every secret replaced by `***`, or `None` when it holds none.
-fn scrub_bytes(reg: &Registry, text: &[u8]) -> Option<Vec<u8>> {
-    let mut out: Option<Vec<u8>> = None;
-    for secret in secrets(reg) {
-        let current = out.as_deref().unwrap_or(text);
-        if memchr::memmem::find(current, secret).is_none() {
-            continue;
-        }
-        let mut next = Vec::with_capacity(current.len());
-        let mut rest = current;
-        while let Some(i) = memchr::memmem::find(rest, secret) {
-            next.extend_from_slice(&rest[..i]);
-            next.extend_from_slice(b"***");
-            rest = &rest[i + secret.len()..];
-        }
-        next.extend_from_slice(rest);
-        out = Some(next);
-    }
-    out
-}
-
-/// Replaces every secret in the header values of a relayed error answer.
-fn scrub_headers(reg: &Registry, headers: &mut HeaderMap) {
-    for value in headers.values_mut() {
-        if let Some(clean) = scrub_bytes(reg, value.as_bytes()) {
-            *value = HeaderValue::from_bytes(&clean).unwrap_or(HeaderValue::from_static("***"));
-        }
-    }
-}
-
-/// A relayed error answer's body with every secret replaced; the frames as they were (shared, not
-/// copied) when it holds none. A changed body loses its `content-length` (the relay sets it).
-fn scrub_body(reg: &Registry, frames: Vec<Bytes>, headers: &mut HeaderMap) -> Vec<Bytes> {
-    let clean = match frames.as_slice() {
-        [] => None,
-        [one] => scrub_bytes(reg, one),
-        many => scrub_bytes(reg, &many.concat()),
-    };
-    match clean {
-        None => frames,
-        Some(clean) => {
-            headers.remove(header::CONTENT_LENGTH);
-            vec![Bytes::from(clean)]
-        }
-    }
-}
-
-/// Turns a relayed error answer into ccgate's own Anthropic error with the same status; returns
-/// the body.
-fn replace_with_own_error(parts: &mut http::response::Parts, message: &str) -> Bytes {
-    let error = serde_json::json!({"type": "error", "error": {
-        "type": response::error_type_for(parts.status), "message": message}});
-    parts.headers.remove(header::CONTENT_LENGTH);
-    parts.headers.remove(header::CONTENT_ENCODING);
-    parts.headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    Bytes::from(error.to_string())
 }
 
 /// `x-ccgate-attempts`: the common small counts without an allocation.

@@ -4,8 +4,10 @@
 pub mod entry;
 pub mod events;
 pub mod forward;
+pub mod gateway;
 pub mod handler;
 pub mod probe;
 pub mod relay;
 pub mod response;
+pub mod scrub;
 pub mod usage;

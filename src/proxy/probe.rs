@@ -13,7 +13,7 @@ use http_body_util::{BodyExt, Full};
 
 use crate::config::ProbeMode;
 use crate::health::endpoint::Endpoint;
-use crate::proxy::handler::Gateway;
+use crate::proxy::gateway::Gateway;
 
 /// What one probe found.
 #[derive(Clone, Debug)]

@@ -14,7 +14,7 @@ use crate::health::endpoint::{Counters, Live};
 use crate::health::machine::{Phase, Reason};
 use crate::health::queue::EpisodeEvent;
 use crate::health::totals::GatewayStats;
-use crate::proxy::handler::Gateway;
+use crate::proxy::gateway::Gateway;
 use crate::proxy::usage::UsageTally;
 use crate::store::db::*;
 use crate::store::values::*;

@@ -20,7 +20,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use ccgate::config::Config;
-use ccgate::proxy::handler::Gateway;
+use ccgate::proxy::gateway::Gateway;
 use ccgate::server::Server;
 
 use super::wait::DEADLINE;

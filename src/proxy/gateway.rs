@@ -1,0 +1,147 @@
+//! [`Gateway`]: everything a request needs, shared by all connections and rebuilt by reloads, and
+//! the access-token check.
+
+use std::sync::Arc;
+
+use http::{HeaderMap, HeaderName, header};
+
+use crate::config::Config;
+use crate::health::registry::Registry;
+use crate::proxy::events::Events;
+use crate::proxy::usage::UsageTally;
+use crate::select::affinity::Affinity;
+use crate::select::budget::RetryBudget;
+use crate::select::strategy::Selector;
+
+/// The reserved path prefix of ccgate's own views; never forwarded.
+pub const ADMIN_PREFIX: &str = "/_ccgate";
+
+/// Everything the request handler needs, shared by all connections.
+pub struct Gateway {
+    /// Endpoints and their state.
+    pub registry: Arc<Registry>,
+    /// Candidate ranking.
+    pub selector: Selector,
+    /// Session → endpoint bindings (`None` when affinity is off).
+    pub affinity: Option<Arc<Affinity>>,
+    /// Limits attempts after the first.
+    pub budget: Arc<RetryBudget>,
+    /// Recent failovers, for the dashboard.
+    pub events: Arc<Events>,
+    /// The configuration the gateway runs with.
+    pub config: Config,
+    /// The usage tally successful answers add to, when storage is on (the store's writer drains
+    /// it; carried over by reloads).
+    pub usage: Option<Arc<UsageTally>>,
+}
+
+impl Gateway {
+    /// Builds the gateway state from a validated config.
+    pub fn new(config: Config) -> Result<Self, crate::transport::upstream::ClientError> {
+        let registry = Arc::new(Registry::new(&config)?);
+        let clock = registry.clock;
+        Ok(Self {
+            registry,
+            selector: Selector::new(config.server.strategy),
+            affinity: config
+                .affinity
+                .enabled
+                .then(|| Arc::new(Affinity::new(&config.affinity, clock))),
+            budget: Arc::new(RetryBudget::new(&config.retry_budget, clock)),
+            events: Arc::default(),
+            config,
+            usage: None,
+        })
+    }
+
+    /// The gateway for a reloaded config, continuing this one (see [`Registry::reloaded`]).
+    /// Session bindings carry over while every kept endpoint keeps its position; the retry
+    /// budget and the recent failovers carry over; the listen address cannot change without a
+    /// restart and stays as it is.
+    pub fn reloaded(
+        &self,
+        mut config: Config,
+    ) -> Result<
+        (Self, crate::health::registry::ReloadReport),
+        crate::transport::upstream::ClientError,
+    > {
+        config.server.listen = self.config.server.listen;
+        // The database stays the one opened at start (changing it needs a restart).
+        config.storage = self.config.storage.clone();
+        let (registry, report) = Registry::reloaded(&config, &self.registry)?;
+        let clock = registry.clock;
+        let positions_kept = report.changed.is_empty()
+            && report.removed.is_empty()
+            && registry.endpoints.iter().all(|e| {
+                self.registry
+                    .by_name(&e.name)
+                    .is_none_or(|o| o.idx == e.idx)
+            });
+        let affinity = match (&self.affinity, config.affinity.enabled) {
+            (Some(a), true) if positions_kept && config.affinity == self.config.affinity => {
+                Some(Arc::clone(a))
+            }
+            (_, true) => Some(Arc::new(Affinity::new(&config.affinity, clock))),
+            (_, false) => None,
+        };
+        let budget = if config.retry_budget == self.config.retry_budget {
+            Arc::clone(&self.budget)
+        } else {
+            Arc::new(RetryBudget::new(&config.retry_budget, clock))
+        };
+        let gateway = Self {
+            registry: Arc::new(registry),
+            selector: Selector::new(config.server.strategy),
+            affinity,
+            budget,
+            events: Arc::clone(&self.events),
+            config,
+            usage: self.usage.clone(),
+        };
+        Ok((gateway, report))
+    }
+
+    /// Whether the request carries the access token (always true when none is configured).
+    pub fn authorized(&self, headers: &HeaderMap) -> bool {
+        self.access(headers).is_some()
+    }
+
+    /// Where the request carries the access token: `None` when it does not, `Some(None)` when
+    /// no token is configured, else the header it came in. `x-ccgate-token` is looked at first:
+    /// it leaves `authorization` and `x-api-key` to the client's own credential (for endpoints
+    /// with `credential = "client"`).
+    pub(crate) fn access(&self, headers: &HeaderMap) -> Option<Option<&'static HeaderName>> {
+        let Some(token) = &self.config.server.access_token else {
+            return Some(None);
+        };
+        let plain = |name: &HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+        // Either header may carry it: Claude Code sends its own key as `x-api-key` next to
+        // `ANTHROPIC_AUTH_TOKEN` as a Bearer token when both are set.
+        // The scheme is case-insensitive (RFC 9110 §11.1): `bearer`, `Bearer`, `BEARER`.
+        let bearer = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim_start_matches(' '));
+        [
+            (&CCGATE_TOKEN, plain(&CCGATE_TOKEN)),
+            (&X_API_KEY, plain(&X_API_KEY)),
+            (&header::AUTHORIZATION, bearer),
+        ]
+        .into_iter()
+        .find(|(_, given)| {
+            given.is_some_and(|p| constant_time_eq(p.as_bytes(), token.expose().as_bytes()))
+        })
+        .map(|(name, _)| Some(name))
+    }
+}
+
+/// The header that carries the access token when `authorization` and `x-api-key` are the
+/// client's own credential.
+pub(crate) static CCGATE_TOKEN: HeaderName = HeaderName::from_static("x-ccgate-token");
+static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

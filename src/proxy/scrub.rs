@@ -1,0 +1,82 @@
+//! Scrubbing relayed error answers of every configured secret, in body and header values.
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, header};
+
+use crate::health::registry::Registry;
+use crate::proxy::response::{self};
+
+/// The secrets an upstream could echo: every endpoint's credential (ccgate never sends the
+/// client's own).
+pub(crate) fn secrets(reg: &Registry) -> impl Iterator<Item = &[u8]> {
+    reg.endpoints.iter().filter_map(|e| {
+        let v = e.auth_header.as_ref()?.1.as_bytes();
+        let v = v.strip_prefix(b"Bearer ").unwrap_or(v);
+        (v.len() >= 4).then_some(v)
+    })
+}
+
+/// `text` with every secret replaced by `***`, or `None` when it holds none.
+pub(crate) fn scrub_bytes(reg: &Registry, text: &[u8]) -> Option<Vec<u8>> {
+    let mut out: Option<Vec<u8>> = None;
+    for secret in secrets(reg) {
+        let current = out.as_deref().unwrap_or(text);
+        if memchr::memmem::find(current, secret).is_none() {
+            continue;
+        }
+        let mut next = Vec::with_capacity(current.len());
+        let mut rest = current;
+        while let Some(i) = memchr::memmem::find(rest, secret) {
+            next.extend_from_slice(&rest[..i]);
+            next.extend_from_slice(b"***");
+            rest = &rest[i + secret.len()..];
+        }
+        next.extend_from_slice(rest);
+        out = Some(next);
+    }
+    out
+}
+
+/// Replaces every secret in the header values of a relayed error answer.
+pub(crate) fn scrub_headers(reg: &Registry, headers: &mut HeaderMap) {
+    for value in headers.values_mut() {
+        if let Some(clean) = scrub_bytes(reg, value.as_bytes()) {
+            *value = HeaderValue::from_bytes(&clean).unwrap_or(HeaderValue::from_static("***"));
+        }
+    }
+}
+
+/// A relayed error answer's body with every secret replaced; the frames as they were (shared, not
+/// copied) when it holds none. A changed body loses its `content-length` (the relay sets it).
+pub(crate) fn scrub_body(
+    reg: &Registry,
+    frames: Vec<Bytes>,
+    headers: &mut HeaderMap,
+) -> Vec<Bytes> {
+    let clean = match frames.as_slice() {
+        [] => None,
+        [one] => scrub_bytes(reg, one),
+        many => scrub_bytes(reg, &many.concat()),
+    };
+    match clean {
+        None => frames,
+        Some(clean) => {
+            headers.remove(header::CONTENT_LENGTH);
+            vec![Bytes::from(clean)]
+        }
+    }
+}
+
+/// Turns a relayed error answer into ccgate's own Anthropic error with the same status; returns
+/// the body.
+pub(crate) fn replace_with_own_error(parts: &mut http::response::Parts, message: &str) -> Bytes {
+    let error = serde_json::json!({"type": "error", "error": {
+        "type": response::error_type_for(parts.status), "message": message}});
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.remove(header::CONTENT_ENCODING);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Bytes::from(error.to_string())
+}
