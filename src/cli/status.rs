@@ -68,6 +68,7 @@ pub fn render_status(url: &str, endpoints: &Value, queue: &Value, stats: &Value)
                 u(&e["total_requests"]).to_string(),
                 u(&e["endpoint_errors"]).to_string(),
                 u(&e["caller_errors"]).to_string(),
+                cache_hit(e),
             ]
         })
         .collect();
@@ -81,6 +82,7 @@ pub fn render_status(url: &str, endpoints: &Value, queue: &Value, stats: &Value)
             "REQUESTS",
             "ENDPOINT ERRORS",
             "CALLER ERRORS",
+            "CACHE HIT",
         ],
         &rows,
     ));
@@ -132,6 +134,21 @@ pub fn render_status(url: &str, endpoints: &Value, queue: &Value, stats: &Value)
 
 /// An endpoint's health: its success rate over the attempts it is responsible for, with what it
 /// is over (`97.5% of 40`), or `-` before any such attempt (no rate from nothing).
+/// The prompt-cache hit rate since start and the tokens it is over, `-` before any.
+fn cache_hit(e: &Value) -> String {
+    let c = &e["cache"];
+    match c["hit_rate"].as_f64() {
+        Some(r) => format!(
+            "{:.1}% of {}",
+            r * 100.0,
+            u(&c["input_tokens"])
+                + u(&c["cache_creation_input_tokens"])
+                + u(&c["cache_read_input_tokens"])
+        ),
+        None => "-".into(),
+    }
+}
+
 fn health(e: &Value) -> String {
     match (e["success_rate"].as_f64(), e["judged_requests"].as_u64()) {
         (Some(r), Some(n)) if n > 0 => format!("{:.1}% of {n}", r * 100.0),

@@ -3,6 +3,8 @@
 //! **Invariant:** only this module knows the JSON shape of the views; they read snapshots and
 //! change nothing.
 
+use std::collections::BTreeMap;
+
 use serde::Serialize;
 
 use crate::clock::{ms, rfc3339};
@@ -10,6 +12,8 @@ use crate::health::classify::Kind;
 use crate::health::endpoint::Endpoint;
 use crate::health::machine::Phase;
 use crate::proxy::handler::Gateway;
+use crate::proxy::usage::UsageSums;
+use crate::proxy::usage::hit_rate;
 use crate::store::{Persist, StorageStatus};
 
 /// Latency figures in milliseconds.
@@ -108,6 +112,61 @@ pub struct EndpointView {
     pub models: Option<Vec<String>>,
     /// Counters across restarts (state that lasts).
     pub lifetime: LifetimeView,
+    /// Token usage and prompt-cache figures since start, in total and per model.
+    pub cache: CacheView,
+}
+
+/// Tokens of successful answers and the prompt-cache hit rate.
+#[derive(Serialize, Default)]
+pub struct CacheSums {
+    /// Answers whose usage was read.
+    pub requests: u64,
+    /// Uncached input tokens (`input_tokens`).
+    pub input_tokens: u64,
+    /// Prompt-cache writes (`cache_creation_input_tokens`).
+    pub cache_creation_input_tokens: u64,
+    /// Prompt-cache reads (`cache_read_input_tokens`).
+    pub cache_read_input_tokens: u64,
+    /// Output tokens.
+    pub output_tokens: u64,
+    /// `cache_read / (cache_read + cache_creation + input)`; `null` before any input.
+    pub hit_rate: Option<f64>,
+}
+
+impl CacheSums {
+    fn of(s: &UsageSums) -> Self {
+        Self {
+            requests: s.requests,
+            input_tokens: s.usage.input,
+            cache_creation_input_tokens: s.usage.cache_creation,
+            cache_read_input_tokens: s.usage.cache_read,
+            output_tokens: s.usage.output,
+            hit_rate: hit_rate(&s.usage),
+        }
+    }
+}
+
+/// An endpoint's usage since start: the sum and each model's.
+#[derive(Serialize)]
+pub struct CacheView {
+    /// All models.
+    #[serde(flatten)]
+    pub total: CacheSums,
+    /// Per model, as the answers named it.
+    pub models: BTreeMap<String, CacheSums>,
+}
+
+fn cache_view(gw: &Gateway, endpoint: &str) -> CacheView {
+    let mut total = UsageSums::default();
+    let mut models = BTreeMap::new();
+    for (model, sums) in gw.live_usage.of_endpoint(endpoint) {
+        total.add(&sums);
+        models.insert(model, CacheSums::of(&sums));
+    }
+    CacheView {
+        total: CacheSums::of(&total),
+        models,
+    }
 }
 
 fn latency(l: &crate::health::endpoint::Latency) -> LatencyView {
@@ -157,6 +216,7 @@ pub fn endpoint_view(gw: &Gateway, persist: &Persist, ep: &Endpoint) -> Endpoint
         models: ep.models.as_ref().map(|m| m.patterns().to_vec()),
         cooldown_until: (phase == Phase::CoolingDown)
             .then(|| rfc3339(clock.wall(ep.live.cooldown_until_ms()))),
+        cache: cache_view(gw, &ep.name),
         lifetime: {
             let l = persist.lifetime(&ep.name, &ep.live);
             LifetimeView {

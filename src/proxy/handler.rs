@@ -17,8 +17,10 @@ use crate::health::registry::{Admission, Registry};
 use crate::health::totals::{RequestEnd, RequestGuard};
 use crate::proxy::events::{Events, FailedAttempt, Failover};
 use crate::proxy::forward::{self, Collected, Expects, Preamble, Prepared};
+use crate::proxy::relay::UsageSinks;
 use crate::proxy::relay::{BoxError, Judge, RelayBody};
 use crate::proxy::response::{self, GateBody};
+use crate::proxy::usage::LiveUsage;
 use crate::proxy::usage::UsageTally;
 use crate::select::affinity::{self, Affinity};
 use crate::select::budget::RetryBudget;
@@ -51,6 +53,9 @@ pub struct Gateway {
     /// The usage tally successful answers add to, when storage is on (the store's writer drains
     /// it; carried over by reloads).
     pub usage: Option<Arc<UsageTally>>,
+    /// Token usage since start per endpoint and model (the live prompt-cache figures; carried
+    /// over by reloads).
+    pub live_usage: Arc<LiveUsage>,
 }
 
 impl Gateway {
@@ -69,6 +74,7 @@ impl Gateway {
             events: Arc::default(),
             config,
             usage: None,
+            live_usage: Arc::default(),
         })
     }
 
@@ -115,6 +121,7 @@ impl Gateway {
             events: Arc::clone(&self.events),
             config,
             usage: self.usage.clone(),
+            live_usage: Arc::clone(&self.live_usage),
         };
         Ok((gateway, report))
     }
@@ -600,13 +607,10 @@ impl Commit<'_> {
             method,
         } = self;
         guard.served_by(ep, attempts, parts.status.as_u16());
-        let tally = match &judge {
-            Judge::Stream(_) => gw.usage.clone(),
-            Judge::Plain => gw
-                .usage
-                .clone()
-                .filter(|_| is_json(&parts.headers) && !is_encoded(&parts.headers)),
-            Judge::CallerError => None,
+        let read_usage = match &judge {
+            Judge::Stream(_) => true,
+            Judge::Plain => is_json(&parts.headers) && !is_encoded(&parts.headers),
+            Judge::CallerError => false,
         };
         if !matches!(judge, Judge::CallerError) {
             note_failover(gw, &guard, failures, Some(ep), parts.status);
@@ -615,7 +619,10 @@ impl Commit<'_> {
             }
         }
         let relay = RelayBody::new(body, held, judge, gw.config.timeouts.idle, attempt, guard)
-            .with_usage(tally);
+            .with_usage(read_usage.then(|| UsageSinks {
+                tally: gw.usage.clone(),
+                live: Arc::clone(&gw.live_usage),
+            }));
         relay_response(parts, relay, ep, attempts, fallback, method)
     }
 }
