@@ -7,6 +7,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::config::lenient::lenient;
+use crate::config::prices::RawPrice;
 
 #[derive(Deserialize, Default)]
 pub(super) struct RawConfig {
@@ -25,7 +26,21 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub(super) storage: RawStorage,
     #[serde(default)]
+    pub(super) requests: RawRequests,
+    #[serde(default)]
+    pub(super) prices: BTreeMap<String, Spanned<RawPrice>>,
+    #[serde(default)]
     pub(super) endpoints: Vec<Spanned<RawEndpoint>>,
+}
+
+#[derive(Deserialize, Default)]
+pub(super) struct RawRequests {
+    #[serde(default, deserialize_with = "lenient")]
+    pub(super) ring_size: Option<Spanned<i64>>,
+    #[serde(default, deserialize_with = "lenient")]
+    pub(super) max_rows: Option<Spanned<i64>>,
+    #[serde(default, deserialize_with = "lenient")]
+    pub(super) retention: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
