@@ -231,6 +231,47 @@ pub fn endpoint_view(gw: &Gateway, persist: &Persist, ep: &Endpoint) -> Endpoint
     }
 }
 
+/// `GET /_ccgate/requests?limit=N&after=SEQ`: the last `limit` requests (default 100, at most
+/// the ring's size) with a `seq` above `after` (default 0), newest first.
+pub fn requests_json(gw: &Gateway, query: Option<&str>) -> serde_json::Value {
+    let param = |name: &str| {
+        query?
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .find(|(k, _)| *k == name)
+            .and_then(|(_, v)| v.parse::<u64>().ok())
+    };
+    let limit = param("limit").unwrap_or(100).min(1_000_000) as usize;
+    let after = param("after").unwrap_or(0);
+    let list: Vec<serde_json::Value> = gw
+        .recent
+        .recent(limit, after)
+        .iter()
+        .map(|r| {
+            let u = r.usage.as_ref();
+            serde_json::json!({
+                "seq": r.seq,
+                "at": rfc3339(std::time::UNIX_EPOCH + std::time::Duration::from_millis(r.at_ms.max(0) as u64)),
+                "request_id": r.request_id,
+                "method": r.method,
+                "path": r.path,
+                "model": r.model,
+                "endpoint": r.endpoint,
+                "attempts": r.attempts,
+                "status": r.status,
+                "outcome": r.outcome,
+                "first_byte_ms": r.first_byte_ms,
+                "total_ms": r.total_ms,
+                "input_tokens": u.map(|u| u.input),
+                "output_tokens": u.map(|u| u.output),
+                "cache_creation_input_tokens": u.map(|u| u.cache_creation),
+                "cache_read_input_tokens": u.map(|u| u.cache_read),
+            })
+        })
+        .collect();
+    serde_json::json!({ "capacity": gw.config.requests.ring_size, "requests": list })
+}
+
 /// `GET /_ccgate/endpoints`.
 pub fn endpoints_json(gw: &Gateway, persist: &Persist) -> serde_json::Value {
     let list: Vec<EndpointView> = gw

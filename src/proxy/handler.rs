@@ -14,9 +14,11 @@ use crate::health::attempt::Attempt;
 use crate::health::classify::{Outcome, TransportKind, Verdict, classify_status};
 use crate::health::endpoint::Endpoint;
 use crate::health::registry::{Admission, Registry};
+use crate::health::totals::RequestNote;
 use crate::health::totals::{RequestEnd, RequestGuard};
 use crate::proxy::events::{Events, FailedAttempt, Failover};
 use crate::proxy::forward::{self, Collected, Expects, Preamble, Prepared};
+use crate::proxy::recent::Recent;
 use crate::proxy::relay::UsageSinks;
 use crate::proxy::relay::{BoxError, Judge, RelayBody};
 use crate::proxy::response::{self, GateBody};
@@ -56,6 +58,8 @@ pub struct Gateway {
     /// Token usage since start per endpoint and model (the live prompt-cache figures; carried
     /// over by reloads).
     pub live_usage: Arc<LiveUsage>,
+    /// The last client requests (carried over by reloads).
+    pub recent: Arc<Recent>,
 }
 
 impl Gateway {
@@ -63,6 +67,7 @@ impl Gateway {
     pub fn new(config: Config) -> Result<Self, crate::transport::upstream::ClientError> {
         let registry = Arc::new(Registry::new(&config)?);
         let clock = registry.clock;
+        let recent = Arc::new(Recent::new(config.requests.ring_size));
         Ok(Self {
             registry,
             selector: Selector::new(config.server.strategy),
@@ -75,6 +80,7 @@ impl Gateway {
             config,
             usage: None,
             live_usage: Arc::default(),
+            recent,
         })
     }
 
@@ -122,6 +128,8 @@ impl Gateway {
             config,
             usage: self.usage.clone(),
             live_usage: Arc::clone(&self.live_usage),
+            // The ring's size is read at start; changing it needs a restart.
+            recent: Arc::clone(&self.recent),
         };
         Ok((gateway, report))
     }
@@ -167,7 +175,16 @@ where
             "ccgate: missing or wrong access token",
         );
     }
-    let guard = gw.registry.gateway.begin();
+    let mut guard = gw.registry.gateway.begin();
+    guard.record_to(
+        Arc::clone(&gw.recent) as Arc<dyn crate::health::totals::RequestSink>,
+        RequestNote {
+            at: Some(SystemTime::now()),
+            method: req.method().to_string(),
+            path: req.uri().path().to_string(),
+            ..RequestNote::default()
+        },
+    );
     let id = guard.id().header_value();
     let mut resp = proxied(&gw, req, guard).await;
     resp.headers_mut().insert(REQUEST_ID.clone(), id);
@@ -175,7 +192,7 @@ where
 }
 
 /// Reads the body (capped) and forwards the request.
-async fn proxied<B>(gw: &Gateway, req: Request<B>, guard: RequestGuard) -> Response<GateBody>
+async fn proxied<B>(gw: &Gateway, req: Request<B>, mut guard: RequestGuard) -> Response<GateBody>
 where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
@@ -222,6 +239,11 @@ where
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    if let Some(note) = guard.note_mut() {
+        note.model = json_top::member(&body, b"model")
+            .and_then(json_top::as_str)
+            .map(|m| m.chars().take(200).collect());
+    }
     let prepared = Prepared::new(parts.method, path_and_query, headers, body);
     forward_request(gw, prepared, guard).await
 }
@@ -607,6 +629,7 @@ impl Commit<'_> {
             method,
         } = self;
         guard.served_by(ep, attempts, parts.status.as_u16());
+        guard.note_first_byte();
         let read_usage = match &judge {
             Judge::Stream(_) => true,
             Judge::Plain => is_json(&parts.headers) && !is_encoded(&parts.headers),

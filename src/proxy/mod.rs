@@ -6,6 +6,7 @@ pub mod events;
 pub mod forward;
 pub mod handler;
 pub mod probe;
+pub mod recent;
 pub mod relay;
 pub mod response;
 pub mod usage;

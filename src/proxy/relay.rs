@@ -166,6 +166,9 @@ impl RelayBody {
         if let Some(mut u) = found {
             let model = ledger_model(u.model.take());
             tap.sinks.live.add(&ep.name, &model, &u.usage);
+            if let Some(r) = self.request.as_mut() {
+                r.note_usage(u.usage);
+            }
             if let Some(tally) = &tap.sinks.tally {
                 u.model = Some(model);
                 tally.add(&ep.name, u);
