@@ -276,7 +276,7 @@ pub(super) fn validate_prices(
             if !n.is_finite() || n < 0.0 {
                 p.at(
                     v,
-                    &key(name),
+                    key(name),
                     format!("{n} must be a price of zero or more (USD per million tokens)"),
                 );
                 return None;
@@ -291,7 +291,7 @@ pub(super) fn validate_prices(
             if e.input.is_none() || e.output.is_none() {
                 p.at(
                     entry,
-                    &format!("prices.\"{model}\""),
+                    format!("prices.\"{model}\""),
                     "needs `input` and `output` (USD per million tokens)",
                 );
             }
