@@ -64,11 +64,11 @@ pub fn render_status(url: &str, endpoints: &Value, queue: &Value, stats: &Value)
                 e["latency_first_byte"]["p50_ms"]
                     .as_f64()
                     .map_or("-".into(), fmt_ms),
+                cache_hit(e),
                 u(&e["in_flight"]).to_string(),
                 u(&e["total_requests"]).to_string(),
                 u(&e["endpoint_errors"]).to_string(),
                 u(&e["caller_errors"]).to_string(),
-                cache_hit(e),
             ]
         })
         .collect();
@@ -78,11 +78,11 @@ pub fn render_status(url: &str, endpoints: &Value, queue: &Value, stats: &Value)
             "STATE",
             "HEALTH",
             "P50 FIRST BYTE",
+            "CACHE HIT",
             "IN FLIGHT",
             "REQUESTS",
             "ENDPOINT ERRORS",
             "CALLER ERRORS",
-            "CACHE HIT",
         ],
         &rows,
     ));
