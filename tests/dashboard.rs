@@ -183,6 +183,18 @@ async fn dashboard_in_headless_chromium() {
         |v| v == &json!([true, 1]),
     )
     .await;
+    // The recent requests (four, the last one served by `b` after a failover) and the prompt
+    // cache per endpoint and model (the mock's answers carry usage without cache tokens).
+    page.wait_for(
+        "four recent requests and the cache table",
+        r#"[document.querySelectorAll('#req-body tr').length,
+            document.querySelector('#req-body tr td:nth-child(4)').textContent,
+            document.querySelector('#req-body tr td:nth-child(5)').textContent,
+            document.querySelectorAll('#cache-body tr').length,
+            document.querySelector('#cache-body tr td:nth-child(3)').textContent]"#,
+        |v| v == &json!([4, "b", "2", 2, "0%"]),
+    )
+    .await;
 
     // A caller's bad request answered by `b`: shown as a caller error beside `b`'s endpoint
     // errors, not against its health, and in the clients' split (issue 21 #3).

@@ -299,7 +299,10 @@ async fn binary_restart_and_usage_command() {
         .find(|l| l.split_whitespace().nth(1) == Some("main"))
         .unwrap_or_else(|| panic!("no ledger row\n{}", f.output()));
     let cells: Vec<&str> = line.split_whitespace().collect();
-    assert_eq!(cells[1..], ["main", MOCK_MODEL, "3", "30", "14", "0", "0"]);
+    assert_eq!(
+        cells[1..],
+        ["main", MOCK_MODEL, "3", "30", "14", "0", "0", "0.0%", "-"]
+    );
 
     // Restart: lifetime picks up where the first run left off.
     let serving = process::start(sb.command(&["serve"])).await;

@@ -6,6 +6,7 @@ pub mod edit;
 pub mod endpoints;
 pub mod launch;
 pub mod logging;
+pub mod requests;
 pub mod service;
 pub mod status;
 pub mod table;
@@ -143,6 +144,11 @@ pub enum Command {
     ///
     /// Reads the gateway's database file directly (read-only), so no gateway needs to run.
     Usage(crate::cli::usage::UsageArgs),
+    /// Show the running gateway's recent requests (`--follow` to keep printing new ones).
+    ///
+    /// Never shows bodies or credentials: time, request, model, endpoint, attempts, status,
+    /// outcome, latencies and tokens.
+    Requests(crate::cli::requests::RequestsArgs),
     /// Print a shell completion script.
     ///
     /// For example: `ccgate completions bash > ~/.local/share/bash-completion/completions/ccgate`,
@@ -350,6 +356,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Claude(cmd) => claude(cmd),
         Command::Usage(args) => crate::cli::usage::run(args),
+        Command::Requests(args) => crate::cli::requests::run(args),
         Command::Service(cmd) => crate::cli::service::run(cmd),
         Command::Completions { shell } => {
             let mut cmd = Cli::command();

@@ -146,6 +146,7 @@ pub fn render_status(url: &str, endpoints: &Value, queue: &Value, stats: &Value)
                 e["latency_first_byte"]["p50_ms"]
                     .as_f64()
                     .map_or("-".into(), fmt_ms),
+                cache_hit(e),
                 u(&e["in_flight"]).to_string(),
                 u(&e["total_requests"]).to_string(),
                 u(&e["endpoint_errors"]).to_string(),
@@ -160,6 +161,7 @@ pub fn render_status(url: &str, endpoints: &Value, queue: &Value, stats: &Value)
             "STATE",
             "HEALTH",
             "P50 FIRST BYTE",
+            "CACHE HIT",
             "IN FLIGHT",
             "REQUESTS",
             "ENDPOINT ERRORS",
@@ -239,6 +241,21 @@ models: {} (others: every model)",
 
 /// An endpoint's health: its success rate over the attempts it is responsible for, with what it
 /// is over (`97.5% of 40`), or `-` before any such attempt (no rate from nothing).
+/// The prompt-cache hit rate since start and the tokens it is over, `-` before any.
+fn cache_hit(e: &Value) -> String {
+    let c = &e["cache"];
+    match c["hit_rate"].as_f64() {
+        Some(r) => format!(
+            "{:.1}% of {}",
+            r * 100.0,
+            u(&c["input_tokens"])
+                + u(&c["cache_creation_input_tokens"])
+                + u(&c["cache_read_input_tokens"])
+        ),
+        None => "-".into(),
+    }
+}
+
 fn health(e: &Value) -> String {
     match (e["success_rate"].as_f64(), e["judged_requests"].as_u64()) {
         (Some(r), Some(n)) if n > 0 => format!("{:.1}% of {n}", r * 100.0),

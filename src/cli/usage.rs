@@ -7,8 +7,9 @@ use std::time::SystemTime;
 use anyhow::Context;
 
 use crate::clock::{day_of, day_string};
-use crate::config::{ProcessEnv, StorageConfig, resolve_config_path};
+use crate::config::{Prices, ProcessEnv, StorageConfig, resolve_config_path};
 use crate::proxy::usage::UsageSums;
+use crate::proxy::usage::hit_rate;
 use crate::wire::usage::Usage;
 
 /// `ccgate usage`: the ledger of tokens per day, endpoint and model.
@@ -27,7 +28,7 @@ pub struct UsageArgs {
 
 /// Runs `ccgate usage`: reads the database file directly (read-only; no gateway needed).
 pub fn run(args: UsageArgs) -> anyhow::Result<()> {
-    let storage = storage_config(args.config)?;
+    let (storage, prices) = settings(args.config)?;
     let Some(path) = storage.resolved_path() else {
         anyhow::bail!("this platform has no data directory; set [storage] path in the config");
     };
@@ -40,24 +41,43 @@ pub fn run(args: UsageArgs) -> anyhow::Result<()> {
         Vec::new()
     };
     let mut total = UsageSums::default();
+    // The cost of the rows whose model has a price; `priced_all` says whether that is all of them.
+    let mut total_cost = 0.0;
+    let mut priced_all = true;
+    let mut costs = Vec::with_capacity(rows.len());
     for r in &rows {
+        let usage = Usage {
+            input: r.input_tokens,
+            output: r.output_tokens,
+            cache_creation: r.cache_creation_input_tokens,
+            cache_read: r.cache_read_input_tokens,
+        };
         total.add(&UsageSums {
             requests: r.requests,
-            usage: Usage {
-                input: r.input_tokens,
-                output: r.output_tokens,
-                cache_creation: r.cache_creation_input_tokens,
-                cache_read: r.cache_read_input_tokens,
-            },
+            usage,
         });
+        let cost = prices.for_model(&r.model).map(|p| p.cost(&usage));
+        match cost {
+            Some(c) => total_cost += c,
+            None => priced_all = false,
+        }
+        costs.push((hit_rate(&usage), cost));
     }
     if args.json {
         let v = serde_json::json!({
             "database": path.display().to_string(),
             "since": since,
             "days": args.days,
-            "rows": rows,
+            "rows": rows.iter().zip(&costs).map(|(r, (hit, cost))| {
+                let mut v = serde_json::to_value(r).unwrap_or_default();
+                v["cache_hit_rate"] = serde_json::json!(hit);
+                v["cost_usd"] = serde_json::json!(cost);
+                v
+            }).collect::<Vec<_>>(),
             "total": {
+                "cache_hit_rate": hit_rate(&total.usage),
+                "cost_usd": total_cost,
+                "cost_complete": priced_all,
                 "requests": total.requests,
                 "input_tokens": total.usage.input,
                 "output_tokens": total.usage.output,
@@ -81,9 +101,12 @@ pub fn run(args: UsageArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let num = |n: u64| n.to_string();
+    let rate = |r: Option<f64>| r.map_or("-".into(), |r| format!("{:.1}%", r * 100.0));
+    let usd = |c: Option<f64>| c.map_or("-".into(), |c| format!("${c:.4}"));
     let mut table: Vec<Vec<String>> = rows
         .iter()
-        .map(|r| {
+        .zip(&costs)
+        .map(|(r, (hit, cost))| {
             vec![
                 r.day.clone(),
                 r.endpoint.clone(),
@@ -93,6 +116,8 @@ pub fn run(args: UsageArgs) -> anyhow::Result<()> {
                 num(r.output_tokens),
                 num(r.cache_creation_input_tokens),
                 num(r.cache_read_input_tokens),
+                rate(*hit),
+                usd(*cost),
             ]
         })
         .collect();
@@ -105,6 +130,12 @@ pub fn run(args: UsageArgs) -> anyhow::Result<()> {
         num(total.usage.output),
         num(total.usage.cache_creation),
         num(total.usage.cache_read),
+        rate(hit_rate(&total.usage)),
+        if priced_all {
+            usd(Some(total_cost))
+        } else {
+            format!("{}+", usd(Some(total_cost)))
+        },
     ]);
     println!();
     print!(
@@ -119,27 +150,38 @@ pub fn run(args: UsageArgs) -> anyhow::Result<()> {
                 "OUTPUT",
                 "CACHE WRITE",
                 "CACHE READ",
+                "CACHE HIT",
+                "COST",
             ],
             &table,
         )
     );
+    if !priced_all {
+        println!(
+            "\n`+`: some models have no price (add them under [prices]); their cost is not counted"
+        );
+    }
+    println!(
+        "costs use built-in list prices (which may drift) unless [prices] in the config sets them"
+    );
     Ok(())
 }
 
-/// The `[storage]` settings: from `--config`, else `$CCGATE_CONFIG`, else the default config file
+/// The `[storage]` and `[prices]` settings: from `--config`, else `$CCGATE_CONFIG`, else the default config file
 /// if it exists, else the defaults (see [`resolve_config_path`]). Only `[storage]` is read, so a
 /// config whose credentials come from variables this shell does not have still works.
-fn storage_config(explicit: Option<PathBuf>) -> anyhow::Result<StorageConfig> {
+fn settings(explicit: Option<PathBuf>) -> anyhow::Result<(StorageConfig, Prices)> {
     let Some((path, chosen)) = resolve_config_path(explicit.as_deref(), &ProcessEnv) else {
-        return Ok(StorageConfig::default());
+        return Ok(Default::default());
     };
     if !path.exists() && !chosen {
-        return Ok(StorageConfig::default());
+        return Ok(Default::default());
     }
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("cannot read {}", path.display()))?;
-    Ok(StorageConfig::from_toml(
-        &text,
-        &path.display().to_string(),
-    )?)
+    let source = path.display().to_string();
+    Ok((
+        StorageConfig::from_toml(&text, &source)?,
+        Prices::from_toml(&text, &source)?,
+    ))
 }

@@ -5,11 +5,13 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+use crate::config::Prices;
 use crate::config::cluster::validate_cluster;
 use crate::config::env::Env;
 use crate::config::lenient;
+use crate::config::prices::RawPrice;
 use crate::config::raw::{RawConfig, RawStorage};
-use crate::config::validate::{Problems, validate, validate_storage};
+use crate::config::validate::{Problems, validate, validate_prices, validate_storage};
 use crate::config::{Config, ConfigError, DEFAULT_BASE_URL, Problem, StorageConfig};
 
 impl Config {
@@ -215,6 +217,33 @@ fn key_offset(table: &toml::de::DeTable<'_>, path: &[String]) -> Option<usize> {
     match value {
         toml::de::DeValue::Table(t) => key_offset(t, rest),
         _ => None,
+    }
+}
+
+impl Prices {
+    /// Only the `[prices]` table of a config file, validated (for `ccgate usage`, like
+    /// [`StorageConfig::from_toml`]).
+    pub fn from_toml(text: &str, source_name: &str) -> Result<Self, ConfigError> {
+        #[derive(Deserialize)]
+        struct OnlyPrices {
+            #[serde(default)]
+            prices: std::collections::BTreeMap<String, toml::Spanned<RawPrice>>,
+        }
+        let mut p = Problems::new(text);
+        let (parsed, type_problems) = lenient::collect(|| toml::from_str::<OnlyPrices>(text));
+        for t in type_problems {
+            let line = p.line_of(t.span.start);
+            p.at_line(Some(line), "prices", t.message);
+        }
+        let prices = match parsed {
+            Ok(raw) => validate_prices(&raw.prices, &mut p),
+            Err(e) => {
+                let line = e.span().map(|s| p.line_of(s.start));
+                p.at_line(line, "prices", e.message().trim().to_string());
+                Prices::default()
+            }
+        };
+        p.finish(source_name, prices)
     }
 }
 

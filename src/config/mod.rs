@@ -391,6 +391,28 @@ impl StorageConfig {
     }
 }
 
+/// `[requests]`: how many recent requests are kept in memory and, with storage on, in the
+/// database.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestsConfig {
+    /// Requests the in-memory ring keeps (`/_ccgate/requests`, the dashboard).
+    pub ring_size: usize,
+    /// Rows the `requests` table keeps at most (0: no table rows written).
+    pub max_rows: u64,
+    /// How long a stored row is kept.
+    pub retention: Duration,
+}
+
+impl Default for RequestsConfig {
+    fn default() -> Self {
+        Self {
+            ring_size: 1000,
+            max_rows: 100_000,
+            retention: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
 /// The validated configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -408,6 +430,10 @@ pub struct Config {
     pub retry_budget: RetryBudgetConfig,
     /// `[storage]`.
     pub storage: StorageConfig,
+    /// `[requests]`: the recent-requests ring and table.
+    pub requests: RequestsConfig,
+    /// `[prices]`.
+    pub prices: Prices,
     /// `[[endpoints]]`, in file order.
     pub endpoints: Vec<EndpointConfig>,
     /// `[cluster]`, when instances share health through Redis.
@@ -480,6 +506,7 @@ mod cluster;
 mod env;
 mod lenient;
 mod load;
+mod prices;
 mod raw;
 #[cfg(test)]
 mod tests;
@@ -490,6 +517,7 @@ pub use crate::config::env::{
     Env, ProcessEnv, default_config_path, default_listen, resolve_config_path,
 };
 pub use crate::config::load::toml_string;
+pub use crate::config::prices::{DEFAULT_PRICES, Price, Prices};
 
 /// The models an endpoint serves: glob patterns (`*` any run of characters, `?` one character),
 /// matched against the request's `model` exactly as the client sent it.
@@ -517,7 +545,7 @@ impl ModelPatterns {
 
 /// Glob matching with `*` and `?`, linear in practice: on a mismatch it backtracks only to the
 /// last `*`.
-fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
+pub(crate) fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
     let (mut p, mut t) = (0, 0);
     let mut star: Option<(usize, usize)> = None;
     while t < text.len() {

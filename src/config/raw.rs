@@ -7,6 +7,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::config::lenient::lenient;
+use crate::config::prices::RawPrice;
 
 #[derive(Deserialize, Default)]
 pub(super) struct RawConfig {
@@ -25,6 +26,10 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub(super) storage: RawStorage,
     #[serde(default)]
+    pub(super) requests: RawRequests,
+    #[serde(default)]
+    pub(super) prices: BTreeMap<String, Spanned<RawPrice>>,
+    #[serde(default)]
     pub(super) endpoints: Vec<Spanned<RawEndpoint>>,
     #[serde(default)]
     pub(super) cluster: Option<RawCluster>,
@@ -37,6 +42,16 @@ pub(super) struct RawCluster {
     pub(super) key_prefix: Option<Spanned<String>>,
     pub(super) instance: Option<Spanned<String>>,
     pub(super) flush_interval: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+pub(super) struct RawRequests {
+    #[serde(default, deserialize_with = "lenient")]
+    pub(super) ring_size: Option<Spanned<i64>>,
+    #[serde(default, deserialize_with = "lenient")]
+    pub(super) max_rows: Option<Spanned<i64>>,
+    #[serde(default, deserialize_with = "lenient")]
+    pub(super) retention: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]

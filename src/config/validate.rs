@@ -1,7 +1,10 @@
 //! Stage two: the raw mirror turned into a validated [`Config`], collecting every problem with its
 //! line and key instead of stopping at the first.
 
+use std::collections::BTreeMap;
+
 use crate::config::env::Env;
+use crate::config::prices::RawPrice;
 use crate::config::raw::*;
 use crate::config::*;
 
@@ -175,6 +178,8 @@ pub(super) fn validate(raw: RawConfig, p: &mut Problems<'_>, env: &dyn Env) -> C
         window: p.duration(&b.window, "retry_budget.window", Duration::from_secs(10)),
     };
     let storage = validate_storage(&raw.storage, p);
+    let requests = validate_requests(&raw.requests, p);
+    let prices = validate_prices(&raw.prices, p);
 
     // Duplicate names are checked on the names as written, whatever else is wrong with either
     // endpoint.
@@ -237,10 +242,74 @@ pub(super) fn validate(raw: RawConfig, p: &mut Problems<'_>, env: &dyn Env) -> C
         affinity,
         retry_budget,
         storage,
+        requests,
+        prices,
         endpoints,
         // Validated by `load` (`config::cluster`), which uses this module's `Problems`.
         cluster: None,
     }
+}
+
+fn validate_requests(r: &RawRequests, p: &mut Problems<'_>) -> RequestsConfig {
+    let default = RequestsConfig::default();
+    let retention = p.duration(&r.retention, "requests.retention", default.retention);
+    RequestsConfig {
+        ring_size: p.int_in(&r.ring_size, "requests.ring_size", 0, 1_000_000, 1000) as usize,
+        max_rows: p.int_in(&r.max_rows, "requests.max_rows", 0, 100_000_000, 100_000) as u64,
+        retention,
+    }
+}
+
+pub(super) fn validate_prices(
+    raw: &BTreeMap<String, Spanned<RawPrice>>,
+    p: &mut Problems<'_>,
+) -> Prices {
+    let mut configured = Vec::new();
+    for (model, entry) in raw {
+        let key = |field: &str| format!("prices.\"{model}\".{field}");
+        if model.is_empty() {
+            p.at(entry, "prices", "a model name must not be empty");
+            continue;
+        }
+        let e = entry.get_ref();
+        let mut field = |v: &Option<Spanned<f64>>, name: &str| -> Option<f64> {
+            let v = v.as_ref()?;
+            let n = *v.get_ref();
+            if !n.is_finite() || n < 0.0 {
+                p.at(
+                    v,
+                    key(name),
+                    format!("{n} must be a price of zero or more (USD per million tokens)"),
+                );
+                return None;
+            }
+            Some(n)
+        };
+        let input = field(&e.input, "input");
+        let output = field(&e.output, "output");
+        let cache_write = field(&e.cache_write, "cache_write");
+        let cache_read = field(&e.cache_read, "cache_read");
+        let (Some(input), Some(output)) = (input, output) else {
+            if e.input.is_none() || e.output.is_none() {
+                p.at(
+                    entry,
+                    format!("prices.\"{model}\""),
+                    "needs `input` and `output` (USD per million tokens)",
+                );
+            }
+            continue;
+        };
+        configured.push((
+            model.clone(),
+            Price {
+                input,
+                output,
+                cache_write: cache_write.unwrap_or(input * 1.25),
+                cache_read: cache_read.unwrap_or(input * 0.1),
+            },
+        ));
+    }
+    Prices::new(configured)
 }
 
 pub(super) fn validate_storage(s: &RawStorage, p: &mut Problems<'_>) -> StorageConfig {

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 
 use crate::control::views::{
-    endpoint_view, endpoints_json, episodes_json, failure_queue_json, stats_json,
+    endpoint_view, endpoints_json, episodes_json, failure_queue_json, requests_json, stats_json,
 };
 use crate::health::queue::PhaseChange;
 use crate::proxy::gateway::Gateway;
@@ -82,6 +82,9 @@ pub async fn handle<B>(gw: Arc<Gateway>, persist: &Persist, req: Request<B>) -> 
             StatusCode::OK,
             &serde_json::json!({ "failovers": gw.events.recent() }),
         ),
+        (&Method::GET, ["requests"]) => {
+            response::json(StatusCode::OK, &requests_json(&gw, req.uri().query()))
+        }
         (&Method::GET, ["metrics"]) => response::body(
             crate::control::metrics::CONTENT_TYPE,
             crate::control::metrics::render(&gw),
@@ -134,7 +137,13 @@ pub async fn handle<B>(gw: Arc<Gateway>, persist: &Persist, req: Request<B>) -> 
                 _ => not_found(),
             }
         }
-        (_, ["endpoints" | "failure-queue" | "stats" | "metrics" | "episodes" | "events"])
+        (
+            _,
+            [
+                "endpoints" | "failure-queue" | "stats" | "metrics" | "episodes" | "events"
+                | "requests",
+            ],
+        )
         | (_, ["endpoints", _]) => response::method_not_allowed("GET"),
         (_, ["endpoints", _, "enable" | "disable" | "probe"]) => {
             response::method_not_allowed("POST")

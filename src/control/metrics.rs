@@ -292,6 +292,40 @@ impl Collector for GatewayCollector {
             "Seconds since the gateway started.",
             &[(vec![], gauge(reg.clock.uptime().as_secs()))],
         )?;
+        // Tokens of successful answers since start, per endpoint, model and kind: the prompt-cache
+        // hit rate is `cache_read / (cache_read + cache_creation + input)` over these.
+        let usage = gw.live_usage.all();
+        let mut tokens = Vec::with_capacity(usage.len() * 4);
+        let mut answers = Vec::with_capacity(usage.len());
+        for (endpoint, model, sums) in &usage {
+            let labels = |kind| {
+                vec![
+                    ("endpoint", endpoint.as_str()),
+                    ("model", model.as_str()),
+                    ("kind", kind),
+                ]
+            };
+            tokens.push((labels("input"), counter(sums.usage.input)));
+            tokens.push((labels("output"), counter(sums.usage.output)));
+            tokens.push((labels("cache_creation"), counter(sums.usage.cache_creation)));
+            tokens.push((labels("cache_read"), counter(sums.usage.cache_read)));
+            answers.push((
+                vec![("endpoint", endpoint.as_str()), ("model", model.as_str())],
+                counter(sums.requests),
+            ));
+        }
+        family(
+            &mut enc,
+            "ccgate_tokens",
+            "Tokens of successful answers by endpoint, model and kind (input = uncached input; cache_creation = prompt-cache writes; cache_read = prompt-cache reads).",
+            &tokens,
+        )?;
+        family(
+            &mut enc,
+            "ccgate_usage_answers",
+            "Successful answers whose token usage was read, by endpoint and model.",
+            &answers,
+        )?;
         Ok(())
     }
 }

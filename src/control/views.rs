@@ -3,6 +3,8 @@
 //! **Invariant:** only this module knows the JSON shape of the views; they read snapshots and
 //! change nothing.
 
+use std::collections::BTreeMap;
+
 use serde::Serialize;
 
 use crate::clock::{ms, rfc3339};
@@ -10,6 +12,8 @@ use crate::health::classify::Kind;
 use crate::health::endpoint::Endpoint;
 use crate::health::machine::Phase;
 use crate::proxy::gateway::Gateway;
+use crate::proxy::usage::UsageSums;
+use crate::proxy::usage::hit_rate;
 use crate::store::{Persist, StorageStatus};
 
 /// Latency figures in milliseconds.
@@ -122,6 +126,61 @@ pub struct EndpointView {
     pub models: Option<Vec<String>>,
     /// Counters across restarts (state that lasts).
     pub lifetime: LifetimeView,
+    /// Token usage and prompt-cache figures since start, in total and per model.
+    pub cache: CacheView,
+}
+
+/// Tokens of successful answers and the prompt-cache hit rate.
+#[derive(Serialize, Default)]
+pub struct CacheSums {
+    /// Answers whose usage was read.
+    pub requests: u64,
+    /// Uncached input tokens (`input_tokens`).
+    pub input_tokens: u64,
+    /// Prompt-cache writes (`cache_creation_input_tokens`).
+    pub cache_creation_input_tokens: u64,
+    /// Prompt-cache reads (`cache_read_input_tokens`).
+    pub cache_read_input_tokens: u64,
+    /// Output tokens.
+    pub output_tokens: u64,
+    /// `cache_read / (cache_read + cache_creation + input)`; `null` before any input.
+    pub hit_rate: Option<f64>,
+}
+
+impl CacheSums {
+    fn of(s: &UsageSums) -> Self {
+        Self {
+            requests: s.requests,
+            input_tokens: s.usage.input,
+            cache_creation_input_tokens: s.usage.cache_creation,
+            cache_read_input_tokens: s.usage.cache_read,
+            output_tokens: s.usage.output,
+            hit_rate: hit_rate(&s.usage),
+        }
+    }
+}
+
+/// An endpoint's usage since start: the sum and each model's.
+#[derive(Serialize)]
+pub struct CacheView {
+    /// All models.
+    #[serde(flatten)]
+    pub total: CacheSums,
+    /// Per model, as the answers named it.
+    pub models: BTreeMap<String, CacheSums>,
+}
+
+fn cache_view(gw: &Gateway, endpoint: &str) -> CacheView {
+    let mut total = UsageSums::default();
+    let mut models = BTreeMap::new();
+    for (model, sums) in gw.live_usage.of_endpoint(endpoint) {
+        total.add(&sums);
+        models.insert(model, CacheSums::of(&sums));
+    }
+    CacheView {
+        total: CacheSums::of(&total),
+        models,
+    }
 }
 
 fn latency(l: &crate::health::endpoint::Latency) -> LatencyView {
@@ -176,6 +235,7 @@ pub fn endpoint_view(gw: &Gateway, persist: &Persist, ep: &Endpoint) -> Endpoint
         }),
         cooldown_until: (phase == Phase::CoolingDown)
             .then(|| rfc3339(clock.wall(ep.live.cooldown_until_ms()))),
+        cache: cache_view(gw, &ep.name),
         lifetime: {
             let l = persist.lifetime(&ep.name, &ep.live);
             LifetimeView {
@@ -188,6 +248,47 @@ pub fn endpoint_view(gw: &Gateway, persist: &Persist, ep: &Endpoint) -> Endpoint
             }
         },
     }
+}
+
+/// `GET /_ccgate/requests?limit=N&after=SEQ`: the last `limit` requests (default 100, at most
+/// the ring's size) with a `seq` above `after` (default 0), newest first.
+pub fn requests_json(gw: &Gateway, query: Option<&str>) -> serde_json::Value {
+    let param = |name: &str| {
+        query?
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .find(|(k, _)| *k == name)
+            .and_then(|(_, v)| v.parse::<u64>().ok())
+    };
+    let limit = param("limit").unwrap_or(100).min(1_000_000) as usize;
+    let after = param("after").unwrap_or(0);
+    let list: Vec<serde_json::Value> = gw
+        .recent
+        .recent(limit, after)
+        .iter()
+        .map(|r| {
+            let u = r.usage.as_ref();
+            serde_json::json!({
+                "seq": r.seq,
+                "at": rfc3339(std::time::UNIX_EPOCH + std::time::Duration::from_millis(r.at_ms.max(0) as u64)),
+                "request_id": r.request_id,
+                "method": r.method,
+                "path": r.path,
+                "model": r.model,
+                "endpoint": r.endpoint,
+                "attempts": r.attempts,
+                "status": r.status,
+                "outcome": r.outcome,
+                "first_byte_ms": r.first_byte_ms,
+                "total_ms": r.total_ms,
+                "input_tokens": u.map(|u| u.input),
+                "output_tokens": u.map(|u| u.output),
+                "cache_creation_input_tokens": u.map(|u| u.cache_creation),
+                "cache_read_input_tokens": u.map(|u| u.cache_read),
+            })
+        })
+        .collect();
+    serde_json::json!({ "capacity": gw.config.requests.ring_size, "requests": list })
 }
 
 /// `GET /_ccgate/endpoints`.

@@ -4,9 +4,51 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
 
 use crate::health::classify::Outcome;
 use crate::health::endpoint::Endpoint;
+use crate::wire::usage::Usage;
+
+/// What the request path learns about one request for the recent-requests record (never a body
+/// or a credential): filled in as the request goes, handed to the [`RequestSink`] when it ends.
+#[derive(Clone, Debug, Default)]
+pub struct RequestNote {
+    /// When the request arrived.
+    pub at: Option<SystemTime>,
+    /// Method.
+    pub method: String,
+    /// Path, without the query.
+    pub path: String,
+    /// The model the request asked for.
+    pub model: Option<String>,
+    /// Time until the answer's headers went to the client.
+    pub first_byte: Option<Duration>,
+    /// Tokens of a successful answer.
+    pub usage: Option<Usage>,
+}
+
+/// One client request that has ended, as the guard saw it.
+#[derive(Clone, Debug)]
+pub struct EndedRequest {
+    /// Its id.
+    pub id: RequestId,
+    /// Endpoint whose answer was relayed (or the last tried), attempts and status, if any.
+    pub served: Option<(String, u32, u16)>,
+    /// How it ended.
+    pub how: RequestEnd,
+    /// From arrival to the end of the answer.
+    pub total: Duration,
+    /// What the request path noted.
+    pub note: RequestNote,
+}
+
+/// Where ended requests go (the recent-requests ring, a layer above): called once per request,
+/// on the request path, so it must only do short in-memory work.
+pub trait RequestSink: Send + Sync {
+    /// One request ended.
+    fn ended(&self, request: EndedRequest);
+}
 
 /// How a client request ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -100,6 +142,7 @@ impl GatewayStats {
             id: RequestId::new(),
             started: tokio::time::Instant::now(),
             served: None,
+            sink: None,
         }
     }
 
@@ -132,6 +175,8 @@ pub struct RequestGuard {
     id: RequestId,
     started: tokio::time::Instant,
     served: Option<(Arc<Endpoint>, u32, u16)>,
+    /// The recent-requests sink and what is noted for it (`None`: nothing is noted).
+    sink: Option<(Arc<dyn RequestSink>, Box<RequestNote>)>,
 }
 
 /// A request's id: returned to the client as `x-ccgate-request-id` and logged with the request.
@@ -202,6 +247,47 @@ impl RequestGuard {
         self.served = Some((Arc::clone(endpoint), attempts, status));
     }
 
+    /// Hands this request to `sink` when it ends, with what is noted meanwhile.
+    pub fn record_to(&mut self, sink: Arc<dyn RequestSink>, note: RequestNote) {
+        self.sink = Some((sink, Box::new(note)));
+    }
+
+    /// What is noted for the recent-requests record, when one is kept.
+    pub fn note_mut(&mut self) -> Option<&mut RequestNote> {
+        self.sink.as_mut().map(|(_, note)| &mut **note)
+    }
+
+    /// Notes that the answer's headers go to the client now.
+    pub fn note_first_byte(&mut self) {
+        let elapsed = self.started.elapsed();
+        if let Some((_, note)) = &mut self.sink {
+            note.first_byte = Some(elapsed);
+        }
+    }
+
+    /// Notes a successful answer's tokens.
+    pub fn note_usage(&mut self, usage: Usage) {
+        if let Some((_, note)) = &mut self.sink {
+            note.usage = Some(usage);
+        }
+    }
+
+    fn record(&mut self, how: RequestEnd) {
+        let Some((sink, note)) = self.sink.take() else {
+            return;
+        };
+        sink.ended(EndedRequest {
+            id: self.id,
+            served: self
+                .served
+                .as_ref()
+                .map(|(ep, attempts, status)| (ep.name.clone(), *attempts, *status)),
+            how,
+            total: self.started.elapsed(),
+            note: *note,
+        });
+    }
+
     fn log(&self, how: RequestEnd) {
         if !tracing::enabled!(tracing::Level::INFO) {
             return;
@@ -236,6 +322,7 @@ impl RequestGuard {
         self.done = true;
         self.stats.ended[how as usize].fetch_add(1, Ordering::AcqRel);
         self.log(how);
+        self.record(how);
     }
 }
 
@@ -245,6 +332,7 @@ impl Drop for RequestGuard {
             self.done = true;
             self.stats.ended[RequestEnd::Cancelled as usize].fetch_add(1, Ordering::AcqRel);
             self.log(RequestEnd::Cancelled);
+            self.record(RequestEnd::Cancelled);
         }
     }
 }

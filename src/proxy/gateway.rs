@@ -8,6 +8,8 @@ use http::{HeaderMap, HeaderName, header};
 use crate::config::Config;
 use crate::health::registry::Registry;
 use crate::proxy::events::Events;
+use crate::proxy::recent::Recent;
+use crate::proxy::usage::LiveUsage;
 use crate::proxy::usage::UsageTally;
 use crate::select::affinity::Affinity;
 use crate::select::budget::RetryBudget;
@@ -33,6 +35,11 @@ pub struct Gateway {
     /// The usage tally successful answers add to, when storage is on (the store's writer drains
     /// it; carried over by reloads).
     pub usage: Option<Arc<UsageTally>>,
+    /// Token usage since start per endpoint and model (the live prompt-cache figures; carried
+    /// over by reloads).
+    pub live_usage: Arc<LiveUsage>,
+    /// The last client requests (carried over by reloads).
+    pub recent: Arc<Recent>,
 }
 
 impl Gateway {
@@ -40,6 +47,7 @@ impl Gateway {
     pub fn new(config: Config) -> Result<Self, crate::transport::upstream::ClientError> {
         let registry = Arc::new(Registry::new(&config)?);
         let clock = registry.clock;
+        let recent = Arc::new(Recent::new(config.requests.ring_size));
         Ok(Self {
             registry,
             selector: Selector::new(config.server.strategy),
@@ -51,6 +59,8 @@ impl Gateway {
             events: Arc::default(),
             config,
             usage: None,
+            live_usage: Arc::default(),
+            recent,
         })
     }
 
@@ -97,6 +107,9 @@ impl Gateway {
             events: Arc::clone(&self.events),
             config,
             usage: self.usage.clone(),
+            live_usage: Arc::clone(&self.live_usage),
+            // The ring's size is read at start; changing it needs a restart.
+            recent: Arc::clone(&self.recent),
         };
         Ok((gateway, report))
     }

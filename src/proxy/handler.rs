@@ -13,10 +13,12 @@ use crate::health::attempt::Attempt;
 use crate::health::classify::{self, Outcome, TransportKind, Verdict, classify_status, quota};
 use crate::health::endpoint::Endpoint;
 use crate::health::registry::{Admission, Registry};
+use crate::health::totals::RequestNote;
 use crate::health::totals::{RequestEnd, RequestGuard};
 use crate::proxy::events::{FailedAttempt, Failover};
 use crate::proxy::forward::{self, Collected, Expects, Preamble, Prepared};
 use crate::proxy::gateway::{CCGATE_TOKEN, Gateway};
+use crate::proxy::relay::UsageSinks;
 use crate::proxy::relay::{BoxError, Judge, RelayBody};
 use crate::proxy::response::{self, GateBody};
 use crate::proxy::scrub::{replace_with_own_error, scrub_body, scrub_headers};
@@ -55,7 +57,16 @@ where
         Some(None) => {}
     }
     req.headers_mut().remove(&CCGATE_TOKEN);
-    let guard = gw.registry.gateway.begin();
+    let mut guard = gw.registry.gateway.begin();
+    guard.record_to(
+        Arc::clone(&gw.recent) as Arc<dyn crate::health::totals::RequestSink>,
+        RequestNote {
+            at: Some(SystemTime::now()),
+            method: req.method().to_string(),
+            path: req.uri().path().to_string(),
+            ..RequestNote::default()
+        },
+    );
     let id = guard.id().header_value();
     let mut resp = proxied(&gw, req, guard).await;
     resp.headers_mut().insert(REQUEST_ID.clone(), id);
@@ -63,7 +74,7 @@ where
 }
 
 /// Reads the body (capped) and forwards the request.
-async fn proxied<B>(gw: &Gateway, req: Request<B>, guard: RequestGuard) -> Response<GateBody>
+async fn proxied<B>(gw: &Gateway, req: Request<B>, mut guard: RequestGuard) -> Response<GateBody>
 where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
@@ -110,6 +121,11 @@ where
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    if let Some(note) = guard.note_mut() {
+        note.model = json_top::member(&body, b"model")
+            .and_then(json_top::as_str)
+            .map(|m| m.chars().take(200).collect());
+    }
     let prepared = Prepared::new(parts.method, path_and_query, headers, body);
     forward_request(gw, prepared, guard).await
 }
@@ -529,13 +545,11 @@ impl Commit<'_> {
             method,
         } = self;
         guard.served_by(ep, attempts, parts.status.as_u16());
-        let tally = match &judge {
-            Judge::Stream(_) => gw.usage.clone(),
-            Judge::Plain => gw
-                .usage
-                .clone()
-                .filter(|_| is_json(&parts.headers) && !is_encoded(&parts.headers)),
-            Judge::CallerError => None,
+        guard.note_first_byte();
+        let read_usage = match &judge {
+            Judge::Stream(_) => true,
+            Judge::Plain => is_json(&parts.headers) && !is_encoded(&parts.headers),
+            Judge::CallerError => false,
         };
         if !matches!(judge, Judge::CallerError) {
             note_failover(gw, &guard, failures, Some(ep), parts.status);
@@ -544,7 +558,10 @@ impl Commit<'_> {
             }
         }
         let relay = RelayBody::new(body, held, judge, gw.config.timeouts.idle, attempt, guard)
-            .with_usage(tally);
+            .with_usage(read_usage.then(|| UsageSinks {
+                tally: gw.usage.clone(),
+                live: Arc::clone(&gw.live_usage),
+            }));
         relay_response(parts, relay, ep, attempts, fallback, method)
     }
 }

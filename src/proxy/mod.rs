@@ -7,6 +7,7 @@ pub mod forward;
 pub mod gateway;
 pub mod handler;
 pub mod probe;
+pub mod recent;
 pub mod relay;
 pub mod response;
 pub mod scrub;

@@ -16,7 +16,9 @@ use tokio::time::{Instant, Sleep};
 use crate::health::attempt::Attempt;
 use crate::health::classify::{Outcome, TransportKind, classify_sse_error};
 use crate::health::totals::RequestGuard;
+use crate::proxy::usage::LiveUsage;
 use crate::proxy::usage::UsageTally;
+use crate::proxy::usage::ledger_model;
 use crate::wire::sse::{SseScanner, error_event};
 use crate::wire::usage;
 
@@ -61,10 +63,19 @@ pub struct RelayBody {
 /// plain body is kept (as the frames' shared `Bytes`, not copied) up to
 /// [`usage::MAX_JSON_BODY`] and read when it ends.
 struct UsageTap {
-    tally: Arc<UsageTally>,
+    sinks: UsageSinks,
     frames: Vec<Bytes>,
     len: usize,
     too_large: bool,
+}
+
+/// Where a successful answer's usage goes: the ledger's tally (when storage is on) and the live
+/// per-endpoint, per-model sums.
+pub struct UsageSinks {
+    /// The store's tally, `None` without storage.
+    pub tally: Option<Arc<UsageTally>>,
+    /// The live sums since start.
+    pub live: Arc<LiveUsage>,
 }
 
 impl UsageTap {
@@ -117,10 +128,10 @@ impl RelayBody {
     /// `message_start` / `message_delta` events, for a plain JSON body from its top-level `usage`.
     /// Only a success is counted, so never a caller error. Only in-memory work happens on this
     /// path.
-    pub fn with_usage(mut self, tally: Option<Arc<UsageTally>>) -> Self {
-        self.usage = tally.map(|tally| {
+    pub fn with_usage(mut self, sinks: Option<UsageSinks>) -> Self {
+        self.usage = sinks.map(|sinks| {
             let mut tap = UsageTap {
-                tally,
+                sinks,
                 frames: Vec::new(),
                 len: 0,
                 too_large: false,
@@ -152,8 +163,16 @@ impl RelayBody {
                 many => usage::from_json_body(&many.concat()),
             },
         };
-        if let Some(u) = found {
-            tap.tally.add(&ep.name, u);
+        if let Some(mut u) = found {
+            let model = ledger_model(u.model.take());
+            tap.sinks.live.add(&ep.name, &model, &u.usage);
+            if let Some(r) = self.request.as_mut() {
+                r.note_usage(u.usage);
+            }
+            if let Some(tally) = &tap.sinks.tally {
+                u.model = Some(model);
+                tally.add(&ep.name, u);
+            }
         }
     }
 

@@ -56,15 +56,7 @@ pub struct UsageTally {
 impl UsageTally {
     /// Adds one answer's usage (request path: one short lock, no I/O).
     pub fn add(&self, endpoint: &str, usage: MessageUsage) {
-        let model = match usage.model {
-            Some(mut m) if !m.is_empty() => {
-                if m.len() > MAX_MODEL_LEN {
-                    m = m.chars().take(MAX_MODEL_LEN).collect();
-                }
-                m
-            }
-            _ => OTHER_MODEL.to_string(),
-        };
+        let model = ledger_model(usage.model);
         // The key is built before the lock is taken: only the map operations happen under it.
         let mut key = UsageKey {
             day: day_of(SystemTime::now()),
@@ -93,6 +85,80 @@ impl UsageTally {
         for (k, v) in rows {
             mine.entry(k).or_default().add(&v);
         }
+    }
+}
+
+/// Token usage since the process started, per (endpoint, model): the live prompt-cache figures
+/// of the views and `/metrics`. Kept whether or not storage is on; bounded like the tally (new
+/// models beyond [`MAX_ROWS`] fold into [`OTHER_MODEL`]). Shared by a gateway and its reloaded
+/// successors, so a reload does not reset it.
+#[derive(Default)]
+pub struct LiveUsage {
+    rows: parking_lot::Mutex<HashMap<(String, String), UsageSums>>,
+}
+
+impl LiveUsage {
+    /// Adds one answer's usage (request path: one short lock, no I/O).
+    pub fn add(&self, endpoint: &str, model: &str, usage: &Usage) {
+        let one = UsageSums {
+            requests: 1,
+            usage: *usage,
+        };
+        let mut rows = self.rows.lock();
+        let mut key = (endpoint.to_string(), model.to_string());
+        if rows.len() >= MAX_ROWS && !rows.contains_key(&key) {
+            key.1 = OTHER_MODEL.to_string();
+        }
+        rows.entry(key).or_default().add(&one);
+    }
+
+    /// The sums of one endpoint, by model (sorted by model).
+    pub fn of_endpoint(&self, endpoint: &str) -> Vec<(String, UsageSums)> {
+        let mut out: Vec<(String, UsageSums)> = self
+            .rows
+            .lock()
+            .iter()
+            .filter(|((e, _), _)| e == endpoint)
+            .map(|((_, m), v)| (m.clone(), *v))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// Every row: (endpoint, model, sums), sorted.
+    pub fn all(&self) -> Vec<(String, String, UsageSums)> {
+        let mut out: Vec<(String, String, UsageSums)> = self
+            .rows
+            .lock()
+            .iter()
+            .map(|((e, m), v)| (e.clone(), m.clone(), *v))
+            .collect();
+        out.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        out
+    }
+}
+
+/// The prompt-cache hit rate of `usage`: `cache_read / (cache_read + cache_creation + input)`,
+/// `None` when no input tokens were counted at all.
+pub fn hit_rate(usage: &Usage) -> Option<f64> {
+    let all = usage
+        .cache_read
+        .saturating_add(usage.cache_creation)
+        .saturating_add(usage.input);
+    (all > 0).then(|| usage.cache_read as f64 / all as f64)
+}
+
+/// A model name as the ledger keeps it: cut to [`MAX_MODEL_LEN`] characters, [`OTHER_MODEL`]
+/// when the answer named none.
+pub fn ledger_model(model: Option<String>) -> String {
+    match model {
+        Some(mut m) if !m.is_empty() => {
+            if m.len() > MAX_MODEL_LEN {
+                m = m.chars().take(MAX_MODEL_LEN).collect();
+            }
+            m
+        }
+        _ => OTHER_MODEL.to_string(),
     }
 }
 

@@ -14,6 +14,7 @@ use crate::health::classify::Kind;
 use crate::health::endpoint::{Counters, Live};
 use crate::health::queue::EpisodeEvent;
 use crate::health::totals::RequestEnd;
+use crate::proxy::recent::RecentRequest;
 use crate::proxy::usage::{UsageKey, UsageSums};
 use crate::store::values::*;
 
@@ -66,7 +67,90 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         cooldown_until_ms INTEGER NOT NULL,
         probes INTEGER NOT NULL DEFAULT 0
     ) WITHOUT ROWID;",
+    // 3: the recent requests (never a body or a credential), capped in rows and age.
+    "CREATE TABLE requests (
+        id INTEGER PRIMARY KEY,
+        at_ms INTEGER NOT NULL,
+        request_id TEXT NOT NULL,
+        method TEXT NOT NULL,
+        path TEXT NOT NULL,
+        model TEXT,
+        endpoint TEXT,
+        attempts INTEGER NOT NULL,
+        status INTEGER,
+        outcome TEXT NOT NULL,
+        first_byte_ms REAL,
+        total_ms REAL NOT NULL,
+        input_tokens INTEGER,
+        output_tokens INTEGER,
+        cache_creation_input_tokens INTEGER,
+        cache_read_input_tokens INTEGER
+    );
+    CREATE INDEX requests_by_time ON requests (at_ms);",
 ];
+
+/// How many stored requests are kept, and for how long.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct RequestsKeep {
+    /// Rows at most.
+    pub(crate) max_rows: u64,
+    /// Oldest kept.
+    pub(crate) retention: Duration,
+}
+
+/// Appends `rows` to the `requests` table, then prunes it: rows older than the retention period
+/// and all but the newest `keep.max_rows`. Rows are only ever appended (`id` grows) and pruned
+/// from the oldest, so ids stay contiguous and one range delete keeps the cap exact.
+pub(crate) fn write_requests(
+    conn: &Connection,
+    rows: &[std::sync::Arc<RecentRequest>],
+    keep: RequestsKeep,
+    now: SystemTime,
+) -> rusqlite::Result<()> {
+    if keep.max_rows == 0 {
+        conn.execute("DELETE FROM requests", [])?;
+        return Ok(());
+    }
+    // Only the newest `max_rows` of a big batch could survive the prune anyway.
+    let skip = rows.len().saturating_sub(keep.max_rows as usize);
+    if !rows.is_empty() {
+        let mut st = conn.prepare_cached(
+            "INSERT INTO requests (at_ms, request_id, method, path, model, endpoint, attempts,
+                status, outcome, first_byte_ms, total_ms, input_tokens, output_tokens,
+                cache_creation_input_tokens, cache_read_input_tokens)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+        )?;
+        for r in &rows[skip..] {
+            let u = r.usage.as_ref();
+            st.execute(params![
+                r.at_ms,
+                r.request_id,
+                r.method,
+                r.path,
+                r.model,
+                r.endpoint,
+                i64::from(r.attempts),
+                r.status.map(i64::from),
+                r.outcome,
+                r.first_byte_ms,
+                r.total_ms,
+                u.map(|u| saturating_i64(u.input)),
+                u.map(|u| saturating_i64(u.output)),
+                u.map(|u| saturating_i64(u.cache_creation)),
+                u.map(|u| saturating_i64(u.cache_read)),
+            ])?;
+        }
+    }
+    let cutoff = now
+        .checked_sub(keep.retention)
+        .unwrap_or(std::time::UNIX_EPOCH);
+    conn.execute("DELETE FROM requests WHERE at_ms < ?1", [unix_ms(cutoff)])?;
+    conn.execute(
+        "DELETE FROM requests WHERE id <= (SELECT MAX(id) FROM requests) - ?1",
+        [saturating_i64(keep.max_rows)],
+    )?;
+    Ok(())
+}
 
 /// Everything read back on start.
 #[derive(Default)]
@@ -424,6 +508,9 @@ impl Store {
                 [unix_ms(b.at)],
             )?;
         }
+        if let Some(keep) = b.requests_keep {
+            write_requests(&tx, &b.requests, keep, b.at)?;
+        }
         tx.commit()?;
         Ok(opened)
     }
@@ -481,4 +568,95 @@ pub(crate) struct Batch {
     pub(crate) events: Vec<EpisodeEvent>,
     pub(crate) ops: Vec<EpisodeOp>,
     pub(crate) open_after: HashMap<usize, OpenEpisode>,
+    /// Recent requests to append, oldest first.
+    pub(crate) requests: Vec<std::sync::Arc<RecentRequest>>,
+    /// The `requests` table's bounds (`None`: leave the table alone).
+    pub(crate) requests_keep: Option<RequestsKeep>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A million requests through the writer's append-and-prune: the table never holds more than
+    /// its cap, keeps the newest, and drops what is older than the retention period.
+    #[test]
+    fn a_million_stored_requests_stay_bounded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = Store::open(&dir.path().join("t.db")).expect("open");
+        let keep = RequestsKeep {
+            max_rows: 10_000,
+            retention: Duration::from_secs(3600),
+        };
+        let now = SystemTime::now();
+        let now_ms = unix_ms(now);
+        let rec = |i: u64, at_ms: i64| {
+            std::sync::Arc::new(RecentRequest {
+                seq: i,
+                at_ms,
+                request_id: format!("req_{i:016x}"),
+                method: "POST".into(),
+                path: "/v1/messages".into(),
+                model: Some("claude-sonnet-4-5".into()),
+                endpoint: Some("a".into()),
+                attempts: 1,
+                status: Some(200),
+                outcome: "success",
+                first_byte_ms: Some(1.0),
+                total_ms: 2.0,
+                usage: None,
+            })
+        };
+        let count = |s: &Store| -> i64 {
+            s.conn
+                .query_row("SELECT COUNT(*) FROM requests", [], |r| r.get(0))
+                .expect("count")
+        };
+        // 100 flushes of 10,000 requests each: the cap holds after every one.
+        let mut i = 0u64;
+        for _ in 0..100 {
+            let batch: Vec<_> = (0..10_000)
+                .map(|_| {
+                    i += 1;
+                    rec(i, now_ms)
+                })
+                .collect();
+            let tx = store.conn.transaction().expect("tx");
+            write_requests(&tx, &batch, keep, now).expect("write");
+            tx.commit().expect("commit");
+            assert!(count(&store) <= 10_000);
+        }
+        assert_eq!(i, 1_000_000);
+        assert_eq!(count(&store), 10_000);
+        let newest: String = store
+            .conn
+            .query_row(
+                "SELECT request_id FROM requests ORDER BY id DESC LIMIT 1",
+                [],
+                |r| r.get(0),
+            )
+            .expect("newest");
+        assert_eq!(newest, format!("req_{:016x}", 1_000_000u64));
+        // One flush whose records are two hours old: the retention period prunes all of them
+        // (and everything stored at `now` stays).
+        let old: Vec<_> = (0..5).map(|k| rec(k, now_ms - 7_200_000)).collect();
+        let tx = store.conn.transaction().expect("tx");
+        write_requests(&tx, &old, keep, now).expect("write");
+        tx.commit().expect("commit");
+        let old_left: i64 = store
+            .conn
+            .query_row(
+                "SELECT COUNT(*) FROM requests WHERE at_ms < ?1",
+                [now_ms],
+                |r| r.get(0),
+            )
+            .expect("count");
+        assert_eq!(old_left, 0);
+        assert!(count(&store) <= 10_000);
+        // Later, all of it is past the retention period.
+        let tx = store.conn.transaction().expect("tx");
+        write_requests(&tx, &[], keep, now + Duration::from_secs(7200)).expect("write");
+        tx.commit().expect("commit");
+        assert_eq!(count(&store), 0);
+    }
 }

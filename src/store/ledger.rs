@@ -67,3 +67,45 @@ pub fn read_ledger(path: &Path, since: &str) -> anyhow::Result<Vec<LedgerRow>> {
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
+
+/// One row of the stored `requests` table.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredRequest {
+    /// Arrival, milliseconds since the Unix epoch.
+    pub at_ms: i64,
+    /// `x-ccgate-request-id`.
+    pub request_id: String,
+    /// Endpoint whose answer was relayed (or the last tried).
+    pub endpoint: Option<String>,
+    /// Attempts made.
+    pub attempts: u32,
+    /// Status the client got.
+    pub status: Option<u16>,
+    /// How it ended.
+    pub outcome: String,
+}
+
+/// The newest `limit` stored requests, oldest first, from the database file at `path` opened
+/// read-only.
+pub fn read_requests(path: &Path, limit: u32) -> anyhow::Result<Vec<StoredRequest>> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    let mut st = conn.prepare(
+        "SELECT at_ms, request_id, endpoint, attempts, status, outcome FROM
+            (SELECT * FROM requests ORDER BY id DESC LIMIT ?1) ORDER BY id",
+    )?;
+    let rows = st.query_map([limit], |r| {
+        Ok(StoredRequest {
+            at_ms: r.get(0)?,
+            request_id: r.get(1)?,
+            endpoint: r.get(2)?,
+            attempts: r.get::<_, i64>(3)?.clamp(0, i64::from(u32::MAX)) as u32,
+            status: r.get::<_, Option<i64>>(4)?.map(|s| s.clamp(0, 999) as u16),
+            outcome: r.get(5)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}

@@ -25,6 +25,6 @@ mod values;
 mod writer;
 
 pub use crate::store::db::{Store, saturating_i64};
-pub use crate::store::ledger::{LedgerRow, read_ledger};
+pub use crate::store::ledger::{LedgerRow, StoredRequest, read_ledger, read_requests};
 pub use crate::store::values::{EpisodeRow, GatewayTotals, RECENT_EPISODES, StorageStatus};
 pub use crate::store::writer::{Persist, attach, run_writer};

@@ -287,7 +287,13 @@ impl Persist {
             }
         }
         let health = Some(saved_health(gw));
+        let keep = &gw.config.requests;
         Batch {
+            requests: gw.recent.take_pending(),
+            requests_keep: Some(RequestsKeep {
+                max_rows: keep.max_rows,
+                retention: keep.retention,
+            }),
             at,
             health,
             endpoint_deltas,
@@ -398,11 +404,14 @@ impl Persist {
         })
         .await;
         match joined {
-            Ok((store, batch, result)) => {
+            Ok((store, mut batch, result)) => {
                 *self.store.lock() = Some(store);
                 match result {
                     Ok(ids) => self.committed(batch, &ids),
-                    Err(e) => self.failed(batch, format!("cannot write the database: {e}")),
+                    Err(e) => {
+                        gw.recent.restore(std::mem::take(&mut batch.requests));
+                        self.failed(batch, format!("cannot write the database: {e}"));
+                    }
                 }
                 true
             }
@@ -471,6 +480,11 @@ pub async fn attach(gateway: &mut Gateway) -> Arc<Persist> {
         resume_health(gateway, &saved);
     }
     gateway.usage = persist.tally();
+    if persist.is_active() {
+        // The writer takes the buffer every flush; it holds at most one table's worth.
+        let cap = gateway.config.requests.max_rows.min(100_000) as usize;
+        gateway.recent.start_storing(cap);
+    }
     Arc::new(persist)
 }
 

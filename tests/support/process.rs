@@ -254,6 +254,11 @@ impl Proc {
         }
     }
 
+    /// The child's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The next stdout line (with its newline), `None` at EOF; panics after [`DEADLINE`].
     pub async fn next_line(&mut self) -> Option<String> {
         let line = match tokio::time::timeout(DEADLINE, self.stdout_lines.recv()).await {

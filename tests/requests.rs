@@ -1,0 +1,174 @@
+//! Recent requests (#16 item 7) through the real binary: `GET /_ccgate/requests` shows the last
+//! requests (bounded by `[requests] ring_size`) with their endpoint, attempts, status, outcome,
+//! latencies and tokens, never a body or a credential; `ccgate requests` prints them and
+//! `--follow` prints new ones as they come until Ctrl-C; with storage on, the `requests` table
+//! holds them after shutdown.
+#![cfg(unix)]
+
+#[path = "support/process.rs"]
+mod process;
+mod support;
+
+use std::process::Command;
+
+use serde_json::{Value, json};
+
+use support::mock::{MockUpstream, Script};
+use support::wait; // `wait` for `support/process.rs`
+
+const KEY: &str = "sk-test-requests-secret";
+
+fn answer(input: u64, read: u64) -> Script {
+    Script::json(
+        200,
+        &json!({
+            "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
+            "content": [{"type": "text", "text": "hello"}],
+            "stop_reason": "end_turn", "stop_sequence": null,
+            "usage": {"input_tokens": input, "output_tokens": 7,
+                      "cache_creation_input_tokens": 0, "cache_read_input_tokens": read},
+        }),
+    )
+}
+
+#[tokio::test]
+async fn recent_requests_view_cli_follow_and_table() {
+    let up = MockUpstream::start().await;
+    let bad = MockUpstream::start().await;
+    let sb = process::Sandbox::new();
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n[storage]\nflush_interval = \"50ms\"\n\n[requests]\nring_size = 2\n\n\
+         [[endpoints]]\nname = \"broken\"\nbase_url = \"{}\"\napi_key = \"{KEY}\"\npriority = 1\n\n\
+         [[endpoints]]\nname = \"main\"\nbase_url = \"{}\"\napi_key = \"{KEY}\"\npriority = 2\n",
+        bad.url(),
+        up.url()
+    );
+    sb.write_at(&sb.default_config(), &text);
+    let serving = process::start(sb.command(&["serve"])).await;
+
+    // The first fails over from `broken` (a 500) to `main`; the next two go to `broken`, which
+    // answers them.
+    bad.push(Script::error(500, "api_error", "boom"));
+    up.push(answer(100, 900));
+    bad.push(answer(5, 0));
+    bad.push(answer(6, 0));
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let r = process::post_message(serving.addr, &[]).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        ids.push(
+            r.header("x-ccgate-request-id")
+                .expect("request id")
+                .to_string(),
+        );
+    }
+
+    // The ring keeps two: the newest first.
+    let v = process::get(serving.addr, "/_ccgate/requests?limit=10", &[])
+        .await
+        .json();
+    let list = v["requests"].as_array().expect("requests");
+    assert_eq!(list.len(), 2, "{v}");
+    assert_eq!(list[0]["request_id"], ids[2].as_str(), "{v}");
+    assert_eq!(list[1]["request_id"], ids[1].as_str(), "{v}");
+    let r = &list[0];
+    assert_eq!(r["method"], "POST");
+    assert_eq!(r["path"], "/v1/messages");
+    assert_eq!(r["model"], "claude-sonnet-4-5");
+    assert_eq!(r["endpoint"], "broken");
+    assert_eq!(r["attempts"], 1);
+    assert_eq!(r["status"], 200);
+    assert_eq!(r["outcome"], "success");
+    assert_eq!(r["input_tokens"], 6);
+    assert_eq!(r["output_tokens"], 7);
+    assert!(
+        r["first_byte_ms"].as_f64().expect("first byte") <= r["total_ms"].as_f64().expect("total"),
+        "{r}"
+    );
+    assert!(
+        !v.to_string().contains(KEY) && !v.to_string().contains("hello"),
+        "{v}"
+    );
+    let one = process::get(serving.addr, "/_ccgate/requests?limit=1", &[])
+        .await
+        .json();
+    assert_eq!(one["requests"].as_array().map(Vec::len), Some(1), "{one}");
+
+    // `ccgate requests` prints them.
+    let f = process::run(sb.command(&["requests", "--url", &serving.url()])).await;
+    f.assert_success();
+    assert!(f.stdout.contains("REQUEST ID"), "{}", f.output());
+    assert!(
+        f.stdout.contains(&ids[2]) && f.stdout.contains(&ids[1]),
+        "{}",
+        f.output()
+    );
+    assert!(f.stdout.contains("6/7/0/0"), "{}", f.output());
+
+    // `--follow`: the last one first, then each new request as it comes; Ctrl-C ends it.
+    let mut follow = process::Proc::spawn(sb.command(&[
+        "requests",
+        "--url",
+        &serving.url(),
+        "--follow",
+        "--json",
+        "-n",
+        "1",
+        "--interval",
+        "20ms",
+    ]));
+    let first: Value =
+        serde_json::from_str(&follow.next_line().await.expect("a line")).expect("json");
+    assert_eq!(first["request_id"], ids[2].as_str());
+    up.push(answer(1, 2));
+    bad.push(Script::error(500, "api_error", "boom"));
+    let r = process::post_message(serving.addr, &[]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let id = r
+        .header("x-ccgate-request-id")
+        .expect("request id")
+        .to_string();
+    let next: Value =
+        serde_json::from_str(&follow.next_line().await.expect("a line")).expect("json");
+    assert_eq!(next["request_id"], id.as_str(), "{next}");
+    assert_eq!(
+        (next["endpoint"].as_str(), next["attempts"].as_u64()),
+        (Some("main"), Some(2)),
+        "{next}"
+    );
+    assert_eq!(next["cache_read_input_tokens"], 2, "{next}");
+    let status = Command::new("kill")
+        .arg("-INT")
+        .arg(follow.pid().to_string())
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let f = follow.finish().await;
+    assert_eq!(f.status.code(), Some(0), "{}", f.output());
+    serving.stop().await;
+
+    // With storage on, every request is in the table (the ring's bound does not apply there).
+    let db = sb.path("xdg-data").join("ccgate").join("ccgate.db");
+    let stored = stored_requests(&db);
+    assert_eq!(stored.len(), 4, "{stored:?}");
+    let mut all = ids.clone();
+    all.push(id);
+    assert_eq!(stored.iter().map(|r| r.0.clone()).collect::<Vec<_>>(), all);
+    assert_eq!(stored[0].1, "main");
+    assert_eq!(stored[0].2, 2);
+}
+
+/// (request id, endpoint, attempts) of every stored request, oldest first.
+fn stored_requests(db: &std::path::Path) -> Vec<(String, String, i64)> {
+    ccgate::store::read_requests(db, 1000)
+        .expect("read the requests table")
+        .into_iter()
+        .map(|r| {
+            (
+                r.request_id,
+                r.endpoint.unwrap_or_default(),
+                i64::from(r.attempts),
+            )
+        })
+        .collect()
+}
