@@ -147,11 +147,11 @@ pub fn render_status(url: &str, endpoints: &Value, queue: &Value, stats: &Value)
                     .as_f64()
                     .map_or("-".into(), fmt_ms),
                 cache_hit(e),
+                quota(e),
                 u(&e["in_flight"]).to_string(),
                 u(&e["total_requests"]).to_string(),
                 u(&e["endpoint_errors"]).to_string(),
                 u(&e["caller_errors"]).to_string(),
-                quota(e),
             ]
         })
         .collect();
@@ -162,11 +162,11 @@ pub fn render_status(url: &str, endpoints: &Value, queue: &Value, stats: &Value)
             "HEALTH",
             "P50 FIRST BYTE",
             "CACHE HIT",
+            "QUOTA LEFT",
             "IN FLIGHT",
             "REQUESTS",
             "ENDPOINT ERRORS",
             "CALLER ERRORS",
-            "QUOTA LEFT",
         ],
         &rows,
     ));
