@@ -196,6 +196,26 @@ async fn dashboard_in_headless_chromium() {
     )
     .await;
 
+    // `b` says its subscription window is 97% used: the page shows its quota (issue 16 #3).
+    b.push(
+        Script::json_ok()
+            .header("anthropic-ratelimit-unified-status", "allowed_warning")
+            .header("anthropic-ratelimit-unified-5h-utilization", "0.97"),
+    );
+    let r = gw
+        .post("/v1/messages", &auth, &TestGateway::message_body(false))
+        .await;
+    assert_eq!(r.header("x-ccgate-endpoint"), Some("b"));
+    page.wait_for(
+        "`b` shows its quota near the limit",
+        r#"document.querySelector('tr[data-endpoint="b"] .meta').textContent"#,
+        |v| {
+            v.as_str()
+                .is_some_and(|t| t.contains("quota 3.0% left") && t.contains("near limit"))
+        },
+    )
+    .await;
+
     // A caller's bad request answered by `b`: shown as a caller error beside `b`'s endpoint
     // errors, not against its health, and in the clients' split (issue 21 #3).
     b.push(Script::error(400, "invalid_request_error", "bad request"));
