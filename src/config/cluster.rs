@@ -11,8 +11,8 @@ use toml::Spanned;
 
 use crate::config::Secret;
 use crate::config::env::Env;
+use crate::config::problems::Problems;
 use crate::config::raw::RawCluster;
-use crate::config::validate::Problems;
 
 /// Default `cluster.key_prefix`.
 pub const DEFAULT_KEY_PREFIX: &str = "ccgate";

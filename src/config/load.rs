@@ -10,8 +10,9 @@ use crate::config::cluster::validate_cluster;
 use crate::config::env::Env;
 use crate::config::lenient;
 use crate::config::prices::RawPrice;
+use crate::config::problems::Problems;
 use crate::config::raw::{RawConfig, RawStorage};
-use crate::config::validate::{Problems, validate, validate_prices, validate_storage};
+use crate::config::validate::{validate, validate_prices, validate_storage};
 use crate::config::{Config, ConfigError, DEFAULT_BASE_URL, Problem, StorageConfig};
 
 impl Config {

@@ -503,10 +503,12 @@ pub fn is_self(url: &BaseUrl, listen: SocketAddr) -> bool {
 }
 
 mod cluster;
+mod endpoint;
 mod env;
 mod lenient;
 mod load;
 mod prices;
+mod problems;
 mod raw;
 #[cfg(test)]
 mod tests;
