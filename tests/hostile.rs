@@ -56,6 +56,18 @@ fn stream_requested(req: &ReceivedRequest) -> bool {
         .unwrap_or(false)
 }
 
+/// `a` answers a JSON request with `script`: the client gets `b`'s whole answer, and `a` counts the
+/// attempt as one endpoint failure.
+async fn json_request_fails_over_from(script: Script) {
+    let a = MockUpstream::start().await;
+    a.set_default(script);
+    let (b, gw) = a_then_b(builder(), &a.url()).await;
+    let ans = gw.post_message(false).await;
+    assert_json_from_b(&ans);
+    assert_eq!(b.count(), 1);
+    assert_eq!(counts(&gw, "a").await, (1, 0, 1));
+}
+
 /// A (hostile, priority 1) and B (healthy, priority 2) behind one gateway built from `gb`.
 async fn a_then_b(gb: GatewayBuilder, a_url: &str) -> (MockUpstream, TestGateway) {
     let b = healthy_b().await;
@@ -1076,17 +1088,12 @@ async fn upstream_huge_response_header_fails_over() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_200_with_invalid_json_fails_over() {
-    let a = MockUpstream::start().await;
-    a.set_default(Script::response(
+    json_request_fails_over_from(Script::response(
         200,
         "application/json",
         "{\"id\": \"msg_x\", \"type\": \"message\", \"content\": [ {\"type\": \"te",
-    ));
-    let (b, gw) = a_then_b(builder(), &a.url()).await;
-    let ans = gw.post_message(false).await;
-    assert_json_from_b(&ans);
-    assert_eq!(b.count(), 1);
-    assert_eq!(counts(&gw, "a").await, (1, 0, 1));
+    ))
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1344,17 +1351,12 @@ async fn upstream_json_over_the_judging_cap_is_relayed_as_it_comes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_html_200_to_a_json_request_fails_over() {
-    let a = MockUpstream::start().await;
-    a.set_default(Script::response(
+    json_request_fails_over_from(Script::response(
         200,
         "text/html; charset=utf-8",
         "<html><body>Please log in</body></html>",
-    ));
-    let (b, gw) = a_then_b(builder(), &a.url()).await;
-    let ans = gw.post_message(false).await;
-    assert_json_from_b(&ans);
-    assert_eq!(b.count(), 1);
-    assert_eq!(counts(&gw, "a").await, (1, 0, 1));
+    ))
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
