@@ -238,6 +238,14 @@ const UNIFIED: &str = "anthropic-ratelimit-unified-";
 /// (reset in RFC 3339). The tightest window counts. `None` when the answer carries none of them
 /// (a relay that does not pass them on says nothing, rather than "all is well").
 pub fn quota(headers: &HeaderMap, now: SystemTime, threshold: f64) -> Option<Quota> {
+    // Most answers (relays, errors, mocks) carry none of these: say so after one pass over the
+    // names, before any lookup or allocation.
+    if !headers
+        .keys()
+        .any(|k| k.as_str().starts_with("anthropic-ratelimit-"))
+    {
+        return None;
+    }
     // (used, reset) per window.
     let mut windows: Vec<(f64, Option<Duration>)> = Vec::new();
     let until_unix = |v: &str| -> Option<Duration> {

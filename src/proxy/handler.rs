@@ -122,7 +122,10 @@ where
         .cloned()
         .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
     if let Some(note) = guard.note_mut() {
-        note.model = json_top::member(&body, b"model")
+        // Claude Code writes `model` first: read it there rather than walking the whole body
+        // from its end; other clients (the SDKs write it late) fall back to that walk.
+        note.model = json_top::first_string_member(&body, b"model")
+            .or_else(|| json_top::member(&body, b"model"))
             .and_then(json_top::as_str)
             .map(|m| m.chars().take(200).collect());
     }

@@ -194,27 +194,29 @@ impl RequestSink for Recent {
     }
 }
 
+/// A stored request for tests of the ring and of the store's table.
+#[cfg(test)]
+pub(crate) fn sample(i: u64) -> RecentRequest {
+    RecentRequest {
+        seq: 0,
+        at_ms: i as i64,
+        request_id: format!("req_{i:016x}"),
+        method: "POST".into(),
+        path: "/v1/messages".into(),
+        model: Some("claude-sonnet-4-5".into()),
+        endpoint: Some("a".into()),
+        attempts: 1,
+        status: Some(200),
+        outcome: "success",
+        first_byte_ms: Some(1.0),
+        total_ms: 2.0,
+        usage: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn record(i: u64) -> RecentRequest {
-        RecentRequest {
-            seq: 0,
-            at_ms: i as i64,
-            request_id: format!("req_{i:016x}"),
-            method: "POST".into(),
-            path: "/v1/messages".into(),
-            model: Some("claude-sonnet-4-5".into()),
-            endpoint: Some("a".into()),
-            attempts: 1,
-            status: Some(200),
-            outcome: "success",
-            first_byte_ms: Some(1.0),
-            total_ms: 2.0,
-            usage: None,
-        }
-    }
 
     /// A million requests through the ring and the store's buffer: both stay within their
     /// bounds, the newest are the ones kept, `after` pages correctly.
@@ -224,7 +226,7 @@ mod tests {
         r.start_storing(5000);
         let mut taken = 0u64;
         for i in 0..1_000_000u64 {
-            r.push(record(i));
+            r.push(sample(i));
             if i % 100_000 == 99_999 {
                 assert!(r.pending_len() <= 5000);
                 taken += r.take_pending().len() as u64;

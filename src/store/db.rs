@@ -594,17 +594,7 @@ mod tests {
             std::sync::Arc::new(RecentRequest {
                 seq: i,
                 at_ms,
-                request_id: format!("req_{i:016x}"),
-                method: "POST".into(),
-                path: "/v1/messages".into(),
-                model: Some("claude-sonnet-4-5".into()),
-                endpoint: Some("a".into()),
-                attempts: 1,
-                status: Some(200),
-                outcome: "success",
-                first_byte_ms: Some(1.0),
-                total_ms: 2.0,
-                usage: None,
+                ..crate::proxy::recent::sample(i)
             })
         };
         let count = |s: &Store| -> i64 {

@@ -18,6 +18,41 @@ pub fn member<'a>(json: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
     members(json).find(|&(k, _)| k == key).map(|(_, v)| v)
 }
 
+/// The raw string value of `key` when it is the first member of the JSON object `json` (quotes
+/// included, for [`as_str`]), found without walking the rest: Claude Code writes `model` first,
+/// where [`member`]'s walk from the end would cross the whole body. `None` when the first member
+/// is another one or its value is not a string.
+pub fn first_string_member<'a>(json: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
+    let skip_ws = |i: usize| {
+        json[i.min(json.len())..]
+            .iter()
+            .position(|b| !b.is_ascii_whitespace())
+            .map(|n| i + n)
+    };
+    let open = skip_ws(0)?;
+    let name = skip_ws(open + 1)?;
+    if json[open] != b'{' || json.get(name) != Some(&b'"') {
+        return None;
+    }
+    let after_name = name + 1 + key.len();
+    if json.get(name + 1..after_name)? != key || json.get(after_name) != Some(&b'"') {
+        return None;
+    }
+    let colon = skip_ws(after_name + 1)?;
+    let start = skip_ws(colon + 1)?;
+    if json[colon] != b':' || json[start] != b'"' {
+        return None;
+    }
+    let mut i = start + 1;
+    loop {
+        i += memchr::memchr2(b'"', b'\\', json.get(i..)?)?;
+        if json[i] == b'"' {
+            return Some(&json[start..=i]);
+        }
+        i += 2;
+    }
+}
+
 /// The top-level members of the JSON object `json`, last first, as (name as written, raw value
 /// trimmed of whitespace). Empty when `json` is not an object; stops early where it is malformed.
 pub fn members(json: &[u8]) -> Members<'_> {
@@ -161,6 +196,33 @@ mod tests {
     use serde_json::{Map, Value, json};
 
     use super::*;
+
+    #[test]
+    fn the_first_string_member_is_found_only_when_it_is_first() {
+        for (json, want) in [
+            (
+                &br#"{"model":"claude-x","messages":[]}"#[..],
+                Some(&br#""claude-x""#[..]),
+            ),
+            (br#" { "model" : "a\"b" , "x": 1}"#, Some(br#""a\"b""#)),
+            (br#"{"model":"a\\","x":1}"#, Some(br#""a\\""#)),
+            (br#"{"max_tokens":1,"model":"claude-x"}"#, None),
+            (br#"{"model":5}"#, None),
+            (br#"{"modelx":"y"}"#, None),
+            (br#"{"model":"unterminated"#, None),
+            (br#"["model","x"]"#, None),
+            (b"", None),
+        ] {
+            assert_eq!(
+                first_string_member(json, b"model"),
+                want,
+                "{}",
+                String::from_utf8_lossy(json)
+            );
+        }
+        let raw = first_string_member(br#"{"model":"a\"b"}"#, b"model").expect("found");
+        assert_eq!(as_str(raw).as_deref(), Some("a\"b"));
+    }
 
     fn m<'a>(json: &'a str, key: &str) -> Option<&'a str> {
         member(json.as_bytes(), key.as_bytes()).map(|v| std::str::from_utf8(v).expect("test data"))
