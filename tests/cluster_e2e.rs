@@ -397,7 +397,13 @@ async fn sessions_stay_put_across_instances_and_move_together() {
     let session = [("x-claude-code-session-id", "s-cluster-1")];
     // The first binder in Redis wins: whichever instance that was, all converge on its choice.
     post_message(c.addr(0), &session).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Instance 0's binding is written through to Redis before anyone else asks.
+    let key = format!("GET {}:session:s-cluster-1", c.prefix);
+    c.until("the session bound in Redis", || {
+        let reply = redis.command(&key);
+        async move { reply.starts_with('$') && !reply.starts_with("$-1") }
+    })
+    .await;
     let bound = served_by(&post_message(c.addr(0), &session).await);
     for round in 0..3 {
         for i in [1, 2, 0] {
