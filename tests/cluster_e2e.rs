@@ -164,6 +164,28 @@ impl Cluster {
     }
 }
 
+/// Two endpoints answering JSON, `a` preferred over `b`, behind three instances.
+async fn a_before_b(redis: &RedisServer) -> (MockUpstream, MockUpstream, Cluster) {
+    let a = MockUpstream::start().await;
+    let b = MockUpstream::start().await;
+    a.set_default(Script::json_ok());
+    b.set_default(Script::json_ok());
+    let eps = [
+        Ep {
+            name: "a",
+            mock: &a,
+            extra: "priority = 1",
+        },
+        Ep {
+            name: "b",
+            mock: &b,
+            extra: "priority = 2",
+        },
+    ];
+    let c = Cluster::start(redis, &eps, "").await;
+    (a, b, c)
+}
+
 fn served_by(a: &process::Answer) -> String {
     a.header("x-ccgate-endpoint").unwrap_or("-").to_owned()
 }
@@ -308,23 +330,7 @@ async fn one_outage_is_one_episode_and_one_prober_cluster_wide() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cooldowns_are_shared_and_only_grow() {
     let redis = RedisServer::start();
-    let a = MockUpstream::start().await;
-    let b = MockUpstream::start().await;
-    a.set_default(Script::json_ok());
-    b.set_default(Script::json_ok());
-    let eps = [
-        Ep {
-            name: "a",
-            mock: &a,
-            extra: "priority = 1",
-        },
-        Ep {
-            name: "b",
-            mock: &b,
-            extra: "priority = 2",
-        },
-    ];
-    let c = Cluster::start(&redis, &eps, "").await;
+    let (a, b, c) = a_before_b(&redis).await;
     a.push(Script::rate_limited(3));
     let first = post_message(c.addr(0), &[]).await;
     assert_eq!(first.status, 200);
@@ -568,23 +574,7 @@ async fn redis_outage_is_invisible_to_clients_and_repaired() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_was_learnt_alone_is_republished_on_reconnect() {
     let redis = RedisServer::start();
-    let a = MockUpstream::start().await;
-    let b = MockUpstream::start().await;
-    a.set_default(Script::json_ok());
-    b.set_default(Script::json_ok());
-    let eps = [
-        Ep {
-            name: "a",
-            mock: &a,
-            extra: "priority = 1",
-        },
-        Ep {
-            name: "b",
-            mock: &b,
-            extra: "priority = 2",
-        },
-    ];
-    let c = Cluster::start(&redis, &eps, "").await;
+    let (_a, _b, c) = a_before_b(&redis).await;
     // Redis stops answering (its data stays): every link times out and goes down.
     assert!(redis.command("CLIENT PAUSE 4000 ALL").contains("OK"));
     let addr = c.addr(0);
