@@ -204,7 +204,9 @@ where
             return refusal.answer();
         }
     };
-    *req.uri_mut() = Uri::from(admitted.target);
+    if let Some(target) = admitted.target {
+        *req.uri_mut() = Uri::from(target);
+    }
     match admitted.destination {
         Destination::Preconnect => Response::new(GateBody::empty()),
         Destination::Control if req.uri().path() == "/_ccgate/reload" => {

@@ -50,8 +50,9 @@ pub enum Destination {
 pub struct Admitted {
     /// Where it goes.
     pub destination: Destination,
-    /// The normalised path and the query as the client sent it.
-    pub target: PathAndQuery,
+    /// The normalised path and the query as the client sent it; `None` when the request's own
+    /// origin-form target already is that (the common case: nothing to rebuild).
+    pub target: Option<PathAndQuery>,
 }
 
 /// Why a request is refused at the door.
@@ -104,6 +105,19 @@ pub fn admit(method: &Method, uri: &Uri) -> Result<Admitted, Refusal> {
     if !path.starts_with('/') {
         return Err(Refusal::Target);
     }
+    // The common case, an origin-form API path with nothing to normalise, keeps its target as
+    // it came: no segment list, no re-rendering, no new URI.
+    if uri.scheme().is_none() && is_plain(path) {
+        let api = path == "/v1"
+            || path.starts_with("/v1/")
+            || (path.starts_with("/api/") && path.len() > "/api/".len());
+        if api {
+            return Ok(Admitted {
+                destination: Destination::Api,
+                target: None,
+            });
+        }
+    }
     let segments = normalise(path)?;
     let first = segments.segments.first().map(String::as_str);
     let (destination, path) = match first {
@@ -127,8 +141,24 @@ pub fn admit(method: &Method, uri: &Uri) -> Result<Admitted, Refusal> {
     let target = PathAndQuery::try_from(target).map_err(|_| Refusal::Target)?;
     Ok(Admitted {
         destination,
-        target,
+        target: Some(target),
     })
+}
+
+/// Whether `path` (starting with `/`) is already what [`normalise`] would make of it: no escapes,
+/// no backslash, no empty segment but a trailing one, no `.` or `..` segment.
+fn is_plain(path: &str) -> bool {
+    if path.bytes().any(|b| b == b'%' || b == b'\\') {
+        return false;
+    }
+    let mut segments = path[1..].split('/').peekable();
+    while let Some(seg) = segments.next() {
+        let last = segments.peek().is_none();
+        if seg == "." || seg == ".." || (seg.is_empty() && !last) {
+            return false;
+        }
+    }
+    true
 }
 
 fn allowed(method: &Method) -> bool {
@@ -226,9 +256,33 @@ fn decode_unreserved(seg: &str) -> Result<String, Refusal> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_plain_api_target_is_kept_as_it_came() {
+        for (target, kept) in [
+            ("/v1/messages?beta=true", true),
+            ("/v1", true),
+            ("/v1/messages/", true),
+            ("/api/event_logging/batch", true),
+            ("/v1//messages", false),
+            ("/v1/./messages", false),
+            ("/v1/%6Dessages", false),
+            ("http://other.host/v1/messages", false),
+        ] {
+            let uri: Uri = target.parse().expect("uri");
+            let a = admit(&Method::POST, &uri).expect("admitted");
+            assert_eq!(a.target.is_none(), kept, "{target}");
+        }
+    }
+
     fn check(method: Method, target: &str, expected: Result<(Destination, &str), Refusal>) {
         let uri: Uri = target.parse().unwrap_or_else(|e| panic!("{target}: {e}"));
-        let got = admit(&method, &uri).map(|a| (a.destination, a.target.as_str().to_owned()));
+        let got = admit(&method, &uri).map(|a| {
+            let target = a.target.as_ref().map_or_else(
+                || uri.path_and_query().map_or("/", PathAndQuery::as_str),
+                PathAndQuery::as_str,
+            );
+            (a.destination, target.to_owned())
+        });
         let expected = expected.map(|(d, t)| (d, t.to_owned()));
         assert_eq!(got, expected, "{method} {target}");
     }
