@@ -4,24 +4,27 @@
 #
 #   bench/callgrind.sh [BIN|hyper]...     default: target/release/ccgate and the bare hyper proxy
 #   N=4000 C=16 bench/callgrind.sh        requests counted, concurrency
+#   BODY=100k bench/callgrind.sh          request body from bench/payloads.py: 2k (default), 100k, 1m
 #
 # Each gateway runs under `valgrind --tool=callgrind` over two in-tree mock upstreams; after 2000
-# warm-up requests the counters are zeroed, N non-streaming requests (the benchmark's ~2 KB body)
-# are sent with oha, and the total is dumped. The profile stays in $OUT/<name>/ for
+# warm-up requests the counters are zeroed, N non-streaming requests (a Claude-Code-shaped body from
+# bench/payloads.py) are sent with oha, and the total is dumped. The profile stays in $OUT/<name>/ for
 # `callgrind_annotate` (for example `--inclusive=yes`). Needs valgrind (apt-get install valgrind),
-# oha, and the release builds bench/run.sh makes.
+# oha, and the release builds bench/run.sh makes (ccgate and bench/mock-upstream).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${N:-4000}; C=${C:-16}
 OUT=${OUT:-bench/results/callgrind}
 T=bench/mock-upstream/target/release
-BODY=bench/results/latest/body.json
-[[ -f $BODY ]] || { echo "run bench/run.sh once first (it writes $BODY)" >&2; exit 1; }
+mkdir -p "$OUT/payloads"
+python3 bench/payloads.py "$OUT/payloads" >/dev/null
+BODY=$OUT/payloads/${BODY:-2k}.json
+[[ -f $BODY ]] || { echo "BODY must be one of 2k, 100k, 1m" >&2; exit 1; }
 command -v valgrind >/dev/null || { echo "valgrind is needed: apt-get install -y valgrind" >&2; exit 1; }
 (($#)) || set -- target/release/ccgate hyper
 mkdir -p "$OUT"
 trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null' EXIT
-addr() { for _ in $(seq 100); do grep -o 'listening on [^ ]*' "$1" 2>/dev/null | awk '{print $3}' | sed 's|http://||' && return; sleep 0.2; done; echo "no listen address in $1" >&2; exit 1; }
+addr() { local a; for _ in $(seq 100); do a=$(grep -o 'listening on [^ ]*' "$1" 2>/dev/null | head -n1 | awk '{print $3}' | sed 's|http://||'); [[ -n $a ]] && { echo "$a"; return; }; sleep 0.2; done; echo "no listen address in $1" >&2; exit 1; }
 "$T/mock-upstream" --port 0 >"$OUT/mock-a.log" 2>&1 &
 "$T/mock-upstream" --port 0 >"$OUT/mock-b.log" 2>&1 &
 A=$(addr "$OUT/mock-a.log"); B=$(addr "$OUT/mock-b.log")

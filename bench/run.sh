@@ -1,38 +1,57 @@
 #!/usr/bin/env bash
-# Side-by-side benchmark of ccgate against nginx and a direct connection (issue #6).
+# Side-by-side benchmark of ccgate against nginx, a bare hyper proxy and a direct connection
+# (issues #6 and #22).
 #
 # Run from anywhere:
 #
-#     bench/run.sh                          # full run: DURATION=10 REPEATS=3
-#     DURATION=5 REPEATS=2 bench/run.sh     # quick check
+#     bench/run.sh                          # full run: DURATION=10 REPEATS=3, 3 bodies, 1k + 10k streams
+#     DURATION=5 REPEATS=2 bench/run.sh     # quicker
+#     BODIES=2k SLOW_STREAMS=1000 bench/run.sh   # one body size, one slow-stream count
 #
 # What it does, all on loopback:
 #   1. installs what is missing: `oha` (cargo install oha --locked), nginx (apt-get install -y nginx);
 #   2. builds ccgate (`cargo build --release` in the repo root) and the bench crate
-#      bench/mock-upstream (binaries `mock-upstream` and `sse-load`);
-#   3. starts two mocks, nginx over both (keep-alive to the upstreams, no buffering, next-upstream
-#      on errors) and ccgate over both (equal priority);
+#      bench/mock-upstream (binaries `mock-upstream`, `sse-load` and `bare-proxy`);
+#   3. raises the open-file limit as far as the hard limit allows (10k slow streams need two
+#      descriptors per stream in a proxy, one in the client and one in a mock), starts two mocks,
+#      nginx over both (keep-alive to the upstreams, no buffering, next-upstream on errors) and
+#      ccgate over both (equal priority);
 #      It also starts `bare-proxy` (bench/mock-upstream) over both: the leanest reverse proxy
 #      hyper and tokio allow, with ccgate's threading but none of its features — the "hyper"
 #      target, a yardstick that separates the stack's cost from ccgate's own;
-#   4. alternating targets (direct = straight to mock A / nginx / hyper / ccgate, order rotated
-#      every repeat so machine noise hits all alike), REPEATS times (hyper: all but failover):
-#        ns_c1      non-streaming POST /v1/messages, ~2 KB body, concurrency 1     (oha)
-#        ns_c64     the same at concurrency 64                                      (oha)
-#        sse_c64    streaming, 20 events 5 ms apart, concurrency 64                (sse-load)
-#        slow       SLOW_STREAMS concurrent streams of 20 events 200 ms apart, on a fresh
-#                   gateway: idle RSS after startup, peak RSS while streaming      (sse-load)
+#   4. warms every target up once with every body, then alternates targets (direct = straight to
+#      mock A / nginx / hyper / ccgate, order rotated every repeat so machine noise hits all
+#      alike), REPEATS times (hyper: all but failover); per repeat, for each body of BODIES:
+#        ns_c1      non-streaming POST /v1/messages with that body, concurrency 1          (oha)
+#        ns_c64     the same at concurrency 64                                             (oha)
+#        sse_c64    streaming, 20 events 5 ms apart, concurrency 64                       (sse-load)
+#      then, with the 2k body:
+#        slow       for each count N of SLOW_STREAMS, on fresh gateways: idle RSS/PSS after
+#                   startup, then N concurrent streams of 20 events 200 ms apart (their connects
+#                   spread over SLOW_RAMP_S), peak RSS/PSS while streaming                (sse-load)
 #        failover   fresh gateways over a healthy mock and a broken one — answering 500,
-#                   refusing connections, or killed a third into the run           (oha)
-#   5. writes medians, ratios and the machine to BENCHMARKS.md (bench/report.py) and raw results
-#      to bench/results/<timestamp>/ (bench/results/latest points at the newest).
+#                   refusing connections, or killed a third into the run                  (oha)
+#   5. writes medians, ratios, the targets of issue #22 and the machine to BENCHMARKS.md
+#      (bench/report.py) and raw results to bench/results/<timestamp>/ (bench/results/latest
+#      points at the newest).
 #
 # Knobs (environment):
 #   DURATION=10            seconds per timed run (ns_c1, ns_c64, sse_c64, failover)
 #   REPEATS=3              repeats of the whole alternating matrix; medians are taken over them
-#   WARMUP=1               seconds of warm-up load per target before the first repeat
-#   SLOW_STREAMS=1000      concurrent streams in the RSS run (SLOW_EVENTS x SLOW_PACE_MS each)
+#   WARMUP=1               seconds of warm-up load per target and body before the first repeat
+#                          (0: none)
+#   BODIES="2k 100k 1m"    request body sizes of the timed workloads, from bench/payloads.py (Claude
+#                          Code's shape: system blocks with cache_control, tool schemas, tool_use /
+#                          tool_result history, metadata.user_id last). BODY=x is a synonym for
+#                          BODIES=x (one size). slow and failover always use the 2k body.
+#   SLOW_STREAMS="1000 10000"  concurrent stream counts of the slow workload, one round each
+#                          (SLOW_EVENTS x SLOW_PACE_MS per stream); the report takes the memory
+#                          slope per stream between the smallest and the largest count
 #   SLOW_EVENTS=20  SLOW_PACE_MS=200
+#   SLOW_RAMP_S=auto       seconds over which sse-load spreads a slow round's connects (auto:
+#                          N/5000, i.e. 0.2 s for 1000 streams, 2 s for 10000), so that thousands
+#                          of simultaneous connects do not overrun the listen backlogs; keep it
+#                          well under the stream's length (SLOW_EVENTS x SLOW_PACE_MS = 4 s)
 #   STREAM_EVENTS=20  STREAM_PACE_MS=5
 #   FAILOVER_CONCURRENCY=16
 #   WORKLOADS="ns_c1 ns_c64 sse_c64 slow failover"   subset to run
@@ -42,13 +61,15 @@
 #   BUILD_DIR=/tmp/ccgate-bench-build   where CCGATE_REF builds go
 #   CCGATE_RUST_LOG=warn   RUST_LOG for ccgate. `warn` turns its per-request info line off, as nginx
 #                          runs with access_log off; set `info` to measure with request logging
-#   PROFILE=1              perf-record ccgate (cpu-clock) during the first ns_c64 and sse_c64 runs;
-#                          reports land in the results dir as perf-*.txt. Sampling slows ccgate a
-#                          little in those runs: leave it off for the numbers you publish.
-#   BODY=2k                request body size, from bench/payloads.py: 2k, 100k or 1m (Claude Code's
-#                          shape: system blocks with cache_control, tool schemas, tool_use /
-#                          tool_result history, metadata.user_id last)
+#   PROFILE=1              perf-record ccgate (cpu-clock) during the first repeat's ns_c64 and
+#                          sse_c64 runs, per body; reports land in the results dir as
+#                          perf-<workload>-<body>.txt. Sampling slows ccgate a little in those runs:
+#                          leave it off for the numbers you publish.
 #   OUT=BENCHMARKS.md      report path (relative to the repo root)
+#
+# Connection budgets: nginx's worker_connections and ccgate's server.max_connections are 4096 for
+# the timed workloads and 2 x N + 1024 in a slow round of N streams (nginx preallocates its
+# connection table, so each slow round's nginx is sized for that round, as one would deploy it).
 #
 # The load generator, the proxies and the mocks share the machine's cores: nothing is pinned.
 # Every process this script starts is stopped on exit (trap).
@@ -57,16 +78,21 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BENCH=$ROOT/bench
-CCGATE_RUST_LOG=${CCGATE_RUST_LOG:-warn}
-BODY=${BODY:-2k}
-COMMAND_LINE="$(for v in BODY DURATION REPEATS WARMUP SLOW_STREAMS SLOW_EVENTS SLOW_PACE_MS STREAM_EVENTS \
-    STREAM_PACE_MS FAILOVER_CONCURRENCY WORKLOADS CCGATE_BIN CCGATE_REF PROFILE; do
-    if [[ -n "${!v:-}" ]]; then printf '%s=%q ' "$v" "${!v}"; fi; done)bench/run.sh"
+COMMAND_LINE="$(for v in BODIES BODY DURATION REPEATS WARMUP SLOW_STREAMS SLOW_EVENTS SLOW_PACE_MS \
+    SLOW_RAMP_S STREAM_EVENTS STREAM_PACE_MS FAILOVER_CONCURRENCY WORKLOADS CCGATE_BIN CCGATE_REF \
+    CCGATE_RUST_LOG PROFILE OUT; do
+    if [[ -z "${!v:-}" ]]; then continue; fi
+    if [[ ${!v} =~ ^[A-Za-z0-9_./:@%+,\ -]*$ && ${!v} == *" "* ]]; then printf '%s="%s" ' "$v" "${!v}"
+    else printf '%s=%q ' "$v" "${!v}"; fi; done)bench/run.sh"
 
 DURATION=${DURATION:-10}
 REPEATS=${REPEATS:-3}
 WARMUP=${WARMUP:-1}
-SLOW_STREAMS=${SLOW_STREAMS:-1000}
+# BODY=x (one size) is the older spelling of BODIES=x.
+BODIES=${BODIES:-${BODY:-2k 100k 1m}}
+SLOW_STREAMS_GIVEN=${SLOW_STREAMS:+1}
+SLOW_STREAMS=${SLOW_STREAMS:-1000 10000}
+SLOW_RAMP_S=${SLOW_RAMP_S:-auto}
 SLOW_EVENTS=${SLOW_EVENTS:-20}
 SLOW_PACE_MS=${SLOW_PACE_MS:-200}
 STREAM_EVENTS=${STREAM_EVENTS:-20}
@@ -77,6 +103,22 @@ BUILD_DIR=${BUILD_DIR:-${TMPDIR:-/tmp}/ccgate-bench-build}
 PROFILE=${PROFILE:-0}
 OUT=${OUT:-BENCHMARKS.md}
 [[ $OUT == /* ]] || OUT=$ROOT/$OUT
+CCGATE_RUST_LOG=${CCGATE_RUST_LOG:-warn}
+
+# The lists, checked and normalised before anything starts.
+read -r -a BODY_LIST <<<"$BODIES"
+((${#BODY_LIST[@]})) || { echo "BODIES is empty" >&2; exit 1; }
+for b in "${BODY_LIST[@]}"; do
+    [[ $b == 2k || $b == 100k || $b == 1m ]] || { echo "BODIES: '$b' is not one of 2k, 100k, 1m" >&2; exit 1; }
+done
+read -r -a SLOW_LIST <<<"$(tr ' ' '\n' <<<"$SLOW_STREAMS" | sed '/^$/d' | sort -n -u | tr '\n' ' ')"
+for n in "${SLOW_LIST[@]}"; do
+    [[ $n =~ ^[1-9][0-9]*$ ]] || { echo "SLOW_STREAMS: '$n' is not a positive number" >&2; exit 1; }
+done
+((${#SLOW_LIST[@]})) || { echo "SLOW_STREAMS is empty" >&2; exit 1; }
+SLOW_MAX=${SLOW_LIST[-1]}
+[[ $SLOW_RAMP_S == auto || $SLOW_RAMP_S =~ ^[0-9]+(\.[0-9]+)?$ ]] ||
+    { echo "SLOW_RAMP_S must be auto or a number of seconds" >&2; exit 1; }
 
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 RESULTS=$BENCH/results/$STAMP
@@ -137,6 +179,54 @@ stop() {
 # div A B : A / B with three decimals (awk, so no bc is needed).
 div() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", (b == 0 ? 0 : a / b) }'; }
 
+# conn_budget N : nginx worker_connections / ccgate max_connections for N concurrent streams
+# (2 connections per stream in a proxy, per worker in the worst case), at least 4096.
+conn_budget() { local n=$((2 * $1 + 1024)); ((n > 4096)) || n=4096; echo "$n"; }
+
+# slow_ramp N : seconds over which a slow round of N streams spreads its connects.
+slow_ramp() {
+    if [[ $SLOW_RAMP_S == auto ]]; then awk -v n="$1" 'BEGIN { printf "%.3f", n / 5000 }'; else echo "$SLOW_RAMP_S"; fi
+}
+
+# raise_nofile : the open-file limit as high as the hard limit allows (raising the hard limit
+# needs CAP_SYS_RESOURCE); warns when it is short of what SLOW_MAX streams need.
+raise_nofile() {
+    local want=$((4 * SLOW_MAX + 1000)) hard
+    ((want > 65536)) || want=65536
+    hard=$(ulimit -Hn)
+    if [[ $hard != unlimited ]] && ((hard < want)); then
+        ulimit -Hn "$want" 2>/dev/null || true
+        hard=$(ulimit -Hn)
+    fi
+    if [[ $hard == unlimited ]]; then
+        ulimit -n "$want" 2>/dev/null || ulimit -n 1048576 2>/dev/null || true
+    else
+        ulimit -n "$hard" 2>/dev/null || true
+    fi
+    NOFILE=$(ulimit -n)
+    [[ $NOFILE == unlimited ]] && NOFILE=1048576
+    log "open-file limit: $NOFILE (hard: $(ulimit -Hn))"
+    # The default big round shrinks to what one proxy process can hold (2 descriptors per stream
+    # plus its own) when the hard limit cannot be raised; an explicit SLOW_STREAMS is kept as is.
+    if [[ -z $SLOW_STREAMS_GIVEN ]] && ((NOFILE < 2 * SLOW_MAX + 512)); then
+        local fit=$(((NOFILE - 512) / 2000 * 1000)) counts=() n
+        for n in "${SLOW_LIST[@]}"; do ((n > fit)) && n=$fit; counts+=("$n"); done
+        read -r -a SLOW_LIST <<<"$(printf '%s\n' "${counts[@]}" | sort -n -u | tr '\n' ' ')"
+        SLOW_STREAMS="${SLOW_LIST[*]}"
+        log "the open-file hard limit ($NOFILE) fits $fit streams in one proxy process, not $SLOW_MAX:" \
+            "slow rounds: $SLOW_STREAMS"
+        SLOW_MAX=$fit
+    fi
+    if has slow && ((NOFILE < 4 * SLOW_MAX + 1000)); then
+        log "warning: open-file limit $NOFILE < 4 x $SLOW_MAX streams + 1000 = $((4 * SLOW_MAX + 1000))"
+        if ((NOFILE < 2 * SLOW_MAX + 200)); then
+            log "warning: a proxy holds 2 descriptors per stream (client + upstream): a single-process" \
+                "gateway (ccgate, hyper) cannot hold $SLOW_MAX streams at once under $NOFILE open files;" \
+                "expect failed or delayed streams in that round (raise the hard limit: ulimit -Hn, limits.conf)"
+        fi
+    fi
+}
+
 # wait_listening NAME PID : waits for "listening on http://ADDR" in NAME's log, prints ADDR.
 wait_listening() {
     local name=$1 pid=$2 addr
@@ -184,6 +274,7 @@ install_tools() {
 build() {
     if [[ -n "${CCGATE_BIN:-}" ]]; then
         CCGATE=$CCGATE_BIN
+        CCGATE_VERSION="$CCGATE_BIN ($("$CCGATE_BIN" --version 2>/dev/null || echo '?'))"
     elif [[ -n "${CCGATE_REF:-}" ]]; then
         log "building ccgate from git ref $CCGATE_REF in $BUILD_DIR"
         rm -rf "$BUILD_DIR/src" && mkdir -p "$BUILD_DIR/src"
@@ -204,6 +295,9 @@ build() {
     cp "$CCGATE" "$RESULTS/bin/ccgate"
     CCGATE=$RESULTS/bin/ccgate
     CCGATE_VERSION=${CCGATE_VERSION:-$CCGATE}
+    # server.max_connections came with aa122f0; older builds reject the unknown key.
+    CCGATE_HAS_MAX_CONNECTIONS=0
+    if grep -q -a 'server.max_connections' "$CCGATE"; then CCGATE_HAS_MAX_CONNECTIONS=1; fi
     log "building bench/mock-upstream"
     cargo build --release --manifest-path "$BENCH/mock-upstream/Cargo.toml"
     local tdir=${CARGO_TARGET_DIR:-$BENCH/mock-upstream/target}
@@ -225,8 +319,10 @@ start_mock() {
 }
 
 # start_nginx NAME UPSTREAM_ADDR... : sets NGINX_PID (the master), NGINX_ADDR.
+# NGINX_CONNS (environment, default 4096): worker_connections.
 start_nginx() {
     local name=$1; shift
+    local conns=${NGINX_CONNS:-4096} nofile=${NOFILE:-$(ulimit -n)}
     local dir=$RESULTS/$name port servers= a
     port=$(free_port)
     mkdir -p "$dir/tmp"
@@ -238,11 +334,11 @@ $user
 daemon off;
 master_process on;
 worker_processes auto;
-worker_rlimit_nofile 65536;
+worker_rlimit_nofile $nofile;
 pid $dir/nginx.pid;
 error_log $dir/error.log warn;
 events {
-    worker_connections 4096;
+    worker_connections $conns;
 }
 http {
     access_log off;
@@ -252,7 +348,9 @@ http {
     uwsgi_temp_path $dir/tmp/uwsgi;
     scgi_temp_path $dir/tmp/scgi;
     client_max_body_size 32m;
-    client_body_buffer_size 128k;
+    # Large enough for the 1m body: nginx keeps request bodies in memory, as ccgate does,
+    # instead of writing them to temporary files.
+    client_body_buffer_size 2m;
     keepalive_requests 1000000;
     keepalive_timeout 300s;
     upstream mocks {
@@ -281,12 +379,17 @@ EOF
 }
 
 # start_ccgate NAME UPSTREAM_ADDR... : sets CCGATE_PID, CCGATE_ADDR.
+# CCGATE_CONNS (environment, default 4096): server.max_connections, if this ccgate knows it.
 start_ccgate() {
     local name=$1; shift
     local dir=$RESULTS/$name i=0 a
     mkdir -p "$dir/xdg"
     {
-        printf '# Generated by bench/run.sh\n[server]\nlisten = "127.0.0.1:0"\nstrategy = "priority"\n\n'
+        printf '# Generated by bench/run.sh\n[server]\nlisten = "127.0.0.1:0"\nstrategy = "priority"\n'
+        if [[ $CCGATE_HAS_MAX_CONNECTIONS == 1 ]]; then
+            printf 'max_connections = %s\n' "${CCGATE_CONNS:-4096}"
+        fi
+        printf '\n'
         for a in "$@"; do
             i=$((i + 1))
             printf '[[endpoints]]\nname = "mock-%s"\nbase_url = "http://%s"\napi_key = "bench"\npriority = 1\nweight = 100\n\n' "$i" "$a"
@@ -380,20 +483,22 @@ record() {
 }
 
 # measure REPEAT WORKLOAD TARGET TOOL CMD... : runs CMD (stdout → raw file) on the main servers,
-# with CPU accounting of gateway and mocks.
+# with CPU accounting of gateway and mocks; the body is CUR_BODY's (BODY_FILE / STREAM_BODY_FILE).
 measure() {
     local rep=$1 wl=$2 target=$3 tool=$4; shift 4
-    local raw="$RAW/r$rep-$wl-$target.json" gw_pids mocks="$G_MOCK_A_PID $G_MOCK_B_PID"
+    local name="r$rep-$wl-$CUR_BODY-$target"
+    local raw="$RAW/$name.json" gw_pids mocks="$G_MOCK_A_PID $G_MOCK_B_PID"
     gw_pids=$(pids_of "$target")
     local g0 m0 g1 m1 u0 u1 t0 t1 perf_pid=
     g0=$(cpu_ticks $gw_pids); u0=$(USER_ONLY=1 cpu_ticks $gw_pids); m0=$(cpu_ticks $mocks); t0=$(date +%s.%N)
+    local pname="perf-$wl-$CUR_BODY"
     if [[ $PROFILE == 1 && $target == ccgate && $rep == 1 ]] && [[ $wl == ns_c64 || $wl == sse_c64 ]]; then
-        perf record -e cpu-clock -F 999 -g -p "$G_CCGATE_PID" -o "$RESULTS/perf-$wl.data" \
-            >"$LOGS/perf-$wl.log" 2>&1 &
+        perf record -e cpu-clock -F 999 -g -p "$G_CCGATE_PID" -o "$RESULTS/$pname.data" \
+            >"$LOGS/$pname.log" 2>&1 &
         perf_pid=$!
         PIDS+=("$perf_pid")
     fi
-    "$@" >"$raw" 2>"$LOGS/r$rep-$wl-$target.err" || log "warning: $wl/$target exited non-zero (see logs)"
+    "$@" >"$raw" 2>"$LOGS/$name.err" || log "warning: $wl/$CUR_BODY/$target exited non-zero (see logs)"
     t1=$(date +%s.%N)
     g1=$(cpu_ticks $gw_pids); u1=$(USER_ONLY=1 cpu_ticks $gw_pids); m1=$(cpu_ticks $mocks)
     if [[ -n $perf_pid ]]; then
@@ -402,14 +507,14 @@ measure() {
         stop "$perf_pid"
         {
             echo "## ccgate CPU by object (self time)"
-            perf report -i "$RESULTS/perf-$wl.data" --stdio --no-children --sort dso -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | cut -c1-160 || true
+            perf report -i "$RESULTS/$pname.data" --stdio --no-children --sort dso -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | cut -c1-160 || true
             echo; echo "## hottest symbols (self time)"
-            perf report -i "$RESULTS/perf-$wl.data" --stdio --no-children --sort dso,symbol -g none --percent-limit 0.5 2>/dev/null | grep -v '^#' | grep -v '^$' | cut -c1-160 || true
+            perf report -i "$RESULTS/$pname.data" --stdio --no-children --sort dso,symbol -g none --percent-limit 0.5 2>/dev/null | grep -v '^#' | grep -v '^$' | cut -c1-160 || true
             echo; echo "## inclusive time (children), symbols above 2%"
-            perf report -i "$RESULTS/perf-$wl.data" --stdio --children --sort symbol -g none --percent-limit 2 2>/dev/null | grep -v '^#' | grep -v '^$' | cut -c1-160 || true
-        } >"$RESULTS/perf-$wl.txt"
+            perf report -i "$RESULTS/$pname.data" --stdio --children --sort symbol -g none --percent-limit 2 2>/dev/null | grep -v '^#' | grep -v '^$' | cut -c1-160 || true
+        } >"$RESULTS/$pname.txt"
     fi
-    record rep="$rep" workload="\"$wl\"" target="\"$target\"" tool="\"$tool\"" \
+    record rep="$rep" workload="\"$wl\"" body="\"$CUR_BODY\"" target="\"$target\"" tool="\"$tool\"" \
         raw="\"${raw#"$RESULTS"/}\"" wall_s="$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", b - a }')" \
         gw_cpu_s="$(div $((g1 - g0)) "$CLK_TCK")" gw_user_s="$(div $((u1 - u0)) "$CLK_TCK")" mocks_cpu_s="$(div $((m1 - m0)) "$CLK_TCK")"
 }
@@ -435,16 +540,20 @@ rotated() {
 
 has() { [[ " $WORKLOADS " == *" $1 "* ]]; }
 
-# --- slow streams: fresh gateways, idle RSS, then SLOW_STREAMS concurrent slow streams ----------
+# --- slow streams: fresh gateways, idle RSS, then N concurrent slow streams ---------------------
+# slow_round REPEAT N : one round of N streams per target, on gateways started for it (nginx's
+# worker_connections and ccgate's max_connections sized for N), always with the 2k stream body.
 slow_round() {
-    local rep=$1 target
-    start_nginx "slow-nginx-r$rep" "$G_MOCK_A_ADDR" "$G_MOCK_B_ADDR"
+    local rep=$1 n=$2 target tag="r$1-$2"
+    local budget ramp
+    budget=$(conn_budget "$n"); ramp=$(slow_ramp "$n")
+    NGINX_CONNS=$budget start_nginx "slow-nginx-$tag" "$G_MOCK_A_ADDR" "$G_MOCK_B_ADDR"
     local np=$NGINX_PID na=$NGINX_ADDR
-    start_ccgate "slow-ccgate-r$rep" "$G_MOCK_A_ADDR" "$G_MOCK_B_ADDR"
+    CCGATE_CONNS=$budget start_ccgate "slow-ccgate-$tag" "$G_MOCK_A_ADDR" "$G_MOCK_B_ADDR"
     local cp=$CCGATE_PID ca=$CCGATE_ADDR
-    start "slow-hyper-r$rep" "$BARE" --port 0 --upstream "$G_MOCK_A_ADDR" --upstream "$G_MOCK_B_ADDR"
+    start "slow-hyper-$tag" "$BARE" --port 0 --upstream "$G_MOCK_A_ADDR" --upstream "$G_MOCK_B_ADDR"
     local hp=$LAST_PID ha
-    ha=$(wait_listening "slow-hyper-r$rep" "$hp")
+    ha=$(wait_listening "slow-hyper-$tag" "$hp")
     # Idle RSS once startup has settled: sample every 0.2 s until two samples in a row agree
     # (nginx's worker set and both RSS sums), at most 10 s.
     local n_pids c_pids=$cp h_pids=$hp sample prev= i
@@ -468,27 +577,39 @@ slow_round() {
             hyper) url="http://$ha/v1/messages"; pids=$h_pids; idle=$idle_h; idle_pss=$idle_pss_h ;;
             *) die "slow_round: unknown target $target" ;;
         esac
-        log "  slow/$target: $SLOW_STREAMS streams of $SLOW_EVENTS events ${SLOW_PACE_MS} ms apart"
-        local peak_file=$RESULTS/peak-r$rep-$target sampler=
+        log "  slow/$n/$target: $n streams of $SLOW_EVENTS events ${SLOW_PACE_MS} ms apart (connects over ${ramp} s)"
+        local peak_file=$RESULTS/peak-$tag-$target sampler=
         if [[ -n $pids ]]; then
             rss_sampler "$peak_file" $pids &
             sampler=$!
             PIDS+=("$sampler")
         fi
-        local raw="$RAW/r$rep-slow-$target.json"
-        "$SSE_LOAD" --url "$url" -c "$SLOW_STREAMS" --streams "$SLOW_STREAMS" --body "$STREAM_BODY_FILE" \
+        local raw="$RAW/$tag-slow-$target.json" t0 t1
+        t0=$(date +%s.%N)
+        "$SSE_LOAD" --url "$url" -c "$n" --streams "$n" --body "$SLOW_BODY_FILE" \
             -H "x-mock-events: $SLOW_EVENTS" -H "x-mock-pace-ms: $SLOW_PACE_MS" \
-            --expect-events $((SLOW_EVENTS + 6)) --connect-timeout 30 \
-            >"$raw" 2>"$LOGS/r$rep-slow-$target.err" || log "warning: slow/$target exited non-zero"
+            --expect-events $((SLOW_EVENTS + 6)) --connect-timeout 30 --ramp "$ramp" \
+            >"$raw" 2>"$LOGS/$tag-slow-$target.err" || log "warning: slow/$n/$target exited non-zero"
+        t1=$(date +%s.%N)
         local peak=0 peak_pss=0 hwm=0
         if [[ -n $sampler ]]; then
             stop "$sampler"
             read -r peak peak_pss <"$peak_file"
             hwm=$(rss_kb VmHWM $pids)
         fi
-        record rep="$rep" workload='"slow"' target="\"$target\"" tool='"sse-load"' \
+        record rep="$rep" workload='"slow"' streams="$n" target="\"$target\"" tool='"sse-load"' \
             raw="\"${raw#"$RESULTS"/}\"" idle_rss_kb="$idle" peak_rss_kb="$peak" hwm_rss_kb="$hwm" \
-            idle_pss_kb="$idle_pss" peak_pss_kb="$peak_pss"
+            idle_pss_kb="$idle_pss" peak_pss_kb="$peak_pss" ramp_s="$ramp" conn_budget="$budget" \
+            wall_s="$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", b - a }')"
+        # A proxy that ran out of descriptors says so in its log.
+        case $target in
+            nginx) grep -h -m3 -E 'Too many open files|worker_connections are not enough' \
+                "$RESULTS/slow-nginx-$tag/error.log" 2>/dev/null | sed 's/^/    nginx: /' >&2 || true ;;
+            ccgate) grep -h -m3 -E 'accept failed|max_connections|Too many open files' \
+                "$LOGS/slow-ccgate-$tag.log" 2>/dev/null | sed 's/^/    ccgate: /' >&2 || true ;;
+            hyper) grep -h -m3 -E 'accept|Too many open files' \
+                "$LOGS/slow-hyper-$tag.log" 2>/dev/null | sed 's/^/    hyper: /' >&2 || true ;;
+        esac
     done
     stop "$cp"; stop "$np"; stop "$hp"
 }
@@ -528,7 +649,7 @@ failover_round() {
             oha_run "$FAILOVER_CONCURRENCY" "$url" -w >"$raw" 2>"$LOGS/r$rep-failover_$mode-$target.err" ||
                 log "warning: failover/$mode/$target exited non-zero"
             if [[ -n $killer ]]; then wait "$killer" 2>/dev/null || true; stop "$killer"; fi
-            record rep="$rep" workload="\"failover_$mode\"" target="\"$target\"" tool='"oha"' \
+            record rep="$rep" workload="\"failover_$mode\"" body='"2k"' target="\"$target\"" tool='"oha"' \
                 raw="\"${raw#"$RESULTS"/}\""
             # Keep the gateway's own view (ccgate) for the report.
             if [[ $target == ccgate ]]; then
@@ -553,15 +674,18 @@ failover_round() {
 main() {
     install_tools
     build
-    ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" || true
+    raise_nofile
 
-    # Request bodies shaped like Claude Code's (bench/payloads.py): BODY=2k (default), 100k or 1m.
+    # Request bodies shaped like Claude Code's (bench/payloads.py): 2k, 100k and 1m, streaming
+    # and not. slow and failover use the 2k ones.
     python3 "$BENCH/payloads.py" "$RESULTS/payloads" >/dev/null
-    BODY_FILE=$RESULTS/payloads/$BODY.json
-    STREAM_BODY_FILE=$RESULTS/payloads/$BODY-stream.json
-    [[ -f $BODY_FILE ]] || { echo "BODY must be one of 2k, 100k, 1m" >&2; exit 1; }
-    cp "$BODY_FILE" "$RESULTS/body.json"; cp "$STREAM_BODY_FILE" "$RESULTS/body-stream.json"
-    log "request body: $(wc -c <"$BODY_FILE") bytes"
+    local b bodies_desc=
+    for b in "${BODY_LIST[@]}"; do
+        [[ -f $RESULTS/payloads/$b.json ]] || die "bench/payloads.py wrote no $b body"
+        bodies_desc+="${bodies_desc:+, }$b = $(wc -c <"$RESULTS/payloads/$b.json") bytes"
+    done
+    SLOW_BODY_FILE=$RESULTS/payloads/2k-stream.json
+    log "request bodies: $bodies_desc; slow streams: ${SLOW_LIST[*]}"
 
     start_mock mock-a; G_MOCK_A_PID=$MOCK_PID; G_MOCK_A_ADDR=$MOCK_ADDR
     start_mock mock-b; G_MOCK_B_PID=$MOCK_PID; G_MOCK_B_ADDR=$MOCK_ADDR
@@ -577,33 +701,50 @@ main() {
     record rep=0 workload='"idle"' target='"nginx"' idle_rss_kb="$(rss_kb VmRSS $(pids_of nginx))"
     log "mocks $G_MOCK_A_ADDR $G_MOCK_B_ADDR, nginx $G_NGINX_ADDR, ccgate $G_CCGATE_ADDR, bare hyper proxy $G_HYPER_ADDR (idle RSS ${idle} kB)"
 
-    local t
-    for t in direct nginx hyper ccgate; do
-        log "warm-up $t"
-        oha -z "${WARMUP}s" -c 64 -m POST -D "$BODY_FILE" "${NS_HEADERS[@]}" --no-tui \
-            --output-format quiet "$(url_of "$t")" >/dev/null 2>&1 || true
-    done
+    local t timed=0
+    if has ns_c1 || has ns_c64 || has sse_c64; then timed=1; fi
+    if ((timed)) && awk -v w="$WARMUP" 'BEGIN { exit !(w > 0) }'; then
+        for t in direct nginx hyper ccgate; do
+            for b in "${BODY_LIST[@]}"; do
+                log "warm-up $t ($b body)"
+                oha -z "${WARMUP}s" -c 64 -m POST -D "$RESULTS/payloads/$b.json" "${NS_HEADERS[@]}" --no-tui \
+                    --output-format quiet "$(url_of "$t")" >/dev/null 2>&1 || true
+            done
+        done
+    fi
 
-    local rep
+    local rep n
     for rep in $(seq "$REPEATS"); do
         log "repeat $rep/$REPEATS (order: $(rotated "$rep"))"
-        if has ns_c1; then
-            for t in $(rotated "$rep"); do
-                log "  ns_c1/$t"; measure "$rep" ns_c1 "$t" oha oha_run 1 "$(url_of "$t")"
+        if ((timed)); then
+            for CUR_BODY in "${BODY_LIST[@]}"; do
+                BODY_FILE=$RESULTS/payloads/$CUR_BODY.json
+                STREAM_BODY_FILE=$RESULTS/payloads/$CUR_BODY-stream.json
+                if has ns_c1; then
+                    for t in $(rotated "$rep"); do
+                        log "  ns_c1/$CUR_BODY/$t"; measure "$rep" ns_c1 "$t" oha oha_run 1 "$(url_of "$t")"
+                    done
+                fi
+                if has ns_c64; then
+                    for t in $(rotated "$rep"); do
+                        log "  ns_c64/$CUR_BODY/$t"; measure "$rep" ns_c64 "$t" oha oha_run 64 "$(url_of "$t")"
+                    done
+                fi
+                if has sse_c64; then
+                    for t in $(rotated "$rep"); do
+                        log "  sse_c64/$CUR_BODY/$t"
+                        measure "$rep" sse_c64 "$t" sse-load sse_run 64 "$(url_of "$t")" --duration "$DURATION"
+                    done
+                fi
             done
         fi
-        if has ns_c64; then
-            for t in $(rotated "$rep"); do
-                log "  ns_c64/$t"; measure "$rep" ns_c64 "$t" oha oha_run 64 "$(url_of "$t")"
-            done
+        if has slow; then
+            for n in "${SLOW_LIST[@]}"; do slow_round "$rep" "$n"; done
         fi
-        if has sse_c64; then
-            for t in $(rotated "$rep"); do
-                log "  sse_c64/$t"; measure "$rep" sse_c64 "$t" sse-load sse_run 64 "$(url_of "$t")" --duration "$DURATION"
-            done
+        if has failover; then
+            CUR_BODY=2k BODY_FILE=$RESULTS/payloads/2k.json
+            failover_round "$rep"
         fi
-        if has slow; then slow_round "$rep"; fi
-        if has failover; then failover_round "$rep"; fi
     done
 
     # ccgate's own view of the main run, for the record.
@@ -628,13 +769,28 @@ main() {
         echo "command=$COMMAND_LINE"
         echo "duration=$DURATION"
         echo "repeats=$REPEATS"
-        echo "slow_streams=$SLOW_STREAMS"
+        echo "slow_streams=${SLOW_LIST[*]}"
+        local ramps= budgets=
+        for n in "${SLOW_LIST[@]}"; do
+            ramps+="${ramps:+ }$(slow_ramp "$n")"; budgets+="${budgets:+ }$(conn_budget "$n")"
+        done
+        echo "slow_ramp_s=$ramps"
+        echo "slow_conn_budget=$budgets"
+        echo "slow_events_total_ms=$((SLOW_EVENTS * SLOW_PACE_MS))"
+        echo "slow_body_bytes=$(wc -c <"$SLOW_BODY_FILE")"
+        echo "nofile=$NOFILE"
+        echo "nofile_hard=$(ulimit -Hn)"
         echo "slow_events=$SLOW_EVENTS"
         echo "slow_pace_ms=$SLOW_PACE_MS"
         echo "stream_events=$STREAM_EVENTS"
         echo "stream_pace_ms=$STREAM_PACE_MS"
         echo "failover_concurrency=$FAILOVER_CONCURRENCY"
-        echo "body_bytes=$(wc -c <"$BODY_FILE")"
+        echo "bodies=${BODY_LIST[*]}"
+        for b in "${BODY_LIST[@]}"; do
+            echo "body_bytes_$b=$(wc -c <"$RESULTS/payloads/$b.json")"
+            echo "stream_body_bytes_$b=$(wc -c <"$RESULTS/payloads/$b-stream.json")"
+        done
+        echo "workloads=$WORKLOADS"
         echo "results=${RESULTS#"$ROOT"/}"
     } >"$RESULTS/meta.env"
 

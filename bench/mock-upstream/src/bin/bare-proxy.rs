@@ -82,7 +82,17 @@ fn main() -> Result<(), Error> {
     if upstreams.is_empty() {
         return Err("at least one --upstream ADDR".into());
     }
-    let listener = std::net::TcpListener::bind(("127.0.0.1", port))?;
+    // Bound with a listen backlog of 4096, as the mocks and nginx (std's bind uses 128, which
+    // thousands of simultaneous connects overrun).
+    let listener = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()?
+        .block_on(async {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.set_reuseaddr(true)?;
+            socket.bind(SocketAddr::from(([127, 0, 0, 1], port)))?;
+            socket.listen(4096)?.into_std()
+        })?;
     listener.set_nonblocking(true)?;
     println!("listening on http://{}", listener.local_addr()?);
     let threads: Vec<_> = (0..workers)
@@ -116,13 +126,29 @@ fn worker(listener: std::net::TcpListener, upstreams: Vec<SocketAddr>) -> Result
             next: Cell::new(0),
         });
         loop {
-            let (tcp, _) = listener.accept().await?;
-            tcp.set_nodelay(true)?;
+            let tcp = match listener.accept().await {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    // Out of file descriptors and the like (as ccgate and nginx do): back off
+                    // briefly and go on; the connection waits in the backlog.
+                    eprintln!("bare-proxy: accept: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
             let pools = Rc::clone(&pools);
             tokio::task::spawn_local(async move {
                 let svc = service_fn(move |req| {
                     let pools = Rc::clone(&pools);
-                    async move { pools.send(req).await }
+                    async move {
+                        let resp = pools.send(req).await;
+                        if let Err(e) = &resp {
+                            // The client sees its connection closed; say why (e.g. out of fds).
+                            eprintln!("bare-proxy: upstream: {e}");
+                        }
+                        resp
+                    }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(tcp), svc)

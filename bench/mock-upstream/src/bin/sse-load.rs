@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! sse-load --url http://127.0.0.1:PORT/v1/messages -c 64 (--duration 10 | --streams 1000)
-//!          [--body FILE] [-H 'name: value']... [--expect-events N]
+//!          [--body FILE] [-H 'name: value']... [--expect-events N] [--connect-timeout SECS]
+//!          [--ramp SECS]
 //! ```
 //!
 //! Each of the `-c` workers keeps one HTTP/1.1 keep-alive connection and sends `POST` requests one
@@ -10,6 +11,9 @@
 //! (TTFB), time to the first content event (`content_block_delta`, TTFC) and the total time, counts body frames and SSE events, and checks that the stream ended
 //! with `message_stop` and carried no `event: error`. With `--duration`, streams still running at
 //! the deadline are abandoned and not counted; with `--streams N`, exactly N streams are started.
+//! `--ramp SECS` spreads the workers' first connects evenly over SECS (worker i starts at
+//! i/c × SECS), so that thousands of workers do not all connect in the same millisecond and
+//! overrun the server's listen backlog; without it all start at once.
 //! Prints one JSON object on stdout.
 
 use std::collections::BTreeMap;
@@ -36,12 +40,13 @@ struct Args {
     headers: Vec<(HeaderName, HeaderValue)>,
     expect_events: Option<u64>,
     connect_timeout: Duration,
+    ramp: Duration,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: sse-load --url URL -c N (--duration SECS | --streams N) [--body FILE] \
-         [-H 'name: value']... [--expect-events N]"
+         [-H 'name: value']... [--expect-events N] [--connect-timeout SECS] [--ramp SECS]"
     );
     std::process::exit(2);
 }
@@ -57,6 +62,7 @@ fn parse_args() -> Args {
         headers: Vec::new(),
         expect_events: None,
         connect_timeout: Duration::from_secs(10),
+        ramp: Duration::ZERO,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -88,6 +94,10 @@ fn parse_args() -> Args {
             "--connect-timeout" => {
                 let s: f64 = val().parse().unwrap_or_else(|_| usage());
                 a.connect_timeout = Duration::from_secs_f64(s);
+            }
+            "--ramp" => {
+                let s: f64 = val().parse().unwrap_or_else(|_| usage());
+                a.ramp = Duration::from_secs_f64(s);
             }
             _ => usage(),
         }
@@ -273,9 +283,15 @@ fn memfind(h: &[u8], n: &[u8]) -> bool {
     h.windows(n.len()).any(|w| w == n)
 }
 
-async fn worker(args: Arc<Args>, quota: Arc<AtomicI64>, deadline: Option<Instant>) -> Stats {
+async fn worker(
+    args: Arc<Args>,
+    quota: Arc<AtomicI64>,
+    deadline: Option<Instant>,
+    start_at: Instant,
+) -> Stats {
     let mut st = Stats::default();
     let mut sender: Option<Sender> = None;
+    tokio::time::sleep_until(start_at).await;
     loop {
         if deadline.is_some_and(|d| Instant::now() >= d) {
             break;
@@ -354,11 +370,13 @@ fn main() {
         let start = Instant::now();
         let deadline = args.duration.map(|d| start + d);
         let mut tasks = Vec::with_capacity(args.concurrency);
-        for _ in 0..args.concurrency {
+        for i in 0..args.concurrency {
+            let start_at = start + args.ramp.mul_f64(i as f64 / args.concurrency as f64);
             tasks.push(tokio::spawn(worker(
                 Arc::clone(&args),
                 Arc::clone(&quota),
                 deadline,
+                start_at,
             )));
         }
         let mut st = Stats::default();
