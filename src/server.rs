@@ -432,7 +432,10 @@ impl Connections {
     fn serve(&self, stream: TcpStream, slot: ConnectionSlot, handle: Arc<Handle>) {
         let service = service_fn(move |req| {
             let handle = Arc::clone(&handle);
-            async move { Ok::<_, Infallible>(serve_one(handle, req).await) }
+            // hyper keeps room for this future in every connection for its whole life: box the
+            // request's large state machine, so an idle or streaming connection holds a pointer
+            // instead of kilobytes.
+            async move { Ok::<_, Infallible>(Box::pin(serve_one(handle, req)).await) }
         });
         let conn = self
             .builder

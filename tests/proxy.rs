@@ -1122,6 +1122,54 @@ async fn credential_swap_from_environment_variables() {
     }
 }
 
+/// A Claude-Code-sized body of several megabytes reaches the gateway in many frames (hyper reads
+/// at most a few hundred KB at a time). The frames are forwarded as they came and sent again on
+/// failover: both endpoints receive the client's exact bytes, and the model (read from the
+/// front) and the session (read from the end) are found without joining the frames.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_of_many_frames_is_forwarded_and_replayed_byte_for_byte() {
+    let d = Duo::start(builder().table("affinity", "enabled = true")).await;
+    let turns: Vec<Value> = (0..3000)
+        .map(|i| json!({"role": "user", "content": format!("turn {i}: \"quoted\" \\ {}", "x".repeat(1000))}))
+        .collect();
+    let body = format!(
+        r#"{{"model":"claude-frames-1","messages":{},"stream":false,"metadata":{{"user_id":"{{\"session_id\":\"frames-1\"}}"}}}}"#,
+        Value::from(turns)
+    );
+    assert!(body.len() > 3_000_000);
+    d.a.push(Script::overloaded());
+    let resp =
+        d.gw.send(
+            Method::POST,
+            "/v1/messages",
+            &[("content-type", "application/json")],
+            body.clone(),
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-ccgate-attempts"], "2");
+    let answer = resp.into_body().collect().await.expect("answer").to_bytes();
+    assert_eq!(answer, json_ok_bytes());
+    for up in [&d.a, &d.b] {
+        let got = up.last_request().expect("a request");
+        assert!(got.body == body.as_bytes(), "the body arrived changed");
+    }
+    let recent = d.gw.admin("requests?limit=1").await;
+    assert_eq!(
+        recent["requests"][0]["model"], "claude-frames-1",
+        "{recent}"
+    );
+    // The session was read from the body's end: it now stays on `b`, which served it, although
+    // `a` ranks first again for everyone else.
+    d.a.set_default(Script::json_ok());
+    let small = json!({"model": "m", "messages": [], "metadata": {"user_id": "{\"session_id\":\"frames-1\"}"}});
+    let ans = d.post(&small).await;
+    assert_eq!(ans.header("x-ccgate-endpoint"), Some("b"), "{}", ans.text());
+    let other = json!({"model": "m", "messages": [], "metadata": {"user_id": "{\"session_id\":\"other\"}"}});
+    let ans = d.post(&other).await;
+    assert_eq!(ans.header("x-ccgate-endpoint"), Some("a"), "{}", ans.text());
+}
+
 // ---------------------------------------------------------------------------------------------
 // Answered locally
 // ---------------------------------------------------------------------------------------------

@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use ccgate::config::Timeouts;
+use ccgate::transport::replay::ReplayBody;
 use ccgate::transport::upstream::{IDLE_TIMEOUT, UpstreamClient, UpstreamError, build_client};
 use http::Request;
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use support::mock::{Gate, MockUpstream, Script, SseEvent};
 use support::wait::{eventually, within};
 
@@ -23,10 +24,10 @@ fn client() -> UpstreamClient {
     build_client(None, &timeouts).unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn post(url: &str) -> Request<Full<Bytes>> {
+fn post(url: &str) -> Request<ReplayBody> {
     Request::post(url)
         .header("content-type", "application/json")
-        .body(Full::new(Bytes::from_static(b"{\"model\":\"m\"}")))
+        .body(ReplayBody::from(Bytes::from_static(b"{\"model\":\"m\"}")))
         .unwrap_or_else(|e| panic!("{e}"))
 }
 

@@ -12,10 +12,11 @@ use std::time::Duration;
 use anyhow::{Context, anyhow, bail};
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use serde_json::Value;
 
 use crate::config::{Config, ConfigError, Env, Secret, resolve_config_path};
+use crate::transport::replay::ReplayBody;
 
 /// Stands in for an environment variable that is not set in the CLI's own environment: the
 /// gateway may well have it, so an edit is not refused for it.
@@ -239,7 +240,7 @@ impl AdminClient {
                 http::header::USER_AGENT,
                 concat!("ccgate-cli/", env!("CARGO_PKG_VERSION")),
             )
-            .body(Full::new(Bytes::new()))
+            .body(ReplayBody::from(Bytes::new()))
             .map_err(|e| CallError(format!("{uri}: {e}")))?;
         if let Some(t) = &self.target.token {
             if let Ok(mut v) = http::HeaderValue::from_str(t.expose()) {

@@ -9,13 +9,15 @@ use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName};
 use http::uri::PathAndQuery;
 use http::{Method, Request, Response};
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use crate::config::RelayLimits;
 use crate::health::classify::{Outcome, TransportKind, classify_sse_error};
 use crate::health::endpoint::Endpoint;
 use crate::transport::error_chain;
+use crate::transport::replay::{Frames, ReplayBody};
+use crate::transport::upstream::UpstreamBody;
 use crate::wire::sse::SseScanner;
 
 /// A client request, read once and replayed for each attempt.
@@ -28,8 +30,8 @@ pub struct Prepared {
     /// Headers to forward: the client's, minus credentials, hop-by-hop headers, `host` and
     /// `content-length` (the body sent may be rewritten by the model map).
     pub headers: HeaderMap,
-    /// The body.
-    pub body: Bytes,
+    /// The body, as the frames it arrived in.
+    pub body: Frames,
     /// What a successful answer must look like.
     pub expects: Expects,
     /// The client's own `authorization` / `x-api-key` (marked sensitive), forwarded only to
@@ -51,13 +53,13 @@ pub enum Expects {
 
 impl Expects {
     /// What `method` on `path` with `body` must be answered with.
-    fn of(method: &Method, path: &str, body: &[u8]) -> Self {
+    fn of(method: &Method, path: &str, body: &Frames) -> Self {
         if *method != Method::POST
             || (path != "/v1/messages" && path != "/v1/messages/count_tokens")
         {
             return Self::Anything;
         }
-        match crate::wire::json_top::member(body, b"stream") {
+        match body.last_member(b"stream").as_deref() {
             Some(b"true") if path == "/v1/messages" => Self::EventStream,
             _ => Self::Json,
         }
@@ -137,7 +139,7 @@ impl Prepared {
         method: Method,
         path_and_query: PathAndQuery,
         mut headers: HeaderMap,
-        body: Bytes,
+        body: Frames,
     ) -> Self {
         strip_hop_by_hop(&mut headers);
         headers.remove(header::HOST);
@@ -187,13 +189,22 @@ impl Prepared {
     }
 
     /// The request for one endpoint, with its credential set and its model mapping applied.
-    pub fn for_endpoint(&self, ep: &Endpoint) -> Result<Request<Full<Bytes>>, String> {
-        let body = crate::wire::model_map::apply(&ep.model_map, &self.body);
+    pub fn for_endpoint(&self, ep: &Endpoint) -> Result<Request<UpstreamBody>, String> {
+        // The frames go out as they came, unless this endpoint maps the model: then the joined
+        // body with `model` spliced.
+        let body = if ep.model_map.is_empty() {
+            self.body.body()
+        } else {
+            ReplayBody::from(crate::wire::model_map::apply(
+                &ep.model_map,
+                &self.body.joined(),
+            ))
+        };
         let uri = ep
             .base_url
             .uri(&self.path_and_query)
             .map_err(|e| format!("cannot build the upstream request: {e}"))?;
-        let mut req = Request::new(Full::new(body));
+        let mut req = Request::new(body);
         *req.method_mut() = self.method.clone();
         *req.uri_mut() = uri;
         *req.headers_mut() = self.headers.clone();
@@ -241,7 +252,7 @@ static ANTHROPIC_BETA: HeaderName = HeaderName::from_static("anthropic-beta");
 /// Sends one attempt and waits for the response headers.
 pub async fn send(
     ep: &Endpoint,
-    req: Request<Full<Bytes>>,
+    req: Request<UpstreamBody>,
     first_byte: Duration,
 ) -> Result<Response<Incoming>, (Outcome, String)> {
     match tokio::time::timeout(first_byte, ep.client.request(req)).await {
@@ -251,6 +262,10 @@ pub async fn send(
                 "no response headers within {}",
                 humantime::format_duration(first_byte)
             ),
+        )),
+        Ok(Err(e)) if local_exhaustion(&e) => Err((
+            Outcome::Cancelled,
+            format!("ccgate itself is out of resources: {}", error_chain(&e)),
         )),
         Ok(Err(e)) => {
             let text = error_chain(&e);
@@ -263,6 +278,30 @@ pub async fn send(
         }
         Ok(Ok(resp)) => Ok(resp),
     }
+}
+
+/// Whether an upstream request failed for want of a local resource — ccgate's own file
+/// descriptors (`EMFILE`, `ENFILE`), memory for sockets (`ENOBUFS`, `ENOMEM`) or ephemeral ports
+/// (`EADDRNOTAVAIL`) — rather than anything the endpoint did. Every other endpoint would fail the
+/// same way, and none of them is to blame.
+pub fn local_exhaustion(e: &(dyn std::error::Error + 'static)) -> bool {
+    const EMFILE: i32 = 24;
+    const ENFILE: i32 = 23;
+    const ENOBUFS: i32 = 105;
+    const ENOMEM: i32 = 12;
+    const EADDRNOTAVAIL: i32 = 99;
+    let mut cur = Some(e);
+    while let Some(c) = cur {
+        if let Some(code) = c
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::raw_os_error)
+        {
+            return cfg!(target_os = "linux")
+                && matches!(code, EMFILE | ENFILE | ENOBUFS | ENOMEM | EADDRNOTAVAIL);
+        }
+        cur = c.source();
+    }
+    false
 }
 
 /// Reads a small (error) body with a size cap and the idle timeout; what does not arrive is left.
@@ -490,7 +529,13 @@ mod tests {
             h.insert(header::CONTENT_TYPE, ct.parse().expect("value"));
             h
         };
-        let post = |path: &str, body: &[u8]| Expects::of(&Method::POST, path, body);
+        let post = |path: &str, body: &[u8]| {
+            Expects::of(
+                &Method::POST,
+                path,
+                &Frames::from(Bytes::copy_from_slice(body)),
+            )
+        };
         assert_eq!(
             post("/v1/messages", br#"{"stream":true}"#),
             Expects::EventStream
@@ -502,7 +547,7 @@ mod tests {
         );
         assert_eq!(post("/v1/models", b"{}"), Expects::Anything);
         assert_eq!(
-            Expects::of(&Method::GET, "/v1/messages", b""),
+            Expects::of(&Method::GET, "/v1/messages", &Frames::default()),
             Expects::Anything
         );
         assert!(

@@ -24,6 +24,7 @@ use crate::proxy::response::{self, GateBody};
 use crate::proxy::scrub::{replace_with_own_error, scrub_body, scrub_headers};
 use crate::select::affinity::{self, Affinity};
 use crate::select::strategy::Tried;
+use crate::transport::replay::Frames;
 use crate::wire::json_top;
 
 // Response headers ccgate adds, named once rather than parsed from a string per request.
@@ -90,8 +91,8 @@ where
         guard.end(RequestEnd::Caller);
         return too_large(cap);
     }
-    let body = match Limited::new(body, cap).collect().await {
-        Ok(b) => b.to_bytes(),
+    let body = match read_frames(Limited::new(body, cap)).await {
+        Ok(frames) => Frames::from(frames),
         Err(e) => {
             if e.downcast_ref::<http_body_util::LengthLimitError>()
                 .is_some()
@@ -124,13 +125,35 @@ where
     if let Some(note) = guard.note_mut() {
         // Claude Code writes `model` first: read it there rather than walking the whole body
         // from its end; other clients (the SDKs write it late) fall back to that walk.
-        note.model = json_top::first_string_member(&body, b"model")
-            .or_else(|| json_top::member(&body, b"model"))
+        note.model = request_model(&body)
+            .as_deref()
             .and_then(json_top::as_str)
             .map(|m| m.chars().take(200).collect());
     }
     let prepared = Prepared::new(parts.method, path_and_query, headers, body);
     forward_request(gw, prepared, guard).await
+}
+
+/// The body's data frames as they arrive, each kept as hyper handed it over (no copy).
+async fn read_frames<B>(body: B) -> Result<Vec<Bytes>, B::Error>
+where
+    B: Body<Data = Bytes>,
+{
+    let mut body = std::pin::pin!(body);
+    let mut frames = Vec::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            frames.push(data);
+        }
+    }
+    Ok(frames)
+}
+
+/// The raw `model` of a request body: Claude Code writes it first, where it is read without a
+/// walk; other clients (the SDKs write it late) get the walk from the end.
+fn request_model(body: &Frames) -> Option<Bytes> {
+    body.first_string_member(b"model")
+        .or_else(|| body.last_member(b"model"))
 }
 
 /// Whether reading the request body failed because the client went away (the connection closed
@@ -310,6 +333,19 @@ async fn forward_request(
         };
         let resp = match forward::send(&ep, upstream_req, timeouts.first_byte).await {
             Ok(r) => r,
+            Err((Outcome::Cancelled, message)) => {
+                // ccgate ran out of file descriptors, socket memory or ports: no endpoint is to
+                // blame and none would fare better. The attempt counts as not the endpoint's
+                // (cancelled) and the client is told to come back.
+                tracing::error!(endpoint = %ep.name, %message, "attempt not sent");
+                attempt.finish(Outcome::Cancelled, None);
+                guard.end(RequestEnd::Upstream);
+                return response::error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "overloaded_error",
+                    "ccgate is out of local resources (file descriptors, sockets or ports); try again",
+                );
+            }
             Err((outcome, message)) => {
                 fail_attempt(
                     &mut failures,
@@ -496,7 +532,8 @@ fn not_serving(reg: &Registry, req: &Prepared) -> Result<Tried, String> {
     if reg.endpoints.iter().all(|e| e.models.is_none()) {
         return Ok(skip);
     }
-    let Some(model) = json_top::member(&req.body, b"model").and_then(json_top::as_str) else {
+    let raw = request_model(&req.body);
+    let Some(model) = raw.as_deref().and_then(json_top::as_str) else {
         return Ok(skip);
     };
     for ep in &reg.endpoints {

@@ -9,11 +9,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, StatusCode, header};
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 
 use crate::config::ProbeMode;
 use crate::health::endpoint::Endpoint;
 use crate::proxy::gateway::Gateway;
+use crate::transport::replay::ReplayBody;
 
 /// What one probe found.
 #[derive(Clone, Debug)]
@@ -96,7 +97,7 @@ async fn probe_inner(gw: &Gateway, ep: &Endpoint) -> Result<String, String> {
             header::USER_AGENT,
             concat!("ccgate-probe/", env!("CARGO_PKG_VERSION")),
         )
-        .body(Full::new(body))
+        .body(ReplayBody::from(body))
         .map_err(|e| format!("cannot build probe: {e}"))?;
     if req.method() == Method::POST {
         req.headers_mut().insert(

@@ -18,14 +18,13 @@ use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::LazyLock;
 
-use bytes::Bytes;
 use http::HeaderMap;
 use memchr::memmem;
 use parking_lot::Mutex;
-use serde::Deserialize;
 
 use crate::clock::{Clock, ms};
 use crate::config::AffinityConfig;
+use crate::transport::replay::Frames;
 use crate::wire::json_top;
 
 /// Header Claude Code sends with its session id.
@@ -213,7 +212,7 @@ impl Affinity {
 }
 
 /// The session key of a request: the session header, else `metadata.user_id`'s session id.
-pub fn session_key(headers: &HeaderMap, body: &Bytes) -> Option<String> {
+pub fn session_key(headers: &HeaderMap, body: &Frames) -> Option<String> {
     if let Some(v) = headers.get(SESSION_HEADER).and_then(|v| v.to_str().ok()) {
         let v = v.trim();
         if !v.is_empty() && v.len() <= MAX_KEY_LEN {
@@ -221,27 +220,30 @@ pub fn session_key(headers: &HeaderMap, body: &Bytes) -> Option<String> {
         }
     }
     // Look only in bodies that can hold the key (most requests without the header have none),
-    // and parse only the top-level `metadata` member, not the whole body.
-    static USER_ID: LazyLock<memmem::Finder<'static>> =
-        LazyLock::new(|| memmem::Finder::new(b"\"user_id\""));
-    USER_ID.find(body)?;
-    let metadata = json_top::member(body, b"metadata")?;
-    let user_id = json_top::as_str(json_top::member(metadata, b"user_id")?)?;
+    // and parse only the top-level `metadata` member, not the whole body. The search runs from
+    // the end: Claude Code writes `metadata` last, so on its 100 KB bodies it stops within the
+    // last few hundred bytes instead of crossing the whole conversation.
+    static USER_ID: LazyLock<memmem::FinderRev<'static>> =
+        LazyLock::new(|| memmem::FinderRev::new(b"\"user_id\""));
+    if !body.contains_from_end(&USER_ID) {
+        return None;
+    }
+    let metadata = body.last_member(b"metadata")?;
+    let user_id = json_top::as_str(json_top::member(&metadata, b"user_id")?)?;
     session_from_user_id(&user_id)
 }
 
 /// The session id inside a `metadata.user_id` value.
 pub fn session_from_user_id(user_id: &str) -> Option<String> {
-    #[derive(Deserialize)]
-    struct UserId<'a> {
-        #[serde(borrow)]
-        session_id: Option<Cow<'a, str>>,
-    }
-    // Claude Code's JSON form starts with `{`; anything else is the older plain form.
+    // Claude Code's JSON form starts with `{`; anything else is the older plain form. The JSON
+    // form's `session_id` is read from its top level without parsing the rest.
     let json = user_id.trim_start().starts_with('{');
-    let id: Cow<'_, str> = match json.then(|| serde_json::from_str::<UserId>(user_id)) {
-        Some(Ok(u)) => u.session_id?,
-        _ => {
+    let id: Cow<'_, str> = match json
+        .then(|| json_top::member(user_id.as_bytes(), b"session_id"))
+        .flatten()
+    {
+        Some(raw) => json_top::as_str(raw)?,
+        None => {
             static SESSION: LazyLock<memmem::FinderRev<'static>> =
                 LazyLock::new(|| memmem::FinderRev::new(b"_session_"));
             let at = SESSION.rfind(user_id)?;
@@ -268,23 +270,19 @@ mod tests {
 
     #[test]
     fn key_sources_in_order() {
+        let frames = |b: &'static [u8]| Frames::from(bytes::Bytes::from_static(b));
         let mut h = HeaderMap::new();
-        let body = Bytes::from_static(
+        let body = frames(
             br#"{"model":"m","metadata":{"user_id":"{\"device_id\":\"d\",\"account_uuid\":\"a\",\"session_id\":\"s-json\"}"},"messages":[]}"#,
         );
         assert_eq!(session_key(&h, &body).as_deref(), Some("s-json"));
-        let legacy = Bytes::from_static(
-            br#"{"metadata":{"user_id":"user_abc_account_123_session_s-legacy"}}"#,
-        );
+        let legacy = frames(br#"{"metadata":{"user_id":"user_abc_account_123_session_s-legacy"}}"#);
         assert_eq!(session_key(&h, &legacy).as_deref(), Some("s-legacy"));
         h.insert(SESSION_HEADER, http::HeaderValue::from_static("s-header"));
         assert_eq!(session_key(&h, &body).as_deref(), Some("s-header"));
-        let none = Bytes::from_static(br#"{"metadata":{"user_id":"plain-user"}}"#);
+        let none = frames(br#"{"metadata":{"user_id":"plain-user"}}"#);
         assert_eq!(session_key(&HeaderMap::new(), &none), None);
-        assert_eq!(
-            session_key(&HeaderMap::new(), &Bytes::from_static(b"not json")),
-            None
-        );
+        assert_eq!(session_key(&HeaderMap::new(), &frames(b"not json")), None);
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,6 +1,7 @@
 //! Upstream connections: per-endpoint, per-worker HTTP/1.1 pools over rustls. Knows nothing of
 //! health, selection or the request handler.
 
+pub mod replay;
 pub mod upstream;
 
 /// An error and its sources, joined, for logs and `last_error`. Errors from hyper and rustls name

@@ -25,11 +25,9 @@ use std::path::Path;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::uri::{Authority, Scheme};
 use http::{Request, Response, Uri};
-use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_rustls::HttpsConnector;
@@ -41,7 +39,7 @@ use tower_service::Service;
 use crate::config::{DEFAULT_MAX_IDLE_UPSTREAM, Timeouts};
 
 /// Body type of upstream requests: the buffered client body, replayed per attempt.
-pub type UpstreamBody = Full<Bytes>;
+pub type UpstreamBody = crate::transport::replay::ReplayBody;
 
 /// How long an unused connection is kept.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);

@@ -156,9 +156,43 @@ pub fn as_str(raw: &[u8]) -> Option<std::borrow::Cow<'_, str>> {
             .ok()
             .map(std::borrow::Cow::Borrowed);
     }
-    serde_json::from_slice::<String>(raw)
-        .ok()
+    unescape_simple(inner)
+        .or_else(|| serde_json::from_slice::<String>(raw).ok())
         .map(std::borrow::Cow::Owned)
+}
+
+/// The text of a string's inner bytes when it holds only the two-character escapes (`\"`, `\\`,
+/// `\n`, ...), as Claude Code's JSON-encoded `metadata.user_id` does; `None` for anything a full
+/// parse must judge (`\u` escapes, unknown escapes, control characters, invalid UTF-8), which then
+/// goes to serde_json.
+fn unescape_simple(inner: &[u8]) -> Option<String> {
+    let mut out = Vec::with_capacity(inner.len());
+    let mut rest = inner;
+    // An unescaped quote or a raw control character cannot be inside a JSON string.
+    let plain = |seg: &[u8]| memchr::memchr(b'"', seg).is_none() && seg.iter().all(|&b| b >= 0x20);
+    while let Some(at) = memchr::memchr(b'\\', rest) {
+        if !plain(&rest[..at]) {
+            return None;
+        }
+        out.extend_from_slice(&rest[..at]);
+        out.push(match rest.get(at + 1)? {
+            b'"' => b'"',
+            b'\\' => b'\\',
+            b'/' => b'/',
+            b'n' => b'\n',
+            b't' => b'\t',
+            b'r' => b'\r',
+            b'b' => 0x08,
+            b'f' => 0x0c,
+            _ => return None,
+        });
+        rest = &rest[at + 2..];
+    }
+    if !plain(rest) {
+        return None;
+    }
+    out.extend_from_slice(rest);
+    String::from_utf8(out).ok()
 }
 
 /// The index of the quote opening the string whose closing quote is at `close`.
@@ -309,6 +343,19 @@ mod tests {
         assert_eq!(as_str(br#""claude-x""#).as_deref(), Some("claude-x"));
         assert_eq!(as_str(br#""a\"b\u00e9""#).as_deref(), Some("a\"bé"));
         assert_eq!(as_str(br#""""#).as_deref(), Some(""));
+        // Two-character escapes are read without serde_json; anything else is judged by it.
+        assert_eq!(
+            as_str(br#""{\"id\": \"s\\\/\n\t\r\b\f\"}""#).as_deref(),
+            Some("{\"id\": \"s\\/\n\t\r\u{8}\u{c}\"}")
+        );
+        for bad in [
+            &br#""a"b\n""#[..],
+            b"\"a\x01\\n\"",
+            b"\"\\n\\\"",
+            b"\"\\n\xff\"",
+        ] {
+            assert_eq!(as_str(bad), None, "{bad:?}");
+        }
         for bad in [&b"5"[..], b"\"", b"null", br#""bad \x""#] {
             assert_eq!(as_str(bad), None, "{bad:?}");
         }
