@@ -34,6 +34,9 @@ pub struct Prepared {
     pub body: Frames,
     /// What a successful answer must look like.
     pub expects: Expects,
+    /// The body's top-level `metadata` (where a session id may be), read in the same walk as
+    /// `stream`.
+    pub metadata: Option<Bytes>,
     /// The client's own `authorization` / `x-api-key` (marked sensitive), forwarded only to
     /// endpoints with `credential = "client"`; never logged, stored or shown.
     client_credential: Vec<(HeaderName, http::HeaderValue)>,
@@ -53,16 +56,19 @@ pub enum Expects {
 
 impl Expects {
     /// What `method` on `path` with `body` must be answered with.
-    fn of(method: &Method, path: &str, body: &Frames) -> Self {
+    /// What `method` on `path` with `body` must be answered with, and the body's `metadata`.
+    fn of(method: &Method, path: &str, body: &Frames) -> (Self, Option<Bytes>) {
         if *method != Method::POST
             || (path != "/v1/messages" && path != "/v1/messages/count_tokens")
         {
-            return Self::Anything;
+            return (Self::Anything, body.last_member(b"metadata"));
         }
-        match body.last_member(b"stream").as_deref() {
+        let [stream, metadata] = body.last_members([b"stream", b"metadata"]);
+        let expects = match stream.as_deref() {
             Some(b"true") if path == "/v1/messages" => Self::EventStream,
             _ => Self::Json,
-        }
+        };
+        (expects, metadata)
     }
 
     /// Why a 2xx answer with `headers` is not what was asked for, if it is not.
@@ -158,13 +164,14 @@ impl Prepared {
             header::ACCEPT_ENCODING,
             http::HeaderValue::from_static("identity"),
         );
-        let expects = Expects::of(&method, path_and_query.path(), &body);
+        let (expects, metadata) = Expects::of(&method, path_and_query.path(), &body);
         Self {
             method,
             path_and_query,
             headers,
             body,
             expects,
+            metadata,
             client_credential,
         }
     }
@@ -535,6 +542,7 @@ mod tests {
                 path,
                 &Frames::from(Bytes::copy_from_slice(body)),
             )
+            .0
         };
         assert_eq!(
             post("/v1/messages", br#"{"stream":true}"#),
@@ -547,7 +555,7 @@ mod tests {
         );
         assert_eq!(post("/v1/models", b"{}"), Expects::Anything);
         assert_eq!(
-            Expects::of(&Method::GET, "/v1/messages", &Frames::default()),
+            Expects::of(&Method::GET, "/v1/messages", &Frames::default()).0,
             Expects::Anything
         );
         assert!(

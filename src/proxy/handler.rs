@@ -261,10 +261,12 @@ async fn forward_request(
     gw.budget.deposit(now_ms);
     // A session goes first to the endpoint that served it last; if that endpoint is not
     // admitted now, admission skips it and whoever serves the session becomes its binding.
-    let session = gw
-        .affinity
-        .as_ref()
-        .and_then(|a| Some((a, affinity::session_key(&req.headers, &req.body)?)));
+    let session = gw.affinity.as_ref().and_then(|a| {
+        Some((
+            a,
+            affinity::session_key(&req.headers, req.metadata.as_deref())?,
+        ))
+    });
     // A session's endpoint near its rate limit stays ranked last: moving the session costs its
     // prompt cache once, a 429 later costs a failed attempt and a cooldown.
     if let Some(bound) = session

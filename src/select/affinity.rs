@@ -24,7 +24,6 @@ use parking_lot::Mutex;
 
 use crate::clock::{Clock, ms};
 use crate::config::AffinityConfig;
-use crate::transport::replay::Frames;
 use crate::wire::json_top;
 
 /// Header Claude Code sends with its session id.
@@ -211,25 +210,16 @@ impl Affinity {
     }
 }
 
-/// The session key of a request: the session header, else `metadata.user_id`'s session id.
-pub fn session_key(headers: &HeaderMap, body: &Frames) -> Option<String> {
+/// The session key of a request: the session header, else the session id in the body's
+/// top-level `metadata` (its `user_id`), given raw.
+pub fn session_key(headers: &HeaderMap, metadata: Option<&[u8]>) -> Option<String> {
     if let Some(v) = headers.get(SESSION_HEADER).and_then(|v| v.to_str().ok()) {
         let v = v.trim();
         if !v.is_empty() && v.len() <= MAX_KEY_LEN {
             return Some(v.to_string());
         }
     }
-    // Look only in bodies that can hold the key (most requests without the header have none),
-    // and parse only the top-level `metadata` member, not the whole body. The search runs from
-    // the end: Claude Code writes `metadata` last, so on its 100 KB bodies it stops within the
-    // last few hundred bytes instead of crossing the whole conversation.
-    static USER_ID: LazyLock<memmem::FinderRev<'static>> =
-        LazyLock::new(|| memmem::FinderRev::new(b"\"user_id\""));
-    if !body.contains_from_end(&USER_ID) {
-        return None;
-    }
-    let metadata = body.last_member(b"metadata")?;
-    let user_id = json_top::as_str(json_top::member(&metadata, b"user_id")?)?;
+    let user_id = json_top::as_str(json_top::member(metadata?, b"user_id")?)?;
     session_from_user_id(&user_id)
 }
 
@@ -270,19 +260,19 @@ mod tests {
 
     #[test]
     fn key_sources_in_order() {
-        let frames = |b: &'static [u8]| Frames::from(bytes::Bytes::from_static(b));
+        let frames = |b: &'static [u8]| json_top::member(b, b"metadata");
         let mut h = HeaderMap::new();
         let body = frames(
             br#"{"model":"m","metadata":{"user_id":"{\"device_id\":\"d\",\"account_uuid\":\"a\",\"session_id\":\"s-json\"}"},"messages":[]}"#,
         );
-        assert_eq!(session_key(&h, &body).as_deref(), Some("s-json"));
+        assert_eq!(session_key(&h, body).as_deref(), Some("s-json"));
         let legacy = frames(br#"{"metadata":{"user_id":"user_abc_account_123_session_s-legacy"}}"#);
-        assert_eq!(session_key(&h, &legacy).as_deref(), Some("s-legacy"));
+        assert_eq!(session_key(&h, legacy).as_deref(), Some("s-legacy"));
         h.insert(SESSION_HEADER, http::HeaderValue::from_static("s-header"));
-        assert_eq!(session_key(&h, &body).as_deref(), Some("s-header"));
+        assert_eq!(session_key(&h, body).as_deref(), Some("s-header"));
         let none = frames(br#"{"metadata":{"user_id":"plain-user"}}"#);
-        assert_eq!(session_key(&HeaderMap::new(), &none), None);
-        assert_eq!(session_key(&HeaderMap::new(), &frames(b"not json")), None);
+        assert_eq!(session_key(&HeaderMap::new(), none), None);
+        assert_eq!(session_key(&HeaderMap::new(), frames(b"not json")), None);
     }
 
     #[tokio::test(start_paused = true)]

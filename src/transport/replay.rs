@@ -108,6 +108,34 @@ impl Frames {
         }
     }
 
+    /// The raw values of the last top-level members named `keys`, in one walk from the body's end
+    /// (Claude Code writes `stream` and `metadata` last); the whole body is walked only when its
+    /// end does not hold them all.
+    pub fn last_members<const N: usize>(&self, keys: [&[u8]; N]) -> [Option<Bytes>; N] {
+        let find = |json: &Bytes| {
+            let mut found: [Option<Bytes>; N] = std::array::from_fn(|_| None);
+            let mut missing = N;
+            for (name, value) in json_top::members(json) {
+                if let Some(i) = keys.iter().position(|k| *k == name) {
+                    if found[i].is_none() {
+                        found[i] = Some(json.slice_ref(value));
+                        missing -= 1;
+                        if missing == 0 {
+                            break;
+                        }
+                    }
+                }
+            }
+            (found, missing)
+        };
+        let tail = self.tail();
+        let (found, missing) = find(&tail);
+        if missing == 0 || tail.len() == self.len {
+            return found;
+        }
+        find(&self.joined()).0
+    }
+
     /// The raw value of the last top-level member `key` (see [`json_top::member`]), read from the
     /// body's end and, only when the end does not hold it, from the whole body.
     pub fn last_member(&self, key: &[u8]) -> Option<Bytes> {
@@ -136,16 +164,6 @@ impl Frames {
         }
         let all = self.joined();
         json_top::first_string_member(&all, key).map(|v| all.slice_ref(v))
-    }
-
-    /// Whether `finder`'s needle occurs in the body, searched from the end (its last `TAIL` bytes
-    /// first, where Claude Code's `metadata` is).
-    pub fn contains_from_end(&self, finder: &memchr::memmem::FinderRev<'_>) -> bool {
-        let tail = self.tail();
-        if finder.rfind(&tail).is_some() {
-            return true;
-        }
-        tail.len() < self.len && finder.rfind(self.joined()).is_some()
     }
 
     /// A body that sends these frames.
@@ -249,13 +267,18 @@ mod tests {
                         "{history} turns, frames of {size}, {key:?}"
                     );
                 }
+                for keys in [
+                    [&b"stream"[..], b"metadata"],
+                    [b"absent", b"stream"],
+                    [b"model", b"metadata"],
+                ] {
+                    let got = f.last_members(keys).map(|v| v.map(|b| b.to_vec()));
+                    assert_eq!(got, keys.map(whole), "{history} turns, frames of {size}");
+                }
                 assert_eq!(
                     f.first_string_member(b"model").as_deref(),
                     Some(&br#""claude-sonnet-4""#[..])
                 );
-                let user_id = memchr::memmem::FinderRev::new(b"\"user_id\"");
-                assert!(f.contains_from_end(&user_id));
-                assert!(!f.contains_from_end(&memchr::memmem::FinderRev::new(b"nowhere")));
                 assert_eq!(&f.joined()[..], &text[..]);
             }
         }

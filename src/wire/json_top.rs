@@ -167,31 +167,25 @@ pub fn as_str(raw: &[u8]) -> Option<std::borrow::Cow<'_, str>> {
 /// goes to serde_json.
 fn unescape_simple(inner: &[u8]) -> Option<String> {
     let mut out = Vec::with_capacity(inner.len());
-    let mut rest = inner;
-    // An unescaped quote or a raw control character cannot be inside a JSON string.
-    let plain = |seg: &[u8]| memchr::memchr(b'"', seg).is_none() && seg.iter().all(|&b| b >= 0x20);
-    while let Some(at) = memchr::memchr(b'\\', rest) {
-        if !plain(&rest[..at]) {
-            return None;
-        }
-        out.extend_from_slice(&rest[..at]);
-        out.push(match rest.get(at + 1)? {
-            b'"' => b'"',
-            b'\\' => b'\\',
-            b'/' => b'/',
-            b'n' => b'\n',
-            b't' => b'\t',
-            b'r' => b'\r',
-            b'b' => 0x08,
-            b'f' => 0x0c,
-            _ => return None,
+    let mut bytes = inner.iter();
+    while let Some(&b) = bytes.next() {
+        out.push(match b {
+            b'\\' => match bytes.next()? {
+                b'"' => b'"',
+                b'\\' => b'\\',
+                b'/' => b'/',
+                b'n' => b'\n',
+                b't' => b'\t',
+                b'r' => b'\r',
+                b'b' => 0x08,
+                b'f' => 0x0c,
+                _ => return None,
+            },
+            // An unescaped quote or a raw control character cannot be inside a JSON string.
+            b'"' | 0..0x20 => return None,
+            b => b,
         });
-        rest = &rest[at + 2..];
     }
-    if !plain(rest) {
-        return None;
-    }
-    out.extend_from_slice(rest);
     String::from_utf8(out).ok()
 }
 
