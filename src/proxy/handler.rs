@@ -534,7 +534,8 @@ fn not_serving(reg: &Registry, req: &Prepared) -> Result<Tried, String> {
     if reg.endpoints.iter().all(|e| e.models.is_none()) {
         return Ok(skip);
     }
-    let raw = request_model(&req.body);
+    // Routing reads the model a full parse would: the last `model` member, not the first.
+    let raw = req.body.last_member(b"model");
     let Some(model) = raw.as_deref().and_then(json_top::as_str) else {
         return Ok(skip);
     };
