@@ -320,6 +320,7 @@ impl Server {
         let header_timeout = server_config
             .header_read_timeout
             .or(exposed.then_some(crate::config::EXPOSED_HEADER_READ_TIMEOUT));
+        raise_open_file_limit(server_config.max_connections);
         let limit = Arc::new(ConnectionLimit::new(server_config.max_connections));
         let workers: Vec<Worker> = (0..server_config.workers)
             .filter_map(|i| Worker::spawn(i, Arc::clone(&handle), header_timeout))
@@ -405,6 +406,33 @@ impl Server {
         if let Some(node) = &handle.cluster {
             node.shutdown();
         }
+    }
+}
+
+/// Raises the open-file soft limit to the hard limit, as nginx's `worker_rlimit_nofile` and Go's
+/// runtime do: every proxied stream holds two descriptors (the client's connection and the
+/// upstream one), so the usual soft limit of 1,024 would cap the gateway near 500 open streams.
+/// Warns when even the hard limit is short of two descriptors per allowed connection.
+fn raise_open_file_limit(max_connections: usize) {
+    let before = rlimit::getrlimit(rlimit::Resource::NOFILE)
+        .ok()
+        .map(|(soft, _)| soft);
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(now) => {
+            if let Some(before) = before.filter(|&b| b < now) {
+                tracing::info!(from = before, to = now, "raised the open-file limit");
+            }
+            let need = 2 * max_connections as u64 + 64;
+            if now < need {
+                tracing::warn!(
+                    limit = now,
+                    max_connections,
+                    "the open-file limit is below two descriptors per allowed connection; \
+                     raise it (ulimit -Hn, systemd's LimitNOFILE=) or lower server.max_connections"
+                );
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
     }
 }
 

@@ -47,6 +47,10 @@ const OUT_OF_RESOURCES: &str =
 /// Descriptors ccgate gets above what it holds at idle: room for a few proxied streams.
 const HEADROOM: usize = 20;
 
+/// The tests here start ccgate one at a time: the burst test counts descriptors to the unit, and
+/// another gateway starting beside it (in this same test process) upset that count.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Concurrent streaming requests in the burst: at two descriptors each they need four times the
 /// headroom.
 const CLIENTS: usize = 2 * HEADROOM;
@@ -57,10 +61,10 @@ const HELD_AFTER: usize = 3;
 
 /// `ccgate ARGS` as `sb.command` runs it (same cleared environment and working directory), but
 /// started through `sh`, which writes its process id to `pid_file` (kept by `exec`) and, given
-/// `nofile`, sets the open-file limit (soft and hard) to it first.
-fn command_via_sh(sb: &Sandbox, nofile: Option<usize>, pid_file: &Path, args: &[&str]) -> Command {
+/// `ulimit` (say `-n 41`: soft and hard), runs `ulimit` with it first.
+fn command_via_sh(sb: &Sandbox, ulimit: Option<&str>, pid_file: &Path, args: &[&str]) -> Command {
     let template = sb.command(args);
-    let limit = nofile.map_or(String::new(), |n| format!("ulimit -n {n} && "));
+    let limit = ulimit.map_or(String::new(), |u| format!("ulimit {u} && "));
     let mut cmd = Command::new("/bin/sh");
     cmd.arg("-c")
         .arg(format!(
@@ -193,6 +197,7 @@ async fn one_stream(
 
 #[tokio::test]
 async fn running_out_of_descriptors_answers_503_and_ejects_no_endpoint() {
+    let _one_at_a_time = SERIAL.lock().await;
     let gate = Gate::new();
     let (up_a, up_b) = (MockUpstream::start().await, MockUpstream::start().await);
     for up in [&up_a, &up_b] {
@@ -239,7 +244,13 @@ async fn running_out_of_descriptors_answers_503_and_ejects_no_endpoint() {
     let nofile = idle + HEADROOM;
 
     let pid_file = sb.path("ccgate.pid");
-    let gw = start(command_via_sh(&sb, Some(nofile), &pid_file, &args)).await;
+    let gw = start(command_via_sh(
+        &sb,
+        Some(&format!("-n {nofile}")),
+        &pid_file,
+        &args,
+    ))
+    .await;
     let pid = pid_from(&pid_file);
     assert_eq!(
         nofile_limits(pid),
@@ -389,5 +400,37 @@ async fn running_out_of_descriptors_answers_503_and_ejects_no_endpoint() {
         after.body
     );
     assert_eq!(after.json()["type"], "message", "{}", after.body);
+    let _ = gw.stop().await;
+}
+
+/// A soft open-file limit below the hard one (the usual 1,024 under a larger hard limit) is
+/// raised to the hard limit when ccgate starts: each proxied stream holds two descriptors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_soft_open_file_limit_is_raised_to_the_hard_limit() {
+    let _one_at_a_time = SERIAL.lock().await;
+    let up = MockUpstream::start().await;
+    let sb = Sandbox::new();
+    let cfg = sb.write(
+        "ccgate.toml",
+        &format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\nenabled = false\n\
+             [[endpoints]]\nname = \"a\"\nbase_url = \"{}\"\napi_key = \"key-a\"\n",
+            up.url()
+        ),
+    );
+    let args = ["serve", "--config", cfg.to_str().expect("utf-8 path")];
+    let pid_file = sb.path("ccgate.pid");
+    let gw = start(command_via_sh(&sb, Some("-Sn 64"), &pid_file, &args)).await;
+    let pid = pid_from(&pid_file);
+    // Answered once the serving loop runs, which raises the limit before it serves.
+    assert_eq!(get(gw.addr, "/_ccgate/health", &[]).await.status, 200);
+    let (soft, hard) = nofile_limits(pid);
+    assert_ne!(hard, "64", "the test needs a hard limit above 64");
+    assert_eq!(soft, hard, "the soft limit was raised to the hard one");
+    assert!(
+        gw.stderr_now().contains("raised the open-file limit"),
+        "the raise is logged\nstderr:\n{}",
+        gw.stderr_now()
+    );
     let _ = gw.stop().await;
 }
