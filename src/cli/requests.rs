@@ -5,8 +5,6 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail};
-use http::{Method, StatusCode};
 use serde_json::Value;
 
 use crate::cli::table::*;
@@ -103,25 +101,10 @@ fn seq(r: &Value) -> u64 {
 }
 
 async fn fetch(client: &AdminClient, limit: u32, after: u64) -> anyhow::Result<Vec<Value>> {
-    let a = client
-        .call(Method::GET, &format!("requests?limit={limit}&after={after}"))
-        .await
-        .map_err(|e| {
-            anyhow!("cannot reach the gateway: {e}\nIs `ccgate serve` running? (pass --url if it listens elsewhere)")
-        })?;
-    match a.status {
-        StatusCode::OK => Ok(a.json()["requests"].as_array().cloned().unwrap_or_default()),
-        StatusCode::UNAUTHORIZED => bail!(
-            "the gateway at {} wants its access token: set server.access_token (or access_token_env) in the config this command reads",
-            client.url()
-        ),
-        _ => bail!(
-            "the gateway at {} answered {}: {}; is it a ccgate?",
-            client.url(),
-            a.status,
-            a.error_message()
-        ),
-    }
+    let view = client
+        .get_json(&format!("requests?limit={limit}&after={after}"), "a ccgate")
+        .await?;
+    Ok(view["requests"].as_array().cloned().unwrap_or_default())
 }
 
 /// One request as table cells.

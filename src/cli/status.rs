@@ -3,8 +3,6 @@
 
 use std::fmt::Write as _;
 
-use anyhow::{anyhow, bail};
-use http::{Method, StatusCode};
 use serde_json::Value;
 
 use crate::cli::table::*;
@@ -16,30 +14,11 @@ pub fn status(target: Target) -> anyhow::Result<String> {
     rt.block_on(async move {
         let client = AdminClient::new(target)?;
         let (endpoints, queue, stats) = tokio::join!(
-            client.call(Method::GET, "endpoints"),
-            client.call(Method::GET, "failure-queue"),
-            client.call(Method::GET, "stats"),
+            client.get_json("endpoints", "a ccgate"),
+            client.get_json("failure-queue", "a ccgate"),
+            client.get_json("stats", "a ccgate"),
         );
-        let mut answers = Vec::new();
-        for a in [endpoints, queue, stats] {
-            let a = a.map_err(|e| {
-                anyhow!("cannot reach the gateway: {e}\nIs `ccgate serve` running? (pass --url if it listens elsewhere)")
-            })?;
-            match a.status {
-                StatusCode::OK => answers.push(a.json()),
-                StatusCode::UNAUTHORIZED => bail!(
-                    "the gateway at {} wants its access token: set server.access_token (or access_token_env) in the config this command reads",
-                    client.url()
-                ),
-                _ => bail!(
-                    "the gateway at {} answered {}: {}; is it a ccgate?",
-                    client.url(),
-                    a.status,
-                    a.error_message()
-                ),
-            }
-        }
-        Ok(render_status(client.url(), &answers[0], &answers[1], &answers[2]))
+        Ok(render_status(client.url(), &endpoints?, &queue?, &stats?))
     })
 }
 
@@ -48,22 +27,10 @@ pub fn cluster_status(target: Target) -> anyhow::Result<String> {
     let rt = runtime()?;
     rt.block_on(async move {
         let client = AdminClient::new(target)?;
-        let a = client.call(Method::GET, "cluster").await.map_err(|e| {
-            anyhow!("cannot reach the gateway: {e}\nIs `ccgate serve` running? (pass --url if it listens elsewhere)")
-        })?;
-        match a.status {
-            StatusCode::OK => Ok(render_cluster(client.url(), &a.json())),
-            StatusCode::UNAUTHORIZED => bail!(
-                "the gateway at {} wants its access token: set server.access_token (or access_token_env) in the config this command reads",
-                client.url()
-            ),
-            _ => bail!(
-                "the gateway at {} answered {}: {}; is it a ccgate with cluster mode?",
-                client.url(),
-                a.status,
-                a.error_message()
-            ),
-        }
+        let view = client
+            .get_json("cluster", "a ccgate with cluster mode")
+            .await?;
+        Ok(render_cluster(client.url(), &view))
     })
 }
 

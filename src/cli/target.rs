@@ -230,6 +230,28 @@ impl AdminClient {
         &self.target.url
     }
 
+    /// `GET /_ccgate/{path}` as JSON, or the error a command reports for it: the gateway cannot
+    /// be reached, wants its access token, or answered something else (`expected` names what the
+    /// gateway should be, say "a ccgate").
+    pub async fn get_json(&self, path: &str, expected: &str) -> anyhow::Result<Value> {
+        let a = self.call(Method::GET, path).await.map_err(|e| {
+            anyhow!("cannot reach the gateway: {e}\nIs `ccgate serve` running? (pass --url if it listens elsewhere)")
+        })?;
+        match a.status {
+            StatusCode::OK => Ok(a.json()),
+            StatusCode::UNAUTHORIZED => bail!(
+                "the gateway at {} wants its access token: set server.access_token (or access_token_env) in the config this command reads",
+                self.url()
+            ),
+            _ => bail!(
+                "the gateway at {} answered {}: {}; is it {expected}?",
+                self.url(),
+                a.status,
+                a.error_message()
+            ),
+        }
+    }
+
     /// `METHOD /_ccgate/{path}`, whole answer.
     pub async fn call(&self, method: Method, path: &str) -> Result<Answer, CallError> {
         let uri = format!("{}/_ccgate/{path}", self.target.url);
