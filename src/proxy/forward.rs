@@ -55,20 +55,21 @@ pub enum Expects {
 }
 
 impl Expects {
-    /// What `method` on `path` with `body` must be answered with.
-    /// What `method` on `path` with `body` must be answered with, and the body's `metadata`.
-    fn of(method: &Method, path: &str, body: &Frames) -> (Self, Option<Bytes>) {
-        if *method != Method::POST
-            || (path != "/v1/messages" && path != "/v1/messages/count_tokens")
-        {
-            return (Self::Anything, body.last_member(b"metadata"));
+    /// Whether `method` on `path` is a Messages call, whose answer is judged by its body's
+    /// `stream`.
+    fn is_messages(method: &Method, path: &str) -> bool {
+        *method == Method::POST && (path == "/v1/messages" || path == "/v1/messages/count_tokens")
+    }
+
+    /// What `method` on `path` must be answered with, given the body's raw `stream`.
+    fn of(method: &Method, path: &str, stream: Option<&[u8]>) -> Self {
+        if !Self::is_messages(method, path) {
+            return Self::Anything;
         }
-        let [stream, metadata] = body.last_members([b"stream", b"metadata"]);
-        let expects = match stream.as_deref() {
+        match stream {
             Some(b"true") if path == "/v1/messages" => Self::EventStream,
             _ => Self::Json,
-        };
-        (expects, metadata)
+        }
     }
 
     /// Why a 2xx answer with `headers` is not what was asked for, if it is not.
@@ -164,7 +165,15 @@ impl Prepared {
             header::ACCEPT_ENCODING,
             http::HeaderValue::from_static("identity"),
         );
-        let (expects, metadata) = Expects::of(&method, path_and_query.path(), &body);
+        // One walk from the body's end reads `stream` (a Messages call's) and `metadata` (where a
+        // session id may be).
+        let path = path_and_query.path();
+        let [stream, metadata] = if Expects::is_messages(&method, path) {
+            body.last_members([b"stream", b"metadata"])
+        } else {
+            [None, body.last_member(b"metadata")]
+        };
+        let expects = Expects::of(&method, path, stream.as_deref());
         Self {
             method,
             path_and_query,
@@ -256,24 +265,33 @@ fn strip_oauth_beta(headers: &mut HeaderMap) {
 
 static ANTHROPIC_BETA: HeaderName = HeaderName::from_static("anthropic-beta");
 
+/// Why an attempt got no response head.
+pub enum SendError {
+    /// The endpoint failed: the attempt's outcome and what happened.
+    Endpoint(Outcome, String),
+    /// ccgate itself ran out of descriptors, socket memory or ports (see [`local_exhaustion`]):
+    /// no endpoint is to blame, and none would fare better.
+    Local(String),
+}
+
 /// Sends one attempt and waits for the response headers.
 pub async fn send(
     ep: &Endpoint,
     req: Request<UpstreamBody>,
     first_byte: Duration,
-) -> Result<Response<Incoming>, (Outcome, String)> {
+) -> Result<Response<Incoming>, SendError> {
     match tokio::time::timeout(first_byte, ep.client.request(req)).await {
-        Err(_) => Err((
+        Err(_) => Err(SendError::Endpoint(
             Outcome::Transport(TransportKind::Timeout),
             format!(
                 "no response headers within {}",
                 humantime::format_duration(first_byte)
             ),
         )),
-        Ok(Err(e)) if local_exhaustion(&e) => Err((
-            Outcome::Cancelled,
-            format!("ccgate itself is out of resources: {}", error_chain(&e)),
-        )),
+        Ok(Err(e)) if local_exhaustion(&e) => Err(SendError::Local(format!(
+            "ccgate itself is out of resources: {}",
+            error_chain(&e)
+        ))),
         Ok(Err(e)) => {
             let text = error_chain(&e);
             let kind = if text.contains("timed out") || text.contains("timeout") {
@@ -281,7 +299,7 @@ pub async fn send(
             } else {
                 TransportKind::Connect
             };
-            Err((Outcome::Transport(kind), text))
+            Err(SendError::Endpoint(Outcome::Transport(kind), text))
         }
         Ok(Ok(resp)) => Ok(resp),
     }
@@ -291,7 +309,7 @@ pub async fn send(
 /// descriptors (`EMFILE`, `ENFILE`), memory for sockets (`ENOBUFS`, `ENOMEM`) or ephemeral ports
 /// (`EADDRNOTAVAIL`) — rather than anything the endpoint did. Every other endpoint would fail the
 /// same way, and none of them is to blame.
-pub fn local_exhaustion(e: &(dyn std::error::Error + 'static)) -> bool {
+fn local_exhaustion(e: &(dyn std::error::Error + 'static)) -> bool {
     const EMFILE: i32 = 24;
     const ENFILE: i32 = 23;
     const ENOBUFS: i32 = 105;
@@ -540,9 +558,8 @@ mod tests {
             Expects::of(
                 &Method::POST,
                 path,
-                &Frames::from(Bytes::copy_from_slice(body)),
+                crate::wire::json_top::member(body, b"stream"),
             )
-            .0
         };
         assert_eq!(
             post("/v1/messages", br#"{"stream":true}"#),
@@ -555,7 +572,7 @@ mod tests {
         );
         assert_eq!(post("/v1/models", b"{}"), Expects::Anything);
         assert_eq!(
-            Expects::of(&Method::GET, "/v1/messages", &Frames::default()).0,
+            Expects::of(&Method::GET, "/v1/messages", None),
             Expects::Anything
         );
         assert!(

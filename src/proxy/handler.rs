@@ -335,10 +335,9 @@ async fn forward_request(
         };
         let resp = match forward::send(&ep, upstream_req, timeouts.first_byte).await {
             Ok(r) => r,
-            Err((Outcome::Cancelled, message)) => {
-                // ccgate ran out of file descriptors, socket memory or ports: no endpoint is to
-                // blame and none would fare better. The attempt counts as not the endpoint's
-                // (cancelled) and the client is told to come back.
+            Err(forward::SendError::Local(message)) => {
+                // No endpoint is to blame and none would fare better: the attempt counts as not
+                // the endpoint's (cancelled) and the client is told to come back.
                 tracing::error!(endpoint = %ep.name, %message, "attempt not sent");
                 attempt.finish(Outcome::Cancelled, None);
                 guard.end(RequestEnd::Upstream);
@@ -348,7 +347,7 @@ async fn forward_request(
                     "ccgate is out of local resources (file descriptors, sockets or ports); try again",
                 );
             }
-            Err((outcome, message)) => {
+            Err(forward::SendError::Endpoint(outcome, message)) => {
                 fail_attempt(
                     &mut failures,
                     attempt,

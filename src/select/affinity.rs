@@ -260,19 +260,20 @@ mod tests {
 
     #[test]
     fn key_sources_in_order() {
-        let frames = |b: &'static [u8]| json_top::member(b, b"metadata");
+        let metadata = |b: &'static [u8]| json_top::member(b, b"metadata");
         let mut h = HeaderMap::new();
-        let body = frames(
+        let body = metadata(
             br#"{"model":"m","metadata":{"user_id":"{\"device_id\":\"d\",\"account_uuid\":\"a\",\"session_id\":\"s-json\"}"},"messages":[]}"#,
         );
         assert_eq!(session_key(&h, body).as_deref(), Some("s-json"));
-        let legacy = frames(br#"{"metadata":{"user_id":"user_abc_account_123_session_s-legacy"}}"#);
+        let legacy =
+            metadata(br#"{"metadata":{"user_id":"user_abc_account_123_session_s-legacy"}}"#);
         assert_eq!(session_key(&h, legacy).as_deref(), Some("s-legacy"));
         h.insert(SESSION_HEADER, http::HeaderValue::from_static("s-header"));
         assert_eq!(session_key(&h, body).as_deref(), Some("s-header"));
-        let none = frames(br#"{"metadata":{"user_id":"plain-user"}}"#);
+        let none = metadata(br#"{"metadata":{"user_id":"plain-user"}}"#);
         assert_eq!(session_key(&HeaderMap::new(), none), None);
-        assert_eq!(session_key(&HeaderMap::new(), frames(b"not json")), None);
+        assert_eq!(session_key(&HeaderMap::new(), metadata(b"not json")), None);
     }
 
     #[tokio::test(start_paused = true)]

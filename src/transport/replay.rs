@@ -28,8 +28,8 @@ pub struct Frames {
 }
 
 impl From<Vec<Bytes>> for Frames {
-    fn from(frames: Vec<Bytes>) -> Self {
-        let frames: Vec<Bytes> = frames.into_iter().filter(|f| !f.is_empty()).collect();
+    fn from(mut frames: Vec<Bytes>) -> Self {
+        frames.retain(|f| !f.is_empty());
         Self {
             len: frames.iter().map(Bytes::len).sum(),
             frames: frames.into(),
@@ -53,11 +53,6 @@ impl Frames {
     /// Whether the body is empty.
     pub fn is_empty(&self) -> bool {
         self.len == 0
-    }
-
-    /// The frames as they arrived.
-    pub fn frames(&self) -> &[Bytes] {
-        &self.frames
     }
 
     /// The whole body in one buffer: the frame itself when there is one, else a copy made once
@@ -139,17 +134,8 @@ impl Frames {
     /// The raw value of the last top-level member `key` (see [`json_top::member`]), read from the
     /// body's end and, only when the end does not hold it, from the whole body.
     pub fn last_member(&self, key: &[u8]) -> Option<Bytes> {
-        let tail = self.tail();
-        // A walk from the end is exact until it runs out of bytes: what it finds in the tail is
-        // what it would find in the whole body (for any valid JSON document).
-        if let Some(v) = json_top::member(&tail, key) {
-            return Some(tail.slice_ref(v));
-        }
-        if tail.len() == self.len {
-            return None;
-        }
-        let all = self.joined();
-        json_top::member(&all, key).map(|v| all.slice_ref(v))
+        let [value] = self.last_members([key]);
+        value
     }
 
     /// The raw string value of `key` when it is the body's first member (see
