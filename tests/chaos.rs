@@ -36,7 +36,7 @@ use http_body_util::{BodyExt, Full};
 use serde_json::{Value, json};
 use tokio::sync::Notify;
 
-use support::gateway::{GatewayBuilder, TestGateway, http_client};
+use support::gateway::{GatewayBuilder, KINDS, TestGateway, http_client};
 use support::mock::{Ending, MOCK_MODEL, MockUpstream, ReceivedRequest, Script};
 use support::wait::{eventually_ok, within};
 
@@ -163,19 +163,6 @@ fn expected_kind(label: &str, ending: Ending) -> Option<&'static str> {
         _ => return None,
     })
 }
-
-/// Every outcome kind of the endpoint view.
-const KINDS: [&str; 9] = [
-    "success",
-    "caller_error",
-    "cancelled",
-    "overloaded",
-    "server_error",
-    "transport",
-    "timeout",
-    "rate_limited",
-    "auth",
-];
 
 /// Outcome kinds counted in `endpoint_errors` (with `caller_error`, in `failed_requests`).
 const FAILURE_KINDS: [&str; 6] = [

@@ -26,7 +26,7 @@ use hyper::body::Incoming;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use support::gateway::{Answer, GatewayBuilder, TestGateway};
+use support::gateway::{Answer, GatewayBuilder, KINDS, TestGateway};
 use support::mock::{
     Gate, MOCK_MODEL, MockUpstream, Script, SseEvent, anthropic_message, sse_delta_text,
 };
@@ -36,19 +36,6 @@ use support::wait::within;
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
-
-/// Every outcome kind the endpoint view reports.
-const KINDS: [&str; 9] = [
-    "success",
-    "caller_error",
-    "cancelled",
-    "overloaded",
-    "server_error",
-    "transport",
-    "timeout",
-    "rate_limited",
-    "auth",
-];
 
 /// A builder whose background prober stays quiet for the length of a test, so the mocks see only
 /// the requests the test sends.
@@ -1162,12 +1149,17 @@ async fn a_body_of_many_frames_is_forwarded_and_replayed_byte_for_byte() {
     // The session was read from the body's end: it now stays on `b`, which served it, although
     // `a` ranks first again for everyone else.
     d.a.set_default(Script::json_ok());
-    let small = json!({"model": "m", "messages": [], "metadata": {"user_id": "{\"session_id\":\"frames-1\"}"}});
-    let ans = d.post(&small).await;
-    assert_eq!(ans.header("x-ccgate-endpoint"), Some("b"), "{}", ans.text());
-    let other = json!({"model": "m", "messages": [], "metadata": {"user_id": "{\"session_id\":\"other\"}"}});
-    let ans = d.post(&other).await;
-    assert_eq!(ans.header("x-ccgate-endpoint"), Some("a"), "{}", ans.text());
+    for (session, endpoint) in [("frames-1", "b"), ("other", "a")] {
+        let user_id = json!({ "session_id": session }).to_string();
+        let small = json!({"model": "m", "messages": [], "metadata": {"user_id": user_id}});
+        let ans = d.post(&small).await;
+        assert_eq!(
+            ans.header("x-ccgate-endpoint"),
+            Some(endpoint),
+            "{}",
+            ans.text()
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

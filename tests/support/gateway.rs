@@ -25,6 +25,19 @@ use ccgate::server::Server;
 
 use super::wait::DEADLINE;
 
+/// Every outcome kind the endpoint view reports.
+pub const KINDS: [&str; 9] = [
+    "success",
+    "caller_error",
+    "cancelled",
+    "overloaded",
+    "server_error",
+    "transport",
+    "timeout",
+    "rate_limited",
+    "auth",
+];
+
 /// Builds a config in TOML, section by section.
 #[derive(Default, Clone)]
 pub struct GatewayBuilder {
