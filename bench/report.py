@@ -207,6 +207,14 @@ def main():
         a, b = med(data, "slow", lo, tgt, key), med(data, "slow", hi, tgt, key)
         return None if a is None or b is None else (b - a) / (hi - lo)
 
+    def cpu_target(wl, label, nd):
+        for b in bodies:
+            c = med(data, wl, b, "ccgate", "gw_cpu_us_per_req")
+            n = med(data, wl, b, "nginx", "gw_cpu_us_per_req")
+            if c is not None and n:
+                w(f"| {label} at c=64 ≤ 1.0× nginx | {b} body | {c / n:.2f}× "
+                  f"({c:.{nd}f} vs {n:.{nd}f} µs) | {yes(c <= n)} |")
+
     w("## Targets of issue #22")
     w("")
     w("| target | at | measured (ccgate vs nginx) | met? |")
@@ -216,12 +224,7 @@ def main():
         if c is not None and n:
             w(f"| throughput at c=64 ≥ 1.1× nginx | {b} body | {c / n:.2f}× ({fmt(c, 0)} vs {fmt(n, 0)} req/s) "
               f"| {yes(c >= 1.1 * n)} |")
-    for b in bodies:
-        c = med(data, "ns_c64", b, "ccgate", "gw_cpu_us_per_req")
-        n = med(data, "ns_c64", b, "nginx", "gw_cpu_us_per_req")
-        if c is not None and n:
-            w(f"| CPU per request at c=64 ≤ 1.0× nginx | {b} body | {c / n:.2f}× ({c:.1f} vs {n:.1f} µs) "
-              f"| {yes(c <= n)} |")
+    cpu_target("ns_c64", "CPU per request", 1)
     for b in bodies:
         for key, label in (("p50_ms", "p50"), ("p99_ms", "p99")):
             c, n = med(data, "ns_c1", b, "ccgate", key), med(data, "ns_c1", b, "nginx", key)
@@ -242,12 +245,7 @@ def main():
     elif counts:
         w(f"| slow streams: memory slope ≤ 20 KB/stream | — | needs two stream counts (this run: "
           f"{', '.join(str(x) for x in counts)}) | — |")
-    for b in bodies:
-        c = med(data, "sse_c64", b, "ccgate", "gw_cpu_us_per_req")
-        n = med(data, "sse_c64", b, "nginx", "gw_cpu_us_per_req")
-        if c is not None and n:
-            w(f"| streaming: CPU per stream at c=64 ≤ 1.0× nginx | {b} body | {c / n:.2f}× "
-              f"({c:.0f} vs {n:.0f} µs) | {yes(c <= n)} |")
+    cpu_target("sse_c64", "streaming: CPU per stream", 0)
     for b in bodies:
         c = med(data, "sse_c64", b, "ccgate", "ttfc_p50_ms")
         n = med(data, "sse_c64", b, "nginx", "ttfc_p50_ms")
