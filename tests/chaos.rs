@@ -104,16 +104,53 @@ struct Schedule {
 }
 
 impl Schedule {
-    fn new(seed: u64) -> Self {
+    /// The schedule of upstream `index` of a soak seeded `soak_seed`; `seed` draws its slots
+    /// after the opening tour.
+    fn new(soak_seed: u64, index: usize, seed: u64) -> Self {
         let mut rng = fastrand::Rng::with_seed(seed);
         let total: u32 = MODES.iter().map(|(_, w)| w).sum();
-        // An opening tour: every mode once, in a seeded order, long enough for requests of both
-        // kinds to meet it, so that every fault is served in every run (the weights alone leave
-        // rare modes out of a short run now and then).
-        let mut tour: Vec<Mode> = MODES.iter().map(|(m, _)| *m).collect();
-        rng.shuffle(&mut tour);
-        let opening = tour.into_iter().map(|m| (Duration::from_millis(150), m));
+        // An opening tour: every fault once, long enough for requests of both kinds to meet
+        // it, so that every fault is served in every run (the weights alone leave rare modes out
+        // of a short run now and then). The upstreams take the faults in turn, the others
+        // answering in the meantime, so each faulty slot of an upstream comes two slots after
+        // its last one: time for the gateway to probe and readmit it if that one ejected it (a
+        // faulty slot met while ejected would pass unserved). The 429 comes after the others
+        // (its endpoint then cools down for a second), and the two stalls last, on two
+        // upstreams at once: a stalled request holds its client until the one-second timeout,
+        // so within a slot every client is held by the first stall and a later slot would see
+        // no request at all.
+        let slot = Duration::from_millis(200);
+        let mut quick: Vec<Mode> = MODES
+            .iter()
+            .map(|(m, _)| *m)
+            .filter(|m| !matches!(m, Mode::Success | Mode::StallHead | Mode::StallMid))
+            .filter(|m| *m != Mode::E429)
+            .collect();
+        fastrand::Rng::with_seed(soak_seed).shuffle(&mut quick);
+        quick.push(Mode::E429);
+        let stalls = quick.len();
+        let mut opening: Vec<(Duration, Mode)> = quick
+            .into_iter()
+            .enumerate()
+            .map(|(k, m)| {
+                (
+                    slot,
+                    if k % UPSTREAMS == index {
+                        m
+                    } else {
+                        Mode::Success
+                    },
+                )
+            })
+            .collect();
+        let stall = match (index + UPSTREAMS - stalls % UPSTREAMS) % UPSTREAMS {
+            0 => Mode::StallHead,
+            1 => Mode::StallMid,
+            _ => Mode::Success,
+        };
+        opening.push((slot, stall));
         let slots: Vec<(Duration, Mode)> = opening
+            .into_iter()
             .chain((0..2000).map(|_| {
                 let len = Duration::from_millis(rng.u64(20..=80));
                 let mut pick = rng.u32(0..total);
@@ -647,7 +684,7 @@ async fn chaos_soak() {
         let s = seed.wrapping_add(1 + i as u64);
         drive(
             up,
-            Schedule::new(s),
+            Schedule::new(seed, i, s),
             start,
             s.rotate_left(17),
             opts,

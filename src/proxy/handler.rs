@@ -128,7 +128,11 @@ where
         note.model = request_model(&body)
             .as_deref()
             .and_then(json_top::as_str)
-            .map(|m| m.chars().take(200).collect());
+            .map(|m| match m.char_indices().nth(200) {
+                // At most 200 characters are kept; a name that short is taken whole.
+                Some((cut, _)) => m[..cut].to_owned(),
+                None => m.into_owned(),
+            });
     }
     let prepared = Prepared::new(parts.method, path_and_query, headers, body);
     forward_request(gw, prepared, guard).await
@@ -437,19 +441,21 @@ async fn forward_request(
                 // body that breaks off, stalls or is not JSON can still fail over.
                 match forward::read_to_end(body, limits.max_json_bytes, timeouts.idle).await {
                     Collected::Complete(frames) => {
-                        if req.expects == Expects::Json && !forward::is_valid_json(&frames) {
-                            let message = "answered 2xx with a body that is not valid JSON".into();
-                            let log = Some("attempt failed");
-                            fail_attempt(
-                                &mut failures,
-                                attempt,
-                                Outcome::ServerError,
-                                message,
-                                log,
-                            );
-                            continue;
-                        }
-                        return commit.relay(guard, attempt, parts, None, frames, Judge::Plain);
+                        let judge = if req.expects == Expects::Json {
+                            // One parse judges the answer and reads what it cost.
+                            let Ok(found) = forward::read_json_answer(&frames) else {
+                                let message =
+                                    "answered 2xx with a body that is not valid JSON".into();
+                                let log = Some("attempt failed");
+                                let outcome = Outcome::ServerError;
+                                fail_attempt(&mut failures, attempt, outcome, message, log);
+                                continue;
+                            };
+                            Judge::Answer(found)
+                        } else {
+                            Judge::Plain
+                        };
+                        return commit.relay(guard, attempt, parts, None, frames, judge);
                     }
                     Collected::OverCap { held, body } => {
                         return commit.relay(guard, attempt, parts, Some(body), held, Judge::Plain);
@@ -590,7 +596,9 @@ impl Commit<'_> {
         guard.note_first_byte();
         let read_usage = match &judge {
             Judge::Stream(_) => true,
-            Judge::Plain => is_json(&parts.headers) && !is_encoded(&parts.headers),
+            Judge::Plain | Judge::Answer(_) => {
+                is_json(&parts.headers) && !is_encoded(&parts.headers)
+            }
             Judge::CallerError => false,
         };
         if !matches!(judge, Judge::CallerError) {

@@ -31,6 +31,9 @@ pub enum Judge {
     Stream(SseScanner),
     /// Any other 2xx body: success when it ends cleanly.
     Plain,
+    /// A JSON answer read whole and judged valid by the one parse that also read its usage:
+    /// success when it goes out, and that usage (if any) is what it cost.
+    Answer(Option<usage::MessageUsage>),
     /// An answer already judged the caller's error: that verdict, when it ends.
     CallerError,
 }
@@ -136,7 +139,7 @@ impl RelayBody {
                 len: 0,
                 too_large: false,
             };
-            if !matches!(self.judge, Judge::Stream(_)) {
+            if matches!(self.judge, Judge::Plain | Judge::CallerError) {
                 for data in &self.held {
                     tap.keep(data);
                 }
@@ -154,8 +157,9 @@ impl RelayBody {
         let Some(ep) = self.attempt.as_ref().map(|a| a.endpoint()) else {
             return;
         };
-        let found = match (&self.judge, tap.too_large) {
+        let found = match (&mut self.judge, tap.too_large) {
             (Judge::Stream(sc), _) => sc.usage().cloned(),
+            (Judge::Answer(found), _) => found.take(),
             (_, true) => None,
             (_, false) => match tap.frames.as_slice() {
                 [] => None,
@@ -262,7 +266,7 @@ impl RelayBody {
                     ),
                 }
             }
-            Judge::Plain => (Outcome::Success, None),
+            Judge::Plain | Judge::Answer(_) => (Outcome::Success, None),
         }
     }
 }

@@ -167,24 +167,35 @@ pub fn as_str(raw: &[u8]) -> Option<std::borrow::Cow<'_, str>> {
 /// goes to serde_json.
 fn unescape_simple(inner: &[u8]) -> Option<String> {
     let mut out = Vec::with_capacity(inner.len());
-    let mut bytes = inner.iter();
-    while let Some(&b) = bytes.next() {
-        out.push(match b {
-            b'\\' => match bytes.next()? {
-                b'"' => b'"',
-                b'\\' => b'\\',
-                b'/' => b'/',
-                b'n' => b'\n',
-                b't' => b'\t',
-                b'r' => b'\r',
-                b'b' => 0x08,
-                b'f' => 0x0c,
-                _ => return None,
-            },
-            // An unescaped quote or a raw control character cannot be inside a JSON string.
-            b'"' | 0..0x20 => return None,
-            b => b,
+    let mut rest = inner;
+    loop {
+        // The run up to the next escape is copied whole.
+        let at = memchr::memchr(b'\\', rest).unwrap_or(rest.len());
+        let (run, tail) = rest.split_at(at);
+        // An unescaped quote or a raw control character cannot be inside a JSON string.
+        if run.iter().any(|&b| b == b'"' || b < 0x20) {
+            return None;
+        }
+        out.extend_from_slice(run);
+        let [_, escape, tail @ ..] = tail else {
+            // The end, or a lone backslash at the end.
+            if tail.is_empty() {
+                break;
+            }
+            return None;
+        };
+        out.push(match escape {
+            b'"' => b'"',
+            b'\\' => b'\\',
+            b'/' => b'/',
+            b'n' => b'\n',
+            b't' => b'\t',
+            b'r' => b'\r',
+            b'b' => 0x08,
+            b'f' => 0x0c,
+            _ => return None,
         });
+        rest = tail;
     }
     String::from_utf8(out).ok()
 }
