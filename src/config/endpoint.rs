@@ -224,6 +224,7 @@ pub(super) fn validate_endpoint(
         model_map,
         models,
         ca_file,
+        http2: ep.http2.as_ref().is_some_and(|h| *h.get_ref()),
         probe,
     })
 }

@@ -331,6 +331,9 @@ pub struct EndpointConfig {
     pub models: Option<ModelPatterns>,
     /// Extra PEM CA certificate(s) to trust for this endpoint (self-hosted relays).
     pub ca_file: Option<PathBuf>,
+    /// Speak HTTP/2 to this endpoint: offered by ALPN over `https` (HTTP/1.1 when the server
+    /// declines), with prior knowledge over plain `http` (h2c). Streams share connections.
+    pub http2: bool,
     /// Probe mode for this endpoint.
     pub probe: ProbeMode,
 }

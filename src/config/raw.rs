@@ -181,5 +181,7 @@ pub(super) struct RawEndpoint {
     #[serde(default, deserialize_with = "lenient")]
     pub(super) ca_file: Option<Spanned<String>>,
     #[serde(default, deserialize_with = "lenient")]
+    pub(super) http2: Option<Spanned<bool>>,
+    #[serde(default, deserialize_with = "lenient")]
     pub(super) probe: Option<Spanned<String>>,
 }

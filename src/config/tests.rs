@@ -25,6 +25,18 @@ fn minimal_config_gets_defaults() {
     assert_eq!((e.priority, e.weight, e.enabled), (1, 100, true));
     assert_eq!(e.credential, Credential::ApiKey(Secret::new("k")));
     assert_eq!(e.base_url.to_string(), "https://api.example.com");
+    assert!(!e.http2, "HTTP/1.1 unless asked");
+}
+
+#[test]
+fn http2_is_a_boolean_per_endpoint() {
+    let c = Config::from_toml(&format!("{ONE}http2 = true\n"), "t.toml", &no_env).expect("valid");
+    assert!(c.endpoints[0].http2);
+    let got: Vec<(Option<usize>, String)> = problems(&format!("{ONE}http2 = \"yes\"\n"))
+        .into_iter()
+        .map(|p| (p.line, p.key))
+        .collect();
+    assert_eq!(got, vec![(Some(5), "endpoints[0].http2".into())]);
 }
 
 #[test]

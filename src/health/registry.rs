@@ -52,6 +52,7 @@ fn fresh_endpoint(
         &config.timeouts,
         config.server.workers,
         config.server.max_idle_upstream,
+        e.http2,
     )?;
     Ok(Endpoint::new(idx, e, client))
 }

@@ -5,12 +5,12 @@
 
 use std::time::Duration;
 
+use crate::transport::upstream::AnswerBody;
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName};
 use http::uri::PathAndQuery;
 use http::{Method, Request, Response};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 
 use crate::config::RelayLimits;
 use crate::health::classify::{Outcome, TransportKind, classify_sse_error};
@@ -280,7 +280,7 @@ pub async fn send(
     ep: &Endpoint,
     req: Request<UpstreamBody>,
     first_byte: Duration,
-) -> Result<Response<Incoming>, SendError> {
+) -> Result<Response<AnswerBody>, SendError> {
     match tokio::time::timeout(first_byte, ep.client.request(req)).await {
         Err(_) => Err(SendError::Endpoint(
             Outcome::Transport(TransportKind::Timeout),
@@ -331,7 +331,7 @@ fn local_exhaustion(e: &(dyn std::error::Error + 'static)) -> bool {
 }
 
 /// Reads a small (error) body with a size cap and the idle timeout; what does not arrive is left.
-pub async fn read_small(mut body: Incoming, cap: usize, idle: Duration) -> Bytes {
+pub async fn read_small(mut body: AnswerBody, cap: usize, idle: Duration) -> Bytes {
     let mut buf = BytesMut::new();
     while buf.len() < cap {
         match tokio::time::timeout(idle, body.frame()).await {
@@ -355,14 +355,14 @@ pub enum Collected {
         /// Frames read so far.
         held: Vec<Bytes>,
         /// The rest of the body.
-        body: Incoming,
+        body: AnswerBody,
     },
     /// The body broke off, or went silent: a transport failure of the attempt.
     Failed(Outcome, String),
 }
 
 /// Reads a body to its end, up to `cap` bytes, with `idle` as the longest silence between frames.
-pub async fn read_to_end(mut body: Incoming, cap: usize, idle: Duration) -> Collected {
+pub async fn read_to_end(mut body: AnswerBody, cap: usize, idle: Duration) -> Collected {
     let mut held = Vec::new();
     let mut len = 0usize;
     loop {
@@ -432,7 +432,7 @@ pub enum Preamble {
         /// Scanner state after them.
         scanner: SseScanner,
         /// The rest of the stream.
-        body: Incoming,
+        body: AnswerBody,
     },
     /// The stream failed before any content: fail over.
     Failed(Outcome, String),
@@ -443,7 +443,7 @@ pub enum Preamble {
 /// still fail over transparently. The preamble held is capped in bytes and events: an upstream
 /// that sends only pings (or anything else that is not content) fails over once past the cap,
 /// and what was held is freed with it.
-pub async fn await_content(mut body: Incoming, idle: Duration, limits: &RelayLimits) -> Preamble {
+pub async fn await_content(mut body: AnswerBody, idle: Duration, limits: &RelayLimits) -> Preamble {
     let mut scanner = SseScanner::new();
     let mut held = Vec::new();
     let mut len = 0usize;

@@ -25,6 +25,7 @@ use crate::proxy::scrub::{replace_with_own_error, scrub_body, scrub_headers};
 use crate::select::affinity::{self, Affinity};
 use crate::select::strategy::Tried;
 use crate::transport::replay::Frames;
+use crate::transport::upstream::AnswerBody;
 use crate::wire::json_top;
 
 // Response headers ccgate adds, named once rather than parsed from a string per request.
@@ -579,7 +580,7 @@ impl Commit<'_> {
         mut guard: RequestGuard,
         attempt: Attempt,
         parts: http::response::Parts,
-        body: Option<hyper::body::Incoming>,
+        body: Option<AnswerBody>,
         held: Vec<Bytes>,
         judge: Judge,
     ) -> Response<GateBody> {

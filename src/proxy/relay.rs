@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use crate::transport::upstream::AnswerBody;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
 use crate::health::attempt::Attempt;
@@ -45,7 +45,7 @@ pub enum Judge {
 /// ends.
 pub struct RelayBody {
     held: VecDeque<Bytes>,
-    upstream: Option<Incoming>,
+    upstream: Option<AnswerBody>,
     judge: Judge,
     idle: Duration,
     /// The idle timer, armed only when the upstream first keeps the body waiting: a body that is
@@ -101,7 +101,7 @@ impl RelayBody {
     /// (a body already read whole and judged), the outcome is recorded as the last held frame goes
     /// out.
     pub fn new(
-        upstream: Option<Incoming>,
+        upstream: Option<AnswerBody>,
         held: Vec<Bytes>,
         judge: Judge,
         idle: Duration,

@@ -1,8 +1,18 @@
-//! The upstream HTTP client: keep-alive HTTP/1.1 connections per endpoint, HTTPS through rustls.
+//! The upstream HTTP client: keep-alive HTTP/1.1 connections per endpoint (or multiplexed HTTP/2
+//! ones, for an endpoint set to `http2`), HTTPS through rustls.
 //!
 //! Trust comes from the Mozilla roots (webpki-roots) plus the platform's store, plus an endpoint's
 //! own `ca_file` when it names one (self-hosted relays, and the tests' self-signed upstream).
-//! HTTP/1.1 only, as Claude Code itself speaks to the API, so relays see the traffic they expect.
+//! HTTP/1.1 by default, as Claude Code itself speaks to the API, so relays see the traffic they
+//! expect. An endpoint with `http2 = true` offers HTTP/2 by ALPN over `https` (and falls back to
+//! HTTP/1.1 when the server declines) or speaks it with prior knowledge over plain `http`. Its
+//! requests are then streams multiplexed on a few connections per worker — up to
+//! [`H2_STREAMS_PER_CONNECTION`] each, the minimum RFC 9113 advises servers to allow — which saves
+//! each stream the HTTP/1.1 connection's buffers and task (about half the memory per stream of
+//! a proxied SSE stream, measured in `bench/ANALYSIS.md`) at some CPU per request. A stream holds
+//! its connection's slot until its answer's body ends or is dropped; a connection that carries
+//! no stream is kept only if it is its pool's first (so a burst's extra connections close once
+//! it is over), and HTTP/2 pings every [`H2_PING_INTERVAL`] find connections that died quietly.
 //!
 //! Each serving worker thread (see `server.rs`) has its own pool of idle connections, so a
 //! request, its upstream connection task and the connection's wakeups stay on one thread; threads
@@ -22,16 +32,24 @@
 use std::cell::Cell;
 use std::collections::VecDeque;
 use std::path::Path;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
 
 use http::header::{self, HeaderValue};
 use http::uri::{Authority, Scheme};
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
+use hyper::client::conn::http2;
 use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::{Connection, HttpConnector};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use parking_lot::Mutex;
 use tokio::time::Instant;
 use tower_service::Service;
@@ -44,6 +62,18 @@ pub type UpstreamBody = crate::transport::replay::ReplayBody;
 /// How long an unused connection is kept.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
+/// Most concurrent streams ccgate opens on one HTTP/2 connection: RFC 9113 §6.5.2 advises servers
+/// to allow at least 100, so no stream waits for the server's limit; more streams open another
+/// connection.
+pub const H2_STREAMS_PER_CONNECTION: usize = 100;
+
+/// How often an HTTP/2 connection is pinged (idle or not); one unanswered for
+/// [`H2_PING_TIMEOUT`] is closed.
+pub const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
+
+/// How long an HTTP/2 ping may go unanswered.
+pub const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// The connections of one endpoint: one idle pool per serving worker, plus one shared by other
 /// threads.
 #[derive(Clone)]
@@ -54,6 +84,12 @@ pub struct UpstreamClient {
 struct Pools {
     connector: HttpsConnector<HttpConnector>,
     idle: Box<[Mutex<VecDeque<Idle>>]>,
+    /// Whether HTTP/2 is spoken (offered, over `https`).
+    http2: bool,
+    /// The HTTP/2 connections of each pool (empty without `http2`).
+    h2: Box<[Mutex<Vec<H2Conn>>]>,
+    /// Each pool's turn to open an HTTP/2 connection (see [`UpstreamClient::send_h2`]).
+    h2_turn: Box<[tokio::sync::Mutex<()>]>,
     /// Most idle connections one pool keeps.
     max_idle: usize,
     /// The origin every request of this client goes to, set by the first one.
@@ -70,6 +106,73 @@ struct Origin {
 struct Idle {
     sender: SendRequest<UpstreamBody>,
     since: Instant,
+}
+
+/// One HTTP/2 connection and the number of its streams in use.
+#[derive(Clone)]
+struct H2Conn {
+    sender: http2::SendRequest<UpstreamBody>,
+    streams: Arc<AtomicUsize>,
+}
+
+/// A stream's place on its HTTP/2 connection, given back when dropped.
+struct StreamSlot(Arc<AtomicUsize>);
+
+impl StreamSlot {
+    fn take(streams: &Arc<AtomicUsize>) -> Self {
+        streams.fetch_add(1, Ordering::Relaxed);
+        Self(Arc::clone(streams))
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A new connection: HTTP/1.1, or HTTP/2 when the endpoint speaks it.
+enum NewConn {
+    H1(SendRequest<UpstreamBody>),
+    H2(H2Conn),
+}
+
+/// The body of an upstream's answer: hyper's, plus (over HTTP/2) the stream's slot on its
+/// connection, freed when the body ends or is dropped.
+pub struct AnswerBody {
+    inner: Incoming,
+    stream: Option<StreamSlot>,
+}
+
+impl AnswerBody {
+    fn new(resp: Response<Incoming>, stream: Option<StreamSlot>) -> Response<Self> {
+        resp.map(|inner| Self { inner, stream })
+    }
+}
+
+impl Body for AnswerBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None)) {
+            this.stream = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Why an upstream request got no response.
@@ -109,20 +212,27 @@ impl UpstreamClient {
     pub async fn request(
         &self,
         mut req: Request<UpstreamBody>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<Response<AnswerBody>, UpstreamError> {
         let shared = self.inner.idle.len() - 1;
         let slot = WORKER.with(Cell::get).map_or(shared, |w| w.min(shared));
         let origin = self.inner.origin(req.uri())?;
+        let mut turn = None;
+        if self.inner.http2 {
+            match self.send_h2(slot, req).await? {
+                H2Sent::Answered(resp) => return Ok(resp),
+                H2Sent::NoRoom(back, t) => (req, turn) = (back, Some(t)),
+            }
+        }
         req.headers_mut().insert(header::HOST, origin.host.clone());
         // The connection gets the origin form; the absolute URI is kept for connecting.
         let target = origin_form(req.uri());
         let uri = std::mem::replace(req.uri_mut(), target);
-
         while let Some(mut sender) = self.inner.checkout(slot) {
+            drop(turn.take());
             match sender.try_send_request(req).await {
                 Ok(resp) => {
                     self.inner.keep(slot, sender);
-                    return Ok(resp);
+                    return Ok(AnswerBody::new(resp, None));
                 }
                 // Closed before the request was written: the keep-alive race, try another.
                 Err(mut e) => match e.take_message() {
@@ -131,10 +241,69 @@ impl UpstreamClient {
                 },
             }
         }
-        let mut sender = self.inner.connect(uri).await?;
-        let resp = sender.send_request(req).await?;
-        self.inner.keep(slot, sender);
-        Ok(resp)
+        match self.inner.connect(uri.clone()).await? {
+            NewConn::H1(mut sender) => {
+                drop(turn);
+                let resp = sender.send_request(req).await?;
+                self.inner.keep(slot, sender);
+                Ok(AnswerBody::new(resp, None))
+            }
+            NewConn::H2(mut conn) => {
+                req.headers_mut().remove(header::HOST);
+                *req.uri_mut() = uri;
+                let stream = StreamSlot::take(&conn.streams);
+                self.inner.h2[slot].lock().push(conn.clone());
+                drop(turn);
+                let resp = conn.sender.send_request(req).await?;
+                Ok(AnswerBody::new(resp, Some(stream)))
+            }
+        }
+    }
+}
+
+/// What [`UpstreamClient::send_h2`] did with a request.
+enum H2Sent<'a> {
+    /// It went out as a stream and was answered.
+    Answered(Response<AnswerBody>),
+    /// No connection of the pool had room: the request comes back with the pool's turn to
+    /// make one.
+    NoRoom(Request<UpstreamBody>, tokio::sync::MutexGuard<'a, ()>),
+}
+
+impl UpstreamClient {
+    /// Sends `req` (its URI absolute: HTTP/2 names the origin in `:authority`) as a stream on a
+    /// connection of pool `slot` with room for it. Without one, the caller gets the request back
+    /// with the pool's turn to connect: one request connects at a time, so a burst that fills
+    /// every connection opens one more, not one per request; the others wait for the turn and
+    /// find the room it made.
+    async fn send_h2(
+        &self,
+        slot: usize,
+        mut req: Request<UpstreamBody>,
+    ) -> Result<H2Sent<'_>, UpstreamError> {
+        let mut turn = None;
+        loop {
+            if let Some((mut conn, stream)) = self.inner.checkout_h2(slot) {
+                drop(turn.take());
+                match conn.sender.try_send_request(req).await {
+                    Ok(resp) => return Ok(H2Sent::Answered(AnswerBody::new(resp, Some(stream)))),
+                    // Refused before the request went out (a GOAWAY, a closed connection): that
+                    // connection takes no more streams; try another.
+                    Err(mut e) => match e.take_message() {
+                        Some(back) => {
+                            self.inner.forget_h2(slot, &conn);
+                            req = back;
+                            continue;
+                        }
+                        None => return Err(UpstreamError::Http(e.into_error())),
+                    },
+                }
+            }
+            match turn {
+                Some(t) => return Ok(H2Sent::NoRoom(req, t)),
+                None => turn = Some(self.inner.h2_turn[slot].lock().await),
+            }
+        }
     }
 }
 
@@ -145,7 +314,21 @@ impl UpstreamClient {
             .idle
             .iter()
             .map(|p| p.lock().iter().filter(|i| i.sender.is_ready()).count())
-            .sum()
+            .sum::<usize>()
+            + self
+                .inner
+                .h2
+                .iter()
+                .map(|p| {
+                    let conns = p.lock();
+                    let idle = |c: &&H2Conn| c.streams.load(Ordering::Relaxed) == 0;
+                    conns
+                        .iter()
+                        .filter(idle)
+                        .filter(|c| !c.sender.is_closed())
+                        .count()
+                })
+                .sum::<usize>()
     }
 }
 
@@ -193,6 +376,33 @@ impl Pools {
         None
     }
 
+    /// An open HTTP/2 connection of `slot` with room for one more stream, and that stream's slot.
+    /// Closed connections are dropped, and so are the ones that carry no stream but the first.
+    fn checkout_h2(&self, slot: usize) -> Option<(H2Conn, StreamSlot)> {
+        let mut conns = self.h2[slot].lock();
+        let mut first_idle = true;
+        conns.retain(|c| {
+            if c.sender.is_closed() {
+                return false;
+            }
+            if c.streams.load(Ordering::Relaxed) > 0 {
+                return true;
+            }
+            std::mem::replace(&mut first_idle, false)
+        });
+        let conn = conns
+            .iter()
+            .find(|c| c.streams.load(Ordering::Relaxed) < H2_STREAMS_PER_CONNECTION)?;
+        Some((conn.clone(), StreamSlot::take(&conn.streams)))
+    }
+
+    /// Takes `conn` out of `slot`'s pool: its streams in flight go on, no new one goes there.
+    fn forget_h2(&self, slot: usize, conn: &H2Conn) {
+        self.h2[slot]
+            .lock()
+            .retain(|c| !Arc::ptr_eq(&c.streams, &conn.streams));
+    }
+
     /// Returns `sender` to `slot`'s pool once its response has been read to the end.
     fn keep(self: &Arc<Self>, slot: usize, mut sender: SendRequest<UpstreamBody>) {
         if sender.is_ready() {
@@ -226,20 +436,38 @@ impl Pools {
         idle.push_back(Idle { sender, since: now });
     }
 
-    /// A new connection to `uri`'s origin, its task spawned on the current runtime.
-    async fn connect(&self, uri: Uri) -> Result<SendRequest<UpstreamBody>, UpstreamError> {
+    /// A new connection to `uri`'s origin, its task spawned on the current runtime: HTTP/2 when
+    /// this endpoint speaks it (over `https`, when the server chose it by ALPN), else HTTP/1.1.
+    async fn connect(&self, uri: Uri) -> Result<NewConn, UpstreamError> {
         let mut connector = self.connector.clone();
         std::future::poll_fn(|cx| connector.poll_ready(cx))
             .await
             .map_err(UpstreamError::Connect)?;
+        let tls = uri.scheme() == Some(&Scheme::HTTPS);
         let io = connector.call(uri).await.map_err(UpstreamError::Connect)?;
+        if self.http2 && (!tls || io.connected().is_negotiated_h2()) {
+            let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .keep_alive_interval(H2_PING_INTERVAL)
+                .keep_alive_timeout(H2_PING_TIMEOUT)
+                .keep_alive_while_idle(true)
+                .handshake(io)
+                .await?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
+                }
+            });
+            let streams = Arc::new(AtomicUsize::new(0));
+            return Ok(NewConn::H2(H2Conn { sender, streams }));
+        }
         let (sender, conn) = hyper::client::conn::http1::handshake(io).await?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "upstream connection ended");
             }
         });
-        Ok(sender)
+        Ok(NewConn::H1(sender))
     }
 }
 
@@ -302,16 +530,17 @@ pub fn build_client(
     ca_file: Option<&Path>,
     timeouts: &Timeouts,
 ) -> Result<UpstreamClient, ClientError> {
-    build_worker_clients(ca_file, timeouts, 0, DEFAULT_MAX_IDLE_UPSTREAM)
+    build_worker_clients(ca_file, timeouts, 0, DEFAULT_MAX_IDLE_UPSTREAM, false)
 }
 
 /// Builds the pooled clients for one endpoint: `workers` worker pools and a shared one, each
-/// keeping at most `max_idle` idle connections.
+/// keeping at most `max_idle` idle HTTP/1.1 connections; `http2`: the endpoint speaks HTTP/2.
 pub fn build_worker_clients(
     ca_file: Option<&Path>,
     timeouts: &Timeouts,
     workers: usize,
     max_idle: usize,
+    http2: bool,
 ) -> Result<UpstreamClient, ClientError> {
     let mut roots = base_roots().clone();
     if let Some(path) = ca_file {
@@ -342,16 +571,32 @@ pub fn build_worker_clients(
     http.set_nodelay(true);
     http.set_connect_timeout(Some(timeouts.connect));
     http.set_keepalive(Some(Duration::from_secs(60)));
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
-        .enable_http1()
-        .wrap_connector(http);
+        .enable_http1();
+    // ALPN offers `h2` only for an endpoint that speaks it.
+    let https = if http2 {
+        builder.enable_http2().wrap_connector(http)
+    } else {
+        builder.wrap_connector(http)
+    };
     let idle = (0..=workers).map(|_| Mutex::new(VecDeque::new())).collect();
+    let h2 = (0..=workers)
+        .filter(|_| http2)
+        .map(|_| Mutex::new(Vec::new()))
+        .collect();
+    let h2_turn = (0..=workers)
+        .filter(|_| http2)
+        .map(|_| tokio::sync::Mutex::new(()))
+        .collect();
     Ok(UpstreamClient {
         inner: Arc::new(Pools {
             connector: https,
             idle,
+            http2,
+            h2,
+            h2_turn,
             max_idle,
             origin: OnceLock::new(),
         }),

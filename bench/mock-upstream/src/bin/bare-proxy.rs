@@ -8,7 +8,13 @@
 //!
 //! ```text
 //! bare-proxy --port 0 --upstream 127.0.0.1:PORT_A --upstream 127.0.0.1:PORT_B [--workers N]
+//!            [--http2]
 //! ```
+//!
+//! `--http2` speaks HTTP/2 without TLS (prior knowledge) to the upstreams, every request of a
+//! worker multiplexed on one connection per upstream (the mocks need `--http2` too): the
+//! experiment of `bench/h2.sh`, which weighs what HTTP/2 to upstreams would save in memory per
+//! stream against what it costs in CPU.
 //! Prints `listening on http://ADDR` once ready.
 
 use std::cell::{Cell, RefCell};
@@ -17,9 +23,10 @@ use std::rc::Rc;
 
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
+use hyper::client::conn::http2;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpListener, TcpStream};
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -30,6 +37,8 @@ struct Pools {
     /// `Host` for each upstream, built once.
     hosts: Vec<http::HeaderValue>,
     idle: Vec<RefCell<Vec<SendRequest<Incoming>>>>,
+    /// With `--http2`: the one multiplexed connection to each upstream, once made.
+    h2: Option<Vec<RefCell<Option<http2::SendRequest<Incoming>>>>>,
     next: Cell<usize>,
 }
 
@@ -38,6 +47,9 @@ impl Pools {
         let i = self.next.get();
         self.next.set((i + 1) % self.upstreams.len());
         let addr = self.upstreams[i];
+        if let Some(h2) = &self.h2 {
+            return self.send_h2(&h2[i], addr, req).await;
+        }
         let mut sender = self.checkout(i);
         if sender.is_none() {
             let tcp = TcpStream::connect(addr).await?;
@@ -57,6 +69,33 @@ impl Pools {
         Ok(resp)
     }
 
+    async fn send_h2(
+        &self,
+        conn: &RefCell<Option<http2::SendRequest<Incoming>>>,
+        addr: SocketAddr,
+        mut req: Request<Incoming>,
+    ) -> Result<Response<Incoming>, Error> {
+        let open = conn.borrow().as_ref().filter(|s| !s.is_closed()).cloned();
+        let mut sender = match open {
+            Some(s) => s,
+            None => {
+                let tcp = TcpStream::connect(addr).await?;
+                tcp.set_nodelay(true)?;
+                let (s, c) = http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await?;
+                tokio::task::spawn_local(async move {
+                    let _ = c.await;
+                });
+                *conn.borrow_mut() = Some(s.clone());
+                s
+            }
+        };
+        // HTTP/2 names the origin in `:authority`, from an absolute URI.
+        let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        *req.uri_mut() = format!("http://{addr}{pq}").parse()?;
+        sender.ready().await?;
+        Ok(sender.send_request(req).await?)
+    }
+
     fn checkout(&self, i: usize) -> Option<SendRequest<Incoming>> {
         let mut idle = self.idle[i].borrow_mut();
         idle.retain(|s| !s.is_closed());
@@ -69,6 +108,7 @@ fn main() -> Result<(), Error> {
     let mut port = 0u16;
     let mut upstreams = Vec::new();
     let mut workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut h2 = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = || args.next().ok_or_else(|| format!("{a} needs a value"));
@@ -76,6 +116,7 @@ fn main() -> Result<(), Error> {
             "--port" => port = value()?.parse()?,
             "--upstream" => upstreams.push(value()?.parse::<SocketAddr>()?),
             "--workers" => workers = value()?.parse()?,
+            "--http2" => h2 = true,
             _ => return Err(format!("unknown argument {a}").into()),
         }
     }
@@ -99,7 +140,7 @@ fn main() -> Result<(), Error> {
         .map(|_| {
             let listener = listener.try_clone().expect("clone the listener");
             let upstreams = upstreams.clone();
-            std::thread::spawn(move || worker(listener, upstreams))
+            std::thread::spawn(move || worker(listener, upstreams, h2))
         })
         .collect();
     for t in threads {
@@ -108,7 +149,11 @@ fn main() -> Result<(), Error> {
     Ok(())
 }
 
-fn worker(listener: std::net::TcpListener, upstreams: Vec<SocketAddr>) -> Result<(), Error> {
+fn worker(
+    listener: std::net::TcpListener,
+    upstreams: Vec<SocketAddr>,
+    h2: bool,
+) -> Result<(), Error> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -122,6 +167,7 @@ fn worker(listener: std::net::TcpListener, upstreams: Vec<SocketAddr>) -> Result
         let pools = Rc::new(Pools {
             hosts,
             idle: upstreams.iter().map(|_| RefCell::new(Vec::new())).collect(),
+            h2: h2.then(|| upstreams.iter().map(|_| RefCell::new(None)).collect()),
             upstreams,
             next: Cell::new(0),
         });

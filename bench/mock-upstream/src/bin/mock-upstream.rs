@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! mock-upstream [--host 127.0.0.1] [--port 0] [--events 20] [--pace-ms 5]
-//!               [--fail-status 500] [--threads 0]
+//!               [--fail-status 500] [--threads 0] [--http2]
 //! ```
 //!
 //! * `POST /v1/messages` answers a realistic JSON message (with `usage`), or, when the request
@@ -15,6 +15,8 @@
 //!   Anthropic-shaped error body.
 //! * `GET /v1/models`, `POST /v1/messages/count_tokens`, `HEAD /` / `GET /` answer too (so a
 //!   gateway's health probes work); other paths get 404.
+//! * `--http2` also serves HTTP/2 without TLS (prior knowledge, h2c) beside HTTP/1.1, with no
+//!   limit on concurrent streams (for the HTTP/2 experiment of `bench/h2.sh`).
 //! * Prints `listening on http://ADDR` on stdout once bound.
 
 use std::convert::Infallible;
@@ -32,7 +34,8 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
 use tokio::net::TcpSocket;
 use tokio::time::{Instant, Sleep};
 
@@ -44,12 +47,13 @@ struct Cfg {
     pace_ms: u64,
     fail_status: Option<u16>,
     threads: usize,
+    http2: bool,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: mock-upstream [--host H] [--port P] [--events N] [--pace-ms MS] \
-         [--fail-status CODE] [--threads N]"
+         [--fail-status CODE] [--threads N] [--http2]"
     );
     std::process::exit(2);
 }
@@ -62,6 +66,7 @@ fn parse_args() -> Cfg {
         pace_ms: 5,
         fail_status: None,
         threads: 0,
+        http2: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -76,6 +81,7 @@ fn parse_args() -> Cfg {
                 cfg.fail_status = (s != 0).then_some(s);
             }
             "--threads" => cfg.threads = val().parse().unwrap_or_else(|_| usage()),
+            "--http2" => cfg.http2 = true,
             "-h" | "--help" => usage(),
             _ => usage(),
         }
@@ -397,9 +403,15 @@ async fn serve(cfg: Cfg) {
         delta: sse_delta(),
         models: models_body(),
     });
+    let http2 = cfg.http2;
     let cfg = Arc::new(cfg);
     let mut builder = http1::Builder::new();
     builder.timer(TokioTimer::new()).keep_alive(true);
+    let mut both = auto::Builder::new(TokioExecutor::new());
+    both.http1().timer(TokioTimer::new()).keep_alive(true);
+    both.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(None);
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,
@@ -413,6 +425,13 @@ async fn serve(cfg: Cfg) {
         let cfg = Arc::clone(&cfg);
         let canned = Arc::clone(&canned);
         let svc = service_fn(move |req| handle(req, Arc::clone(&cfg), Arc::clone(&canned)));
+        if http2 {
+            let conn = both.serve_connection(TokioIo::new(stream), svc).into_owned();
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            continue;
+        }
         let conn = builder.serve_connection(TokioIo::new(stream), svc);
         tokio::spawn(async move {
             let _ = conn.await;

@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# The HTTP/2-to-upstreams experiment of issue #22: what would multiplexing a worker's streams on
+# one HTTP/2 connection per upstream save in memory per stream, and what would it cost in CPU?
+# Measured on the bare hyper proxy (bench/mock-upstream's `bare-proxy`, ccgate's threading with
+# none of its features), HTTP/1.1 against HTTP/2 (h2c, prior knowledge) to the same two mocks,
+# before building it into ccgate.
+#
+#     bench/h2.sh                         # REPEATS=3, slow rounds of 1000 and 4000 streams
+#     REPEATS=1 STREAMS="1000 2000" DURATION=5 bench/h2.sh
+#
+# Per repeat, alternating the two protocols (fresh proxies for every measurement):
+#   slow     N concurrent streams of 20 events 200 ms apart (2k body): peak PSS of the proxy;
+#            the slope per stream is taken between the smallest and the largest N
+#   sse_c64  streams of 20 events 5 ms apart at concurrency 64 for DURATION s: CPU per stream
+#   ns_c64   non-streaming requests (2k body) at concurrency 64 for DURATION s (oha): throughput
+#            and CPU per request
+# Prints medians; raw numbers go to bench/results/h2-<timestamp>/runs.tsv. Needs the release
+# builds of bench/mock-upstream (cargo build --release there) and oha; raises the open-file limit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPEATS=${REPEATS:-3}; STREAMS=${STREAMS:-"1000 4000"}; DURATION=${DURATION:-10}
+T=bench/mock-upstream/target/release
+OUT=bench/results/h2-$(date -u +%Y%m%dT%H%M%SZ); mkdir -p "$OUT"
+python3 bench/payloads.py "$OUT" >/dev/null
+BODY=$OUT/2k.json; SBODY=$OUT/2k-stream.json
+[[ -f $SBODY ]] || SBODY=$(ls "$OUT"/2k*stream* | head -n1)
+ulimit -n "$(ulimit -Hn)"
+trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null' EXIT
+CLK_TCK=$(getconf CLK_TCK)
+addr() { local a; for _ in $(seq 100); do a=$(grep -o 'listening on [^ ]*' "$1" 2>/dev/null | head -n1 | awk '{print $3}' | sed 's|http://||'); [[ -n $a ]] && { echo "$a"; return; }; sleep 0.1; done; echo "no address in $1" >&2; exit 1; }
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+pss() { awk '$1 == "Pss:" {print $2}' "/proc/$1/smaps_rollup"; }
+"$T/mock-upstream" --port 0 --http2 >"$OUT/mock-a.log" 2>&1 &
+"$T/mock-upstream" --port 0 --http2 >"$OUT/mock-b.log" 2>&1 &
+A=$(addr "$OUT/mock-a.log"); B=$(addr "$OUT/mock-b.log")
+proxy() { # PROTO NAME: starts a fresh bare proxy; sets PID and URL
+    local flag=(); [[ $1 == h2 ]] && flag=(--http2)
+    "$T/bare-proxy" --port 0 --upstream "$A" --upstream "$B" "${flag[@]}" >"$OUT/$2.log" 2>&1 &
+    PID=$!; URL=http://$(addr "$OUT/$2.log")/v1/messages
+}
+printf 'rep\tproto\tworkload\tn\tvalue\tunit\n' >"$OUT/runs.tsv"
+row() { printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$@" | tee -a "$OUT/runs.tsv"; }
+for rep in $(seq "$REPEATS"); do
+    protos=(h1 h2); ((rep % 2 == 0)) && protos=(h2 h1)
+    for proto in "${protos[@]}"; do
+        for n in $STREAMS; do
+            proxy "$proto" "slow-$rep-$proto-$n"
+            idle=$(pss "$PID"); peak=$idle
+            "$T/sse-load" --url "$URL" -c "$n" --streams "$n" --body "$SBODY" \
+                -H 'x-mock-events: 20' -H 'x-mock-pace-ms: 200' --expect-events 26 \
+                --connect-timeout 30 --ramp "$(awk -v n="$n" 'BEGIN {printf "%.1f", n / 5000}')" \
+                >"$OUT/slow-$rep-$proto-$n.json" 2>/dev/null &
+            load=$!
+            while kill -0 "$load" 2>/dev/null; do
+                cur=$(pss "$PID"); ((cur > peak)) && peak=$cur; sleep 0.05
+            done
+            wait "$load" || true
+            done_n=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["completed"])' "$OUT/slow-$rep-$proto-$n.json")
+            row "$rep" "$proto" slow "$n" "$peak" "kB peak PSS ($done_n/$n completed, idle $idle kB)"
+            kill "$PID"; wait "$PID" 2>/dev/null || true
+        done
+        proxy "$proto" "sse-$rep-$proto"
+        c0=$(ticks "$PID")
+        "$T/sse-load" --url "$URL" -c 64 -d "$DURATION" --body "$SBODY" \
+            -H 'x-mock-events: 20' -H 'x-mock-pace-ms: 5' >"$OUT/sse-$rep-$proto.json" 2>/dev/null
+        c1=$(ticks "$PID")
+        done_n=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["completed"])' "$OUT/sse-$rep-$proto.json")
+        row "$rep" "$proto" sse_c64 64 "$(awk -v t=$((c1 - c0)) -v k="$CLK_TCK" -v n="$done_n" 'BEGIN {printf "%.1f", t / k / n * 1e6}')" "µs CPU per stream ($done_n streams)"
+        kill "$PID"; wait "$PID" 2>/dev/null || true
+        proxy "$proto" "ns-$rep-$proto"
+        oha -z 1s -c 64 -m POST -D "$BODY" -H 'content-type: application/json' --no-tui "$URL" >/dev/null 2>&1 || true
+        c0=$(ticks "$PID")
+        oha -z "${DURATION}s" -c 64 -m POST -D "$BODY" -H 'content-type: application/json' \
+            --no-tui --output-format json "$URL" >"$OUT/ns-$rep-$proto.json" 2>/dev/null
+        c1=$(ticks "$PID")
+        read -r rps ok < <(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(d["summary"]["requestsPerSec"], sum(v for k,v in d["statusCodeDistribution"].items() if k=="200"))' "$OUT/ns-$rep-$proto.json")
+        row "$rep" "$proto" ns_c64 64 "$rps" "requests/s"
+        row "$rep" "$proto" ns_cpu 64 "$(awk -v t=$((c1 - c0)) -v k="$CLK_TCK" -v n="$ok" 'BEGIN {printf "%.2f", t / k / n * 1e6}')" "µs CPU per request ($ok requests)"
+        kill "$PID"; wait "$PID" 2>/dev/null || true
+    done
+done
+python3 - "$OUT/runs.tsv" "$STREAMS" <<'EOF'
+import csv, statistics, sys
+rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
+counts = [int(n) for n in sys.argv[2].split()]
+def med(proto, wl, n=None):
+    v = [float(r["value"]) for r in rows if r["proto"] == proto and r["workload"] == wl and (n is None or int(r["n"]) == n)]
+    return statistics.median(v) if v else float("nan")
+print("\nmedians (bare hyper proxy; HTTP/1.1 vs HTTP/2 to the upstreams)")
+print(f"{'':34}{'h1':>12}{'h2':>12}{'h2/h1':>8}")
+for n in counts:
+    a, b = med("h1", "slow", n), med("h2", "slow", n)
+    print(f"{f'peak PSS at {n} streams (MB)':34}{a/1024:12.1f}{b/1024:12.1f}{b/a:8.2f}")
+if len(counts) > 1:
+    lo, hi = min(counts), max(counts)
+    s = {p: (med(p, "slow", hi) - med(p, "slow", lo)) / (hi - lo) for p in ("h1", "h2")}
+    print(f"{f'PSS slope {lo}->{hi} (KB/stream)':34}{s['h1']:12.1f}{s['h2']:12.1f}{s['h2']/s['h1']:8.2f}")
+for wl, label in (("sse_c64", "CPU per stream, c=64 (µs)"), ("ns_cpu", "CPU per request, c=64 (µs)"), ("ns_c64", "throughput, c=64 (req/s)")):
+    a, b = med("h1", wl), med("h2", wl)
+    print(f"{label:34}{a:12.1f}{b:12.1f}{b/a:8.2f}")
+EOF
+echo "raw: $OUT/runs.tsv"

@@ -1,0 +1,365 @@
+//! HTTP/2 to upstreams (`http2 = true` on an endpoint): streams multiplexed on few connections,
+//! at most `H2_STREAMS_PER_CONNECTION` on each, their slots given back when answers end, exact
+//! counters; h2c with prior knowledge over `http`, ALPN over `https` (HTTP/1.1 when the server
+//! declines), and failover when an upstream does not speak it.
+
+mod support;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, Version};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls;
+
+use ccgate::transport::upstream::H2_STREAMS_PER_CONNECTION;
+use support::gateway::{GatewayBuilder, TestGateway};
+use support::mock::{MockUpstream, Script, SseEvent, anthropic_message};
+
+/// What the HTTP/2 upstream saw.
+#[derive(Default)]
+struct Seen {
+    connections: AtomicUsize,
+    /// Requests by HTTP version.
+    versions: Mutex<HashMap<Version, usize>>,
+    /// Most streams open at once on any one connection.
+    max_streams_per_connection: AtomicUsize,
+    /// Streams open now, over all connections, and the most there were.
+    open: AtomicUsize,
+    max_open: AtomicUsize,
+}
+
+/// An upstream on hyper's own server (HTTP/1.1 and HTTP/2, with TLS or without) that answers
+/// Messages calls: JSON, or an SSE stream of `deltas` events `pace` apart.
+struct H2Upstream {
+    addr: SocketAddr,
+    seen: Arc<Seen>,
+    ca_pem: Option<String>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for H2Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl H2Upstream {
+    async fn start(tls: bool, deltas: usize, pace: Duration) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let seen = Arc::new(Seen::default());
+        let (acceptor, ca_pem) = if tls {
+            let (a, pem) = tls_acceptor();
+            (Some(a), Some(pem))
+        } else {
+            (None, None)
+        };
+        let s = Arc::clone(&seen);
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                s.connections.fetch_add(1, Ordering::SeqCst);
+                let (seen, acceptor) = (Arc::clone(&s), acceptor.clone());
+                tokio::spawn(async move {
+                    let open = Arc::new(AtomicUsize::new(0));
+                    let svc = service_fn(move |req| {
+                        answer(req, Arc::clone(&seen), Arc::clone(&open), deltas, pace)
+                    });
+                    let mut b = auto::Builder::new(TokioExecutor::new());
+                    b.http2().max_concurrent_streams(1000);
+                    match acceptor {
+                        Some(a) => {
+                            if let Ok(tls) = a.accept(tcp).await {
+                                let _ = b.serve_connection(TokioIo::new(tls), svc).await;
+                            }
+                        }
+                        None => {
+                            let _ = b.serve_connection(TokioIo::new(tcp), svc).await;
+                        }
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            seen,
+            ca_pem,
+            task,
+        }
+    }
+
+    fn url(&self) -> String {
+        let scheme = if self.ca_pem.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    fn requests(&self, v: Version) -> usize {
+        let versions = self.seen.versions.lock().expect("versions");
+        versions.get(&v).copied().unwrap_or(0)
+    }
+
+    fn connections(&self) -> usize {
+        self.seen.connections.load(Ordering::SeqCst)
+    }
+}
+
+/// A stream's place among its connection's open streams (and all open streams), counted while
+/// its answer is sent.
+struct Open(Arc<AtomicUsize>, Arc<Seen>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+        self.1.open.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+type Chunk = Result<Frame<Bytes>, Infallible>;
+
+async fn answer(
+    req: Request<Incoming>,
+    seen: Arc<Seen>,
+    open: Arc<AtomicUsize>,
+    deltas: usize,
+    pace: Duration,
+) -> Result<Response<http_body_util::combinators::BoxBody<Bytes, Infallible>>, Infallible> {
+    *seen
+        .versions
+        .lock()
+        .expect("versions")
+        .entry(req.version())
+        .or_default() += 1;
+    let now = open.fetch_add(1, Ordering::SeqCst) + 1;
+    seen.max_streams_per_connection
+        .fetch_max(now, Ordering::SeqCst);
+    let all = seen.open.fetch_add(1, Ordering::SeqCst) + 1;
+    seen.max_open.fetch_max(all, Ordering::SeqCst);
+    let guard = Open(open, Arc::clone(&seen));
+    let body = req.into_body().collect().await.map(|b| b.to_bytes());
+    let stream = body
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .is_some_and(|v| v["stream"] == true);
+    if !stream {
+        drop(guard);
+        let json = anthropic_message("claude-sonnet-4", "hi", 10, 5).to_string();
+        let body = http_body_util::Full::new(Bytes::from(json))
+            .map_err(|e| match e {})
+            .boxed();
+        let resp = Response::builder()
+            .header("content-type", "application/json")
+            .body(body)
+            .expect("response");
+        return Ok(resp);
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel::<Chunk>(4);
+    tokio::spawn(async move {
+        let _guard = guard;
+        for (i, e) in SseEvent::message_stream(deltas).into_iter().enumerate() {
+            // The first content waits one pace, so that every stream is open at once.
+            if i == 3 {
+                tokio::time::sleep(pace).await;
+            }
+            let chunk = Bytes::copy_from_slice(e.as_bytes());
+            if tx.send(Ok(Frame::data(chunk))).await.is_err() {
+                return;
+            }
+        }
+    });
+    let body = StreamBody::new(tokio_stream_from(rx)).boxed();
+    let resp = Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(body)
+        .expect("response");
+    Ok(resp)
+}
+
+/// The receiver as a stream of frames.
+fn tokio_stream_from(
+    mut rx: tokio::sync::mpsc::Receiver<Chunk>,
+) -> impl futures_util::Stream<Item = Chunk> {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+/// A TLS acceptor with a fresh self-signed certificate for `127.0.0.1` that offers `h2` and
+/// `http/1.1` by ALPN, and the certificate's PEM.
+fn tls_acceptor() -> (TlsAcceptor, String) {
+    let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()])
+        .expect("self-signed certificate");
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(rustls::pki_types::PrivatePkcs8KeyDer::from(
+        certified.signing_key.serialize_der(),
+    ));
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_no_client_auth()
+        .with_single_cert(vec![certified.cert.der().clone()], key)
+        .expect("certificate and key");
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    (TlsAcceptor::from(Arc::new(config)), certified.cert.pem())
+}
+
+fn ca_file(pem: &str) -> tempfile::NamedTempFile {
+    let mut f = tempfile::NamedTempFile::new().expect("tempfile");
+    f.write_all(pem.as_bytes()).expect("write CA");
+    f.flush().expect("flush");
+    f
+}
+
+/// `n` concurrent streaming requests; returns how many ended with `message_stop`.
+async fn streams(gw: &Arc<TestGateway>, n: usize) -> usize {
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let gw = Arc::clone(gw);
+            tokio::spawn(async move {
+                let a = gw.post_message(true).await;
+                a.status == 200 && a.text().contains("event: message_stop")
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for t in tasks {
+        ok += usize::from(t.await.expect("client task"));
+    }
+    ok
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn streams_share_few_connections_and_every_one_is_counted() {
+    // Each stream waits a second before its content, so that the wave's streams overlap.
+    let up = H2Upstream::start(false, 3, Duration::from_secs(1)).await;
+    let gw = GatewayBuilder::new()
+        .server("max_connections = 4096")
+        .endpoint("h2", &up.url(), "http2 = true")
+        .start()
+        .await;
+    let gw = Arc::new(gw);
+
+    // 300 streams open at once: three times what one connection may carry.
+    const WAVE: usize = 300;
+    assert_eq!(streams(&gw, WAVE).await, WAVE, "every stream completed");
+    assert_eq!(up.requests(Version::HTTP_2), WAVE, "all over HTTP/2");
+    assert_eq!(up.requests(Version::HTTP_11), 0);
+    let after_first = up.connections();
+    let most = up.seen.max_streams_per_connection.load(Ordering::SeqCst);
+    assert!(
+        most <= H2_STREAMS_PER_CONNECTION,
+        "{most} streams on one connection, more than {H2_STREAMS_PER_CONNECTION}"
+    );
+    let overlap = up.seen.max_open.load(Ordering::SeqCst);
+    assert!(
+        overlap > H2_STREAMS_PER_CONNECTION,
+        "only {overlap} streams were open at once: the cap was not exercised"
+    );
+    assert!(
+        most > 1,
+        "streams were multiplexed ({most} at most on one connection)"
+    );
+    // Each worker pool opens its own connections, as few as its streams need.
+    assert!(
+        (2..=8).contains(&after_first),
+        "{after_first} connections for {WAVE} streams ({overlap} at once)"
+    );
+
+    // A second wave finds every slot given back: it opens no more connections than it needs.
+    assert_eq!(streams(&gw, WAVE).await, WAVE);
+    let second = up.connections() - after_first;
+    assert!(
+        second <= after_first,
+        "the second wave opened {second} connections (the first {after_first})"
+    );
+    // JSON answers go over the same connections.
+    let a = gw.post_message(false).await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(up.requests(Version::HTTP_2), 2 * WAVE + 1);
+
+    // Exact accounting, as over HTTP/1.1.
+    gw.settle().await;
+    let v = gw.endpoint_view("h2").await;
+    assert_eq!(v["outcomes"]["success"], 2 * WAVE as u64 + 1, "{v}");
+    assert_eq!(v["total_requests"], 2 * WAVE as u64 + 1, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_negotiates_http2_by_alpn_and_falls_back_to_http1() {
+    // A server that offers h2: the requests go over HTTP/2.
+    let up = H2Upstream::start(true, 2, Duration::from_millis(10)).await;
+    let ca = ca_file(up.ca_pem.as_deref().expect("TLS"));
+    let ca_line = format!(
+        "http2 = true\nca_file = {}",
+        ccgate::config::toml_string(ca.path().to_str().expect("utf-8"))
+    );
+    let gw = GatewayBuilder::new()
+        .endpoint("h2", &up.url(), &ca_line)
+        .start()
+        .await;
+    for stream in [false, true, false] {
+        let a = gw.post_message(stream).await;
+        assert_eq!(a.status, 200, "{}", a.text());
+    }
+    assert_eq!(up.requests(Version::HTTP_2), 3);
+    // One connection per worker pool at most (the test client may reach either worker).
+    assert!(up.connections() <= 3, "{} connections", up.connections());
+
+    // A server that offers only HTTP/1.1 (the test mock, which speaks nothing else): ccgate
+    // speaks HTTP/1.1 to it.
+    let h1 = MockUpstream::start_tls().await;
+    let ca = ca_file(&h1.ca_pem);
+    let ca_line = format!(
+        "http2 = true\nca_file = {}",
+        ccgate::config::toml_string(ca.path().to_str().expect("utf-8"))
+    );
+    let gw = GatewayBuilder::new()
+        .endpoint("h1", &h1.url(), &ca_line)
+        .start()
+        .await;
+    h1.push(Script::json_ok());
+    h1.push(Script::sse_ok(2));
+    for stream in [false, true] {
+        let a = gw.post_message(stream).await;
+        assert_eq!(a.status, 200, "{}", a.text());
+    }
+    assert_eq!(h1.count(), 2);
+    let r = h1.last_request().expect("request");
+    assert!(r.header("host").is_some(), "HTTP/1.1 requests carry Host");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_does_not_speak_h2c_fails_over() {
+    // Prior knowledge over plain http: an HTTP/1.1-only upstream cannot answer.
+    let h1 = MockUpstream::start().await;
+    let spare = MockUpstream::start().await;
+    let gw = GatewayBuilder::new()
+        .endpoint("h2c", &h1.url(), "http2 = true\npriority = 1")
+        .endpoint("spare", &spare.url(), "priority = 2")
+        .start()
+        .await;
+    let a = gw.post_message(false).await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(a.header("x-ccgate-endpoint"), Some("spare"));
+    assert_eq!(h1.count(), 0, "no HTTP/1.1 request reached it");
+    assert_eq!(spare.count(), 1);
+    gw.settle().await;
+    let v = gw.endpoint_view("h2c").await;
+    assert_eq!(v["outcomes"]["transport"], 1, "{v}");
+}
