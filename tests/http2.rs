@@ -281,7 +281,13 @@ async fn streams_share_few_connections_and_every_one_is_counted() {
         "{after_first} connections for {WAVE} streams ({overlap} at once)"
     );
 
-    // A second wave finds every slot given back: it opens no more connections than it needs.
+    // Every stream gave its slot back as its answer ended: all connections carry none.
+    let ep = gw.gateway.registry.by_name("h2").expect("endpoint h2");
+    support::wait::eventually("every connection idle", || async {
+        ep.client.idle_connections() == after_first
+    })
+    .await;
+    // A second wave finds the room: it opens no more connections than the first.
     assert_eq!(streams(&gw, WAVE).await, WAVE);
     let second = up.connections() - after_first;
     assert!(
@@ -362,4 +368,54 @@ async fn an_upstream_that_does_not_speak_h2c_fails_over() {
     gw.settle().await;
     let v = gw.endpoint_view("h2c").await;
     assert_eq!(v["outcomes"]["transport"], 1, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn clients_that_hang_up_give_their_streams_back() {
+    // Streams whose content waits a second: every client hangs up after the answer's head.
+    let up = H2Upstream::start(false, 3, Duration::from_secs(1)).await;
+    let gw = GatewayBuilder::new()
+        .endpoint("h2", &up.url(), "http2 = true")
+        .start()
+        .await;
+    let gw = Arc::new(gw);
+    let body = TestGateway::message_body(true).to_string();
+    let tasks: Vec<_> = (0..150)
+        .map(|_| {
+            let (gw, body) = (Arc::clone(&gw), body.clone());
+            tokio::spawn(async move {
+                let headers = [("content-type", "application/json")];
+                let resp = gw
+                    .send(http::Method::POST, "/v1/messages", &headers, body)
+                    .await;
+                let mut body = resp.into_body();
+                // The first frame (the held preamble and the first content), then away.
+                let first = body.frame().await;
+                assert!(matches!(first, Some(Ok(_))), "a first frame");
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("client task");
+    }
+    // Every stream ends at the upstream (reset by the gateway or finished), and ccgate's
+    // connections all carry none: no slot stayed taken by a body that was dropped.
+    support::wait::eventually("the upstream's streams ended", || async {
+        up.seen.open.load(Ordering::SeqCst) == 0
+    })
+    .await;
+    let ep = gw.gateway.registry.by_name("h2").expect("endpoint h2");
+    support::wait::eventually("every connection idle", || async {
+        ep.client.idle_connections() == up.connections()
+    })
+    .await;
+    assert!(up.connections() >= 2, "150 streams needed two connections");
+    gw.settle().await;
+    let v = gw.endpoint_view("h2").await;
+    // A stream whose end had already arrived with its first content was delivered; the rest were
+    // cancelled. None is the endpoint's failure.
+    let (ok, gone) = (&v["outcomes"]["success"], &v["outcomes"]["cancelled"]);
+    let counted = ok.as_u64().zip(gone.as_u64()).map(|(a, b)| a + b);
+    assert_eq!(counted, Some(150), "{v}");
+    assert_eq!(v["endpoint_errors"], 0, "{v}");
 }
