@@ -69,16 +69,15 @@ pub fn from_json_body(body: &[u8]) -> Option<MessageUsage> {
 /// separate read of its usage would walk it twice. A repeated name keeps its last value, as a
 /// full parse does (and the stream path, [`Usage::update_from`]).
 pub fn read_json_answer(body: &[u8]) -> Result<Option<MessageUsage>, serde_json::Error> {
-    use serde::de::DeserializeSeed;
     let mut de = serde_json::Deserializer::from_slice(body);
-    let found = answer::ObjectOnly::<answer::Answer>::default().deserialize(&mut de)?;
+    let found = answer::read::<answer::Answer, _>(&mut de)?;
     de.end()?;
     Ok(found.flatten())
 }
 
 mod answer {
-    //! The serde visitors behind [`crate::wire::usage::read_json_answer`]: only objects are read, every other
-    //! value is validated and dropped.
+    //! The serde visitor behind [`crate::wire::usage::read_json_answer`]: one visitor for any
+    //! JSON value, which validates (and drops) what its [`Kind`] does not read.
     use std::fmt;
     use std::marker::PhantomData;
 
@@ -86,98 +85,115 @@ mod answer {
 
     use crate::wire::usage::{MessageUsage, Usage};
 
-    /// What is read from an object's members.
-    pub trait Object {
+    /// What a value is read as: an object's members, or the scalar it holds.
+    pub trait Kind {
         type Out;
-        fn read<'de, A: MapAccess<'de>>(map: A) -> Result<Self::Out, A::Error>;
+        /// An object: read its members (by default, only validate them).
+        fn object<'de, A: MapAccess<'de>>(map: A) -> Result<Self::Out, A::Error> {
+            IgnoredAny.visit_map(map)?;
+            Ok(Self::scalar(Seen::Other))
+        }
+        /// Any other value, arrays included (validated and dropped).
+        fn scalar(seen: Seen<'_>) -> Self::Out;
     }
 
-    /// Any JSON value, read as `T` when it is an object (`None` otherwise).
-    pub struct ObjectOnly<T>(PhantomData<T>);
+    /// What a value turned out to be, for [`Kind::scalar`].
+    pub enum Seen<'a> {
+        Str(&'a str),
+        U64(u64),
+        Other,
+    }
 
-    impl<T> Default for ObjectOnly<T> {
-        fn default() -> Self {
-            Self(PhantomData)
+    /// Reads the next value of `de` as `K`.
+    pub fn read<'de, K: Kind, D: Deserializer<'de>>(de: D) -> Result<K::Out, D::Error> {
+        de.deserialize_any(Value::<K>(PhantomData))
+    }
+
+    /// The visitor (and seed) for a value read as `K`.
+    struct Value<K>(PhantomData<K>);
+
+    impl<'de, K: Kind> DeserializeSeed<'de> for Value<K> {
+        type Value = K::Out;
+
+        fn deserialize<D: Deserializer<'de>>(self, de: D) -> Result<K::Out, D::Error> {
+            read::<K, D>(de)
         }
     }
 
-    impl<'de, T: Object> DeserializeSeed<'de> for ObjectOnly<T> {
-        type Value = Option<T::Out>;
-
-        fn deserialize<D: Deserializer<'de>>(self, de: D) -> Result<Self::Value, D::Error> {
-            de.deserialize_any(self)
-        }
-    }
-
-    impl<'de, T: Object> Visitor<'de> for ObjectOnly<T> {
-        type Value = Option<T::Out>;
+    impl<'de, K: Kind> Visitor<'de> for Value<K> {
+        type Value = K::Out;
 
         fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
             f.write_str("a JSON value")
         }
 
-        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
-            T::read(map).map(Some)
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<K::Out, A::Error> {
+            K::object(map)
         }
 
-        fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
-            IgnoredAny.visit_seq(seq).map(|_| None)
+        fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<K::Out, A::Error> {
+            IgnoredAny.visit_seq(seq)?;
+            Ok(K::scalar(Seen::Other))
         }
 
-        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-            Ok(None)
+        fn visit_str<E>(self, s: &str) -> Result<K::Out, E> {
+            Ok(K::scalar(Seen::Str(s)))
         }
 
-        fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-            Ok(None)
+        fn visit_u64<E>(self, n: u64) -> Result<K::Out, E> {
+            Ok(K::scalar(Seen::U64(n)))
         }
 
-        fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-            Ok(None)
+        fn visit_i64<E>(self, _: i64) -> Result<K::Out, E> {
+            Ok(K::scalar(Seen::Other))
         }
 
-        fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-            Ok(None)
+        fn visit_f64<E>(self, _: f64) -> Result<K::Out, E> {
+            Ok(K::scalar(Seen::Other))
         }
 
-        fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
-            Ok(None)
+        fn visit_bool<E>(self, _: bool) -> Result<K::Out, E> {
+            Ok(K::scalar(Seen::Other))
         }
 
-        fn visit_unit<E>(self) -> Result<Self::Value, E> {
-            Ok(None)
+        fn visit_unit<E>(self) -> Result<K::Out, E> {
+            Ok(K::scalar(Seen::Other))
         }
     }
 
-    /// A Messages answer's top level: its `model` and `usage` (`None` without a `usage` object).
+    /// A Messages answer: its `model` and `usage` when it is an object with a `usage` object
+    /// (the outer `Option`: whether it was an object at all).
     pub struct Answer;
 
-    impl Object for Answer {
-        type Out = Option<MessageUsage>;
+    impl Kind for Answer {
+        type Out = Option<Option<MessageUsage>>;
 
-        fn read<'de, A: MapAccess<'de>>(mut map: A) -> Result<Self::Out, A::Error> {
+        fn object<'de, A: MapAccess<'de>>(mut map: A) -> Result<Self::Out, A::Error> {
             let (mut model, mut usage) = (None, None);
             while let Some(key) = map.next_key::<Key>()? {
                 match key {
-                    Key::Model => model = map.next_value_seed(Text)?,
-                    Key::Usage => usage = map.next_value_seed(ObjectOnly::<Tokens>::default())?,
+                    Key::Model => model = map.next_value_seed(Value::<Text>(PhantomData))?,
+                    Key::Usage => usage = map.next_value_seed(Value::<Tokens>(PhantomData))?,
                     _ => {
                         map.next_value::<IgnoredAny>()?;
                     }
                 }
             }
-            Ok(usage.map(|usage| MessageUsage { model, usage }))
+            Ok(Some(usage.map(|usage| MessageUsage { model, usage })))
+        }
+
+        fn scalar(_: Seen<'_>) -> Self::Out {
+            None
         }
     }
 
-    /// A `usage` object's token counts; a count that is not a non-negative integer that fits
-    /// (null, a float, a string) is 0.
+    /// A `usage` object's token counts (`None` when it is not an object).
     struct Tokens;
 
-    impl Object for Tokens {
-        type Out = Usage;
+    impl Kind for Tokens {
+        type Out = Option<Usage>;
 
-        fn read<'de, A: MapAccess<'de>>(mut map: A) -> Result<Usage, A::Error> {
+        fn object<'de, A: MapAccess<'de>>(mut map: A) -> Result<Self::Out, A::Error> {
             let mut tokens = Usage::default();
             while let Some(key) = map.next_key::<Key>()? {
                 let field = match key {
@@ -190,9 +206,42 @@ mod answer {
                         continue;
                     }
                 };
-                *field = map.next_value_seed(Count)?;
+                *field = map.next_value_seed(Value::<Count>(PhantomData))?;
             }
-            Ok(tokens)
+            Ok(Some(tokens))
+        }
+
+        fn scalar(_: Seen<'_>) -> Self::Out {
+            None
+        }
+    }
+
+    /// `model`: its text when it is a string, `None` otherwise.
+    struct Text;
+
+    impl Kind for Text {
+        type Out = Option<String>;
+
+        fn scalar(seen: Seen<'_>) -> Self::Out {
+            match seen {
+                Seen::Str(s) => Some(s.to_owned()),
+                Seen::U64(_) | Seen::Other => None,
+            }
+        }
+    }
+
+    /// A token count: the value when it is a non-negative integer that fits, 0 otherwise (null,
+    /// a float, a string, an object).
+    struct Count;
+
+    impl Kind for Count {
+        type Out = u64;
+
+        fn scalar(seen: Seen<'_>) -> u64 {
+            match seen {
+                Seen::U64(n) => n,
+                Seen::Str(_) | Seen::Other => 0,
+            }
         }
     }
 
@@ -234,87 +283,6 @@ mod answer {
                 b"cache_read_input_tokens" => Key::CacheRead,
                 _ => Key::Other,
             })
-        }
-    }
-
-    /// `model`: its text when it is a string, `None` otherwise.
-    struct Text;
-
-    impl<'de> DeserializeSeed<'de> for Text {
-        type Value = Option<String>;
-
-        fn deserialize<D: Deserializer<'de>>(self, de: D) -> Result<Self::Value, D::Error> {
-            de.deserialize_any(Scalar(|v: Seen<'_>| match v {
-                Seen::Str(s) => Some(s.to_owned()),
-                Seen::U64(_) | Seen::Other => None,
-            }))
-        }
-    }
-
-    /// A token count: the value when it is a non-negative integer that fits, 0 otherwise.
-    struct Count;
-
-    impl<'de> DeserializeSeed<'de> for Count {
-        type Value = u64;
-
-        fn deserialize<D: Deserializer<'de>>(self, de: D) -> Result<u64, D::Error> {
-            de.deserialize_any(Scalar(|v: Seen<'_>| match v {
-                Seen::U64(n) => n,
-                Seen::Str(_) | Seen::Other => 0,
-            }))
-        }
-    }
-
-    /// What a value turned out to be, for [`Scalar`]'s judgement.
-    enum Seen<'a> {
-        Str(&'a str),
-        U64(u64),
-        Other,
-    }
-
-    /// Visits any value, validating (and dropping) arrays and objects, and hands what it saw to
-    /// its judgement.
-    struct Scalar<F>(F);
-
-    impl<'de, T, F: FnOnce(Seen<'_>) -> T> Visitor<'de> for Scalar<F> {
-        type Value = T;
-
-        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-            f.write_str("a JSON value")
-        }
-
-        fn visit_str<E>(self, s: &str) -> Result<T, E> {
-            Ok((self.0)(Seen::Str(s)))
-        }
-
-        fn visit_u64<E>(self, n: u64) -> Result<T, E> {
-            Ok((self.0)(Seen::U64(n)))
-        }
-
-        fn visit_i64<E>(self, _: i64) -> Result<T, E> {
-            Ok((self.0)(Seen::Other))
-        }
-
-        fn visit_f64<E>(self, _: f64) -> Result<T, E> {
-            Ok((self.0)(Seen::Other))
-        }
-
-        fn visit_bool<E>(self, _: bool) -> Result<T, E> {
-            Ok((self.0)(Seen::Other))
-        }
-
-        fn visit_unit<E>(self) -> Result<T, E> {
-            Ok((self.0)(Seen::Other))
-        }
-
-        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
-            IgnoredAny.visit_map(map)?;
-            Ok((self.0)(Seen::Other))
-        }
-
-        fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<T, A::Error> {
-            IgnoredAny.visit_seq(seq)?;
-            Ok((self.0)(Seen::Other))
         }
     }
 }
