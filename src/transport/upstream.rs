@@ -84,12 +84,8 @@ pub struct UpstreamClient {
 struct Pools {
     connector: HttpsConnector<HttpConnector>,
     idle: Box<[Mutex<VecDeque<Idle>>]>,
-    /// Whether HTTP/2 is spoken (offered, over `https`).
-    http2: bool,
-    /// The HTTP/2 connections of each pool (empty without `http2`).
-    h2: Box<[Mutex<Vec<H2Conn>>]>,
-    /// Each pool's turn to open an HTTP/2 connection (see [`UpstreamClient::send_h2`]).
-    h2_turn: Box<[tokio::sync::Mutex<()>]>,
+    /// The HTTP/2 side of each pool; empty for an endpoint that does not speak HTTP/2.
+    h2: Box<[H2Pool]>,
     /// Most idle connections one pool keeps.
     max_idle: usize,
     /// The origin every request of this client goes to, set by the first one.
@@ -106,6 +102,14 @@ struct Origin {
 struct Idle {
     sender: SendRequest<UpstreamBody>,
     since: Instant,
+}
+
+/// One pool's HTTP/2 connections.
+#[derive(Default)]
+struct H2Pool {
+    conns: Mutex<Vec<H2Conn>>,
+    /// The turn to open a connection (see [`UpstreamClient::send_h2`]).
+    turn: tokio::sync::Mutex<()>,
 }
 
 /// One HTTP/2 connection and the number of its streams in use.
@@ -206,6 +210,15 @@ pub fn set_worker(index: usize) {
     WORKER.with(|w| w.set(Some(index)));
 }
 
+/// What [`UpstreamClient::send_h2`] did with a request.
+enum H2Sent<'a> {
+    /// It went out as a stream and was answered.
+    Answered(Response<AnswerBody>),
+    /// No connection of the pool had room: the request comes back with the pool's turn to
+    /// make one.
+    NoRoom(Request<UpstreamBody>, tokio::sync::MutexGuard<'a, ()>),
+}
+
 impl UpstreamClient {
     /// Sends a request (its URI absolute) on a connection from this thread's pool, or a new one,
     /// and waits for the response headers.
@@ -217,7 +230,7 @@ impl UpstreamClient {
         let slot = WORKER.with(Cell::get).map_or(shared, |w| w.min(shared));
         let origin = self.inner.origin(req.uri())?;
         let mut turn = None;
-        if self.inner.http2 {
+        if self.inner.speaks_h2() {
             match self.send_h2(slot, req).await? {
                 H2Sent::Answered(resp) => return Ok(resp),
                 H2Sent::NoRoom(back, t) => (req, turn) = (back, Some(t)),
@@ -252,25 +265,14 @@ impl UpstreamClient {
                 req.headers_mut().remove(header::HOST);
                 *req.uri_mut() = uri;
                 let stream = StreamSlot::take(&conn.streams);
-                self.inner.h2[slot].lock().push(conn.clone());
+                self.inner.h2[slot].conns.lock().push(conn.clone());
                 drop(turn);
                 let resp = conn.sender.send_request(req).await?;
                 Ok(AnswerBody::new(resp, Some(stream)))
             }
         }
     }
-}
 
-/// What [`UpstreamClient::send_h2`] did with a request.
-enum H2Sent<'a> {
-    /// It went out as a stream and was answered.
-    Answered(Response<AnswerBody>),
-    /// No connection of the pool had room: the request comes back with the pool's turn to
-    /// make one.
-    NoRoom(Request<UpstreamBody>, tokio::sync::MutexGuard<'a, ()>),
-}
-
-impl UpstreamClient {
     /// Sends `req` (its URI absolute: HTTP/2 names the origin in `:authority`) as a stream on a
     /// connection of pool `slot` with room for it. Without one, the caller gets the request back
     /// with the pool's turn to connect: one request connects at a time, so a burst that fills
@@ -301,7 +303,7 @@ impl UpstreamClient {
             }
             match turn {
                 Some(t) => return Ok(H2Sent::NoRoom(req, t)),
-                None => turn = Some(self.inner.h2_turn[slot].lock().await),
+                None => turn = Some(self.inner.h2[slot].turn.lock().await),
             }
         }
     }
@@ -320,7 +322,7 @@ impl UpstreamClient {
                 .h2
                 .iter()
                 .map(|p| {
-                    let conns = p.lock();
+                    let conns = p.conns.lock();
                     let idle = |c: &&H2Conn| c.streams.load(Ordering::Relaxed) == 0;
                     conns
                         .iter()
@@ -376,10 +378,15 @@ impl Pools {
         None
     }
 
+    /// Whether this endpoint speaks HTTP/2 (offers it, over `https`).
+    fn speaks_h2(&self) -> bool {
+        !self.h2.is_empty()
+    }
+
     /// An open HTTP/2 connection of `slot` with room for one more stream, and that stream's slot.
     /// Closed connections are dropped, and so are the ones that carry no stream but the first.
     fn checkout_h2(&self, slot: usize) -> Option<(H2Conn, StreamSlot)> {
-        let mut conns = self.h2[slot].lock();
+        let mut conns = self.h2[slot].conns.lock();
         let mut first_idle = true;
         conns.retain(|c| {
             if c.sender.is_closed() {
@@ -399,6 +406,7 @@ impl Pools {
     /// Takes `conn` out of `slot`'s pool: its streams in flight go on, no new one goes there.
     fn forget_h2(&self, slot: usize, conn: &H2Conn) {
         self.h2[slot]
+            .conns
             .lock()
             .retain(|c| !Arc::ptr_eq(&c.streams, &conn.streams));
     }
@@ -445,7 +453,7 @@ impl Pools {
             .map_err(UpstreamError::Connect)?;
         let tls = uri.scheme() == Some(&Scheme::HTTPS);
         let io = connector.call(uri).await.map_err(UpstreamError::Connect)?;
-        if self.http2 && (!tls || io.connected().is_negotiated_h2()) {
+        if self.speaks_h2() && (!tls || io.connected().is_negotiated_h2()) {
             let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .keep_alive_interval(H2_PING_INTERVAL)
@@ -584,19 +592,13 @@ pub fn build_worker_clients(
     let idle = (0..=workers).map(|_| Mutex::new(VecDeque::new())).collect();
     let h2 = (0..=workers)
         .filter(|_| http2)
-        .map(|_| Mutex::new(Vec::new()))
-        .collect();
-    let h2_turn = (0..=workers)
-        .filter(|_| http2)
-        .map(|_| tokio::sync::Mutex::new(()))
+        .map(|_| H2Pool::default())
         .collect();
     Ok(UpstreamClient {
         inner: Arc::new(Pools {
             connector: https,
             idle,
-            http2,
             h2,
-            h2_turn,
             max_idle,
             origin: OnceLock::new(),
         }),
