@@ -45,16 +45,6 @@ impl From<Bytes> for Frames {
 }
 
 impl Frames {
-    /// Length in bytes.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether the body is empty.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
     /// The whole body in one buffer: the frame itself when there is one, else a copy made once
     /// and shared by every later call.
     pub fn joined(&self) -> Bytes {
@@ -239,7 +229,7 @@ mod tests {
             let whole = |k: &[u8]| json_top::member(&text, k).map(<[u8]>::to_vec);
             for size in [1, 7, 100, 4096, TAIL - 1, TAIL + 3, text.len()] {
                 let f = cut(&text, size);
-                assert_eq!(f.len(), text.len());
+                assert_eq!(f.len, text.len());
                 for key in [
                     &b"stream"[..],
                     b"metadata",
@@ -282,6 +272,6 @@ mod tests {
         }
         let empty = Frames::default().body();
         assert!(empty.is_end_stream());
-        assert_eq!(Frames::from(vec![Bytes::new()]).len(), 0);
+        assert_eq!(Frames::from(vec![Bytes::new()]).len, 0);
     }
 }
