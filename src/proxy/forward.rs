@@ -5,7 +5,6 @@
 
 use std::time::Duration;
 
-use crate::transport::upstream::AnswerBody;
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName};
 use http::uri::PathAndQuery;
@@ -17,7 +16,7 @@ use crate::health::classify::{Outcome, TransportKind, classify_sse_error};
 use crate::health::endpoint::Endpoint;
 use crate::transport::error_chain;
 use crate::transport::replay::{Frames, ReplayBody};
-use crate::transport::upstream::UpstreamBody;
+use crate::transport::upstream::{AnswerBody, UpstreamBody};
 use crate::wire::sse::SseScanner;
 use crate::wire::usage;
 

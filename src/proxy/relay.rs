@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use crate::transport::upstream::AnswerBody;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
@@ -19,6 +18,7 @@ use crate::health::totals::RequestGuard;
 use crate::proxy::usage::LiveUsage;
 use crate::proxy::usage::UsageTally;
 use crate::proxy::usage::ledger_model;
+use crate::transport::upstream::AnswerBody;
 use crate::wire::sse::{SseScanner, error_event};
 use crate::wire::usage;
 
@@ -139,7 +139,9 @@ impl RelayBody {
                 len: 0,
                 too_large: false,
             };
-            if matches!(self.judge, Judge::Plain | Judge::CallerError) {
+            // Only a plain body is read for usage when it ends (an answer already parsed carries
+            // its usage in its judge).
+            if matches!(self.judge, Judge::Plain) {
                 for data in &self.held {
                     tap.keep(data);
                 }
