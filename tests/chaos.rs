@@ -36,7 +36,7 @@ use http_body_util::{BodyExt, Full};
 use serde_json::{Value, json};
 use tokio::sync::Notify;
 
-use support::gateway::{GatewayBuilder, KINDS, TestGateway, http_client};
+use support::gateway::{GatewayBuilder, KINDS, TestGateway, failure_kinds, http_client};
 use support::mock::{Ending, MOCK_MODEL, MockUpstream, ReceivedRequest, Script};
 use support::wait::{eventually_ok, within};
 
@@ -200,16 +200,6 @@ fn expected_kind(label: &str, ending: Ending) -> Option<&'static str> {
         _ => return None,
     })
 }
-
-/// Outcome kinds counted in `endpoint_errors` (with `caller_error`, in `failed_requests`).
-const FAILURE_KINDS: [&str; 6] = [
-    "overloaded",
-    "server_error",
-    "transport",
-    "timeout",
-    "rate_limited",
-    "auth",
-];
 
 /// Requests the upstreams hold for clients that will hang up before any answer: the client waits
 /// for its id here, then leaves.
@@ -832,12 +822,12 @@ async fn chaos_soak() {
         check(
             "failed_requests",
             n(&v, "failed_requests"),
-            FAILURE_KINDS.iter().map(|k| want[k]).sum::<u64>() + want["caller_error"],
+            failure_kinds().map(|k| want[k]).sum::<u64>() + want["caller_error"],
         );
         check(
             "endpoint_errors",
             n(&v, "endpoint_errors"),
-            FAILURE_KINDS.iter().map(|k| want[k]).sum(),
+            failure_kinds().map(|k| want[k]).sum(),
         );
         check("cancelled", n(&v, "cancelled"), want["cancelled"]);
         check("in_flight", n(&v, "in_flight"), 0);

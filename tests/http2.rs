@@ -39,10 +39,21 @@ struct Seen {
     /// Streams open now, over all connections, and the most there were.
     open: AtomicUsize,
     max_open: AtomicUsize,
+    /// How many times held streams were let go (see [`Hold::UntilReleased`]).
+    released: tokio::sync::watch::Sender<u64>,
+}
+
+/// What a stream waits for before its first content.
+#[derive(Clone, Copy)]
+enum Hold {
+    /// A fixed pause.
+    Pace(Duration),
+    /// [`H2Upstream::release`]: the test opens a whole wave of streams, then lets them go.
+    UntilReleased,
 }
 
 /// An upstream on hyper's own server (HTTP/1.1 and HTTP/2, with TLS or without) that answers
-/// Messages calls: JSON, or an SSE stream of `deltas` events `pace` apart.
+/// Messages calls: JSON, or an SSE stream of `deltas` events whose first content waits `hold`.
 struct H2Upstream {
     addr: SocketAddr,
     seen: Arc<Seen>,
@@ -57,7 +68,7 @@ impl Drop for H2Upstream {
 }
 
 impl H2Upstream {
-    async fn start(tls: bool, deltas: usize, pace: Duration) -> Self {
+    async fn start(tls: bool, deltas: usize, hold: Hold) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let seen = Arc::new(Seen::default());
@@ -78,7 +89,7 @@ impl H2Upstream {
                 tokio::spawn(async move {
                     let open = Arc::new(AtomicUsize::new(0));
                     let svc = service_fn(move |req| {
-                        answer(req, Arc::clone(&seen), Arc::clone(&open), deltas, pace)
+                        answer(req, Arc::clone(&seen), Arc::clone(&open), deltas, hold)
                     });
                     let mut b = auto::Builder::new(TokioExecutor::new());
                     b.http2().max_concurrent_streams(1000);
@@ -120,6 +131,15 @@ impl H2Upstream {
     fn connections(&self) -> usize {
         self.seen.connections.load(Ordering::SeqCst)
     }
+
+    /// Lets every stream held so far go on to its content, once `n` are open.
+    async fn release_when_open(&self, n: usize) {
+        support::wait::eventually(&format!("{n} streams open at the upstream"), || async {
+            self.seen.open.load(Ordering::SeqCst) == n
+        })
+        .await;
+        self.seen.released.send_modify(|r| *r += 1);
+    }
 }
 
 /// A stream's place among its connection's open streams (and all open streams), counted while
@@ -140,7 +160,7 @@ async fn answer(
     seen: Arc<Seen>,
     open: Arc<AtomicUsize>,
     deltas: usize,
-    pace: Duration,
+    hold: Hold,
 ) -> Result<Response<http_body_util::combinators::BoxBody<Bytes, Infallible>>, Infallible> {
     *seen
         .versions
@@ -148,6 +168,9 @@ async fn answer(
         .expect("versions")
         .entry(req.version())
         .or_default() += 1;
+    // Which release a held stream waits for, read before it counts as open.
+    let mut released = seen.released.subscribe();
+    let arrived = *released.borrow();
     let now = open.fetch_add(1, Ordering::SeqCst) + 1;
     seen.max_streams_per_connection
         .fetch_max(now, Ordering::SeqCst);
@@ -175,9 +198,14 @@ async fn answer(
     tokio::spawn(async move {
         let _guard = guard;
         for (i, e) in SseEvent::message_stream(deltas).into_iter().enumerate() {
-            // The first content waits one pace, so that every stream is open at once.
+            // The first content waits: the gateway holds the stream's preamble meanwhile.
             if i == 3 {
-                tokio::time::sleep(pace).await;
+                match hold {
+                    Hold::Pace(pace) => tokio::time::sleep(pace).await,
+                    Hold::UntilReleased => {
+                        let _ = released.wait_for(|r| *r > arrived).await;
+                    }
+                }
             }
             let chunk = Bytes::copy_from_slice(e.as_bytes());
             if tx.send(Ok(Frame::data(chunk))).await.is_err() {
@@ -219,15 +247,27 @@ fn tls_acceptor() -> (TlsAcceptor, String) {
     (TlsAcceptor::from(Arc::new(config)), certified.cert.pem())
 }
 
-fn ca_file(pem: &str) -> tempfile::NamedTempFile {
-    let mut f = tempfile::NamedTempFile::new().expect("tempfile");
-    f.write_all(pem.as_bytes()).expect("write CA");
-    f.flush().expect("flush");
-    f
+/// A gateway with one `http2 = true` endpoint over TLS at `url`, trusting `ca_pem` (the file
+/// returned must outlive the gateway's start).
+async fn tls_gateway(
+    name: &str,
+    url: &str,
+    ca_pem: &str,
+) -> (TestGateway, tempfile::NamedTempFile) {
+    let mut ca = tempfile::NamedTempFile::new().expect("tempfile");
+    ca.write_all(ca_pem.as_bytes()).expect("write CA");
+    ca.flush().expect("flush");
+    let path = ccgate::config::toml_string(ca.path().to_str().expect("utf-8"));
+    let gw = GatewayBuilder::new()
+        .endpoint(name, url, &format!("http2 = true\nca_file = {path}"))
+        .start()
+        .await;
+    (gw, ca)
 }
 
-/// `n` concurrent streaming requests; returns how many ended with `message_stop`.
-async fn streams(gw: &Arc<TestGateway>, n: usize) -> usize {
+/// `n` concurrent streaming requests, let go once all are open at `up`; returns how many ended
+/// with `message_stop`.
+async fn streams(gw: &Arc<TestGateway>, up: &H2Upstream, n: usize) -> usize {
     let tasks: Vec<_> = (0..n)
         .map(|_| {
             let gw = Arc::clone(gw);
@@ -237,6 +277,7 @@ async fn streams(gw: &Arc<TestGateway>, n: usize) -> usize {
             })
         })
         .collect();
+    up.release_when_open(n).await;
     let mut ok = 0;
     for t in tasks {
         ok += usize::from(t.await.expect("client task"));
@@ -246,8 +287,8 @@ async fn streams(gw: &Arc<TestGateway>, n: usize) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn streams_share_few_connections_and_every_one_is_counted() {
-    // Each stream waits a second before its content, so that the wave's streams overlap.
-    let up = H2Upstream::start(false, 3, Duration::from_secs(1)).await;
+    // Each wave's streams are held until all are open at the upstream.
+    let up = H2Upstream::start(false, 3, Hold::UntilReleased).await;
     let gw = GatewayBuilder::new()
         .server("max_connections = 4096")
         .endpoint("h2", &up.url(), "http2 = true")
@@ -257,7 +298,11 @@ async fn streams_share_few_connections_and_every_one_is_counted() {
 
     // 300 streams open at once: three times what one connection may carry.
     const WAVE: usize = 300;
-    assert_eq!(streams(&gw, WAVE).await, WAVE, "every stream completed");
+    assert_eq!(
+        streams(&gw, &up, WAVE).await,
+        WAVE,
+        "every stream completed"
+    );
     assert_eq!(up.requests(Version::HTTP_2), WAVE, "all over HTTP/2");
     assert_eq!(up.requests(Version::HTTP_11), 0);
     let after_first = up.connections();
@@ -288,7 +333,7 @@ async fn streams_share_few_connections_and_every_one_is_counted() {
     })
     .await;
     // A second wave finds the room: it opens no more connections than the first.
-    assert_eq!(streams(&gw, WAVE).await, WAVE);
+    assert_eq!(streams(&gw, &up, WAVE).await, WAVE);
     let second = up.connections() - after_first;
     assert!(
         second <= after_first,
@@ -309,16 +354,8 @@ async fn streams_share_few_connections_and_every_one_is_counted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_negotiates_http2_by_alpn_and_falls_back_to_http1() {
     // A server that offers h2: the requests go over HTTP/2.
-    let up = H2Upstream::start(true, 2, Duration::from_millis(10)).await;
-    let ca = ca_file(up.ca_pem.as_deref().expect("TLS"));
-    let ca_line = format!(
-        "http2 = true\nca_file = {}",
-        ccgate::config::toml_string(ca.path().to_str().expect("utf-8"))
-    );
-    let gw = GatewayBuilder::new()
-        .endpoint("h2", &up.url(), &ca_line)
-        .start()
-        .await;
+    let up = H2Upstream::start(true, 2, Hold::Pace(Duration::from_millis(10))).await;
+    let (gw, _ca) = tls_gateway("h2", &up.url(), up.ca_pem.as_deref().expect("TLS")).await;
     for stream in [false, true, false] {
         let a = gw.post_message(stream).await;
         assert_eq!(a.status, 200, "{}", a.text());
@@ -330,15 +367,7 @@ async fn https_negotiates_http2_by_alpn_and_falls_back_to_http1() {
     // A server that offers only HTTP/1.1 (the test mock, which speaks nothing else): ccgate
     // speaks HTTP/1.1 to it.
     let h1 = MockUpstream::start_tls().await;
-    let ca = ca_file(&h1.ca_pem);
-    let ca_line = format!(
-        "http2 = true\nca_file = {}",
-        ccgate::config::toml_string(ca.path().to_str().expect("utf-8"))
-    );
-    let gw = GatewayBuilder::new()
-        .endpoint("h1", &h1.url(), &ca_line)
-        .start()
-        .await;
+    let (gw, _ca) = tls_gateway("h1", &h1.url(), &h1.ca_pem).await;
     h1.push(Script::json_ok());
     h1.push(Script::sse_ok(2));
     for stream in [false, true] {
@@ -372,8 +401,8 @@ async fn an_upstream_that_does_not_speak_h2c_fails_over() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn clients_that_hang_up_give_their_streams_back() {
-    // Streams whose content waits a second: every client hangs up after the answer's head.
-    let up = H2Upstream::start(false, 3, Duration::from_secs(1)).await;
+    // Streams held until all are open; every client hangs up after its first frame.
+    let up = H2Upstream::start(false, 3, Hold::UntilReleased).await;
     let gw = GatewayBuilder::new()
         .endpoint("h2", &up.url(), "http2 = true")
         .start()
@@ -395,6 +424,7 @@ async fn clients_that_hang_up_give_their_streams_back() {
             })
         })
         .collect();
+    up.release_when_open(150).await;
     for t in tasks {
         t.await.expect("client task");
     }

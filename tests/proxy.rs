@@ -26,7 +26,7 @@ use hyper::body::Incoming;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use support::gateway::{Answer, GatewayBuilder, KINDS, TestGateway};
+use support::gateway::{Answer, GatewayBuilder, KINDS, TestGateway, failure_kinds};
 use support::mock::{
     Gate, MOCK_MODEL, MockUpstream, Script, SseEvent, anthropic_message, sse_delta_text,
 };
@@ -99,11 +99,7 @@ fn assert_outcomes(v: &Value, want: &[(&str, u64)]) {
     let success = get("success");
     let caller = get("caller_error");
     let cancelled = get("cancelled");
-    let failed: u64 = KINDS
-        .iter()
-        .filter(|k| !["success", "caller_error", "cancelled"].contains(k))
-        .map(|k| get(k))
-        .sum();
+    let failed: u64 = failure_kinds().map(get).sum();
     let total = success + caller + cancelled + failed;
     let field = |f: &str| {
         v[f].as_u64()

@@ -38,6 +38,15 @@ pub const KINDS: [&str; 9] = [
     "auth",
 ];
 
+/// The outcome kinds that are the endpoint's failure, counted in `endpoint_errors` (with
+/// `caller_error`, in `failed_requests`): every kind but success, the caller's error and
+/// cancelled.
+pub fn failure_kinds() -> impl Iterator<Item = &'static str> {
+    KINDS
+        .into_iter()
+        .filter(|k| !["success", "caller_error", "cancelled"].contains(k))
+}
+
 /// Builds a config in TOML, section by section.
 #[derive(Default, Clone)]
 pub struct GatewayBuilder {
