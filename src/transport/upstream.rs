@@ -254,7 +254,10 @@ impl UpstreamClient {
                 },
             }
         }
-        match self.inner.connect(uri.clone()).await? {
+        // Boxed: connecting (an HTTP/2 handshake above all) is a large state machine that would
+        // otherwise sit in every request's future, copied whole on every request; it runs only
+        // when a new connection is needed.
+        match Box::pin(self.inner.connect(uri.clone())).await? {
             NewConn::H1(mut sender) => {
                 drop(turn);
                 let resp = sender.send_request(req).await?;
