@@ -456,7 +456,9 @@ rss_sampler() {
         if ((cur > max || curp > maxp)); then
             ((cur > max)) && max=$cur
             ((curp > maxp)) && maxp=$curp
-            echo "$max $maxp" >"$out"
+            # Written whole, then renamed: the sampler is killed at any moment, and a reader
+            # must never find the file truncated and empty.
+            echo "$max $maxp" >"$out.tmp" && mv -f "$out.tmp" "$out"
         fi
         sleep 0.05
     done
