@@ -87,6 +87,9 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         cache_read_input_tokens INTEGER
     );
     CREATE INDEX requests_by_time ON requests (at_ms);",
+    // 4: the requests table loses its index on arrival time, which cost every stored request as
+    // much again as its row; retention finds the expired rows by a scan when any may be there.
+    "DROP INDEX IF EXISTS requests_by_time;",
 ];
 
 /// How many stored requests are kept, and for how long.
@@ -98,21 +101,38 @@ pub(crate) struct RequestsKeep {
     pub(crate) retention: Duration,
 }
 
+/// What the writer knows of the `requests` table's oldest arrival: a bound that no row is older
+/// than (`i64::MAX`: the table is empty), or `None` before it has looked.
+pub(crate) type OldestBound = Option<i64>;
+
 /// Appends `rows` to the `requests` table, then prunes it: rows older than the retention period
 /// and all but the newest `keep.max_rows`. Rows are only ever appended (`id` grows) and pruned
 /// from the oldest, so ids stay contiguous and one range delete keeps the cap exact.
+///
+/// Pruning costs little when nothing expires: `oldest` (kept by the caller across flushes, and
+/// lowered by every row written) says whether any row can be past the retention period, and
+/// only then is the table scanned for them. A batch that alone fills the table replaces it:
+/// one delete of everything instead of a delete per row.
 pub(crate) fn write_requests(
     conn: &Connection,
     rows: &[std::sync::Arc<RecentRequest>],
     keep: RequestsKeep,
     now: SystemTime,
+    oldest: &mut OldestBound,
 ) -> rusqlite::Result<()> {
+    let empty = Some(i64::MAX);
     if keep.max_rows == 0 {
         conn.execute("DELETE FROM requests", [])?;
+        *oldest = empty;
         return Ok(());
     }
     // Only the newest `max_rows` of a big batch could survive the prune anyway.
     let skip = rows.len().saturating_sub(keep.max_rows as usize);
+    let rows = &rows[skip..];
+    if rows.len() as u64 >= keep.max_rows {
+        conn.execute("DELETE FROM requests", [])?;
+        *oldest = empty;
+    }
     if !rows.is_empty() {
         let mut st = conn.prepare_cached(
             "INSERT INTO requests (at_ms, request_id, method, path, model, endpoint, attempts,
@@ -120,7 +140,7 @@ pub(crate) fn write_requests(
                 cache_creation_input_tokens, cache_read_input_tokens)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
         )?;
-        for r in &rows[skip..] {
+        for r in rows {
             let u = r.usage.as_ref();
             st.execute(params![
                 r.at_ms,
@@ -139,12 +159,29 @@ pub(crate) fn write_requests(
                 u.map(|u| saturating_i64(u.cache_creation)),
                 u.map(|u| saturating_i64(u.cache_read)),
             ])?;
+            *oldest = oldest.map(|o| o.min(r.at_ms));
         }
     }
-    let cutoff = now
-        .checked_sub(keep.retention)
-        .unwrap_or(std::time::UNIX_EPOCH);
-    conn.execute("DELETE FROM requests WHERE at_ms < ?1", [unix_ms(cutoff)])?;
+    let cutoff = unix_ms(
+        now.checked_sub(keep.retention)
+            .unwrap_or(std::time::UNIX_EPOCH),
+    );
+    let oldest_row = |conn: &Connection| -> rusqlite::Result<i64> {
+        conn.query_row("SELECT MIN(at_ms) FROM requests", [], |r| {
+            r.get::<_, Option<i64>>(0)
+        })
+        .map(|m| m.unwrap_or(i64::MAX))
+    };
+    let mut bound = match *oldest {
+        Some(b) => b,
+        None => oldest_row(conn)?,
+    };
+    if bound < cutoff {
+        conn.execute("DELETE FROM requests WHERE at_ms < ?1", [cutoff])?;
+        bound = oldest_row(conn)?;
+    }
+    // Deleting the oldest ids below keeps `bound` a bound: what is left is no older.
+    *oldest = Some(bound);
     conn.execute(
         "DELETE FROM requests WHERE id <= (SELECT MAX(id) FROM requests) - ?1",
         [saturating_i64(keep.max_rows)],
@@ -164,6 +201,8 @@ pub(crate) struct Loaded {
 /// An open database connection (owned by the writer while it runs).
 pub struct Store {
     pub(crate) conn: Connection,
+    /// The `requests` table's oldest arrival, as far as the writer knows (see [`write_requests`]).
+    requests_oldest: OldestBound,
 }
 
 /// `n` as the `i64` that SQLite (and a Prometheus gauge) holds, saturating.
@@ -261,7 +300,10 @@ impl Store {
             );
         }
         conn.execute_batch("PRAGMA synchronous = NORMAL;")?;
-        let mut store = Self { conn };
+        let mut store = Self {
+            conn,
+            requests_oldest: None,
+        };
         store
             .migrate()
             .with_context(|| format!("cannot bring the database {} up to date", path.display()))?;
@@ -508,10 +550,12 @@ impl Store {
                 [unix_ms(b.at)],
             )?;
         }
+        let mut oldest = self.requests_oldest;
         if let Some(keep) = b.requests_keep {
-            write_requests(&tx, &b.requests, keep, b.at)?;
+            write_requests(&tx, &b.requests, keep, b.at, &mut oldest)?;
         }
         tx.commit()?;
+        self.requests_oldest = oldest;
         Ok(opened)
     }
 }
@@ -602,19 +646,26 @@ mod tests {
                 .query_row("SELECT COUNT(*) FROM requests", [], |r| r.get(0))
                 .expect("count")
         };
-        // 100 flushes of 10,000 requests each: the cap holds after every one.
+        // A million requests in flushes of 7,000, 10,000 (a batch that alone fills the table
+        // replaces it) and 25,000 (only its newest 10,000 are written): the cap holds after
+        // every one.
         let mut i = 0u64;
-        for _ in 0..100 {
-            let batch: Vec<_> = (0..10_000)
+        let mut oldest = None;
+        for size in [7_000, 10_000, 25_000].into_iter().cycle() {
+            let size = size.min(1_000_000 - i);
+            if size == 0 {
+                break;
+            }
+            let batch: Vec<_> = (0..size)
                 .map(|_| {
                     i += 1;
                     rec(i, now_ms)
                 })
                 .collect();
             let tx = store.conn.transaction().expect("tx");
-            write_requests(&tx, &batch, keep, now).expect("write");
+            write_requests(&tx, &batch, keep, now, &mut oldest).expect("write");
             tx.commit().expect("commit");
-            assert!(count(&store) <= 10_000);
+            assert_eq!(count(&store), i.min(10_000) as i64);
         }
         assert_eq!(i, 1_000_000);
         assert_eq!(count(&store), 10_000);
@@ -631,7 +682,7 @@ mod tests {
         // (and everything stored at `now` stays).
         let old: Vec<_> = (0..5).map(|k| rec(k, now_ms - 7_200_000)).collect();
         let tx = store.conn.transaction().expect("tx");
-        write_requests(&tx, &old, keep, now).expect("write");
+        write_requests(&tx, &old, keep, now, &mut oldest).expect("write");
         tx.commit().expect("commit");
         let old_left: i64 = store
             .conn
@@ -645,8 +696,68 @@ mod tests {
         assert!(count(&store) <= 10_000);
         // Later, all of it is past the retention period.
         let tx = store.conn.transaction().expect("tx");
-        write_requests(&tx, &[], keep, now + Duration::from_secs(7200)).expect("write");
+        write_requests(&tx, &[], keep, now + Duration::from_secs(7200), &mut oldest)
+            .expect("write");
         tx.commit().expect("commit");
         assert_eq!(count(&store), 0);
+    }
+
+    /// A writer that starts on a table it has not looked at yet (a restart) still prunes the
+    /// rows that expired while it was down, and only those; the table has no index left to
+    /// maintain.
+    #[test]
+    fn a_restarted_writer_prunes_what_expired_while_it_was_down() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("t.db");
+        let now = SystemTime::now();
+        let now_ms = unix_ms(now);
+        let rows: Vec<_> = [now_ms - 7_200_000, now_ms - 60_000, now_ms - 10_800_000]
+            .into_iter()
+            .enumerate()
+            .map(|(k, at_ms)| {
+                std::sync::Arc::new(RecentRequest {
+                    at_ms,
+                    ..crate::proxy::recent::sample(k as u64)
+                })
+            })
+            .collect();
+        {
+            let mut store = Store::open(&path).expect("open");
+            let keep = RequestsKeep {
+                max_rows: 100,
+                retention: Duration::from_secs(24 * 3600),
+            };
+            let tx = store.conn.transaction().expect("tx");
+            write_requests(&tx, &rows, keep, now, &mut None).expect("write");
+            tx.commit().expect("commit");
+        }
+        let mut store = Store::open(&path).expect("reopen");
+        let keep = RequestsKeep {
+            max_rows: 100,
+            retention: Duration::from_secs(3600),
+        };
+        let mut oldest = None;
+        let tx = store.conn.transaction().expect("tx");
+        write_requests(&tx, &[], keep, now, &mut oldest).expect("write");
+        tx.commit().expect("commit");
+        let left: Vec<i64> = store
+            .conn
+            .prepare("SELECT at_ms FROM requests ORDER BY id")
+            .expect("prepare")
+            .query_map([], |r| r.get(0))
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("rows");
+        assert_eq!(left, [now_ms - 60_000]);
+        assert_eq!(oldest, Some(now_ms - 60_000));
+        let indexes: i64 = store
+            .conn
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND tbl_name = 'requests'",
+                [],
+                |r| r.get(0),
+            )
+            .expect("count");
+        assert_eq!(indexes, 0);
     }
 }
