@@ -436,42 +436,72 @@ fn raise_open_file_limit(max_connections: usize) {
     }
 }
 
+/// HTTP/2's connection preface, which a client speaking HTTP/2 with prior knowledge sends first.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
 /// The connections one event loop serves, and their graceful shutdown.
 struct Connections {
-    builder: auto::Builder<TokioExecutor>,
+    builders: Arc<Builders>,
+    header_timeout: Option<Duration>,
     graceful: GracefulShutdown,
+}
+
+/// How a connection is served, chosen by its first bytes.
+struct Builders {
+    /// HTTP/1.1 or HTTP/2 with prior knowledge, told apart by reading the first 24 bytes.
+    auto: auto::Builder<TokioExecutor>,
+    /// HTTP/1.1 only, for a connection whose first bytes already ruled out HTTP/2's preface:
+    /// hyper then makes its first read from the socket. After the auto builder's 24-byte read,
+    /// hyper's first read holds those 24 bytes and its next one doubles the read buffer to
+    /// 16 KB, which the connection keeps for its whole life (8 KB more per open stream).
+    http1: auto::Builder<TokioExecutor>,
 }
 
 impl Connections {
     /// `header_timeout`: the deadline for reading a request head, if any.
     fn new(header_timeout: Option<Duration>) -> Self {
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(header_timeout);
+        let builder = || {
+            let mut b = auto::Builder::new(TokioExecutor::new());
+            b.http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout);
+            b
+        };
         Self {
-            builder,
+            builders: Arc::new(Builders {
+                auto: builder(),
+                http1: builder().http1_only(),
+            }),
+            header_timeout,
             graceful: GracefulShutdown::new(),
         }
     }
 
     /// Serves one connection on the current runtime; `slot` is freed when it ends.
     fn serve(&self, stream: TcpStream, slot: ConnectionSlot, handle: Arc<Handle>) {
-        let service = service_fn(move |req| {
-            let handle = Arc::clone(&handle);
-            // hyper keeps room for this future in every connection for its whole life: box the
-            // request's large state machine, so an idle or streaming connection holds a pointer
-            // instead of kilobytes.
-            async move { Ok::<_, Infallible>(Box::pin(serve_one(handle, req)).await) }
-        });
-        let conn = self
-            .builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = self.graceful.watch(conn);
+        let builders = Arc::clone(&self.builders);
+        let watcher = self.graceful.watcher();
+        let header_timeout = self.header_timeout;
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            // A connection that closes, or sends nothing before the head's deadline, is done.
+            let Some(http1) = starts_http1(&stream, header_timeout).await else {
+                drop(slot);
+                return;
+            };
+            let service = service_fn(move |req| {
+                let handle = Arc::clone(&handle);
+                // hyper keeps room for this future in every connection for its whole life: box
+                // the request's large state machine, so an idle or streaming connection holds a
+                // pointer instead of kilobytes.
+                async move { Ok::<_, Infallible>(Box::pin(serve_one(handle, req)).await) }
+            });
+            let builder = if http1 {
+                &builders.http1
+            } else {
+                &builders.auto
+            };
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            if let Err(e) = watcher.watch(conn).await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
             drop(slot);
@@ -489,6 +519,20 @@ impl Connections {
             );
         }
     }
+}
+
+/// Whether a new connection's first bytes rule out HTTP/2's preface, read without consuming
+/// them; `None` when the client closed, or sent nothing before `deadline`. Bytes that could still
+/// begin the preface (a client that sent only `P`, say) are left to the auto builder to read.
+async fn starts_http1(stream: &TcpStream, deadline: Option<Duration>) -> Option<bool> {
+    let mut head = [0u8; H2_PREFACE.len()];
+    let peek = stream.peek(&mut head);
+    let n = match deadline {
+        Some(d) => tokio::time::timeout(d, peek).await.ok()?,
+        None => peek.await,
+    }
+    .ok()?;
+    (n > 0).then(|| !H2_PREFACE.starts_with(&head[..n]))
 }
 
 /// The cap on open client connections (`server.max_connections`). Each idle keep-alive
@@ -702,4 +746,65 @@ fn start_cluster(handle: &Arc<Handle>) -> Vec<BgTask> {
         crate::control::cluster::run_totals(node, current, stop)
     }));
     tasks
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncWriteExt;
+
+    use super::*;
+
+    /// A connected pair on loopback: the client's end and the server's accepted end.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (client.expect("connect"), accepted.expect("accept").0)
+    }
+
+    /// The first bytes decide how a connection is served, and reading them consumes nothing.
+    #[tokio::test]
+    async fn first_bytes_tell_http1_from_the_http2_preface() {
+        let cases: [(&[u8], bool); 6] = [
+            (b"POST /v1/messages HTTP/1.1\r\n", true),
+            (b"GET / HTTP/1.1\r\n", true),
+            (b"PO", true),
+            (H2_PREFACE, false),
+            // What could still begin the preface goes to the builder that reads it whole.
+            (b"P", false),
+            (b"PRI * HTTP/2.0\r\n", false),
+        ];
+        for (sent, http1) in cases {
+            let (mut client, server) = pair().await;
+            client.write_all(sent).await.expect("write");
+            // Wait until every byte sent is readable, so that the answer is about all of them.
+            let mut seen = vec![0u8; sent.len()];
+            while server.peek(&mut seen).await.expect("peek") < sent.len() {
+                tokio::task::yield_now().await;
+            }
+            assert_eq!(
+                starts_http1(&server, None).await,
+                Some(http1),
+                "{:?}",
+                String::from_utf8_lossy(sent)
+            );
+            let mut left = vec![0u8; sent.len()];
+            assert_eq!(server.peek(&mut left).await.expect("peek"), sent.len());
+            assert_eq!(left, sent, "nothing was consumed");
+        }
+    }
+
+    /// A client that closes without a byte, or sends nothing before the head's deadline, is not
+    /// served at all.
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_connection_is_dropped() {
+        let (client, server) = pair().await;
+        drop(client);
+        assert_eq!(starts_http1(&server, None).await, None);
+        let (_client, server) = pair().await;
+        assert_eq!(
+            starts_http1(&server, Some(Duration::from_secs(30))).await,
+            None
+        );
+    }
 }

@@ -469,6 +469,28 @@ async fn client_expect_100_continue_is_honoured_and_not_forwarded() {
     );
 }
 
+/// A request whose first bytes arrive alone (`P`, which could still begin HTTP/2's preface, or
+/// `PO`, which cannot) is served whole, however the gateway tells the protocols apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_request_split_after_its_first_bytes_is_served() {
+    let up = MockUpstream::start().await;
+    let gw = builder().endpoint("a", &up.url(), "").start().await;
+    let request = raw_request("POST", MESSAGES, &[], &message_bytes(false));
+    for split in [1, 2, 16] {
+        let mut tcp = TcpStream::connect(gw.addr).await.expect("connect");
+        tcp.set_nodelay(true).expect("nodelay");
+        tcp.write_all(&request[..split]).await.expect("first bytes");
+        tcp.flush().await.expect("flush");
+        tokio::task::yield_now().await;
+        tcp.write_all(&request[split..]).await.expect("the rest");
+        let mut buf = Vec::new();
+        let r = read_response(&mut tcp, &mut buf).await.expect("answer");
+        assert_eq!(r.status, 200, "split after {split}: {r:?}");
+    }
+    assert_eq!(up.count(), 3);
+    still_serves(&gw).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_http2_prior_knowledge_is_served() {
     let up = MockUpstream::start().await;
