@@ -702,6 +702,54 @@ mod tests {
         assert_eq!(count(&store), 0);
     }
 
+    /// A database written by an older ccgate is brought up to date in place, its rows kept; one
+    /// written by a newer ccgate is refused, untouched.
+    #[test]
+    fn an_older_database_is_migrated_and_a_newer_one_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("t.db");
+        {
+            let conn = Connection::open(&path).expect("open");
+            for m in &MIGRATIONS[..3] {
+                conn.execute_batch(m).expect("an older schema");
+            }
+            conn.execute_batch(
+                "CREATE TABLE schema_version (version INTEGER NOT NULL);
+                 INSERT INTO schema_version (version) VALUES (3);
+                 INSERT INTO requests (at_ms, request_id, method, path, attempts, outcome, total_ms)
+                 VALUES (1, 'req_0000000000000001', 'POST', '/v1/messages', 1, 'success', 2.0);",
+            )
+            .expect("a version-3 database with one request");
+        }
+        let store = Store::open(&path).expect("migrated");
+        let version: i64 = store
+            .conn
+            .query_row("SELECT version FROM schema_version", [], |r| r.get(0))
+            .expect("version");
+        assert_eq!(version, MIGRATIONS.len() as i64);
+        let kept: String = store
+            .conn
+            .query_row("SELECT request_id FROM requests", [], |r| r.get(0))
+            .expect("the row survives");
+        assert_eq!(kept, "req_0000000000000001");
+        let indexes: i64 = store
+            .conn
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE name = 'requests_by_time'",
+                [],
+                |r| r.get(0),
+            )
+            .expect("count");
+        assert_eq!(indexes, 0);
+        store
+            .conn
+            .execute("UPDATE schema_version SET version = version + 1", [])
+            .expect("a newer version");
+        drop(store);
+        let err = Store::open(&path).err().expect("refused");
+        assert!(format!("{err:#}").contains("newer ccgate"), "{err:#}");
+    }
+
     /// A writer that starts on a table it has not looked at yet (a restart) still prunes the
     /// rows that expired while it was down, and only those; the table has no index left to
     /// maintain.
