@@ -1,6 +1,8 @@
 //! The one-parse reader of non-streaming answers (`usage::read_json_answer`) on arbitrary bytes:
 //! never panics, accepts every body `serde_json` parses as a value, and reads the same `model` and
-//! `usage` a full parse gives (`Usage::update_from`, as streams use).
+//! `usage` a full parse gives (`Usage::update_from`, as streams use). The SSE event reader
+//! (`usage::EventData::read`) is held to the same: wherever a full parse succeeds, it reads the
+//! facts `EventData::from_value` reads out of the tree.
 #![no_main]
 
 use ccgate::wire::usage::{self, MessageUsage, Usage};
@@ -22,6 +24,11 @@ fuzz_target!(|data: &[u8]| {
         if let Some(inner) = v.get("usage") {
             u.update_from(inner);
         }
+    }
+
+    if let Ok(tree) = &full {
+        let event = usage::EventData::read(data).ok();
+        assert_eq!(event, Some(usage::EventData::from_value(tree)));
     }
 
     let Ok(Value::Object(top)) = full else {

@@ -50,9 +50,12 @@ pub struct RelayBody {
     idle: Duration,
     /// The idle timer, armed only when the upstream first keeps the body waiting: a body that is
     /// ready as soon as it is polled (most plain answers) never reads the clock or touches the
-    /// timer wheel.
+    /// timer wheel. It is not moved for every frame: when it fires before the upstream has been
+    /// quiet for `idle`, it is moved to that time and waited on again.
     sleep: Option<Pin<Box<Sleep>>>,
-    /// A frame arrived since the idle timer was last armed.
+    /// When the upstream last went quiet: the first wait after its last frame.
+    quiet_since: Option<Instant>,
+    /// A frame arrived since `quiet_since` was last set.
     fresh: bool,
     attempt: Option<Attempt>,
     request: Option<RequestGuard>,
@@ -114,6 +117,7 @@ impl RelayBody {
             judge,
             idle,
             sleep: None,
+            quiet_since: None,
             fresh: false,
             attempt: Some(attempt),
             request: Some(request),
@@ -351,16 +355,23 @@ impl Body for RelayBody {
             Poll::Pending => {
                 // The upstream went quiet: from the first wait after its last frame, it has
                 // `idle` to send the next.
-                let sleep = match &mut this.sleep {
-                    Some(sleep) if !this.fresh => sleep,
-                    Some(sleep) => {
-                        sleep.as_mut().reset(Instant::now() + this.idle);
-                        sleep
-                    }
-                    None => this.sleep.insert(Box::pin(tokio::time::sleep(this.idle))),
+                let quiet_since = match this.quiet_since {
+                    Some(at) if !this.fresh => at,
+                    _ => *this.quiet_since.insert(Instant::now()),
                 };
                 this.fresh = false;
-                ready!(sleep.as_mut().poll(cx));
+                let due = quiet_since + this.idle;
+                let sleep = this
+                    .sleep
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+                loop {
+                    ready!(sleep.as_mut().poll(cx));
+                    if sleep.deadline() >= due {
+                        break;
+                    }
+                    // Armed for an earlier quiet spell, which a frame ended.
+                    sleep.as_mut().reset(due);
+                }
                 let idle = humantime::format_duration(this.idle).to_string();
                 this.fail(
                     Outcome::Transport(TransportKind::Idle),

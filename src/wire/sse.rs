@@ -5,7 +5,7 @@
 //! `message_start` and `message_delta` events, or events without an `event:` line whose type is in
 //! the JSON), capped, so a long stream costs no memory.
 
-use crate::wire::usage::MessageUsage;
+use crate::wire::usage::{EventData, MessageUsage};
 
 /// The cap on one buffered line or data payload.
 const MAX_LINE: usize = 64 * 1024;
@@ -16,7 +16,7 @@ pub struct StreamFacts {
     /// Events seen, of any kind.
     pub events: u64,
     /// Whether content was seen: a `content_block_delta`, or a `content_block_start` whose block
-    /// already carries generated content (see [`starts_with_content`]). Nothing else commits a
+    /// already carries generated content (see [`EventData::block_content`]). Nothing else commits a
     /// stream: `message_start`, `ping`, `content_block_stop` and `message_delta` only frame it.
     pub content: bool,
     /// Whether `message_stop` was seen.
@@ -113,6 +113,17 @@ impl SseScanner {
     pub fn feed(&mut self, mut chunk: &[u8]) {
         while !chunk.is_empty() {
             match memchr::memchr(b'\n', chunk) {
+                // A whole line inside the chunk (the usual case) is judged where it lies.
+                Some(i) if self.line.is_empty() && !self.overlong => {
+                    let line = &chunk[..i];
+                    chunk = &chunk[i + 1..];
+                    if line.len() > MAX_LINE {
+                        self.pending = true;
+                        self.event_overlong = true;
+                    } else {
+                        self.line_done(line.strip_suffix(b"\r").unwrap_or(line));
+                    }
+                }
                 Some(i) => {
                     self.push_partial(&chunk[..i]);
                     chunk = &chunk[i + 1..];
@@ -205,29 +216,34 @@ impl SseScanner {
         let data = std::mem::take(&mut self.data);
         let overlong = std::mem::take(&mut self.event_overlong);
         self.keep_data = true;
-        if event.is_none() && data.is_empty() {
-            return;
+        if event.is_some() || !data.is_empty() {
+            self.judge(event, &data, overlong);
         }
-        let json: Option<serde_json::Value> = if data.is_empty() {
-            None
+        // The buffer is kept for the next event.
+        let mut data = data;
+        data.clear();
+        self.data = data;
+    }
+
+    fn judge(&mut self, event: Option<EventName>, data: &[u8], overlong: bool) {
+        // An event named by its `event:` line is read without building a JSON tree; an `error`
+        // event (whose message is read) or one named only by its JSON is parsed whole.
+        let (read, tree) = if data.is_empty() {
+            (None, None)
+        } else if event.is_some_and(|e| e != EventName::Error) {
+            (EventData::read(data).ok(), None)
         } else {
-            serde_json::from_slice(&data).ok()
+            let tree: Option<serde_json::Value> = serde_json::from_slice(data).ok();
+            (tree.as_ref().map(EventData::from_value), tree)
         };
+        let ty = read.as_ref().and_then(|r| r.ty.as_deref());
         let judged = !self.facts.content && !overlong;
         // Without an `event:` line the name is the JSON's `type` (the SSE default, `message`, is
         // none the scanner tells apart).
-        let name = event.unwrap_or_else(|| {
-            json.as_ref()
-                .and_then(|j| j.get("type"))
-                .and_then(|t| t.as_str())
-                .map_or(EventName::Other, |t| EventName::parse(t.as_bytes()))
-        });
+        let name = event
+            .unwrap_or_else(|| ty.map_or(EventName::Other, |t| EventName::parse(t.as_bytes())));
         self.facts.events += 1;
         if judged && name != EventName::Error {
-            let ty = json
-                .as_ref()
-                .and_then(|j| j.get("type"))
-                .and_then(|t| t.as_str());
             match (ty, event) {
                 (None, _) => {
                     self.malformed_before_content(|| {
@@ -253,15 +269,18 @@ impl SseScanner {
                 _ => {}
             }
         }
-        if let Some(j) = &json {
-            self.note_usage(name, j);
+        if let Some(r) = &read {
+            self.note_usage(name, r);
         }
         match name {
             // A block opening usually carries no generated content yet: holding it keeps a failure
             // before the first delta transparent to fail over.
             EventName::ContentBlockStart => {
                 // A block too large to read whole is not an empty opening.
-                if json.as_ref().map_or(!judged, starts_with_content) {
+                if read
+                    .as_ref()
+                    .map_or(!judged, |r| r.block_content.unwrap_or(false))
+                {
                     self.facts.content = true;
                 }
             }
@@ -274,7 +293,7 @@ impl SseScanner {
             EventName::MessageStop => self.facts.message_stop = true,
             EventName::Error => {
                 if self.facts.error.is_none() {
-                    let (ty, message) = json
+                    let (ty, message) = tree
                         .as_ref()
                         .and_then(|j| j.get("error"))
                         .map_or((None, String::new()), crate::wire::anthropic::read_error);
@@ -285,51 +304,27 @@ impl SseScanner {
     }
 }
 
-/// Whether a `content_block_start` event already carries generated content: its `content_block`
-/// is a `tool_use` (or any block type other than `text` and `thinking`: server tool uses and their
-/// results, redacted thinking), or a `text` / `thinking` block whose text is not empty. An empty
-/// `text` or `thinking` block only opens the block.
-pub fn starts_with_content(event: &serde_json::Value) -> bool {
-    let Some(block) = event.get("content_block") else {
-        return false;
-    };
-    match block.get("type").and_then(|t| t.as_str()) {
-        Some("text") => block
-            .get("text")
-            .and_then(|t| t.as_str())
-            .is_some_and(|t| !t.is_empty()),
-        Some("thinking") => block
-            .get("thinking")
-            .and_then(|t| t.as_str())
-            .is_some_and(|t| !t.is_empty()),
-        Some(_) => true,
-        None => false,
-    }
-}
-
 impl SseScanner {
     /// Notes `message_start`'s model and usage and `message_delta`'s usage. The model is kept as
     /// sent (the line cap bounds it); the tally shortens it.
-    fn note_usage(&mut self, name: EventName, json: &serde_json::Value) {
+    fn note_usage(&mut self, name: EventName, read: &EventData) {
         match name {
             EventName::MessageStart => {
-                let Some(message) = json.get("message") else {
+                let Some((model, usage)) = &read.message else {
                     return;
                 };
                 let u = self.usage.get_or_insert_with(Box::default);
-                if let Some(m) = message.get("model").and_then(|m| m.as_str()) {
-                    u.model = Some(m.to_owned());
+                if let Some(m) = model {
+                    u.model = Some(m.clone());
                 }
-                if let Some(usage) = message.get("usage") {
-                    u.usage.update_from(usage);
-                }
+                u.usage.apply(usage);
             }
             EventName::MessageDelta => {
-                if let Some(usage) = json.get("usage") {
+                if let Some(usage) = &read.usage {
                     self.usage
                         .get_or_insert_with(Box::default)
                         .usage
-                        .update_from(usage);
+                        .apply(usage);
                 }
             }
             _ => {}
@@ -531,6 +526,22 @@ event: brand_new\ndata: {\"type\":\"brand_new\"}\n\ndata: not json\n\n";
         assert!(!sc.at_boundary());
         sc.feed(b"\n");
         assert!(sc.at_boundary());
+    }
+
+    /// A line too long to keep is judged the same whether it arrives whole in one chunk (read
+    /// where it lies) or in pieces (gathered, then dropped at the cap).
+    #[test]
+    fn an_overlong_line_is_judged_alike_whole_or_in_pieces() {
+        let big = format!(
+            "event: content_block_start\ndata: {{\"type\":\"content_block_start\",\"content_block\":{{\"type\":\"text\",\"text\":\"{}\"}}}}\n\nevent: message_stop\ndata: {{\"type\":\"message_stop\"}}\n\n",
+            "x".repeat(MAX_LINE)
+        );
+        let whole = scan_in_pieces(&big, big.len());
+        assert!(whole.content && whole.message_stop, "{whole:?}");
+        assert_eq!(whole.malformed, None);
+        for piece in [1000, 4096, MAX_LINE, MAX_LINE + 100] {
+            assert_eq!(scan_in_pieces(&big, piece), whole, "piece size {piece}");
+        }
     }
 
     #[test]

@@ -28,19 +28,29 @@ impl Usage {
     /// Sets every field that `usage` (an Anthropic `usage` object) carries. Streams report
     /// cumulative values, so a later report replaces an earlier one field by field.
     pub fn update_from(&mut self, usage: &serde_json::Value) {
-        let field = |k: &str| usage.get(k).and_then(serde_json::Value::as_u64);
-        if let Some(n) = field("input_tokens") {
-            self.input = n;
-        }
-        if let Some(n) = field("output_tokens") {
-            self.output = n;
-        }
-        if let Some(n) = field("cache_creation_input_tokens") {
-            self.cache_creation = n;
-        }
-        if let Some(n) = field("cache_read_input_tokens") {
-            self.cache_read = n;
-        }
+        self.apply(&TokenUpdate::from_value(usage));
+    }
+}
+
+/// Whether a `content_block_start` event already carries generated content: its `content_block`
+/// is a `tool_use` (or any block type other than `text` and `thinking`: server tool uses and their
+/// results, redacted thinking), or a `text` / `thinking` block whose text is not empty. An empty
+/// `text` or `thinking` block only opens the block.
+fn starts_with_content(event: &serde_json::Value) -> bool {
+    let Some(block) = event.get("content_block") else {
+        return false;
+    };
+    match block.get("type").and_then(|t| t.as_str()) {
+        Some("text") => block
+            .get("text")
+            .and_then(|t| t.as_str())
+            .is_some_and(|t| !t.is_empty()),
+        Some("thinking") => block
+            .get("thinking")
+            .and_then(|t| t.as_str())
+            .is_some_and(|t| !t.is_empty()),
+        Some(_) => true,
+        None => false,
     }
 }
 
@@ -75,6 +85,94 @@ pub fn read_json_answer(body: &[u8]) -> Result<Option<MessageUsage>, serde_json:
     Ok(found.flatten())
 }
 
+/// What an SSE event's `data` says that a stream's judge and its usage need: read in one pass,
+/// like [`read_json_answer`], without building a JSON tree. A repeated name keeps its last value,
+/// as a full parse does; [`EventData::from_value`] reads the same out of a parsed tree.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EventData {
+    /// The top-level `type`, when the data is an object and it is a string.
+    pub ty: Option<String>,
+    /// `message`, when present: its `model` (when a string) and the counts its `usage` sets.
+    pub message: Option<(Option<String>, TokenUpdate)>,
+    /// `usage`, when present: the counts it sets.
+    pub usage: Option<TokenUpdate>,
+    /// `content_block`, when present: whether it already carries generated content: a
+    /// `tool_use` (or any block type other than `text` and `thinking`: server tool uses and their
+    /// results, redacted thinking), or a `text` / `thinking` block whose text is not empty. An
+    /// empty `text` or `thinking` block only opens the block.
+    pub block_content: Option<bool>,
+}
+
+/// The token counts a `usage` value sets: each one that is a non-negative integer (as
+/// [`serde_json::Value::as_u64`] reads it); none when `usage` is not an object.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TokenUpdate {
+    /// `input_tokens`.
+    pub input: Option<u64>,
+    /// `output_tokens`.
+    pub output: Option<u64>,
+    /// `cache_creation_input_tokens`.
+    pub cache_creation: Option<u64>,
+    /// `cache_read_input_tokens`.
+    pub cache_read: Option<u64>,
+}
+
+impl Usage {
+    /// Sets the counts `update` carries, keeping the others.
+    pub fn apply(&mut self, update: &TokenUpdate) {
+        for (field, n) in [
+            (&mut self.input, update.input),
+            (&mut self.output, update.output),
+            (&mut self.cache_creation, update.cache_creation),
+            (&mut self.cache_read, update.cache_read),
+        ] {
+            if let Some(n) = n {
+                *field = n;
+            }
+        }
+    }
+}
+
+impl TokenUpdate {
+    /// The counts a parsed `usage` value sets.
+    pub fn from_value(usage: &serde_json::Value) -> Self {
+        let field = |k: &str| usage.get(k).and_then(serde_json::Value::as_u64);
+        Self {
+            input: field("input_tokens"),
+            output: field("output_tokens"),
+            cache_creation: field("cache_creation_input_tokens"),
+            cache_read: field("cache_read_input_tokens"),
+        }
+    }
+}
+
+impl EventData {
+    /// Reads an event's `data`; an error when it is not exactly one JSON value.
+    pub fn read(data: &[u8]) -> Result<Self, serde_json::Error> {
+        let mut de = serde_json::Deserializer::from_slice(data);
+        let found = answer::read::<answer::Event, _>(&mut de)?;
+        de.end()?;
+        Ok(found)
+    }
+
+    /// The same facts, out of a parsed tree.
+    pub fn from_value(json: &serde_json::Value) -> Self {
+        Self {
+            ty: json.get("type").and_then(|t| t.as_str()).map(str::to_owned),
+            message: json.get("message").map(|m| {
+                (
+                    m.get("model").and_then(|m| m.as_str()).map(str::to_owned),
+                    m.get("usage")
+                        .map(TokenUpdate::from_value)
+                        .unwrap_or_default(),
+                )
+            }),
+            usage: json.get("usage").map(TokenUpdate::from_value),
+            block_content: json.get("content_block").map(|_| starts_with_content(json)),
+        }
+    }
+}
+
 mod answer {
     //! The serde visitor behind [`crate::wire::usage::read_json_answer`]: one visitor for any
     //! JSON value, which validates (and drops) what its [`Kind`] does not read.
@@ -83,7 +181,7 @@ mod answer {
 
     use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
-    use crate::wire::usage::{MessageUsage, Usage};
+    use crate::wire::usage::{EventData, MessageUsage, TokenUpdate, Usage};
 
     /// What a value is read as: an object's members, or the scalar it holds.
     pub trait Kind {
@@ -216,6 +314,156 @@ mod answer {
         }
     }
 
+    /// An SSE event's `data` (see [`crate::wire::usage::EventData`]).
+    pub struct Event;
+
+    impl Kind for Event {
+        type Out = EventData;
+
+        fn object<'de, A: MapAccess<'de>>(mut map: A) -> Result<Self::Out, A::Error> {
+            let mut event = EventData::default();
+            while let Some(key) = map.next_key::<Key>()? {
+                match key {
+                    Key::Type => event.ty = map.next_value_seed(Value::<Text>(PhantomData))?,
+                    Key::Message => {
+                        event.message = Some(map.next_value_seed(Value::<Message>(PhantomData))?);
+                    }
+                    Key::Usage => {
+                        event.usage = Some(map.next_value_seed(Value::<Update>(PhantomData))?);
+                    }
+                    Key::ContentBlock => {
+                        event.block_content =
+                            Some(map.next_value_seed(Value::<Block>(PhantomData))?);
+                    }
+                    _ => {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+            }
+            Ok(event)
+        }
+
+        fn scalar(_: Seen<'_>) -> Self::Out {
+            EventData::default()
+        }
+    }
+
+    /// `message_start`'s `message`: its `model` and what its `usage` sets.
+    struct Message;
+
+    impl Kind for Message {
+        type Out = (Option<String>, TokenUpdate);
+
+        fn object<'de, A: MapAccess<'de>>(mut map: A) -> Result<Self::Out, A::Error> {
+            let (mut model, mut usage) = (None, TokenUpdate::default());
+            while let Some(key) = map.next_key::<Key>()? {
+                match key {
+                    Key::Model => model = map.next_value_seed(Value::<Text>(PhantomData))?,
+                    Key::Usage => usage = map.next_value_seed(Value::<Update>(PhantomData))?,
+                    _ => {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+            }
+            Ok((model, usage))
+        }
+
+        fn scalar(_: Seen<'_>) -> Self::Out {
+            (None, TokenUpdate::default())
+        }
+    }
+
+    /// A `usage` value: the counts it sets (none when it is not an object).
+    struct Update;
+
+    impl Kind for Update {
+        type Out = TokenUpdate;
+
+        fn object<'de, A: MapAccess<'de>>(mut map: A) -> Result<Self::Out, A::Error> {
+            let mut update = TokenUpdate::default();
+            while let Some(key) = map.next_key::<Key>()? {
+                let field = match key {
+                    Key::InputTokens => &mut update.input,
+                    Key::OutputTokens => &mut update.output,
+                    Key::CacheCreation => &mut update.cache_creation,
+                    Key::CacheRead => &mut update.cache_read,
+                    _ => {
+                        map.next_value::<IgnoredAny>()?;
+                        continue;
+                    }
+                };
+                *field = map.next_value_seed(Value::<SetCount>(PhantomData))?;
+            }
+            Ok(update)
+        }
+
+        fn scalar(_: Seen<'_>) -> Self::Out {
+            TokenUpdate::default()
+        }
+    }
+
+    /// A count in a `usage` update: set only by a non-negative integer.
+    struct SetCount;
+
+    impl Kind for SetCount {
+        type Out = Option<u64>;
+
+        fn scalar(seen: Seen<'_>) -> Self::Out {
+            match seen {
+                Seen::U64(n) => Some(n),
+                Seen::Str(_) | Seen::Other => None,
+            }
+        }
+    }
+
+    /// A `content_block`: whether it already carries generated content (the rule of
+    /// [`EventData::block_content`]).
+    struct Block;
+
+    impl Kind for Block {
+        type Out = bool;
+
+        fn object<'de, A: MapAccess<'de>>(mut map: A) -> Result<Self::Out, A::Error> {
+            let (mut ty, mut text, mut thinking) = (None, None, None);
+            while let Some(key) = map.next_key::<Key>()? {
+                match key {
+                    Key::Type => ty = map.next_value_seed(Value::<Text>(PhantomData))?,
+                    Key::Text => text = map.next_value_seed(Value::<NonEmpty>(PhantomData))?,
+                    Key::Thinking => {
+                        thinking = map.next_value_seed(Value::<NonEmpty>(PhantomData))?;
+                    }
+                    _ => {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+            }
+            Ok(match ty.as_deref() {
+                Some("text") => text == Some(true),
+                Some("thinking") => thinking == Some(true),
+                Some(_) => true,
+                None => false,
+            })
+        }
+
+        fn scalar(_: Seen<'_>) -> Self::Out {
+            false
+        }
+    }
+
+    /// A block's `text` or `thinking`: whether it is a non-empty string (`None`: not a string).
+    struct NonEmpty;
+
+    impl Kind for NonEmpty {
+        type Out = Option<bool>;
+
+        fn scalar(seen: Seen<'_>) -> Self::Out {
+            match seen {
+                Seen::Str(s) => Some(!s.is_empty()),
+                Seen::U64(_) | Seen::Other => None,
+            }
+        }
+    }
+
     /// `model`: its text when it is a string, `None` otherwise.
     struct Text;
 
@@ -247,6 +495,11 @@ mod answer {
 
     /// The member names that matter, matched after unescaping (as a full parse matches them).
     enum Key {
+        Type,
+        Message,
+        ContentBlock,
+        Text,
+        Thinking,
         Model,
         Usage,
         InputTokens,
@@ -275,6 +528,11 @@ mod answer {
 
         fn visit_bytes<E>(self, name: &[u8]) -> Result<Key, E> {
             Ok(match name {
+                b"type" => Key::Type,
+                b"message" => Key::Message,
+                b"content_block" => Key::ContentBlock,
+                b"text" => Key::Text,
+                b"thinking" => Key::Thinking,
                 b"model" => Key::Model,
                 b"usage" => Key::Usage,
                 b"input_tokens" => Key::InputTokens,
@@ -290,6 +548,132 @@ mod answer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a full parse makes of `data`, for comparison with the one-pass reader.
+    fn by_tree(data: &str) -> Option<EventData> {
+        serde_json::from_str::<serde_json::Value>(data)
+            .ok()
+            .map(|v| EventData::from_value(&v))
+    }
+
+    #[test]
+    fn event_data_is_read_as_a_full_parse_reads_it() {
+        let cases = [
+            r#"{"type":"message_start","message":{"id":"m","model":"claude-x","content":[],"usage":{"input_tokens":25,"cache_creation_input_tokens":3,"cache_read_input_tokens":40,"output_tokens":1}}}"#,
+            r#"{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}"#,
+            r#"{"type":"content_block_start","index":0,"content_block":{"type":"text","text":"hi"}}"#,
+            r#"{"type":"content_block_start","content_block":{"type":"thinking","thinking":""}}"#,
+            r#"{"type":"content_block_start","content_block":{"type":"thinking","thinking":"x"}}"#,
+            r#"{"type":"content_block_start","content_block":{"type":"tool_use","id":"t","input":{}}}"#,
+            r#"{"type":"content_block_start","content_block":{"text":"x"}}"#,
+            r#"{"type":"content_block_start","content_block":[1]}"#,
+            r#"{"type":"content_block_start","content_block":{"type":"text","text":5}}"#,
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"a"}}"#,
+            r#"{"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":9}}"#,
+            r#"{"type": "ping"}"#,
+            // Repeated names keep their last value, at every level.
+            r#"{"type":"a","type":"ping"}"#,
+            r#"{"type":"ping","type":5}"#,
+            r#"{"usage":{"output_tokens":9,"output_tokens":"x"},"usage":{"input_tokens":1}}"#,
+            r#"{"usage":{"output_tokens":9,"output_tokens":"x","input_tokens":1}}"#,
+            r#"{"message":{"model":"a","model":1,"usage":{"input_tokens":2}},"message":{"model":"b"}}"#,
+            r#"{"content_block":{"type":"text","text":"x","text":""}}"#,
+            // Escaped names are matched after unescaping, as a full parse matches them.
+            r#"{"type":"ping","usage":{"input_tokens":3}}"#,
+            // Counts that are not non-negative integers set nothing.
+            r#"{"usage":{"input_tokens":-1,"output_tokens":1.5,"cache_read_input_tokens":18446744073709551616,"cache_creation_input_tokens":null}}"#,
+            r#"{"usage":{"input_tokens":18446744073709551615}}"#,
+            r#"{"message":5,"usage":"x","content_block":null}"#,
+            r#"{"a":[[[{"type":1}]]],"type":"x"}"#,
+            // Not objects, and not JSON.
+            "[1]",
+            r#""ping""#,
+            "5",
+            "null",
+            "{",
+            r#"{"type":"ping"}x"#,
+            r#"{"type":"ping",}"#,
+            "",
+        ];
+        for data in cases {
+            assert_eq!(
+                EventData::read(data.as_bytes()).ok(),
+                by_tree(data),
+                "{data}"
+            );
+        }
+        let start = EventData::read(cases[0].as_bytes()).expect("valid");
+        assert_eq!(start.ty.as_deref(), Some("message_start"));
+        let (model, usage) = start.message.expect("message");
+        assert_eq!(model.as_deref(), Some("claude-x"));
+        assert_eq!(usage.cache_read, Some(40));
+    }
+
+    /// Random documents built from the names and values that matter, repeated names included:
+    /// the one-pass reader and a full parse agree on every one.
+    #[test]
+    fn event_data_agrees_with_a_full_parse_on_random_documents() {
+        fn value(rng: &mut fastrand::Rng, depth: u32, out: &mut String) {
+            const NAMES: [&str; 13] = [
+                "type",
+                "message",
+                "usage",
+                "content_block",
+                "text",
+                "thinking",
+                "model",
+                "input_tokens",
+                "output_tokens",
+                "cache_creation_input_tokens",
+                "cache_read_input_tokens",
+                "other",
+                "t\\u0079pe",
+            ];
+            const SCALARS: [&str; 14] = [
+                "0",
+                "7",
+                "-3",
+                "1.5",
+                "18446744073709551616",
+                "null",
+                "true",
+                "\"\"",
+                "\"text\"",
+                "\"thinking\"",
+                "\"tool_use\"",
+                "\"ping\"",
+                "\"a\\\"b\"",
+                "[1,{\"type\":\"text\"}]",
+            ];
+            if depth == 0 || (depth < 4 && rng.u8(..3) == 0) {
+                out.push('{');
+                for i in 0..rng.usize(..6) {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    out.push('"');
+                    out.push_str(NAMES[rng.usize(..NAMES.len())]);
+                    out.push_str("\":");
+                    value(rng, depth + 1, out);
+                }
+                out.push('}');
+            } else {
+                out.push_str(SCALARS[rng.usize(..SCALARS.len())]);
+            }
+        }
+        let mut rng = fastrand::Rng::with_seed(11);
+        let mut agreed_on_objects = 0;
+        for _ in 0..20_000 {
+            let mut data = String::new();
+            // Mostly objects at the top, as events are.
+            let depth = if rng.u8(..8) == 0 { 4 } else { 0 };
+            value(&mut rng, depth, &mut data);
+            let one_pass = EventData::read(data.as_bytes()).ok();
+            assert_eq!(one_pass, by_tree(&data), "{data}");
+            agreed_on_objects += usize::from(data.starts_with('{'));
+        }
+        assert!(agreed_on_objects > 15_000, "{agreed_on_objects}");
+    }
 
     #[test]
     fn json_body_usage_is_read() {
