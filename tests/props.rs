@@ -16,7 +16,7 @@ use ccgate::config::{Config, StorageConfig};
 use ccgate::health::classify::retry_after;
 use ccgate::wire::json_top;
 use ccgate::wire::sse::{SseScanner, error_event};
-use ccgate::wire::usage::{self, Usage};
+use ccgate::wire::usage::{self, TokenUpdate, Usage};
 
 // ---------------------------------------------------------------------------------------------
 // Generators
@@ -359,7 +359,7 @@ proptest! {
     fn usage_reader_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
         let _ = usage::from_json_body(&bytes);
         if let Ok(v) = serde_json::from_slice::<Value>(&bytes) {
-            Usage::default().update_from(&v);
+            Usage::default().apply(&TokenUpdate::from_value(&v));
         }
     }
 
@@ -677,13 +677,15 @@ fn model_rewrite_leaves_a_top_level_array_alone() {
 }
 
 /// fuzz `usage_json`: a name repeated inside a JSON answer's `usage` object. A full parse (and the
-/// stream path, `Usage::update_from`) keeps the last; `from_json_body` walks the members last
+/// stream path, `TokenUpdate`) keeps the last; `from_json_body` walks the members last
 /// first, so it must take the first it sees of each (it used to keep the document's first).
 #[test]
 fn usage_reader_keeps_the_last_of_a_repeated_token_count() {
     let body = br#"{"usage":{"output_tokens":1,"output_tokens":2}}"#;
     let mut streamed = Usage::default();
-    streamed.update_from(&serde_json::from_slice::<Value>(body).expect("json")["usage"]);
+    streamed.apply(&TokenUpdate::from_value(
+        &serde_json::from_slice::<Value>(body).expect("json")["usage"],
+    ));
     assert_eq!(streamed.output, 2);
     let read = usage::from_json_body(body).expect("usage");
     assert_eq!(read.usage.output, streamed.output);

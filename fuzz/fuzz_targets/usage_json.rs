@@ -1,11 +1,11 @@
 //! The one-parse reader of non-streaming answers (`usage::read_json_answer`) on arbitrary bytes:
 //! never panics, accepts every body `serde_json` parses as a value, and reads the same `model` and
-//! `usage` a full parse gives (`Usage::update_from`, as streams use). The SSE event reader
+//! `usage` a full parse gives (`TokenUpdate::from_value`, applied field by field as streams are). The SSE event reader
 //! (`usage::EventData::read`) is held to the same: wherever a full parse succeeds, it reads the
 //! facts `EventData::from_value` reads out of the tree.
 #![no_main]
 
-use ccgate::wire::usage::{self, MessageUsage, Usage};
+use ccgate::wire::usage::{self, MessageUsage, TokenUpdate, Usage};
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 
@@ -20,9 +20,9 @@ fuzz_target!(|data: &[u8]| {
     // The stream reader's field-by-field update never panics on any JSON either.
     if let Ok(v) = serde_json::from_slice::<Value>(data) {
         let mut u = Usage::default();
-        u.update_from(&v);
+        u.apply(&TokenUpdate::from_value(&v));
         if let Some(inner) = v.get("usage") {
-            u.update_from(inner);
+            u.apply(&TokenUpdate::from_value(inner));
         }
     }
 
@@ -37,7 +37,7 @@ fuzz_target!(|data: &[u8]| {
     let want = match top.get("usage") {
         Some(u @ Value::Object(_)) => {
             let mut usage = Usage::default();
-            usage.update_from(u);
+            usage.apply(&TokenUpdate::from_value(u));
             Some(MessageUsage {
                 model: top.get("model").and_then(Value::as_str).map(String::from),
                 usage,

@@ -24,12 +24,6 @@ impl Usage {
         self.cache_creation = self.cache_creation.saturating_add(other.cache_creation);
         self.cache_read = self.cache_read.saturating_add(other.cache_read);
     }
-
-    /// Sets every field that `usage` (an Anthropic `usage` object) carries. Streams report
-    /// cumulative values, so a later report replaces an earlier one field by field.
-    pub fn update_from(&mut self, usage: &serde_json::Value) {
-        self.apply(&TokenUpdate::from_value(usage));
-    }
 }
 
 /// Whether a `content_block_start` event already carries generated content: its `content_block`
@@ -40,15 +34,25 @@ fn starts_with_content(event: &serde_json::Value) -> bool {
     let Some(block) = event.get("content_block") else {
         return false;
     };
-    match block.get("type").and_then(|t| t.as_str()) {
-        Some("text") => block
-            .get("text")
+    let non_empty = |k: &str| {
+        block
+            .get(k)
             .and_then(|t| t.as_str())
-            .is_some_and(|t| !t.is_empty()),
-        Some("thinking") => block
-            .get("thinking")
-            .and_then(|t| t.as_str())
-            .is_some_and(|t| !t.is_empty()),
+            .is_some_and(|t| !t.is_empty())
+    };
+    block_carries_content(
+        block.get("type").and_then(|t| t.as_str()),
+        non_empty("text"),
+        non_empty("thinking"),
+    )
+}
+
+/// The rule of [`starts_with_content`], given a block's `type` and whether its `text` and its
+/// `thinking` are non-empty strings.
+fn block_carries_content(ty: Option<&str>, text: bool, thinking: bool) -> bool {
+    match ty {
+        Some("text") => text,
+        Some("thinking") => thinking,
         Some(_) => true,
         None => false,
     }
@@ -77,7 +81,7 @@ pub fn from_json_body(body: &[u8]) -> Option<MessageUsage> {
 /// without a `usage` object). Nothing but those two members is built: the rest is stepped over
 /// by serde_json's validating parser, so an answer is parsed once where a validity check and a
 /// separate read of its usage would walk it twice. A repeated name keeps its last value, as a
-/// full parse does (and the stream path, [`Usage::update_from`]).
+/// full parse does (and the stream path, [`EventData`]).
 pub fn read_json_answer(body: &[u8]) -> Result<Option<MessageUsage>, serde_json::Error> {
     let mut de = serde_json::Deserializer::from_slice(body);
     let found = answer::read::<answer::Answer, _>(&mut de)?;
@@ -118,7 +122,8 @@ pub struct TokenUpdate {
 }
 
 impl Usage {
-    /// Sets the counts `update` carries, keeping the others.
+    /// Sets the counts `update` carries, keeping the others. Streams report cumulative values,
+    /// so a later report replaces an earlier one field by field.
     pub fn apply(&mut self, update: &TokenUpdate) {
         for (field, n) in [
             (&mut self.input, update.input),
@@ -134,7 +139,7 @@ impl Usage {
 }
 
 impl TokenUpdate {
-    /// The counts a parsed `usage` value sets.
+    /// The counts a parsed `usage` value sets (the tree-reading twin of the one-pass readers).
     pub fn from_value(usage: &serde_json::Value) -> Self {
         let field = |k: &str| usage.get(k).and_then(serde_json::Value::as_u64);
         Self {
@@ -181,7 +186,7 @@ mod answer {
 
     use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
-    use crate::wire::usage::{EventData, MessageUsage, TokenUpdate, Usage};
+    use crate::wire::usage::{EventData, MessageUsage, TokenUpdate, Usage, block_carries_content};
 
     /// What a value is read as: an object's members, or the scalar it holds.
     pub trait Kind {
@@ -271,42 +276,17 @@ mod answer {
             while let Some(key) = map.next_key::<Key>()? {
                 match key {
                     Key::Model => model = map.next_value_seed(Value::<Text>(PhantomData))?,
-                    Key::Usage => usage = map.next_value_seed(Value::<Tokens>(PhantomData))?,
+                    Key::Usage => usage = map.next_value_seed(Value::<Update>(PhantomData))?,
                     _ => {
                         map.next_value::<IgnoredAny>()?;
                     }
                 }
             }
-            Ok(Some(usage.map(|usage| MessageUsage { model, usage })))
-        }
-
-        fn scalar(_: Seen<'_>) -> Self::Out {
-            None
-        }
-    }
-
-    /// A `usage` object's token counts (`None` when it is not an object).
-    struct Tokens;
-
-    impl Kind for Tokens {
-        type Out = Option<Usage>;
-
-        fn object<'de, A: MapAccess<'de>>(mut map: A) -> Result<Self::Out, A::Error> {
-            let mut tokens = Usage::default();
-            while let Some(key) = map.next_key::<Key>()? {
-                let field = match key {
-                    Key::InputTokens => &mut tokens.input,
-                    Key::OutputTokens => &mut tokens.output,
-                    Key::CacheCreation => &mut tokens.cache_creation,
-                    Key::CacheRead => &mut tokens.cache_read,
-                    _ => {
-                        map.next_value::<IgnoredAny>()?;
-                        continue;
-                    }
-                };
-                *field = map.next_value_seed(Value::<Count>(PhantomData))?;
-            }
-            Ok(Some(tokens))
+            Ok(Some(usage.map(|update| {
+                let mut usage = Usage::default();
+                usage.apply(&update);
+                MessageUsage { model, usage }
+            })))
         }
 
         fn scalar(_: Seen<'_>) -> Self::Out {
@@ -329,7 +309,8 @@ mod answer {
                         event.message = Some(map.next_value_seed(Value::<Message>(PhantomData))?);
                     }
                     Key::Usage => {
-                        event.usage = Some(map.next_value_seed(Value::<Update>(PhantomData))?);
+                        let update = map.next_value_seed(Value::<Update>(PhantomData))?;
+                        event.usage = Some(update.unwrap_or_default());
                     }
                     Key::ContentBlock => {
                         event.block_content =
@@ -359,7 +340,11 @@ mod answer {
             while let Some(key) = map.next_key::<Key>()? {
                 match key {
                     Key::Model => model = map.next_value_seed(Value::<Text>(PhantomData))?,
-                    Key::Usage => usage = map.next_value_seed(Value::<Update>(PhantomData))?,
+                    Key::Usage => {
+                        usage = map
+                            .next_value_seed(Value::<Update>(PhantomData))?
+                            .unwrap_or_default();
+                    }
                     _ => {
                         map.next_value::<IgnoredAny>()?;
                     }
@@ -373,11 +358,12 @@ mod answer {
         }
     }
 
-    /// A `usage` value: the counts it sets (none when it is not an object).
+    /// A `usage` value: the counts it sets; `None` when it is not an object (an answer without
+    /// a `usage` object has no usage; an event's sets nothing).
     struct Update;
 
     impl Kind for Update {
-        type Out = TokenUpdate;
+        type Out = Option<TokenUpdate>;
 
         fn object<'de, A: MapAccess<'de>>(mut map: A) -> Result<Self::Out, A::Error> {
             let mut update = TokenUpdate::default();
@@ -394,11 +380,11 @@ mod answer {
                 };
                 *field = map.next_value_seed(Value::<SetCount>(PhantomData))?;
             }
-            Ok(update)
+            Ok(Some(update))
         }
 
         fn scalar(_: Seen<'_>) -> Self::Out {
-            TokenUpdate::default()
+            None
         }
     }
 
@@ -424,7 +410,7 @@ mod answer {
         type Out = bool;
 
         fn object<'de, A: MapAccess<'de>>(mut map: A) -> Result<Self::Out, A::Error> {
-            let (mut ty, mut text, mut thinking) = (None, None, None);
+            let (mut ty, mut text, mut thinking) = (None, false, false);
             while let Some(key) = map.next_key::<Key>()? {
                 match key {
                     Key::Type => ty = map.next_value_seed(Value::<Text>(PhantomData))?,
@@ -437,12 +423,7 @@ mod answer {
                     }
                 }
             }
-            Ok(match ty.as_deref() {
-                Some("text") => text == Some(true),
-                Some("thinking") => thinking == Some(true),
-                Some(_) => true,
-                None => false,
-            })
+            Ok(block_carries_content(ty.as_deref(), text, thinking))
         }
 
         fn scalar(_: Seen<'_>) -> Self::Out {
@@ -450,17 +431,14 @@ mod answer {
         }
     }
 
-    /// A block's `text` or `thinking`: whether it is a non-empty string (`None`: not a string).
+    /// A block's `text` or `thinking`: whether it is a non-empty string.
     struct NonEmpty;
 
     impl Kind for NonEmpty {
-        type Out = Option<bool>;
+        type Out = bool;
 
         fn scalar(seen: Seen<'_>) -> Self::Out {
-            match seen {
-                Seen::Str(s) => Some(!s.is_empty()),
-                Seen::U64(_) | Seen::Other => None,
-            }
+            matches!(seen, Seen::Str(s) if !s.is_empty())
         }
     }
 
@@ -474,21 +452,6 @@ mod answer {
             match seen {
                 Seen::Str(s) => Some(s.to_owned()),
                 Seen::U64(_) | Seen::Other => None,
-            }
-        }
-    }
-
-    /// A token count: the value when it is a non-negative integer that fits, 0 otherwise (null,
-    /// a float, a string, an object).
-    struct Count;
-
-    impl Kind for Count {
-        type Out = u64;
-
-        fn scalar(seen: Seen<'_>) -> u64 {
-            match seen {
-                Seen::U64(n) => n,
-                Seen::Str(_) | Seen::Other => 0,
             }
         }
     }
