@@ -113,16 +113,12 @@ impl SseScanner {
     pub fn feed(&mut self, mut chunk: &[u8]) {
         while !chunk.is_empty() {
             match memchr::memchr(b'\n', chunk) {
-                // A whole line inside the chunk (the usual case) is judged where it lies.
-                Some(i) if self.line.is_empty() && !self.overlong => {
+                // A whole line inside the chunk (the usual case) is judged where it lies; a
+                // longer one takes the path below, which drops it at the cap.
+                Some(i) if self.line.is_empty() && !self.overlong && i <= MAX_LINE => {
                     let line = &chunk[..i];
                     chunk = &chunk[i + 1..];
-                    if line.len() > MAX_LINE {
-                        self.pending = true;
-                        self.event_overlong = true;
-                    } else {
-                        self.line_done(line.strip_suffix(b"\r").unwrap_or(line));
-                    }
+                    self.line_done(line.strip_suffix(b"\r").unwrap_or(line));
                 }
                 Some(i) => {
                     self.push_partial(&chunk[..i]);
