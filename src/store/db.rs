@@ -622,6 +622,18 @@ pub(crate) struct Batch {
 mod tests {
     use super::*;
 
+    /// Indexes on the `requests` table (its row id aside).
+    fn requests_indexes(store: &Store) -> i64 {
+        store
+            .conn
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND tbl_name = 'requests'",
+                [],
+                |r| r.get(0),
+            )
+            .expect("count")
+    }
+
     /// A million requests through the writer's append-and-prune: the table never holds more than
     /// its cap, keeps the newest, and drops what is older than the retention period.
     #[test]
@@ -732,15 +744,7 @@ mod tests {
             .query_row("SELECT request_id FROM requests", [], |r| r.get(0))
             .expect("the row survives");
         assert_eq!(kept, "req_0000000000000001");
-        let indexes: i64 = store
-            .conn
-            .query_row(
-                "SELECT COUNT(*) FROM sqlite_master WHERE name = 'requests_by_time'",
-                [],
-                |r| r.get(0),
-            )
-            .expect("count");
-        assert_eq!(indexes, 0);
+        assert_eq!(requests_indexes(&store), 0);
         store
             .conn
             .execute("UPDATE schema_version SET version = version + 1", [])
@@ -798,14 +802,6 @@ mod tests {
             .expect("rows");
         assert_eq!(left, [now_ms - 60_000]);
         assert_eq!(oldest, Some(now_ms - 60_000));
-        let indexes: i64 = store
-            .conn
-            .query_row(
-                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND tbl_name = 'requests'",
-                [],
-                |r| r.get(0),
-            )
-            .expect("count");
-        assert_eq!(indexes, 0);
+        assert_eq!(requests_indexes(&store), 0);
     }
 }
