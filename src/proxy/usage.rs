@@ -4,8 +4,9 @@
 //! section on an in-memory map. The store's writer takes the map once per flush interval and
 //! writes it in its own transaction; nothing here does I/O for a request.
 
-use std::collections::HashMap;
 use std::time::SystemTime;
+
+use hashbrown::{Equivalent, HashMap};
 
 use crate::clock::day_of;
 use crate::wire::usage::{MessageUsage, Usage};
@@ -20,6 +21,25 @@ pub struct UsageKey {
     /// Model as the response named it.
     pub model: String,
 }
+
+/// A [`UsageKey`] made of borrowed parts, to find a row that exists without allocating its key.
+/// Hashes as the owned key does: the derived `Hash` of both writes the same fields in the same
+/// order, and a `&str` hashes as the `String` holding it.
+#[derive(Hash)]
+struct UsageKeyRef<'a> {
+    day: i64,
+    endpoint: &'a str,
+    model: &'a str,
+}
+
+impl Equivalent<UsageKey> for UsageKeyRef<'_> {
+    fn equivalent(&self, key: &UsageKey) -> bool {
+        self.day == key.day && self.endpoint == key.endpoint && self.model == key.model
+    }
+}
+
+/// The rows of a [`UsageTally`]: hashbrown's map, for lookups by [`UsageKeyRef`].
+pub type UsageRows = HashMap<UsageKey, UsageSums>;
 
 /// Requests and tokens of one ledger row.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -50,37 +70,49 @@ pub const OTHER_MODEL: &str = "(other)";
 /// Usage gathered since the store's last flush.
 #[derive(Default)]
 pub struct UsageTally {
-    rows: parking_lot::Mutex<HashMap<UsageKey, UsageSums>>,
+    rows: parking_lot::Mutex<UsageRows>,
 }
 
 impl UsageTally {
-    /// Adds one answer's usage (request path: one short lock, no I/O).
+    /// Adds one answer's usage (request path: one short lock, no I/O; a row that exists is
+    /// found by borrowed parts, so only a new row allocates its key).
     pub fn add(&self, endpoint: &str, usage: MessageUsage) {
         let model = ledger_model(usage.model);
-        // The key is built before the lock is taken: only the map operations happen under it.
-        let mut key = UsageKey {
-            day: day_of(SystemTime::now()),
-            endpoint: endpoint.to_string(),
-            model,
-        };
+        let day = day_of(SystemTime::now());
         let one = UsageSums {
             requests: 1,
             usage: usage.usage,
         };
         let mut rows = self.rows.lock();
-        if rows.len() >= MAX_ROWS && !rows.contains_key(&key) {
-            key.model = OTHER_MODEL.to_string();
+        let found = UsageKeyRef {
+            day,
+            endpoint,
+            model: &model,
+        };
+        if let Some(sums) = rows.get_mut(&found) {
+            sums.add(&one);
+            return;
         }
+        let model = if rows.len() >= MAX_ROWS {
+            OTHER_MODEL.to_string()
+        } else {
+            model
+        };
+        let key = UsageKey {
+            day,
+            endpoint: endpoint.to_string(),
+            model,
+        };
         rows.entry(key).or_default().add(&one);
     }
 
     /// Takes everything gathered so far.
-    pub fn take(&self) -> HashMap<UsageKey, UsageSums> {
+    pub fn take(&self) -> UsageRows {
         std::mem::take(&mut *self.rows.lock())
     }
 
     /// Puts back rows a failed flush could not write.
-    pub fn restore(&self, rows: HashMap<UsageKey, UsageSums>) {
+    pub fn restore(&self, rows: UsageRows) {
         let mut mine = self.rows.lock();
         for (k, v) in rows {
             mine.entry(k).or_default().add(&v);
@@ -97,19 +129,37 @@ pub struct LiveUsage {
     rows: parking_lot::Mutex<HashMap<(String, String), UsageSums>>,
 }
 
+/// An (endpoint, model) key of [`LiveUsage`] made of borrowed parts; hashes as the owned tuple.
+#[derive(Hash)]
+struct LiveKeyRef<'a>(&'a str, &'a str);
+
+impl Equivalent<(String, String)> for LiveKeyRef<'_> {
+    fn equivalent(&self, key: &(String, String)) -> bool {
+        self.0 == key.0 && self.1 == key.1
+    }
+}
+
 impl LiveUsage {
-    /// Adds one answer's usage (request path: one short lock, no I/O).
+    /// Adds one answer's usage (request path: one short lock, no I/O; only a new row allocates
+    /// its key).
     pub fn add(&self, endpoint: &str, model: &str, usage: &Usage) {
         let one = UsageSums {
             requests: 1,
             usage: *usage,
         };
         let mut rows = self.rows.lock();
-        let mut key = (endpoint.to_string(), model.to_string());
-        if rows.len() >= MAX_ROWS && !rows.contains_key(&key) {
-            key.1 = OTHER_MODEL.to_string();
+        if let Some(sums) = rows.get_mut(&LiveKeyRef(endpoint, model)) {
+            sums.add(&one);
+            return;
         }
-        rows.entry(key).or_default().add(&one);
+        let model = if rows.len() >= MAX_ROWS {
+            OTHER_MODEL
+        } else {
+            model
+        };
+        rows.entry((endpoint.to_string(), model.to_string()))
+            .or_default()
+            .add(&one);
     }
 
     /// The sums of one endpoint, by model (sorted by model).
@@ -203,5 +253,67 @@ mod tests {
             .sum();
         assert_eq!(b_requests, (MAX_ROWS + 5) as u64);
         assert!(t.take().is_empty());
+    }
+
+    #[test]
+    fn borrowed_keys_hash_as_the_owned_ones() {
+        use std::hash::BuildHasher;
+        let rows = UsageRows::default();
+        let owned = UsageKey {
+            day: 20_000,
+            endpoint: "a".into(),
+            model: "m".into(),
+        };
+        let found = UsageKeyRef {
+            day: 20_000,
+            endpoint: "a",
+            model: "m",
+        };
+        assert_eq!(
+            rows.hasher().hash_one(&owned),
+            rows.hasher().hash_one(&found)
+        );
+        let live: HashMap<(String, String), UsageSums> = HashMap::default();
+        assert_eq!(
+            live.hasher().hash_one(("a".to_string(), "m".to_string())),
+            live.hasher().hash_one(LiveKeyRef("a", "m"))
+        );
+        // Split differently, the same bytes are another key.
+        assert_ne!(
+            live.hasher().hash_one(("am".to_string(), String::new())),
+            live.hasher().hash_one(LiveKeyRef("a", "m"))
+        );
+    }
+
+    #[test]
+    fn live_usage_sums_rows_and_folds_models_beyond_the_bound() {
+        let live = LiveUsage::default();
+        let u = Usage {
+            input: 1,
+            output: 2,
+            cache_creation: 0,
+            cache_read: 4,
+        };
+        live.add("a", "m", &u);
+        live.add("a", "m", &u);
+        for i in 0..MAX_ROWS + 3 {
+            live.add("b", &format!("model-{i}"), &u);
+        }
+        let all = live.all();
+        assert!(all.len() <= MAX_ROWS + 1, "{}", all.len());
+        let a = live.of_endpoint("a");
+        assert_eq!(a.len(), 1);
+        assert_eq!((a[0].1.requests, a[0].1.usage.cache_read), (2, 8));
+        let other = all
+            .iter()
+            .find(|(e, m, _)| e == "b" && m == OTHER_MODEL)
+            .expect("folded row");
+        let b_requests: u64 = all
+            .iter()
+            .filter(|(e, _, _)| e == "b")
+            .map(|r| r.2.requests)
+            .sum();
+        assert_eq!(b_requests, (MAX_ROWS + 3) as u64);
+        assert!(other.2.requests >= 3);
     }
 }

@@ -15,7 +15,7 @@ use crate::health::endpoint::{Counters, Live};
 use crate::health::queue::EpisodeEvent;
 use crate::health::totals::RequestEnd;
 use crate::proxy::recent::RecentRequest;
-use crate::proxy::usage::{UsageKey, UsageSums};
+use crate::proxy::usage::UsageRows;
 use crate::store::values::*;
 
 /// Schema migrations; `MIGRATIONS[i]` takes the schema from version `i` to `i + 1`.
@@ -608,7 +608,7 @@ pub(crate) struct Batch {
     /// Per followed cell: the snapshot written, and whether it is the cell's last.
     pub(crate) cells: Vec<(usize, Counters, bool)>,
     pub(crate) gateway: Option<(GatewayTotals, GatewayTotals)>,
-    pub(crate) usage: HashMap<UsageKey, UsageSums>,
+    pub(crate) usage: UsageRows,
     pub(crate) events: Vec<EpisodeEvent>,
     pub(crate) ops: Vec<EpisodeOp>,
     pub(crate) open_after: HashMap<usize, OpenEpisode>,
