@@ -94,6 +94,9 @@ def sse_metrics(d, run):
         "ttfb_p99_ms": (d["ttfb_ms"] or {}).get("p99") or 0,
         "ttfc_p50_ms": (d.get("ttfc_ms") or {}).get("p50"),
         "ttfc_p99_ms": (d.get("ttfc_ms") or {}).get("p99"),
+        # The mock's stamps split TTFC into the request's way up and the first event's way back.
+        "req_path_p50_ms": (d.get("request_path_ms") or {}).get("p50"),
+        "first_relay_p50_ms": (d.get("first_content_relay_ms") or {}).get("p50"),
         "total_p50_ms": (d["total_ms"] or {}).get("p50") or 0,
         "total_max_ms": (d["total_ms"] or {}).get("max") or 0,
         "gap_p50_ms": (d["max_gap_ms"] or {}).get("p50") or 0,
@@ -180,6 +183,13 @@ def main():
                     key=lambda b: BODY_ORDER.index(b) if b in BODY_ORDER else 99)
     counts = sorted({k[1] for k in data if k[0] == "slow"})
     has = lambda wl, var=None: any(k[0] == wl and (var is None or k[1] == var) for k in data)  # noqa: E731
+
+    def stream_ramp_note(meta):
+        """How sse_c64's workers started: together (waves of 64) unless the run spread them."""
+        ramp = float(meta.get("stream_ramp_s") or 0)
+        if ramp > 0:
+            return f" The 64 workers' first streams were spread over {ramp:g} s (`STREAM_RAMP_S`)."
+        return " The 64 workers start together, so their streams run in waves of 64."
 
     def body_label(b):
         n = meta.get(f"body_bytes_{b}")
@@ -323,7 +333,11 @@ def main():
           "(user space: utime; kernel: stime, which on loopback includes the receiving side's network "
           f"processing). Streaming: {meta.get('stream_events')} content events {meta.get('stream_pace_ms')} ms "
           "apart; time to first byte is measured to the first body chunk, time to first content event "
-          "to the first `content_block_delta`.")
+          "to the first `content_block_delta`. The mock upstream stamps each stream with the time the "
+          "request reached it and the time it sent the first content event, which splits the time to first "
+          "content into the request's way to the upstream and the event's way back (both on the one system "
+          "clock; the mock's wait between them, quantised to its timer's millisecond ticks, drops out)."
+          + stream_ramp_note(meta))
         w("")
     for b in bodies:
         w(f"### {body_label(b)}")
@@ -351,6 +365,9 @@ def main():
             row("sse_c64", b, "time to first content event p50 (ms)", "ttfc_p50_ms", 3)
             diff_row("sse_c64", b, "time to first content event p50 minus nginx (ms)", "ttfc_p50_ms", "nginx")
             row("sse_c64", b, "time to first content event p99 (ms)", "ttfc_p99_ms", 3)
+            if any(med(data, "sse_c64", b, t, "req_path_p50_ms") is not None for t in TARGETS):
+                row("sse_c64", b, "— request's way to the upstream, p50 (ms)", "req_path_p50_ms", 3)
+                row("sse_c64", b, "— first content event's way back, p50 (ms)", "first_relay_p50_ms", 3)
             row("sse_c64", b, "stream duration p50 (ms)", "total_p50_ms", 1)
             row("sse_c64", b, "largest gap between chunks, p50 (ms)", "gap_p50_ms", 2)
             row("sse_c64", b, "body chunks per stream", "frames", 1)

@@ -53,6 +53,10 @@
 #                          of simultaneous connects do not overrun the listen backlogs; keep it
 #                          well under the stream's length (SLOW_EVENTS x SLOW_PACE_MS = 4 s)
 #   STREAM_EVENTS=20  STREAM_PACE_MS=5
+#   STREAM_RAMP_S=0        seconds over which sse_c64's 64 workers spread their first streams
+#                          (sse-load --ramp). 0 starts all at once, so the streams run in waves
+#                          of 64 that arrive, and get their first content, together; a ramp as
+#                          long as one stream (e.g. 0.1) spreads them over time instead
 #   FAILOVER_CONCURRENCY=16
 #   WORKLOADS="ns_c1 ns_c64 sse_c64 slow failover"   subset to run
 #   CCGATE_BIN=path        use this ccgate binary, build nothing
@@ -79,7 +83,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BENCH=$ROOT/bench
 COMMAND_LINE="$(for v in BODIES BODY DURATION REPEATS WARMUP SLOW_STREAMS SLOW_EVENTS SLOW_PACE_MS \
-    SLOW_RAMP_S STREAM_EVENTS STREAM_PACE_MS FAILOVER_CONCURRENCY WORKLOADS CCGATE_BIN CCGATE_REF \
+    SLOW_RAMP_S STREAM_EVENTS STREAM_PACE_MS STREAM_RAMP_S FAILOVER_CONCURRENCY WORKLOADS CCGATE_BIN CCGATE_REF \
     CCGATE_RUST_LOG PROFILE OUT; do
     if [[ -z "${!v:-}" ]]; then continue; fi
     if [[ ${!v} =~ ^[A-Za-z0-9_./:@%+,\ -]*$ && ${!v} == *" "* ]]; then printf '%s="%s" ' "$v" "${!v}"
@@ -97,6 +101,7 @@ SLOW_EVENTS=${SLOW_EVENTS:-20}
 SLOW_PACE_MS=${SLOW_PACE_MS:-200}
 STREAM_EVENTS=${STREAM_EVENTS:-20}
 STREAM_PACE_MS=${STREAM_PACE_MS:-5}
+STREAM_RAMP_S=${STREAM_RAMP_S:-0}
 FAILOVER_CONCURRENCY=${FAILOVER_CONCURRENCY:-16}
 WORKLOADS=${WORKLOADS:-"ns_c1 ns_c64 sse_c64 slow failover"}
 BUILD_DIR=${BUILD_DIR:-${TMPDIR:-/tmp}/ccgate-bench-build}
@@ -119,6 +124,7 @@ done
 SLOW_MAX=${SLOW_LIST[-1]}
 [[ $SLOW_RAMP_S == auto || $SLOW_RAMP_S =~ ^[0-9]+(\.[0-9]+)?$ ]] ||
     { echo "SLOW_RAMP_S must be auto or a number of seconds" >&2; exit 1; }
+[[ $STREAM_RAMP_S =~ ^[0-9]+(\.[0-9]+)?$ ]] || { echo "STREAM_RAMP_S must be a number of seconds" >&2; exit 1; }
 
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 RESULTS=$BENCH/results/$STAMP
@@ -530,7 +536,7 @@ sse_run() { # CONCURRENCY URL [extra sse-load args]
     local c=$1 url=$2; shift 2
     "$SSE_LOAD" --url "$url" -c "$c" --body "$STREAM_BODY_FILE" \
         -H "x-mock-events: $STREAM_EVENTS" -H "x-mock-pace-ms: $STREAM_PACE_MS" \
-        --expect-events $((STREAM_EVENTS + 6)) "$@"
+        --expect-events $((STREAM_EVENTS + 6)) --ramp "$STREAM_RAMP_S" "$@"
 }
 
 # rotated REPEAT : the four targets, rotated by REPEAT.
@@ -785,6 +791,7 @@ main() {
         echo "slow_pace_ms=$SLOW_PACE_MS"
         echo "stream_events=$STREAM_EVENTS"
         echo "stream_pace_ms=$STREAM_PACE_MS"
+        echo "stream_ramp_s=$STREAM_RAMP_S"
         echo "failover_concurrency=$FAILOVER_CONCURRENCY"
         echo "bodies=${BODY_LIST[*]}"
         for b in "${BODY_LIST[@]}"; do

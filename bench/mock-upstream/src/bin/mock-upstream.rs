@@ -10,7 +10,10 @@
 //!   at once, then `--events` `content_block_delta` events each `--pace-ms` after the previous
 //!   one, then `content_block_stop`, `message_delta` (with usage) and `message_stop`.
 //! * Per-request overrides (so one mock serves every workload): headers `x-mock-events`,
-//!   `x-mock-pace-ms`, `x-mock-fail-status`.
+//!   `x-mock-pace-ms`, `x-mock-fail-status`. `x-mock-stamp: 1` adds `"mock_arrived_us"` (when the
+//!   request arrived) to `message_start` and `"mock_sent_us"` (when it was sent) to the first
+//!   `content_block_delta`: microseconds since the Unix epoch, for sse-load's split of the time
+//!   to first content.
 //! * `--fail-status S` (S ≥ 400) makes every request on every path answer S with an
 //!   Anthropic-shaped error body.
 //! * `GET /v1/models`, `POST /v1/messages/count_tokens`, `HEAD /` / `GET /` answer too (so a
@@ -138,6 +141,38 @@ data: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_d
     )
 }
 
+/// Microseconds since the Unix epoch (the clock sse-load reads too).
+fn unix_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// The preamble with the time the request arrived in `message_start` (`x-mock-stamp`).
+fn stamped_preamble(arrived_us: u64) -> Bytes {
+    let p = sse_preamble();
+    let at = p
+        .windows(2)
+        .position(|w| w == b"}\n")
+        .expect("message_start ends its line");
+    let mut out = Vec::with_capacity(p.len() + 32);
+    out.extend_from_slice(&p[..at]);
+    out.extend_from_slice(format!(r#","mock_arrived_us":{arrived_us}"#).as_bytes());
+    out.extend_from_slice(&p[at..]);
+    Bytes::from(out)
+}
+
+/// The content event with the time it is sent (`x-mock-stamp`).
+fn stamped_delta(sent_us: u64) -> Bytes {
+    let d = sse_delta();
+    let cut = d.len() - "}\n\n".len();
+    let mut out = Vec::with_capacity(d.len() + 32);
+    out.extend_from_slice(&d[..cut]);
+    out.extend_from_slice(format!(r#","mock_sent_us":{sent_us}"#).as_bytes());
+    out.extend_from_slice(&d[cut..]);
+    Bytes::from(out)
+}
+
 fn sse_tail(events: u32) -> Bytes {
     Bytes::from(format!(
         concat!(
@@ -195,6 +230,8 @@ enum MockBody {
 struct SseBody {
     preamble: Option<Bytes>,
     delta: Bytes,
+    /// Stamp the first content event with the time it is sent (`x-mock-stamp`).
+    stamp_first: bool,
     tail: Option<Bytes>,
     remaining: u32,
     pace: Duration,
@@ -252,6 +289,9 @@ impl SseBody {
                 sleep.as_mut().reset(next.max(Instant::now()));
             }
             self.remaining -= 1;
+            if std::mem::take(&mut self.stamp_first) {
+                return Poll::Ready(Some(Ok(Frame::data(stamped_delta(unix_us())))));
+            }
             return Poll::Ready(Some(Ok(Frame::data(self.delta.clone()))));
         }
         Poll::Ready(self.tail.take().map(|t| Ok(Frame::data(t))))
@@ -314,7 +354,9 @@ async fn handle(
     cfg: Arc<Cfg>,
     canned: Arc<Canned>,
 ) -> Result<Response<MockBody>, Infallible> {
+    let arrived_us = unix_us();
     let h = req.headers();
+    let stamp = header_num::<u8>(h, "x-mock-stamp") == Some(1);
     let fail = header_num::<u16>(h, "x-mock-fail-status")
         .filter(|s| *s != 0)
         .or(cfg.fail_status);
@@ -338,8 +380,13 @@ async fn handle(
                     200,
                     "text/event-stream",
                     MockBody::Sse(Box::new(SseBody {
-                        preamble: Some(canned.preamble.clone()),
+                        preamble: Some(if stamp {
+                            stamped_preamble(arrived_us)
+                        } else {
+                            canned.preamble.clone()
+                        }),
                         delta: canned.delta.clone(),
+                        stamp_first: stamp,
                         tail: Some(sse_tail(events)),
                         remaining: events,
                         pace: Duration::from_millis(pace_ms),
@@ -426,7 +473,9 @@ async fn serve(cfg: Cfg) {
         let canned = Arc::clone(&canned);
         let svc = service_fn(move |req| handle(req, Arc::clone(&cfg), Arc::clone(&canned)));
         if http2 {
-            let conn = both.serve_connection(TokioIo::new(stream), svc).into_owned();
+            let conn = both
+                .serve_connection(TokioIo::new(stream), svc)
+                .into_owned();
             tokio::spawn(async move {
                 let _ = conn.await;
             });

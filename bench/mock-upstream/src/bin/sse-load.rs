@@ -14,12 +14,19 @@
 //! `--ramp SECS` spreads the workers' first connects evenly over SECS (worker i starts at
 //! i/c × SECS), so that thousands of workers do not all connect in the same millisecond and
 //! overrun the server's listen backlog; without it all start at once.
+//!
+//! Every request asks the mock upstream to stamp its stream (`x-mock-stamp: 1`): the time the
+//! request reached it, in `message_start`, and the time it sent the first content event, in that
+//! event (microseconds of the system clock, which both processes share). From these the report
+//! splits time to first content into the request's way to the upstream (`request_path_ms`) and
+//! the first content event's way back (`first_content_relay_ms`), which the mock's wait between
+//! them does not blur. Streams without stamps (another upstream) leave both out.
 //! Prints one JSON object on stdout.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method, Request, Uri};
@@ -120,6 +127,8 @@ struct Stats {
     frames: u64,
     events: u64,
     max_gap_us: Vec<u32>,
+    request_path_us: Vec<u32>,
+    first_relay_us: Vec<u32>,
 }
 
 impl Stats {
@@ -136,6 +145,8 @@ impl Stats {
         self.ttfc_us.extend(o.ttfc_us);
         self.total_us.extend(o.total_us);
         self.max_gap_us.extend(o.max_gap_us);
+        self.request_path_us.extend(o.request_path_us);
+        self.first_relay_us.extend(o.first_relay_us);
         self.frames += o.frames;
         self.events += o.events;
     }
@@ -179,7 +190,8 @@ async fn one_stream(args: &Args, sender: &mut Sender, st: &mut Stats) -> (Outcom
         .header("host", authority)
         .header("content-type", "application/json")
         .header("anthropic-version", "2023-06-01")
-        .header("x-api-key", "sk-bench-client");
+        .header("x-api-key", "sk-bench-client")
+        .header("x-mock-stamp", "1");
     for (n, v) in &args.headers {
         b = b.header(n, v);
     }
@@ -188,6 +200,9 @@ async fn one_stream(args: &Args, sender: &mut Sender, st: &mut Stats) -> (Outcom
         return (Outcome::Failed("connection_closed".into()), false);
     }
     let t0 = Instant::now();
+    let sent_us = unix_us();
+    let mut arrived_us = None;
+    let mut first_relay_us = None;
     let resp = match sender.send_request(req).await {
         Ok(r) => r,
         Err(e) => return (Outcome::Failed(format!("send: {e}")), false),
@@ -237,8 +252,14 @@ async fn one_stream(args: &Args, sender: &mut Sender, st: &mut Stats) -> (Outcom
                     saw_error = true;
                 }
                 tail.extend_from_slice(&data);
+                if arrived_us.is_none() {
+                    arrived_us = stamp(&tail, b"\"mock_arrived_us\":");
+                }
                 if first_content.is_none() && memfind(&tail, b"content_block_delta") {
                     first_content = Some(now - t0);
+                    let got_us = unix_us();
+                    first_relay_us =
+                        stamp(&tail, b"\"mock_sent_us\":").map(|t| got_us.saturating_sub(t));
                 }
                 if tail.len() > 200 {
                     tail.drain(..tail.len() - 200);
@@ -258,13 +279,13 @@ async fn one_stream(args: &Args, sender: &mut Sender, st: &mut Stats) -> (Outcom
         if !memfind(&tail, b"message_stop") {
             return (Outcome::Failed("no_message_stop".into()), true);
         }
-        if let Some(exp) = args.expect_events {
-            if events != exp {
-                return (
-                    Outcome::Failed(format!("events_{events}_expected_{exp}")),
-                    true,
-                );
-            }
+        if let Some(exp) = args.expect_events
+            && events != exp
+        {
+            return (
+                Outcome::Failed(format!("events_{events}_expected_{exp}")),
+                true,
+            );
         }
     }
     st.headers_us.push(t_head.as_micros() as u32);
@@ -276,7 +297,30 @@ async fn one_stream(args: &Args, sender: &mut Sender, st: &mut Stats) -> (Outcom
     st.max_gap_us.push(max_gap.as_micros() as u32);
     st.frames += frames;
     st.events += events;
+    if let (Some(arrived), Some(relay)) = (arrived_us, first_relay_us) {
+        st.request_path_us
+            .push(arrived.saturating_sub(sent_us) as u32);
+        st.first_relay_us.push(relay as u32);
+    }
     (Outcome::Done, true)
+}
+
+/// Microseconds since the Unix epoch, by the system clock the mock upstream stamps with.
+fn unix_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// The number after `key` in `h` (a stamp of the mock upstream), if both are there whole.
+fn stamp(h: &[u8], key: &[u8]) -> Option<u64> {
+    let at = h.windows(key.len()).position(|w| w == key)? + key.len();
+    let digits = h[at..].iter().take_while(|c| c.is_ascii_digit()).count();
+    // A number cut by the end of what has arrived is not read.
+    if at + digits >= h.len() {
+        return None;
+    }
+    std::str::from_utf8(&h[at..at + digits]).ok()?.parse().ok()
 }
 
 fn memfind(h: &[u8], n: &[u8]) -> bool {
@@ -310,10 +354,8 @@ async fn worker(
             one_stream(&args, s, &mut st).await
         };
         let res = match deadline {
-            Some(d) => match tokio::time::timeout_at(d, work).await {
-                Ok(r) => Some(r),
-                Err(_) => None, // abandoned at the deadline: not counted
-            },
+            // Abandoned at the deadline: not counted.
+            Some(d) => tokio::time::timeout_at(d, work).await.ok(),
             None => Some(work.await),
         };
         match res {
@@ -401,7 +443,8 @@ fn main() {
                 r#"{{"concurrency":{},"elapsed_s":{:.3},"completed":{},"errors":{},"#,
                 r#""error_kinds":{{{}}},"streams_per_s":{:.2},"success_rate":{:.6},"#,
                 r#""headers_ms":{},"ttfb_ms":{},"ttfc_ms":{},"total_ms":{},"max_gap_ms":{},"#,
-                r#""frames_per_stream":{:.2},"events_per_stream":{:.2}}}"#
+                r#""frames_per_stream":{:.2},"events_per_stream":{:.2},"#,
+                r#""request_path_ms":{},"first_content_relay_ms":{}}}"#
             ),
             args.concurrency,
             elapsed,
@@ -417,6 +460,8 @@ fn main() {
             pct(&mut st.max_gap_us),
             st.frames as f64 / n,
             st.events as f64 / n,
+            pct(&mut st.request_path_us),
+            pct(&mut st.first_relay_us),
         );
     });
 }
