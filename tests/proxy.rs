@@ -213,6 +213,25 @@ impl Streamed {
         within(&format!("{needle:?} on the client stream"), fut).await;
     }
 
+    /// The next data frame the client receives (kept in the text too).
+    async fn next_data(&mut self) -> Bytes {
+        let fut = async {
+            loop {
+                match self.body.frame().await {
+                    Some(Ok(frame)) => {
+                        if let Ok(data) = frame.into_data() {
+                            self.buf.extend_from_slice(&data);
+                            return data;
+                        }
+                    }
+                    Some(Err(e)) => panic!("stream broke: {e}\n{}", self.text()),
+                    None => panic!("stream ended:\n{}", self.text()),
+                }
+            }
+        };
+        within("a data frame on the client stream", fut).await
+    }
+
     /// Reads to the end of the body.
     async fn read_to_end(&mut self) -> String {
         let fut = async {
@@ -1270,6 +1289,37 @@ async fn stream_is_relayed_event_by_event() {
     );
     gw.settle().await;
     assert_outcomes(&gw.endpoint_view("a").await, &[("success", 1)]);
+}
+
+/// The held preamble and the first content go to the client as one chunk, so it reads its first
+/// content with its first byte: the mock sends each event as a chunk of its own, which reaches
+/// ccgate as a frame of its own, and still the client's first frame runs from `message_start`
+/// through the first delta (and no further).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_preamble_and_first_content_reach_the_client_as_one_chunk() {
+    let up = MockUpstream::start().await;
+    let gw = builder().endpoint("a", &up.url(), "").start().await;
+    let gate = Gate::new();
+    // Held after the first delta, so that nothing after it can join the first chunk.
+    up.push(Script::sse_ok(2).gate_after(4, gate.clone()));
+    let mut s = Streamed::post(&gw, &TestGateway::message_body(true)).await;
+    assert_eq!(s.status, 200);
+    let first = String::from_utf8_lossy(&s.next_data().await).into_owned();
+    let preamble_and_first_delta = &sse_ok_bytes(2)[..first.len()];
+    assert_eq!(first.as_bytes(), preamble_and_first_delta);
+    assert!(
+        first.starts_with("event: message_start")
+            && first.contains(&sse_delta_text(0))
+            && !first.contains(&sse_delta_text(1)),
+        "{first}"
+    );
+    gate.open();
+    let text = s.read_to_end().await;
+    assert_eq!(
+        text.as_bytes(),
+        sse_ok_bytes(2),
+        "the whole stream, unchanged"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -514,7 +514,7 @@ pub async fn await_content(mut body: AnswerBody, idle: Duration, limits: &RelayL
                 }
                 if facts.content || facts.message_stop || facts.error.is_some() {
                     return Preamble::Commit {
-                        held,
+                        held: one_chunk(held),
                         scanner,
                         body,
                     };
@@ -522,6 +522,20 @@ pub async fn await_content(mut body: AnswerBody, idle: Duration, limits: &RelayL
             }
         }
     }
+}
+
+/// The held preamble and the frame that ended the hold, joined into one frame: they go to the
+/// client as one chunk of one write, so it reads its first content with its first byte instead
+/// of a frame later (bounded: the preamble is capped).
+fn one_chunk(held: Vec<Bytes>) -> Vec<Bytes> {
+    if held.len() < 2 {
+        return held;
+    }
+    let mut one = bytes::BytesMut::with_capacity(held.iter().map(Bytes::len).sum());
+    for frame in &held {
+        one.extend_from_slice(frame);
+    }
+    vec![one.freeze()]
 }
 
 fn is_failover_error(error_type: &str) -> bool {
