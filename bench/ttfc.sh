@@ -30,44 +30,12 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 "$T/mock-upstream" --port 0 >"$OUT/mock-b.log" 2>&1 &
 A=$(addr "$OUT/mock-a.log"); B=$(addr "$OUT/mock-b.log")
 
-# nginx as bench/run.sh configures it: keep-alive to the mocks, no response buffering.
-NGINX=127.0.0.1:$(free_port)
-cat >"$OUT/nginx/nginx.conf" <<EOF
-daemon off;
-master_process on;
-worker_processes auto;
-pid $OUT/nginx/nginx.pid;
-error_log $OUT/nginx/error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    client_body_temp_path $OUT/nginx/body;
-    proxy_temp_path $OUT/nginx/proxy;
-    fastcgi_temp_path $OUT/nginx/fastcgi;
-    uwsgi_temp_path $OUT/nginx/uwsgi;
-    scgi_temp_path $OUT/nginx/scgi;
-    client_max_body_size 32m;
-    client_body_buffer_size 2m;
-    keepalive_requests 1000000;
-    upstream mocks {
-        server $A;
-        server $B;
-        keepalive 512;
-        keepalive_requests 1000000;
-    }
-    server {
-        listen $NGINX backlog=4096;
-        location / {
-            proxy_pass http://mocks;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_buffering off;
-        }
-    }
-}
-EOF
-[[ $(id -u) == 0 ]] && sed -i '1i user root root;' "$OUT/nginx/nginx.conf"
-nginx -c "$OUT/nginx/nginx.conf" -e "$OUT/nginx/error.log" &
+# nginx as bench/run.sh configures it (bench/nginx.sh).
+# shellcheck source=bench/nginx.sh
+source bench/nginx.sh
+NGINX_PORT=$(free_port); NGINX=127.0.0.1:$NGINX_PORT
+write_nginx_conf "$OUT/nginx" "$NGINX_PORT" 4096 "$(ulimit -n)" "$A" "$B"
+nginx -e "$OUT/nginx/error.log" -p "$OUT/nginx" -c "$OUT/nginx/nginx.conf" &
 
 printf '[server]\nlisten = "127.0.0.1:0"\n\n[[endpoints]]\nname = "a"\nbase_url = "http://%s"\napi_key = "k"\n\n[[endpoints]]\nname = "b"\nbase_url = "http://%s"\napi_key = "k"\n' "$A" "$B" >"$OUT/ccgate.toml"
 chmod 600 "$OUT/ccgate.toml"

@@ -151,25 +151,27 @@ fn unix_us() -> u64 {
 /// The preamble with the time the request arrived in `message_start` (`x-mock-stamp`).
 fn stamped_preamble(arrived_us: u64) -> Bytes {
     let p = sse_preamble();
+    // Before the brace that closes `message_start`'s data, the first line to end in one.
     let at = p
         .windows(2)
         .position(|w| w == b"}\n")
         .expect("message_start ends its line");
-    let mut out = Vec::with_capacity(p.len() + 32);
-    out.extend_from_slice(&p[..at]);
-    out.extend_from_slice(format!(r#","mock_arrived_us":{arrived_us}"#).as_bytes());
-    out.extend_from_slice(&p[at..]);
-    Bytes::from(out)
+    with_stamp(&p, at, "mock_arrived_us", arrived_us)
 }
 
 /// The content event with the time it is sent (`x-mock-stamp`).
 fn stamped_delta(sent_us: u64) -> Bytes {
     let d = sse_delta();
-    let cut = d.len() - "}\n\n".len();
-    let mut out = Vec::with_capacity(d.len() + 32);
-    out.extend_from_slice(&d[..cut]);
-    out.extend_from_slice(format!(r#","mock_sent_us":{sent_us}"#).as_bytes());
-    out.extend_from_slice(&d[cut..]);
+    with_stamp(&d, d.len() - "}\n\n".len(), "mock_sent_us", sent_us)
+}
+
+/// `event` with the member `"key":us` added where its data object closes, at byte `at`.
+fn with_stamp(event: &[u8], at: usize, key: &str, us: u64) -> Bytes {
+    let member = format!(r#","{key}":{us}"#);
+    let mut out = Vec::with_capacity(event.len() + member.len());
+    out.extend_from_slice(&event[..at]);
+    out.extend_from_slice(member.as_bytes());
+    out.extend_from_slice(&event[at..]);
     Bytes::from(out)
 }
 
@@ -490,7 +492,21 @@ async fn serve(cfg: Cfg) {
 
 #[cfg(test)]
 mod tests {
-    use super::wants_stream;
+    use super::{stamped_delta, stamped_preamble, wants_stream};
+
+    #[test]
+    fn stamps_close_the_data_objects() {
+        let p = stamped_preamble(17);
+        let text = std::str::from_utf8(&p).expect("utf-8");
+        assert!(
+            text.starts_with("event: message_start\ndata: {\"type\":\"message_start\"")
+                && text.contains("}},\"mock_arrived_us\":17}\n\nevent: content_block_start"),
+            "{text}"
+        );
+        let d = stamped_delta(42);
+        let text = std::str::from_utf8(&d).expect("utf-8");
+        assert!(text.ends_with(", \"},\"mock_sent_us\":42}\n\n"), "{text}");
+    }
 
     #[test]
     fn stream_flag() {
