@@ -53,10 +53,9 @@ pub struct RelayBody {
     /// timer wheel. It is not moved for every frame: when it fires before the upstream has been
     /// quiet for `idle`, it is moved to that time and waited on again.
     sleep: Option<Pin<Box<Sleep>>>,
-    /// When the upstream last went quiet: the first wait after its last frame.
+    /// When the upstream went quiet: the first wait after its last frame (`None` while a frame
+    /// has arrived since).
     quiet_since: Option<Instant>,
-    /// A frame arrived since `quiet_since` was last set.
-    fresh: bool,
     attempt: Option<Attempt>,
     request: Option<RequestGuard>,
     /// An SSE error event to send after an upstream failure, then end.
@@ -118,7 +117,6 @@ impl RelayBody {
             idle,
             sleep: None,
             quiet_since: None,
-            fresh: false,
             attempt: Some(attempt),
             request: Some(request),
             trailer: None,
@@ -322,7 +320,7 @@ impl Body for RelayBody {
         };
         match Pin::new(upstream).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                this.fresh = true;
+                this.quiet_since = None;
                 match frame.into_data() {
                     Ok(data) => {
                         if let Judge::Stream(sc) = &mut this.judge {
@@ -355,11 +353,7 @@ impl Body for RelayBody {
             Poll::Pending => {
                 // The upstream went quiet: from the first wait after its last frame, it has
                 // `idle` to send the next.
-                let quiet_since = match this.quiet_since {
-                    Some(at) if !this.fresh => at,
-                    _ => *this.quiet_since.insert(Instant::now()),
-                };
-                this.fresh = false;
+                let quiet_since = *this.quiet_since.get_or_insert_with(Instant::now);
                 let due = quiet_since + this.idle;
                 let sleep = this
                     .sleep
