@@ -56,8 +56,9 @@ const MAX_CHANGE_LOG: usize = 8192;
 
 /// Session → endpoint bindings.
 pub struct Affinity {
-    /// hashbrown's maps and hasher (foldhash, seeded per process): a session key is hashed
-    /// twice per request, and SipHash spent ~250 instructions on each.
+    /// hashbrown's maps and hasher (foldhash, seeded per map): a request hashes its session key
+    /// four times (shard and map, on lookup and on bind), and SipHash spent ~250 instructions on
+    /// each.
     shards: Vec<Mutex<HashMap<Box<str>, Binding>>>,
     hasher: DefaultHashBuilder,
     per_shard: usize,

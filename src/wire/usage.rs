@@ -26,14 +26,11 @@ impl Usage {
     }
 }
 
-/// Whether a `content_block_start` event already carries generated content: its `content_block`
-/// is a `tool_use` (or any block type other than `text` and `thinking`: server tool uses and their
+/// Whether a `content_block_start` event's `content_block` already carries generated content: a
+/// `tool_use` (or any block type other than `text` and `thinking`: server tool uses and their
 /// results, redacted thinking), or a `text` / `thinking` block whose text is not empty. An empty
 /// `text` or `thinking` block only opens the block.
-fn starts_with_content(event: &serde_json::Value) -> bool {
-    let Some(block) = event.get("content_block") else {
-        return false;
-    };
+fn block_has_content(block: &serde_json::Value) -> bool {
     let non_empty = |k: &str| {
         block
             .get(k)
@@ -47,7 +44,7 @@ fn starts_with_content(event: &serde_json::Value) -> bool {
     )
 }
 
-/// The rule of [`starts_with_content`], given a block's `type` and whether its `text` and its
+/// The rule of [`block_has_content`], given a block's `type` and whether its `text` and its
 /// `thinking` are non-empty strings.
 fn block_carries_content(ty: Option<&str>, text: bool, thinking: bool) -> bool {
     match ty {
@@ -173,7 +170,7 @@ impl EventData {
                 )
             }),
             usage: json.get("usage").map(TokenUpdate::from_value),
-            block_content: json.get("content_block").map(|_| starts_with_content(json)),
+            block_content: json.get("content_block").map(block_has_content),
         }
     }
 }
