@@ -197,39 +197,39 @@ impl Streamed {
 
     /// Reads until the received text contains `needle`.
     async fn read_until(&mut self, needle: &str) {
+        let what = format!("{needle:?}");
         let fut = async {
             while !self.text().contains(needle) {
-                match self.body.frame().await {
-                    Some(Ok(frame)) => {
-                        if let Ok(data) = frame.into_data() {
-                            self.buf.extend_from_slice(&data);
-                        }
-                    }
-                    Some(Err(e)) => panic!("stream broke before {needle:?}: {e}\n{}", self.text()),
-                    None => panic!("stream ended before {needle:?}:\n{}", self.text()),
-                }
+                self.data_frame(&what).await;
             }
         };
-        within(&format!("{needle:?} on the client stream"), fut).await;
+        within(&format!("{what} on the client stream"), fut).await;
     }
 
     /// The next data frame the client receives (kept in the text too).
     async fn next_data(&mut self) -> Bytes {
-        let fut = async {
-            loop {
-                match self.body.frame().await {
-                    Some(Ok(frame)) => {
-                        if let Ok(data) = frame.into_data() {
-                            self.buf.extend_from_slice(&data);
-                            return data;
-                        }
+        within(
+            "a data frame on the client stream",
+            self.data_frame("a data frame"),
+        )
+        .await
+    }
+
+    /// The next data frame, added to the text; panics, naming `what` it waited for, when the
+    /// stream breaks or ends first.
+    async fn data_frame(&mut self, what: &str) -> Bytes {
+        loop {
+            match self.body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.buf.extend_from_slice(&data);
+                        return data;
                     }
-                    Some(Err(e)) => panic!("stream broke: {e}\n{}", self.text()),
-                    None => panic!("stream ended:\n{}", self.text()),
                 }
+                Some(Err(e)) => panic!("stream broke before {what}: {e}\n{}", self.text()),
+                None => panic!("stream ended before {what}:\n{}", self.text()),
             }
-        };
-        within("a data frame on the client stream", fut).await
+        }
     }
 
     /// Reads to the end of the body.
