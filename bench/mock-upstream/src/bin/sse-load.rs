@@ -314,7 +314,7 @@ fn unix_us() -> u64 {
 
 /// The number after `key` in `h` (a stamp of the mock upstream), if both are there whole.
 fn stamp(h: &[u8], key: &[u8]) -> Option<u64> {
-    let at = h.windows(key.len()).position(|w| w == key)? + key.len();
+    let at = find(h, key)? + key.len();
     let digits = h[at..].iter().take_while(|c| c.is_ascii_digit()).count();
     // A number cut by the end of what has arrived is not read.
     if at + digits >= h.len() {
@@ -324,7 +324,12 @@ fn stamp(h: &[u8], key: &[u8]) -> Option<u64> {
 }
 
 fn memfind(h: &[u8], n: &[u8]) -> bool {
-    h.windows(n.len()).any(|w| w == n)
+    find(h, n).is_some()
+}
+
+/// Where `n` first occurs in `h`.
+fn find(h: &[u8], n: &[u8]) -> Option<usize> {
+    h.windows(n.len()).position(|w| w == n)
 }
 
 async fn worker(
