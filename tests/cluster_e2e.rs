@@ -558,7 +558,7 @@ async fn redis_outage_is_invisible_to_clients_and_repaired() {
         .await;
     // The outage was logged once per instance, and the end of it once.
     for s in &c.instances {
-        let log = s.stderr_now();
+        let log = s.stderr_until("Redis reachable again").await;
         if std::env::var("CLUSTER_TEST_LOG").is_ok() {
             eprintln!("=== {}\n{log}", s.addr);
         }

@@ -197,8 +197,15 @@ pub struct Proc {
     child: Child,
     stdout_lines: mpsc::UnboundedReceiver<String>,
     stdout_seen: String,
-    stderr: Arc<Mutex<String>>,
+    stderr: Arc<Stderr>,
     stderr_done: Option<oneshot::Receiver<()>>,
+}
+
+/// The child's stderr as read so far, and a wake-up for each read.
+#[derive(Default)]
+struct Stderr {
+    text: Mutex<String>,
+    grew: tokio::sync::Notify,
 }
 
 impl Drop for Proc {
@@ -229,7 +236,7 @@ impl Proc {
                 }
             }
         });
-        let stderr = Arc::new(Mutex::new(String::new()));
+        let stderr = Arc::new(Stderr::default());
         let sink = Arc::clone(&stderr);
         let (done_tx, stderr_done) = oneshot::channel();
         std::thread::spawn(move || {
@@ -237,10 +244,13 @@ impl Proc {
             loop {
                 match stderr_pipe.read(&mut buf) {
                     Ok(0) | Err(_) => break,
-                    Ok(n) => sink
-                        .lock()
-                        .expect("stderr buffer")
-                        .push_str(&String::from_utf8_lossy(&buf[..n])),
+                    Ok(n) => {
+                        sink.text
+                            .lock()
+                            .expect("stderr buffer")
+                            .push_str(&String::from_utf8_lossy(&buf[..n]));
+                        sink.grew.notify_waiters();
+                    }
                 }
             }
             let _ = done_tx.send(());
@@ -276,7 +286,26 @@ impl Proc {
 
     /// Stderr so far.
     pub fn stderr_now(&self) -> String {
-        self.stderr.lock().expect("stderr buffer").clone()
+        self.stderr.text.lock().expect("stderr buffer").clone()
+    }
+
+    /// Stderr once it contains `needle`: a line the child has written may still be on its way
+    /// through the pipe to the reading thread. Panics after [`DEADLINE`].
+    pub async fn stderr_until(&self, needle: &str) -> String {
+        let until = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let grew = self.stderr.grew.notified();
+            tokio::pin!(grew);
+            // Registered before the check, so growth between the check and the wait wakes it.
+            grew.as_mut().enable();
+            let now = self.stderr_now();
+            if now.contains(needle) {
+                return now;
+            }
+            if tokio::time::timeout_at(until, grew).await.is_err() {
+                panic!("stderr never showed {needle:?}\nstderr:\n{now}");
+            }
+        }
     }
 
     /// Not exited yet.
@@ -392,6 +421,11 @@ impl Serving {
     /// Stderr so far.
     pub fn stderr_now(&self) -> String {
         self.proc.stderr_now()
+    }
+
+    /// Stderr once it contains `needle`; see [`Proc::stderr_until`].
+    pub async fn stderr_until(&self, needle: &str) -> String {
+        self.proc.stderr_until(needle).await
     }
 
     /// Not exited yet.
