@@ -5,6 +5,8 @@
 #   bench/callgrind.sh [BIN|hyper]...     default: target/release/ccgate and the bare hyper proxy
 #   N=4000 C=16 bench/callgrind.sh        requests counted, concurrency
 #   BODY=100k bench/callgrind.sh          request body from bench/payloads.py: 2k (default), 100k, 1m
+#   STREAM=1 bench/callgrind.sh           streams instead (sse-load; EVENTS content events each, sent
+#                                         back to back), counted per stream
 #
 # Each gateway runs under `valgrind --tool=callgrind` over two in-tree mock upstreams; after 2000
 # warm-up requests the counters are zeroed, N non-streaming requests (a Claude-Code-shaped body from
@@ -18,7 +20,8 @@ OUT=${OUT:-bench/results/callgrind}
 T=bench/mock-upstream/target/release
 mkdir -p "$OUT/payloads"
 python3 bench/payloads.py "$OUT/payloads" >/dev/null
-BODY=$OUT/payloads/${BODY:-2k}.json
+STREAM=${STREAM:-0}; EVENTS=${EVENTS:-20}
+BODY=$OUT/payloads/${BODY:-2k}$( ((STREAM)) && echo -stream).json
 [[ -f $BODY ]] || { echo "BODY must be one of 2k, 100k, 1m" >&2; exit 1; }
 command -v valgrind >/dev/null || { echo "valgrind is needed: apt-get install -y valgrind" >&2; exit 1; }
 (($#)) || set -- target/release/ccgate hyper
@@ -41,15 +44,26 @@ for bin in "$@"; do
         valgrind --tool=callgrind --callgrind-out-file="$d/callgrind.out" "${cmd[@]}" >"$d/gateway.log" 2>&1 &
     pid=$!
     url=http://$(addr "$d/gateway.log")/v1/messages
-    load() { oha -n "$1" -c "$C" -m POST -D "$BODY" -H 'content-type: application/json' \
-        -H 'anthropic-version: 2023-06-01' --no-tui --output-format json "$url"; }
+    if ((STREAM)); then
+        load() { "$T/sse-load" --url "$url" -c "$C" --streams "$1" --body "$BODY" \
+            -H "x-mock-events: $EVENTS" -H 'x-mock-pace-ms: 0' --expect-events $((EVENTS + 6)); }
+    else
+        load() { oha -n "$1" -c "$C" -m POST -D "$BODY" -H 'content-type: application/json' \
+            -H 'anthropic-version: 2023-06-01' --no-tui --output-format json "$url"; }
+    fi
     load 2000 >/dev/null
     callgrind_control -z "$pid" >/dev/null
-    load "$N" >"$d/oha.json"
+    load "$N" >"$d/load.json"
     callgrind_control -d "$pid" >/dev/null
     sleep 0.5; kill "$pid"; wait "$pid" 2>/dev/null || true
     file=$(ls -t "$d"/callgrind.out.* 2>/dev/null | head -n1); file=${file:-$d/callgrind.out}
     total=$(callgrind_annotate "$file" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1; exit}')
-    ok=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["statusCodeDistribution"])' "$d/oha.json")
-    printf '%-10s %8d instructions per request   (%s; %s)\n' "$name" $((total / N)) "$ok" "$file"
+    if ((STREAM)); then
+        ok=$(python3 -c 'import json,sys; j=json.load(open(sys.argv[1])); print(j["completed"], "streams,", j["errors"], "errors")' "$d/load.json")
+        unit=stream
+    else
+        ok=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["statusCodeDistribution"])' "$d/load.json")
+        unit=request
+    fi
+    printf '%-10s %8d instructions per %s   (%s; %s)\n' "$name" $((total / N)) "$unit" "$ok" "$file"
 done
