@@ -21,7 +21,9 @@ T=bench/mock-upstream/target/release
 mkdir -p "$OUT/payloads"
 python3 bench/payloads.py "$OUT/payloads" >/dev/null
 STREAM=${STREAM:-0}; EVENTS=${EVENTS:-20}
-BODY=$OUT/payloads/${BODY:-2k}$( ((STREAM)) && echo -stream).json
+BODY=$OUT/payloads/${BODY:-2k}
+if ((STREAM)); then BODY+=-stream; fi
+BODY+=.json
 [[ -f $BODY ]] || { echo "BODY must be one of 2k, 100k, 1m" >&2; exit 1; }
 command -v valgrind >/dev/null || { echo "valgrind is needed: apt-get install -y valgrind" >&2; exit 1; }
 (($#)) || set -- target/release/ccgate hyper
