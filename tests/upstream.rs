@@ -105,6 +105,58 @@ async fn a_running_stream_keeps_its_connection_until_its_body_ends() {
 }
 
 #[tokio::test]
+async fn a_stream_dropped_before_its_end_gives_back_no_connection() {
+    let up = MockUpstream::start().await;
+    let client = client();
+    let url = format!("{}/v1/messages", up.url());
+    let gate = Gate::new();
+    up.push(Script::sse_events(SseEvent::message_stream(2)).gate_after(1, gate.clone()));
+    let stream = within("the stream's headers", client.request(post(&url)))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    gate.wait_arrived(1).await;
+    // The client goes away mid-stream: hyper closes that connection, so it must not be pooled.
+    drop(stream);
+    gate.open();
+    eventually("the dropped stream's connection closed", || async {
+        up.connections_ended() == 1
+    })
+    .await;
+    assert_eq!(client.idle_connections(), 0);
+    let (status, _) = exchange(&client, &url).await;
+    assert_eq!(status, 200);
+    assert_eq!(up.connections_accepted(), 2, "a new connection, not the dropped one");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_read_to_their_end_reuse_their_connections() {
+    let up = MockUpstream::start().await;
+    let client = client();
+    let url = format!("{}/v1/messages", up.url());
+    const C: usize = 8;
+    for _ in 0..4 {
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..C {
+            up.push(Script::sse_events(SseEvent::message_stream(3)));
+            let (client, url) = (client.clone(), url.clone());
+            tasks.spawn(async move { exchange(&client, &url).await });
+        }
+        while let Some(done) = tasks.join_next().await {
+            let (status, body) = done.unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(status, 200);
+            assert!(body.ends_with(b"data: {\"type\":\"message_stop\"}\n\n"));
+        }
+    }
+    assert_eq!(up.count(), 4 * C);
+    // Each stream handed its connection back at its end: the later rounds opened none.
+    assert!(
+        up.connections_accepted() <= C as u64,
+        "{} connections for {C} concurrent streams",
+        up.connections_accepted()
+    );
+}
+
+#[tokio::test]
 async fn connections_the_upstream_closes_are_never_a_failed_request() {
     // Every answer closes its connection without saying so: the next request either finds the
     // pooled connection closed or loses the race to the close; both must end in a new

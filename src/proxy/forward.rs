@@ -426,6 +426,9 @@ pub fn header_block_len(headers: &HeaderMap) -> usize {
 }
 
 /// A stream held back until its first content event.
+// Returned once per stream and taken apart at once, so the variants' sizes do not matter; boxing
+// the large one would cost an allocation per stream.
+#[allow(clippy::large_enum_variant)]
 pub enum Preamble {
     /// Content arrived (or the stream completed): commit to this endpoint.
     Commit {

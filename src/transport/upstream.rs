@@ -24,8 +24,10 @@
 //! at most `server.max_idle_upstream` connections: one that comes back to a full pool pushes out
 //! the one idle longest, so a burst of concurrent requests leaves no more than that many open.
 //!
-//! A connection goes back to its pool once its response body has been read to the end (a small
-//! task waits for that). A request that finds its pooled connection closed before anything was
+//! A connection goes back to its pool once its response body has been read to the end: the
+//! answer's body holds the connection's sender and checks it in at its end (hyper has readied the
+//! connection by then), or at once when the whole body came with the head. A body dropped early
+//! leaves a small task waiting for the connection to be ready or closed. A request that finds its pooled connection closed before anything was
 //! written to it is retried on another connection: that is the keep-alive race with an upstream
 //! that closes idle connections, not a failure of the endpoint.
 
@@ -141,16 +143,53 @@ enum NewConn {
     H2(H2Conn),
 }
 
-/// The body of an upstream's answer: hyper's, plus (over HTTP/2) the stream's slot on its
-/// connection, freed when the body ends or is dropped.
+/// The body of an upstream's answer: hyper's, plus what it holds of its connection until it ends
+/// or is dropped.
 pub struct AnswerBody {
     inner: Incoming,
-    stream: Option<StreamSlot>,
+    holds: Holds,
+}
+
+/// What an answer's body holds of its connection.
+enum Holds {
+    Nothing,
+    /// Over HTTP/2: the stream's slot on its connection, freed when dropped.
+    Stream {
+        _slot: StreamSlot,
+    },
+    /// Over HTTP/1.1: the connection's sender, which goes back to pool `slot` of `pools`.
+    Sender {
+        pools: Arc<Pools>,
+        slot: usize,
+        sender: SendRequest<UpstreamBody>,
+    },
 }
 
 impl AnswerBody {
-    fn new(resp: Response<Incoming>, stream: Option<StreamSlot>) -> Response<Self> {
-        resp.map(|inner| Self { inner, stream })
+    fn new(resp: Response<Incoming>, holds: Holds) -> Response<Self> {
+        resp.map(|inner| Self { inner, holds })
+    }
+
+    /// Lets go of the connection: an HTTP/2 stream's slot is freed, an HTTP/1.1 connection goes
+    /// back to its pool. At the body's end hyper has usually readied that connection for the
+    /// next request already, so it is checked in without a task to wait for it.
+    fn release(&mut self) {
+        if let Holds::Sender {
+            pools,
+            slot,
+            sender,
+        } = std::mem::replace(&mut self.holds, Holds::Nothing)
+        {
+            pools.keep(slot, sender);
+        }
+    }
+}
+
+impl Drop for AnswerBody {
+    fn drop(&mut self) {
+        // A body dropped before its end closes the connection: the task `keep` leaves waiting
+        // then sees it closed and drops the sender.
+        self.release();
     }
 }
 
@@ -165,7 +204,7 @@ impl Body for AnswerBody {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         if matches!(polled, Poll::Ready(None)) {
-            this.stream = None;
+            this.release();
         }
         polled
     }
@@ -243,10 +282,7 @@ impl UpstreamClient {
         while let Some(mut sender) = self.inner.checkout(slot) {
             drop(turn.take());
             match sender.try_send_request(req).await {
-                Ok(resp) => {
-                    self.inner.keep(slot, sender);
-                    return Ok(AnswerBody::new(resp, None));
-                }
+                Ok(resp) => return Ok(self.inner.answer(resp, slot, sender)),
                 // Closed before the request was written: the keep-alive race, try another.
                 Err(mut e) => match e.take_message() {
                     Some(back) => req = back,
@@ -261,8 +297,7 @@ impl UpstreamClient {
             NewConn::H1(mut sender) => {
                 drop(turn);
                 let resp = sender.send_request(req).await?;
-                self.inner.keep(slot, sender);
-                Ok(AnswerBody::new(resp, None))
+                Ok(self.inner.answer(resp, slot, sender))
             }
             NewConn::H2(mut conn) => {
                 req.headers_mut().remove(header::HOST);
@@ -271,7 +306,7 @@ impl UpstreamClient {
                 self.inner.h2[slot].conns.lock().push(conn.clone());
                 drop(turn);
                 let resp = conn.sender.send_request(req).await?;
-                Ok(AnswerBody::new(resp, Some(stream)))
+                Ok(AnswerBody::new(resp, Holds::Stream { _slot: stream }))
             }
         }
     }
@@ -291,7 +326,12 @@ impl UpstreamClient {
             if let Some((mut conn, stream)) = self.inner.checkout_h2(slot) {
                 drop(turn.take());
                 match conn.sender.try_send_request(req).await {
-                    Ok(resp) => return Ok(H2Sent::Answered(AnswerBody::new(resp, Some(stream)))),
+                    Ok(resp) => {
+                        return Ok(H2Sent::Answered(AnswerBody::new(
+                            resp,
+                            Holds::Stream { _slot: stream },
+                        )));
+                    }
                     // Refused before the request went out (a GOAWAY, a closed connection): that
                     // connection takes no more streams; try another.
                     Err(mut e) => match e.take_message() {
@@ -415,13 +455,37 @@ impl Pools {
     }
 
     /// Returns `sender` to `slot`'s pool once its response has been read to the end.
+    /// An HTTP/1.1 answer. `sender` goes back to pool `slot` now if hyper has readied it (the
+    /// whole body came with the head), else when the body ends.
+    fn answer(
+        self: &Arc<Self>,
+        resp: Response<Incoming>,
+        slot: usize,
+        sender: SendRequest<UpstreamBody>,
+    ) -> Response<AnswerBody> {
+        if sender.is_ready() {
+            self.checkin(slot, sender);
+            return AnswerBody::new(resp, Holds::Nothing);
+        }
+        let holds = Holds::Sender {
+            pools: Arc::clone(self),
+            slot,
+            sender,
+        };
+        AnswerBody::new(resp, holds)
+    }
+
     fn keep(self: &Arc<Self>, slot: usize, mut sender: SendRequest<UpstreamBody>) {
         if sender.is_ready() {
             self.checkin(slot, sender);
             return;
         }
+        // Outside a runtime (a body dropped by a thread that has none) the connection closes.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
         let pools = Arc::clone(self);
-        tokio::spawn(async move {
+        runtime.spawn(async move {
             if sender.ready().await.is_ok() {
                 pools.checkin(slot, sender);
             }
