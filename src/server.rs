@@ -192,36 +192,44 @@ async fn reload_route<B>(handle: &Handle, req: &Request<B>) -> Response<GateBody
 /// prefix to the control plane, the pre-connect answered here, and API paths to the proxy of the
 /// current gateway. The proxy never sees `/_ccgate/`, and every later stage sees the normalised
 /// origin-form target only.
-async fn serve_one<B>(handle: Arc<Handle>, mut req: Request<B>) -> Response<GateBody>
+// An async block, not an async fn: an async fn keeps its arguments twice in its future (as
+// captured and again as moved to locals), and every request allocates and copies that future.
+#[allow(clippy::manual_async_fn)]
+fn serve_one<B>(
+    handle: Arc<Handle>,
+    mut req: Request<B>,
+) -> impl Future<Output = Response<GateBody>>
 where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let admitted = match entry::admit(req.method(), req.uri()) {
-        Ok(a) => a,
-        Err(refusal) => {
-            tracing::debug!(method = %req.method(), %refusal, "request refused at the door");
-            return refusal.answer();
-        }
-    };
-    if let Some(target) = admitted.target {
-        *req.uri_mut() = Uri::from(target);
-    }
-    match admitted.destination {
-        Destination::Preconnect => Response::new(GateBody::empty()),
-        Destination::Control if req.uri().path() == "/_ccgate/reload" => {
-            reload_route(&handle, &req).await
-        }
-        Destination::Control => {
-            let gw = handle.current();
-            if let Some(resp) =
-                crate::control::cluster_view::route(handle.cluster.as_ref(), &gw, &req).await
-            {
-                return resp;
+    async move {
+        let admitted = match entry::admit(req.method(), req.uri()) {
+            Ok(a) => a,
+            Err(refusal) => {
+                tracing::debug!(method = %req.method(), %refusal, "request refused at the door");
+                return refusal.answer();
             }
-            crate::control::admin::handle(gw, &handle.persist, req).await
+        };
+        if let Some(target) = admitted.target {
+            *req.uri_mut() = Uri::from(target);
         }
-        Destination::Api => handler::handle(handle.current(), req).await,
+        match admitted.destination {
+            Destination::Preconnect => Response::new(GateBody::empty()),
+            Destination::Control if req.uri().path() == "/_ccgate/reload" => {
+                reload_route(&handle, &req).await
+            }
+            Destination::Control => {
+                let gw = handle.current();
+                if let Some(resp) =
+                    crate::control::cluster_view::route(handle.cluster.as_ref(), &gw, &req).await
+                {
+                    return resp;
+                }
+                crate::control::admin::handle(gw, &handle.persist, req).await
+            }
+            Destination::Api => handler::handle(handle.current(), req).await,
+        }
     }
 }
 

@@ -125,7 +125,11 @@ async fn a_stream_dropped_before_its_end_gives_back_no_connection() {
     assert_eq!(client.idle_connections(), 0);
     let (status, _) = exchange(&client, &url).await;
     assert_eq!(status, 200);
-    assert_eq!(up.connections_accepted(), 2, "a new connection, not the dropped one");
+    assert_eq!(
+        up.connections_accepted(),
+        2,
+        "a new connection, not the dropped one"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

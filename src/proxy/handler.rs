@@ -37,46 +37,63 @@ static FALLBACK: HeaderName = HeaderName::from_static("x-ccgate-fallback");
 /// Handles one proxied client request. Only admitted API paths reach this (see
 /// [`crate::proxy::entry`]): the server answers the rest, and routes the admin prefix to the
 /// control plane.
-pub async fn handle<B>(gw: Arc<Gateway>, req: Request<B>) -> Response<GateBody>
+// An async block, not an async fn: an async fn keeps its arguments twice in its future (as
+// captured and again as moved to locals), and every request allocates and copies that future.
+#[allow(clippy::manual_async_fn)]
+pub fn handle<B>(gw: Arc<Gateway>, mut req: Request<B>) -> impl Future<Output = Response<GateBody>>
 where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let mut req = req;
-    match gw.access(req.headers()) {
-        None => {
-            return response::error(
-                StatusCode::UNAUTHORIZED,
-                "authentication_error",
-                "ccgate: missing or wrong access token",
-            );
+    async move {
+        match gw.access(req.headers()) {
+            None => {
+                return response::error(
+                    StatusCode::UNAUTHORIZED,
+                    "authentication_error",
+                    "ccgate: missing or wrong access token",
+                );
+            }
+            // The gateway's token is not a credential for any upstream: what is left of
+            // `authorization` / `x-api-key` is the client's own.
+            Some(Some(name)) => {
+                req.headers_mut().remove(name);
+            }
+            Some(None) => {}
         }
-        // The gateway's token is not a credential for any upstream: what is left of
-        // `authorization` / `x-api-key` is the client's own.
-        Some(Some(name)) => {
-            req.headers_mut().remove(name);
-        }
-        Some(None) => {}
+        req.headers_mut().remove(&CCGATE_TOKEN);
+        let mut guard = gw.registry.gateway.begin();
+        guard.record_to(
+            Arc::clone(&gw.recent) as Arc<dyn crate::health::totals::RequestSink>,
+            RequestNote {
+                at: Some(SystemTime::now()),
+                method: req.method().to_string(),
+                path: req.uri().path().to_string(),
+                ..RequestNote::default()
+            },
+        );
+        let id = guard.id().header_value();
+        // Two awaits one after the other, not one inside the other: the request as read is not
+        // kept beside the attempts' state.
+        let mut resp = match read_request(&gw, req, &mut guard).await {
+            Ok(prepared) => forward_request(&gw, prepared, guard).await,
+            Err((end, refused)) => {
+                guard.end(end);
+                refused
+            }
+        };
+        resp.headers_mut().insert(REQUEST_ID.clone(), id);
+        resp
     }
-    req.headers_mut().remove(&CCGATE_TOKEN);
-    let mut guard = gw.registry.gateway.begin();
-    guard.record_to(
-        Arc::clone(&gw.recent) as Arc<dyn crate::health::totals::RequestSink>,
-        RequestNote {
-            at: Some(SystemTime::now()),
-            method: req.method().to_string(),
-            path: req.uri().path().to_string(),
-            ..RequestNote::default()
-        },
-    );
-    let id = guard.id().header_value();
-    let mut resp = proxied(&gw, req, guard).await;
-    resp.headers_mut().insert(REQUEST_ID.clone(), id);
-    resp
 }
 
-/// Reads the body (capped) and forwards the request.
-async fn proxied<B>(gw: &Gateway, req: Request<B>, mut guard: RequestGuard) -> Response<GateBody>
+/// Reads the body (capped) and prepares the request for forwarding, or answers a request that
+/// cannot be forwarded, with how its request ended.
+async fn read_request<B>(
+    gw: &Gateway,
+    req: Request<B>,
+    guard: &mut RequestGuard,
+) -> Result<Prepared, (RequestEnd, Response<GateBody>)>
 where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
@@ -89,8 +106,7 @@ where
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > cap as u64) {
-        guard.end(RequestEnd::Caller);
-        return too_large(cap);
+        return Err((RequestEnd::Caller, too_large(cap)));
     }
     let body = match read_frames(Limited::new(body, cap)).await {
         Ok(frames) => Frames::from(frames),
@@ -98,20 +114,22 @@ where
             if e.downcast_ref::<http_body_util::LengthLimitError>()
                 .is_some()
             {
-                guard.end(RequestEnd::Caller);
-                return too_large(cap);
+                return Err((RequestEnd::Caller, too_large(cap)));
             }
             // A client that leaves during its upload cancelled its request; a body that breaks
             // the framing (bad chunk sizes) is the caller's error.
-            guard.end(if client_left(&*e) {
+            let end = if client_left(&*e) {
                 RequestEnd::Cancelled
             } else {
                 RequestEnd::Caller
-            });
-            return response::error_for(
-                StatusCode::BAD_REQUEST,
-                "ccgate: could not read the request body",
-            );
+            };
+            return Err((
+                end,
+                response::error_for(
+                    StatusCode::BAD_REQUEST,
+                    "ccgate: could not read the request body",
+                ),
+            ));
         }
     };
     let mut headers = parts.headers;
@@ -135,8 +153,7 @@ where
                 None => m.into_owned(),
             });
     }
-    let prepared = Prepared::new(parts.method, path_and_query, headers, body);
-    forward_request(gw, prepared, guard).await
+    Ok(Prepared::new(parts.method, path_and_query, headers, body))
 }
 
 /// The body's data frames as they arrive, each kept as hyper handed it over (no copy).
@@ -217,319 +234,346 @@ fn fail_attempt(
     });
 }
 
-async fn forward_request(
+// An async block, not an async fn: an async fn keeps its arguments twice in its future (as
+// captured and again as moved to locals), and every request allocates and copies that future.
+#[allow(clippy::manual_async_fn)]
+fn forward_request(
     gw: &Gateway,
     req: Prepared,
     mut guard: RequestGuard,
-) -> Response<GateBody> {
-    let reg = &gw.registry;
-    let timeouts = gw.config.timeouts;
-    let max_attempts = gw.config.server.max_attempts;
-    // Endpoints that do not serve the request's model are not candidates at all.
-    let skip = match not_serving(reg, &req) {
-        Ok(skip) => skip,
-        Err(model) => {
-            guard.end(RequestEnd::Caller);
-            return response::error(
-                StatusCode::NOT_FOUND,
-                "not_found_error",
-                &format!("ccgate: no enabled endpoint serves the model `{model}`"),
-            );
-        }
-    };
-    // Endpoints that forward the client's own credential cannot serve a request that carries
-    // none: they are not candidates for it (not a failure of theirs).
-    let mut skip = skip;
-    let mut needs_client_credential = false;
-    if !req.has_client_credential() {
-        for ep in reg.endpoints.iter().filter(|e| e.uses_client_credential()) {
-            needs_client_credential |= !skip.contains(ep.idx) && !ep.live.admin_disabled();
-            skip.insert(ep.idx);
-        }
-        if needs_client_credential
-            && reg
-                .endpoints
-                .iter()
-                .all(|e| skip.contains(e.idx) || e.live.admin_disabled())
-        {
-            guard.end(RequestEnd::Caller);
-            return response::error(
-                StatusCode::UNAUTHORIZED,
-                "authentication_error",
-                "ccgate: the endpoints for this request forward the client's own credential, and it sent none",
-            );
-        }
-    }
-    let mut rng = fastrand::Rng::new();
-    let now_ms = reg.clock.now_ms();
-    let mut ranking = gw.selector.rank(&reg.endpoints, now_ms, &mut rng);
-    gw.budget.deposit(now_ms);
-    // A session goes first to the endpoint that served it last; if that endpoint is not
-    // admitted now, admission skips it and whoever serves the session becomes its binding.
-    let session = gw.affinity.as_ref().and_then(|a| {
-        Some((
-            a,
-            affinity::session_key(&req.headers, req.metadata.as_deref())?,
-        ))
-    });
-    // A session's endpoint near its rate limit stays ranked last: moving the session costs its
-    // prompt cache once, a 429 later costs a failed attempt and a cooldown.
-    if let Some(bound) = session
-        .as_ref()
-        .and_then(|(a, key)| a.lookup(key))
-        .filter(|&b| {
-            reg.endpoints
-                .get(b)
-                .is_none_or(|e| !e.live.near_quota_limit(now_ms))
-        })
-    {
-        if let Some(pos) = ranking.iter().position(|&i| i == bound) {
-            ranking[..=pos].rotate_right(1);
-        }
-    }
-    let mut candidates = ranking.into_iter();
-    let mut tried = Tried::default();
-    let mut failures: Vec<Failure> = Vec::new();
-    let mut fallback = false;
-
-    while (tried.len() as usize) < max_attempts {
-        let Some((ep, holds_probation)) = next_candidate(reg, &mut candidates, tried, skip)
-            .or_else(|| {
-                // Nothing admitted and nothing tried yet: rather than fail blind, try the endpoint
-                // expected back soonest.
-                if tried.is_empty() && !fallback {
-                    fallback = true;
-                    reg.least_bad(|e| !skip.contains(e.idx)).map(|e| (e, false))
-                } else {
-                    None
-                }
-            })
-        else {
-            break;
+) -> impl Future<Output = Response<GateBody>> + '_ {
+    async move {
+        let reg = &gw.registry;
+        let timeouts = gw.config.timeouts;
+        let max_attempts = gw.config.server.max_attempts;
+        // Endpoints that do not serve the request's model are not candidates at all.
+        let skip = match not_serving(reg, &req) {
+            Ok(skip) => skip,
+            Err(model) => {
+                guard.end(RequestEnd::Caller);
+                return response::error(
+                    StatusCode::NOT_FOUND,
+                    "not_found_error",
+                    &format!("ccgate: no enabled endpoint serves the model `{model}`"),
+                );
+            }
         };
-        if !tried.is_empty() {
-            if !gw.budget.try_withdraw() {
-                if holds_probation {
-                    ep.live.release_probation();
+        // Endpoints that forward the client's own credential cannot serve a request that carries
+        // none: they are not candidates for it (not a failure of theirs).
+        let mut skip = skip;
+        let mut needs_client_credential = false;
+        if !req.has_client_credential() {
+            for ep in reg.endpoints.iter().filter(|e| e.uses_client_credential()) {
+                needs_client_credential |= !skip.contains(ep.idx) && !ep.live.admin_disabled();
+                skip.insert(ep.idx);
+            }
+            if needs_client_credential
+                && reg
+                    .endpoints
+                    .iter()
+                    .all(|e| skip.contains(e.idx) || e.live.admin_disabled())
+            {
+                guard.end(RequestEnd::Caller);
+                return response::error(
+                    StatusCode::UNAUTHORIZED,
+                    "authentication_error",
+                    "ccgate: the endpoints for this request forward the client's own credential, and it sent none",
+                );
+            }
+        }
+        let mut rng = fastrand::Rng::new();
+        let now_ms = reg.clock.now_ms();
+        let mut ranking = gw.selector.rank(&reg.endpoints, now_ms, &mut rng);
+        gw.budget.deposit(now_ms);
+        // A session goes first to the endpoint that served it last; if that endpoint is not
+        // admitted now, admission skips it and whoever serves the session becomes its binding.
+        let session = gw.affinity.as_ref().and_then(|a| {
+            Some((
+                a,
+                affinity::session_key(&req.headers, req.metadata.as_deref())?,
+            ))
+        });
+        // A session's endpoint near its rate limit stays ranked last: moving the session costs its
+        // prompt cache once, a 429 later costs a failed attempt and a cooldown.
+        if let Some(bound) = session
+            .as_ref()
+            .and_then(|(a, key)| a.lookup(key))
+            .filter(|&b| {
+                reg.endpoints
+                    .get(b)
+                    .is_none_or(|e| !e.live.near_quota_limit(now_ms))
+            })
+        {
+            if let Some(pos) = ranking.iter().position(|&i| i == bound) {
+                ranking[..=pos].rotate_right(1);
+            }
+        }
+        let mut candidates = ranking.into_iter();
+        let mut tried = Tried::default();
+        let mut failures: Vec<Failure> = Vec::new();
+        let mut fallback = false;
+
+        while (tried.len() as usize) < max_attempts {
+            let Some((ep, holds_probation)) = next_candidate(reg, &mut candidates, tried, skip)
+                .or_else(|| {
+                    // Nothing admitted and nothing tried yet: rather than fail blind, try the endpoint
+                    // expected back soonest.
+                    if tried.is_empty() && !fallback {
+                        fallback = true;
+                        reg.least_bad(|e| !skip.contains(e.idx)).map(|e| (e, false))
+                    } else {
+                        None
+                    }
+                })
+            else {
+                break;
+            };
+            if !tried.is_empty() {
+                if !gw.budget.try_withdraw() {
+                    if holds_probation {
+                        ep.live.release_probation();
+                    }
+                    reg.gateway
+                        .budget_refusals
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::warn!(endpoint = %ep.name, "retry budget spent; not failing over");
+                    break;
                 }
                 reg.gateway
-                    .budget_refusals
+                    .retries
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::warn!(endpoint = %ep.name, "retry budget spent; not failing over");
-                break;
             }
-            reg.gateway
-                .retries
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
-        tried.insert(ep.idx);
-        if fallback {
-            reg.gateway
-                .fallbacks
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            tracing::warn!(endpoint = %ep.name, "no endpoint admitted; trying the least-bad one");
-        }
-        let attempt = Attempt::begin(Arc::clone(&ep), Arc::clone(&reg.recorder), holds_probation);
-        let upstream_req = match req.for_endpoint(&ep) {
-            Ok(r) => r,
-            Err(m) => {
-                let connect = Outcome::Transport(TransportKind::Connect);
-                fail_attempt(&mut failures, attempt, connect, m, None);
-                continue;
+            tried.insert(ep.idx);
+            if fallback {
+                reg.gateway
+                    .fallbacks
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(endpoint = %ep.name, "no endpoint admitted; trying the least-bad one");
             }
-        };
-        let resp = match forward::send(&ep, upstream_req, timeouts.first_byte).await {
-            Ok(r) => r,
-            Err(forward::SendError::Local(message)) => {
-                // No endpoint is to blame and none would fare better: the attempt counts as not
-                // the endpoint's (cancelled) and the client is told to come back.
-                tracing::error!(endpoint = %ep.name, %message, "attempt not sent");
-                attempt.finish(Outcome::Cancelled, None);
-                guard.end(RequestEnd::Upstream);
-                return response::error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "overloaded_error",
-                    "ccgate is out of local resources (file descriptors, sockets or ports); try again",
-                );
-            }
-            Err(forward::SendError::Endpoint(outcome, message)) => {
-                fail_attempt(
-                    &mut failures,
-                    attempt,
-                    outcome,
-                    message,
-                    Some("attempt failed"),
-                );
-                continue;
-            }
-        };
-        attempt.first_byte();
-        // Every answer, whatever its status, may say how close the endpoint is to its limit.
-        let health = &gw.config.health;
-        if let Some(q) = quota(resp.headers(), SystemTime::now(), health.quota_threshold) {
-            let fallback = health.rate_limit_cooldown;
-            ep.live.observe_quota(&q, reg.clock.now_ms(), fallback);
-        }
-        let limits = gw.config.relay;
-        let header_len = forward::header_block_len(resp.headers());
-        if header_len > limits.max_response_header_bytes {
-            let message = format!(
-                "response headers of {header_len} bytes exceed {}",
-                limits.max_response_header_bytes
-            );
-            let log = Some("attempt failed");
-            fail_attempt(&mut failures, attempt, Outcome::ServerError, message, log);
-            continue;
-        }
-        let mut verdict = classify_status(resp.status(), resp.headers(), SystemTime::now);
-        if ep.uses_client_credential() {
-            verdict = classify::with_client_credential(verdict);
-        }
-        let (mut parts, body) = resp.into_parts();
-        let commit = Commit {
-            gw,
-            failures: &failures,
-            session: session.as_ref(),
-            ep: &ep,
-            attempts: tried.len(),
-            fallback,
-            method: &req.method,
-        };
-        // Bodiless answers are complete with their headers.
-        let bodiless = req.method == Method::HEAD
-            || parts.status == StatusCode::NO_CONTENT
-            || parts.status == StatusCode::NOT_MODIFIED;
-        match verdict {
-            Verdict::Relay => {
-                if let Some(problem) = req.expects.mismatch(&parts.headers) {
-                    let log = Some("answer is not what was asked for");
-                    fail_attempt(&mut failures, attempt, Outcome::ServerError, problem, log);
+            let attempt =
+                Attempt::begin(Arc::clone(&ep), Arc::clone(&reg.recorder), holds_probation);
+            let upstream_req = match req.for_endpoint(&ep) {
+                Ok(r) => r,
+                Err(m) => {
+                    let connect = Outcome::Transport(TransportKind::Connect);
+                    fail_attempt(&mut failures, attempt, connect, m, None);
                     continue;
                 }
-                let stream = is_event_stream(&parts.headers);
-                // A bodiless answer, and an encoded stream that is not a Messages answer (those
-                // were asked for identity and checked above), are relayed byte for byte and
-                // judged like a plain body.
-                if bodiless || (stream && is_encoded(&parts.headers)) {
-                    return commit.relay(
-                        guard,
-                        attempt,
-                        parts,
-                        Some(body),
-                        Vec::new(),
-                        Judge::Plain,
+            };
+            let resp = match forward::send(&ep, upstream_req, timeouts.first_byte).await {
+                Ok(r) => r,
+                Err(forward::SendError::Local(message)) => {
+                    // No endpoint is to blame and none would fare better: the attempt counts as not
+                    // the endpoint's (cancelled) and the client is told to come back.
+                    tracing::error!(endpoint = %ep.name, %message, "attempt not sent");
+                    attempt.finish(Outcome::Cancelled, None);
+                    guard.end(RequestEnd::Upstream);
+                    return response::error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "overloaded_error",
+                        "ccgate is out of local resources (file descriptors, sockets or ports); try again",
                     );
                 }
-                if stream {
-                    match forward::await_content(body, timeouts.idle, &limits).await {
-                        Preamble::Commit {
-                            held,
-                            scanner,
-                            body,
-                        } => {
-                            let judge = Judge::Stream(scanner);
-                            return commit.relay(guard, attempt, parts, Some(body), held, judge);
-                        }
-                        Preamble::Failed(outcome, message) => {
-                            let message = req.scrub(&ep.scrub(&message));
-                            let log = Some("stream failed before content");
-                            fail_attempt(&mut failures, attempt, outcome, message, log);
-                            continue;
-                        }
-                    }
+                Err(forward::SendError::Endpoint(outcome, message)) => {
+                    fail_attempt(
+                        &mut failures,
+                        attempt,
+                        outcome,
+                        message,
+                        Some("attempt failed"),
+                    );
+                    continue;
                 }
-                // A non-streaming answer is read whole before anything goes to the client, so a
-                // body that breaks off, stalls or is not JSON can still fail over.
-                match forward::read_to_end(body, limits.max_json_bytes, timeouts.idle).await {
-                    Collected::Complete(frames) => {
-                        let judge = if req.expects == Expects::Json {
-                            // One parse judges the answer and reads what it cost.
-                            let Ok(found) = forward::read_json_answer(&frames) else {
-                                let message =
-                                    "answered 2xx with a body that is not valid JSON".into();
-                                let log = Some("attempt failed");
-                                let outcome = Outcome::ServerError;
+            };
+            attempt.first_byte();
+            // Every answer, whatever its status, may say how close the endpoint is to its limit.
+            let health = &gw.config.health;
+            if let Some(q) = quota(resp.headers(), SystemTime::now(), health.quota_threshold) {
+                let fallback = health.rate_limit_cooldown;
+                ep.live.observe_quota(&q, reg.clock.now_ms(), fallback);
+            }
+            let limits = gw.config.relay;
+            let header_len = forward::header_block_len(resp.headers());
+            if header_len > limits.max_response_header_bytes {
+                let message = format!(
+                    "response headers of {header_len} bytes exceed {}",
+                    limits.max_response_header_bytes
+                );
+                let log = Some("attempt failed");
+                fail_attempt(&mut failures, attempt, Outcome::ServerError, message, log);
+                continue;
+            }
+            let mut verdict = classify_status(resp.status(), resp.headers(), SystemTime::now);
+            if ep.uses_client_credential() {
+                verdict = classify::with_client_credential(verdict);
+            }
+            let (mut parts, body) = resp.into_parts();
+            let commit = Commit {
+                gw,
+                failures: &failures,
+                session: session.as_ref(),
+                ep: &ep,
+                attempts: tried.len(),
+                fallback,
+                method: &req.method,
+            };
+            // Bodiless answers are complete with their headers.
+            let bodiless = req.method == Method::HEAD
+                || parts.status == StatusCode::NO_CONTENT
+                || parts.status == StatusCode::NOT_MODIFIED;
+            match verdict {
+                Verdict::Relay => {
+                    if let Some(problem) = req.expects.mismatch(&parts.headers) {
+                        let log = Some("answer is not what was asked for");
+                        fail_attempt(&mut failures, attempt, Outcome::ServerError, problem, log);
+                        continue;
+                    }
+                    let stream = is_event_stream(&parts.headers);
+                    // A bodiless answer, and an encoded stream that is not a Messages answer (those
+                    // were asked for identity and checked above), are relayed byte for byte and
+                    // judged like a plain body.
+                    if bodiless || (stream && is_encoded(&parts.headers)) {
+                        return commit.relay(
+                            guard,
+                            attempt,
+                            parts,
+                            Some(body),
+                            Vec::new(),
+                            Judge::Plain,
+                        );
+                    }
+                    if stream {
+                        match forward::await_content(body, timeouts.idle, &limits).await {
+                            Preamble::Commit {
+                                held,
+                                scanner,
+                                body,
+                            } => {
+                                let judge = Judge::Stream(scanner);
+                                return commit.relay(
+                                    guard,
+                                    attempt,
+                                    parts,
+                                    Some(body),
+                                    held,
+                                    judge,
+                                );
+                            }
+                            Preamble::Failed(outcome, message) => {
+                                let message = req.scrub(&ep.scrub(&message));
+                                let log = Some("stream failed before content");
                                 fail_attempt(&mut failures, attempt, outcome, message, log);
                                 continue;
+                            }
+                        }
+                    }
+                    // A non-streaming answer is read whole before anything goes to the client, so a
+                    // body that breaks off, stalls or is not JSON can still fail over.
+                    match forward::read_to_end(body, limits.max_json_bytes, timeouts.idle).await {
+                        Collected::Complete(frames) => {
+                            let judge = if req.expects == Expects::Json {
+                                // One parse judges the answer and reads what it cost.
+                                let Ok(found) = forward::read_json_answer(&frames) else {
+                                    let message =
+                                        "answered 2xx with a body that is not valid JSON".into();
+                                    let log = Some("attempt failed");
+                                    let outcome = Outcome::ServerError;
+                                    fail_attempt(&mut failures, attempt, outcome, message, log);
+                                    continue;
+                                };
+                                Judge::Answer(found)
+                            } else {
+                                Judge::Plain
                             };
-                            Judge::Answer(found)
-                        } else {
-                            Judge::Plain
-                        };
-                        return commit.relay(guard, attempt, parts, None, frames, judge);
-                    }
-                    Collected::OverCap { held, body } => {
-                        return commit.relay(guard, attempt, parts, Some(body), held, Judge::Plain);
-                    }
-                    Collected::Failed(outcome, message) => {
-                        let log = Some("attempt failed");
-                        fail_attempt(&mut failures, attempt, outcome, message, log);
+                            return commit.relay(guard, attempt, parts, None, frames, judge);
+                        }
+                        Collected::OverCap { held, body } => {
+                            return commit.relay(
+                                guard,
+                                attempt,
+                                parts,
+                                Some(body),
+                                held,
+                                Judge::Plain,
+                            );
+                        }
+                        Collected::Failed(outcome, message) => {
+                            let log = Some("attempt failed");
+                            fail_attempt(&mut failures, attempt, outcome, message, log);
+                        }
                     }
                 }
-            }
-            Verdict::RelayCallerError => {
-                // The caller's error goes back as the upstream said it, less any secret it echoes.
-                scrub_headers(reg, &mut parts.headers);
-                if bodiless {
-                    let judge = Judge::CallerError;
-                    return commit.relay(guard, attempt, parts, Some(body), Vec::new(), judge);
-                }
-                match forward::read_to_end(body, limits.max_json_bytes, timeouts.idle).await {
-                    Collected::Complete(frames) => {
-                        let frames = if is_encoded(&parts.headers) {
-                            // Cannot be read (identity was asked for, the upstream did not care).
-                            frames
-                        } else {
-                            scrub_body(reg, frames, &mut parts.headers)
-                        };
+                Verdict::RelayCallerError => {
+                    // The caller's error goes back as the upstream said it, less any secret it echoes.
+                    scrub_headers(reg, &mut parts.headers);
+                    if bodiless {
                         let judge = Judge::CallerError;
-                        return commit.relay(guard, attempt, parts, None, frames, judge);
+                        return commit.relay(guard, attempt, parts, Some(body), Vec::new(), judge);
                     }
-                    Collected::OverCap { .. } => {
-                        // Too large to scrub: the client gets the status and a short error instead.
-                        let message = format!(
-                            "ccgate: the upstream's error answer exceeds {} bytes",
-                            limits.max_json_bytes
-                        );
-                        let own_body = replace_with_own_error(&mut parts, &message);
-                        let judge = Judge::CallerError;
-                        return commit.relay(guard, attempt, parts, None, vec![own_body], judge);
-                    }
-                    Collected::Failed(outcome, message) => {
-                        let log = Some("attempt failed");
-                        fail_attempt(&mut failures, attempt, outcome, message, log);
+                    match forward::read_to_end(body, limits.max_json_bytes, timeouts.idle).await {
+                        Collected::Complete(frames) => {
+                            let frames = if is_encoded(&parts.headers) {
+                                // Cannot be read (identity was asked for, the upstream did not care).
+                                frames
+                            } else {
+                                scrub_body(reg, frames, &mut parts.headers)
+                            };
+                            let judge = Judge::CallerError;
+                            return commit.relay(guard, attempt, parts, None, frames, judge);
+                        }
+                        Collected::OverCap { .. } => {
+                            // Too large to scrub: the client gets the status and a short error instead.
+                            let message = format!(
+                                "ccgate: the upstream's error answer exceeds {} bytes",
+                                limits.max_json_bytes
+                            );
+                            let own_body = replace_with_own_error(&mut parts, &message);
+                            let judge = Judge::CallerError;
+                            return commit.relay(
+                                guard,
+                                attempt,
+                                parts,
+                                None,
+                                vec![own_body],
+                                judge,
+                            );
+                        }
+                        Collected::Failed(outcome, message) => {
+                            let log = Some("attempt failed");
+                            fail_attempt(&mut failures, attempt, outcome, message, log);
+                        }
                     }
                 }
-            }
-            Verdict::FailOver(outcome) => {
-                let text = forward::read_small(body, 16 * 1024, timeouts.idle).await;
-                let message = crate::wire::anthropic::error_message(&text)
-                    .unwrap_or_else(|| format!("HTTP {}", parts.status.as_u16()));
-                let message = req.scrub(&ep.scrub(&message));
-                let message = format!("HTTP {}: {message}", parts.status.as_u16());
-                fail_attempt(
-                    &mut failures,
-                    attempt,
-                    outcome,
-                    message,
-                    Some("attempt failed"),
-                );
+                Verdict::FailOver(outcome) => {
+                    let text = forward::read_small(body, 16 * 1024, timeouts.idle).await;
+                    let message = crate::wire::anthropic::error_message(&text)
+                        .unwrap_or_else(|| format!("HTTP {}", parts.status.as_u16()));
+                    let message = req.scrub(&ep.scrub(&message));
+                    let message = format!("HTTP {}: {message}", parts.status.as_u16());
+                    fail_attempt(
+                        &mut failures,
+                        attempt,
+                        outcome,
+                        message,
+                        Some("attempt failed"),
+                    );
+                }
             }
         }
+        let mut resp = all_down(reg, &failures);
+        if fallback {
+            resp.headers_mut()
+                .insert(FALLBACK.clone(), HeaderValue::from_static("least-bad"));
+        }
+        // The log line names the last endpoint tried with the status the client got (none when
+        // nothing could be tried).
+        if let Some(last) = failures.last() {
+            guard.served_by(&last.endpoint, tried.len(), resp.status().as_u16());
+        }
+        note_failover(gw, &guard, &failures, None, resp.status());
+        guard.end(RequestEnd::Upstream);
+        resp
     }
-    let mut resp = all_down(reg, &failures);
-    if fallback {
-        resp.headers_mut()
-            .insert(FALLBACK.clone(), HeaderValue::from_static("least-bad"));
-    }
-    // The log line names the last endpoint tried with the status the client got (none when
-    // nothing could be tried).
-    if let Some(last) = failures.last() {
-        guard.served_by(&last.endpoint, tried.len(), resp.status().as_u16());
-    }
-    note_failover(gw, &guard, &failures, None, resp.status());
-    guard.end(RequestEnd::Upstream);
-    resp
 }
 
 /// The endpoints that do not serve the request's model (as a set to skip), or the model when no

@@ -270,7 +270,8 @@ impl UpstreamClient {
         let origin = self.inner.origin(req.uri())?;
         let mut turn = None;
         if self.inner.speaks_h2() {
-            match self.send_h2(slot, req).await? {
+            // Boxed: the HTTP/2 path's state would otherwise size every request's future.
+            match Box::pin(self.send_h2(slot, req)).await? {
                 H2Sent::Answered(resp) => return Ok(resp),
                 H2Sent::NoRoom(back, t) => (req, turn) = (back, Some(t)),
             }
