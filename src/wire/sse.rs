@@ -166,13 +166,21 @@ impl SseScanner {
             return;
         }
         self.pending = true;
-        let (field, value) = match memchr::memchr(b':', line) {
-            Some(0) => return, // comment
-            Some(i) => {
-                let v = &line[i + 1..];
-                (&line[..i], v.strip_prefix(b" ").unwrap_or(v))
+        // The two fields every event has are told by their prefix, without a search for the
+        // colon (a `data:` line is the field `data` whatever follows its colon).
+        let (field, value): (&[u8], &[u8]) = if let Some(v) = line.strip_prefix(b"data:") {
+            (b"data", v.strip_prefix(b" ").unwrap_or(v))
+        } else if let Some(v) = line.strip_prefix(b"event:") {
+            (b"event", v.strip_prefix(b" ").unwrap_or(v))
+        } else {
+            match memchr::memchr(b':', line) {
+                Some(0) => return, // comment
+                Some(i) => {
+                    let v = &line[i + 1..];
+                    (&line[..i], v.strip_prefix(b" ").unwrap_or(v))
+                }
+                None => (line, &b""[..]),
             }
-            None => (line, &b""[..]),
         };
         match field {
             b"event" => {
@@ -369,6 +377,38 @@ event: content_block_delta\ndata: {\"type\":\"content_block_delta\"}\n\nevent: m
         }
         let crlf = STREAM.replace('\n', "\r\n");
         assert_eq!(scan_in_pieces(&crlf, 7), whole);
+    }
+
+    #[test]
+    fn fields_are_read_with_or_without_the_space_and_only_by_their_whole_name() {
+        let whole = scan_in_pieces(STREAM, STREAM.len());
+        // The space after the colon is optional (and only one is dropped).
+        let tight = STREAM
+            .replace("event: ", "event:")
+            .replace("data: ", "data:");
+        assert_eq!(scan_in_pieces(&tight, tight.len()), whole);
+        assert_eq!(scan_in_pieces(&tight, 3), whole);
+        // A name that only begins like a field is another field.
+        for line in ["datas: {}", "data-x: {}", "events: ping", "eventx:ping"] {
+            let f = scan_in_pieces(&format!("{line}\n\n{STREAM}"), 5);
+            assert!(
+                f.malformed
+                    .as_deref()
+                    .is_some_and(|m| m.contains("not an SSE field")),
+                "{line}: {f:?}"
+            );
+        }
+        // Two spaces: the value keeps the second, so the name is not known.
+        let f = scan_in_pieces(
+            "event:  message_start\ndata: {\"type\":\"message_start\"}\n\n",
+            4,
+        );
+        assert!(
+            f.malformed
+                .as_deref()
+                .is_some_and(|m| m.contains("unknown event")),
+            "{f:?}"
+        );
     }
 
     #[test]
