@@ -9,8 +9,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use ccgate::config::Timeouts;
 use ccgate::transport::replay::ReplayBody;
-use ccgate::transport::upstream::{IDLE_TIMEOUT, UpstreamClient, UpstreamError, build_client};
-use http::Request;
+use ccgate::transport::upstream::{
+    AnswerBody, IDLE_TIMEOUT, UpstreamClient, UpstreamError, build_client,
+};
+use http::{Request, Response};
 use http_body_util::BodyExt;
 use support::mock::{Gate, MockUpstream, Script, SseEvent};
 use support::wait::{eventually, within};
@@ -29,6 +31,22 @@ fn post(url: &str) -> Request<ReplayBody> {
         .header("content-type", "application/json")
         .body(ReplayBody::from(Bytes::from_static(b"{\"model\":\"m\"}")))
         .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A stream whose head has arrived and whose body is held at the returned gate after its first
+/// event.
+async fn held_stream(
+    up: &MockUpstream,
+    client: &UpstreamClient,
+    url: &str,
+) -> (Response<AnswerBody>, Gate) {
+    let gate = Gate::new();
+    up.push(Script::sse_events(SseEvent::message_stream(2)).gate_after(1, gate.clone()));
+    let stream = within("the stream's headers", client.request(post(url)))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    gate.wait_arrived(1).await;
+    (stream, gate)
 }
 
 /// Sends one request and reads its whole body; the status and the body.
@@ -75,14 +93,8 @@ async fn a_running_stream_keeps_its_connection_until_its_body_ends() {
     let up = MockUpstream::start().await;
     let client = client();
     let url = format!("{}/v1/messages", up.url());
-    let gate = Gate::new();
-    up.push(Script::sse_events(SseEvent::message_stream(2)).gate_after(1, gate.clone()));
-
     // The stream's headers arrive; its body is held at the gate.
-    let stream = within("the stream's headers", client.request(post(&url)))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    gate.wait_arrived(1).await;
+    let (stream, gate) = held_stream(&up, &client, &url).await;
     // A request meanwhile needs a second connection: the first is busy.
     let (status, _) = exchange(&client, &url).await;
     assert_eq!(status, 200);
@@ -109,12 +121,7 @@ async fn a_stream_dropped_before_its_end_gives_back_no_connection() {
     let up = MockUpstream::start().await;
     let client = client();
     let url = format!("{}/v1/messages", up.url());
-    let gate = Gate::new();
-    up.push(Script::sse_events(SseEvent::message_stream(2)).gate_after(1, gate.clone()));
-    let stream = within("the stream's headers", client.request(post(&url)))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    gate.wait_arrived(1).await;
+    let (stream, gate) = held_stream(&up, &client, &url).await;
     // The client goes away mid-stream: hyper closes that connection, so it must not be pooled.
     drop(stream);
     gate.open();
