@@ -192,8 +192,7 @@ async fn reload_route<B>(handle: &Handle, req: &Request<B>) -> Response<GateBody
 /// prefix to the control plane, the pre-connect answered here, and API paths to the proxy of the
 /// current gateway. The proxy never sees `/_ccgate/`, and every later stage sees the normalised
 /// origin-form target only.
-// An async block, not an async fn: an async fn keeps its arguments twice in its future (as
-// captured and again as moved to locals), and every request allocates and copies that future.
+// An async block, not an async fn: see `proxy::handler::handle`.
 #[allow(clippy::manual_async_fn)]
 fn serve_one<B>(
     handle: Arc<Handle>,

@@ -234,8 +234,7 @@ fn fail_attempt(
     });
 }
 
-// An async block, not an async fn: an async fn keeps its arguments twice in its future (as
-// captured and again as moved to locals), and every request allocates and copies that future.
+// An async block, not an async fn: see `handle`.
 #[allow(clippy::manual_async_fn)]
 fn forward_request(
     gw: &Gateway,

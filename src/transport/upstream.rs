@@ -27,9 +27,10 @@
 //! A connection goes back to its pool once its response body has been read to the end: the
 //! answer's body holds the connection's sender and checks it in at its end (hyper has readied the
 //! connection by then), or at once when the whole body came with the head. A body dropped early
-//! leaves a small task waiting for the connection to be ready or closed. A request that finds its pooled connection closed before anything was
-//! written to it is retried on another connection: that is the keep-alive race with an upstream
-//! that closes idle connections, not a failure of the endpoint.
+//! leaves a small task waiting for the connection to be ready or closed. A request that finds its
+//! pooled connection closed before anything was written to it is retried on another connection:
+//! that is the keep-alive race with an upstream that closes idle connections, not a failure of
+//! the endpoint.
 
 use std::cell::Cell;
 use std::collections::VecDeque;
@@ -455,7 +456,6 @@ impl Pools {
             .retain(|c| !Arc::ptr_eq(&c.streams, &conn.streams));
     }
 
-    /// Returns `sender` to `slot`'s pool once its response has been read to the end.
     /// An HTTP/1.1 answer. `sender` goes back to pool `slot` now if hyper has readied it (the
     /// whole body came with the head), else when the body ends.
     fn answer(
@@ -476,6 +476,8 @@ impl Pools {
         AnswerBody::new(resp, holds)
     }
 
+    /// Returns `sender` to `slot`'s pool: now if hyper has readied it, else once a task sees it
+    /// ready (a connection that closes instead is dropped).
     fn keep(self: &Arc<Self>, slot: usize, mut sender: SendRequest<UpstreamBody>) {
         if sender.is_ready() {
             self.checkin(slot, sender);
