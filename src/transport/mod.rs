@@ -2,6 +2,7 @@
 //! health, selection or the request handler.
 
 pub mod replay;
+pub mod socket;
 pub mod upstream;
 
 /// An error and its sources, joined, for logs and `last_error`. Errors from hyper and rustls name

@@ -42,6 +42,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http_body::{Body, Frame, SizeHint};
 
 use http::header::{self, HeaderValue};
@@ -58,6 +59,7 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 use crate::config::{DEFAULT_MAX_IDLE_UPSTREAM, Timeouts};
+use crate::transport::socket::Socket;
 
 /// Body type of upstream requests: the buffered client body, replayed per attempt.
 pub type UpstreamBody = crate::transport::replay::ReplayBody;
@@ -529,22 +531,24 @@ impl Pools {
                 .keep_alive_interval(H2_PING_INTERVAL)
                 .keep_alive_timeout(H2_PING_TIMEOUT)
                 .keep_alive_while_idle(true)
-                .handshake(io)
+                .handshake(Socket::from(io))
                 .await?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
+            // `map`, not an async block: a block would keep the connection twice, once as its
+            // capture and once as the future it awaits.
+            tokio::spawn(conn.map(|ended| {
+                if let Err(e) = ended {
                     tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
                 }
-            });
+            }));
             let streams = Arc::new(AtomicUsize::new(0));
             return Ok(NewConn::H2(H2Conn { sender, streams }));
         }
-        let (sender, conn) = hyper::client::conn::http1::handshake(io).await?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
+        let (sender, conn) = hyper::client::conn::http1::handshake(Socket::from(io)).await?;
+        tokio::spawn(conn.map(|ended| {
+            if let Err(e) = ended {
                 tracing::debug!(error = %e, "upstream connection ended");
             }
-        });
+        }));
         Ok(NewConn::H1(sender))
     }
 }
