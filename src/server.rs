@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -460,25 +461,25 @@ struct Builders {
     /// HTTP/1.1 only, for a connection whose first bytes already ruled out HTTP/2's preface:
     /// hyper then makes its first read from the socket. After the auto builder's 24-byte read,
     /// hyper's first read holds those 24 bytes and its next one doubles the read buffer to
-    /// 16 KB, which the connection keeps for its whole life (8 KB more per open stream).
-    http1: auto::Builder<TokioExecutor>,
+    /// 16 KB, which the connection keeps for its whole life (8 KB more per open stream). hyper's
+    /// own HTTP/1.1 connection is also 0.9 KB smaller than the auto builder's, which has room
+    /// for an HTTP/2 one.
+    http1: http1::Builder,
 }
 
 impl Connections {
     /// `header_timeout`: the deadline for reading a request head, if any.
     fn new(header_timeout: Option<Duration>) -> Self {
-        let builder = || {
-            let mut b = auto::Builder::new(TokioExecutor::new());
-            b.http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(header_timeout);
-            b
-        };
+        let mut auto = auto::Builder::new(TokioExecutor::new());
+        auto.http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_timeout);
+        let mut http1 = http1::Builder::new();
+        http1
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_timeout);
         Self {
-            builders: Arc::new(Builders {
-                auto: builder(),
-                http1: builder().http1_only(),
-            }),
+            builders: Arc::new(Builders { auto, http1 }),
             header_timeout,
             graceful: GracefulShutdown::new(),
         }
@@ -502,13 +503,17 @@ impl Connections {
                 // pointer instead of kilobytes.
                 async move { Ok::<_, Infallible>(Box::pin(serve_one(handle, req)).await) }
             });
-            let builder = if http1 {
-                &builders.http1
+            let io = TokioIo::new(stream);
+            let ended = if http1 {
+                let conn = builders.http1.serve_connection(io, service);
+                watcher.watch(conn).await.map_err(BoxError::from)
             } else {
-                &builders.auto
+                // Boxed: the task keeps room for the larger of its connections for its whole
+                // life, and HTTP/2 with prior knowledge is the rare one.
+                let conn = builders.auto.serve_connection(io, service);
+                Box::pin(watcher.watch(conn)).await
             };
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = watcher.watch(conn).await {
+            if let Err(e) = ended {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
             drop(slot);
