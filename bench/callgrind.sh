@@ -6,7 +6,10 @@
 #   N=4000 C=16 bench/callgrind.sh        requests counted, concurrency
 #   BODY=100k bench/callgrind.sh          request body from bench/payloads.py: 2k (default), 100k, 1m
 #   STREAM=1 bench/callgrind.sh           streams instead (sse-load; EVENTS content events each, sent
-#                                         back to back), counted per stream
+#                                         back to back), counted per stream. Events coalesce into
+#                                         reads differently from run to run under valgrind, so one
+#                                         binary's count moves by up to a fifth: compare builds
+#                                         over alternating runs, not one run each
 #
 # Each gateway runs under `valgrind --tool=callgrind` over two in-tree mock upstreams; after 2000
 # warm-up requests the counters are zeroed, N non-streaming requests (a Claude-Code-shaped body from
