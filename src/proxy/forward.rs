@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt;
 use http::header::{self, HeaderMap, HeaderName};
 use http::uri::PathAndQuery;
 use http::{Method, Request, Response};
@@ -278,12 +279,15 @@ pub enum SendError {
 }
 
 /// Sends one attempt and waits for the response headers.
-pub async fn send(
+///
+/// A combinator, not an async fn: an async fn would keep the request a second time beside the
+/// future it is moved into, and every request's future carries this one.
+pub fn send(
     ep: &Endpoint,
     req: Request<UpstreamBody>,
     first_byte: Duration,
-) -> Result<Response<AnswerBody>, SendError> {
-    match tokio::time::timeout(first_byte, ep.client.request(req)).await {
+) -> impl Future<Output = Result<Response<AnswerBody>, SendError>> + Send + '_ {
+    tokio::time::timeout(first_byte, ep.client.request(req)).map(move |sent| match sent {
         Err(_) => Err(SendError::Endpoint(
             Outcome::Transport(TransportKind::Timeout),
             format!(
@@ -305,7 +309,7 @@ pub async fn send(
             Err(SendError::Endpoint(Outcome::Transport(kind), text))
         }
         Ok(Ok(resp)) => Ok(resp),
-    }
+    })
 }
 
 /// Whether an upstream request failed for want of a local resource — ccgate's own file

@@ -264,53 +264,59 @@ enum H2Sent<'a> {
 impl UpstreamClient {
     /// Sends a request (its URI absolute) on a connection from this thread's pool, or a new one,
     /// and waits for the response headers.
-    pub async fn request(
+    ///
+    /// An async block, not an async fn, so that the request is kept once in the future (see
+    /// `proxy::handler::handle`).
+    #[allow(clippy::manual_async_fn)]
+    pub fn request(
         &self,
         mut req: Request<UpstreamBody>,
-    ) -> Result<Response<AnswerBody>, UpstreamError> {
-        let shared = self.inner.idle.len() - 1;
-        let slot = WORKER.with(Cell::get).map_or(shared, |w| w.min(shared));
-        let origin = self.inner.origin(req.uri())?;
-        let mut turn = None;
-        if self.inner.speaks_h2() {
-            // Boxed: the HTTP/2 path's state would otherwise size every request's future.
-            match Box::pin(self.send_h2(slot, req)).await? {
-                H2Sent::Answered(resp) => return Ok(resp),
-                H2Sent::NoRoom(back, t) => (req, turn) = (back, Some(t)),
+    ) -> impl Future<Output = Result<Response<AnswerBody>, UpstreamError>> + Send + '_ {
+        async move {
+            let shared = self.inner.idle.len() - 1;
+            let slot = WORKER.with(Cell::get).map_or(shared, |w| w.min(shared));
+            let origin = self.inner.origin(req.uri())?;
+            let mut turn = None;
+            if self.inner.speaks_h2() {
+                // Boxed: the HTTP/2 path's state would otherwise size every request's future.
+                match Box::pin(self.send_h2(slot, req)).await? {
+                    H2Sent::Answered(resp) => return Ok(resp),
+                    H2Sent::NoRoom(back, t) => (req, turn) = (back, Some(t)),
+                }
             }
-        }
-        req.headers_mut().insert(header::HOST, origin.host.clone());
-        // The connection gets the origin form; the absolute URI is kept for connecting.
-        let target = origin_form(req.uri());
-        let uri = std::mem::replace(req.uri_mut(), target);
-        while let Some(mut sender) = self.inner.checkout(slot) {
-            drop(turn.take());
-            match sender.try_send_request(req).await {
-                Ok(resp) => return Ok(self.inner.answer(resp, slot, sender)),
-                // Closed before the request was written: the keep-alive race, try another.
-                Err(mut e) => match e.take_message() {
-                    Some(back) => req = back,
-                    None => return Err(UpstreamError::Http(e.into_error())),
-                },
+            req.headers_mut().insert(header::HOST, origin.host.clone());
+            // The connection gets the origin form; the absolute URI is kept for connecting.
+            let target = origin_form(req.uri());
+            let uri = std::mem::replace(req.uri_mut(), target);
+            while let Some(mut sender) = self.inner.checkout(slot) {
+                drop(turn.take());
+                match sender.try_send_request(req).await {
+                    Ok(resp) => return Ok(self.inner.answer(resp, slot, sender)),
+                    // Closed before the request was written: the keep-alive race, try another.
+                    Err(mut e) => match e.take_message() {
+                        Some(back) => req = back,
+                        None => return Err(UpstreamError::Http(e.into_error())),
+                    },
+                }
             }
-        }
-        // Boxed: connecting (an HTTP/2 handshake above all) is a large state machine that would
-        // otherwise sit in every request's future, copied whole on every request; it runs only
-        // when a new connection is needed.
-        match Box::pin(self.inner.connect(uri.clone())).await? {
-            NewConn::H1(mut sender) => {
-                drop(turn);
-                let resp = sender.send_request(req).await?;
-                Ok(self.inner.answer(resp, slot, sender))
-            }
-            NewConn::H2(mut conn) => {
-                req.headers_mut().remove(header::HOST);
-                *req.uri_mut() = uri;
-                let stream = StreamSlot::take(&conn.streams);
-                self.inner.h2[slot].conns.lock().push(conn.clone());
-                drop(turn);
-                let resp = conn.sender.send_request(req).await?;
-                Ok(AnswerBody::new(resp, Holds::Stream { _slot: stream }))
+            // Boxed: connecting (an HTTP/2 handshake above all) is a large state machine that would
+            // otherwise sit in every request's future, copied whole on every request; it runs only
+            // when a new connection is needed.
+            match Box::pin(self.inner.connect(uri.clone())).await? {
+                NewConn::H1(mut sender) => {
+                    drop(turn);
+                    let resp = sender.send_request(req).await?;
+                    Ok(self.inner.answer(resp, slot, sender))
+                }
+                NewConn::H2(mut conn) => {
+                    req.headers_mut().remove(header::HOST);
+                    *req.uri_mut() = uri;
+                    let stream = StreamSlot::take(&conn.streams);
+                    self.inner.h2[slot].conns.lock().push(conn.clone());
+                    drop(turn);
+                    let resp = conn.sender.send_request(req).await?;
+                    Ok(AnswerBody::new(resp, Holds::Stream { _slot: stream }))
+                }
             }
         }
     }
