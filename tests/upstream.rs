@@ -33,6 +33,13 @@ fn post(url: &str) -> Request<ReplayBody> {
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// A mock upstream, a client for it, and its Messages URL.
+async fn messages_upstream() -> (MockUpstream, UpstreamClient, String) {
+    let up = MockUpstream::start().await;
+    let url = format!("{}/v1/messages", up.url());
+    (up, client(), url)
+}
+
 /// A stream whose head has arrived and whose body is held at the returned gate after its first
 /// event.
 async fn held_stream(
@@ -47,6 +54,20 @@ async fn held_stream(
         .unwrap_or_else(|e| panic!("{e}"));
     gate.wait_arrived(1).await;
     (stream, gate)
+}
+
+/// `n` exchanges at once, each on a task of its own; their statuses and bodies.
+async fn concurrent_exchanges(client: &UpstreamClient, url: &str, n: usize) -> Vec<(u16, Bytes)> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let (client, url) = (client.clone(), url.to_owned());
+        tasks.spawn(async move { exchange(&client, &url).await });
+    }
+    let mut done = Vec::with_capacity(n);
+    while let Some(exchanged) = tasks.join_next().await {
+        done.push(exchanged.unwrap_or_else(|e| panic!("{e}")));
+    }
+    done
 }
 
 /// Sends one request and reads its whole body; the status and the body.
@@ -90,9 +111,7 @@ async fn sequential_requests_share_one_connection_in_origin_form() {
 
 #[tokio::test]
 async fn a_running_stream_keeps_its_connection_until_its_body_ends() {
-    let up = MockUpstream::start().await;
-    let client = client();
-    let url = format!("{}/v1/messages", up.url());
+    let (up, client, url) = messages_upstream().await;
     // The stream's headers arrive; its body is held at the gate.
     let (stream, gate) = held_stream(&up, &client, &url).await;
     // A request meanwhile needs a second connection: the first is busy.
@@ -118,9 +137,7 @@ async fn a_running_stream_keeps_its_connection_until_its_body_ends() {
 
 #[tokio::test]
 async fn a_stream_dropped_before_its_end_gives_back_no_connection() {
-    let up = MockUpstream::start().await;
-    let client = client();
-    let url = format!("{}/v1/messages", up.url());
+    let (up, client, url) = messages_upstream().await;
     let (stream, gate) = held_stream(&up, &client, &url).await;
     // The client goes away mid-stream: hyper closes that connection, so it must not be pooled.
     drop(stream);
@@ -141,19 +158,13 @@ async fn a_stream_dropped_before_its_end_gives_back_no_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_read_to_their_end_reuse_their_connections() {
-    let up = MockUpstream::start().await;
-    let client = client();
-    let url = format!("{}/v1/messages", up.url());
+    let (up, client, url) = messages_upstream().await;
     const C: usize = 8;
     for _ in 0..4 {
-        let mut tasks = tokio::task::JoinSet::new();
         for _ in 0..C {
             up.push(Script::sse_events(SseEvent::message_stream(3)));
-            let (client, url) = (client.clone(), url.clone());
-            tasks.spawn(async move { exchange(&client, &url).await });
         }
-        while let Some(done) = tasks.join_next().await {
-            let (status, body) = done.unwrap_or_else(|e| panic!("{e}"));
+        for (status, body) in concurrent_exchanges(&client, &url, C).await {
             assert_eq!(status, 200);
             assert!(body.ends_with(b"data: {\"type\":\"message_stop\"}\n\n"));
         }
@@ -187,9 +198,7 @@ async fn connections_the_upstream_closes_are_never_a_failed_request() {
 
 #[tokio::test]
 async fn an_idle_connection_the_upstream_closed_is_dropped_not_used() {
-    let up = MockUpstream::start().await;
-    let client = client();
-    let url = format!("{}/v1/messages", up.url());
+    let (up, client, url) = messages_upstream().await;
     let gate = Gate::new();
     up.push(Script::json_ok().close_at(gate.clone()));
     exchange(&client, &url).await;
@@ -210,18 +219,11 @@ async fn an_idle_connection_the_upstream_closed_is_dropped_not_used() {
 
 #[tokio::test]
 async fn concurrent_requests_return_every_connection_to_the_pool() {
-    let up = MockUpstream::start().await;
-    let client = client();
-    let url = format!("{}/v1/messages", up.url());
+    let (up, client, url) = messages_upstream().await;
     const C: usize = 16;
     for round in 0..3 {
-        let mut tasks = tokio::task::JoinSet::new();
-        for _ in 0..C {
-            let (client, url) = (client.clone(), url.clone());
-            tasks.spawn(async move { exchange(&client, &url).await.0 });
-        }
-        while let Some(status) = tasks.join_next().await {
-            assert_eq!(status.unwrap_or_else(|e| panic!("{e}")), 200);
+        for (status, _) in concurrent_exchanges(&client, &url, C).await {
+            assert_eq!(status, 200);
         }
         assert!(
             up.connections_accepted() <= C as u64,
@@ -253,9 +255,7 @@ async fn a_client_refuses_an_origin_other_than_its_first() {
 
 #[tokio::test(start_paused = true)]
 async fn a_connection_idle_past_the_timeout_is_not_reused() {
-    let up = MockUpstream::start().await;
-    let client = client();
-    let url = format!("{}/v1/messages", up.url());
+    let (up, client, url) = messages_upstream().await;
     exchange(&client, &url).await;
     tokio::time::advance(IDLE_TIMEOUT - Duration::from_secs(1)).await;
     exchange(&client, &url).await;

@@ -374,13 +374,8 @@ fn forward_request(
                     );
                 }
                 Err(forward::SendError::Endpoint(outcome, message)) => {
-                    fail_attempt(
-                        &mut failures,
-                        attempt,
-                        outcome,
-                        message,
-                        Some("attempt failed"),
-                    );
+                    let log = Some("attempt failed");
+                    fail_attempt(&mut failures, attempt, outcome, message, log);
                     continue;
                 }
             };
@@ -487,14 +482,8 @@ fn forward_request(
                             return commit.relay(guard, attempt, parts, None, frames, judge);
                         }
                         Collected::OverCap { held, body } => {
-                            return commit.relay(
-                                guard,
-                                attempt,
-                                parts,
-                                Some(body),
-                                held,
-                                Judge::Plain,
-                            );
+                            let judge = Judge::Plain;
+                            return commit.relay(guard, attempt, parts, Some(body), held, judge);
                         }
                         Collected::Failed(outcome, message) => {
                             let log = Some("attempt failed");
@@ -526,16 +515,9 @@ fn forward_request(
                                 "ccgate: the upstream's error answer exceeds {} bytes",
                                 limits.max_json_bytes
                             );
-                            let own_body = replace_with_own_error(&mut parts, &message);
+                            let own_body = vec![replace_with_own_error(&mut parts, &message)];
                             let judge = Judge::CallerError;
-                            return commit.relay(
-                                guard,
-                                attempt,
-                                parts,
-                                None,
-                                vec![own_body],
-                                judge,
-                            );
+                            return commit.relay(guard, attempt, parts, None, own_body, judge);
                         }
                         Collected::Failed(outcome, message) => {
                             let log = Some("attempt failed");
@@ -549,13 +531,8 @@ fn forward_request(
                         .unwrap_or_else(|| format!("HTTP {}", parts.status.as_u16()));
                     let message = req.scrub(&ep.scrub(&message));
                     let message = format!("HTTP {}: {message}", parts.status.as_u16());
-                    fail_attempt(
-                        &mut failures,
-                        attempt,
-                        outcome,
-                        message,
-                        Some("attempt failed"),
-                    );
+                    let log = Some("attempt failed");
+                    fail_attempt(&mut failures, attempt, outcome, message, log);
                 }
             }
         }

@@ -173,9 +173,10 @@ impl AnswerBody {
         resp.map(|inner| Self { inner, holds })
     }
 
-    /// Lets go of the connection: an HTTP/2 stream's slot is freed, an HTTP/1.1 connection goes
-    /// back to its pool. At the body's end hyper has usually readied that connection for the
-    /// next request already, so it is checked in without a task to wait for it.
+    /// Lets go of the connection: an HTTP/2 stream's slot is freed (dropped with the holding this
+    /// replaces), an HTTP/1.1 connection goes back to its pool. At the body's end hyper has
+    /// usually readied that connection for the next request already, so it is checked in without
+    /// a task to wait for it.
     fn release(&mut self) {
         if let Holds::Sender {
             pools,

@@ -168,20 +168,18 @@ impl SseScanner {
         self.pending = true;
         // The two fields every event has are told by their prefix, without a search for the
         // colon (a `data:` line is the field `data` whatever follows its colon).
-        let (field, value): (&[u8], &[u8]) = if let Some(v) = line.strip_prefix(b"data:") {
-            (b"data", v.strip_prefix(b" ").unwrap_or(v))
+        let (field, after_colon): (&[u8], &[u8]) = if let Some(v) = line.strip_prefix(b"data:") {
+            (b"data", v)
         } else if let Some(v) = line.strip_prefix(b"event:") {
-            (b"event", v.strip_prefix(b" ").unwrap_or(v))
+            (b"event", v)
         } else {
             match memchr::memchr(b':', line) {
                 Some(0) => return, // comment
-                Some(i) => {
-                    let v = &line[i + 1..];
-                    (&line[..i], v.strip_prefix(b" ").unwrap_or(v))
-                }
+                Some(i) => (&line[..i], &line[i + 1..]),
                 None => (line, &b""[..]),
             }
         };
+        let value = after_colon.strip_prefix(b" ").unwrap_or(after_colon);
         match field {
             b"event" => {
                 let name = EventName::parse(value);
