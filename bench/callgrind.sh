@@ -14,7 +14,9 @@
 # Each gateway runs under `valgrind --tool=callgrind` over two in-tree mock upstreams; after 2000
 # warm-up requests the counters are zeroed, N non-streaming requests (a Claude-Code-shaped body from
 # bench/payloads.py) are sent with oha, and the total is dumped. The profile stays in $OUT/<name>/ for
-# `callgrind_annotate` (for example `--inclusive=yes`). Needs valgrind (apt-get install valgrind),
+# `callgrind_annotate` (for example `--inclusive=yes`). The database writer's flush interval is set
+# to an hour, so a flush (every 5 s by default) never lands in one count and not in another: the
+# count is the request path alone. Needs valgrind (apt-get install valgrind),
 # oha, and the release builds bench/run.sh makes (ccgate and bench/mock-upstream).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,7 +43,7 @@ for bin in "$@"; do
     if [[ $bin == hyper ]]; then
         cmd=("$T/bare-proxy" --port 0 --upstream "$A" --upstream "$B")
     else
-        printf '[server]\nlisten = "127.0.0.1:0"\n\n[[endpoints]]\nname = "a"\nbase_url = "http://%s"\napi_key = "k"\n\n[[endpoints]]\nname = "b"\nbase_url = "http://%s"\napi_key = "k"\n' "$A" "$B" >"$d/config.toml"
+        printf '[server]\nlisten = "127.0.0.1:0"\n\n[storage]\nflush_interval = "1h"\n\n[[endpoints]]\nname = "a"\nbase_url = "http://%s"\napi_key = "k"\n\n[[endpoints]]\nname = "b"\nbase_url = "http://%s"\napi_key = "k"\n' "$A" "$B" >"$d/config.toml"
         chmod 600 "$d/config.toml"
         cmd=("$bin" serve --config "$d/config.toml")
     fi

@@ -211,11 +211,19 @@ def main():
     # ---------------- targets of issue #22 ----------------
     lo, hi = (counts[0], counts[-1]) if counts else (None, None)
 
-    def slope(tgt, key):
-        if lo is None or hi is None or hi == lo:
+    def span(tgt, key="peak_pss_kb"):
+        """The smallest and largest stream counts `tgt` ran (a gateway may sit out a round that
+        does not fit its open-file limit), or None with fewer than two."""
+        ran = [c for c in counts if med(data, "slow", c, tgt, key) is not None]
+        return (ran[0], ran[-1]) if len(ran) > 1 else None
+
+    def slope(tgt, key, over=None):
+        """Memory per extra stream between the counts of `over` (default: `tgt`'s own span)."""
+        sp = over or span(tgt, key)
+        if sp is None:
             return None
-        a, b = med(data, "slow", lo, tgt, key), med(data, "slow", hi, tgt, key)
-        return None if a is None or b is None else (b - a) / (hi - lo)
+        a, b = med(data, "slow", sp[0], tgt, key), med(data, "slow", sp[1], tgt, key)
+        return None if a is None or b is None else (b - a) / (sp[1] - sp[0])
 
     def cpu_target(wl, label, nd):
         for b in bodies:
@@ -247,14 +255,27 @@ def main():
         if c is not None and n:
             w(f"| slow streams: peak memory ≤ 1.0× nginx | {lo:,} streams | PSS {c / n:.2f}× "
               f"({mb(c):.1f} vs {mb(n):.1f} MB; RSS {ratio(cr, nr)}) | {yes(c <= n)} |")
-    sc, sn = slope("ccgate", "peak_pss_kb"), slope("nginx", "peak_pss_kb")
-    if sc is not None:
-        src = slope("ccgate", "peak_rss_kb")
-        w(f"| slow streams: memory slope ≤ 20 KB/stream | {lo:,} → {hi:,} streams | PSS {sc:.1f} KB/stream "
+    sp = span("ccgate")
+    if sp is not None:
+        sc, sn, src = slope("ccgate", "peak_pss_kb"), slope("nginx", "peak_pss_kb", sp), slope("ccgate", "peak_rss_kb", sp)
+        w(f"| slow streams: memory slope ≤ 20 KB/stream | {sp[0]:,} → {sp[1]:,} streams | PSS {sc:.1f} KB/stream "
           f"(nginx {fmt(sn, 1)}; RSS {fmt(src, 1)}) | {yes(sc <= 20)} |")
     elif counts:
         w(f"| slow streams: memory slope ≤ 20 KB/stream | — | needs two stream counts (this run: "
           f"{', '.join(str(x) for x in counts)}) | — |")
+    # The same two targets for ccgate with `http2 = true` on its endpoints (the slow rounds'
+    # ccgate-h2), against the same nginx (HTTP/1.1 to its upstreams, the only way it proxies).
+    h2lo = min((c for c in counts if med(data, "slow", c, "ccgate-h2", "peak_pss_kb") is not None), default=None)
+    if h2lo is not None:
+        c, n = med(data, "slow", h2lo, "ccgate-h2", "peak_pss_kb"), med(data, "slow", h2lo, "nginx", "peak_pss_kb")
+        if n:
+            w(f"| … with HTTP/2 to the upstreams (`http2 = true`) | {h2lo:,} streams | PSS {c / n:.2f}× "
+              f"({mb(c):.1f} vs {mb(n):.1f} MB) | {yes(c <= n)} |")
+    sp2 = span("ccgate-h2")
+    if sp2 is not None:
+        s2, n2 = slope("ccgate-h2", "peak_pss_kb"), slope("nginx", "peak_pss_kb", sp2)
+        w(f"| … with HTTP/2 to the upstreams (`http2 = true`) | {sp2[0]:,} → {sp2[1]:,} streams | "
+          f"PSS {s2:.1f} KB/stream (nginx {fmt(n2, 1)}) | {yes(s2 <= 20)} |")
     cpu_target("sse_c64", "streaming: CPU per stream", 0)
     for b in bodies:
         c = med(data, "sse_c64", b, "ccgate", "ttfc_p50_ms")
@@ -403,10 +424,19 @@ def main():
           "Sums over the gateway's processes (nginx: master and workers). RSS counts pages shared between "
           "nginx's processes once per process; PSS splits them, so PSS is the fairer sum and the one the "
           "targets use. nginx preallocates its connection table (`worker_connections`, sized 2 × N + 1024 "
-          "per round), so its idle memory grows with the round it is configured for. The slope is "
-          f"(peak at {hi:,} − peak at {lo:,}) / {hi - lo:,} streams." if hi != lo else
+          "per round), so its idle memory grows with the round it is configured for. A gateway's slope is "
+          "(its peak at the largest count it ran − its peak at the smallest) / the streams between them, "
+          "and *slope / nginx* sets it beside nginx's over the same counts." if hi != lo else
           "(One stream count only: no slope.)")
         w("")
+        if any(med(data, "slow", c, "ccgate-h2", "peak_pss_kb") is not None for c in counts):
+            w("*ccgate-h2* is ccgate with `http2 = true` on both endpoints, over two more mocks that also "
+              "speak h2c: a worker's streams share a few upstream connections, so it holds one descriptor "
+              "per stream where an HTTP/1.1 proxy holds two. nginx proxies over HTTP/1.1 only, as in every "
+              "other round.")
+            w("")
+        slow_gateways = GATEWAYS + [t for t in ("ccgate-h2",)
+                                    if any(med(data, "slow", c, t, "peak_pss_kb") is not None for c in counts)]
         for key_idle, key_peak, label in (("idle_pss_kb", "peak_pss_kb", "PSS"),
                                           ("idle_rss_kb", "peak_rss_kb", "RSS")):
             head = ["gateway"]
@@ -417,13 +447,15 @@ def main():
             head += [f"peak at {c:,} / nginx" for c in counts]
             w("| " + " | ".join(head) + " |")
             w("|---|" + "---:|" * (len(head) - 1))
-            for t in GATEWAYS:
+            for t in slow_gateways:
                 cells = [t]
                 for c in counts:
                     cells += [fmt(mb(med(data, "slow", c, t, key_idle)), 1),
                               fmt(mb(med(data, "slow", c, t, key_peak)), 1)]
                 if hi != lo:
-                    cells += [fmt(slope(t, key_peak), 1), ratio(slope(t, key_peak), slope("nginx", key_peak))]
+                    sp = span(t, key_peak)
+                    cells += [fmt(slope(t, key_peak), 1) + (f" ({sp[0]:,} → {sp[1]:,})" if sp else ""),
+                              ratio(slope(t, key_peak), slope("nginx", key_peak, sp))]
                 cells += [ratio(med(data, "slow", c, t, key_peak), med(data, "slow", c, "nginx", key_peak))
                           for c in counts]
                 w("| " + " | ".join(cells) + " |")
@@ -436,19 +468,20 @@ def main():
         if short:
             w(f"**Open files:** this run's limit was {nofile:,} descriptors per process (hard limit "
               f"{meta.get('nofile_hard', '?')}). A proxy holds two per stream (the client's connection and "
-              f"the upstream's) plus a few dozen of its own, so a single-process gateway (ccgate, hyper) "
-              f"cannot hold {', '.join(f'{c:,}' for c in short)} streams at once under it: streams that "
-              "failed or waited in that round are the limit's doing (nginx spreads its connections over "
-              "its worker processes, each with its own limit). Raise the hard limit to measure cleanly.")
+              f"the upstream's) plus a few dozen of its own, so a single-process HTTP/1.1 gateway (ccgate, "
+              f"hyper) cannot hold {', '.join(f'{c:,}' for c in short)} streams at once under it: it sits that "
+              "round out (nginx spreads its connections over its worker processes, each with its own limit, "
+              "and ccgate-h2 holds one descriptor per stream). Raise the hard limit to measure them there.")
             w("")
-        w("| streams | metric | direct | nginx | hyper | ccgate |")
-        w("|---:|---|---:|---:|---:|---:|")
+        stream_targets = TARGETS + slow_gateways[len(GATEWAYS):]
+        w("| streams | metric | " + " | ".join(stream_targets) + " |")
+        w("|---:|---|" + "---:|" * len(stream_targets))
         for c in counts:
             for key, label, nd in (("ok", "streams completed", 0), ("failed", "streams failed", 0),
                                    ("ttfc_p50_ms", "time to first content event p50 (ms)", 0),
                                    ("total_p50_ms", "stream duration p50 (ms)", 0),
                                    ("total_max_ms", "stream duration max (ms)", 0)):
-                vals = [med(data, "slow", c, t, key) for t in TARGETS]
+                vals = [med(data, "slow", c, t, key) for t in stream_targets]
                 w(f"| {c:,} | {label} | " + " | ".join(fmt(v, nd) for v in vals) + " |")
         w("")
         w("A stream lasts "

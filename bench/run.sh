@@ -29,6 +29,12 @@
 #        slow       for each count N of SLOW_STREAMS, on fresh gateways: idle RSS/PSS after
 #                   startup, then N concurrent streams of 20 events 200 ms apart (their connects
 #                   spread over SLOW_RAMP_S), peak RSS/PSS while streaming                (sse-load)
+#                   A fifth target joins these rounds, *ccgate-h2*: ccgate with `http2 = true` on
+#                   both endpoints, over two more mocks that also speak h2c. Its streams share a
+#                   few upstream connections, so it needs one descriptor per stream where an
+#                   HTTP/1.1 proxy needs two: a round too big for the open-file limit over
+#                   HTTP/1.1 (10000 streams under a hard limit of 20000) still runs for nginx
+#                   (one limit per worker process) and ccgate-h2
 #        failover   fresh gateways over a healthy mock and a broken one — answering 500,
 #                   refusing connections, or killed a third into the run                  (oha)
 #   5. writes medians, ratios, the targets of issue #22 and the machine to BENCHMARKS.md
@@ -45,9 +51,11 @@
 #                          tool_result history, metadata.user_id last). BODY=x is a synonym for
 #                          BODIES=x (one size). slow and failover always use the 2k body.
 #   SLOW_STREAMS="1000 10000"  concurrent stream counts of the slow workload, one round each
-#                          (SLOW_EVENTS x SLOW_PACE_MS per stream); the report takes the memory
-#                          slope per stream between the smallest and the largest count
+#                          (SLOW_EVENTS x SLOW_PACE_MS per stream); the report takes each
+#                          gateway's memory slope per stream between the smallest and the largest
+#                          count it ran
 #   SLOW_EVENTS=20  SLOW_PACE_MS=200
+#   SLOW_H2=1              run the ccgate-h2 target in the slow rounds (0: leave it out)
 #   SLOW_RAMP_S=auto       seconds over which sse-load spreads a slow round's connects (auto:
 #                          N/5000, i.e. 0.2 s for 1000 streams, 2 s for 10000), so that thousands
 #                          of simultaneous connects do not overrun the listen backlogs; keep it
@@ -85,7 +93,7 @@ BENCH=$ROOT/bench
 # shellcheck source=bench/nginx.sh
 source "$BENCH/nginx.sh"
 COMMAND_LINE="$(for v in BODIES BODY DURATION REPEATS WARMUP SLOW_STREAMS SLOW_EVENTS SLOW_PACE_MS \
-    SLOW_RAMP_S STREAM_EVENTS STREAM_PACE_MS STREAM_RAMP_S FAILOVER_CONCURRENCY WORKLOADS CCGATE_BIN CCGATE_REF \
+    SLOW_H2 SLOW_RAMP_S STREAM_EVENTS STREAM_PACE_MS STREAM_RAMP_S FAILOVER_CONCURRENCY WORKLOADS CCGATE_BIN CCGATE_REF \
     CCGATE_RUST_LOG PROFILE OUT; do
     if [[ -z "${!v:-}" ]]; then continue; fi
     if [[ ${!v} =~ ^[A-Za-z0-9_./:@%+,\ -]*$ && ${!v} == *" "* ]]; then printf '%s="%s" ' "$v" "${!v}"
@@ -99,6 +107,7 @@ BODIES=${BODIES:-${BODY:-2k 100k 1m}}
 SLOW_STREAMS_GIVEN=${SLOW_STREAMS:+1}
 SLOW_STREAMS=${SLOW_STREAMS:-1000 10000}
 SLOW_RAMP_S=${SLOW_RAMP_S:-auto}
+SLOW_H2=${SLOW_H2:-1}
 SLOW_EVENTS=${SLOW_EVENTS:-20}
 SLOW_PACE_MS=${SLOW_PACE_MS:-200}
 STREAM_EVENTS=${STREAM_EVENTS:-20}
@@ -124,6 +133,10 @@ for n in "${SLOW_LIST[@]}"; do
 done
 ((${#SLOW_LIST[@]})) || { echo "SLOW_STREAMS is empty" >&2; exit 1; }
 SLOW_MAX=${SLOW_LIST[-1]}
+# The counts as asked for: raise_nofile may shrink SLOW_LIST (the HTTP/1.1 rounds) to what fits,
+# while ccgate-h2 and nginx still run the counts that fit them (H2_LIST).
+SLOW_ASKED=("${SLOW_LIST[@]}")
+H2_LIST=()
 [[ $SLOW_RAMP_S == auto || $SLOW_RAMP_S =~ ^[0-9]+(\.[0-9]+)?$ ]] ||
     { echo "SLOW_RAMP_S must be auto or a number of seconds" >&2; exit 1; }
 [[ $STREAM_RAMP_S =~ ^[0-9]+(\.[0-9]+)?$ ]] || { echo "STREAM_RAMP_S must be a number of seconds" >&2; exit 1; }
@@ -224,6 +237,13 @@ raise_nofile() {
         log "the open-file hard limit ($NOFILE) fits $fit streams in one proxy process, not $SLOW_MAX:" \
             "slow rounds: $SLOW_STREAMS"
         SLOW_MAX=$fit
+    fi
+    # ccgate-h2 holds one descriptor per stream (the client's) plus its own: it runs every count
+    # asked for that fits.
+    H2_LIST=()
+    if ((SLOW_H2)); then
+        for n in "${SLOW_ASKED[@]}"; do ((n + 512 <= NOFILE)) && H2_LIST+=("$n"); done
+        log "slow rounds with ccgate-h2: ${H2_LIST[*]:-none}"
     fi
     # Each process has its own limit: the load generator and the mock hold one descriptor per
     # stream, a proxy two (client and upstream side) plus its own.
@@ -341,6 +361,7 @@ start_nginx() {
 
 # start_ccgate NAME UPSTREAM_ADDR... : sets CCGATE_PID, CCGATE_ADDR.
 # CCGATE_CONNS (environment, default 4096): server.max_connections, if this ccgate knows it.
+# CCGATE_H2=1 (environment): `http2 = true` on every endpoint (h2c to mocks started with --http2).
 start_ccgate() {
     local name=$1; shift
     local dir=$RESULTS/$name i=0 a
@@ -353,7 +374,9 @@ start_ccgate() {
         printf '\n'
         for a in "$@"; do
             i=$((i + 1))
-            printf '[[endpoints]]\nname = "mock-%s"\nbase_url = "http://%s"\napi_key = "bench"\npriority = 1\nweight = 100\n\n' "$i" "$a"
+            printf '[[endpoints]]\nname = "mock-%s"\nbase_url = "http://%s"\napi_key = "bench"\npriority = 1\nweight = 100\n' "$i" "$a"
+            if [[ ${CCGATE_H2:-0} == 1 ]]; then printf 'http2 = true\n'; fi
+            printf '\n'
         done
     } >"$dir/ccgate.toml"
     chmod 600 "$dir/ccgate.toml"
@@ -504,40 +527,60 @@ rotated() {
 has() { [[ " $WORKLOADS " == *" $1 "* ]]; }
 
 # --- slow streams: fresh gateways, idle RSS, then N concurrent slow streams ---------------------
+# in_list N LIST... : whether N is one of LIST.
+in_list() { local n=$1 x; shift; for x in "$@"; do [[ $x == "$n" ]] && return 0; done; return 1; }
+
 # slow_round REPEAT N : one round of N streams per target, on gateways started for it (nginx's
 # worker_connections and ccgate's max_connections sized for N), always with the 2k stream body.
+# The four targets run when N is in SLOW_LIST; ccgate-h2 when N is in H2_LIST; a count in H2_LIST
+# alone (too big for an HTTP/1.1 proxy under the open-file limit) runs nginx and ccgate-h2.
 slow_round() {
     local rep=$1 n=$2 target tag="r$1-$2"
-    local budget ramp
+    local budget ramp targets=() h1=0 h2=0
     budget=$(conn_budget "$n"); ramp=$(slow_ramp "$n")
+    in_list "$n" "${SLOW_LIST[@]}" && h1=1
+    ((${#H2_LIST[@]})) && in_list "$n" "${H2_LIST[@]}" && h2=1
+    if ((h1)); then read -r -a targets <<<"$(rotated "$rep")"; else targets=(nginx); fi
+    ((h2)) && targets+=(ccgate-h2)
     NGINX_CONNS=$budget start_nginx "slow-nginx-$tag" "$G_MOCK_A_ADDR" "$G_MOCK_B_ADDR"
-    local np=$NGINX_PID na=$NGINX_ADDR
-    CCGATE_CONNS=$budget start_ccgate "slow-ccgate-$tag" "$G_MOCK_A_ADDR" "$G_MOCK_B_ADDR"
-    local cp=$CCGATE_PID ca=$CCGATE_ADDR
-    start "slow-hyper-$tag" "$BARE" --port 0 --upstream "$G_MOCK_A_ADDR" --upstream "$G_MOCK_B_ADDR"
-    local hp=$LAST_PID ha
-    ha=$(wait_listening "slow-hyper-$tag" "$hp")
+    local np=$NGINX_PID na=$NGINX_ADDR cp= ca= hp= ha= c2p= c2a=
+    if ((h1)); then
+        CCGATE_CONNS=$budget start_ccgate "slow-ccgate-$tag" "$G_MOCK_A_ADDR" "$G_MOCK_B_ADDR"
+        cp=$CCGATE_PID ca=$CCGATE_ADDR
+        start "slow-hyper-$tag" "$BARE" --port 0 --upstream "$G_MOCK_A_ADDR" --upstream "$G_MOCK_B_ADDR"
+        hp=$LAST_PID
+        ha=$(wait_listening "slow-hyper-$tag" "$hp")
+    fi
+    if ((h2)); then
+        local conns=$budget
+        ((conns <= NOFILE - 512)) || conns=$((NOFILE - 512))
+        CCGATE_H2=1 CCGATE_CONNS=$conns start_ccgate "slow-ccgate-h2-$tag" "$G_H2_MOCK_A_ADDR" "$G_H2_MOCK_B_ADDR"
+        c2p=$CCGATE_PID c2a=$CCGATE_ADDR
+    fi
     # Idle RSS once startup has settled: sample every 0.2 s until two samples in a row agree
-    # (nginx's worker set and both RSS sums), at most 10 s.
-    local n_pids c_pids=$cp h_pids=$hp sample prev= i
+    # (nginx's worker set and every RSS sum), at most 10 s.
+    local n_pids c_pids=$cp h_pids=$hp c2_pids=$c2p sample prev= i
     for ((i = 0; i < 50; i++)); do
         n_pids="$np $(pgrep -P "$np" | tr '\n' ' ' || true)"
-        sample="$n_pids/$(rss_kb VmRSS $n_pids)/$(rss_kb VmRSS $c_pids)/$(rss_kb VmRSS $h_pids)"
+        sample="$n_pids/$(rss_kb VmRSS $n_pids)/$(rss_kb VmRSS $c_pids)/$(rss_kb VmRSS $h_pids)/$(rss_kb VmRSS $c2_pids)"
         [[ $sample == "$prev" ]] && break
         prev=$sample
         sleep 0.2
     done
     ((i < 50)) || log "warning: idle RSS still moving after 10 s; recording the last sample"
-    local idle_n idle_c idle_h idle_pss_n idle_pss_c idle_pss_h
+    local idle_n idle_c idle_h idle_c2 idle_pss_n idle_pss_c idle_pss_h idle_pss_c2
     idle_n=$(rss_kb VmRSS $n_pids); idle_c=$(rss_kb VmRSS $c_pids); idle_h=$(rss_kb VmRSS $h_pids)
+    idle_c2=$(rss_kb VmRSS $c2_pids)
     idle_pss_n=$(pss_kb $n_pids); idle_pss_c=$(pss_kb $c_pids); idle_pss_h=$(pss_kb $h_pids)
-    for target in $(rotated "$rep"); do
+    idle_pss_c2=$(pss_kb $c2_pids)
+    for target in "${targets[@]}"; do
         local url pids idle idle_pss
         case $target in
             direct) url="http://$G_MOCK_A_ADDR/v1/messages"; pids=""; idle=0; idle_pss=0 ;;
             nginx) url="http://$na/v1/messages"; pids=$n_pids; idle=$idle_n; idle_pss=$idle_pss_n ;;
             ccgate) url="http://$ca/v1/messages"; pids=$c_pids; idle=$idle_c; idle_pss=$idle_pss_c ;;
             hyper) url="http://$ha/v1/messages"; pids=$h_pids; idle=$idle_h; idle_pss=$idle_pss_h ;;
+            ccgate-h2) url="http://$c2a/v1/messages"; pids=$c2_pids; idle=$idle_c2; idle_pss=$idle_pss_c2 ;;
             *) die "slow_round: unknown target $target" ;;
         esac
         log "  slow/$n/$target: $n streams of $SLOW_EVENTS events ${SLOW_PACE_MS} ms apart (connects over ${ramp} s)"
@@ -568,13 +611,14 @@ slow_round() {
         case $target in
             nginx) grep -h -m3 -E 'Too many open files|worker_connections are not enough' \
                 "$RESULTS/slow-nginx-$tag/error.log" 2>/dev/null | sed 's/^/    nginx: /' >&2 || true ;;
-            ccgate) grep -h -m3 -E 'accept failed|max_connections|Too many open files' \
-                "$LOGS/slow-ccgate-$tag.log" 2>/dev/null | sed 's/^/    ccgate: /' >&2 || true ;;
+            ccgate | ccgate-h2) grep -h -m3 -E 'accept failed|max_connections|Too many open files' \
+                "$LOGS/slow-$target-$tag.log" 2>/dev/null | sed "s/^/    $target: /" >&2 || true ;;
             hyper) grep -h -m3 -E 'accept|Too many open files' \
                 "$LOGS/slow-hyper-$tag.log" 2>/dev/null | sed 's/^/    hyper: /' >&2 || true ;;
         esac
     done
-    stop "$cp"; stop "$np"; stop "$hp"
+    local p
+    for p in $cp $np $hp $c2p; do stop "$p"; done
 }
 
 # --- failover: fresh gateways over mock A and a broken upstream ---------------------------------
@@ -653,6 +697,11 @@ main() {
     start_mock mock-a; G_MOCK_A_PID=$MOCK_PID; G_MOCK_A_ADDR=$MOCK_ADDR
     start_mock mock-b; G_MOCK_B_PID=$MOCK_PID; G_MOCK_B_ADDR=$MOCK_ADDR
     G_DIRECT_ADDR=$G_MOCK_A_ADDR
+    if has slow && ((${#H2_LIST[@]})); then
+        # ccgate-h2's upstreams: the same mock, speaking h2c (prior knowledge) beside HTTP/1.1.
+        start_mock mock-h2-a --http2; G_H2_MOCK_A_ADDR=$MOCK_ADDR
+        start_mock mock-h2-b --http2; G_H2_MOCK_B_ADDR=$MOCK_ADDR
+    fi
     start_nginx nginx "$G_MOCK_A_ADDR" "$G_MOCK_B_ADDR"; G_NGINX_PID=$NGINX_PID; G_NGINX_ADDR=$NGINX_ADDR
     start_ccgate ccgate "$G_MOCK_A_ADDR" "$G_MOCK_B_ADDR"; G_CCGATE_PID=$CCGATE_PID; G_CCGATE_ADDR=$CCGATE_ADDR
     start hyper "$BARE" --port 0 --upstream "$G_MOCK_A_ADDR" --upstream "$G_MOCK_B_ADDR"
@@ -702,7 +751,7 @@ main() {
             done
         fi
         if has slow; then
-            for n in "${SLOW_LIST[@]}"; do slow_round "$rep" "$n"; done
+            for n in $(printf '%s\n' "${SLOW_LIST[@]}" "${H2_LIST[@]}" | sort -n -u); do slow_round "$rep" "$n"; done
         fi
         if has failover; then
             CUR_BODY=2k BODY_FILE=$RESULTS/payloads/2k.json
@@ -733,8 +782,9 @@ main() {
         echo "duration=$DURATION"
         echo "repeats=$REPEATS"
         echo "slow_streams=${SLOW_LIST[*]}"
+        echo "slow_streams_h2=${H2_LIST[*]}"
         local ramps= budgets=
-        for n in "${SLOW_LIST[@]}"; do
+        for n in $(printf '%s\n' "${SLOW_LIST[@]}" "${H2_LIST[@]}" | sort -n -u); do
             ramps+="${ramps:+ }$(slow_ramp "$n")"; budgets+="${budgets:+ }$(conn_budget "$n")"
         done
         echo "slow_ramp_s=$ramps"
