@@ -469,8 +469,10 @@ def main():
             w(f"**Open files:** this run's limit was {nofile:,} descriptors per process (hard limit "
               f"{meta.get('nofile_hard', '?')}). A proxy holds two per stream (the client's connection and "
               f"the upstream's) plus a few dozen of its own, so a single-process HTTP/1.1 gateway (ccgate, "
-              f"hyper) cannot hold {', '.join(f'{c:,}' for c in short)} streams at once under it: it sits that "
-              "round out (nginx spreads its connections over its worker processes, each with its own limit, "
+              f"hyper) cannot hold {', '.join(f'{c:,}' for c in short)} streams at once under it. "
+              + ("It sits that round out" if all(med(data, "slow", c, "ccgate", "peak_pss_kb") is None for c in short)
+                 else "Streams that failed or waited in that round are the limit's doing")
+              + " (nginx spreads its connections over its worker processes, each with its own limit, "
               "and ccgate-h2 holds one descriptor per stream). Raise the hard limit to measure them there.")
             w("")
         stream_targets = TARGETS + slow_gateways[len(GATEWAYS):]
