@@ -540,24 +540,30 @@ impl Pools {
                 .keep_alive_while_idle(true)
                 .handshake(Socket::from(io))
                 .await?;
-            // `map`, not an async block: a block would keep the connection twice, once as its
-            // capture and once as the future it awaits.
-            tokio::spawn(conn.map(|ended| {
-                if let Err(e) = ended {
-                    tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
-                }
-            }));
+            drive::<true, _>(conn);
             let streams = Arc::new(AtomicUsize::new(0));
             return Ok(NewConn::H2(H2Conn { sender, streams }));
         }
         let (sender, conn) = hyper::client::conn::http1::handshake(Socket::from(io)).await?;
-        tokio::spawn(conn.map(|ended| {
-            if let Err(e) = ended {
-                tracing::debug!(error = %e, "upstream connection ended");
-            }
-        }));
+        drive::<false, _>(conn);
         Ok(NewConn::H1(sender))
     }
+}
+
+/// Spawns the task that drives an upstream connection (HTTP/2 when `H2`) until it ends, and
+/// logs how it ended. `map`, not an async block: a block would keep the connection twice, once
+/// as its capture and once as the future it awaits; and the closure captures nothing, so the
+/// task is the connection's size.
+fn drive<const H2: bool, C>(conn: C)
+where
+    C: Future<Output = Result<(), hyper::Error>> + Send + 'static,
+{
+    tokio::spawn(conn.map(|ended| {
+        if let Err(e) = ended {
+            let version = if H2 { "HTTP/2" } else { "HTTP/1.1" };
+            tracing::debug!(error = %e, version, "upstream connection ended");
+        }
+    }));
 }
 
 /// `Host` for `uri`: its host, with the port when it is not the scheme's default.
