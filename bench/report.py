@@ -211,11 +211,19 @@ def main():
     # ---------------- targets of issue #22 ----------------
     lo, hi = (counts[0], counts[-1]) if counts else (None, None)
 
+    def ran(tgt, key="peak_pss_kb"):
+        """The stream counts whose slow round `tgt` ran (a gateway may sit out a round that does
+        not fit its open-file limit)."""
+        return [c for c in counts if med(data, "slow", c, tgt, key) is not None]
+
     def span(tgt, key="peak_pss_kb"):
-        """The smallest and largest stream counts `tgt` ran (a gateway may sit out a round that
-        does not fit its open-file limit), or None with fewer than two."""
-        ran = [c for c in counts if med(data, "slow", c, tgt, key) is not None]
-        return (ran[0], ran[-1]) if len(ran) > 1 else None
+        """The smallest and largest count `tgt` ran, or None with fewer than two."""
+        r = ran(tgt, key)
+        return (r[0], r[-1]) if len(r) > 1 else None
+
+    # ccgate over HTTP/2 (`run.sh`'s slow rounds with SLOW_H2=1): a gateway of the slow tables only.
+    h2_ran = ran("ccgate-h2")
+    slow_extra = ["ccgate-h2"] if h2_ran else []
 
     def slope(tgt, key, over=None):
         """Memory per extra stream between the counts of `over` (default: `tgt`'s own span)."""
@@ -265,8 +273,8 @@ def main():
           f"{', '.join(str(x) for x in counts)}) | — |")
     # The same two targets for ccgate with `http2 = true` on its endpoints (the slow rounds'
     # ccgate-h2), against the same nginx (HTTP/1.1 to its upstreams, the only way it proxies).
-    h2lo = min((c for c in counts if med(data, "slow", c, "ccgate-h2", "peak_pss_kb") is not None), default=None)
-    if h2lo is not None:
+    if h2_ran:
+        h2lo = h2_ran[0]
         c, n = med(data, "slow", h2lo, "ccgate-h2", "peak_pss_kb"), med(data, "slow", h2lo, "nginx", "peak_pss_kb")
         if n:
             w(f"| … with HTTP/2 to the upstreams (`http2 = true`) | {h2lo:,} streams | PSS {c / n:.2f}× "
@@ -429,14 +437,13 @@ def main():
           "and *slope / nginx* sets it beside nginx's over the same counts." if hi != lo else
           "(One stream count only: no slope.)")
         w("")
-        if any(med(data, "slow", c, "ccgate-h2", "peak_pss_kb") is not None for c in counts):
+        if h2_ran:
             w("*ccgate-h2* is ccgate with `http2 = true` on both endpoints, over two more mocks that also "
               "speak h2c: a worker's streams share a few upstream connections, so it holds one descriptor "
               "per stream where an HTTP/1.1 proxy holds two. nginx proxies over HTTP/1.1 only, as in every "
               "other round.")
             w("")
-        slow_gateways = GATEWAYS + [t for t in ("ccgate-h2",)
-                                    if any(med(data, "slow", c, t, "peak_pss_kb") is not None for c in counts)]
+        slow_gateways = GATEWAYS + slow_extra
         for key_idle, key_peak, label in (("idle_pss_kb", "peak_pss_kb", "PSS"),
                                           ("idle_rss_kb", "peak_rss_kb", "RSS")):
             head = ["gateway"]
@@ -475,7 +482,7 @@ def main():
               + " (nginx spreads its connections over its worker processes, each with its own limit, "
               "and ccgate-h2 holds one descriptor per stream). Raise the hard limit to measure them there.")
             w("")
-        stream_targets = TARGETS + slow_gateways[len(GATEWAYS):]
+        stream_targets = TARGETS + slow_extra
         w("| streams | metric | " + " | ".join(stream_targets) + " |")
         w("|---:|---|" + "---:|" * len(stream_targets))
         for c in counts:

@@ -542,51 +542,54 @@ slow_round() {
     ((${#H2_LIST[@]})) && in_list "$n" "${H2_LIST[@]}" && h2=1
     if ((h1)); then read -r -a targets <<<"$(rotated "$rep")"; else targets=(nginx); fi
     ((h2)) && targets+=(ccgate-h2)
+    # Per gateway: its main pid, its address, and (once started) every pid to sum memory over.
+    local -A pid=() addr=() pids=() idle=() idle_pss=()
     NGINX_CONNS=$budget start_nginx "slow-nginx-$tag" "$G_MOCK_A_ADDR" "$G_MOCK_B_ADDR"
-    local np=$NGINX_PID na=$NGINX_ADDR cp= ca= hp= ha= c2p= c2a=
+    pid[nginx]=$NGINX_PID addr[nginx]=$NGINX_ADDR
     if ((h1)); then
         CCGATE_CONNS=$budget start_ccgate "slow-ccgate-$tag" "$G_MOCK_A_ADDR" "$G_MOCK_B_ADDR"
-        cp=$CCGATE_PID ca=$CCGATE_ADDR
+        pid[ccgate]=$CCGATE_PID addr[ccgate]=$CCGATE_ADDR
         start "slow-hyper-$tag" "$BARE" --port 0 --upstream "$G_MOCK_A_ADDR" --upstream "$G_MOCK_B_ADDR"
-        hp=$LAST_PID
-        ha=$(wait_listening "slow-hyper-$tag" "$hp")
+        pid[hyper]=$LAST_PID
+        addr[hyper]=$(wait_listening "slow-hyper-$tag" "$LAST_PID")
     fi
     if ((h2)); then
         local conns=$budget
         ((conns <= NOFILE - 512)) || conns=$((NOFILE - 512))
         CCGATE_H2=1 CCGATE_CONNS=$conns start_ccgate "slow-ccgate-h2-$tag" "$G_H2_MOCK_A_ADDR" "$G_H2_MOCK_B_ADDR"
-        c2p=$CCGATE_PID c2a=$CCGATE_ADDR
+        pid[ccgate-h2]=$CCGATE_PID addr[ccgate-h2]=$CCGATE_ADDR
     fi
     # Idle RSS once startup has settled: sample every 0.2 s until two samples in a row agree
-    # (nginx's worker set and every RSS sum), at most 10 s.
-    local n_pids c_pids=$cp h_pids=$hp c2_pids=$c2p sample prev= i
+    # (nginx's worker set and every gateway's RSS), at most 10 s.
+    local g sample prev= i
     for ((i = 0; i < 50; i++)); do
-        n_pids="$np $(pgrep -P "$np" | tr '\n' ' ' || true)"
-        sample="$n_pids/$(rss_kb VmRSS $n_pids)/$(rss_kb VmRSS $c_pids)/$(rss_kb VmRSS $h_pids)/$(rss_kb VmRSS $c2_pids)"
+        sample=
+        for g in "${!pid[@]}"; do
+            pids[$g]=${pid[$g]}
+            if [[ $g == nginx ]]; then pids[$g]+=" $(pgrep -P "${pid[$g]}" | tr '\n' ' ' || true)"; fi
+            sample+="$g:${pids[$g]}:$(rss_kb VmRSS ${pids[$g]})/"
+        done
         [[ $sample == "$prev" ]] && break
         prev=$sample
         sleep 0.2
     done
     ((i < 50)) || log "warning: idle RSS still moving after 10 s; recording the last sample"
-    local idle_n idle_c idle_h idle_c2 idle_pss_n idle_pss_c idle_pss_h idle_pss_c2
-    idle_n=$(rss_kb VmRSS $n_pids); idle_c=$(rss_kb VmRSS $c_pids); idle_h=$(rss_kb VmRSS $h_pids)
-    idle_c2=$(rss_kb VmRSS $c2_pids)
-    idle_pss_n=$(pss_kb $n_pids); idle_pss_c=$(pss_kb $c_pids); idle_pss_h=$(pss_kb $h_pids)
-    idle_pss_c2=$(pss_kb $c2_pids)
+    for g in "${!pid[@]}"; do
+        idle[$g]=$(rss_kb VmRSS ${pids[$g]}); idle_pss[$g]=$(pss_kb ${pids[$g]})
+    done
     for target in "${targets[@]}"; do
-        local url pids idle idle_pss
+        local url gw_pids= idle_kb=0 idle_pss_kb=0
         case $target in
-            direct) url="http://$G_MOCK_A_ADDR/v1/messages"; pids=""; idle=0; idle_pss=0 ;;
-            nginx) url="http://$na/v1/messages"; pids=$n_pids; idle=$idle_n; idle_pss=$idle_pss_n ;;
-            ccgate) url="http://$ca/v1/messages"; pids=$c_pids; idle=$idle_c; idle_pss=$idle_pss_c ;;
-            hyper) url="http://$ha/v1/messages"; pids=$h_pids; idle=$idle_h; idle_pss=$idle_pss_h ;;
-            ccgate-h2) url="http://$c2a/v1/messages"; pids=$c2_pids; idle=$idle_c2; idle_pss=$idle_pss_c2 ;;
+            direct) url="http://$G_MOCK_A_ADDR/v1/messages" ;;
+            nginx | ccgate | hyper | ccgate-h2)
+                url="http://${addr[$target]}/v1/messages"
+                gw_pids=${pids[$target]} idle_kb=${idle[$target]} idle_pss_kb=${idle_pss[$target]} ;;
             *) die "slow_round: unknown target $target" ;;
         esac
         log "  slow/$n/$target: $n streams of $SLOW_EVENTS events ${SLOW_PACE_MS} ms apart (connects over ${ramp} s)"
         local peak_file=$RESULTS/peak-$tag-$target sampler=
-        if [[ -n $pids ]]; then
-            rss_sampler "$peak_file" $pids &
+        if [[ -n $gw_pids ]]; then
+            rss_sampler "$peak_file" $gw_pids &
             sampler=$!
             PIDS+=("$sampler")
         fi
@@ -601,11 +604,11 @@ slow_round() {
         if [[ -n $sampler ]]; then
             stop "$sampler"
             read -r peak peak_pss <"$peak_file"
-            hwm=$(rss_kb VmHWM $pids)
+            hwm=$(rss_kb VmHWM $gw_pids)
         fi
         record rep="$rep" workload='"slow"' streams="$n" target="\"$target\"" tool='"sse-load"' \
-            raw="\"${raw#"$RESULTS"/}\"" idle_rss_kb="$idle" peak_rss_kb="$peak" hwm_rss_kb="$hwm" \
-            idle_pss_kb="$idle_pss" peak_pss_kb="$peak_pss" ramp_s="$ramp" conn_budget="$budget" \
+            raw="\"${raw#"$RESULTS"/}\"" idle_rss_kb="$idle_kb" peak_rss_kb="$peak" hwm_rss_kb="$hwm" \
+            idle_pss_kb="$idle_pss_kb" peak_pss_kb="$peak_pss" ramp_s="$ramp" conn_budget="$budget" \
             wall_s="$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", b - a }')"
         # A proxy that ran out of descriptors says so in its log.
         case $target in
@@ -617,8 +620,7 @@ slow_round() {
                 "$LOGS/slow-hyper-$tag.log" 2>/dev/null | sed 's/^/    hyper: /' >&2 || true ;;
         esac
     done
-    local p
-    for p in $cp $np $hp $c2p; do stop "$p"; done
+    for g in "${!pid[@]}"; do stop "${pid[$g]}"; done
 }
 
 # --- failover: fresh gateways over mock A and a broken upstream ---------------------------------
