@@ -514,14 +514,15 @@ async fn redis_outage_is_invisible_to_clients_and_repaired() {
             get(addr, "/_ccgate/health", &[]).await.json()["cluster"]["redis_up"] == false
         })
         .await;
+        let redis_down = format!("ccgate_cluster_redis_up{{instance=\"i{}\"}} 0", i + 1);
         let metrics = get(addr, "/_ccgate/metrics", &[]).await.body;
-        assert!(
-            metrics.contains(&format!(
-                "ccgate_cluster_redis_up{{instance=\"i{}\"}} 0",
-                i + 1
-            )),
-            "{metrics}"
-        );
+        assert!(metrics.contains(&redis_down), "{metrics}");
+        // In OpenMetrics the cluster's families come before the one closing `# EOF`.
+        let accept = [("accept", "application/openmetrics-text; version=1.0.0")];
+        let open_metrics = get(addr, "/_ccgate/metrics", &accept).await.body;
+        assert!(open_metrics.contains(&redis_down), "{open_metrics}");
+        assert!(open_metrics.ends_with("\n# EOF\n"), "{open_metrics}");
+        assert_eq!(open_metrics.matches("# EOF").count(), 1, "{open_metrics}");
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     redis.restart();

@@ -32,6 +32,47 @@ fn parse(text: &str) -> BTreeMap<String, f64> {
     out
 }
 
+#[derive(Clone, Copy, PartialEq)]
+enum Format {
+    Prometheus,
+    OpenMetrics,
+}
+
+/// Every sample line belongs to the family the last `# TYPE` line declared, named as `format`
+/// names it: a counter's family is `x_total` in Prometheus text and `x` in OpenMetrics (whose
+/// samples are `x_total`); a histogram's samples are its family's `_bucket`, `_sum` and `_count`.
+fn every_sample_has_its_family_declared(text: &str, format: Format) {
+    let mut family: Option<(&str, &str)> = None;
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').expect("name and type");
+            family = Some((name, kind));
+            continue;
+        }
+        if line.starts_with('#') {
+            continue;
+        }
+        let sample = line.split(['{', ' ']).next().expect("a sample name");
+        let (name, kind) = family.unwrap_or_else(|| panic!("`{line}` before any # TYPE"));
+        let names: Vec<String> = match (kind, format) {
+            ("counter", Format::Prometheus) => {
+                assert!(name.ends_with("_total"), "counter family `{name}`");
+                vec![name.to_string()]
+            }
+            ("counter", Format::OpenMetrics) => vec![format!("{name}_total")],
+            ("histogram", _) => ["_bucket", "_sum", "_count"]
+                .iter()
+                .map(|s| format!("{name}{s}"))
+                .collect(),
+            _ => vec![name.to_string()],
+        };
+        assert!(
+            names.iter().any(|n| n == sample),
+            "`{line}` under # TYPE {name} {kind}"
+        );
+    }
+}
+
 fn get(m: &BTreeMap<String, f64>, series: &str) -> f64 {
     *m.get(series)
         .unwrap_or_else(|| panic!("no series {series}"))
@@ -60,17 +101,50 @@ async fn exposition_matches_admin_views_and_upstream_counts() {
     assert_eq!(bad.status, 200, "the mock answers any path");
     gw.settle().await;
 
+    // Without a preference (curl, a test): Prometheus' text format 0.0.4.
     let resp = gw
         .request(Method::GET, "/_ccgate/metrics", &[], Bytes::new())
         .await;
     assert_eq!(resp.status, 200);
-    assert!(
-        resp.header("content-type")
-            .is_some_and(|c| c.contains("openmetrics") || c.contains("text/plain"))
+    assert_eq!(
+        resp.header("content-type"),
+        Some("text/plain; version=0.0.4; charset=utf-8")
     );
     let text = resp.text();
-    assert!(text.trim_end().ends_with("# EOF"), "OpenMetrics terminator");
+    assert!(
+        !text.contains("# EOF"),
+        "no OpenMetrics terminator in 0.0.4"
+    );
+    every_sample_has_its_family_declared(&text, Format::Prometheus);
     let m = parse(&text);
+
+    // A scraper that asks for OpenMetrics (as Prometheus does) gets it, with the same samples.
+    let accept = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5";
+    let resp = gw
+        .request(
+            Method::GET,
+            "/_ccgate/metrics",
+            &[("accept", accept)],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(
+        resp.header("content-type"),
+        Some("application/openmetrics-text; version=1.0.0; charset=utf-8")
+    );
+    let open_metrics = resp.text();
+    assert!(
+        open_metrics.ends_with("\n# EOF\n"),
+        "OpenMetrics terminator"
+    );
+    assert_eq!(open_metrics.matches("# EOF").count(), 1);
+    every_sample_has_its_family_declared(&open_metrics, Format::OpenMetrics);
+    let same = parse(&open_metrics);
+    let moving = |k: &String| k.contains("uptime") || k.contains("_seconds");
+    assert_eq!(
+        m.iter().filter(|(k, _)| !moving(k)).collect::<Vec<_>>(),
+        same.iter().filter(|(k, _)| !moving(k)).collect::<Vec<_>>(),
+    );
 
     for (name, up) in [("a", &a), ("b", &b)] {
         let view = gw.endpoint_view(name).await;

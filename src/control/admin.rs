@@ -85,10 +85,11 @@ pub async fn handle<B>(gw: Arc<Gateway>, persist: &Persist, req: Request<B>) -> 
         (&Method::GET, ["requests"]) => {
             response::json(StatusCode::OK, &requests_json(&gw, req.uri().query()))
         }
-        (&Method::GET, ["metrics"]) => response::body(
-            crate::control::metrics::CONTENT_TYPE,
-            crate::control::metrics::render(&gw),
-        ),
+        (&Method::GET, ["metrics"]) => {
+            use crate::control::metrics::{Format, render};
+            let format = Format::negotiate(req.headers().get(http::header::ACCEPT));
+            response::body(format.content_type(), render(&gw, "", format))
+        }
         (&Method::GET, ["endpoints", name]) => match gw.registry.by_name(name) {
             Some(ep) => response::json(
                 StatusCode::OK,

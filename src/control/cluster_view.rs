@@ -147,9 +147,10 @@ pub async fn route<B>(
             Some(response::json(StatusCode::OK, &node.view_json().await))
         }
         ("/_ccgate/metrics", Some(node)) if get => {
-            let mut text = crate::control::metrics::render(gw);
-            text.push_str(&node.metrics());
-            Some(response::body(crate::control::metrics::CONTENT_TYPE, text))
+            use crate::control::metrics::{Format, render};
+            let format = Format::negotiate(req.headers().get(http::header::ACCEPT));
+            let text = render(gw, &node.metrics(), format);
+            Some(response::body(format.content_type(), text))
         }
         _ => None,
     }

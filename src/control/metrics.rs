@@ -1,4 +1,6 @@
-//! `GET /_ccgate/metrics`: the live state in Prometheus text format.
+//! `GET /_ccgate/metrics`: the live state in Prometheus text format (0.0.4), or in OpenMetrics
+//! 1.0 for a scraper that asks for it in `Accept` (Prometheus itself does), as Prometheus' own
+//! client libraries negotiate.
 //!
 //! Nothing is counted twice: a `prometheus-client` [`Collector`] reads the same atomics the admin
 //! views read, at scrape time. Each endpoint's counters come from one [`Live::snapshot`], so the
@@ -24,16 +26,105 @@ use crate::health::totals::RequestEnd;
 use crate::proxy::gateway::Gateway;
 use crate::store::saturating_i64;
 
-/// Content type of the exposition.
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The two text formats of the exposition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// Prometheus' text format 0.0.4: what `curl` and a scraper without a preference get.
+    Prometheus,
+    /// OpenMetrics 1.0, for a scraper whose `Accept` prefers it.
+    OpenMetrics,
+}
 
-/// Renders the exposition.
-pub fn render(gw: &Arc<Gateway>) -> String {
+impl Format {
+    /// The format `accept` asks for: OpenMetrics when it names `application/openmetrics-text`
+    /// with a weight at least that of `text/plain`, else Prometheus text.
+    pub fn negotiate(accept: Option<&http::HeaderValue>) -> Self {
+        let (mut open_metrics, mut plain) = (0.0f32, 0.0f32);
+        for range in accept
+            .and_then(|a| a.to_str().ok())
+            .unwrap_or("")
+            .split(',')
+        {
+            let mut parts = range.split(';').map(str::trim);
+            let media = parts.next().unwrap_or("").to_ascii_lowercase();
+            let q = parts
+                .filter_map(|p| p.strip_prefix("q="))
+                .find_map(|q| q.parse::<f32>().ok())
+                .unwrap_or(1.0);
+            match media.as_str() {
+                "application/openmetrics-text" => open_metrics = open_metrics.max(q),
+                "text/plain" => plain = plain.max(q),
+                _ => {}
+            }
+        }
+        if open_metrics > 0.0 && open_metrics >= plain {
+            Self::OpenMetrics
+        } else {
+            Self::Prometheus
+        }
+    }
+
+    /// The `content-type` of an exposition in this format.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Self::Prometheus => "text/plain; version=0.0.4; charset=utf-8",
+            Self::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        }
+    }
+}
+
+/// Renders the exposition in `format`, with `extra` (more families, written as gauges, which
+/// read the same in both formats) after ccgate's own and before OpenMetrics' closing `# EOF`.
+pub fn render(gw: &Arc<Gateway>, extra: &str, format: Format) -> String {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(GatewayCollector(Arc::clone(gw))));
     let mut out = String::new();
     // Writing into a String cannot fail.
     let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+    let body = out.strip_suffix("# EOF\n").unwrap_or(&out);
+    match format {
+        Format::OpenMetrics => format!("{body}{extra}# EOF\n"),
+        Format::Prometheus => to_prometheus_text(body) + extra,
+    }
+}
+
+/// OpenMetrics text (without its `# EOF`), as `prometheus-client` writes it, in Prometheus' text
+/// format 0.0.4. The samples read the same; the metadata differs for counters, whose family is
+/// named without the `_total` its samples carry in OpenMetrics and with it in 0.0.4. `# UNIT`
+/// lines have no 0.0.4 form and are dropped, and a HELP text's `\"` (an escape only OpenMetrics
+/// has) becomes `"`.
+fn to_prometheus_text(open_metrics: &str) -> String {
+    use std::fmt::Write;
+    let counters: std::collections::HashSet<&str> = open_metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(open_metrics.len() + 16 * counters.len());
+    for line in open_metrics.lines() {
+        let (prefix, rest) = match (line.strip_prefix("# HELP "), line.strip_prefix("# TYPE ")) {
+            (Some(rest), _) => ("# HELP", rest),
+            (_, Some(rest)) => ("# TYPE", rest),
+            _ if line.starts_with("# UNIT ") => continue,
+            _ => {
+                out.push_str(line);
+                out.push('\n');
+                continue;
+            }
+        };
+        let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+        let total = if counters.contains(name) {
+            "_total"
+        } else {
+            ""
+        };
+        let tail = if prefix == "# HELP" {
+            tail.replace("\\\"", "\"")
+        } else {
+            tail.to_owned()
+        };
+        // Writing into a String cannot fail.
+        let _ = writeln!(out, "{prefix} {name}{total} {tail}");
+    }
     out
 }
 
@@ -327,5 +418,57 @@ impl Collector for GatewayCollector {
             &answers,
         )?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_format_follows_accept() {
+        let prometheus_server = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        let cases = [
+            (None, Format::Prometheus),
+            (Some("*/*"), Format::Prometheus),
+            (Some("text/plain"), Format::Prometheus),
+            (Some(prometheus_server), Format::OpenMetrics),
+            (Some("application/openmetrics-text"), Format::OpenMetrics),
+            (
+                Some("Application/OpenMetrics-Text; version=1.0.0"),
+                Format::OpenMetrics,
+            ),
+            (
+                Some("text/plain;q=0.9, application/openmetrics-text;q=0.5"),
+                Format::Prometheus,
+            ),
+            (Some("application/openmetrics-text;q=0"), Format::Prometheus),
+            (
+                Some("text/plain;version=0.0.4;q=0.5,application/openmetrics-text"),
+                Format::OpenMetrics,
+            ),
+            (Some("garbage;;q=x,,"), Format::Prometheus),
+        ];
+        for (accept, want) in cases {
+            let value = accept.map(|a| http::HeaderValue::from_str(a).expect("header"));
+            assert_eq!(Format::negotiate(value.as_ref()), want, "{accept:?}");
+        }
+    }
+
+    #[test]
+    fn prometheus_text_names_counter_families_with_their_total() {
+        let open_metrics = "# HELP requests Requests served.\n# TYPE requests counter\n\
+            requests_total{path=\"/v1\"} 3\n# HELP queue Entries (\\\"out\\\").\n# TYPE queue gauge\n\
+            # UNIT queue entries\nqueue 1\n# HELP latency_seconds Latency.\n\
+            # TYPE latency_seconds histogram\nlatency_seconds_bucket{le=\"+Inf\"} 2\n\
+            latency_seconds_sum 0.5\nlatency_seconds_count 2\n";
+        let text = to_prometheus_text(open_metrics);
+        assert_eq!(
+            text,
+            "# HELP requests_total Requests served.\n# TYPE requests_total counter\n\
+            requests_total{path=\"/v1\"} 3\n# HELP queue Entries (\"out\").\n# TYPE queue gauge\n\
+            queue 1\n# HELP latency_seconds Latency.\n# TYPE latency_seconds histogram\n\
+            latency_seconds_bucket{le=\"+Inf\"} 2\nlatency_seconds_sum 0.5\nlatency_seconds_count 2\n"
+        );
     }
 }
