@@ -1097,11 +1097,24 @@ async fn recovery_by_admin_probe_and_second_episode() {
     assert_eq!(p["passed"], false, "{p}");
     assert_eq!(p["state"], "ejected");
 
+    // A relay that answers the models probe with a page, not the API's JSON, stays out.
+    up_a.push(Script::response(200, "text/html", "<html>Service ready</html>").label("probe"));
+    let p = admin_post(&gw, "a", "probe").await;
+    assert_eq!(p["passed"], false, "{p}");
+    assert!(
+        p["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("not a JSON object")),
+        "{p}"
+    );
+    assert_eq!(p["state"], "ejected");
+
     // Fixed: the probe verifies it, and it comes back on probation.
     up_a.set_default(Script::json_ok());
     up_a.push(models_ok());
     let p = admin_post(&gw, "a", "probe").await;
     assert_eq!(p["passed"], true, "{p}");
+    assert_eq!(p["detail"], "0 models listed", "{p}");
     let v = gw.endpoint_view("a").await;
     assert_eq!(v["probation"], true, "{v}");
     assert_eq!(v["state"], "degraded", "{v}");
@@ -1111,13 +1124,13 @@ async fn recovery_by_admin_probe_and_second_episode() {
         "still queued until a real request succeeds: {q}"
     );
     assert_eq!(q["entries"][0]["probation"], true);
-    assert_eq!(q["entries"][0]["probe_attempts"], 2);
-    assert_eq!(q["stats"]["total_verified"], 2);
+    assert_eq!(q["entries"][0]["probe_attempts"], 3);
+    assert_eq!(q["stats"]["total_verified"], 3);
     assert_eq!(q["stats"]["total_recovered"], 1);
-    assert_eq!(q["stats"]["total_still_failed"], 1);
+    assert_eq!(q["stats"]["total_still_failed"], 2);
     // Probes are not attempts.
     assert_eq!(n(&v, "total_requests"), 3);
-    assert_eq!(up_a.served("probe"), 1);
+    assert_eq!(up_a.served("probe"), 2);
 
     // One real request on probation succeeds: healthy, queue empty.
     let a = post(&gw, false).await;

@@ -135,7 +135,15 @@ async fn probe_inner(gw: &Gateway, ep: &Endpoint) -> Result<String, String> {
         return Err(format!("HTTP {} {msg}", status.as_u16()).trim().to_string());
     }
     match ep.probe {
-        ProbeMode::Models => Ok("models listed".into()),
+        // The list itself is not checked (relays list different models, or page them), but an
+        // answer that is not a JSON object is not the API's.
+        ProbeMode::Models => match serde_json::from_slice::<serde_json::Value>(&body) {
+            Ok(serde_json::Value::Object(list)) => Ok(match list.get("data") {
+                Some(serde_json::Value::Array(models)) => format!("{} models listed", models.len()),
+                _ => "models answered".into(),
+            }),
+            _ => Err("models answered with something that is not a JSON object".into()),
+        },
         ProbeMode::CountTokens => {
             let v: serde_json::Value = serde_json::from_slice(&body)
                 .map_err(|_| "count_tokens answered with something that is not JSON".to_string())?;
