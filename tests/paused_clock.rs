@@ -70,7 +70,7 @@ async fn failed_probes_push_the_next_probe_out_with_capped_backoff() {
     assert_eq!(ep.live.phase(), Phase::Ejected);
 
     let entry = reg.queue.entry(0).expect("ejected endpoint is queued");
-    assert_eq!(entry.since_ms, 5_000);
+    assert_eq!(entry.since, reg.clock.wall(5_000));
     assert_eq!(entry.reason, Reason::Failures);
     assert_eq!(entry.probe_attempts, 0);
     assert_within_jitter(entry.next_probe_at_ms - 5_000, 0);
@@ -86,7 +86,11 @@ async fn failed_probes_push_the_next_probe_out_with_capped_backoff() {
             .probe_result(&ep, false, "still failing".to_string());
         let e = reg.queue.entry(0).expect("still queued");
         assert_eq!(e.probe_attempts, k);
-        assert_eq!(e.since_ms, 5_000, "the episode keeps its start");
+        assert_eq!(
+            e.since,
+            reg.clock.wall(5_000),
+            "the episode keeps its start"
+        );
         assert_eq!(e.last_probe.as_deref(), Some("still failing"));
         assert!(!e.probation);
         let delay = e.next_probe_at_ms - due;

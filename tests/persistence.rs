@@ -578,6 +578,115 @@ async fn ejected_endpoint_stays_out_across_a_restart_until_its_config_changes() 
     serving.stop().await;
 }
 
+/// `a`'s failure-queue entry and its stored episodes, as the views show them.
+async fn outage_of_a(addr: std::net::SocketAddr) -> (Value, Vec<Value>) {
+    let q = process::get(addr, "/_ccgate/failure-queue", &[])
+        .await
+        .json();
+    let episodes = process::get(addr, "/_ccgate/episodes", &[]).await.json();
+    let of_a = episodes["episodes"]
+        .as_array()
+        .expect("episodes")
+        .iter()
+        .filter(|e| e["endpoint"] == "a")
+        .cloned()
+        .collect();
+    (q, of_a)
+}
+
+/// One outage, one episode (SPEC §5.4), even when the gateway restarts in the middle of it, by
+/// SIGTERM or `kill -9`: the resumed entry keeps the time it began, the stored episode stays open
+/// and is not counted again, and it ends when the endpoint's saved health stops applying.
+#[tokio::test]
+async fn an_outage_across_restarts_stays_one_episode_with_its_start() {
+    let up_a = MockUpstream::start().await;
+    let up_b = MockUpstream::start().await;
+    up_a.set_default(Script::error(500, "api_error", "down"));
+    let sb = process::Sandbox::new();
+    write_two(&sb, &up_a.url(), "sk-test-a", &up_b.url());
+    let db = sandbox_db(&sb);
+    let serving = process::start(sb.command(&["serve"])).await;
+    process::post_message(serving.addr, &[]).await;
+    let (q, episodes) = outage_of_a(serving.addr).await;
+    assert_eq!(q["stats"]["total_failed"], 1, "{q}");
+    serving.signal("TERM");
+    serving.finish().await.assert_success();
+    assert!(episodes.len() <= 1, "{episodes:?}");
+    // The outage began an hour ago, as far as the stored state says: a restart must not move it.
+    let conn = rusqlite::Connection::open(&db).expect("open");
+    for sql in [
+        "UPDATE endpoint_health SET since_ms = since_ms - 3600000 WHERE endpoint = 'a'",
+        "UPDATE episodes SET started_at_ms = started_at_ms - 3600000 WHERE endpoint = 'a'",
+    ] {
+        assert_eq!(conn.execute(sql, []).expect("update"), 1, "{sql}");
+    }
+    let since_ms: i64 = conn
+        .query_row(
+            "SELECT since_ms FROM endpoint_health WHERE endpoint = 'a'",
+            [],
+            |r| r.get(0),
+        )
+        .expect("since");
+    drop(conn);
+    let began = std::time::UNIX_EPOCH + Duration::from_millis(since_ms as u64);
+    let since = Value::from(humantime::format_rfc3339_seconds(began).to_string());
+
+    // After SIGTERM, and then after `kill -9` (once the episode is on disk), the same outage.
+    let mut after = "TERM";
+    for stop_with in ["KILL", "TERM"] {
+        let serving = process::start(sb.command(&["serve"])).await;
+        let (q, episodes) = outage_of_a(serving.addr).await;
+        assert_eq!(q["size"], 1, "after {after}: {q}");
+        assert_eq!(
+            q["entries"][0]["since"], since,
+            "after {after}: the outage keeps its start"
+        );
+        assert_eq!(
+            q["stats"]["total_failed"], 0,
+            "after {after}: no new episode: {q}"
+        );
+        assert_eq!(
+            episodes.len(),
+            1,
+            "after {after}: one episode: {episodes:?}"
+        );
+        assert_eq!(
+            episodes[0]["started_at"], since,
+            "after {after}: {episodes:?}"
+        );
+        assert!(
+            episodes[0]["ended_at"].is_null(),
+            "after {after}: still open: {episodes:?}"
+        );
+        let conn = rusqlite::Connection::open(&db).expect("open");
+        let open: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM episodes WHERE endpoint = 'a' AND ended_at_ms IS NULL",
+                [],
+                |r| r.get(0),
+            )
+            .expect("count");
+        assert_eq!(open, 1, "after {after}: the episode is on disk, open");
+        drop(conn);
+        serving.signal(stop_with);
+        let finished = serving.finish().await;
+        if stop_with == "TERM" {
+            finished.assert_success();
+        }
+        after = stop_with;
+    }
+
+    // A new key: the saved health no longer applies, and the outage ends at the restart.
+    up_a.set_default(Script::json_ok());
+    write_two(&sb, &up_a.url(), "sk-test-a-new", &up_b.url());
+    let serving = process::start(sb.command(&["serve"])).await;
+    let (q, episodes) = outage_of_a(serving.addr).await;
+    assert_eq!(q["size"], 0, "{q}");
+    assert_eq!(episodes.len(), 1, "{episodes:?}");
+    assert_eq!(episodes[0]["ended_by"], "restart", "{episodes:?}");
+    serving.stop().await;
+}
+
 /// Issue 21 #9: a cooldown still running when the gateway stops goes on after the restart; one
 /// that ended while the gateway was down is over.
 #[tokio::test]

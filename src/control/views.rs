@@ -314,7 +314,7 @@ pub fn failure_queue_json(gw: &Gateway) -> serde_json::Value {
                 "name": e.name,
                 "reason": e.reason.name(),
                 "state": ep.state_name(),
-                "since": rfc3339(clock.wall(e.since_ms)),
+                "since": rfc3339(e.since),
                 "next_probe_at": rfc3339(clock.wall(e.next_probe_at_ms)),
                 "probe_attempts": e.probe_attempts,
                 "probation": e.probation,

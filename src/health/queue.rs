@@ -27,8 +27,8 @@ pub struct Entry {
     pub name: String,
     /// Why it left rotation (latest reason).
     pub reason: Reason,
-    /// When the episode began (clock ms).
-    pub since_ms: u64,
+    /// When the episode began (an episode resumed from the previous run keeps its start).
+    pub since: SystemTime,
     /// Probes run in this episode.
     pub probe_attempts: u32,
     /// When the next probe (or, cooling down, the automatic return) is due (clock ms). For a
@@ -231,7 +231,7 @@ impl FailureQueue {
         }
         match effect {
             Effect::None => {}
-            Effect::Open(reason) => self.open(&mut inner, ep, reason, now_ms),
+            Effect::Open(reason) => self.open(&mut inner, ep, reason, now_ms, true),
             Effect::Reason(reason) => {
                 if let Some(Slot { entry: e, .. }) = inner.entries.get_mut(&ep.idx) {
                     e.reason = reason;
@@ -297,9 +297,10 @@ impl FailureQueue {
         self.changed.notify_one();
     }
 
-    /// Opens a failure episode for `ep` (the caller holds the lock and has checked the phase).
-    fn open(&self, inner: &mut Inner, ep: &Endpoint, reason: Reason, now_ms: u64) {
-        if !inner.count_on_claim {
+    /// Opens a failure episode for `ep` (the caller holds the lock and has checked the phase);
+    /// `new`: it begins now, and counts in `total_failed` (a resumed one began in an earlier run).
+    fn open(&self, inner: &mut Inner, ep: &Endpoint, reason: Reason, now_ms: u64, new: bool) {
+        if new && !inner.count_on_claim {
             inner.stats.total_failed += 1;
         }
         inner.log_episode(Some(reason), ep, self.clock.wall(now_ms), 0);
@@ -307,7 +308,7 @@ impl FailureQueue {
             idx: ep.idx,
             name: ep.name.clone(),
             reason,
-            since_ms: now_ms,
+            since: self.clock.wall(now_ms),
             probe_attempts: 0,
             next_probe_at_ms: now_ms + ms(self.backoff(0)),
             probation: false,
@@ -329,16 +330,17 @@ impl FailureQueue {
 
     /// Resumes, on start, an endpoint that was out of rotation when the previous run stopped:
     /// `phase` is `Ejected`, `AuthDisabled` or `CoolingDown` (until `cooldown_until_ms`), the
-    /// episode began at `since_ms` with `probe_attempts` probes run, and its next probe is due at
-    /// `next_probe_at_ms` (all registry-clock ms). Opens a queue entry as any ejection does.
-    /// Does nothing unless the endpoint is in rotation and not queued.
+    /// episode began at `since` with `probe_attempts` probes run, and its next probe is due at
+    /// `next_probe_at_ms` (registry-clock ms). Opens a queue entry as any ejection does, for the
+    /// same episode: it keeps its start and does not count in `total_failed` again. Does nothing
+    /// unless the endpoint is in rotation and not queued.
     #[allow(clippy::too_many_arguments)]
     pub fn resume(
         &self,
         ep: &Endpoint,
         phase: Phase,
         reason: Reason,
-        since_ms: u64,
+        since: SystemTime,
         next_probe_at_ms: u64,
         cooldown_until_ms: u64,
         probe_attempts: u32,
@@ -360,9 +362,9 @@ impl FailureQueue {
         }
         ep.live.phase.store(phase as u8, Ordering::Release);
         let now = self.clock.now_ms();
-        self.open(&mut inner, ep, reason, now);
+        self.open(&mut inner, ep, reason, now, false);
         if let Some(Slot { entry: e, .. }) = inner.entries.get_mut(&ep.idx) {
-            e.since_ms = since_ms.clamp(1, now);
+            e.since = since.min(self.clock.wall(now));
             e.probe_attempts = probe_attempts;
             e.next_probe_at_ms = next_probe_at_ms.max(now);
         }
@@ -526,7 +528,7 @@ impl FailureQueue {
             }
         };
         if !queued {
-            self.open(inner, ep, reason, now_ms);
+            self.open(inner, ep, reason, now_ms, true);
         }
         !queued
     }

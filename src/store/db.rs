@@ -196,6 +196,18 @@ pub(crate) struct Loaded {
     pub(crate) gateway: GatewayTotals,
     pub(crate) episodes: Vec<EpisodeRow>,
     pub(crate) health: Vec<SavedHealth>,
+    /// Episodes the previous run left open, newest first: its endpoint was still out of rotation
+    /// when it stopped (or it was killed). One resumed on start goes on; the others end there.
+    pub(crate) left_open: Vec<LeftOpen>,
+    /// The previous run's last flush (Unix ms), where an episode it left open ends.
+    pub(crate) last_flush_ms: Option<i64>,
+}
+
+/// An episode a previous run left open.
+pub(crate) struct LeftOpen {
+    pub(crate) id: i64,
+    pub(crate) endpoint: String,
+    pub(crate) probes: u32,
 }
 
 /// An open database connection (owned by the writer while it runs).
@@ -343,9 +355,9 @@ impl Store {
         Ok(())
     }
 
-    /// Ends episodes a previous run left open (it stopped without its last flush) at that run's
-    /// last flush, then reads everything the gateway shows.
-    pub(crate) fn load(&mut self, now: SystemTime) -> anyhow::Result<Loaded> {
+    /// Reads everything the gateway shows, and the episodes the previous run left open (see
+    /// [`Store::end_left_open`]).
+    pub(crate) fn load(&mut self) -> anyhow::Result<Loaded> {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -357,12 +369,10 @@ impl Store {
             )
             .optional()?
             .flatten();
-        tx.execute(
-            "UPDATE episodes SET ended_at_ms = MAX(started_at_ms, ?1), ended_by = 'restart'
-             WHERE ended_at_ms IS NULL",
-            [last_flush.unwrap_or_else(|| unix_ms(now))],
-        )?;
-        let mut loaded = Loaded::default();
+        let mut loaded = Loaded {
+            last_flush_ms: last_flush,
+            ..Loaded::default()
+        };
         {
             let mut st = tx.prepare("SELECT endpoint, kind, count FROM endpoint_counters")?;
             let rows = st.query_map([], |r| {
@@ -415,6 +425,19 @@ impl Store {
                 loaded.episodes.push(row?);
             }
             let mut st = tx.prepare(
+                "SELECT id, endpoint, probes FROM episodes WHERE ended_at_ms IS NULL ORDER BY id DESC",
+            )?;
+            let rows = st.query_map([], |r| {
+                Ok(LeftOpen {
+                    id: r.get(0)?,
+                    endpoint: r.get(1)?,
+                    probes: u32::try_from(r.get::<_, i64>(2)?).unwrap_or(0),
+                })
+            })?;
+            for row in rows {
+                loaded.left_open.push(row?);
+            }
+            let mut st = tx.prepare(
                 "SELECT endpoint, fingerprint, phase, reason, since_ms, next_probe_at_ms,
                         cooldown_until_ms, probes FROM endpoint_health",
             )?;
@@ -436,6 +459,23 @@ impl Store {
         }
         tx.commit()?;
         Ok(loaded)
+    }
+
+    /// Ends the episodes `ids`, which the previous run left open and this one did not resume
+    /// (the endpoint's configuration changed, it is gone, or its cooldown ran out meanwhile), at
+    /// `at_ms` (that run's last flush) as ended by the `restart`.
+    pub(crate) fn end_left_open(&mut self, ids: &[i64], at_ms: i64) -> rusqlite::Result<()> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut st = tx.prepare(
+                "UPDATE episodes SET ended_at_ms = MAX(started_at_ms, ?1), ended_by = 'restart'
+                 WHERE id = ?2 AND ended_at_ms IS NULL",
+            )?;
+            for id in ids {
+                st.execute(rusqlite::params![at_ms, id])?;
+            }
+        }
+        tx.commit()
     }
 
     /// Writes one flush in one transaction. Returns the row ids of the episodes it opened, in

@@ -4,13 +4,13 @@
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
 use tokio::sync::watch;
 
 use crate::config::StorageConfig;
-use crate::health::endpoint::{Counters, Live};
+use crate::health::endpoint::{Counters, Endpoint, Live};
 use crate::health::machine::{Phase, Reason};
 use crate::health::queue::EpisodeEvent;
 use crate::health::totals::GatewayStats;
@@ -61,6 +61,9 @@ pub struct Persist {
     books: Mutex<Books>,
     /// Endpoints out of rotation when the previous run stopped, until [`attach`] resumes them.
     saved_health: Mutex<Vec<SavedHealth>>,
+    /// Episodes the previous run left open and when it last flushed, until [`attach`] goes on
+    /// with those it resumed and ends the others.
+    left_open: Mutex<(Vec<LeftOpen>, Option<i64>)>,
 }
 
 impl Persist {
@@ -74,6 +77,7 @@ impl Persist {
             store: Mutex::new(None),
             books: Mutex::new(Books::default()),
             saved_health: Mutex::new(Vec::new()),
+            left_open: Mutex::new((Vec::new(), None)),
         }
     }
 
@@ -93,7 +97,7 @@ impl Persist {
             return p;
         };
         let opened = Store::open(&path).and_then(|mut s| {
-            let loaded = s.load(SystemTime::now())?;
+            let loaded = s.load()?;
             Ok((s, loaded))
         });
         match opened {
@@ -105,6 +109,7 @@ impl Persist {
                 books.recent = loaded.episodes.into();
                 drop(books);
                 *p.saved_health.lock() = loaded.health;
+                *p.left_open.lock() = (loaded.left_open, loaded.last_flush_ms);
                 *p.store.lock() = Some(store);
                 p.tally = Some(Arc::default());
             }
@@ -176,7 +181,7 @@ impl Persist {
     /// Gathers one flush: counter deltas of every followed cell, the gateway totals, the usage
     /// tally and the episode events, turned into row operations. Moves nothing on in the books
     /// (that waits for the commit) except to start following new cells.
-    fn collect(&self, gw: &Gateway, last: bool) -> Batch {
+    fn collect(&self, gw: &Gateway) -> Batch {
         let at = SystemTime::now();
         let mut books = self.books.lock();
         let books = &mut *books;
@@ -262,7 +267,8 @@ impl Persist {
             }
         }
         // Probes run so far, and episodes whose endpoint a reload changed or removed (they end
-        // with it), or all of them when the gateway stops.
+        // with it). When the gateway stops, the others stay open: their endpoints are saved out
+        // of rotation, and the next run goes on with them (or ends them, see `attach`).
         let mut ended = Vec::new();
         for (key, o) in &mut open {
             let Some(ep) = current.get(key) else {
@@ -271,9 +277,6 @@ impl Persist {
             };
             if let Some(probes) = gw.registry.queue.probe_attempts(ep.idx) {
                 o.probes = o.probes.max(probes);
-            }
-            if last {
-                ended.push((*key, "shutdown"));
             }
         }
         for (key, by) in ended {
@@ -393,11 +396,11 @@ impl Persist {
 
     /// Writes one flush: gather, write on the blocking pool, then book the result. Returns
     /// whether the database is still usable.
-    async fn flush(&self, gw: &Gateway, last: bool) -> bool {
+    async fn flush(&self, gw: &Gateway) -> bool {
         let Some(mut store) = self.store.lock().take() else {
             return false;
         };
-        let batch = self.collect(gw, last);
+        let batch = self.collect(gw);
         let joined = tokio::task::spawn_blocking(move || {
             let result = store.write(&batch);
             (store, batch, result)
@@ -426,7 +429,7 @@ impl Persist {
 }
 
 /// The background writer: flushes every `flush_interval` until `stop` turns true (or its sender
-/// goes away), then flushes one last time — closing open episodes as ended by shutdown — and
+/// goes away), then flushes one last time (episodes still open stay open: see `attach`) and
 /// closes the database. `current` gives the gateway in service (it changes on reloads). Without a
 /// database open it returns at once.
 pub async fn run_writer<F>(persist: Arc<Persist>, current: F, mut stop: watch::Receiver<bool>)
@@ -445,7 +448,7 @@ where
             changed = stop.changed() => changed.is_err() || *stop.borrow(),
         };
         let gw = current();
-        if !persist.flush(&gw, last).await {
+        if !persist.flush(&gw).await {
             return;
         }
         if last {
@@ -477,7 +480,8 @@ pub async fn attach(gateway: &mut Gateway) -> Arc<Persist> {
     if persist.is_active() {
         gateway.registry.queue.record_episodes();
         let saved = std::mem::take(&mut *persist.saved_health.lock());
-        resume_health(gateway, &saved);
+        let resumed = resume_health(gateway, &saved);
+        carry_over_episodes(&persist, &resumed).await;
     }
     gateway.usage = persist.tally();
     if persist.is_active() {
@@ -510,7 +514,7 @@ fn saved_health(gw: &Gateway) -> Vec<SavedHealth> {
             fingerprint: ep.fingerprint(),
             phase: phase.to_string(),
             reason: entry.reason.name().to_string(),
-            since_ms: unix_ms(clock.wall(entry.since_ms)),
+            since_ms: unix_ms(entry.since),
             next_probe_at_ms: unix_ms(clock.wall(entry.next_probe_at_ms)),
             cooldown_until_ms: if cooldown == 0 {
                 0
@@ -528,18 +532,16 @@ fn saved_health(gw: &Gateway) -> Vec<SavedHealth> {
 /// once if that time passed while the gateway was down); a cooldown that is still running goes on
 /// until its deadline, one that ended while the gateway was down is over. An endpoint whose name,
 /// base URL or credential changed starts fresh.
-fn resume_health(gateway: &Gateway, saved: &[SavedHealth]) {
+///
+/// Returns the endpoints it resumed.
+fn resume_health(gateway: &Gateway, saved: &[SavedHealth]) -> Vec<Arc<Endpoint>> {
     let reg = &gateway.registry;
     let now_ms = reg.clock.now_ms();
     let now_wall = unix_ms(SystemTime::now());
-    // Wall time (Unix ms) to registry-clock ms; the past is clamped to now (deadlines) or to the
-    // clock's start (when an episode began).
+    // Wall time (Unix ms) to registry-clock ms; a deadline in the past is now.
     let deadline = |wall: i64| now_ms.saturating_add(u64::try_from(wall - now_wall).unwrap_or(0));
-    let began = |wall: i64| {
-        now_ms
-            .saturating_sub(u64::try_from(now_wall - wall).unwrap_or(0))
-            .max(1)
-    };
+    let began = |wall: i64| UNIX_EPOCH + Duration::from_millis(u64::try_from(wall).unwrap_or(0));
+    let mut resumed = Vec::new();
     for h in saved {
         let Some(ep) = reg.by_name(&h.endpoint) else {
             continue;
@@ -570,6 +572,68 @@ fn resume_health(gateway: &Gateway, saved: &[SavedHealth]) {
             h.probes,
         ) {
             tracing::info!(endpoint = %h.endpoint, phase = %h.phase, reason = %h.reason, "health: resumed from the last run");
+            resumed.push(Arc::clone(ep));
+        }
+    }
+    resumed
+}
+
+/// Goes on with the episodes the previous run left open whose endpoints `resumed` took up again
+/// (the newest one of each: one outage, one episode across the restart), and ends the others
+/// at that run's last flush.
+async fn carry_over_episodes(persist: &Persist, resumed: &[Arc<Endpoint>]) {
+    let (left, last_flush) = std::mem::take(&mut *persist.left_open.lock());
+    let mut end = Vec::new();
+    {
+        let mut books = persist.books.lock();
+        for row in left {
+            let ep = resumed.iter().find(|ep| ep.name == row.endpoint);
+            let key = ep.map(|ep| Arc::as_ptr(&ep.live) as usize);
+            match (ep, key) {
+                (Some(ep), Some(key)) if !books.open.contains_key(&key) => {
+                    books.open.insert(
+                        key,
+                        OpenEpisode {
+                            target: OpenRef::Row(row.id),
+                            _cell: Arc::downgrade(&ep.live),
+                            probes: row.probes,
+                        },
+                    );
+                }
+                _ => end.push(row.id),
+            }
+        }
+        let Some(at) = last_flush else {
+            // Nothing was ever flushed: no episode can be open.
+            return;
+        };
+        for r in books.recent.iter_mut().filter(|r| end.contains(&r.id)) {
+            r.ended_at_ms = Some(r.started_at_ms.max(at));
+            r.ended_by = Some("restart".into());
+        }
+    }
+    if end.is_empty() {
+        return;
+    }
+    // Off the async workers: the store is lent to a blocking task and put back.
+    let Some(mut store) = persist.store.lock().take() else {
+        return;
+    };
+    let at = last_flush.unwrap_or_default();
+    let done = tokio::task::spawn_blocking(move || {
+        let ended = store.end_left_open(&end, at);
+        (store, ended)
+    })
+    .await;
+    match done {
+        Ok((store, ended)) => {
+            *persist.store.lock() = Some(store);
+            if let Err(e) = ended {
+                tracing::warn!(error = %e, "storage: could not end the episodes the last run left open");
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "storage: lost the database while ending the episodes the last run left open")
         }
     }
 }
