@@ -325,6 +325,52 @@ async fn one_outage_is_one_episode_and_one_prober_cluster_wide() {
     }
 }
 
+/// An outage that ends on other instances ends the run of failures on the one that saw it begin:
+/// after the recovery, one more failure there is the first of a new run, not the run's third.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_elsewhere_ends_the_run_of_failures_here() {
+    let redis = RedisServer::start();
+    let (a, _b, c) = a_before_b(&redis).await;
+    a.set_default(Script::error(500, "api_error", "boom"));
+    // `failure_threshold = 2`: two failures on instance 0 eject `a` on all three.
+    for _ in 0..2 {
+        assert_eq!(post_message(c.addr(0), &[]).await.status, 200);
+    }
+    c.wait_state("a", "ejected").await;
+    let view = process::endpoint_view(c.addr(0), "a").await;
+    assert_eq!(view["consecutive_failures"], 2, "{view}");
+
+    // It recovers through instances 1 and 2 only: instance 0 hears of it as news.
+    a.set_default(Script::json_ok());
+    c.until("`a` back in rotation on every instance", || async {
+        post_message(c.addr(1), &[]).await;
+        post_message(c.addr(2), &[]).await;
+        let mut back = true;
+        for i in 0..3 {
+            back &= c.queue(i).await["size"] == 0;
+        }
+        back
+    })
+    .await;
+    let view = process::endpoint_view(c.addr(0), "a").await;
+    assert_eq!(view["consecutive_failures"], 0, "{view}");
+    assert_eq!(view["state"], "healthy", "{view}");
+
+    // One failure on instance 0: below the threshold, so `a` stays in rotation everywhere.
+    a.push(Script::error(500, "api_error", "blip"));
+    let r = post_message(c.addr(0), &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(served_by(&r), "b");
+    let view = process::endpoint_view(c.addr(0), "a").await;
+    assert_eq!(view["consecutive_failures"], 1, "{view}");
+    assert_eq!(view["state"], "degraded", "{view}");
+    for i in 0..3 {
+        assert_eq!(c.queue(i).await["size"], 0, "instance {i}");
+    }
+    let r = post_message(c.addr(0), &[]).await;
+    assert_eq!(served_by(&r), "a", "{}", r.body);
+}
+
 /// A 429 cooldown set by one instance is honoured by the others until its deadline, and a later,
 /// longer one extends it everywhere.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -224,9 +224,12 @@ impl FailureQueue {
             return false;
         };
         ep.live.phase.store(to as u8, Ordering::Release);
-        if event == Event::CooldownExpired {
+        if event == Event::CooldownExpired || (from_peer && event == Event::Success) {
             // The 429 that started the cooldown has been paid for by it: the endpoint comes back
-            // as healthy, not as `degraded` by a failure it already sat out.
+            // as healthy, not as `degraded` by a failure it already sat out. Likewise when
+            // another instance saw it recover (cluster mode): the run of failures this instance
+            // counted belongs to the outage that ended, and the next failure starts a new run
+            // (the local success that ends an outage resets the count in `Attempt::end`).
             ep.live.consecutive.store(0, Ordering::Release);
         }
         match effect {
