@@ -45,14 +45,7 @@ impl Config {
         let raw: RawConfig = match parsed {
             Ok(raw) => raw,
             Err(e) => {
-                let line = e.span().map(|s| p.line_of(s.start));
-                // Name the key from the line, never from the offending text itself: that text may
-                // be an unquoted secret.
-                let key = line
-                    .and_then(|l| text.lines().nth(l - 1))
-                    .and_then(key_of_line)
-                    .unwrap_or_else(|| "(syntax)".into());
-                p.at_line(line, key, e.message().trim().to_string());
+                parse_problem(&mut p, text, &e, "(syntax)");
                 return Err(p.into_error(source_name));
             }
         };
@@ -108,6 +101,18 @@ pub fn toml_string(s: &str) -> String {
 }
 
 /// The key named on a line of TOML (`key = value` or `[table]`), if it looks like one.
+/// Notes a file `toml` could not read: at the error's line, under the key or table that line
+/// names (else `fallback`). The key is named from the line, never from the offending text itself:
+/// that text may be an unquoted secret.
+fn parse_problem(p: &mut Problems, text: &str, e: &toml::de::Error, fallback: &str) {
+    let line = e.span().map(|s| p.line_of(s.start));
+    let key = line
+        .and_then(|l| text.lines().nth(l - 1))
+        .and_then(key_of_line)
+        .unwrap_or_else(|| fallback.into());
+    p.at_line(line, key, e.message().trim().to_string());
+}
+
 fn key_of_line(line: &str) -> Option<String> {
     let line = line.trim();
     let key = if let Some(rest) = line.strip_prefix('[') {
@@ -239,8 +244,7 @@ impl Prices {
         let prices = match parsed {
             Ok(raw) => validate_prices(&raw.prices, &mut p),
             Err(e) => {
-                let line = e.span().map(|s| p.line_of(s.start));
-                p.at_line(line, "prices", e.message().trim().to_string());
+                parse_problem(&mut p, text, &e, "prices");
                 Prices::default()
             }
         };
@@ -261,8 +265,7 @@ impl StorageConfig {
         let storage = match toml::from_str::<OnlyStorage>(text) {
             Ok(raw) => validate_storage(&raw.storage, &mut p),
             Err(e) => {
-                let line = e.span().map(|s| p.line_of(s.start));
-                p.at_line(line, "storage", e.message().trim().to_string());
+                parse_problem(&mut p, text, &e, "storage");
                 StorageConfig::default()
             }
         };

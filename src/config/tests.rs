@@ -272,6 +272,23 @@ fn storage_defaults_and_problems() {
     let e = StorageConfig::from_toml("[storage]\nflush_interval = \"soon\"\n", "t.toml")
         .expect_err("bad duration");
     assert_eq!(e.problems[0].line, Some(2));
+    // A file `toml` cannot read is reported where it breaks, under the table or key of that line
+    // (as every reader of the config does), and never with the offending value.
+    for (text, line, key) in [
+        ("[server\nlisten = 1\n", 1, "server"),
+        (
+            "[storage]\nflush_interval = soon-SECRET\n",
+            2,
+            "flush_interval",
+        ),
+    ] {
+        let e = StorageConfig::from_toml(text, "t.toml").expect_err("unreadable");
+        let p = &e.problems[0];
+        assert_eq!((p.line, p.key.as_str()), (Some(line), key), "{text}");
+        assert!(!format!("{e:?}").contains("SECRET"), "{e:?}");
+        let e = Prices::from_toml(text, "t.toml").expect_err("unreadable");
+        assert_eq!(e.problems[0].key, key, "{text}");
+    }
 }
 
 #[test]
