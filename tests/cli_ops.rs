@@ -504,6 +504,24 @@ async fn status_without_a_gateway_fails_clearly() {
     );
 }
 
+/// `status` and `requests` against a server that answers 200 with JSON but is not ccgate (here an
+/// upstream, a common slip of `--url`) say so instead of printing an empty report.
+#[tokio::test]
+async fn status_against_another_server_says_it_is_not_ccgate() {
+    let up = MockUpstream::start().await;
+    up.set_default(Script::json_ok());
+    let sb = Sandbox::new();
+    for cmd in ["status", "requests"] {
+        let f = run(sb.command(&[cmd, "--url", &up.url()])).await;
+        f.assert_code(2);
+        assert!(
+            f.stderr.contains("is it a ccgate?"),
+            "{cmd}: {}",
+            f.output()
+        );
+    }
+}
+
 /// With an access token, `status` sends it from the config; `claude enable` hands it to Claude
 /// Code; a file that did not exist is removed again by `disable`; `CLAUDE_CONFIG_DIR` is honoured.
 #[tokio::test]

@@ -230,7 +230,7 @@ impl AdminClient {
         &self.target.url
     }
 
-    /// `GET /_ccgate/{path}` as JSON, or the error a command reports for it: the gateway cannot
+    /// `GET /_ccgate/{path}` as JSON (checked to be the view ccgate answers there), or the error a command reports for it: the gateway cannot
     /// be reached, wants its access token, or answered something else (`expected` names what the
     /// gateway should be, say "a ccgate").
     pub async fn get_json(&self, path: &str, expected: &str) -> anyhow::Result<Value> {
@@ -238,7 +238,16 @@ impl AdminClient {
             anyhow!("cannot reach the gateway: {e}\nIs `ccgate serve` running? (pass --url if it listens elsewhere)")
         })?;
         match a.status {
-            StatusCode::OK => Ok(a.json()),
+            StatusCode::OK => {
+                let v = a.json();
+                match view_member(path) {
+                    Some(m) if v.get(m).is_none() => bail!(
+                        "the gateway at {} answered /_ccgate/{path} without `{m}`; is it {expected}?",
+                        self.url()
+                    ),
+                    _ => Ok(v),
+                }
+            }
             StatusCode::UNAUTHORIZED => bail!(
                 "the gateway at {} wants its access token: set server.access_token (or access_token_env) in the config this command reads",
                 self.url()
@@ -305,6 +314,19 @@ pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")
+}
+
+/// The member ccgate's answer to `GET /_ccgate/{path}` always has (the view's main field), by
+/// which a command tells ccgate from another server that answers 200 with JSON.
+fn view_member(path: &str) -> Option<&'static str> {
+    match path.split(['?', '/']).next()? {
+        "endpoints" => Some("endpoints"),
+        "failure-queue" => Some("entries"),
+        "stats" => Some("total_requests"),
+        "requests" => Some("requests"),
+        "cluster" => Some("enabled"),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
