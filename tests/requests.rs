@@ -172,3 +172,50 @@ fn stored_requests(db: &std::path::Path) -> Vec<(String, String, i64)> {
         })
         .collect()
 }
+
+/// An answer of ccgate's own given without trying an endpoint is recorded with the status the
+/// client got: a model no endpoint serves (404), a body over `max_body_bytes` (413).
+#[tokio::test]
+async fn local_answers_are_recorded_with_their_status() {
+    let up = MockUpstream::start().await;
+    let sb = process::Sandbox::new();
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nmax_body_bytes = 4096\n\n\
+         [[endpoints]]\nname = \"opus\"\nbase_url = \"{}\"\napi_key = \"{KEY}\"\nmodels = [\"claude-opus-*\"]\n",
+        up.url()
+    );
+    sb.write_at(&sb.default_config(), &text);
+    let serving = process::start(sb.command(&["serve"])).await;
+    let unserved = json!({"model": "claude-sonnet-4-5", "max_tokens": 5, "messages": []});
+    let huge =
+        json!({"model": "claude-opus-4", "max_tokens": 5, "messages": [], "pad": "x".repeat(8192)});
+    let mut want = Vec::new();
+    for (body, status) in [(unserved, 404), (huge, 413)] {
+        let r = process::call(
+            serving.addr,
+            http::Method::POST,
+            "/v1/messages",
+            &[("content-type", "application/json")],
+            body.to_string(),
+        )
+        .await;
+        assert_eq!(r.status, status, "{}", r.body);
+        want.push(u64::from(status));
+    }
+    let v = process::get(serving.addr, "/_ccgate/requests?limit=10", &[])
+        .await
+        .json();
+    let list = v["requests"].as_array().expect("requests");
+    let got: Vec<u64> = list
+        .iter()
+        .rev()
+        .filter_map(|r| r["status"].as_u64())
+        .collect();
+    assert_eq!(got, want, "{v}");
+    for r in list {
+        assert!(r["endpoint"].is_null() && r["attempts"] == 0, "{r}");
+        assert_eq!(r["outcome"], "caller_error", "{r}");
+    }
+    assert_eq!(up.count(), 0, "no endpoint was tried");
+    serving.stop().await;
+}

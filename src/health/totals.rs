@@ -33,8 +33,11 @@ pub struct RequestNote {
 pub struct EndedRequest {
     /// Its id.
     pub id: RequestId,
-    /// Endpoint whose answer was relayed (or the last tried), attempts and status, if any.
-    pub served: Option<(String, u32, u16)>,
+    /// Endpoint whose answer was relayed (or the last tried) and attempts, if any was tried.
+    pub served: Option<(String, u32)>,
+    /// The status the client got, if it got an answer: an endpoint's, or one of ccgate's own
+    /// (after every attempt failed, or without trying one: a refusal, a model no endpoint serves).
+    pub status: Option<u16>,
     /// How it ended.
     pub how: RequestEnd,
     /// From arrival to the end of the answer.
@@ -142,6 +145,7 @@ impl GatewayStats {
             id: RequestId::new(),
             started: tokio::time::Instant::now(),
             served: None,
+            status: None,
             sink: None,
         }
     }
@@ -174,7 +178,8 @@ pub struct RequestGuard {
     done: bool,
     id: RequestId,
     started: tokio::time::Instant,
-    served: Option<(Arc<Endpoint>, u32, u16)>,
+    served: Option<(Arc<Endpoint>, u32)>,
+    status: Option<u16>,
     /// The recent-requests sink and what is noted for it (`None`: nothing is noted).
     sink: Option<(Arc<dyn RequestSink>, Box<RequestNote>)>,
 }
@@ -244,7 +249,14 @@ impl RequestGuard {
     /// own after every attempt failed, with the last endpoint tried and the status ccgate answers
     /// with.
     pub fn served_by(&mut self, endpoint: &Arc<Endpoint>, attempts: u32, status: u16) {
-        self.served = Some((Arc::clone(endpoint), attempts, status));
+        self.served = Some((Arc::clone(endpoint), attempts));
+        self.status = Some(status);
+    }
+
+    /// Notes the status of an answer of ccgate's own given without trying an endpoint (a
+    /// refusal, a model no endpoint serves).
+    pub fn answered_locally(&mut self, status: http::StatusCode) {
+        self.status = Some(status.as_u16());
     }
 
     /// Hands this request to `sink` when it ends, with what is noted meanwhile.
@@ -281,7 +293,8 @@ impl RequestGuard {
             served: self
                 .served
                 .as_ref()
-                .map(|(ep, attempts, status)| (ep.name.clone(), *attempts, *status)),
+                .map(|(ep, attempts)| (ep.name.clone(), *attempts)),
+            status: self.status,
             how,
             total: self.started.elapsed(),
             note: *note,
@@ -294,17 +307,18 @@ impl RequestGuard {
         }
         let latency_ms = self.started.elapsed().as_secs_f64() * 1000.0;
         match &self.served {
-            Some((ep, attempts, status)) => tracing::info!(
+            Some((ep, attempts)) => tracing::info!(
                 request_id = %self.id,
                 endpoint = %ep.name,
                 attempts,
-                status,
+                status = self.status,
                 outcome = how.name(),
                 latency_ms,
                 "request"
             ),
             None => tracing::info!(
                 request_id = %self.id,
+                status = self.status,
                 outcome = how.name(),
                 latency_ms,
                 "request"

@@ -78,6 +78,7 @@ where
         let mut resp = match read_request(&gw, req, &mut guard).await {
             Ok(prepared) => forward_request(&gw, prepared, guard).await,
             Err((end, refused)) => {
+                guard.answered_locally(refused.status());
                 guard.end(end);
                 refused
             }
@@ -249,6 +250,7 @@ fn forward_request(
         let skip = match not_serving(reg, &req) {
             Ok(skip) => skip,
             Err(model) => {
+                guard.answered_locally(StatusCode::NOT_FOUND);
                 guard.end(RequestEnd::Caller);
                 return response::error(
                     StatusCode::NOT_FOUND,
@@ -272,6 +274,7 @@ fn forward_request(
                     .iter()
                     .all(|e| skip.contains(e.idx) || e.live.admin_disabled())
             {
+                guard.answered_locally(StatusCode::UNAUTHORIZED);
                 guard.end(RequestEnd::Caller);
                 return response::error(
                     StatusCode::UNAUTHORIZED,
@@ -366,6 +369,7 @@ fn forward_request(
                     // the endpoint's (cancelled) and the client is told to come back.
                     tracing::error!(endpoint = %ep.name, %message, "attempt not sent");
                     attempt.finish(Outcome::Cancelled, None);
+                    guard.answered_locally(StatusCode::SERVICE_UNAVAILABLE);
                     guard.end(RequestEnd::Upstream);
                     return response::error(
                         StatusCode::SERVICE_UNAVAILABLE,
@@ -543,8 +547,9 @@ fn forward_request(
         }
         // The log line names the last endpoint tried with the status the client got (none when
         // nothing could be tried).
-        if let Some(last) = failures.last() {
-            guard.served_by(&last.endpoint, tried.len(), resp.status().as_u16());
+        match failures.last() {
+            Some(last) => guard.served_by(&last.endpoint, tried.len(), resp.status().as_u16()),
+            None => guard.answered_locally(resp.status()),
         }
         note_failover(gw, &guard, &failures, None, resp.status());
         guard.end(RequestEnd::Upstream);

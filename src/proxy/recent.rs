@@ -168,10 +168,11 @@ impl Recent {
 
 impl RequestSink for Recent {
     fn ended(&self, e: EndedRequest) {
-        let (endpoint, attempts, status) = match e.served {
-            Some((ep, a, s)) => (Some(ep), a, Some(s)),
-            None => (None, 0, None),
+        let (endpoint, attempts) = match e.served {
+            Some((ep, a)) => (Some(ep), a),
+            None => (None, 0),
         };
+        let status = e.status;
         let note = e.note;
         self.push(RecentRequest {
             seq: 0,
