@@ -1,7 +1,7 @@
 //! The per-endpoint model rewrite (`model_map::apply`) on arbitrary bodies: never panics; the body
-//! is either returned unchanged or it was a JSON object whose top-level `model` the map names, and
-//! then the output is valid JSON equal to the input with only `model` replaced, every byte before
-//! and after the model's value left as it was.
+//! is either returned unchanged or its last top-level `model` is a string the map names, and then
+//! only that value is replaced, every byte before and after it left as it was; for a body that is
+//! valid JSON the output is valid JSON equal to the input with `model` replaced.
 #![no_main]
 
 use std::collections::BTreeMap;
@@ -28,9 +28,9 @@ fuzz_target!(|data: &[u8]| {
     }
     let input: Value = match serde_json::from_slice(data) {
         Ok(v) => v,
-        // The rewrite skips other members with serde_json's lenient skipping (`IgnoredAny`), so
-        // a body a full parse rejects (a number beyond f64, `1e400`; a lone surrogate escape,
-        // `"\udaee"`) can still be rewritten. It is rewritten in place: check the bytes only.
+        // The rewrite finds the model with json_top, which does not validate the rest of the
+        // body, so a body a full parse rejects can still be rewritten (the upstream judges it).
+        // It is rewritten in place: check the bytes only.
         Err(_) => {
             check_bytes(&map, data, &out);
             return;

@@ -4,39 +4,32 @@
 use std::collections::BTreeMap;
 
 use bytes::{Bytes, BytesMut};
-use serde::Deserialize;
-use serde_json::value::RawValue;
 
-#[derive(Deserialize)]
-struct Top<'a> {
-    #[serde(borrow)]
-    model: Option<&'a RawValue>,
-}
+use crate::wire::json_top;
 
-/// The body to send to an endpoint with this `model_map`.
+/// The body to send to an endpoint with this `model_map`. The `model` rewritten is the one
+/// routing read: the body's last top-level `model` member (as a full parse keeps the last of
+/// repeated names), found by [`json_top::member`] without parsing the rest of the body.
 pub fn apply(map: &BTreeMap<String, String>, body: &Bytes) -> Bytes {
-    if map.is_empty() || body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+    if map.is_empty() {
         return body.clone();
     }
-    let Ok(text) = std::str::from_utf8(body) else {
+    let Some(raw) = json_top::member(body, b"model") else {
         return body.clone();
     };
-    let Ok(top) = serde_json::from_str::<Top<'_>>(text) else {
+    // Read strictly (a small slice): what is rewritten is a valid JSON string.
+    let Some(target) = serde_json::from_slice::<String>(raw)
+        .ok()
+        .and_then(|model| map.get(&model))
+    else {
         return body.clone();
     };
-    let Some(raw) = top.model else {
+    // `raw` borrows from `body`, so its position in the body is the pointer difference.
+    let start = raw.as_ptr() as usize - body.as_ptr() as usize;
+    let end = start + raw.len();
+    let Ok(replacement) = serde_json::to_string(target) else {
         return body.clone();
     };
-    let Ok(model) = serde_json::from_str::<String>(raw.get()) else {
-        return body.clone();
-    };
-    let Some(target) = map.get(&model) else {
-        return body.clone();
-    };
-    // `raw` borrows from `text`, so its position in the body is the pointer difference.
-    let start = raw.get().as_ptr() as usize - text.as_ptr() as usize;
-    let end = start + raw.get().len();
-    let replacement = serde_json::to_string(target).unwrap_or_else(|_| raw.get().to_string());
     let mut out = BytesMut::with_capacity(body.len() + replacement.len());
     out.extend_from_slice(&body[..start]);
     out.extend_from_slice(replacement.as_bytes());
@@ -73,5 +66,33 @@ mod tests {
         }
         let b = Bytes::from_static(br#"{"model":"claude-opus-4"}"#);
         assert_eq!(apply(&BTreeMap::new(), &b), b);
+    }
+
+    #[test]
+    fn a_repeated_model_rewrites_the_last_the_one_routing_reads() {
+        for (body, want) in [
+            (
+                &br#"{"model":"claude-opus-4","model":"claude-opus-4"}"#[..],
+                &br#"{"model":"claude-opus-4","model":"claude-sonnet-4"}"#[..],
+            ),
+            (
+                br#"{"model":"other","max_tokens":5,"model":"claude-opus-4"}"#,
+                br#"{"model":"other","max_tokens":5,"model":"claude-sonnet-4"}"#,
+            ),
+            (
+                br#"{"model":"claude-opus-4","model":"other"}"#,
+                br#"{"model":"claude-opus-4","model":"other"}"#,
+            ),
+        ] {
+            let out = apply(&map(), &Bytes::copy_from_slice(body));
+            assert_eq!(&out[..], want, "{}", String::from_utf8_lossy(body));
+        }
+    }
+
+    #[test]
+    fn an_escaped_model_is_read_and_written_as_json() {
+        let body = Bytes::from_static(br#"{"model":"claude-opus-4","stream":true}"#);
+        let out = apply(&map(), &body);
+        assert_eq!(&out[..], br#"{"model":"claude-sonnet-4","stream":true}"#);
     }
 }
