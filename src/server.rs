@@ -134,6 +134,11 @@ impl Handle {
         let (next, report) = self.current().reloaded(config)?;
         let next = Arc::new(next);
         self.current.store(Arc::clone(&next));
+        if let Some(node) = self.cluster.clone() {
+            // Off the reload's path: Redis may be slow or away (the link resyncs on reconnect).
+            let gw = Arc::clone(&next);
+            tokio::spawn(async move { node.adopt_reloaded(&gw).await });
+        }
         self.start_prober(next);
         tracing::info!(
             added = ?report.added,

@@ -371,6 +371,66 @@ async fn recovery_elsewhere_ends_the_run_of_failures_here() {
     assert_eq!(served_by(&r), "a", "{}", r.body);
 }
 
+/// An endpoint a reload adds takes the cluster's view of it at once: one that another instance
+/// already ejected is out of rotation here before any request could fail on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_added_by_reload_takes_the_shared_view() {
+    let redis = RedisServer::start();
+    let (a, b, c) = a_before_b(&redis).await;
+    let bad = MockUpstream::start().await;
+    bad.set_default(Script::error(500, "api_error", "boom"));
+    let with_bad = [
+        Ep {
+            name: "a",
+            mock: &a,
+            extra: "priority = 1",
+        },
+        Ep {
+            name: "b",
+            mock: &b,
+            extra: "priority = 2",
+        },
+        Ep {
+            name: "bad",
+            mock: &bad,
+            extra: "priority = 0",
+        },
+    ];
+    let reload = |i: usize| {
+        let text = cluster_config(&redis, &c.prefix, &format!("i{}", i + 1), &with_bad, "");
+        c.sandboxes[i].write("config.toml", &text);
+        let addr = c.addr(i);
+        async move {
+            let r = process::call(addr, Method::POST, "/_ccgate/reload", &[], String::new()).await;
+            assert_eq!(r.status, 200, "{}", r.body);
+            assert!(r.body.contains("bad"), "added: {}", r.body);
+        }
+    };
+    // Instance 0 adds `bad` and ejects it (`failure_threshold = 2`).
+    reload(0).await;
+    for _ in 0..2 {
+        assert_eq!(post_message(c.addr(0), &[]).await.status, 200);
+    }
+    assert_eq!(c.state(0, "bad").await, "ejected");
+    assert_eq!(bad.count(), 2);
+
+    // Instance 1 adds it too: out of rotation at once, and no request of its own goes there.
+    reload(1).await;
+    let c1 = &c;
+    eventually(
+        "`bad` ejected on instance 1 after its reload",
+        || async move { c1.state(1, "bad").await == "ejected" },
+    )
+    .await;
+    let r = post_message(c.addr(1), &[]).await;
+    assert_eq!(served_by(&r), "a", "{}", r.body);
+    assert_eq!(
+        bad.count(),
+        2,
+        "instance 1 never tried the ejected endpoint"
+    );
+}
+
 /// A 429 cooldown set by one instance is honoured by the others until its deadline, and a later,
 /// longer one extends it everywhere.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

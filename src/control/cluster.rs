@@ -130,6 +130,14 @@ impl ClusterNode {
         }
     }
 
+    /// Takes up a gateway a reload swapped in: prepares it like [`ClusterNode::attach`] and
+    /// resyncs it with the shared view, so an endpoint the reload added is out of rotation at
+    /// once when the cluster has it out (and seeds the view with one the cluster lacks).
+    pub async fn adopt_reloaded(&self, gw: &Gateway) {
+        self.attach(gw);
+        self.resync(gw).await;
+    }
+
     fn episode_ttl(gw: &Gateway) -> Duration {
         let h = &gw.config.health;
         (h.probe_max_interval * 2 + h.probe_timeout).max(Duration::from_secs(60))
