@@ -18,6 +18,7 @@ use support::redis::RedisServer;
 use support::wait::{self, eventually}; // `wait` for `support/process.rs`
 
 /// One endpoint of the test configs: name, mock, extra keys.
+#[derive(Clone, Copy)]
 struct Ep<'a> {
     name: &'a str,
     mock: &'a MockUpstream,
@@ -164,25 +165,29 @@ impl Cluster {
     }
 }
 
+/// Endpoints `a` and `b`, `a` preferred.
+fn a_and_b<'a>(a: &'a MockUpstream, b: &'a MockUpstream) -> [Ep<'a>; 2] {
+    [
+        Ep {
+            name: "a",
+            mock: a,
+            extra: "priority = 1",
+        },
+        Ep {
+            name: "b",
+            mock: b,
+            extra: "priority = 2",
+        },
+    ]
+}
+
 /// Two endpoints answering JSON, `a` preferred over `b`, behind three instances.
 async fn a_before_b(redis: &RedisServer) -> (MockUpstream, MockUpstream, Cluster) {
     let a = MockUpstream::start().await;
     let b = MockUpstream::start().await;
     a.set_default(Script::json_ok());
     b.set_default(Script::json_ok());
-    let eps = [
-        Ep {
-            name: "a",
-            mock: &a,
-            extra: "priority = 1",
-        },
-        Ep {
-            name: "b",
-            mock: &b,
-            extra: "priority = 2",
-        },
-    ];
-    let c = Cluster::start(redis, &eps, "").await;
+    let c = Cluster::start(redis, &a_and_b(&a, &b), "").await;
     (a, b, c)
 }
 
@@ -200,19 +205,7 @@ async fn one_outage_is_one_episode_and_one_prober_cluster_wide() {
     let good = MockUpstream::start().await;
     bad.set_default(Script::error(500, "api_error", "boom"));
     good.set_default(Script::json_ok());
-    let eps = [
-        Ep {
-            name: "a",
-            mock: &bad,
-            extra: "priority = 1",
-        },
-        Ep {
-            name: "b",
-            mock: &good,
-            extra: "priority = 2",
-        },
-    ];
-    let c = Cluster::start(&redis, &eps, "").await;
+    let c = Cluster::start(&redis, &a_and_b(&bad, &good), "").await;
 
     // Every instance sees `a` fail at once: two failing attempts each, concurrently.
     let mut tasks = Vec::new();
@@ -379,17 +372,10 @@ async fn an_endpoint_added_by_reload_takes_the_shared_view() {
     let (a, b, c) = a_before_b(&redis).await;
     let bad = MockUpstream::start().await;
     bad.set_default(Script::error(500, "api_error", "boom"));
+    let [ep_a, ep_b] = a_and_b(&a, &b);
     let with_bad = [
-        Ep {
-            name: "a",
-            mock: &a,
-            extra: "priority = 1",
-        },
-        Ep {
-            name: "b",
-            mock: &b,
-            extra: "priority = 2",
-        },
+        ep_a,
+        ep_b,
         Ep {
             name: "bad",
             mock: &bad,
@@ -581,19 +567,7 @@ async fn redis_outage_is_invisible_to_clients_and_repaired() {
     let good = MockUpstream::start().await;
     bad.set_default(Script::error(500, "api_error", "boom"));
     good.set_default(Script::json_ok());
-    let eps = [
-        Ep {
-            name: "a",
-            mock: &bad,
-            extra: "priority = 1",
-        },
-        Ep {
-            name: "b",
-            mock: &good,
-            extra: "priority = 2",
-        },
-    ];
-    let c = Cluster::start(&redis, &eps, "").await;
+    let c = Cluster::start(&redis, &a_and_b(&bad, &good), "").await;
     post_message(c.addr(0), &[]).await;
     post_message(c.addr(0), &[]).await;
     c.wait_state("a", "ejected").await;
