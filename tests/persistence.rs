@@ -685,6 +685,18 @@ async fn an_outage_across_restarts_stays_one_episode_with_its_start() {
     assert_eq!(episodes.len(), 1, "{episodes:?}");
     assert_eq!(episodes[0]["ended_by"], "restart", "{episodes:?}");
     serving.stop().await;
+    // And so it is stored: no episode of `a` is left open.
+    let conn = rusqlite::Connection::open(&db).expect("open");
+    let stored: Vec<(Option<i64>, Option<String>)> = conn
+        .prepare("SELECT ended_at_ms, ended_by FROM episodes WHERE endpoint = 'a'")
+        .expect("prepare")
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows");
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    assert!(stored[0].0.is_some(), "{stored:?}");
+    assert_eq!(stored[0].1.as_deref(), Some("restart"), "{stored:?}");
 }
 
 /// Issue 21 #9: a cooldown still running when the gateway stops goes on after the restart; one

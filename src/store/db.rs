@@ -355,8 +355,8 @@ impl Store {
         Ok(())
     }
 
-    /// Reads everything the gateway shows, and the episodes the previous run left open (see
-    /// [`Store::end_left_open`]).
+    /// Reads everything the gateway shows, and the episodes the previous run left open (the
+    /// writer goes on with them or ends them: `store::writer::attach`).
     pub(crate) fn load(&mut self) -> anyhow::Result<Loaded> {
         let tx = self
             .conn
@@ -459,23 +459,6 @@ impl Store {
         }
         tx.commit()?;
         Ok(loaded)
-    }
-
-    /// Ends the episodes `ids`, which the previous run left open and this one did not resume
-    /// (the endpoint's configuration changed, it is gone, or its cooldown ran out meanwhile), at
-    /// `at_ms` (that run's last flush) as ended by the `restart`.
-    pub(crate) fn end_left_open(&mut self, ids: &[i64], at_ms: i64) -> rusqlite::Result<()> {
-        let tx = self.conn.transaction()?;
-        {
-            let mut st = tx.prepare(
-                "UPDATE episodes SET ended_at_ms = MAX(started_at_ms, ?1), ended_by = 'restart'
-                 WHERE id = ?2 AND ended_at_ms IS NULL",
-            )?;
-            for id in ids {
-                st.execute(rusqlite::params![at_ms, id])?;
-            }
-        }
-        tx.commit()
     }
 
     /// Writes one flush in one transaction. Returns the row ids of the episodes it opened, in

@@ -44,6 +44,9 @@ pub(crate) struct Books {
     pub(crate) open: HashMap<usize, OpenEpisode>,
     /// Episode events a failed flush could not write, to write first next time.
     pub(crate) pending: Vec<EpisodeEvent>,
+    /// Episodes the previous run left open that this one did not take up (row, probes, when that
+    /// run last flushed): every flush ends them as `restart` until one commits.
+    pub(crate) left_ended: Vec<(i64, u32, SystemTime)>,
     /// The latest episodes, newest first.
     pub(crate) recent: VecDeque<EpisodeRow>,
     pub(crate) last_flush: Option<SystemTime>,
@@ -230,7 +233,16 @@ impl Persist {
         let mut events = std::mem::take(&mut books.pending);
         events.extend(gw.registry.queue.take_episode_events());
         let mut open = books.open.clone();
-        let mut ops = Vec::new();
+        let mut ops: Vec<EpisodeOp> = books
+            .left_ended
+            .iter()
+            .map(|&(id, probes, at)| EpisodeOp::Close {
+                target: OpenRef::Row(id),
+                at,
+                probes,
+                by: "restart",
+            })
+            .collect();
         let mut opened = 0usize;
         for ev in &events {
             let key = ev.live.as_ptr() as usize;
@@ -312,6 +324,7 @@ impl Persist {
     /// After a commit: moves the books on to what is now in the database.
     fn committed(&self, b: Batch, ids: &[i64]) {
         let mut books = self.books.lock();
+        books.left_ended.clear();
         for (name, d) in &b.endpoint_deltas {
             let c = books.endpoints.entry(name.clone()).or_default();
             *c = plus(c, d);
@@ -481,7 +494,7 @@ pub async fn attach(gateway: &mut Gateway) -> Arc<Persist> {
         gateway.registry.queue.record_episodes();
         let saved = std::mem::take(&mut *persist.saved_health.lock());
         let resumed = resume_health(gateway, &saved);
-        carry_over_episodes(&persist, &resumed).await;
+        carry_over_episodes(&persist, &resumed);
     }
     gateway.usage = persist.tally();
     if persist.is_active() {
@@ -579,61 +592,34 @@ fn resume_health(gateway: &Gateway, saved: &[SavedHealth]) -> Vec<Arc<Endpoint>>
 }
 
 /// Goes on with the episodes the previous run left open whose endpoints `resumed` took up again
-/// (the newest one of each: one outage, one episode across the restart), and ends the others
-/// at that run's last flush.
-async fn carry_over_episodes(persist: &Persist, resumed: &[Arc<Endpoint>]) {
+/// (the newest one of each: one outage, one episode across the restart). The others end at that
+/// run's last flush: at once in the view, in the database with the first flush.
+fn carry_over_episodes(persist: &Persist, resumed: &[Arc<Endpoint>]) {
     let (left, last_flush) = std::mem::take(&mut *persist.left_open.lock());
-    let mut end = Vec::new();
-    {
-        let mut books = persist.books.lock();
-        for row in left {
-            let ep = resumed.iter().find(|ep| ep.name == row.endpoint);
-            let key = ep.map(|ep| Arc::as_ptr(&ep.live) as usize);
-            match (ep, key) {
-                (Some(ep), Some(key)) if !books.open.contains_key(&key) => {
-                    books.open.insert(
-                        key,
-                        OpenEpisode {
-                            target: OpenRef::Row(row.id),
-                            _cell: Arc::downgrade(&ep.live),
-                            probes: row.probes,
-                        },
-                    );
+    // Every open row was written by a flush, so there is a last flush whenever one is open.
+    let at = last_flush.unwrap_or_else(|| unix_ms(SystemTime::now()));
+    let mut books = persist.books.lock();
+    for row in left {
+        let ep = resumed.iter().find(|ep| ep.name == row.endpoint);
+        match ep.map(|ep| (Arc::as_ptr(&ep.live) as usize, ep)) {
+            Some((key, ep)) if !books.open.contains_key(&key) => {
+                books.open.insert(
+                    key,
+                    OpenEpisode {
+                        target: OpenRef::Row(row.id),
+                        _cell: Arc::downgrade(&ep.live),
+                        probes: row.probes,
+                    },
+                );
+            }
+            _ => {
+                if let Some(r) = books.recent.iter_mut().find(|r| r.id == row.id) {
+                    r.ended_at_ms = Some(at);
+                    r.ended_by = Some("restart".into());
                 }
-                _ => end.push(row.id),
+                let when = UNIX_EPOCH + Duration::from_millis(u64::try_from(at).unwrap_or(0));
+                books.left_ended.push((row.id, row.probes, when));
             }
-        }
-        let Some(at) = last_flush else {
-            // Nothing was ever flushed: no episode can be open.
-            return;
-        };
-        for r in books.recent.iter_mut().filter(|r| end.contains(&r.id)) {
-            r.ended_at_ms = Some(r.started_at_ms.max(at));
-            r.ended_by = Some("restart".into());
-        }
-    }
-    if end.is_empty() {
-        return;
-    }
-    // Off the async workers: the store is lent to a blocking task and put back.
-    let Some(mut store) = persist.store.lock().take() else {
-        return;
-    };
-    let at = last_flush.unwrap_or_default();
-    let done = tokio::task::spawn_blocking(move || {
-        let ended = store.end_left_open(&end, at);
-        (store, ended)
-    })
-    .await;
-    match done {
-        Ok((store, ended)) => {
-            *persist.store.lock() = Some(store);
-            if let Err(e) = ended {
-                tracing::warn!(error = %e, "storage: could not end the episodes the last run left open");
-            }
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "storage: lost the database while ending the episodes the last run left open")
         }
     }
 }
