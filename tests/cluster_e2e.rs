@@ -107,6 +107,23 @@ impl Cluster {
         panic!("timed out waiting for {what}");
     }
 
+    /// Waits until every instance's failure queue is empty (an endpoint is back in rotation
+    /// everywhere), sending a request through each of the instances `through` every round so
+    /// that a probation can end.
+    async fn until_queues_empty(&self, through: &[usize]) {
+        self.until("every failure queue empty", || async {
+            for &i in through {
+                post_message(self.addr(i), &[]).await;
+            }
+            let mut empty = true;
+            for i in 0..3 {
+                empty &= self.queue(i).await["size"] == 0;
+            }
+            empty
+        })
+        .await;
+    }
+
     fn addr(&self, i: usize) -> std::net::SocketAddr {
         self.instances[i].addr
     }
@@ -279,15 +296,7 @@ async fn one_outage_is_one_episode_and_one_prober_cluster_wide() {
 
     // Recovery anywhere brings it back everywhere.
     bad.set_default(Script::json_ok());
-    c.until("`a` back in rotation on every instance", || async {
-        post_message(c.addr(0), &[]).await;
-        let mut back = true;
-        for i in 0..3 {
-            back &= c.queue(i).await["size"] == 0;
-        }
-        back
-    })
-    .await;
+    c.until_queues_empty(&[0]).await;
 
     // An operator's switch on one instance holds on all.
     let disable = process::call(
@@ -335,16 +344,7 @@ async fn recovery_elsewhere_ends_the_run_of_failures_here() {
 
     // It recovers through instances 1 and 2 only: instance 0 hears of it as news.
     a.set_default(Script::json_ok());
-    c.until("`a` back in rotation on every instance", || async {
-        post_message(c.addr(1), &[]).await;
-        post_message(c.addr(2), &[]).await;
-        let mut back = true;
-        for i in 0..3 {
-            back &= c.queue(i).await["size"] == 0;
-        }
-        back
-    })
-    .await;
+    c.until_queues_empty(&[1, 2]).await;
     let view = process::endpoint_view(c.addr(0), "a").await;
     assert_eq!(view["consecutive_failures"], 0, "{view}");
     assert_eq!(view["state"], "healthy", "{view}");
