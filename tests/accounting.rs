@@ -1409,6 +1409,60 @@ async fn auth_failure_disables_until_a_probe_passes() {
     assert_eq!(q["stats"]["total_recovered"], 1);
 }
 
+/// An attempt that began before its endpoint left rotation does not bring it back when it
+/// succeeds: a stream opened before a 429, a 401 or an ejection proves nothing about the endpoint
+/// since. The endpoint stays out until its cooldown ends or a probe verifies it, takes no traffic
+/// meanwhile, and the outage stays one episode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_success_that_began_before_the_outage_does_not_end_it() {
+    let faults: [(&str, Script, &str); 3] = [
+        ("429", Script::rate_limited(60), "cooling_down"),
+        (
+            "401",
+            Script::error(401, "authentication_error", "invalid x-api-key"),
+            "disabled",
+        ),
+        ("500", Script::error(500, "api_error", "mock failure"), "ejected"),
+    ];
+    for (label, fault, out) in faults {
+        let up_a = MockUpstream::start().await;
+        let up_b = MockUpstream::start().await;
+        let gate = Gate::new();
+        // The first request on A: a stream that sends its first content, then waits for the gate.
+        up_a.push(Script::sse_ok(3).gate_after(3, gate.clone()));
+        up_a.set_default(fault);
+        let gw = Arc::new(start_a_b(builder().health("failure_threshold = 1"), &up_a, &up_b).await);
+        let early = {
+            let gw = Arc::clone(&gw);
+            tokio::spawn(async move { post(&gw, true).await })
+        };
+        gate.wait_arrived(1).await;
+        // The next request takes A out and is served by B.
+        assert_served_by_b(&post(&gw, false).await);
+        assert_eq!(gw.endpoint_view("a").await["state"], out, "{label}");
+        // The stream that began before ends well.
+        gate.open();
+        let a = early.await.expect("client");
+        assert_eq!(a.status, StatusCode::OK, "{label}: {}", a.text());
+        assert_eq!(a.header("x-ccgate-endpoint"), Some("a"), "{label}");
+        assert!(a.text().contains("message_stop"), "{label}: {}", a.text());
+        gw.settle().await;
+
+        let v = gw.endpoint_view("a").await;
+        assert_eq!(v["state"], out, "{label}: still out: {v}");
+        assert_eq!(v["successful_requests"], 1, "{label}: {v}");
+        assert_eq!(n(&v, "in_flight"), 0, "{label}");
+        let q = queue(&gw).await;
+        assert_eq!(q["size"], 1, "{label}: {q}");
+        assert_eq!(q["stats"]["total_failed"], 1, "{label}: {q}");
+        assert_eq!(q["stats"]["total_closed"], 0, "{label}: {q}");
+        // Still out: the next request goes to B without touching A.
+        assert_served_by_b(&post(&gw, false).await);
+        assert_eq!(message_requests(&up_a), 2, "{label}");
+        assert_eq!(queue(&gw).await["stats"]["total_failed"], 1, "{label}");
+    }
+}
+
 /// The admin switch is separate from health: a disabled endpoint gets no traffic and no queue
 /// entry, enabling restores it, and switching an ejected endpoint off and on leaves it ejected.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

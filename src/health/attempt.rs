@@ -33,6 +33,8 @@ pub struct Attempt {
     ep: Arc<Endpoint>,
     recorder: Arc<Recorder>,
     started: tokio::time::Instant,
+    /// The endpoint's departure count when the attempt began (see `Live::departures`).
+    departures: u64,
     holds_probation: bool,
     finished: bool,
 }
@@ -41,10 +43,12 @@ impl Attempt {
     /// Starts an attempt: `total_requests` and `in_flight` rise by one.
     pub fn begin(ep: Arc<Endpoint>, recorder: Arc<Recorder>, holds_probation: bool) -> Self {
         ep.live.started.fetch_add(1, Ordering::AcqRel);
+        let departures = ep.live.departures.load(Ordering::Acquire);
         Self {
             ep,
             recorder,
             started: tokio::time::Instant::now(),
+            departures,
             holds_probation,
             finished: false,
         }
@@ -132,8 +136,17 @@ impl Attempt {
         if self.holds_probation {
             live.probation_busy.store(false, Ordering::Release);
         }
-        if let Some(event) = event {
-            rec.queue.transition(&self.ep, event, now);
+        match event {
+            // An attempt that began before the endpoint last left rotation (a stream opened
+            // before a 429, say) says nothing about it since: only one that began after (on
+            // probation, or as the least-bad fallback) brings it back.
+            Some(Event::Success) => {
+                rec.queue.succeeded(&self.ep, self.departures, now);
+            }
+            Some(event) => {
+                rec.queue.transition(&self.ep, event, now);
+            }
+            None => {}
         }
     }
 }

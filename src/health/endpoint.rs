@@ -263,6 +263,11 @@ pub struct Live {
     pub(in crate::health) ended: [sync::AtomicU64; Kind::COUNT],
     pub(crate) consecutive: sync::AtomicU32,
     pub(crate) phase: sync::AtomicU8,
+    /// How many times the endpoint has left rotation (a move from `Healthy` or `Probation` to a
+    /// phase that admits nothing); written only under the failure queue's lock. An attempt that
+    /// began before the latest departure proves nothing about the endpoint since: its success
+    /// does not bring it back (see [`crate::health::attempt::Attempt`]).
+    pub(crate) departures: sync::AtomicU64,
     pub(crate) admin_disabled: AtomicBool,
     pub(crate) probation_busy: sync::AtomicBool,
     /// Cooldown deadline (registry-clock ms); only ever raised, with `fetch_max`.

@@ -37,6 +37,13 @@ impl Phase {
     pub fn is_out(self) -> bool {
         !matches!(self, Phase::Healthy)
     }
+    /// Whether this phase admits no request at all (`Probation` admits one at a time).
+    pub fn is_excluded(self) -> bool {
+        matches!(
+            self,
+            Phase::Ejected | Phase::CoolingDown | Phase::AuthDisabled
+        )
+    }
 }
 
 /// Why an endpoint left rotation.

@@ -204,25 +204,46 @@ impl FailureQueue {
     /// Applies `event` to `ep`'s phase, performing the transition's effect if this caller wins it.
     /// Returns whether this call changed the phase.
     pub fn transition(&self, ep: &Endpoint, event: Event, now_ms: u64) -> bool {
-        self.transition_from(ep, event, now_ms, false)
+        self.transition_from(ep, event, now_ms, false, None)
+    }
+
+    /// [`Event::Success`] of a real attempt that began when `ep` had left rotation `departures`
+    /// times: it brings the endpoint back only if it has not left again since (checked under the
+    /// lock that counts departures). Returns whether the phase changed.
+    pub fn succeeded(&self, ep: &Endpoint, departures: u64, now_ms: u64) -> bool {
+        self.transition_from(ep, Event::Success, now_ms, false, Some(departures))
     }
 
     /// [`FailureQueue::transition`] for a change another instance published (cluster mode): the
     /// same path and the same one-winner rule; the change is logged as the peer's, so it is not
     /// published back, and an episode it opens is that instance's to count.
     pub fn transition_from_peer(&self, ep: &Endpoint, event: Event, now_ms: u64) -> bool {
-        self.transition_from(ep, event, now_ms, true)
+        self.transition_from(ep, event, now_ms, true, None)
     }
 
-    fn transition_from(&self, ep: &Endpoint, event: Event, now_ms: u64, from_peer: bool) -> bool {
+    fn transition_from(
+        &self,
+        ep: &Endpoint,
+        event: Event,
+        now_ms: u64,
+        from_peer: bool,
+        departures: Option<u64>,
+    ) -> bool {
         // Lock-free fast path: if the event cannot change the current phase, it linearizes here.
         if machine::next(ep.live.phase(), event, self.threshold).is_none() {
             return false;
         }
         let mut inner = self.inner.lock();
+        if departures.is_some_and(|d| d != ep.live.departures.load(Ordering::Acquire)) {
+            return false;
+        }
         let Some((to, effect)) = machine::next(ep.live.phase(), event, self.threshold) else {
             return false;
         };
+        let from = ep.live.phase();
+        if !from.is_excluded() && to.is_excluded() {
+            ep.live.departures.fetch_add(1, Ordering::AcqRel);
+        }
         ep.live.phase.store(to as u8, Ordering::Release);
         if event == Event::CooldownExpired || (from_peer && event == Event::Success) {
             // The 429 that started the cooldown has been paid for by it: the endpoint comes back
@@ -363,6 +384,7 @@ impl FailureQueue {
                 .cooldown_until_ms
                 .fetch_max(cooldown_until_ms.max(1), Ordering::AcqRel);
         }
+        ep.live.departures.fetch_add(1, Ordering::AcqRel);
         ep.live.phase.store(phase as u8, Ordering::Release);
         let now = self.clock.now_ms();
         self.open(&mut inner, ep, reason, now, false);
