@@ -1422,7 +1422,11 @@ async fn a_success_that_began_before_the_outage_does_not_end_it() {
             Script::error(401, "authentication_error", "invalid x-api-key"),
             "disabled",
         ),
-        ("500", Script::error(500, "api_error", "mock failure"), "ejected"),
+        (
+            "500",
+            Script::error(500, "api_error", "mock failure"),
+            "ejected",
+        ),
     ];
     for (label, fault, out) in faults {
         let up_a = MockUpstream::start().await;

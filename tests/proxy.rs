@@ -1528,3 +1528,132 @@ async fn access_token_is_enforced_and_never_forwarded() {
     assert_eq!(v["name"], "a");
     assert_eq!(v["total_requests"], 2, "the refused requests never counted");
 }
+
+/// A stream the upstream frames with `content-length` and ends without `message_stop` still gets
+/// its closing `error` event: the relay drops the upstream's length, which would cut the event
+/// off (audit, SPEC §3: "rather than a silent cut").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_with_a_content_length_that_ends_early_gets_its_error_event() {
+    let d = Duo::start(builder()).await;
+    let sent = event_bytes(&SseEvent::message_stream(2)[..4]);
+    d.a.push(Script::response(200, "text/event-stream", sent.clone()));
+    let ans = d.post(&TestGateway::message_body(true)).await;
+    assert_eq!(ans.status, 200);
+    assert_eq!(ans.header("x-ccgate-endpoint"), Some("a"));
+    assert_eq!(
+        ans.header("content-length"),
+        None,
+        "the upstream's length is dropped"
+    );
+    assert!(ans.body.starts_with(&sent), "{}", ans.text());
+    let tail = parse_events(&String::from_utf8_lossy(&ans.body[sent.len()..]));
+    assert_eq!(tail.len(), 1, "one event after the upstream's: {tail:?}");
+    assert_eq!(tail[0].0, "error");
+    assert_eq!(tail[0].1["error"]["type"], "api_error");
+    d.gw.settle().await;
+    assert_outcomes(&d.gw.endpoint_view("a").await, &[("transport", 1)]);
+
+    // A whole stream with a length is relayed as it came.
+    let whole = sse_ok_bytes(2);
+    d.a.push(Script::response(200, "text/event-stream", whole.clone()));
+    let ans = d.post(&TestGateway::message_body(true)).await;
+    assert_eq!(ans.body, whole, "{}", ans.text());
+    d.gw.settle().await;
+    assert_outcomes(
+        &d.gw.endpoint_view("a").await,
+        &[("transport", 1), ("success", 1)],
+    );
+    assert_eq!(d.b.count(), 0);
+}
+
+/// A stream on another path than `/v1/messages` (the legacy `/v1/complete`, say) is relayed as
+/// the upstream sent it, not judged by the Messages grammar: its own event names are no fault of
+/// the endpoint (audit, SPEC §3: unknown paths are forwarded).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_on_another_path_is_relayed_without_the_messages_grammar() {
+    let d = Duo::start(builder().health("failure_threshold = 1")).await;
+    let events = vec![
+        SseEvent::new(
+            "completion",
+            &json!({"type": "completion", "completion": " Hello"}),
+        ),
+        SseEvent::ping(),
+        SseEvent::new(
+            "completion",
+            &json!({"type": "completion", "stop_reason": "stop"}),
+        ),
+    ];
+    let sent = event_bytes(&events);
+    d.a.set_default(Script::sse_events(events));
+    let body =
+        json!({"model": MOCK_MODEL, "prompt": "\n\nHuman: hi\n\nAssistant:", "stream": true});
+    for _ in 0..3 {
+        let ans = within("an answer", d.gw.post("/v1/complete", &[], &body)).await;
+        assert_eq!(ans.status, 200, "{}", ans.text());
+        assert_eq!(ans.header("x-ccgate-endpoint"), Some("a"));
+        assert_eq!(ans.body, sent, "relayed byte for byte");
+    }
+    d.gw.settle().await;
+    let a = d.gw.endpoint_view("a").await;
+    assert_outcomes(&a, &[("success", 3)]);
+    assert_eq!(a["state"], "healthy");
+    assert_eq!(d.b.count(), 0);
+}
+
+/// An error answer whose body goes silent does not hold the failover for the idle timeout: its
+/// status has decided, and the next endpoint is tried at once (audit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_attempt_whose_error_body_stalls_fails_over_at_once() {
+    // Ten minutes of idle timeout: without a bound of its own, the request would outlast the
+    // answer deadline below.
+    let d = Duo::start(builder().timeouts("idle = \"600s\"")).await;
+    let a = d
+        .fails_over(Script::overloaded().stall_body_after(10), "overloaded")
+        .await;
+    assert!(
+        a["last_error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("529")),
+        "{a:#}"
+    );
+}
+
+/// `anthropic-beta` in several lines: an endpoint with its own key drops the `oauth-*` flags of
+/// every line and keeps every other flag; lines without one go through as they came (audit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anthropic_beta_in_several_lines_loses_only_its_oauth_flags() {
+    let up = MockUpstream::start().await;
+    let gw = builder()
+        .endpoint("a", &up.url(), "api_key = \"sk-endpoint\"")
+        .start()
+        .await;
+    let cases: [(&[&str], &[&str]); 3] = [
+        (
+            &[
+                "oauth-2025-04-20,claude-code-20250219",
+                "interleaved-thinking-2025-05-14",
+            ],
+            &["claude-code-20250219,interleaved-thinking-2025-05-14"],
+        ),
+        (
+            &[
+                "claude-code-20250219",
+                "oauth-2025-04-20, fine-grained-tool-streaming-2025-05-14",
+            ],
+            &["claude-code-20250219,fine-grained-tool-streaming-2025-05-14"],
+        ),
+        (
+            &["claude-code-20250219", "interleaved-thinking-2025-05-14"],
+            &["claude-code-20250219", "interleaved-thinking-2025-05-14"],
+        ),
+    ];
+    for (i, (sent, want)) in cases.iter().enumerate() {
+        let headers: Vec<(&str, &str)> = sent.iter().map(|v| ("anthropic-beta", *v)).collect();
+        let ans = gw
+            .post("/v1/messages", &headers, &TestGateway::message_body(false))
+            .await;
+        assert_eq!(ans.status, 200, "{}", ans.text());
+        let got = up.received();
+        assert_eq!(got[i].header_all("anthropic-beta"), *want, "lines {sent:?}");
+    }
+}

@@ -244,19 +244,27 @@ impl Prepared {
 }
 
 /// Removes the `oauth-*` flags from `anthropic-beta` for an endpoint with its own key: they belong
-/// to the client's OAuth login (see `credential = "client"`), not to that key.
+/// to the client's OAuth login (see `credential = "client"`), not to that key. The header may come
+/// as several lines; when a flag goes, the rest are sent as one comma-separated line (the same
+/// list), and when none is an `oauth-*` flag the lines go untouched.
 fn strip_oauth_beta(headers: &mut HeaderMap) {
-    let Some(beta) = headers.get(&ANTHROPIC_BETA).and_then(|v| v.to_str().ok()) else {
-        return;
-    };
-    if !beta.contains("oauth-") {
+    let lines = headers.get_all(&ANTHROPIC_BETA);
+    if !lines
+        .iter()
+        .any(|v| memchr::memmem::find(v.as_bytes(), b"oauth-").is_some())
+    {
         return;
     }
-    let kept: Vec<&str> = beta
-        .split(',')
-        .map(str::trim)
-        .filter(|f| !f.is_empty() && !f.starts_with("oauth-"))
-        .collect();
+    let mut kept: Vec<&str> = Vec::new();
+    for line in lines {
+        // A line that is not text cannot be filtered: leave the header as the client sent it.
+        let Ok(line) = line.to_str() else { return };
+        kept.extend(
+            line.split(',')
+                .map(str::trim)
+                .filter(|f| !f.is_empty() && !f.starts_with("oauth-")),
+        );
+    }
     match http::HeaderValue::from_str(&kept.join(",")) {
         Ok(v) if !kept.is_empty() => {
             headers.insert(ANTHROPIC_BETA.clone(), v);
@@ -336,7 +344,8 @@ fn local_exhaustion(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// Reads a small (error) body with a size cap and the idle timeout; what does not arrive is left.
+/// Reads a small (error) body with a size cap and `idle` as the longest silence between frames;
+/// what does not arrive in time is left.
 pub async fn read_small(mut body: AnswerBody, cap: usize, idle: Duration) -> Bytes {
     let mut buf = BytesMut::new();
     while buf.len() < cap {

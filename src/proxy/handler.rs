@@ -2,7 +2,7 @@
 //! nothing has reached the client, and answer.
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
@@ -33,6 +33,10 @@ static REQUEST_ID: HeaderName = HeaderName::from_static("x-ccgate-request-id");
 static ENDPOINT: HeaderName = HeaderName::from_static("x-ccgate-endpoint");
 static ATTEMPTS: HeaderName = HeaderName::from_static("x-ccgate-attempts");
 static FALLBACK: HeaderName = HeaderName::from_static("x-ccgate-fallback");
+
+/// How long a failed attempt's error text may keep silent before the failover goes on without
+/// the rest of it.
+const ERROR_TEXT_WAIT: Duration = Duration::from_secs(2);
 
 /// Handles one proxied client request. Only admitted API paths reach this (see
 /// [`crate::proxy::entry`]): the server answers the rest, and routes the admin prefix to the
@@ -427,10 +431,14 @@ fn forward_request(
                         continue;
                     }
                     let stream = is_event_stream(&parts.headers);
-                    // A bodiless answer, and an encoded stream that is not a Messages answer (those
-                    // were asked for identity and checked above), are relayed byte for byte and
-                    // judged like a plain body.
-                    if bodiless || (stream && is_encoded(&parts.headers)) {
+                    // A bodiless answer, and a stream that is not a Messages stream (another
+                    // path's events, which need not follow the Messages grammar, or an encoded
+                    // one: Messages streams were asked for identity and checked above), are
+                    // relayed byte for byte and judged like a plain body.
+                    if bodiless
+                        || (stream
+                            && (req.expects != Expects::EventStream || is_encoded(&parts.headers)))
+                    {
                         return commit.relay(
                             guard,
                             attempt,
@@ -530,7 +538,10 @@ fn forward_request(
                     }
                 }
                 Verdict::FailOver(outcome) => {
-                    let text = forward::read_small(body, 16 * 1024, timeouts.idle).await;
+                    // The status has decided: the body only feeds the message, and a body that
+                    // stalls must not hold the failover for a whole idle timeout.
+                    let wait = timeouts.idle.min(ERROR_TEXT_WAIT);
+                    let text = forward::read_small(body, 16 * 1024, wait).await;
                     let message = crate::wire::anthropic::error_message(&text)
                         .unwrap_or_else(|| format!("HTTP {}", parts.status.as_u16()));
                     let message = req.scrub(&ep.scrub(&message));
@@ -604,7 +615,7 @@ impl Commit<'_> {
         self,
         mut guard: RequestGuard,
         attempt: Attempt,
-        parts: http::response::Parts,
+        mut parts: http::response::Parts,
         body: Option<AnswerBody>,
         held: Vec<Bytes>,
         judge: Judge,
@@ -620,6 +631,11 @@ impl Commit<'_> {
         } = self;
         guard.served_by(ep, attempts, parts.status.as_u16());
         guard.note_first_byte();
+        if matches!(judge, Judge::Stream(_)) {
+            // A stream that ends without `message_stop` gets an `error` event appended: the
+            // upstream's length would cut it off (HTTP/1.1) or break the stream (HTTP/2).
+            parts.headers.remove(http::header::CONTENT_LENGTH);
+        }
         let read_usage = match &judge {
             Judge::Stream(_) => true,
             Judge::Plain | Judge::Answer(_) => {
