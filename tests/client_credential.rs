@@ -173,3 +173,58 @@ async fn a_refused_client_login_is_the_callers_error_and_no_credential_skips_the
     assert_eq!(sub.count(), before);
     gw.shutdown().await;
 }
+
+/// The access token never reaches a client-credential endpoint, in whichever and however many
+/// headers the client sends it; a credential of the client's own next to it still goes through
+/// (audit: a second header carrying the token was forwarded as the client's credential).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_token_in_several_headers_never_reaches_the_upstream() {
+    let sub = MockUpstream::start().await;
+    let gw = GatewayBuilder::new()
+        .server(&format!("access_token = \"{TOKEN}\""))
+        .endpoint("sub", &sub.url(), "credential = \"client\"")
+        .start()
+        .await;
+    let body = support::gateway::TestGateway::message_body(false);
+    let bearer = format!("Bearer {TOKEN}");
+    let own = format!("Bearer {OAUTH}");
+    let cases: [Vec<(&str, &str)>; 5] = [
+        vec![("x-ccgate-token", TOKEN), ("authorization", &bearer)],
+        vec![("x-ccgate-token", TOKEN), ("x-api-key", TOKEN)],
+        vec![("x-api-key", TOKEN), ("authorization", &bearer)],
+        vec![("authorization", &bearer), ("x-api-key", TOKEN)],
+        vec![("x-api-key", TOKEN), ("authorization", &own)],
+    ];
+    for (i, headers) in cases.iter().enumerate() {
+        let r = gw.post("/v1/messages", headers, &body).await;
+        let got = sub.last_request();
+        let got = got.as_ref().map(|g| {
+            ["authorization", "x-api-key", "x-ccgate-token"].map(|h| g.header(h).map(str::to_owned))
+        });
+        if i == 4 {
+            assert_eq!(r.status, 200, "{}", r.text());
+            assert_eq!(
+                got,
+                Some([Some(own.clone()), None, None]),
+                "only the client's own login goes on"
+            );
+        } else {
+            // Nothing of the client's own is left: the endpoint cannot be tried, or is tried
+            // without the token.
+            if let Some(got) = got {
+                assert!(
+                    !got.iter().flatten().any(|v| v.contains(TOKEN)),
+                    "case {i}: the token reached the upstream: {got:?}"
+                );
+            }
+        }
+    }
+    for r in sub.received() {
+        for h in ["authorization", "x-api-key", "x-ccgate-token"] {
+            assert!(
+                !r.header_all(h).iter().any(|v| v.contains(TOKEN)),
+                "the token reached the upstream in {h}"
+            );
+        }
+    }
+}

@@ -119,40 +119,61 @@ impl Gateway {
         self.access(headers).is_some()
     }
 
-    /// Where the request carries the access token: `None` when it does not, `Some(None)` when
-    /// no token is configured, else the header it came in. `x-ccgate-token` is looked at first:
-    /// it leaves `authorization` and `x-api-key` to the client's own credential (for endpoints
-    /// with `credential = "client"`).
-    pub(crate) fn access(&self, headers: &HeaderMap) -> Option<Option<&'static HeaderName>> {
+    /// Whether the request may pass: `None` when a token is configured and the request does not
+    /// carry it, `Some(true)` when it does, `Some(false)` when no token is configured.
+    /// `x-ccgate-token` is looked at first: it leaves `authorization` and `x-api-key` to the
+    /// client's own credential (for endpoints with `credential = "client"`).
+    pub(crate) fn access(&self, headers: &HeaderMap) -> Option<bool> {
         let Some(token) = &self.config.server.access_token else {
-            return Some(None);
+            return Some(false);
         };
-        let plain = |name: &HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+        let token = token.expose().as_bytes();
         // Either header may carry it: Claude Code sends its own key as `x-api-key` next to
         // `ANTHROPIC_AUTH_TOKEN` as a Bearer token when both are set.
-        // The scheme is case-insensitive (RFC 9110 §11.1): `bearer`, `Bearer`, `BEARER`.
-        let bearer = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split_once(' '))
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map(|(_, token)| token.trim_start_matches(' '));
-        [
-            (&CCGATE_TOKEN, plain(&CCGATE_TOKEN)),
-            (&X_API_KEY, plain(&X_API_KEY)),
-            (&header::AUTHORIZATION, bearer),
-        ]
-        .into_iter()
-        .find(|(_, given)| {
-            given.is_some_and(|p| constant_time_eq(p.as_bytes(), token.expose().as_bytes()))
-        })
-        .map(|(name, _)| Some(name))
+        [&CCGATE_TOKEN, &X_API_KEY, &header::AUTHORIZATION]
+            .into_iter()
+            .any(|name| carries(headers, name, token))
+            .then_some(true)
     }
+
+    /// Removes every header that carries the access token: it is no credential for any
+    /// upstream, in whichever and however many headers the client sent it. What is left of
+    /// `authorization` / `x-api-key` is the client's own.
+    pub(crate) fn remove_token(&self, headers: &mut HeaderMap) {
+        headers.remove(&CCGATE_TOKEN);
+        let Some(token) = &self.config.server.access_token else {
+            return;
+        };
+        for name in [&X_API_KEY, &header::AUTHORIZATION] {
+            if carries(headers, name, token.expose().as_bytes()) {
+                headers.remove(name);
+            }
+        }
+    }
+}
+
+/// Whether a `name` line of `headers` carries `token`: as the whole value, or for
+/// `authorization` as a Bearer token (the scheme is case-insensitive, RFC 9110 §11.1).
+fn carries(headers: &HeaderMap, name: &HeaderName, token: &[u8]) -> bool {
+    headers.get_all(name).iter().any(|v| {
+        let given = if name == header::AUTHORIZATION {
+            let Some((scheme, rest)) = v.to_str().ok().and_then(|v| v.split_once(' ')) else {
+                return false;
+            };
+            if !scheme.eq_ignore_ascii_case("bearer") {
+                return false;
+            }
+            rest.trim_start_matches(' ').as_bytes()
+        } else {
+            v.as_bytes()
+        };
+        constant_time_eq(given, token)
+    })
 }
 
 /// The header that carries the access token when `authorization` and `x-api-key` are the
 /// client's own credential.
-pub(crate) static CCGATE_TOKEN: HeaderName = HeaderName::from_static("x-ccgate-token");
+static CCGATE_TOKEN: HeaderName = HeaderName::from_static("x-ccgate-token");
 static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

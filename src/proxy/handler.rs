@@ -17,7 +17,7 @@ use crate::health::totals::RequestNote;
 use crate::health::totals::{RequestEnd, RequestGuard};
 use crate::proxy::events::{FailedAttempt, Failover};
 use crate::proxy::forward::{self, Collected, Expects, Preamble, Prepared};
-use crate::proxy::gateway::{CCGATE_TOKEN, Gateway};
+use crate::proxy::gateway::Gateway;
 use crate::proxy::relay::UsageSinks;
 use crate::proxy::relay::{BoxError, Judge, RelayBody};
 use crate::proxy::response::{self, GateBody};
@@ -50,22 +50,14 @@ where
     B::Error: Into<BoxError>,
 {
     async move {
-        match gw.access(req.headers()) {
-            None => {
-                return response::error(
-                    StatusCode::UNAUTHORIZED,
-                    "authentication_error",
-                    "ccgate: missing or wrong access token",
-                );
-            }
-            // The gateway's token is not a credential for any upstream: what is left of
-            // `authorization` / `x-api-key` is the client's own.
-            Some(Some(name)) => {
-                req.headers_mut().remove(name);
-            }
-            Some(None) => {}
+        if gw.access(req.headers()).is_none() {
+            return response::error(
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                "ccgate: missing or wrong access token",
+            );
         }
-        req.headers_mut().remove(&CCGATE_TOKEN);
+        gw.remove_token(req.headers_mut());
         let mut guard = gw.registry.gateway.begin();
         guard.record_to(
             Arc::clone(&gw.recent) as Arc<dyn crate::health::totals::RequestSink>,
