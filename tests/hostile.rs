@@ -1175,6 +1175,33 @@ async fn upstream_400_echoing_the_key_is_scrubbed() {
     );
 }
 
+/// A stream's `error` event after content, echoing the endpoint's key, reaches the client with the
+/// key scrubbed, as an error answer does (audit, SPEC §10).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_event_after_content_echoing_the_key_is_scrubbed() {
+    const SECRET: &str = "sk-ant-hostile-secret-0123456789";
+    let a = MockUpstream::start().await;
+    let mut events = SseEvent::message_stream(2);
+    events.truncate(4);
+    events.push(SseEvent::error(
+        "overloaded_error",
+        &format!("key {SECRET} overloaded"),
+    ));
+    a.set_default(Script::sse_events(events));
+    let gw = builder()
+        .endpoint("a", &a.url(), &format!("api_key = \"{SECRET}\""))
+        .start()
+        .await;
+    let ans = gw.post_message(true).await;
+    assert_eq!(ans.status, 200, "{}", ans.text());
+    let text = ans.text();
+    assert!(!text.contains(SECRET), "the key reached the client: {text}");
+    assert!(
+        text.contains("event: error") && text.contains("key *** overloaded"),
+        "the error event is relayed, scrubbed: {text}"
+    );
+}
+
 #[test]
 fn gzip_helper_is_valid() {
     // A known vector: gzip of "" with stored blocks ends with CRC 0 and size 0.

@@ -641,11 +641,13 @@ impl Commit<'_> {
                 a.bind(key, ep.idx);
             }
         }
+        let stream = matches!(judge, Judge::Stream(_));
         let relay = RelayBody::new(body, held, judge, gw.config.timeouts.idle, attempt, guard)
             .with_usage(read_usage.then(|| UsageSinks {
                 tally: gw.usage.clone(),
                 live: Arc::clone(&gw.live_usage),
-            }));
+            }))
+            .scrubbing(stream.then(|| Arc::clone(&gw.registry)));
         relay_response(parts, relay, ep, attempts, fallback, method)
     }
 }

@@ -14,7 +14,9 @@ use tokio::time::{Instant, Sleep};
 
 use crate::health::attempt::Attempt;
 use crate::health::classify::{Outcome, TransportKind, classify_sse_error};
+use crate::health::registry::Registry;
 use crate::health::totals::RequestGuard;
+use crate::proxy::scrub;
 use crate::proxy::usage::LiveUsage;
 use crate::proxy::usage::UsageTally;
 use crate::proxy::usage::ledger_model;
@@ -62,6 +64,8 @@ pub struct RelayBody {
     trailer: Option<Bytes>,
     /// Where a successful answer's token usage goes (see [`RelayBody::with_usage`]).
     usage: Option<UsageTap>,
+    /// A stream's secrets to scrub from an upstream `error` event (see [`RelayBody::scrubbing`]).
+    secrets: Option<Arc<Registry>>,
 }
 
 /// A relayed answer's way into the usage tally: streams report usage through their scanner; a
@@ -121,6 +125,7 @@ impl RelayBody {
             request: Some(request),
             trailer: None,
             usage: None,
+            secrets: None,
         };
         if relay.upstream.is_none() && relay.held.is_empty() {
             // An empty body read whole: nothing will be polled.
@@ -150,6 +155,13 @@ impl RelayBody {
             }
             tap
         });
+        self
+    }
+
+    /// Scrubs every endpoint's secret from the upstream `error` event of a stream (its message
+    /// may echo the key, as error answers can), as the error answers that are not streams are.
+    pub fn scrubbing(mut self, reg: Option<Arc<Registry>>) -> Self {
+        self.secrets = reg;
         self
     }
 
@@ -323,8 +335,20 @@ impl Body for RelayBody {
                 this.quiet_since = None;
                 match frame.into_data() {
                     Ok(data) => {
+                        let mut data = data;
                         if let Judge::Stream(sc) = &mut this.judge {
+                            let errored = sc.facts().error.is_some();
                             sc.feed(&data);
+                            if !errored && sc.facts().error.is_some() {
+                                // The frame that ends the upstream's `error` event.
+                                if let Some(clean) = this
+                                    .secrets
+                                    .as_deref()
+                                    .and_then(|reg| scrub::scrub_bytes(reg, &data))
+                                {
+                                    data = Bytes::from(clean);
+                                }
+                            }
                         } else if let Some(tap) = this.usage.as_mut() {
                             tap.keep(&data);
                         }
