@@ -1108,6 +1108,16 @@ async fn upstream_huge_response_header_fails_over() {
     assert_eq!(counts(&gw, "a").await, (1, 0, 1));
 }
 
+/// A status that answers no request (an unasked-for `101 Switching Protocols`, a status beyond
+/// 599) is the endpoint's fault and fails over; relayed, a 101 broke the client's connection
+/// (audit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_status_that_is_no_answer_fails_over() {
+    for status in [101, 600, 999] {
+        json_request_fails_over_from(Script::response(status, "application/json", "{}")).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_200_with_invalid_json_fails_over() {
     json_request_fails_over_from(Script::response(

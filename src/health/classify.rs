@@ -148,9 +148,13 @@ pub fn classify_status(
         // "Not Implemented" is about the request's method, which every endpoint would refuse.
         501 => Verdict::RelayCallerError,
         500..=599 => Verdict::FailOver(Outcome::ServerError),
-        // 1xx never reach here (hyper handles them); 3xx and the remaining 4xx are answers about
-        // the request itself, which another endpoint would give too.
-        _ => Verdict::RelayCallerError,
+        // 3xx and the remaining 4xx are answers about the request itself, which another endpoint
+        // would give too.
+        300..=499 => Verdict::RelayCallerError,
+        // No answer to a request: a 1xx that is not an interim answer (hyper takes those), a
+        // `101 Switching Protocols` nobody asked for, a status beyond 599. Relayed, it would
+        // break the client's connection or its reading of the answer: the endpoint's fault.
+        _ => Verdict::FailOver(Outcome::ServerError),
     }
 }
 
@@ -393,6 +397,10 @@ mod tests {
         check(408, &[], FailOver(Transport(TransportKind::Timeout)));
         for s in [400, 404, 405, 409, 413, 422, 301] {
             check(s, &[], RelayCallerError);
+        }
+        // No answer to a request at all: the endpoint's fault.
+        for s in [101, 199, 600, 999] {
+            check(s, &[], FailOver(ServerError));
         }
     }
 
