@@ -167,6 +167,38 @@ async fn serve_prints_one_listening_line_and_forwards() {
     assert!(!f.stderr.contains("panicked"), "{}", f.output());
 }
 
+/// An upstream's error text cannot forge a log line: its line breaks are escaped in the text log
+/// (audit: a message with a newline and a made-up request line came out as a line of its own).
+#[tokio::test]
+async fn an_upstream_error_message_cannot_forge_a_log_line() {
+    let up = MockUpstream::start().await;
+    let forged =
+        "2026-12-07T00:00:00.000000Z  INFO request request_id=req_FORGED outcome=\"success\"";
+    up.set_default(Script::error(500, "api_error", &format!("boom\n{forged}")));
+    let sb = Sandbox::new();
+    let cfg = sb.write(
+        "ccgate.toml",
+        &one_endpoint(&up.url(), "sk-ant-upstream-L0g", ""),
+    );
+    let gw = start(sb.command(&["serve", "--config", cfg.to_str().expect("utf-8")])).await;
+    let a = post_message(gw.addr, &[], false).await;
+    assert_eq!(a.status, 502, "{a:?}");
+    gw.stderr_until("attempt failed").await;
+    let f = gw.stop().await;
+    assert!(
+        f.stderr.contains("boom\\n2026-12-07"),
+        "the message is logged, escaped: {}",
+        f.output()
+    );
+    assert!(
+        !f.stderr
+            .lines()
+            .any(|l| l.starts_with("2026-12-07T00:00:00.000000Z")),
+        "a forged line: {}",
+        f.output()
+    );
+}
+
 /// An in-flight stream held open by the upstream survives `sig`: the listener closes, the
 /// process keeps running until the stream has ended normally, then exits 0.
 async fn in_flight_stream_is_drained_on(sig: &str) {

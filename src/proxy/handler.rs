@@ -21,7 +21,7 @@ use crate::proxy::gateway::Gateway;
 use crate::proxy::relay::UsageSinks;
 use crate::proxy::relay::{BoxError, Judge, RelayBody};
 use crate::proxy::response::{self, GateBody};
-use crate::proxy::scrub::{replace_with_own_error, scrub_body, scrub_headers};
+use crate::proxy::scrub::{OneLine, replace_with_own_error, scrub_body, scrub_headers};
 use crate::select::affinity::{self, Affinity};
 use crate::select::strategy::Tried;
 use crate::transport::replay::Frames;
@@ -221,7 +221,8 @@ fn fail_attempt(
 ) {
     let endpoint = Arc::clone(attempt.endpoint());
     if let Some(log) = log {
-        tracing::warn!(endpoint = %endpoint.name, kind = outcome.kind().name(), %message, "{log}");
+        let text = OneLine(&message);
+        tracing::warn!(endpoint = %endpoint.name, kind = outcome.kind().name(), message = %text, "{log}");
     }
     attempt.finish(outcome, Some(message.clone()));
     failures.push(Failure {
@@ -363,7 +364,7 @@ fn forward_request(
                 Err(forward::SendError::Local(message)) => {
                     // No endpoint is to blame and none would fare better: the attempt counts as not
                     // the endpoint's (cancelled) and the client is told to come back.
-                    tracing::error!(endpoint = %ep.name, %message, "attempt not sent");
+                    tracing::error!(endpoint = %ep.name, message = %OneLine(&message), "attempt not sent");
                     attempt.finish(Outcome::Cancelled, None);
                     guard.answered_locally(StatusCode::SERVICE_UNAVAILABLE);
                     guard.end(RequestEnd::Upstream);

@@ -14,6 +14,7 @@ use http_body_util::BodyExt;
 use crate::config::ProbeMode;
 use crate::health::endpoint::Endpoint;
 use crate::proxy::gateway::Gateway;
+use crate::proxy::scrub::OneLine;
 use crate::transport::replay::ReplayBody;
 
 /// What one probe found.
@@ -57,7 +58,8 @@ pub async fn probe_and_record(gw: &Gateway, ep: &Endpoint) -> ProbeResult {
             .queue
             .probe_result(ep, result.passed, result.detail.clone());
     }
-    tracing::info!(endpoint = %ep.name, passed = result.passed, detail = %result.detail, "probe");
+    let detail = OneLine(&result.detail);
+    tracing::info!(endpoint = %ep.name, passed = result.passed, detail = %detail, "probe");
     result
 }
 

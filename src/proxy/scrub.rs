@@ -1,4 +1,7 @@
-//! Scrubbing relayed error answers of every configured secret, in body and header values.
+//! Scrubbing relayed error answers of every configured secret, in body and header values; and
+//! upstream text made safe for a log line.
+
+use std::fmt::Write as _;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, header};
@@ -79,4 +82,37 @@ pub(crate) fn replace_with_own_error(parts: &mut http::response::Parts, message:
         HeaderValue::from_static("application/json"),
     );
     Bytes::from(error.to_string())
+}
+
+/// Text from an upstream (an error message, a probe's finding) as a log field: control characters
+/// escaped (`\n` as `\\n`), so the text cannot end the line and forge the next one.
+pub(crate) struct OneLine<'a>(pub &'a str);
+
+impl std::fmt::Display for OneLine<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for c in self.0.chars() {
+            if c.is_control() {
+                write!(f, "{}", c.escape_default())?;
+            } else {
+                f.write_char(c)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::OneLine;
+
+    #[test]
+    fn one_line_escapes_control_characters_only() {
+        let forged =
+            "boom\n2026-12-07T00:00:00Z  INFO request outcome=\"success\"\r\x1b[31m\u{85}é";
+        assert_eq!(
+            OneLine(forged).to_string(),
+            "boom\\n2026-12-07T00:00:00Z  INFO request outcome=\"success\"\\r\\u{1b}[31m\\u{85}é"
+        );
+        assert_eq!(OneLine("plain text").to_string(), "plain text");
+    }
 }
