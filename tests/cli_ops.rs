@@ -967,3 +967,36 @@ async fn an_edit_the_running_gateway_refuses_is_restored_and_explained() {
     endpoints_applied(&sb, &["disable", "a"], c, &gw.url()).await;
     gw.stop().await;
 }
+
+/// A command whose reader has gone (`ccgate ... | head`, the pipe closed before it writes) ends
+/// quietly with exit code 0: no panic, no backtrace (audit: every printing command panicked on
+/// the broken pipe with exit code 101).
+#[tokio::test]
+async fn a_reader_that_went_away_ends_a_command_quietly() {
+    let sb = Sandbox::new();
+    let up = MockUpstream::start().await;
+    let cfg = sb.write(
+        "ccgate.toml",
+        &config(&[("a", &up.url(), "sk-up-pipe")], ""),
+    );
+    let cfg = cfg_arg(&cfg).to_owned();
+    let commands: [&[&str]; 4] = [
+        &["completions", "bash"],
+        &["validate", "--config", &cfg],
+        &["endpoints", "list", "--config", &cfg],
+        &["usage", "--json"],
+    ];
+    for args in commands {
+        // A pipe with no reader left: the first write fails with EPIPE.
+        let (tx, rx) = tokio::net::unix::pipe::pipe().expect("pipe");
+        drop(rx);
+        let fd = tx.into_blocking_fd().expect("fd");
+        let mut cmd = sb.command(args);
+        cmd.stdout(std::process::Stdio::from(fd))
+            .env("RUST_BACKTRACE", "1");
+        let out = cmd.output().expect("run ccgate");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}

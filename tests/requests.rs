@@ -219,3 +219,93 @@ async fn local_answers_are_recorded_with_their_status() {
     assert_eq!(up.count(), 0, "no endpoint was tried");
     serving.stop().await;
 }
+
+/// `--follow` across a restart of the gateway: it waits while the gateway is away, and then prints
+/// every request the new process has seen, although the new sequence passed the old one before
+/// the next poll (audit: those below the old sequence number were skipped).
+#[tokio::test]
+async fn follow_prints_every_request_after_a_restart() {
+    let up = MockUpstream::start().await;
+    let sb = process::Sandbox::new();
+    let config = |listen: &str| {
+        format!(
+            "[server]\nlisten = \"{listen}\"\n\n[[endpoints]]\nname = \"main\"\nbase_url = \"{}\"\napi_key = \"{KEY}\"\n",
+            up.url()
+        )
+    };
+    sb.write_at(&sb.default_config(), &config("127.0.0.1:0"));
+    let first = process::start(sb.command(&["serve"])).await;
+    let addr = first.addr;
+    let post = || async move {
+        let r = process::post_message(addr, &[]).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.header("x-ccgate-request-id")
+            .expect("request id")
+            .to_string()
+    };
+    for _ in 0..3 {
+        post().await;
+    }
+    let url = first.url();
+    let mut follow = process::Proc::spawn(sb.command(&[
+        "requests",
+        "--url",
+        &url,
+        "--follow",
+        "--json",
+        "-n",
+        "1",
+        "--interval",
+        "50ms",
+    ]));
+    let line: Value =
+        serde_json::from_str(&follow.next_line().await.expect("a line")).expect("json");
+    assert_eq!(line["seq"], 3, "{line}");
+
+    // Held still while the gateway restarts on the same address and serves five requests: its
+    // next poll finds a sequence already past the one it followed.
+    let signal = |sig: &str| {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(follow.pid().to_string())
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill -{sig}");
+    };
+    signal("STOP");
+    first.stop().await;
+    sb.write_at(&sb.default_config(), &config(&addr.to_string()));
+    let second = process::start(sb.command(&["serve"])).await;
+    assert_eq!(second.addr, addr);
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(post().await);
+    }
+    signal("CONT");
+    for want in &ids {
+        let line: Value =
+            serde_json::from_str(&follow.next_line().await.expect("a line")).expect("json");
+        assert_eq!(line["request_id"], want.as_str(), "{line}");
+    }
+
+    // The gateway away: `--follow` says so once and keeps trying; back, it goes on.
+    second.stop().await;
+    follow.stderr_until("still trying").await;
+    let third = process::start(sb.command(&["serve"])).await;
+    let id = post().await;
+    let line: Value =
+        serde_json::from_str(&follow.next_line().await.expect("a line")).expect("json");
+    assert_eq!(line["request_id"], id.as_str(), "{line}");
+
+    let ok = Command::new("kill")
+        .arg("-INT")
+        .arg(follow.pid().to_string())
+        .status()
+        .expect("kill")
+        .success();
+    assert!(ok);
+    let f = follow.finish().await;
+    assert_eq!(f.status.code(), Some(0), "{}", f.output());
+    third.stop().await;
+}

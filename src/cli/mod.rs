@@ -1,5 +1,24 @@
 //! Command-line interface: parse, load, run, and map the result to an exit code.
 
+/// `print!` to standard output, ending the command quietly when its reader has gone
+/// ([`out::print`]).
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cli::out::print(format_args!($($arg)*))
+    };
+}
+
+/// `println!` to standard output, ending the command quietly when its reader has gone
+/// ([`out::print`]).
+macro_rules! outln {
+    () => {
+        $crate::cli::out::print(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::cli::out::print(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
 pub mod args;
 pub mod check;
 pub mod claude;
@@ -7,6 +26,7 @@ pub mod edit;
 pub mod endpoints;
 pub mod launch;
 pub mod logging;
+pub mod out;
 pub mod requests;
 pub mod service;
 pub mod status;
@@ -46,9 +66,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         } => init(config, force, &name, base_url, api_key, auth_token),
         Command::Validate { config } => {
             let (config, source) = load(config.as_deref(), &ProcessEnv)?;
-            println!("{source}: ok");
+            outln!("{source}: ok");
             for e in &config.endpoints {
-                println!(
+                outln!(
                     "  {} -> {} (priority {}, weight {}{})",
                     e.name,
                     e.base_url,
@@ -67,16 +87,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let target = target::find_target(config.as_deref(), url.as_deref(), &ProcessEnv)?;
             if cluster {
-                print!("{}", status::cluster_status(target)?);
+                out!("{}", status::cluster_status(target)?);
             } else {
-                print!("{}", status::status(target)?);
+                out!("{}", status::status(target)?);
             }
             Ok(())
         }
         Command::Check { config } => {
             let (config, _) = load(config.as_deref(), &ProcessEnv)?;
             let (report, any_works) = check::check(config)?;
-            print!("{report}");
+            out!("{report}");
             if any_works {
                 Ok(())
             } else {
@@ -89,7 +109,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Service(cmd) => crate::cli::service::run(cmd),
         Command::Completions { shell } => {
             let mut cmd = Cli::command();
-            clap_complete::generate(shell, &mut cmd, "ccgate", &mut std::io::stdout());
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "ccgate", &mut script);
+            out::print_bytes(&script);
             Ok(())
         }
     }
@@ -104,7 +126,7 @@ fn endpoints(cmd: EndpointsCommand) -> anyhow::Result<()> {
     let env = ProcessEnv;
     let (target, change) = match cmd {
         EndpointsCommand::List { config } => {
-            print!("{}", endpoints::list(config.as_deref(), &env)?);
+            out!("{}", endpoints::list(config.as_deref(), &env)?);
             return Ok(());
         }
         EndpointsCommand::Add {
@@ -178,7 +200,7 @@ fn claude(cmd: ClaudeCommand) -> anyhow::Result<()> {
             let target = target::find_target(config.as_deref(), url.as_deref(), &env)?;
             let token = target.token.as_ref().map(|t| t.expose().to_string());
             let done = claude::enable(&paths, &target.url, token.as_deref())?;
-            println!(
+            outln!(
                 "Claude Code now uses ccgate at {}: set {} in {}",
                 target.url,
                 done.keys
@@ -189,32 +211,32 @@ fn claude(cmd: ClaudeCommand) -> anyhow::Result<()> {
                 done.settings.display()
             );
             match &done.backup {
-                Some(b) => println!(
+                Some(b) => outln!(
                     "the original is kept in {}; `ccgate claude disable` puts it back",
                     b.display()
                 ),
-                None => println!("`ccgate claude disable` removes the file again"),
+                None => outln!("`ccgate claude disable` removes the file again"),
             }
             if done.api_key_also_set {
-                println!(
+                outln!(
                     "note: settings.json also sets env.ANTHROPIC_API_KEY; Claude Code sends it too, and ccgate replaces it with the endpoint's credential"
                 );
             }
-            println!("start a new Claude Code session to pick it up");
+            outln!("start a new Claude Code session to pick it up");
         }
         ClaudeCommand::Disable => {
             let paths = paths()?;
             let settings = paths.settings.display();
             match claude::disable(&paths)? {
                 Disabled::Restored => {
-                    println!("restored {settings} as it was before `ccgate claude enable`")
+                    outln!("restored {settings} as it was before `ccgate claude enable`")
                 }
-                Disabled::Removed => println!("removed {settings} (ccgate had created it)"),
-                Disabled::KeysUndone => println!(
+                Disabled::Removed => outln!("removed {settings} (ccgate had created it)"),
+                Disabled::KeysUndone => outln!(
                     "{settings} was changed since `ccgate claude enable`: removed only what ccgate set, kept everything else"
                 ),
                 Disabled::NothingToDo => {
-                    println!("nothing to undo: ccgate has not changed {settings}")
+                    outln!("nothing to undo: ccgate has not changed {settings}")
                 }
             }
         }
@@ -449,8 +471,8 @@ fn init(
     // Atomically, so a crash during `--force` leaves the old file; owner-only, as it holds secrets.
     crate::cli::edit::write_atomic_private(&path, text.as_bytes())
         .with_context(|| format!("cannot write {}", path.display()))?;
-    println!("wrote {}", path.display());
-    println!(
+    outln!("wrote {}", path.display());
+    outln!(
         "start the gateway with: ccgate serve --config {}",
         path.display()
     );

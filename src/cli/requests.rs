@@ -54,57 +54,108 @@ pub fn run(args: RequestsArgs) -> anyhow::Result<()> {
     let rt = runtime()?;
     rt.block_on(async move {
         let client = AdminClient::new(target)?;
-        let first = fetch(&client, args.limit, 0).await?;
+        let (mut ring, first) = fetch(&client, args.limit, 0).await?;
         let mut last = first.iter().map(seq).max().unwrap_or(0);
         let rows: Vec<&Value> = first.iter().rev().collect();
         if args.json {
             for r in &rows {
-                println!("{r}");
+                outln!("{r}");
             }
         } else {
             let cells: Vec<Vec<String>> = rows.iter().map(|r| cells(r)).collect();
-            print!("{}", table(&HEADERS, &cells));
+            out!("{}", table(&HEADERS, &cells));
         }
         if !args.follow {
             return Ok(());
         }
         let ctrl_c = tokio::signal::ctrl_c();
         tokio::pin!(ctrl_c);
+        let mut away = false;
         loop {
             tokio::select! {
                 _ = &mut ctrl_c => return Ok(()),
                 () = tokio::time::sleep(args.interval) => {}
             }
-            let mut new = fetch(&client, u32::MAX, last).await?;
-            // A restarted gateway counts from 1 again.
-            if new.is_empty() {
-                let newest = fetch(&client, 1, 0).await?;
-                if newest.first().is_some_and(|r| seq(r) < last) {
-                    last = 0;
-                    new = fetch(&client, args.limit, 0).await?;
+            // A gateway that is away for a moment (a restart) is waited for, said once.
+            let new = match since(&client, &mut ring, &mut last).await {
+                Ok(new) => {
+                    if away {
+                        eprintln!("the gateway answers again");
+                        away = false;
+                    }
+                    new
                 }
-            }
+                Err(e) => {
+                    if !away {
+                        eprintln!("{e:#}; still trying (Ctrl-C to stop)");
+                        away = true;
+                    }
+                    continue;
+                }
+            };
             for r in new.iter().rev() {
                 last = last.max(seq(r));
                 if args.json {
-                    println!("{r}");
+                    outln!("{r}");
                 } else {
-                    println!("{}", cells(r).join("  "));
+                    outln!("{}", cells(r).join("  "));
                 }
             }
         }
     })
 }
 
+/// The requests the gateway has seen since `last`, newest first. A restarted gateway counts from
+/// 1 again, and then everything it has kept is new: its ring says when it began (`ring` keeps
+/// what it said last); a gateway that does not say is taken for restarted when it has nothing
+/// after `last` and its newest is older.
+async fn since(
+    client: &AdminClient,
+    ring: &mut Option<String>,
+    last: &mut u64,
+) -> anyhow::Result<Vec<Value>> {
+    let (now_ring, new) = fetch(client, u32::MAX, *last).await?;
+    let restarted = match (&*ring, &now_ring) {
+        (Some(was), Some(is)) => was != is,
+        _ => {
+            new.is_empty()
+                && fetch(client, 1, 0)
+                    .await?
+                    .1
+                    .first()
+                    .is_some_and(|r| seq(r) < *last)
+        }
+    };
+    let new = if restarted {
+        let all = fetch(client, u32::MAX, 0).await?.1;
+        *last = 0;
+        all
+    } else {
+        new
+    };
+    *ring = now_ring;
+    Ok(new)
+}
+
 fn seq(r: &Value) -> u64 {
     r["seq"].as_u64().unwrap_or(0)
 }
 
-async fn fetch(client: &AdminClient, limit: u32, after: u64) -> anyhow::Result<Vec<Value>> {
+/// The gateway's requests after `after` (at most `limit`, newest first), and when its sequence
+/// began (`None` from a gateway that does not say).
+async fn fetch(
+    client: &AdminClient,
+    limit: u32,
+    after: u64,
+) -> anyhow::Result<(Option<String>, Vec<Value>)> {
     let view = client
         .get_json(&format!("requests?limit={limit}&after={after}"), "a ccgate")
         .await?;
-    Ok(view["requests"].as_array().cloned().unwrap_or_default())
+    let ring = view["started_at"].as_str().map(str::to_owned);
+    Ok((
+        ring,
+        view["requests"].as_array().cloned().unwrap_or_default(),
+    ))
 }
 
 /// One request as table cells.

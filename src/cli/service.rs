@@ -75,7 +75,7 @@ pub fn run(cmd: ServiceCommand) -> anyhow::Result<()> {
         ServiceCommand::Uninstall(a) => uninstall(a.platform, &env)?,
         ServiceCommand::Status(a) => status(a.platform, a.config.as_deref(), &env)?,
     };
-    print!("{out}");
+    out!("{out}");
     Ok(())
 }
 

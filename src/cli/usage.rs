@@ -85,19 +85,19 @@ pub fn run(args: UsageArgs) -> anyhow::Result<()> {
                 "cache_read_input_tokens": total.usage.cache_read,
             },
         });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        outln!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
     if !path.exists() {
-        println!(
+        outln!(
             "no usage recorded yet: {} does not exist (the gateway creates it)",
             path.display()
         );
         return Ok(());
     }
-    println!("usage since {since} (UTC), from {}", path.display());
+    outln!("usage since {since} (UTC), from {}", path.display());
     if rows.is_empty() {
-        println!("\nno requests in these {} days", args.days);
+        outln!("\nno requests in these {} days", args.days);
         return Ok(());
     }
     let num = |n: u64| n.to_string();
@@ -137,8 +137,8 @@ pub fn run(args: UsageArgs) -> anyhow::Result<()> {
             format!("{}+", usd(Some(total_cost)))
         },
     ]);
-    println!();
-    print!(
+    outln!();
+    out!(
         "{}",
         crate::cli::table::table(
             &[
@@ -157,11 +157,11 @@ pub fn run(args: UsageArgs) -> anyhow::Result<()> {
         )
     );
     if !priced_all {
-        println!(
+        outln!(
             "\n`+`: some models have no price (add them under [prices]); their cost is not counted"
         );
     }
-    println!(
+    outln!(
         "costs use built-in list prices (which may drift) unless [prices] in the config sets them"
     );
     Ok(())

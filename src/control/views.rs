@@ -288,7 +288,11 @@ pub fn requests_json(gw: &Gateway, query: Option<&str>) -> serde_json::Value {
             })
         })
         .collect();
-    serde_json::json!({ "capacity": gw.config.requests.ring_size, "requests": list })
+    serde_json::json!({
+        "capacity": gw.config.requests.ring_size,
+        "started_at": humantime::format_rfc3339_micros(gw.recent.started_at()).to_string(),
+        "requests": list,
+    })
 }
 
 /// `GET /_ccgate/endpoints`.

@@ -69,6 +69,9 @@ pub struct Recent {
     storing: AtomicBool,
     next_seq: AtomicU64,
     dropped: AtomicU64,
+    /// When this ring (and its sequence) began: a reader following `seq` across a restart of
+    /// the gateway sees it change.
+    started_at: std::time::SystemTime,
 }
 
 impl Recent {
@@ -82,7 +85,13 @@ impl Recent {
             storing: AtomicBool::new(false),
             next_seq: AtomicU64::new(1),
             dropped: AtomicU64::new(0),
+            started_at: std::time::SystemTime::now(),
         }
+    }
+
+    /// When this ring's sequence began (the process's start: reloads keep the ring).
+    pub fn started_at(&self) -> std::time::SystemTime {
+        self.started_at
     }
 
     /// From now on, keeps up to `capacity` records for the store's writer to take (the oldest
