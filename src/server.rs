@@ -501,22 +501,28 @@ impl Connections {
                 drop(slot);
                 return;
             };
-            let service = service_fn(move |req| {
-                let handle = Arc::clone(&handle);
-                // hyper keeps room for this future in every connection for its whole life: box
-                // the request's large state machine, so an idle or streaming connection holds a
-                // pointer instead of kilobytes.
-                async move { Ok::<_, Infallible>(Box::pin(serve_one(handle, req)).await) }
-            });
             let io = TokioIo::new(stream);
             let ended = if http1 {
+                let service = service_fn(move |req| {
+                    let handle = Arc::clone(&handle);
+                    // hyper keeps room for this future in every connection for its whole life:
+                    // box the request's large state machine, so an idle or streaming connection
+                    // holds a pointer instead of kilobytes.
+                    async move { Ok::<_, Infallible>(Box::pin(serve_one(handle, req)).await) }
+                });
                 let conn = builders.http1.serve_connection(io, service);
                 watcher.watch(conn).await.map_err(BoxError::from)
             } else {
                 // Boxed: the task keeps room for the larger of its connections for its whole
                 // life, and HTTP/2 with prior knowledge is the rare one.
-                let conn = builders.auto.serve_connection(io, service);
-                Box::pin(watcher.watch(conn)).await
+                Box::pin(serve_h2(
+                    &builders.auto,
+                    io,
+                    handle,
+                    watcher,
+                    header_timeout,
+                ))
+                .await
             };
             if let Err(e) = ended {
                 tracing::debug!(error = %e, "connection ended with an error");
@@ -535,6 +541,126 @@ impl Connections {
                 "in-flight requests still running after the shutdown timeout; closing them"
             );
         }
+    }
+}
+
+/// Serves a connection whose first bytes may be HTTP/2's preface (through the auto builder, which
+/// reads them and picks the protocol). hyper has no deadline for an HTTP/2 connection's preface
+/// or its idle time; with `limit` (the head deadline), the connection is closed once it has had
+/// no request open for that long: before its first request (a client that sends a byte of the
+/// preface, or the preface alone, and then nothing), and between requests, as an idle HTTP/1.1
+/// keep-alive connection is.
+async fn serve_h2(
+    auto: &auto::Builder<TokioExecutor>,
+    io: TokioIo<TcpStream>,
+    handle: Arc<Handle>,
+    watcher: hyper_util::server::graceful::Watcher,
+    limit: Option<Duration>,
+) -> Result<(), BoxError> {
+    let streams = Arc::new(OpenStreams::default());
+    let open = Arc::clone(&streams);
+    let service = service_fn(move |req| {
+        let handle = Arc::clone(&handle);
+        let open = StreamOpen::new(&open);
+        async move {
+            let resp = Box::pin(serve_one(handle, req)).await;
+            Ok::<_, Infallible>(resp.map(|body| Counted { body, _open: open }))
+        }
+    });
+    let conn = watcher.watch(auto.serve_connection(io, service));
+    let Some(limit) = limit else {
+        return conn.await;
+    };
+    tokio::select! {
+        ended = conn => ended,
+        () = streams.idle_for(limit) => {
+            tracing::debug!("HTTP/2 connection idle past the head deadline; closing it");
+            Ok(())
+        }
+    }
+}
+
+/// The requests open on one HTTP/2 connection (their answers not yet sent in full), and a wake-up
+/// for each that begins or ends.
+#[derive(Default)]
+struct OpenStreams {
+    open: AtomicUsize,
+    begun: std::sync::atomic::AtomicU64,
+    changed: tokio::sync::Notify,
+}
+
+impl OpenStreams {
+    /// Returns once no request has been open for `limit`.
+    async fn idle_for(&self, limit: Duration) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            // Registered before the reads, so a change after them wakes it.
+            changed.as_mut().enable();
+            let begun = self.begun.load(Ordering::Acquire);
+            if self.open.load(Ordering::Acquire) > 0 {
+                changed.await;
+                continue;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(limit) => {
+                    let quiet = self.open.load(Ordering::Acquire) == 0
+                        && self.begun.load(Ordering::Acquire) == begun;
+                    if quiet {
+                        return;
+                    }
+                }
+                () = &mut changed => {}
+            }
+        }
+    }
+}
+
+/// One open request of an HTTP/2 connection, until its answer's body is dropped.
+struct StreamOpen(Arc<OpenStreams>);
+
+impl StreamOpen {
+    fn new(streams: &Arc<OpenStreams>) -> Self {
+        streams.begun.fetch_add(1, Ordering::AcqRel);
+        streams.open.fetch_add(1, Ordering::AcqRel);
+        streams.changed.notify_waiters();
+        Self(Arc::clone(streams))
+    }
+}
+
+impl Drop for StreamOpen {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+        self.0.changed.notify_waiters();
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An answer's body that keeps its request counted as open until it is dropped.
+    struct Counted {
+        #[pin]
+        body: GateBody,
+        _open: StreamOpen,
+    }
+}
+
+impl Body for Counted {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        self.project().body.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 

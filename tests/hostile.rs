@@ -1362,6 +1362,85 @@ async fn client_trickling_its_head_is_cut_by_the_header_read_timeout() {
     assert_eq!(up.count(), 0);
 }
 
+/// The head deadline holds for HTTP/2 too: a connection that sends one byte of the HTTP/2
+/// preface, or the whole preface, and then nothing is closed by it, and so is an HTTP/2
+/// connection left idle after its requests, while one with a request open stays (audit: these
+/// held a connection slot for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_http2_connections_are_held_to_the_head_deadline() {
+    let up = MockUpstream::start().await;
+    let gate = Gate::new();
+    up.push(Script::sse_ok(2).gate_after(4, gate.clone()));
+    let gw = builder()
+        .server("header_read_timeout = \"300ms\"")
+        .endpoint("a", &up.url(), "")
+        .start()
+        .await;
+    let closed = |mut tcp: TcpStream| async move {
+        let mut b = [0u8; 256];
+        while !matches!(tcp.read(&mut b).await, Ok(0) | Err(_)) {}
+    };
+    for opening in [&b"P"[..], b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"] {
+        let mut tcp = TcpStream::connect(gw.addr).await.expect("connect");
+        tcp.write_all(opening).await.expect("write");
+        let started = std::time::Instant::now();
+        within("the silent HTTP/2 connection to be closed", closed(tcp)).await;
+        assert!(
+            started.elapsed() >= std::time::Duration::from_millis(250),
+            "closed before the deadline: {:?}",
+            started.elapsed()
+        );
+    }
+
+    // A real HTTP/2 client: a stream held open by the upstream keeps the connection past the
+    // deadline; idle after it, the connection is closed.
+    let tcp = TcpStream::connect(gw.addr).await.expect("connect");
+    let (mut send, conn) = within(
+        "an HTTP/2 handshake",
+        hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        ),
+    )
+    .await
+    .expect("HTTP/2 with prior knowledge");
+    let conn = tokio::spawn(conn);
+    let req = http::Request::post(format!("http://{}{MESSAGES}", gw.addr))
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(Bytes::from(message_bytes(true))))
+        .expect("request");
+    let resp = within("an HTTP/2 answer", send.send_request(req))
+        .await
+        .expect("answer");
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    // The first content has come; the stream waits on the gate for longer than the deadline.
+    let first = within(
+        "the first content",
+        http_body_util::BodyExt::frame(&mut body),
+    )
+    .await
+    .expect("a frame")
+    .expect("data");
+    assert!(first.data_ref().is_some());
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    assert!(!conn.is_finished(), "closed with a stream open");
+    gate.open();
+    let rest = within(
+        "the rest of the stream",
+        http_body_util::BodyExt::collect(body),
+    )
+    .await
+    .expect("the stream ends cleanly")
+    .to_bytes();
+    assert!(String::from_utf8_lossy(&rest).contains("message_stop"));
+    within("the idle HTTP/2 connection to be closed", conn)
+        .await
+        .expect("connection task")
+        .ok();
+    assert_eq!(up.count(), 1);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Judging an answer before committing to it (issue #12 items 1–2, issue #17 items 2–4)
 // ---------------------------------------------------------------------------------------------
