@@ -1000,3 +1000,60 @@ async fn a_reader_that_went_away_ends_a_command_quietly() {
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
 }
+
+/// A file with CRLF line endings keeps them through an edit, every line but the one changed
+/// byte for byte; an edited file others can read gets a warning (audit: the edit turned every
+/// CRLF into LF, and writing a key into a 0644 file said nothing).
+#[tokio::test]
+async fn edits_keep_crlf_line_endings_and_warn_about_a_readable_file() {
+    let sb = Sandbox::new();
+    let crlf = COMMENTED.replace('\n', "\r\n");
+    let cfg = sb.write_at(&sb.path("crlf.toml"), &crlf);
+    process::set_mode(&cfg, 0o600);
+    let c = cfg_arg(&cfg);
+    let f = run(sb.command(&["endpoints", "disable", "relay", "--config", c])).await;
+    f.assert_success();
+    assert!(
+        !f.stderr.contains("can be read by other users"),
+        "{}",
+        f.output()
+    );
+    assert_eq!(
+        read(&cfg),
+        crlf.replace("enabled = true   # flip me", "enabled = false   # flip me")
+    );
+    run(sb.command(&["endpoints", "enable", "relay", "--config", c]))
+        .await
+        .assert_success();
+    assert_eq!(read(&cfg), crlf);
+
+    process::set_mode(&cfg, 0o644);
+    let f = run(sb.command(&[
+        "endpoints",
+        "add",
+        "backup",
+        "--config",
+        c,
+        "--base-url",
+        "https://backup.example",
+        "--api-key",
+        "sk-ant-backup-key",
+    ]))
+    .await;
+    f.assert_success();
+    assert!(
+        f.stderr.contains("can be read by other users") && f.stderr.contains("chmod 600"),
+        "{}",
+        f.output()
+    );
+    let after = read(&cfg);
+    assert!(
+        after.contains("[[endpoints]]\r\nname = \"backup\"\r\n"),
+        "{after:?}"
+    );
+    assert_eq!(
+        after.matches('\n').count(),
+        after.matches("\r\n").count(),
+        "{after:?}"
+    );
+}

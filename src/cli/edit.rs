@@ -358,6 +358,30 @@ pub fn write_atomic_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     replace(path, bytes, Mode::Exactly(0o600))
 }
 
+/// `edited` with the line endings of `original`: the TOML editor writes `\n`, and a file whose
+/// every line ended in `\r\n` keeps them (only the lines an edit touches may change).
+pub fn keep_line_endings(original: &str, edited: String) -> String {
+    let lines = original.matches('\n').count();
+    if lines == 0 || original.matches("\r\n").count() != lines {
+        return edited;
+    }
+    edited.replace("\r\n", "\n").replace('\n', "\r\n")
+}
+
+/// Whether users other than the owner may read `path` (Unix; never elsewhere).
+pub fn readable_by_others(path: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o077 != 0)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        false
+    }
+}
+
 /// The permissions of a replaced file.
 #[cfg_attr(not(unix), allow(dead_code))]
 enum Mode {

@@ -151,6 +151,7 @@ pub fn run_edit(
     let edited = change
         .apply(&text)
         .map_err(|e| anyhow!("{}: {e}; the file is unchanged", path.display()))?;
+    let edited = edit::keep_line_endings(&text, edited);
     let loaded = Lenient::from_toml(&edited, "the edited config", env).map_err(|e| {
         // Line numbers would point into text that was never written: name the keys only.
         let mut msg = String::from("refusing the change: the config would not load afterwards:\n");
@@ -167,6 +168,12 @@ pub fn run_edit(
         edit::write_atomic(&path, edited.as_bytes(), 0o600)
             .with_context(|| format!("cannot write {}", path.display()))?;
         writeln!(out, "{} in {}", change.done(), path.display())?;
+        if edit::readable_by_others(&path) {
+            eprintln!(
+                "warning: {} can be read by other users; it may hold secrets: chmod 600 it",
+                path.display()
+            );
+        }
     }
     for var in &loaded.unset {
         writeln!(

@@ -354,17 +354,11 @@ pub fn load(explicit: Option<&Path>, env: &dyn Env) -> anyhow::Result<(Config, S
 }
 
 fn warn_if_readable_by_others(path: &Path) {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        if let Ok(meta) = std::fs::metadata(path) {
-            if meta.permissions().mode() & 0o077 != 0 {
-                tracing::warn!(
-                    "{} can be read by other users; it may hold secrets: chmod 600 it",
-                    path.display()
-                );
-            }
-        }
+    if edit::readable_by_others(path) {
+        tracing::warn!(
+            "{} can be read by other users; it may hold secrets: chmod 600 it",
+            path.display()
+        );
     }
 }
 
