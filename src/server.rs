@@ -216,6 +216,15 @@ where
                 return refusal.answer();
             }
         };
+        let gw = handle.current();
+        if gw.config.server.access_token.is_none() {
+            // Nothing but the loopback listener guards this gateway: no browser page from
+            // another site may use it.
+            if let Some(refusal) = entry::foreign_browser(req.headers(), req.uri()) {
+                tracing::debug!(%refusal, "request refused at the door");
+                return refusal.answer();
+            }
+        }
         if let Some(target) = admitted.target {
             *req.uri_mut() = Uri::from(target);
         }
@@ -225,7 +234,6 @@ where
                 reload_route(&handle, &req).await
             }
             Destination::Control => {
-                let gw = handle.current();
                 if let Some(resp) =
                     crate::control::cluster_view::route(handle.cluster.as_ref(), &gw, &req).await
                 {
@@ -233,7 +241,7 @@ where
                 }
                 crate::control::admin::handle(gw, &handle.persist, req).await
             }
-            Destination::Api => handler::handle(handle.current(), req).await,
+            Destination::Api => handler::handle(gw, req).await,
         }
     }
 }

@@ -313,7 +313,7 @@ async fn client_body_over_the_cap_is_413_and_touches_no_endpoint() {
     assert_eq!(r.status, 413, "{r:?}");
     assert_anthropic_error(&r.body);
     // Declared small, then more bytes than the cap in chunks.
-    let mut req = b"POST /v1/messages HTTP/1.1\r\nhost: x\r\nconnection: close\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+    let mut req = b"POST /v1/messages HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
     for _ in 0..5 {
         req.extend_from_slice(b"400\r\n");
         req.extend_from_slice(&[b'y'; 0x400]);
@@ -412,7 +412,7 @@ async fn client_chunked_request_body_is_forwarded_whole() {
     let up = MockUpstream::start().await;
     let gw = builder().endpoint("a", &up.url(), "").start().await;
     let body = message_bytes(false);
-    let mut req = b"POST /v1/messages?beta=true HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+    let mut req = b"POST /v1/messages?beta=true HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
     for part in body.chunks(7) {
         req.extend_from_slice(format!("{:x};ext=1\r\n", part.len()).as_bytes());
         req.extend_from_slice(part);
@@ -433,7 +433,7 @@ async fn client_expect_100_continue_is_honoured_and_not_forwarded() {
     let gw = builder().endpoint("a", &up.url(), "").start().await;
     let body = message_bytes(false);
     let head = format!(
-        "POST /v1/messages HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\nexpect: 100-continue\r\n\r\n",
+        "POST /v1/messages HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\nexpect: 100-continue\r\n\r\n",
         body.len()
     );
     let mut tcp = TcpStream::connect(gw.addr).await.expect("connect");
@@ -578,6 +578,112 @@ async fn client_absolute_form_target_never_chooses_the_upstream() {
         }
     }
     assert_eq!(decoy.count(), 0, "the client's host is never contacted");
+}
+
+/// Without an access token, only the loopback listener guards the gateway: a browser page from
+/// another site cannot use it, neither by DNS rebinding (a `Host` that is not a loopback name)
+/// nor by making the browser post to it (an `Origin` that is not one), on the API and on the
+/// admin views. Pages from localhost and clients that are not browsers pass; with a token, the
+/// token decides (audit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_from_other_sites_cannot_use_a_gateway_without_a_token() {
+    let up = MockUpstream::start().await;
+    let gw = builder().endpoint("a", &up.url(), "").start().await;
+    let body = message_bytes(false);
+    let send = |gw: &TestGateway, method: &str, path: &str, host: &str, extra: Vec<String>| {
+        let mut req = format!("{method} {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n");
+        for h in extra {
+            req.push_str(&h);
+            req.push_str("\r\n");
+        }
+        let body = if method == "POST" {
+            body.clone()
+        } else {
+            Vec::new()
+        };
+        req.push_str(&format!(
+            "content-type: text/plain\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        ));
+        let mut req = req.into_bytes();
+        req.extend_from_slice(&body);
+        let gw_addr = gw.addr;
+        async move {
+            let mut tcp = TcpStream::connect(gw_addr).await.expect("connect");
+            tcp.write_all(&req).await.expect("write");
+            let mut buf = Vec::new();
+            read_response(&mut tcp, &mut buf).await.expect("an answer")
+        }
+    };
+    let port = gw.addr.port();
+    let refused = [
+        ("POST", MESSAGES, format!("evil.example:{port}"), vec![]),
+        (
+            "GET",
+            "/_ccgate/endpoints",
+            format!("evil.example:{port}"),
+            vec![],
+        ),
+        (
+            "POST",
+            MESSAGES,
+            format!("127.0.0.1:{port}"),
+            vec!["origin: https://evil.example".to_owned()],
+        ),
+        (
+            "POST",
+            "/_ccgate/endpoints/a/disable",
+            format!("127.0.0.1:{port}"),
+            vec!["origin: null".to_owned()],
+        ),
+    ];
+    for (method, path, host, extra) in refused {
+        let r = send(&gw, method, path, &host, extra.clone()).await;
+        assert_eq!(
+            r.status, 403,
+            "{method} {path} host {host} {extra:?}: {r:?}"
+        );
+        assert_eq!(
+            assert_anthropic_error(&r.body)["error"]["type"],
+            "permission_error"
+        );
+    }
+    assert_eq!(up.count(), 0, "nothing reached the upstream");
+    assert_eq!(gw.endpoint_view("a").await["state"], "healthy");
+
+    let allowed = [
+        (format!("127.0.0.1:{port}"), vec![]),
+        (
+            format!("localhost:{port}"),
+            vec!["origin: http://localhost:3000".to_owned()],
+        ),
+        (
+            format!("[::1]:{port}"),
+            vec!["origin: http://127.0.0.1:8080".to_owned()],
+        ),
+    ];
+    for (host, extra) in allowed {
+        let r = send(&gw, "POST", MESSAGES, &host, extra.clone()).await;
+        assert_eq!(r.status, 200, "host {host} {extra:?}: {r:?}");
+    }
+    assert_eq!(up.count(), 3);
+
+    // With a token, the token decides: a request that carries it passes whatever its names.
+    let up = MockUpstream::start().await;
+    let gw = builder()
+        .server("access_token = \"gate-token-sites\"")
+        .endpoint("a", &up.url(), "")
+        .start()
+        .await;
+    let with_token = vec![
+        "x-api-key: gate-token-sites".to_owned(),
+        "origin: https://chat.example".to_owned(),
+    ];
+    let r = send(&gw, "POST", MESSAGES, "gateway.example", with_token).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let r = send(&gw, "POST", MESSAGES, "gateway.example", vec![]).await;
+    assert_eq!(r.status, 401, "{r:?}");
+    assert_eq!(up.count(), 1);
 }
 
 /// Admin views under a token, reached by path tricks.
@@ -822,7 +928,7 @@ async fn client_aborting_its_upload_is_cancelled() {
     let up = MockUpstream::start().await;
     let gw = builder().endpoint("a", &up.url(), "").start().await;
     let mut tcp = TcpStream::connect(gw.addr).await.expect("connect");
-    tcp.write_all(b"POST /v1/messages HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{\"model\":")
+    tcp.write_all(b"POST /v1/messages HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{\"model\":")
         .await
         .expect("write");
     // The gateway has begun the request once it shows in the stats.
@@ -845,7 +951,7 @@ async fn client_aborting_its_upload_is_cancelled() {
 async fn client_malformed_chunked_body_is_the_callers_error_not_cancelled() {
     let up = MockUpstream::start().await;
     let gw = builder().endpoint("a", &up.url(), "").start().await;
-    let req = b"POST /v1/messages HTTP/1.1\r\nhost: x\r\nconnection: close\r\ntransfer-encoding: chunked\r\n\r\n4\r\n{\"a\"\r\nzz\r\n";
+    let req = b"POST /v1/messages HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\ntransfer-encoding: chunked\r\n\r\n4\r\n{\"a\"\r\nzz\r\n";
     let mut tcp = TcpStream::connect(gw.addr).await.expect("connect");
     tcp.write_all(req).await.expect("write");
     let mut buf = Vec::new();
@@ -1229,7 +1335,7 @@ fn gzip_helper_is_valid() {
 /// `GET /_ccgate/health` on `tcp`, keeping the connection open; whether it was answered 200.
 async fn health_on(tcp: &mut TcpStream) -> bool {
     if tcp
-        .write_all(b"GET /_ccgate/health HTTP/1.1\r\nhost: x\r\n\r\n")
+        .write_all(b"GET /_ccgate/health HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
         .await
         .is_err()
     {

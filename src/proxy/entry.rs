@@ -75,6 +75,18 @@ pub enum Refusal {
         "ccgate: not an API path; ccgate forwards /v1/... and /api/..., and serves its own views under /_ccgate/"
     )]
     UnknownPath,
+    /// Without an access token: a `Host` that is not a loopback name (a page on another site
+    /// reaching the loopback listener through DNS rebinding).
+    #[error(
+        "ccgate: the Host header names no loopback address; use localhost or 127.0.0.1, or set server.access_token"
+    )]
+    ForeignHost,
+    /// Without an access token: an `Origin` that is not a loopback name (a page on another site
+    /// making the user's browser send the request).
+    #[error(
+        "ccgate: a request from a web page on another site; set server.access_token to let web pages in"
+    )]
+    ForeignOrigin,
 }
 
 impl Refusal {
@@ -86,6 +98,9 @@ impl Refusal {
             Self::Target | Self::Climbs | Self::Separator => {
                 response::error(StatusCode::BAD_REQUEST, "invalid_request_error", &message)
             }
+            Self::ForeignHost | Self::ForeignOrigin => {
+                response::error(StatusCode::FORBIDDEN, "permission_error", &message)
+            }
             Self::UnknownPath => {
                 let mut r = response::error(StatusCode::NOT_FOUND, "not_found_error", &message);
                 r.headers_mut()
@@ -94,6 +109,59 @@ impl Refusal {
             }
         }
     }
+}
+
+/// On a gateway without an access token, which trusts whatever reaches its loopback listener:
+/// refuses what a browser sends on behalf of a page from another site. A `Host` (or HTTP/2
+/// authority) that is not a loopback name is DNS rebinding (the page's own name, resolved to
+/// 127.0.0.1, so that the browser lets the page read the answers); an `Origin` that is not a
+/// loopback name is a page that makes the user's browser post to the gateway, spending the
+/// endpoints' keys. Clients that are not browsers send no `Origin` and name the gateway by the
+/// address they were given; pages served from localhost pass.
+pub fn foreign_browser(headers: &http::HeaderMap, uri: &Uri) -> Option<Refusal> {
+    let host = headers
+        .get(header::HOST)
+        .map(HeaderValue::as_bytes)
+        .or_else(|| uri.authority().map(|a| a.as_str().as_bytes()));
+    if host.is_some_and(|h| !local_name(h)) {
+        return Some(Refusal::ForeignHost);
+    }
+    let origin = headers.get(header::ORIGIN)?.as_bytes();
+    // `scheme://host[:port]`; `null` (a sandboxed page, a file) has no host and is refused.
+    let host = origin
+        .windows(3)
+        .position(|w| w == b"://")
+        .map(|i| &origin[i + 3..]);
+    if host.is_none_or(|h| !local_name(h)) {
+        return Some(Refusal::ForeignOrigin);
+    }
+    None
+}
+
+/// Whether `host[:port]` names this machine's loopback: `localhost` and its subdomains, and
+/// loopback addresses (`127.0.0.0/8`, `[::1]`, IPv4-mapped ones).
+fn local_name(host: &[u8]) -> bool {
+    let Ok(host) = std::str::from_utf8(host) else {
+        return false;
+    };
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        // `[v6]` or `[v6]:port`.
+        match rest.split_once(']') {
+            Some((v6, port)) if port.is_empty() || port.starts_with(':') => v6,
+            _ => return false,
+        }
+    } else {
+        host.rsplit_once(':').map_or(host, |(name, _port)| name)
+    };
+    let name = name.strip_suffix('.').unwrap_or(name);
+    if name.eq_ignore_ascii_case("localhost")
+        || name.len() > ".localhost".len()
+            && name[name.len() - ".localhost".len()..].eq_ignore_ascii_case(".localhost")
+    {
+        return true;
+    }
+    name.parse::<std::net::IpAddr>()
+        .is_ok_and(|ip| ip.to_canonical().is_loopback())
 }
 
 /// Admits a request by its method and target, or says why not.
@@ -255,6 +323,81 @@ fn decode_unreserved(seg: &str) -> Result<String, Refusal> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loopback_names_table() {
+        for host in [
+            "localhost",
+            "LOCALHOST:7860",
+            "localhost.",
+            "app.localhost:3000",
+            "127.0.0.1",
+            "127.0.0.1:7860",
+            "127.9.9.9:1",
+            "[::1]",
+            "[::1]:7860",
+            "[::ffff:127.0.0.1]:80",
+        ] {
+            assert!(local_name(host.as_bytes()), "{host}");
+        }
+        for host in [
+            "evil.example",
+            "evil.example:7860",
+            "localhost.evil.example",
+            "notlocalhost",
+            "10.0.0.1:7860",
+            "0.0.0.0:7860",
+            "[::2]:80",
+            "[::1]x",
+            "",
+            "127.0.0.1.evil.example",
+        ] {
+            assert!(!local_name(host.as_bytes()), "{host}");
+        }
+    }
+
+    #[test]
+    fn foreign_browsers_table() {
+        let uri: Uri = "/v1/messages".parse().expect("uri");
+        let check = |host: Option<&str>, origin: Option<&str>| {
+            let mut h = http::HeaderMap::new();
+            if let Some(v) = host {
+                h.insert(header::HOST, HeaderValue::from_str(v).expect("value"));
+            }
+            if let Some(v) = origin {
+                h.insert(header::ORIGIN, HeaderValue::from_str(v).expect("value"));
+            }
+            foreign_browser(&h, &uri)
+        };
+        assert_eq!(check(Some("127.0.0.1:7860"), None), None);
+        assert_eq!(check(None, None), None);
+        assert_eq!(
+            check(Some("localhost:7860"), Some("http://localhost:3000")),
+            None
+        );
+        assert_eq!(
+            check(Some("127.0.0.1:7860"), Some("http://[::1]:8080")),
+            None
+        );
+        assert_eq!(
+            check(Some("evil.example:7860"), None),
+            Some(Refusal::ForeignHost)
+        );
+        assert_eq!(
+            check(Some("127.0.0.1:7860"), Some("https://evil.example")),
+            Some(Refusal::ForeignOrigin)
+        );
+        assert_eq!(
+            check(Some("127.0.0.1:7860"), Some("null")),
+            Some(Refusal::ForeignOrigin)
+        );
+        // HTTP/2: the authority stands for the Host header.
+        let h2: Uri = "http://evil.example:7860/v1/messages".parse().expect("uri");
+        assert_eq!(
+            foreign_browser(&http::HeaderMap::new(), &h2),
+            Some(Refusal::ForeignHost)
+        );
+    }
 
     #[test]
     fn a_plain_api_target_is_kept_as_it_came() {

@@ -118,3 +118,17 @@ pub fn method_not_allowed(allow: &'static str) -> Response<GateBody> {
         .insert(header::ALLOW, HeaderValue::from_static(allow));
     r
 }
+
+/// Turns a relayed error answer into ccgate's own Anthropic error with the same status; returns
+/// the body.
+pub(crate) fn replace_with_own_error(parts: &mut http::response::Parts, message: &str) -> Bytes {
+    let error = serde_json::json!({"type": "error", "error": {
+        "type": error_type_for(parts.status), "message": message}});
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.remove(header::CONTENT_ENCODING);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Bytes::from(error.to_string())
+}

@@ -7,7 +7,6 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, header};
 
 use crate::health::registry::Registry;
-use crate::proxy::response::{self};
 
 /// The secrets an upstream could echo: every endpoint's credential (ccgate never sends the
 /// client's own).
@@ -68,20 +67,6 @@ pub(crate) fn scrub_body(
             vec![Bytes::from(clean)]
         }
     }
-}
-
-/// Turns a relayed error answer into ccgate's own Anthropic error with the same status; returns
-/// the body.
-pub(crate) fn replace_with_own_error(parts: &mut http::response::Parts, message: &str) -> Bytes {
-    let error = serde_json::json!({"type": "error", "error": {
-        "type": response::error_type_for(parts.status), "message": message}});
-    parts.headers.remove(header::CONTENT_LENGTH);
-    parts.headers.remove(header::CONTENT_ENCODING);
-    parts.headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    Bytes::from(error.to_string())
 }
 
 /// Text from an upstream (an error message, a probe's finding) as a log field: control characters
