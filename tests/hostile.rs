@@ -1318,6 +1318,35 @@ async fn an_error_event_after_content_echoing_the_key_is_scrubbed() {
     );
 }
 
+/// A request body the client compressed cannot be read for `stream`: the upstream's stream is
+/// relayed as it comes, not failed over as "not the JSON that was asked for" and blamed on the
+/// endpoint (audit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_compressed_request_body_is_relayed_unjudged() {
+    let a = MockUpstream::start().await;
+    a.set_default(Script::sse_ok(2));
+    let gw = builder().endpoint("a", &a.url(), "").start().await;
+    let body = gzip_stored(&message_bytes(true));
+    let ans = gw
+        .request(
+            Method::POST,
+            MESSAGES,
+            &[
+                ("content-type", "application/json"),
+                ("content-encoding", "gzip"),
+            ],
+            body.clone(),
+        )
+        .await;
+    assert_eq!(ans.status, 200, "{}", ans.text());
+    assert!(ans.text().contains("message_stop"), "{}", ans.text());
+    let got = a.last_request().expect("forwarded");
+    assert_eq!(got.header("content-encoding"), Some("gzip"));
+    assert_eq!(got.body, body, "the body goes as it came");
+    gw.settle().await;
+    assert_eq!(counts(&gw, "a").await, (1, 1, 0));
+}
+
 #[test]
 fn gzip_helper_is_valid() {
     // A known vector: gzip of "" with stored blocks ends with CRC 0 and size 0.

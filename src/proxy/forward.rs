@@ -170,14 +170,24 @@ impl Prepared {
             http::HeaderValue::from_static("identity"),
         );
         // One walk from the body's end reads `stream` (a Messages call's) and `metadata` (where a
-        // session id may be).
+        // session id may be). A body the client compressed cannot be read: what it asked for is
+        // unknown, and whatever the upstream answers is relayed as it comes.
         let path = path_and_query.path();
-        let [stream, metadata] = if Expects::is_messages(&method, path) {
+        let encoded = headers
+            .get(header::CONTENT_ENCODING)
+            .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+        let [stream, metadata] = if encoded {
+            [None, None]
+        } else if Expects::is_messages(&method, path) {
             body.last_members([b"stream", b"metadata"])
         } else {
             [None, body.last_member(b"metadata")]
         };
-        let expects = Expects::of(&method, path, stream.as_deref());
+        let expects = if encoded {
+            Expects::Anything
+        } else {
+            Expects::of(&method, path, stream.as_deref())
+        };
         Self {
             method,
             path_and_query,
