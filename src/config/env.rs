@@ -10,6 +10,20 @@ pub trait Env {
     fn var(&self, name: &str) -> Option<String>;
 }
 
+/// What is wrong with `name` as the name a `*_env` key gives, if anything: a name is letters,
+/// digits and `_`, not starting with a digit. The message never repeats the value, which may be
+/// the secret itself pasted into the wrong key.
+pub(crate) fn var_name_problem(name: &str) -> Option<&'static str> {
+    let mut bytes = name.bytes();
+    let valid = bytes
+        .next()
+        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    (!valid).then_some(
+        "must name an environment variable (letters, digits and `_`); a secret itself goes in the key without `_env`",
+    )
+}
+
 /// The process environment.
 pub struct ProcessEnv;
 

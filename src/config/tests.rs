@@ -146,6 +146,43 @@ fn credentials_from_env() {
     assert_eq!(p[0].line, Some(4));
 }
 
+/// A secret pasted into a `*_env` key is refused without being repeated in the message (audit:
+/// "environment variable `sk-ant-...` is not set").
+#[test]
+fn a_secret_in_an_env_key_is_not_repeated() {
+    const SECRET: &str = "sk-ant-api03-pasted-by-mistake";
+    let texts = [
+        format!(
+            "[[endpoints]]\nname = \"a\"\nbase_url = \"http://h\"\napi_key_env = \"{SECRET}\"\n"
+        ),
+        format!("[server]\naccess_token_env = \"{SECRET}\"\n\n{ONE}"),
+        format!("[cluster]\nredis_url_env = \"{SECRET}\"\n\n{ONE}"),
+    ];
+    for (text, key) in texts.iter().zip([
+        "endpoints[0].api_key_env",
+        "server.access_token_env",
+        "cluster.redis_url_env",
+    ]) {
+        let p = problems(text);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].key, key);
+        assert!(
+            p[0].message.contains("must name an environment variable"),
+            "{p:?}"
+        );
+        assert!(!format!("{p:?}").contains(SECRET), "{p:?}");
+    }
+    // An access token no client could send.
+    for token in ["two words", "line\\r\\nbreak", "tab\\there"] {
+        let p = problems(&format!("[server]\naccess_token = \"{token}\"\n\n{ONE}"));
+        assert_eq!(p[0].key, "server.access_token", "{token}: {p:?}");
+    }
+    // Names as the environment has them are fine.
+    let env = |k: &str| (k == "_KEY_2").then(|| "k".to_string());
+    let ok = "[[endpoints]]\nname = \"a\"\nbase_url = \"http://h\"\napi_key_env = \"_KEY_2\"\n";
+    Config::from_toml(ok, "t", &env).expect("valid");
+}
+
 #[test]
 fn missing_credential_and_name() {
     let p = problems("[[endpoints]]\nbase_url = \"http://h\"\n");

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use crate::config::endpoint::validate_endpoint;
-use crate::config::env::Env;
+use crate::config::env::{Env, var_name_problem};
 use crate::config::prices::RawPrice;
 use crate::config::problems::Problems;
 use crate::config::raw::*;
@@ -269,18 +269,34 @@ fn validate_server(s: &RawServer, p: &mut Problems<'_>, env: &dyn Env) -> Server
             p.at(a, "server.access_token", "must not be empty");
             None
         }
+        (Some(a), None)
+            if a.get_ref()
+                .bytes()
+                .any(|b| b.is_ascii_control() || b == b' ') =>
+        {
+            // No client could send it: a header value holds no control character, and a Bearer
+            // token no space.
+            p.at(
+                a,
+                "server.access_token",
+                "the token contains spaces or control characters",
+            );
+            None
+        }
         (Some(a), None) => Some(Secret::new(a.get_ref().clone())),
-        (None, Some(var)) => match env.var(var.get_ref()) {
-            Some(v) => Some(Secret::new(v)),
-            None => {
-                p.at(
-                    var,
-                    "server.access_token_env",
-                    format!("environment variable `{}` is not set", var.get_ref()),
-                );
+        (None, Some(var)) => {
+            let name = var.get_ref();
+            if let Some(problem) = var_name_problem(name) {
+                p.at(var, "server.access_token_env", problem);
+                None
+            } else if let Some(v) = env.var(name) {
+                Some(Secret::new(v))
+            } else {
+                let message = format!("environment variable `{name}` is not set");
+                p.at(var, "server.access_token_env", message);
                 None
             }
-        },
+        }
         (None, None) => None,
     };
     if !listen.ip().is_loopback() && access_token.is_none() && s.access_token_env.is_none() {
