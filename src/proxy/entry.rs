@@ -139,7 +139,8 @@ pub fn foreign_browser(headers: &http::HeaderMap, uri: &Uri) -> Option<Refusal> 
 }
 
 /// Whether `host[:port]` names this machine's loopback: `localhost` and its subdomains, and
-/// loopback addresses (`127.0.0.0/8`, `[::1]`, IPv4-mapped ones).
+/// loopback addresses (`127.0.0.0/8`, `[::1]`, IPv4-mapped ones, and the unspecified `0.0.0.0`
+/// and `[::]`, which connect to it).
 fn local_name(host: &[u8]) -> bool {
     let Ok(host) = std::str::from_utf8(host) else {
         return false;
@@ -160,8 +161,11 @@ fn local_name(host: &[u8]) -> bool {
     {
         return true;
     }
-    name.parse::<std::net::IpAddr>()
-        .is_ok_and(|ip| ip.to_canonical().is_loopback())
+    // `0.0.0.0` and `[::]` reach the loopback listener too, and no page is served from them.
+    name.parse::<std::net::IpAddr>().is_ok_and(|ip| {
+        let ip = ip.to_canonical();
+        ip.is_loopback() || ip.is_unspecified()
+    })
 }
 
 /// Admits a request by its method and target, or says why not.
@@ -337,6 +341,8 @@ mod tests {
             "[::1]",
             "[::1]:7860",
             "[::ffff:127.0.0.1]:80",
+            "0.0.0.0:7860",
+            "[::]:7860",
         ] {
             assert!(local_name(host.as_bytes()), "{host}");
         }
@@ -346,7 +352,7 @@ mod tests {
             "localhost.evil.example",
             "notlocalhost",
             "10.0.0.1:7860",
-            "0.0.0.0:7860",
+            "192.168.1.2",
             "[::2]:80",
             "[::1]x",
             "",
