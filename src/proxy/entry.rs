@@ -142,6 +142,13 @@ pub fn foreign_browser(headers: &http::HeaderMap, uri: &Uri) -> Option<Refusal> 
 /// loopback addresses (`127.0.0.0/8`, `[::1]`, IPv4-mapped ones, and the unspecified `0.0.0.0`
 /// and `[::]`, which connect to it).
 fn local_name(host: &[u8]) -> bool {
+    // What every request names in practice, before anything is parsed.
+    if host
+        .strip_prefix(b"127.0.0.1")
+        .is_some_and(|port| port.is_empty() || port[0] == b':')
+    {
+        return true;
+    }
     let Ok(host) = std::str::from_utf8(host) else {
         return false;
     };
