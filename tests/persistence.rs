@@ -740,3 +740,47 @@ async fn cooldown_resumes_across_a_restart_and_ends_if_it_expired_meanwhile() {
     assert_eq!(v["state"], "healthy", "{v}");
     serving.stop().await;
 }
+
+/// Token counts whose sums pass the largest integer SQLite holds saturate there, flush after
+/// flush, and the ledger stays readable, every row of it (audit: the second flush's sum became a
+/// REAL and `ccgate usage` failed for the whole range).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_sums_past_the_largest_integer_saturate_and_stay_readable() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let db = dir.path().join("ccgate.db");
+    let up = MockUpstream::start().await;
+    let huge = 5_000_000_000_000_000_000u64;
+    let answer = |input: u64| {
+        let mut m = support::mock::anthropic_message(MOCK_MODEL, "hi", 0, 3);
+        m["usage"]["input_tokens"] = serde_json::json!(input);
+        Script::json(200, &m)
+    };
+    let gw = GatewayBuilder::new()
+        .table("storage", &format!("path = \"{}\"", db.display()))
+        .table("storage", "flush_interval = \"50ms\"")
+        .endpoint("a", &up.url(), "")
+        .start()
+        .await;
+    let requests_stored = |n: u64| {
+        let db = db.clone();
+        move || {
+            let db = db.clone();
+            async move {
+                let rows = ccgate::store::read_ledger(&db, "1970-01-01").ok()?;
+                (rows.iter().map(|r| r.requests).sum::<u64>() >= n).then_some(rows)
+            }
+        }
+    };
+    // Three answers, each in a flush of its own: 5e18, 5e18 (past i64::MAX), then 7.
+    for (i, input) in [huge, huge, 7].into_iter().enumerate() {
+        up.push(answer(input));
+        let r = gw.post_message(false).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        eventually_some("the flush", requests_stored(i as u64 + 1)).await;
+    }
+    let rows = ccgate::store::read_ledger(&db, "1970-01-01").expect("the ledger reads");
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0].requests, 3);
+    assert_eq!(rows[0].input_tokens, i64::MAX as u64, "saturated: {rows:?}");
+    assert_eq!(rows[0].output_tokens, 9);
+}

@@ -222,8 +222,20 @@ pub fn saturating_i64(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
-pub(crate) fn from_sql_int(n: i64) -> u64 {
-    u64::try_from(n).unwrap_or(0)
+/// A stored count, read as `u64`. Sums saturate at `i64::MAX` in SQL (`MIN(a + b, i64::MAX)`:
+/// past it SQLite would make the sum a REAL); a REAL that a file written before that holds is
+/// read saturating, a negative count as 0.
+pub(crate) struct Count(pub(crate) u64);
+
+impl rusqlite::types::FromSql for Count {
+    fn column_result(v: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
+        match v {
+            rusqlite::types::ValueRef::Integer(n) => Ok(Count(u64::try_from(n).unwrap_or(0))),
+            // `as` saturates, and takes NaN and negatives to 0.
+            rusqlite::types::ValueRef::Real(f) => Ok(Count(f as u64)),
+            _ => Err(rusqlite::types::FromSqlError::InvalidType),
+        }
+    }
 }
 
 /// Creates the database's directory (owner-only when ccgate creates it) and the file itself
@@ -276,7 +288,7 @@ fn close_lost_in_flight(
         }
         tx.execute(
             "INSERT INTO endpoint_counters (endpoint, kind, count) VALUES (?1, ?2, ?3)
-             ON CONFLICT (endpoint, kind) DO UPDATE SET count = count + excluded.count",
+             ON CONFLICT (endpoint, kind) DO UPDATE SET count = MIN(count + excluded.count, 9223372036854775807)",
             params![name, cancelled, saturating_i64(c.in_flight)],
         )?;
         c.by_kind[Kind::Cancelled as usize] += c.in_flight;
@@ -288,7 +300,7 @@ fn close_lost_in_flight(
         let lost = g.started - ended;
         tx.execute(
             "INSERT INTO gateway_counters (kind, count) VALUES (?1, ?2)
-             ON CONFLICT (kind) DO UPDATE SET count = count + excluded.count",
+             ON CONFLICT (kind) DO UPDATE SET count = MIN(count + excluded.count, 9223372036854775807)",
             params![RequestEnd::Cancelled.name(), saturating_i64(lost)],
         )?;
         g.cancelled += lost;
@@ -379,13 +391,12 @@ impl Store {
                 Ok((
                     r.get::<_, String>(0)?,
                     r.get::<_, String>(1)?,
-                    r.get::<_, i64>(2)?,
+                    r.get::<_, Count>(2)?.0,
                 ))
             })?;
             for row in rows {
-                let (endpoint, kind, count) = row?;
+                let (endpoint, kind, n) = row?;
                 let c = loaded.endpoints.entry(endpoint).or_default();
-                let n = from_sql_int(count);
                 if kind == STARTED {
                     c.total = n;
                 } else if let Some(k) = Kind::ALL.iter().find(|k| k.name() == kind) {
@@ -396,12 +407,14 @@ impl Store {
                 *c = Counters::from_parts(c.total, c.by_kind);
             }
             let mut st = tx.prepare("SELECT kind, count FROM gateway_counters")?;
-            let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+            let rows = st.query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, Count>(1)?.0))
+            })?;
             let mut values = [0u64; 5];
             for row in rows {
                 let (kind, count) = row?;
                 if let Some(i) = GatewayTotals::names().iter().position(|n| *n == kind) {
-                    values[i] = from_sql_int(count);
+                    values[i] = count;
                 }
             }
             loaded.gateway = GatewayTotals::from_values(values);
@@ -491,7 +504,7 @@ impl Store {
         {
             let mut counter = tx.prepare_cached(
                 "INSERT INTO endpoint_counters (endpoint, kind, count) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (endpoint, kind) DO UPDATE SET count = count + excluded.count",
+                 ON CONFLICT (endpoint, kind) DO UPDATE SET count = MIN(count + excluded.count, 9223372036854775807)",
             )?;
             for (name, d) in &b.endpoint_deltas {
                 if d.total > 0 {
@@ -507,7 +520,7 @@ impl Store {
             if let Some((delta, _)) = &b.gateway {
                 let mut st = tx.prepare_cached(
                     "INSERT INTO gateway_counters (kind, count) VALUES (?1, ?2)
-                     ON CONFLICT (kind) DO UPDATE SET count = count + excluded.count",
+                     ON CONFLICT (kind) DO UPDATE SET count = MIN(count + excluded.count, 9223372036854775807)",
                 )?;
                 for (name, n) in GatewayTotals::names().into_iter().zip(delta.values()) {
                     if n > 0 {
@@ -520,13 +533,15 @@ impl Store {
                                     cache_creation_input_tokens, cache_read_input_tokens)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
                  ON CONFLICT (day, endpoint, model) DO UPDATE SET
-                    requests = requests + excluded.requests,
-                    input_tokens = input_tokens + excluded.input_tokens,
-                    output_tokens = output_tokens + excluded.output_tokens,
-                    cache_creation_input_tokens =
+                    requests = MIN(requests + excluded.requests, 9223372036854775807),
+                    input_tokens = MIN(input_tokens + excluded.input_tokens, 9223372036854775807),
+                    output_tokens = MIN(output_tokens + excluded.output_tokens, 9223372036854775807),
+                    cache_creation_input_tokens = MIN(
                         cache_creation_input_tokens + excluded.cache_creation_input_tokens,
-                    cache_read_input_tokens =
-                        cache_read_input_tokens + excluded.cache_read_input_tokens",
+                        9223372036854775807),
+                    cache_read_input_tokens = MIN(
+                        cache_read_input_tokens + excluded.cache_read_input_tokens,
+                        9223372036854775807)",
             )?;
             for (k, v) in &b.usage {
                 usage.execute(params![
@@ -644,6 +659,38 @@ pub(crate) struct Batch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Counts read as `u64` whatever a file holds: a REAL from a sum past `i64::MAX` (files
+    /// written before sums saturated) saturates, a negative count is 0.
+    #[test]
+    fn stored_counts_read_saturating() {
+        let conn = Connection::open_in_memory().expect("open");
+        let got: [u64; 5] = conn
+            .query_row(
+                "SELECT 12, -5, 1.0e19, 1.0e30, 9223372036854775807 + 1",
+                [],
+                |r| Ok([0, 1, 2, 3, 4].map(|i| r.get::<_, Count>(i).map_or(7, |c| c.0))),
+            )
+            .expect("query");
+        assert_eq!(
+            got,
+            [
+                12,
+                0,
+                10_000_000_000_000_000_000,
+                u64::MAX,
+                9_223_372_036_854_775_808
+            ]
+        );
+        let capped: i64 = conn
+            .query_row(
+                "SELECT MIN(9223372036854775807 + 5, 9223372036854775807)",
+                [],
+                |r| r.get(0),
+            )
+            .expect("query");
+        assert_eq!(capped, i64::MAX, "the saturating sum the upserts use");
+    }
 
     /// Indexes on the `requests` table (its row id aside).
     fn requests_indexes(store: &Store) -> i64 {

@@ -58,11 +58,11 @@ pub fn read_ledger(path: &Path, since: &str) -> anyhow::Result<Vec<LedgerRow>> {
             day: r.get(0)?,
             endpoint: r.get(1)?,
             model: r.get(2)?,
-            requests: from_sql_int(r.get(3)?),
-            input_tokens: from_sql_int(r.get(4)?),
-            output_tokens: from_sql_int(r.get(5)?),
-            cache_creation_input_tokens: from_sql_int(r.get(6)?),
-            cache_read_input_tokens: from_sql_int(r.get(7)?),
+            requests: r.get::<_, Count>(3)?.0,
+            input_tokens: r.get::<_, Count>(4)?.0,
+            output_tokens: r.get::<_, Count>(5)?.0,
+            cache_creation_input_tokens: r.get::<_, Count>(6)?.0,
+            cache_read_input_tokens: r.get::<_, Count>(7)?.0,
         })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
