@@ -1297,25 +1297,47 @@ async fn upstream_400_echoing_the_key_is_scrubbed() {
 async fn an_error_event_after_content_echoing_the_key_is_scrubbed() {
     const SECRET: &str = "sk-ant-hostile-secret-0123456789";
     let a = MockUpstream::start().await;
-    let mut events = SseEvent::message_stream(2);
-    events.truncate(4);
-    events.push(SseEvent::error(
+    let mut whole = SseEvent::message_stream(2);
+    whole.truncate(4);
+    whole.push(SseEvent::error(
         "overloaded_error",
         &format!("key {SECRET} overloaded"),
     ));
-    a.set_default(Script::sse_events(events));
+    // The same event again, in three writes 30 ms apart: the key lies across two of them, and
+    // the blank line that ends the event comes last.
+    let mut split = whole.clone();
+    let event = split.pop().expect("the error event");
+    let bytes = event.as_bytes();
+    let at = bytes
+        .windows(SECRET.len())
+        .position(|w| w == SECRET.as_bytes())
+        .expect("the key in the event")
+        + 10;
+    let end = bytes.len() - 2;
+    split.extend([
+        SseEvent::raw(bytes[..at].to_vec()),
+        SseEvent::raw(bytes[at..end].to_vec()),
+        SseEvent::raw(bytes[end..].to_vec()),
+    ]);
+    a.push(Script::sse_events(whole));
+    a.push(Script::sse_events(split).pacing(std::time::Duration::from_millis(30)));
     let gw = builder()
         .endpoint("a", &a.url(), &format!("api_key = \"{SECRET}\""))
         .start()
         .await;
-    let ans = gw.post_message(true).await;
-    assert_eq!(ans.status, 200, "{}", ans.text());
-    let text = ans.text();
-    assert!(!text.contains(SECRET), "the key reached the client: {text}");
-    assert!(
-        text.contains("event: error") && text.contains("key *** overloaded"),
-        "the error event is relayed, scrubbed: {text}"
-    );
+    for how in ["in one write", "in three writes"] {
+        let ans = gw.post_message(true).await;
+        assert_eq!(ans.status, 200, "{how}: {}", ans.text());
+        let text = ans.text();
+        assert!(
+            !text.contains(SECRET),
+            "{how}: the key reached the client: {text}"
+        );
+        assert!(
+            text.contains("event: error") && text.contains("key *** overloaded"),
+            "{how}: the error event is relayed, scrubbed: {text}"
+        );
+    }
 }
 
 /// A request body the client compressed cannot be read for `stream`: the upstream's stream is

@@ -66,6 +66,9 @@ pub struct RelayBody {
     usage: Option<UsageTap>,
     /// A stream's secrets to scrub from an upstream `error` event (see [`RelayBody::scrubbing`]).
     secrets: Option<Arc<Registry>>,
+    /// The frames of an upstream `error` event under way, held until it ends and is scrubbed
+    /// whole (a secret may lie across two frames).
+    error_held: Vec<u8>,
 }
 
 /// A relayed answer's way into the usage tally: streams report usage through their scanner; a
@@ -126,6 +129,7 @@ impl RelayBody {
             trailer: None,
             usage: None,
             secrets: None,
+            error_held: Vec::new(),
         };
         if relay.upstream.is_none() && relay.held.is_empty() {
             // An empty body read whole: nothing will be polled.
@@ -302,6 +306,11 @@ fn closing_error_event(at_boundary: bool, error_type: &str, message: &str) -> By
     Bytes::from(out)
 }
 
+/// `bytes` with every endpoint's secret replaced.
+fn scrubbed(reg: &Registry, bytes: Vec<u8>) -> Bytes {
+    Bytes::from(scrub::scrub_bytes(reg, &bytes).unwrap_or(bytes))
+}
+
 /// Error type of client-facing bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -337,16 +346,23 @@ impl Body for RelayBody {
                     Ok(data) => {
                         let mut data = data;
                         if let Judge::Stream(sc) = &mut this.judge {
-                            let errored = sc.facts().error.is_some();
                             sc.feed(&data);
-                            if !errored && sc.facts().error.is_some() {
-                                // The frame that ends the upstream's `error` event.
-                                if let Some(clean) = this
-                                    .secrets
-                                    .as_deref()
-                                    .and_then(|reg| scrub::scrub_bytes(reg, &data))
-                                {
-                                    data = Bytes::from(clean);
+                            if let Some(reg) = this.secrets.as_deref() {
+                                if sc.in_error_event() {
+                                    // Held until the event ends, to be scrubbed whole.
+                                    this.error_held.extend_from_slice(&data);
+                                    cx.waker().wake_by_ref();
+                                    return Poll::Pending;
+                                }
+                                if !this.error_held.is_empty() {
+                                    this.error_held.extend_from_slice(&data);
+                                    data = scrubbed(reg, std::mem::take(&mut this.error_held));
+                                } else if sc.facts().error.is_some() {
+                                    // The event may have come whole in this frame (or it came
+                                    // before; scrubbing a frame again finds nothing).
+                                    if let Some(clean) = scrub::scrub_bytes(reg, &data) {
+                                        data = Bytes::from(clean);
+                                    }
                                 }
                             }
                         } else if let Some(tap) = this.usage.as_mut() {
@@ -372,6 +388,13 @@ impl Body for RelayBody {
             ),
             Poll::Ready(None) => {
                 this.end();
+                if !this.error_held.is_empty() {
+                    // An error event the upstream did not end: what it sent of it, scrubbed.
+                    let held = std::mem::take(&mut this.error_held);
+                    if let Some(reg) = this.secrets.as_deref() {
+                        return Poll::Ready(Some(Ok(Frame::data(scrubbed(reg, held)))));
+                    }
+                }
                 Poll::Ready(this.trailer.take().map(|b| Ok(Frame::data(b))))
             }
             Poll::Pending => {

@@ -103,6 +103,11 @@ impl SseScanner {
         self.usage.as_deref()
     }
 
+    /// Whether an `error` event is under way: its `event:` line was fed, its blank line not yet.
+    pub fn in_error_event(&self) -> bool {
+        self.pending && self.event == Some(EventName::Error)
+    }
+
     /// Whether the bytes fed so far end on an event boundary (nothing fed yet, or a blank line just
     /// ended an event): bytes sent after them start a fresh event.
     pub fn at_boundary(&self) -> bool {
@@ -417,6 +422,24 @@ event: content_block_delta\ndata: {\"type\":\"content_block_delta\"}\n\nevent: m
         );
         assert!(!f.content && !f.message_stop);
         assert_eq!(f.events, 3);
+    }
+
+    #[test]
+    fn an_error_event_is_under_way_from_its_name_to_its_blank_line() {
+        let mut sc = SseScanner::new();
+        let steps: [(&str, bool); 6] = [
+            ("event: ping\ndata: {\"type\":\"ping\"}\n\n", false),
+            ("event: err", false),
+            ("or\n", true),
+            ("data: {\"type\":\"error\",\"error\":{\"message\":\"a", true),
+            ("b\"}}\n", true),
+            ("\n", false),
+        ];
+        for (chunk, under_way) in steps {
+            sc.feed(chunk.as_bytes());
+            assert_eq!(sc.in_error_event(), under_way, "after {chunk:?}");
+        }
+        assert_eq!(sc.facts().error.as_ref().map(|e| e.1.as_str()), Some("ab"));
     }
 
     #[test]
