@@ -465,6 +465,9 @@ struct Connections {
     builders: Arc<Builders>,
     header_timeout: Option<Duration>,
     graceful: GracefulShutdown,
+    /// Turns true when shutdown begins: the HTTP/2 connections, which close themselves (see
+    /// [`serve_h2`]), hear it here.
+    closing: watch::Sender<bool>,
 }
 
 /// How a connection is served, chosen by its first bytes.
@@ -495,6 +498,7 @@ impl Connections {
             builders: Arc::new(Builders { auto, http1 }),
             header_timeout,
             graceful: GracefulShutdown::new(),
+            closing: watch::Sender::new(false),
         }
     }
 
@@ -502,6 +506,7 @@ impl Connections {
     fn serve(&self, stream: TcpStream, slot: ConnectionSlot, handle: Arc<Handle>) {
         let builders = Arc::clone(&self.builders);
         let watcher = self.graceful.watcher();
+        let closing = self.closing.subscribe();
         let header_timeout = self.header_timeout;
         tokio::spawn(async move {
             // A connection that closes, or sends nothing before the head's deadline, is done.
@@ -523,14 +528,11 @@ impl Connections {
             } else {
                 // Boxed: the task keeps room for the larger of its connections for its whole
                 // life, and HTTP/2 with prior knowledge is the rare one.
-                Box::pin(serve_h2(
-                    &builders.auto,
-                    io,
-                    handle,
-                    watcher,
-                    header_timeout,
-                ))
-                .await
+                let h2 = serve_h2(&builders.auto, io, handle, closing, header_timeout);
+                // The watcher counts the connection until it ends, for the shutdown to wait on.
+                let ended = Box::pin(h2).await;
+                drop(watcher);
+                ended
             };
             if let Err(e) = ended {
                 tracing::debug!(error = %e, "connection ended with an error");
@@ -541,6 +543,7 @@ impl Connections {
 
     /// Lets in-flight requests finish for up to `limit`.
     async fn shutdown(self, limit: Duration) {
+        self.closing.send_replace(true);
         if tokio::time::timeout(limit, self.graceful.shutdown())
             .await
             .is_err()
@@ -554,15 +557,16 @@ impl Connections {
 
 /// Serves a connection whose first bytes may be HTTP/2's preface (through the auto builder, which
 /// reads them and picks the protocol). hyper has no deadline for an HTTP/2 connection's preface
-/// or its idle time; with `limit` (the head deadline), the connection is closed once it has had
-/// no request open for that long: before its first request (a client that sends a byte of the
-/// preface, or the preface alone, and then nothing), and between requests, as an idle HTTP/1.1
-/// keep-alive connection is.
+/// or its idle time; with `limit` (the head deadline), the connection is shut down gracefully
+/// (`GOAWAY`, so that a client's next request opens a new one) once it has had no request open
+/// for that long: before its first request (a client that sends a byte of the preface, or the
+/// preface alone, and then nothing), and between requests, as an idle HTTP/1.1 keep-alive
+/// connection is closed. `closing` turning true (shutdown) shuts it down the same way.
 async fn serve_h2(
     auto: &auto::Builder<TokioExecutor>,
     io: TokioIo<TcpStream>,
     handle: Arc<Handle>,
-    watcher: hyper_util::server::graceful::Watcher,
+    mut closing: watch::Receiver<bool>,
     limit: Option<Duration>,
 ) -> Result<(), BoxError> {
     let streams = Arc::new(OpenStreams::default());
@@ -575,15 +579,43 @@ async fn serve_h2(
             Ok::<_, Infallible>(resp.map(|body| Counted { body, _open: open }))
         }
     });
-    let conn = watcher.watch(auto.serve_connection(io, service));
-    let Some(limit) = limit else {
-        return conn.await;
+    let conn = auto.serve_connection(io, service);
+    tokio::pin!(conn);
+    let idle = async {
+        match limit {
+            Some(limit) => streams.idle_for(limit).await,
+            None => std::future::pending().await,
+        }
     };
-    tokio::select! {
-        ended = conn => ended,
-        () = streams.idle_for(limit) => {
-            tracing::debug!("HTTP/2 connection idle past the head deadline; closing it");
-            Ok(())
+    tokio::pin!(idle);
+    // A graceful shutdown waits for the client (its acknowledgement of the GOAWAY's ping): one
+    // that never answers is dropped after another `limit`.
+    let grace = tokio::time::sleep(Duration::MAX / 4);
+    tokio::pin!(grace);
+    let mut idled = false;
+    let mut shutting = *closing.borrow_and_update();
+    if shutting {
+        conn.as_mut().graceful_shutdown();
+    }
+    loop {
+        tokio::select! {
+            ended = conn.as_mut() => return ended,
+            () = &mut idle, if !shutting => {
+                tracing::debug!("HTTP/2 connection idle past the head deadline; closing it");
+                conn.as_mut().graceful_shutdown();
+                shutting = true;
+                idled = true;
+                if let Some(limit) = limit {
+                    grace.as_mut().reset(tokio::time::Instant::now() + limit);
+                }
+            }
+            () = &mut grace, if idled => return Ok(()),
+            changed = closing.changed(), if !shutting => {
+                if changed.is_err() || *closing.borrow() {
+                    conn.as_mut().graceful_shutdown();
+                    shutting = true;
+                }
+            }
         }
     }
 }
