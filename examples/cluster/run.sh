@@ -54,6 +54,8 @@ http {
             proxy_pass http://ccgate;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
+            proxy_set_header Host \$http_host;  # the client's own (a loopback name): without an
+                                                # access_token ccgate refuses other Host names
             proxy_buffering off;              # streamed answers (SSE) pass through as they come
             proxy_request_buffering off;
             proxy_read_timeout 600s;
