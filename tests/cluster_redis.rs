@@ -696,8 +696,12 @@ async fn redis_killed_then_restarted_empty_reports_down_then_up_and_asks_for_a_r
         .expect("view");
     assert_eq!(view.totals.get("requests"), Some(&7));
 
-    // Data lost under a live connection (FLUSHALL): the heartbeat notices and asks for a resync.
+    // Data lost under a live connection (FLUSHALL): the heartbeat notices and asks for a resync,
+    // even when a totals flush reaches Redis before it (audit: the flush stamped the heartbeat
+    // again, so the loss went unnoticed and the shared view was never rebuilt).
     assert!(redis.command("FLUSHALL").starts_with("+OK"));
+    flusher.add("requests", 1);
+    assert!(a.link.flush_totals(&mut flusher).await.expect("flush"));
     expect_event(&mut a.events, "resync after flush", |e| {
         matches!(e, ClusterEvent::Resync(ResyncReason::DataLost))
     })

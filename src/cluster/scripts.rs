@@ -168,7 +168,9 @@ return redis.call('HSET', KEYS[1], ARGV[1], string.format('%d', now))
 /// The fence remembers `holder seq` of the last batch applied per instance: a batch resent after a
 /// lost reply is recognised and skipped, so nothing is counted twice; a new holder (the instance
 /// restarted) starts its own row from zero while the cluster sums keep what it added before.
-/// Returns 1 when applied, 0 when already applied.
+/// The batch is a sign of life, and refreshes the instance's heartbeat; it never creates one, so
+/// that the next `HEARTBEAT` still finds the field gone after a `FLUSHALL` and the instance
+/// republishes the health view. Returns 1 when applied, 0 when already applied.
 pub(super) static FLUSH_TOTALS: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -187,9 +189,11 @@ for i = 5, #ARGV, 2 do
 end
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[2] .. ' ' .. ARGV[3])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('HSET', KEYS[4], ARGV[1], string.format('%d', now))
+if redis.call('HEXISTS', KEYS[4], ARGV[1]) == 1 then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  redis.call('HSET', KEYS[4], ARGV[1], string.format('%d', now))
+end
 return 1
 ",
     )
