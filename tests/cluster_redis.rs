@@ -49,8 +49,12 @@ impl Drop for Instance {
 }
 
 fn instance(redis: &RedisServer, prefix: &str, name: &str) -> Instance {
-    let config = ClusterConfig::new(RedisUrl::new(redis.url()).expect("url"), prefix, name)
-        .expect("cluster config");
+    instance_at(&redis.url(), prefix, name)
+}
+
+fn instance_at(url: &str, prefix: &str, name: &str) -> Instance {
+    let config =
+        ClusterConfig::new(RedisUrl::new(url).expect("url"), prefix, name).expect("cluster config");
     let (link, supervisor) = ClusterLink::new(config, options()).expect("link");
     let events = link.subscribe();
     let task = tokio::spawn(supervisor.run());
@@ -707,4 +711,42 @@ async fn redis_killed_then_restarted_empty_reports_down_then_up_and_asks_for_a_r
     })
     .await;
     assert!(a.link.is_up());
+}
+
+/// Two clusters with the same prefix in two databases of one Redis stay apart: health news of one
+/// never reaches the other (audit: keys were per database, but publish and subscribe span them
+/// all, so one cluster's ejections took endpoints out in the other).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn clusters_in_two_databases_of_one_redis_hear_only_their_own_news() {
+    let redis = RedisServer::start();
+    let a1 = instance_at(&format!("{}/1", redis.url()), "t7", "a1");
+    let mut b1 = instance_at(&format!("{}/1", redis.url()), "t7", "b1");
+    let a2 = instance_at(&format!("{}/2", redis.url()), "t7", "a2");
+    let mut b2 = instance_at(&format!("{}/2", redis.url()), "t7", "b2");
+    all_up(&[&a1, &b1, &a2, &b2]).await;
+    a1.link
+        .publish_health(&relay(), PhaseChange::new(SharedPhase::Ejected))
+        .await
+        .expect("publish in database 1");
+    expect_event(
+        &mut b1.events,
+        "a1's news at b1",
+        |e| matches!(e, ClusterEvent::Health(n) if n.origin == "a1"),
+    )
+    .await;
+    // Then news in database 2: b2 hears a2's; anything of a1's would have come before it, on the
+    // same subscription.
+    a2.link
+        .publish_health(&relay(), PhaseChange::cooling_down(unix_ms() + 5_000))
+        .await
+        .expect("publish in database 2");
+    let first = expect_event(&mut b2.events, "news at b2", |e| {
+        matches!(e, ClusterEvent::Health(_))
+    })
+    .await;
+    assert!(
+        matches!(&first, ClusterEvent::Health(n) if n.origin == "a2"),
+        "database 1's news reached database 2: {first:?}"
+    );
+    assert_eq!(b2.link.health_view().await.expect("view").len(), 1);
 }

@@ -137,13 +137,27 @@ impl fmt::Display for EndpointId {
 #[derive(Clone, Debug)]
 pub struct Keys {
     prefix: String,
+    /// The prefix of the channels: keys live in one numbered database, but Redis's publish and
+    /// subscribe span them all, so a channel names the database too (all but database 0, whose
+    /// channel names stay as they were).
+    channel_prefix: String,
 }
 
 impl Keys {
-    /// Keys under `prefix`.
+    /// Keys under `prefix`, in database 0.
     pub fn new(prefix: &str) -> Self {
+        Self::in_db(prefix, 0)
+    }
+
+    /// Keys under `prefix` in database `db`.
+    pub fn in_db(prefix: &str, db: i64) -> Self {
         Self {
             prefix: prefix.to_owned(),
+            channel_prefix: if db == 0 {
+                prefix.to_owned()
+            } else {
+                format!("{prefix}@db{db}")
+            },
         }
     }
 
@@ -169,7 +183,7 @@ impl Keys {
 
     /// Channel of health news.
     pub fn health_channel(&self) -> String {
-        format!("{}:health:news", self.prefix)
+        format!("{}:health:news", self.channel_prefix)
     }
 
     /// A session's binding.
@@ -179,7 +193,7 @@ impl Keys {
 
     /// Channel of session news.
     pub fn session_channel(&self) -> String {
-        format!("{}:session:news", self.prefix)
+        format!("{}:session:news", self.channel_prefix)
     }
 
     /// Hash: cluster-wide counter sums.
@@ -224,5 +238,22 @@ mod tests {
         assert_eq!(EndpointId::parse_wire("x@nothex"), None);
         let k = Keys::new("gw1");
         assert!(k.episode(&id).starts_with("gw1:episode:re@lay@"));
+    }
+
+    /// Keys are per database already; channels span them all, so they name the database
+    /// (database 0 keeps the names it had).
+    #[test]
+    fn channels_name_their_database() {
+        let zero = Keys::in_db("gw", 0);
+        assert_eq!(zero.health_channel(), "gw:health:news");
+        assert_eq!(zero.session_channel(), "gw:session:news");
+        let two = Keys::in_db("gw", 2);
+        assert_eq!(two.health_channel(), "gw@db2:health:news");
+        assert_eq!(two.session_channel(), "gw@db2:session:news");
+        assert_eq!(
+            two.health_view(),
+            zero.health_view(),
+            "keys are the database's own"
+        );
     }
 }

@@ -172,7 +172,10 @@ impl ClusterLink {
         let holder = format!("{}#{:016x}", config.instance, random_u64());
         let link = ClusterLink {
             inner: Arc::new(Inner {
-                keys: Keys::new(&config.key_prefix),
+                keys: Keys::in_db(
+                    &config.key_prefix,
+                    client.get_connection_info().redis_settings().db(),
+                ),
                 config,
                 options,
                 holder,
