@@ -750,3 +750,36 @@ async fn clusters_in_two_databases_of_one_redis_hear_only_their_own_news() {
     );
     assert_eq!(b2.link.health_view().await.expect("view").len(), 1);
 }
+
+/// Two live instances under one name are told apart from a restart: each logs it and says so
+/// (`name_clash`), and it ends when one of them stops; a single instance, restarted under its
+/// name, never clashes (audit: namesakes silently mixed up their totals and news).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_live_instances_under_one_name_are_noticed() {
+    let redis = RedisServer::start();
+    let first = instance(&redis, "t8", "solo");
+    all_up(&[&first]).await;
+    drop(first);
+    // Restarted under its name: one beat sees the earlier life, which is no clash.
+    let solo = instance(&redis, "t8", "solo");
+    all_up(&[&solo]).await;
+    let a = instance(&redis, "t8", "same");
+    let b = instance(&redis, "t8", "same");
+    all_up(&[&a, &b]).await;
+    for link in [a.link.clone(), b.link.clone()] {
+        eventually("the clash noticed", || {
+            let link = link.clone();
+            async move { link.name_clash() }
+        })
+        .await;
+    }
+    assert!(!solo.link.name_clash(), "a restart is no clash");
+    drop(b);
+    let link = a.link.clone();
+    eventually("the clash over", || {
+        let link = link.clone();
+        async move { !link.name_clash() }
+    })
+    .await;
+    assert!(!solo.link.name_clash());
+}

@@ -215,6 +215,11 @@ impl Keys {
     pub fn instances(&self) -> String {
         format!("{}:instances", self.prefix)
     }
+
+    /// Hash: instance name → the process (holder) that last beat under it.
+    pub fn instance_holders(&self) -> String {
+        format!("{}:instance-holders", self.prefix)
+    }
 }
 
 #[cfg(test)]

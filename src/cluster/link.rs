@@ -116,6 +116,10 @@ pub(super) struct Inner {
     pub(super) news_seq: AtomicU64,
     /// Counter behind episode tokens.
     pub(super) token_seq: AtomicU64,
+    /// Heartbeats in a row that found another process beating under this instance's name.
+    namesake_beats: AtomicU64,
+    /// Whether a live instance elsewhere uses this one's name (see `Supervisor::beat`).
+    name_clash: AtomicBool,
 }
 
 /// A handle on the cluster link; clone it freely. Every method is for background tasks.
@@ -188,6 +192,8 @@ impl ClusterLink {
                 close: Notify::new(),
                 news_seq: AtomicU64::new(0),
                 token_seq: AtomicU64::new(0),
+                namesake_beats: AtomicU64::new(0),
+                name_clash: AtomicBool::new(false),
             }),
         };
         let supervisor = Supervisor { link: link.clone() };
@@ -197,6 +203,11 @@ impl ClusterLink {
     /// Whether the link is up now (for the health view and the `cluster_redis_up` metric).
     pub fn is_up(&self) -> bool {
         self.inner.up.load(Ordering::Acquire)
+    }
+
+    /// Whether another live instance uses this one's name (logged as an error when it starts).
+    pub fn name_clash(&self) -> bool {
+        self.inner.name_clash.load(Ordering::Acquire)
     }
 
     /// This instance's name.
@@ -353,13 +364,32 @@ impl Supervisor {
         Ok((conn, pubsub))
     }
 
-    /// Stamps the heartbeat; true when the field was new.
+    /// Stamps the heartbeat; true when the field was new. Notes another process beating under
+    /// this instance's name: seen at two beats in a row, it is a live namesake (a restart of this
+    /// instance shows once), which mixes up both instances' totals and news.
     async fn beat(link: &ClusterLink, conn: &mut MultiplexedConnection) -> RedisResult<bool> {
-        let added: i64 = scripts::HEARTBEAT
-            .key(link.inner.keys.instances())
-            .arg(&link.inner.config.instance)
+        let inner = &link.inner;
+        let (added, other): (i64, i64) = scripts::HEARTBEAT
+            .key(inner.keys.instances())
+            .key(inner.keys.instance_holders())
+            .arg(&inner.config.instance)
+            .arg(&inner.holder)
             .invoke_async(conn)
             .await?;
+        let seen = if other == 1 {
+            inner.namesake_beats.fetch_add(1, Ordering::AcqRel) + 1
+        } else {
+            inner.namesake_beats.store(0, Ordering::Release);
+            0
+        };
+        let clash = seen >= 2;
+        if inner.name_clash.swap(clash, Ordering::AcqRel) != clash {
+            if clash {
+                tracing::error!(instance = %inner.config.instance, "cluster: another live instance uses this instance's name; give each its own [cluster] instance name (their totals and health news are being mixed up)");
+            } else {
+                tracing::info!(instance = %inner.config.instance, "cluster: no other instance uses this name any more");
+            }
+        }
         Ok(added == 1)
     }
 

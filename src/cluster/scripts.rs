@@ -150,14 +150,22 @@ return n
     )
 });
 
-/// Stamp an instance's heartbeat with Redis's clock. KEYS: instances. ARGV: instance. Returns 1
-/// when the field was new (first beat, or the data vanished, or the instance was pruned as dead).
+/// Stamp an instance's heartbeat with Redis's clock, and note which process beats under its name.
+/// KEYS: instances, instance holders. ARGV: instance, holder. Returns `{new, other}`: `new` is 1
+/// when the heartbeat field was new (first beat, or the data vanished, or the instance was pruned
+/// as dead); `other` is 1 when another process beat under the same name since this one last did
+/// (once after a restart; at every beat while two live instances share the name).
 pub(super) static HEARTBEAT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-return redis.call('HSET', KEYS[1], ARGV[1], string.format('%d', now))
+local prev = redis.call('HGET', KEYS[2], ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+local new = redis.call('HSET', KEYS[1], ARGV[1], string.format('%d', now))
+local other = 0
+if prev and prev ~= ARGV[2] then other = 1 end
+return {new, other}
 ",
     )
 });
@@ -199,8 +207,8 @@ return 1
     )
 });
 
-/// Drop instances not heard from for ARGV[1] ms and return Redis's clock and the live ones.
-/// KEYS: instances. Returns `{now, name1, heard1, name2, heard2, ...}`.
+/// Drop instances not heard from for ARGV[1] ms (and their holders) and return Redis's clock and
+/// the live ones. KEYS: instances, instance holders. Returns `{now, name1, heard1, ...}`.
 pub(super) static LIVE_INSTANCES: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -212,6 +220,7 @@ local out = {string.format('%d', now)}
 for i = 1, #all, 2 do
   if tonumber(all[i + 1]) < oldest then
     redis.call('HDEL', KEYS[1], all[i])
+    redis.call('HDEL', KEYS[2], all[i])
   else
     table.insert(out, all[i])
     table.insert(out, all[i + 1])

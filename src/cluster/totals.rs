@@ -146,10 +146,12 @@ impl ClusterLink {
     pub async fn cluster_view(&self, dead_after: Duration) -> Result<ClusterView, ClusterError> {
         let keys = &self.inner.keys;
         let instances_key = keys.instances();
+        let holders_key = keys.instance_holders();
         let live: Vec<String> = self
             .call(|mut c| async move {
                 scripts::LIVE_INSTANCES
                     .key(instances_key)
+                    .key(holders_key)
                     .arg(dead_after.as_millis() as u64)
                     .invoke_async(&mut c)
                     .await

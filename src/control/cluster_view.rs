@@ -104,7 +104,11 @@ impl ClusterNode {
 
     /// The `cluster` member of `/_ccgate/health`.
     pub fn health_json(&self) -> serde_json::Value {
-        serde_json::json!({ "instance": self.link.instance(), "redis_up": self.link.is_up() })
+        serde_json::json!({
+            "instance": self.link.instance(),
+            "redis_up": self.link.is_up(),
+            "name_clash": self.link.name_clash(),
+        })
     }
 }
 
