@@ -1616,6 +1616,16 @@ async fn a_failed_attempt_whose_error_body_stalls_fails_over_at_once() {
             .is_some_and(|m| m.contains("529")),
         "{a:#}"
     );
+
+    // Nor does one that trickles, a byte every half second for half a minute: the answer
+    // deadline is 20 s.
+    let d = Duo::start(builder().timeouts("idle = \"600s\"")).await;
+    let trickle = (0..60).map(|_| SseEvent::raw(&b" "[..])).collect();
+    let script = Script::sse_events(trickle)
+        .status(529)
+        .header("content-type", "application/json")
+        .pacing(std::time::Duration::from_millis(500));
+    d.fails_over(script, "overloaded").await;
 }
 
 /// `anthropic-beta` in several lines: an endpoint with its own key drops the `oauth-*` flags of

@@ -354,12 +354,13 @@ fn local_exhaustion(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// Reads a small (error) body with a size cap and `idle` as the longest silence between frames;
-/// what does not arrive in time is left.
-pub async fn read_small(mut body: AnswerBody, cap: usize, idle: Duration) -> Bytes {
+/// Reads a small (error) body with a size cap, for at most `wait` in all; what has not arrived by
+/// then is left.
+pub async fn read_small(mut body: AnswerBody, cap: usize, wait: Duration) -> Bytes {
     let mut buf = BytesMut::new();
+    let deadline = tokio::time::Instant::now() + wait;
     while buf.len() < cap {
-        match tokio::time::timeout(idle, body.frame()).await {
+        match tokio::time::timeout_at(deadline, body.frame()).await {
             Ok(Some(Ok(frame))) => {
                 if let Ok(data) = frame.into_data() {
                     buf.extend_from_slice(&data[..data.len().min(cap - buf.len())]);

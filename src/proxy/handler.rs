@@ -35,8 +35,8 @@ static ENDPOINT: HeaderName = HeaderName::from_static("x-ccgate-endpoint");
 static ATTEMPTS: HeaderName = HeaderName::from_static("x-ccgate-attempts");
 static FALLBACK: HeaderName = HeaderName::from_static("x-ccgate-fallback");
 
-/// How long a failed attempt's error text may keep silent before the failover goes on without
-/// the rest of it.
+/// How long a failed attempt's error text is read before the failover goes on without the rest
+/// of it.
 const ERROR_TEXT_WAIT: Duration = Duration::from_secs(2);
 
 /// Handles one proxied client request. Only admitted API paths reach this (see
@@ -533,7 +533,7 @@ fn forward_request(
                 }
                 Verdict::FailOver(outcome) => {
                     // The status has decided: the body only feeds the message, and a body that
-                    // stalls must not hold the failover for a whole idle timeout.
+                    // stalls or trickles must not hold the failover.
                     let wait = timeouts.idle.min(ERROR_TEXT_WAIT);
                     let text = forward::read_small(body, 16 * 1024, wait).await;
                     let message = crate::wire::anthropic::error_message(&text)
