@@ -784,3 +784,35 @@ async fn token_sums_past_the_largest_integer_saturate_and_stay_readable() {
     assert_eq!(rows[0].input_tokens, i64::MAX as u64, "saturated: {rows:?}");
     assert_eq!(rows[0].output_tokens, 9);
 }
+
+/// A model name an upstream answered with reaches `ccgate usage`'s table with its control
+/// characters escaped: it can neither drive the terminal nor forge a row (audit: escape sequences
+/// and a newline came through raw).
+#[tokio::test]
+async fn usage_table_escapes_what_an_upstream_named_its_model() {
+    let up = MockUpstream::start().await;
+    let sb = process::Sandbox::new();
+    write_config(&sb, &up.url(), "flush_interval = \"100ms\"");
+    let evil = "evil\u{1b}]0;PWNED\u{7}\u{1b}[2J\rOVERWRITE\nfake-row";
+    up.push(Script::json(
+        200,
+        &support::mock::anthropic_message(evil, "hi", 1, 1),
+    ));
+    let serving = process::start(sb.command(&["serve"])).await;
+    let r = process::post_message(serving.addr, &[]).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    serving.stop().await;
+    let f = process::run(sb.command(&["usage"])).await;
+    f.assert_success();
+    assert!(
+        !f.stdout.contains(['\u{1b}', '\u{7}', '\r']),
+        "control characters reached the terminal: {:?}",
+        f.stdout
+    );
+    assert!(
+        !f.stdout.lines().any(|l| l.starts_with("fake-row")),
+        "{}",
+        f.stdout
+    );
+    assert!(f.stdout.contains("evil\\u{1b}]0;PWNED"), "{}", f.stdout);
+}

@@ -98,7 +98,8 @@ pub fn run(args: RequestsArgs) -> anyhow::Result<()> {
                 if args.json {
                     outln!("{r}");
                 } else {
-                    outln!("{}", cells(r).join("  "));
+                    let row: Vec<String> = cells(r).iter().map(|c| plain(c)).collect();
+                    outln!("{}", row.join("  "));
                 }
             }
         }

@@ -5,8 +5,20 @@ use std::time::{Duration, SystemTime};
 
 use serde_json::Value;
 
+/// A cell as it may reach a terminal: control characters from what an upstream said (a model
+/// name, say) escaped, so it can neither move the cursor nor end the row and forge the next.
+pub(crate) fn plain(cell: &str) -> String {
+    crate::proxy::scrub::OneLine(cell).to_string()
+}
+
 /// Renders rows under a header as aligned columns (two spaces apart; the last column unpadded).
+/// Cells are made [`plain`].
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| row.iter().map(|c| plain(c)).collect())
+        .collect();
+    let rows = rows.as_slice();
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for row in rows {
         for (i, cell) in row.iter().enumerate() {
@@ -88,5 +100,11 @@ mod tests {
             ],
         );
         assert_eq!(t, "A    BB  C\nxxx  y   z\n1\n");
+    }
+
+    #[test]
+    fn cells_cannot_reach_the_terminal() {
+        let t = table(&["M", "N"], &[vec!["a\u{1b}[2J\nb".into(), "1".into()]]);
+        assert_eq!(t, "M              N\na\\u{1b}[2J\\nb  1\n");
     }
 }
