@@ -162,7 +162,14 @@ fn local_name(host: &[u8]) -> bool {
         host.rsplit_once(':').map_or(host, |(name, _port)| name)
     };
     let name = name.strip_suffix('.').unwrap_or(name);
-    if name.eq_ignore_ascii_case("localhost")
+    // Names `/etc/hosts` gives the loopback addresses on common systems.
+    const LOOPBACK_NAMES: [&str; 4] = [
+        "localhost",
+        "localhost.localdomain",
+        "ip6-localhost",
+        "ip6-loopback",
+    ];
+    if LOOPBACK_NAMES.iter().any(|n| name.eq_ignore_ascii_case(n))
         || name.len() > ".localhost".len()
             && name[name.len() - ".localhost".len()..].eq_ignore_ascii_case(".localhost")
     {
@@ -342,6 +349,8 @@ mod tests {
             "LOCALHOST:7860",
             "localhost.",
             "app.localhost:3000",
+            "localhost.localdomain:7860",
+            "ip6-localhost:7860",
             "127.0.0.1",
             "127.0.0.1:7860",
             "127.9.9.9:1",
