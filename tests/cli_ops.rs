@@ -238,6 +238,24 @@ failure_threshold = 3   # default
 # trailing notes
 "#;
 
+/// `endpoints disable relay`, then `enable relay`, on `cfg` (whose text is `text`): the first
+/// changes only the flipped line, the second gives `text` back byte for byte. Returns the first
+/// command's result.
+async fn flip_relay_and_back(sb: &Sandbox, cfg: &Path, text: &str) -> Finished {
+    let c = cfg_arg(cfg);
+    let f = run(sb.command(&["endpoints", "disable", "relay", "--config", c])).await;
+    f.assert_success();
+    assert_eq!(
+        read(cfg),
+        text.replace("enabled = true   # flip me", "enabled = false   # flip me")
+    );
+    run(sb.command(&["endpoints", "enable", "relay", "--config", c]))
+        .await
+        .assert_success();
+    assert_eq!(read(cfg), text);
+    f
+}
+
 /// Each edit changes exactly its own lines; undoing it gives back the original bytes.
 #[tokio::test]
 async fn edits_keep_every_comment_byte_for_byte() {
@@ -245,8 +263,7 @@ async fn edits_keep_every_comment_byte_for_byte() {
     let cfg = sb.write_at(&sb.path("gw.toml"), COMMENTED);
     let c = cfg_arg(&cfg);
 
-    let f = run(sb.command(&["endpoints", "disable", "relay", "--config", c])).await;
-    f.assert_success();
+    let f = flip_relay_and_back(&sb, &cfg, COMMENTED).await;
     assert!(
         f.stdout.contains("disabled endpoint `relay`"),
         "{}",
@@ -258,15 +275,6 @@ async fn edits_keep_every_comment_byte_for_byte() {
         "{}",
         f.output()
     );
-    assert_eq!(
-        read(&cfg),
-        COMMENTED.replace("enabled = true   # flip me", "enabled = false   # flip me")
-    );
-
-    run(sb.command(&["endpoints", "enable", "relay", "--config", c]))
-        .await
-        .assert_success();
-    assert_eq!(read(&cfg), COMMENTED);
 
     let f = run(sb.command(&[
         "endpoints",
@@ -1011,21 +1019,12 @@ async fn edits_keep_crlf_line_endings_and_warn_about_a_readable_file() {
     let cfg = sb.write_at(&sb.path("crlf.toml"), &crlf);
     process::set_mode(&cfg, 0o600);
     let c = cfg_arg(&cfg);
-    let f = run(sb.command(&["endpoints", "disable", "relay", "--config", c])).await;
-    f.assert_success();
+    let f = flip_relay_and_back(&sb, &cfg, &crlf).await;
     assert!(
         !f.stderr.contains("can be read by other users"),
         "{}",
         f.output()
     );
-    assert_eq!(
-        read(&cfg),
-        crlf.replace("enabled = true   # flip me", "enabled = false   # flip me")
-    );
-    run(sb.command(&["endpoints", "enable", "relay", "--config", c]))
-        .await
-        .assert_success();
-    assert_eq!(read(&cfg), crlf);
 
     process::set_mode(&cfg, 0o644);
     let f = run(sb.command(&[

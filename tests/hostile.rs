@@ -491,12 +491,15 @@ async fn client_request_split_after_its_first_bytes_is_served() {
     still_serves(&gw).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn client_http2_prior_knowledge_is_served() {
-    let up = MockUpstream::start().await;
-    let gw = builder().endpoint("a", &up.url(), "").start().await;
+/// An HTTP/2 (prior knowledge) connection to the gateway, driven by a task of its own.
+async fn h2_connect(
+    gw: &TestGateway,
+) -> (
+    hyper::client::conn::http2::SendRequest<http_body_util::Full<Bytes>>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+) {
     let tcp = TcpStream::connect(gw.addr).await.expect("connect");
-    let (mut send, conn) = within(
+    let (send, conn) = within(
         "an HTTP/2 handshake",
         hyper::client::conn::http2::handshake(
             hyper_util::rt::TokioExecutor::new(),
@@ -505,12 +508,26 @@ async fn client_http2_prior_knowledge_is_served() {
     )
     .await
     .expect("the gateway speaks HTTP/2 with prior knowledge");
-    tokio::spawn(conn);
-    let req = http::Request::post(format!("http://{}{MESSAGES}", gw.addr))
+    (send, tokio::spawn(conn))
+}
+
+/// A Messages request for an HTTP/2 connection to the gateway.
+fn h2_message(gw: &TestGateway, stream: bool) -> http::Request<http_body_util::Full<Bytes>> {
+    http::Request::post(format!("http://{}{MESSAGES}", gw.addr))
         .header("content-type", "application/json")
         .header("anthropic-version", "2023-06-01")
-        .body(http_body_util::Full::new(Bytes::from(message_bytes(false))))
-        .expect("request");
+        .body(http_body_util::Full::new(Bytes::from(message_bytes(
+            stream,
+        ))))
+        .expect("request")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_http2_prior_knowledge_is_served() {
+    let up = MockUpstream::start().await;
+    let gw = builder().endpoint("a", &up.url(), "").start().await;
+    let (mut send, _conn) = h2_connect(&gw).await;
+    let req = h2_message(&gw, false);
     let resp = within("an HTTP/2 answer", send.send_request(req))
         .await
         .expect("answer");
@@ -1551,21 +1568,8 @@ async fn client_http2_connections_are_held_to_the_head_deadline() {
 
     // A real HTTP/2 client: a stream held open by the upstream keeps the connection past the
     // deadline; idle after it, the connection is closed.
-    let tcp = TcpStream::connect(gw.addr).await.expect("connect");
-    let (mut send, conn) = within(
-        "an HTTP/2 handshake",
-        hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(tcp),
-        ),
-    )
-    .await
-    .expect("HTTP/2 with prior knowledge");
-    let conn = tokio::spawn(conn);
-    let req = http::Request::post(format!("http://{}{MESSAGES}", gw.addr))
-        .header("content-type", "application/json")
-        .body(http_body_util::Full::new(Bytes::from(message_bytes(true))))
-        .expect("request");
+    let (mut send, conn) = h2_connect(&gw).await;
+    let req = h2_message(&gw, true);
     let resp = within("an HTTP/2 answer", send.send_request(req))
         .await
         .expect("answer");

@@ -10,7 +10,7 @@ use std::time::Duration;
 use toml::Spanned;
 
 use crate::config::Secret;
-use crate::config::env::{Env, var_name_problem};
+use crate::config::env::Env;
 use crate::config::problems::Problems;
 use crate::config::raw::RawCluster;
 
@@ -67,19 +67,9 @@ fn secret_url(
             None
         }
         (Some(u), None) => Some((Secret::new(u.get_ref().clone()), span(u))),
-        (None, Some(var)) => {
-            let name = var.get_ref();
-            if let Some(problem) = var_name_problem(name) {
-                p.at(var, "cluster.redis_url_env", problem);
-                None
-            } else if let Some(v) = env.var(name) {
-                Some((Secret::new(v), span(var)))
-            } else {
-                let message = format!("environment variable `{name}` is not set");
-                p.at(var, "cluster.redis_url_env", message);
-                None
-            }
-        }
+        (None, Some(var)) => p
+            .env_var(var, "cluster.redis_url_env", env)
+            .map(|v| (Secret::new(v), span(var))),
         (None, None) => {
             p.at_line(
                 None,

@@ -1,7 +1,7 @@
 //! Validation of one `[[endpoints]]` entry: name, base URL, exactly one credential, priority and
 //! weight, models, model map, CA file and probe mode, every problem under its full key.
 
-use crate::config::env::{Env, var_name_problem};
+use crate::config::env::Env;
 use crate::config::problems::Problems;
 use crate::config::raw::*;
 use crate::config::*;
@@ -108,21 +108,7 @@ pub(super) fn validate_endpoint(
         }
         [(k, v)] => {
             let value = if k.ends_with("_env") {
-                let var = v.get_ref();
-                if let Some(problem) = var_name_problem(var) {
-                    p.at(*v, key(k), problem);
-                    None
-                } else {
-                    let value = env.var(var);
-                    if value.is_none() {
-                        p.at(
-                            *v,
-                            key(k),
-                            format!("environment variable `{var}` is not set"),
-                        );
-                    }
-                    value
-                }
+                p.env_var(v, key(k), env)
             } else if v.get_ref().is_empty() {
                 p.at(*v, key(k), "must not be empty");
                 None

@@ -64,6 +64,31 @@ impl<'a> Problems<'a> {
         });
     }
 
+    /// The value of the environment variable that the `*_env` key `key` (at `var`) names; a
+    /// problem is noted when the name is no variable name (without repeating it: it may be the
+    /// secret itself) or the variable is not set.
+    pub(super) fn env_var(
+        &mut self,
+        var: &Spanned<String>,
+        key: impl Into<String>,
+        env: &dyn crate::config::env::Env,
+    ) -> Option<String> {
+        let name = var.get_ref();
+        if let Some(problem) = crate::config::env::var_name_problem(name) {
+            self.at(var, key, problem);
+            return None;
+        }
+        let value = env.var(name);
+        if value.is_none() {
+            self.at(
+                var,
+                key,
+                format!("environment variable `{name}` is not set"),
+            );
+        }
+        value
+    }
+
     pub(super) fn at_line(
         &mut self,
         line: Option<usize>,

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use crate::config::endpoint::validate_endpoint;
-use crate::config::env::{Env, var_name_problem};
+use crate::config::env::Env;
 use crate::config::prices::RawPrice;
 use crate::config::problems::Problems;
 use crate::config::raw::*;
@@ -284,19 +284,9 @@ fn validate_server(s: &RawServer, p: &mut Problems<'_>, env: &dyn Env) -> Server
             None
         }
         (Some(a), None) => Some(Secret::new(a.get_ref().clone())),
-        (None, Some(var)) => {
-            let name = var.get_ref();
-            if let Some(problem) = var_name_problem(name) {
-                p.at(var, "server.access_token_env", problem);
-                None
-            } else if let Some(v) = env.var(name) {
-                Some(Secret::new(v))
-            } else {
-                let message = format!("environment variable `{name}` is not set");
-                p.at(var, "server.access_token_env", message);
-                None
-            }
-        }
+        (None, Some(var)) => p
+            .env_var(var, "server.access_token_env", env)
+            .map(Secret::new),
         (None, None) => None,
     };
     if !listen.ip().is_loopback() && access_token.is_none() && s.access_token_env.is_none() {
