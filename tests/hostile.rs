@@ -1275,6 +1275,34 @@ async fn upstream_that_accepts_tcp_and_never_answers_times_out_and_fails_over() 
     holder.abort();
 }
 
+/// A TLS endpoint that accepts the connection and never finishes the handshake is a connect
+/// failure within `connect`, not a wait for the first byte (audit: the handshake had no deadline,
+/// and each attempt waited `first_byte`, 300 s by default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_tls_handshake_that_never_ends_is_cut_by_the_connect_timeout() {
+    let silent = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let silent_url = format!("https://{}", silent.local_addr().expect("addr"));
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    // A first-byte timeout far past the answer deadline (20 s): only `connect` can end it.
+    let gb = builder()
+        .timeouts("connect = \"300ms\"")
+        .timeouts("first_byte = \"120s\"");
+    let (b, gw) = a_then_b(gb, &silent_url).await;
+    let ans = gw.post_message(false).await;
+    assert_json_from_b(&ans);
+    let v = gw.endpoint_view("a").await;
+    assert_eq!(n(&v["outcomes"], "timeout"), 1, "{v}");
+    let message = v["last_error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("connect"), "{v}");
+    assert_eq!(b.count(), 1);
+    holder.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_400_echoing_the_key_is_scrubbed() {
     const SECRET: &str = "sk-ant-hostile-secret-0123456789";

@@ -93,6 +93,9 @@ struct Pools {
     h2: Box<[H2Pool]>,
     /// Most idle connections one pool keeps.
     max_idle: usize,
+    /// The connect timeout, for TCP and TLS together (the connector bounds the TCP connect
+    /// only).
+    connect_timeout: Duration,
     /// The origin every request of this client goes to, set by the first one.
     origin: OnceLock<Origin>,
 }
@@ -531,7 +534,17 @@ impl Pools {
             .await
             .map_err(UpstreamError::Connect)?;
         let tls = uri.scheme() == Some(&Scheme::HTTPS);
-        let io = connector.call(uri).await.map_err(UpstreamError::Connect)?;
+        // TCP and TLS both within the connect timeout: a server that accepts the connection and
+        // never finishes the handshake is a connect failure, not a wait for the first byte.
+        let io = match tokio::time::timeout(self.connect_timeout, connector.call(uri)).await {
+            Ok(io) => io.map_err(UpstreamError::Connect)?,
+            Err(_) => {
+                let took = humantime::format_duration(self.connect_timeout);
+                return Err(UpstreamError::Connect(
+                    format!("connect (TCP and TLS) timed out after {took}").into(),
+                ));
+            }
+        };
         if self.speaks_h2() && (!tls || io.connected().is_negotiated_h2()) {
             let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
@@ -687,6 +700,7 @@ pub fn build_worker_clients(
             idle,
             h2,
             max_idle,
+            connect_timeout: timeouts.connect,
             origin: OnceLock::new(),
         }),
     })
