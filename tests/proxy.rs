@@ -1456,6 +1456,79 @@ async fn tls_upstream_with_its_own_ca_file() {
     assert_outcomes(&v, &[("transport", 1)]);
 }
 
+/// `http2 = true` to a TLS server that declines HTTP/2 by ALPN behaves as `http2 = false`: new
+/// HTTP/1.1 connections open side by side, not one after another (audit: each waited for the
+/// one before to finish its handshake). A relay in front of the server holds every connection
+/// 300 ms before passing it on, and counts how many it holds at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn http2_declined_by_alpn_connects_side_by_side() {
+    let up = MockUpstream::start_tls().await;
+    let relay = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let relay_addr = relay.local_addr().expect("addr");
+    let target = up.addr();
+    let holding = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let most = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (h, m) = (Arc::clone(&holding), Arc::clone(&most));
+    let relay_task = tokio::spawn(async move {
+        while let Ok((mut client, _)) = relay.accept().await {
+            let (h, m) = (Arc::clone(&h), Arc::clone(&m));
+            tokio::spawn(async move {
+                use std::sync::atomic::Ordering::SeqCst;
+                m.fetch_max(h.fetch_add(1, SeqCst) + 1, SeqCst);
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                h.fetch_sub(1, SeqCst);
+                let mut server = tokio::net::TcpStream::connect(target)
+                    .await
+                    .expect("connect");
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+            });
+        }
+    });
+    let mut ca = tempfile::NamedTempFile::new().expect("tempfile");
+    ca.write_all(up.ca_pem.as_bytes()).expect("write CA");
+    ca.flush().expect("flush");
+    let path = ca.path().to_str().expect("utf-8 path");
+    // One worker: one pool, whose turn to connect every request shares.
+    let gw = Arc::new(
+        builder()
+            .server("workers = 1")
+            .endpoint(
+                "tls",
+                &format!("https://{relay_addr}"),
+                &format!(
+                    "http2 = true\nca_file = {}",
+                    ccgate::config::toml_string(path)
+                ),
+            )
+            .start()
+            .await,
+    );
+    // Four at once, each held by the server until all have arrived: four connections.
+    let gate = Gate::new();
+    for _ in 0..4 {
+        up.push(Script::sse_ok(1).gate_after(0, gate.clone()));
+    }
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let gw = Arc::clone(&gw);
+            tokio::spawn(async move { gw.post_message(true).await })
+        })
+        .collect();
+    gate.wait_arrived(4).await;
+    gate.open();
+    for c in clients {
+        let ans = c.await.expect("client");
+        assert_eq!(ans.status, 200, "{}", ans.text());
+    }
+    assert!(
+        most.load(std::sync::atomic::Ordering::SeqCst) >= 2,
+        "the connections opened one after another"
+    );
+    relay_task.abort();
+}
+
 // ---------------------------------------------------------------------------------------------
 // Access token
 // ---------------------------------------------------------------------------------------------

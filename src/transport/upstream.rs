@@ -36,7 +36,7 @@ use std::cell::Cell;
 use std::collections::VecDeque;
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -96,6 +96,10 @@ struct Pools {
     /// The connect timeout, for TCP and TLS together (the connector bounds the TCP connect
     /// only).
     connect_timeout: Duration,
+    /// The server declined HTTP/2 by ALPN at the last connect: requests go the HTTP/1.1 way at
+    /// once, without the HTTP/2 pool's one-connect-at-a-time turn (which would make every new
+    /// HTTP/1.1 connection wait for the one before). A later connect that gets HTTP/2 clears it.
+    h2_declined: AtomicBool,
     /// The origin every request of this client goes to, set by the first one.
     origin: OnceLock<Origin>,
 }
@@ -281,11 +285,18 @@ impl UpstreamClient {
             let slot = WORKER.with(Cell::get).map_or(shared, |w| w.min(shared));
             let origin = self.inner.origin(req.uri())?;
             let mut turn = None;
-            if self.inner.speaks_h2() {
+            if self.inner.speaks_h2() && !self.inner.h2_declined.load(Ordering::Relaxed) {
                 // Boxed: the HTTP/2 path's state would otherwise size every request's future.
                 match Box::pin(self.send_h2(slot, req)).await? {
                     H2Sent::Answered(resp) => return Ok(resp),
-                    H2Sent::NoRoom(back, t) => (req, turn) = (back, Some(t)),
+                    H2Sent::NoRoom(back, t) => {
+                        req = back;
+                        // Declined meanwhile (the connect this request waited for got
+                        // HTTP/1.1): no turn to keep.
+                        if !self.inner.h2_declined.load(Ordering::Relaxed) {
+                            turn = Some(t);
+                        }
+                    }
                 }
             }
             req.headers_mut().insert(header::HOST, origin.host.clone());
@@ -545,6 +556,10 @@ impl Pools {
                 ));
             }
         };
+        if self.speaks_h2() && tls {
+            let declined = !io.connected().is_negotiated_h2();
+            self.h2_declined.store(declined, Ordering::Relaxed);
+        }
         if self.speaks_h2() && (!tls || io.connected().is_negotiated_h2()) {
             let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
@@ -701,6 +716,7 @@ pub fn build_worker_clients(
             h2,
             max_idle,
             connect_timeout: timeouts.connect,
+            h2_declined: AtomicBool::new(false),
             origin: OnceLock::new(),
         }),
     })
