@@ -14,7 +14,7 @@ use ccgate::config::{Config, Strategy};
 use ccgate::health::attempt::Attempt;
 use ccgate::health::classify::Outcome;
 use ccgate::health::registry::Registry;
-use ccgate::select::strategy::Selector;
+use ccgate::select::strategy::{Selector, Tried};
 use http::Method;
 use serde_json::json;
 use support::gateway::{GatewayBuilder, TestGateway};
@@ -86,6 +86,41 @@ async fn strategies_distribute_as_defined() {
         &[1.0 / 3.0; 3],
         0.015,
     );
+}
+
+/// Round robin turns over the endpoints that can take the request: one switched off, or one the
+/// request skips (it does not serve the model), hands its turn to no one (audit: the next in the
+/// list got a double share), and still comes last in the ranking.
+#[tokio::test]
+async fn round_robin_turns_only_over_the_endpoints_that_can_take_the_request() {
+    let mut text = "[server]\nstrategy = \"round_robin\"\n".to_owned();
+    for i in 0..4 {
+        let enabled = i != 1;
+        text.push_str(&format!(
+            "[[endpoints]]\nname = \"e{i}\"\nbase_url = \"http://127.0.0.1:9\"\napi_key = \"k\"\nenabled = {enabled}\n"
+        ));
+    }
+    let cfg = Config::from_toml(&text, "test", &|_: &str| None).expect("config");
+    let reg = Registry::new(&cfg).expect("registry");
+    let sel = Selector::new(cfg.server.strategy);
+    let mut rng = fastrand::Rng::with_seed(7);
+    let now = reg.clock.now_ms();
+    let firsts = |skip: Tried, rng: &mut fastrand::Rng| {
+        let mut first = [0u32; 4];
+        for _ in 0..600 {
+            let r = sel.rank_except(&reg.endpoints, skip, now, rng);
+            assert_eq!(r.len(), 4, "every endpoint ranked: {r:?}");
+            // The ones that cannot take it last, in list order.
+            let last: &[usize] = if skip.contains(3) { &[1, 3] } else { &[1] };
+            assert_eq!(&r[4 - last.len()..], last, "{r:?}");
+            first[r[0]] += 1;
+        }
+        first
+    };
+    assert_eq!(firsts(Tried::default(), &mut rng), [200, 0, 200, 200]);
+    let mut skip = Tried::default();
+    skip.insert(3);
+    assert_eq!(firsts(skip, &mut rng), [300, 0, 300, 0]);
 }
 
 /// Simulates one request of `latency` to first byte on the endpoint ranked first, on the paused

@@ -283,7 +283,9 @@ fn forward_request(
         }
         let mut rng = fastrand::Rng::new();
         let now_ms = reg.clock.now_ms();
-        let mut ranking = gw.selector.rank(&reg.endpoints, now_ms, &mut rng);
+        let mut ranking = gw
+            .selector
+            .rank_except(&reg.endpoints, skip, now_ms, &mut rng);
         gw.budget.deposit(now_ms);
         // A session goes first to the endpoint that served it last; if that endpoint is not
         // admitted now, admission skips it and whoever serves the session becomes its binding.

@@ -58,7 +58,19 @@ impl Selector {
         now_ms: u64,
         rng: &mut fastrand::Rng,
     ) -> Vec<usize> {
-        let mut order = self.strategy_order(endpoints, now_ms, rng);
+        self.rank_except(endpoints, Tried::default(), now_ms, rng)
+    }
+
+    /// [`Selector::rank`] for a request that `skip`s some endpoints (they do not serve its
+    /// model, say): they come last, and `round_robin` turns over the others only.
+    pub fn rank_except(
+        &self,
+        endpoints: &[std::sync::Arc<Endpoint>],
+        skip: Tried,
+        now_ms: u64,
+        rng: &mut fastrand::Rng,
+    ) -> Vec<usize> {
+        let mut order = self.strategy_order(endpoints, skip, now_ms, rng);
         if endpoints.iter().any(|e| e.live.near_quota_limit(now_ms)) {
             // A stable sort on a boolean: the strategy's order is kept within each group.
             order.sort_by_key(|&i| endpoints[i].live.near_quota_limit(now_ms));
@@ -69,6 +81,7 @@ impl Selector {
     fn strategy_order(
         &self,
         endpoints: &[std::sync::Arc<Endpoint>],
+        skip: Tried,
         now_ms: u64,
         rng: &mut fastrand::Rng,
     ) -> Vec<usize> {
@@ -87,11 +100,20 @@ impl Selector {
                 rank_least_latency(&costs, rng)
             }
             Strategy::RoundRobin => {
-                let n = endpoints.len().max(1);
-                let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
-                (0..endpoints.len())
-                    .map(|k| endpoints[(start + k) % n].idx)
-                    .collect()
+                // The turn goes round the endpoints that can take the request now: one that is
+                // out, switched off or skipped would hand its turn to the next in the list,
+                // which would get a double share. The others follow, in list order, for when
+                // nothing else is left.
+                let (turns, rest): (Vec<_>, Vec<_>) = endpoints
+                    .iter()
+                    .partition(|e| !skip.contains(e.idx) && e.live.in_rotation());
+                let mut order: Vec<usize> = turns.iter().map(|e| e.idx).collect();
+                if !order.is_empty() {
+                    let start = self.next.fetch_add(1, Ordering::Relaxed) % order.len();
+                    order.rotate_left(start);
+                }
+                order.extend(rest.iter().map(|e| e.idx));
+                order
             }
         }
     }
