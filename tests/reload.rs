@@ -266,3 +266,65 @@ async fn sighup_reloads_the_running_binary() {
     );
     serving.stop().await;
 }
+
+/// A reload that changes one endpoint (its weight) keeps every session where it was, on that
+/// endpoint and on the others (audit: any change dropped every binding, and sessions on
+/// untouched endpoints lost their prompt cache).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_changes_one_endpoint_keeps_the_sessions() {
+    let ups = [
+        MockUpstream::start().await,
+        MockUpstream::start().await,
+        MockUpstream::start().await,
+    ];
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("config.toml");
+    let text = |weight: u32| {
+        let mut t = "[server]\nlisten = \"127.0.0.1:0\"\nstrategy = \"round_robin\"\n".to_owned();
+        for (i, up) in ups.iter().enumerate() {
+            let extra = if i == 2 {
+                format!("weight = {weight}")
+            } else {
+                String::new()
+            };
+            t.push_str(&endpoint(&format!("e{i}"), &up.url(), &extra));
+        }
+        t
+    };
+    write(&path, &text(100));
+    let config = Config::from_toml(&text(100), "test", &|_: &str| None).expect("config");
+    let gw = TestGateway::start_with_source(config, Some(path.clone())).await;
+    let body = TestGateway::message_body(false);
+    let mut bound = Vec::new();
+    for i in 0..12 {
+        bound.push(served(&gw, &format!("session-{i}"), &body).await);
+    }
+    write(&path, &text(300));
+    let r = reload(&gw).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().contains("e2"), "e2 changed: {}", r.text());
+    // One request without a session first: round robin's turn moves on, so a session that had
+    // lost its binding would land elsewhere.
+    let a = gw.post("/v1/messages", &[], &body).await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    for (i, was) in bound.iter().enumerate() {
+        assert_eq!(
+            &served(&gw, &format!("session-{i}"), &body).await,
+            was,
+            "session-{i} moved"
+        );
+    }
+}
+
+/// The endpoint that served `session`'s request.
+async fn served(gw: &TestGateway, session: &str, body: &serde_json::Value) -> String {
+    let a = gw
+        .post(
+            "/v1/messages",
+            &[("x-claude-code-session-id", session)],
+            body,
+        )
+        .await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    a.header("x-ccgate-endpoint").expect("endpoint").to_owned()
+}

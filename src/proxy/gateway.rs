@@ -80,8 +80,9 @@ impl Gateway {
         config.storage = self.config.storage.clone();
         let (registry, report) = Registry::reloaded(&config, &self.registry)?;
         let clock = registry.clock;
-        let positions_kept = report.changed.is_empty()
-            && report.removed.is_empty()
+        // A changed endpoint (its weight, say) keeps its name and place: the sessions bound to
+        // it stay, and so do all the others.
+        let positions_kept = report.removed.is_empty()
             && registry.endpoints.iter().all(|e| {
                 self.registry
                     .by_name(&e.name)
