@@ -8,9 +8,9 @@
 //! admitted, and whichever endpoint then serves the session becomes its new binding — so a
 //! session that moved off an ejected endpoint stays moved when that endpoint recovers.
 //!
-//! Memory is bounded: the map is split into shards, each holding at most its share of
-//! `max_sessions`; bindings unused for `ttl` expire, and a full shard drops its least recently
-//! used binding. (Hand-written rather than a cache crate so that expiry follows the registry
+//! Memory is bounded: the map is split into shards (one for up to 2,047 sessions, at most 16),
+//! each holding at most its share of `max_sessions`; bindings unused for `ttl` expire, and a full
+//! shard drops its least recently used binding. (Hand-written rather than a cache crate so that expiry follows the registry
 //! clock, which tests drive with tokio's paused time.)
 
 use std::borrow::Cow;
@@ -32,7 +32,20 @@ pub const SESSION_HEADER: &str = "x-claude-code-session-id";
 /// Longest session key accepted; longer ones are ignored rather than stored.
 const MAX_KEY_LEN: usize = 256;
 
+/// Most shards, for a map large enough to want them (see [`shards_for`]).
 const SHARDS: usize = 16;
+
+/// Sessions per shard below which the map has fewer shards: each shard drops its least recently
+/// used binding when full, so a small map split 16 ways would forget sessions long before it
+/// holds `max_sessions` (sessions that hash alike push each other out), and would hold more than
+/// `max_sessions` (16 shards of at least one). Up to 2,047 sessions the map is one shard, an exact
+/// least-recently-used bound.
+const MIN_PER_SHARD: usize = 1024;
+
+/// How many shards a map of at most `max_sessions` has.
+fn shards_for(max_sessions: usize) -> usize {
+    (max_sessions / MIN_PER_SHARD).clamp(1, SHARDS)
+}
 
 struct Binding {
     endpoint: usize,
@@ -72,9 +85,14 @@ impl Affinity {
     /// An empty map sized by `cfg`.
     pub fn new(cfg: &AffinityConfig, clock: Clock) -> Self {
         Self {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..shards_for(cfg.max_sessions))
+                .map(|_| Mutex::new(HashMap::new()))
+                .collect(),
             hasher: DefaultHashBuilder::default(),
-            per_shard: cfg.max_sessions.div_ceil(SHARDS).max(1),
+            per_shard: cfg
+                .max_sessions
+                .div_ceil(shards_for(cfg.max_sessions))
+                .max(1),
             ttl_ms: ms(cfg.ttl).max(1),
             clock,
             changes: Mutex::new(None),
@@ -140,7 +158,7 @@ impl Affinity {
     }
 
     fn shard(&self, key: &str) -> &Mutex<HashMap<Box<str>, Binding>> {
-        &self.shards[(self.hasher.hash_one(key) as usize) % SHARDS]
+        &self.shards[(self.hasher.hash_one(key) as usize) % self.shards.len()]
     }
 
     /// The endpoint `key` is bound to, if the binding is alive; refreshes it.
@@ -209,7 +227,7 @@ impl Affinity {
 
     /// Most bindings the map will hold.
     pub fn capacity(&self) -> usize {
-        self.per_shard * SHARDS
+        self.per_shard * self.shards.len()
     }
 }
 
@@ -290,6 +308,31 @@ mod tests {
         tokio::time::advance(Duration::from_secs(60)).await;
         assert_eq!(a.lookup("s"), None);
         assert!(a.is_empty());
+    }
+
+    /// A small map forgets nothing while it holds fewer than `max_sessions`, and never holds more
+    /// (audit: split 16 ways, 16 sessions in a map of 32 lost bindings, and a map of 2 held 4).
+    #[tokio::test(start_paused = true)]
+    async fn a_small_map_keeps_exactly_max_sessions() {
+        for max in [1, 2, 32, 100, 2047] {
+            let a = Affinity::new(&cfg(max, Duration::from_secs(3600)), Clock::new());
+            for i in 0..max {
+                tokio::time::advance(Duration::from_millis(1)).await;
+                a.bind(&format!("s{i}"), i % 3);
+            }
+            for i in 0..max {
+                tokio::time::advance(Duration::from_millis(1)).await;
+                assert_eq!(a.lookup(&format!("s{i}")), Some(i % 3), "max {max}: s{i}");
+            }
+            tokio::time::advance(Duration::from_millis(1)).await;
+            a.bind("one-more", 0);
+            assert_eq!(a.len(), max, "max {max}");
+            assert_eq!(
+                a.lookup("s0"),
+                None,
+                "max {max}: the least recently used went"
+            );
+        }
     }
 
     #[tokio::test(start_paused = true)]
