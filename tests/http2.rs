@@ -449,3 +449,65 @@ async fn clients_that_hang_up_give_their_streams_back() {
     assert_eq!(counted, Some(150), "{v}");
     assert_eq!(v["endpoint_errors"], 0, "{v}");
 }
+
+/// A stream the server refuses unprocessed (`REFUSED_STREAM`, as a server about to close a
+/// connection does) goes out again on another connection: the client gets its answer and the
+/// endpoint is not blamed (audit: each refusal was a transport failure, and a few at once ejected
+/// a healthy endpoint). The server answers the first stream of each connection and refuses every
+/// later one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_refused_unprocessed_goes_out_again() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let refused = Arc::new(AtomicUsize::new(0));
+    let answered = Arc::new(AtomicUsize::new(0));
+    let (r, a) = (Arc::clone(&refused), Arc::clone(&answered));
+    let server = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (r, a) = (Arc::clone(&r), Arc::clone(&a));
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                let mut first = true;
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    if !std::mem::replace(&mut first, false) {
+                        r.fetch_add(1, Ordering::SeqCst);
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        continue;
+                    }
+                    drop(req);
+                    let body = anthropic_message("claude-sonnet-4-5", "hi", 1, 1).to_string();
+                    let resp = http::Response::builder()
+                        .header("content-type", "application/json")
+                        .body(())
+                        .expect("response");
+                    if let Ok(mut send) = respond.send_response(resp, false) {
+                        a.fetch_add(1, Ordering::SeqCst);
+                        let _ = send.send_data(Bytes::from(body), true);
+                    }
+                }
+            });
+        }
+    });
+    let gw = GatewayBuilder::new()
+        .health("failure_threshold = 1")
+        .endpoint("a", &format!("http://{addr}"), "http2 = true")
+        .start()
+        .await;
+    for i in 0..4 {
+        let ans = gw.post_message(false).await;
+        assert_eq!(ans.status, 200, "request {i}: {}", ans.text());
+    }
+    gw.settle().await;
+    let v = gw.endpoint_view("a").await;
+    assert_eq!(v["state"], "healthy", "{v}");
+    assert_eq!(v["successful_requests"], 4, "{v}");
+    assert_eq!(v["failed_requests"], 0, "{v}");
+    assert_eq!(answered.load(Ordering::SeqCst), 4);
+    assert!(
+        refused.load(Ordering::SeqCst) >= 1,
+        "the server refused none"
+    );
+    server.abort();
+}

@@ -347,9 +347,12 @@ impl UpstreamClient {
         mut req: Request<UpstreamBody>,
     ) -> Result<H2Sent<'_>, UpstreamError> {
         let mut turn = None;
+        let mut refusals = 0;
         loop {
             if let Some((mut conn, stream)) = self.inner.checkout_h2(slot) {
                 drop(turn.take());
+                // Kept to send again if the server refuses the stream unprocessed.
+                let again = copy_request(&req);
                 match conn.sender.try_send_request(req).await {
                     Ok(resp) => {
                         return Ok(H2Sent::Answered(AnswerBody::new(
@@ -363,6 +366,14 @@ impl UpstreamClient {
                         Some(back) => {
                             self.inner.forget_h2(slot, &conn);
                             req = back;
+                            continue;
+                        }
+                        // Sent, and refused unprocessed (above a GOAWAY's last stream id, or
+                        // REFUSED_STREAM; RFC 9113 §8.7): safe to send again, and no fault.
+                        None if refusals < MAX_REFUSALS && refused_unprocessed(e.error()) => {
+                            self.inner.forget_h2(slot, &conn);
+                            refusals += 1;
+                            req = again;
                             continue;
                         }
                         None => return Err(UpstreamError::Http(e.into_error())),
@@ -576,6 +587,37 @@ impl Pools {
         drive::<false, _>(conn);
         Ok(NewConn::H1(sender))
     }
+}
+
+/// How many times one request goes out again after its stream was refused unprocessed.
+const MAX_REFUSALS: u32 = 3;
+
+/// A request to send again: method, URI, version, headers and the body from its start (a replay
+/// body is shared frames); extensions are not carried (the gateway sets none).
+fn copy_request(req: &Request<UpstreamBody>) -> Request<UpstreamBody> {
+    let mut copy = Request::new(req.body().clone());
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    copy
+}
+
+/// Whether an HTTP/2 stream failed because the server refused it without processing it: a
+/// graceful GOAWAY (`NO_ERROR`) whose last stream id is below it (h2 gives the GOAWAY's error
+/// only to those streams; one at or below that id that is cut gets a broken pipe), or a
+/// `REFUSED_STREAM` reset.
+fn refused_unprocessed(e: &hyper::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(h2) = s.downcast_ref::<h2::Error>() {
+            return h2.is_remote()
+                && ((h2.is_go_away() && h2.reason() == Some(h2::Reason::NO_ERROR))
+                    || (h2.is_reset() && h2.reason() == Some(h2::Reason::REFUSED_STREAM)));
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// Spawns the task that drives an upstream connection (HTTP/2 when `H2`) until it ends, and
