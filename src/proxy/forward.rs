@@ -17,7 +17,7 @@ use crate::health::classify::{Outcome, TransportKind, classify_sse_error};
 use crate::health::endpoint::Endpoint;
 use crate::transport::error_chain;
 use crate::transport::replay::{Frames, ReplayBody};
-use crate::transport::upstream::{AnswerBody, UpstreamBody};
+use crate::transport::upstream::{AnswerBody, UpstreamBody, UpstreamError};
 use crate::wire::sse::SseScanner;
 use crate::wire::usage;
 
@@ -294,6 +294,9 @@ pub enum SendError {
     /// ccgate itself ran out of descriptors, socket memory or ports (see [`local_exhaustion`]):
     /// no endpoint is to blame, and none would fare better.
     Local(String),
+    /// The endpoint refused the request unprocessed (an HTTP/2 stream past a graceful GOAWAY):
+    /// send it again, in the same attempt.
+    Refused(String),
 }
 
 /// Sends one attempt and waits for the response headers.
@@ -317,6 +320,7 @@ pub fn send(
             "ccgate itself is out of resources: {}",
             error_chain(&e)
         ))),
+        Ok(Err(e @ UpstreamError::Refused(_))) => Err(SendError::Refused(error_chain(&e))),
         Ok(Err(e)) => {
             let text = error_chain(&e);
             let kind = if text.contains("timed out") || text.contains("timeout") {

@@ -39,6 +39,9 @@ static FALLBACK: HeaderName = HeaderName::from_static("x-ccgate-fallback");
 /// of it.
 const ERROR_TEXT_WAIT: Duration = Duration::from_secs(2);
 
+/// How many times an attempt's request goes out again after the endpoint refused it unprocessed.
+const MAX_REFUSALS: u32 = 3;
+
 /// Handles one proxied client request. Only admitted API paths reach this (see
 /// [`crate::proxy::entry`]): the server answers the rest, and routes the admin prefix to the
 /// control plane.
@@ -362,7 +365,19 @@ fn forward_request(
                     continue;
                 }
             };
-            let resp = match forward::send(&ep, upstream_req, timeouts.first_byte).await {
+            let mut sent = forward::send(&ep, upstream_req, timeouts.first_byte).await;
+            // A request the endpoint refused unprocessed (an HTTP/2 stream past a graceful
+            // GOAWAY) goes out again, on another connection, in the same attempt.
+            for _ in 0..MAX_REFUSALS {
+                let Err(forward::SendError::Refused(_)) = &sent else {
+                    break;
+                };
+                let Ok(again) = req.for_endpoint(&ep) else {
+                    break;
+                };
+                sent = forward::send(&ep, again, timeouts.first_byte).await;
+            }
+            let resp = match sent {
                 Ok(r) => r,
                 Err(forward::SendError::Local(message)) => {
                     // No endpoint is to blame and none would fare better: the attempt counts as not
@@ -378,6 +393,12 @@ fn forward_request(
                     );
                 }
                 Err(forward::SendError::Endpoint(outcome, message)) => {
+                    let log = Some("attempt failed");
+                    fail_attempt(&mut failures, attempt, outcome, message, log);
+                    continue;
+                }
+                Err(forward::SendError::Refused(message)) => {
+                    let outcome = Outcome::Transport(TransportKind::Connect);
                     let log = Some("attempt failed");
                     fail_attempt(&mut failures, attempt, outcome, message, log);
                     continue;

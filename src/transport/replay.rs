@@ -152,9 +152,8 @@ impl Frames {
     }
 }
 
-/// The body of one upstream attempt: the request's frames, sent in order. A clone goes on from
-/// where this one is (from the start, before anything was sent).
-#[derive(Clone, Debug)]
+/// The body of one upstream attempt: the request's frames, sent in order.
+#[derive(Debug)]
 pub struct ReplayBody {
     frames: Arc<[Bytes]>,
     next: usize,

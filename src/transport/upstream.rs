@@ -249,6 +249,11 @@ pub enum UpstreamError {
     /// The HTTP/1.1 exchange failed (connection closed, malformed response, ...).
     #[error("upstream connection error")]
     Http(#[from] hyper::Error),
+    /// The server refused the HTTP/2 stream without processing it (above a graceful GOAWAY's last
+    /// stream id, or `REFUSED_STREAM`; RFC 9113 §8.7): safe to send again, on another connection
+    /// (the refusing one takes no more), and no fault of the endpoint.
+    #[error("upstream refused the stream unprocessed")]
+    Refused(#[source] hyper::Error),
 }
 
 thread_local! {
@@ -347,12 +352,9 @@ impl UpstreamClient {
         mut req: Request<UpstreamBody>,
     ) -> Result<H2Sent<'_>, UpstreamError> {
         let mut turn = None;
-        let mut refusals = 0;
         loop {
             if let Some((mut conn, stream)) = self.inner.checkout_h2(slot) {
                 drop(turn.take());
-                // Kept to send again if the server refuses the stream unprocessed.
-                let again = copy_request(&req);
                 match conn.sender.try_send_request(req).await {
                     Ok(resp) => {
                         return Ok(H2Sent::Answered(AnswerBody::new(
@@ -368,13 +370,12 @@ impl UpstreamClient {
                             req = back;
                             continue;
                         }
-                        // Sent, and refused unprocessed (above a GOAWAY's last stream id, or
-                        // REFUSED_STREAM; RFC 9113 §8.7): safe to send again, and no fault.
-                        None if refusals < MAX_REFUSALS && refused_unprocessed(e.error()) => {
+                        // Sent, and refused unprocessed: the caller may send it again (it
+                        // holds what the request is made from; keeping a copy here would cost
+                        // every request a copy of its headers).
+                        None if refused_unprocessed(e.error()) => {
                             self.inner.forget_h2(slot, &conn);
-                            refusals += 1;
-                            req = again;
-                            continue;
+                            return Err(UpstreamError::Refused(e.into_error()));
                         }
                         None => return Err(UpstreamError::Http(e.into_error())),
                     },
@@ -587,20 +588,6 @@ impl Pools {
         drive::<false, _>(conn);
         Ok(NewConn::H1(sender))
     }
-}
-
-/// How many times one request goes out again after its stream was refused unprocessed.
-const MAX_REFUSALS: u32 = 3;
-
-/// A request to send again: method, URI, version, headers and the body from its start (a replay
-/// body is shared frames); extensions are not carried (the gateway sets none).
-fn copy_request(req: &Request<UpstreamBody>) -> Request<UpstreamBody> {
-    let mut copy = Request::new(req.body().clone());
-    *copy.method_mut() = req.method().clone();
-    *copy.uri_mut() = req.uri().clone();
-    *copy.version_mut() = req.version();
-    *copy.headers_mut() = req.headers().clone();
-    copy
 }
 
 /// Whether an HTTP/2 stream failed because the server refused it without processing it: a
