@@ -176,17 +176,13 @@ impl Prepared {
         let encoded = headers
             .get(header::CONTENT_ENCODING)
             .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
-        let [stream, metadata] = if encoded {
-            [None, None]
+        let (expects, metadata) = if encoded {
+            (Expects::Anything, None)
         } else if Expects::is_messages(&method, path) {
-            body.last_members([b"stream", b"metadata"])
+            let [stream, metadata] = body.last_members([b"stream", b"metadata"]);
+            (Expects::of(&method, path, stream.as_deref()), metadata)
         } else {
-            [None, body.last_member(b"metadata")]
-        };
-        let expects = if encoded {
-            Expects::Anything
-        } else {
-            Expects::of(&method, path, stream.as_deref())
+            (Expects::Anything, body.last_member(b"metadata"))
         };
         Self {
             method,

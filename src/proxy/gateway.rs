@@ -116,40 +116,37 @@ impl Gateway {
     }
 
     /// Whether the request carries the access token (always true when none is configured).
-    pub fn authorized(&self, headers: &HeaderMap) -> bool {
-        self.access(headers).is_some()
-    }
-
-    /// Whether the request may pass: `None` when a token is configured and the request does not
-    /// carry it, `Some(true)` when it does, `Some(false)` when no token is configured.
-    /// `x-ccgate-token` is looked at first: it leaves `authorization` and `x-api-key` to the
+    /// `x-ccgate-token` is looked at too: it leaves `authorization` and `x-api-key` to the
     /// client's own credential (for endpoints with `credential = "client"`).
-    pub(crate) fn access(&self, headers: &HeaderMap) -> Option<bool> {
+    pub fn authorized(&self, headers: &HeaderMap) -> bool {
         let Some(token) = &self.config.server.access_token else {
-            return Some(false);
+            return true;
         };
-        let token = token.expose().as_bytes();
         // Either header may carry it: Claude Code sends its own key as `x-api-key` next to
         // `ANTHROPIC_AUTH_TOKEN` as a Bearer token when both are set.
-        [&CCGATE_TOKEN, &X_API_KEY, &header::AUTHORIZATION]
-            .into_iter()
-            .any(|name| carries(headers, name, token))
-            .then_some(true)
+        TOKEN_HEADERS
+            .iter()
+            .any(|name| carries(headers, name, token.expose().as_bytes()))
     }
 
-    /// Removes every header that carries the access token: it is no credential for any
-    /// upstream, in whichever and however many headers the client sent it. What is left of
+    /// For a proxied request: whether it carries the access token (as [`Gateway::authorized`]),
+    /// and every header that does is removed, in the same pass. The token is no credential for
+    /// any upstream, in whichever and however many headers the client sent it; what is left of
     /// `authorization` / `x-api-key` is the client's own.
-    pub(crate) fn remove_token(&self, headers: &mut HeaderMap) {
-        headers.remove(&CCGATE_TOKEN);
+    pub(crate) fn take_token(&self, headers: &mut HeaderMap) -> bool {
         let Some(token) = &self.config.server.access_token else {
-            return;
+            headers.remove(&CCGATE_TOKEN);
+            return true;
         };
-        for name in [&X_API_KEY, &header::AUTHORIZATION] {
+        let mut carried = false;
+        for name in TOKEN_HEADERS {
             if carries(headers, name, token.expose().as_bytes()) {
                 headers.remove(name);
+                carried = true;
             }
         }
+        headers.remove(&CCGATE_TOKEN);
+        carried
     }
 }
 
@@ -176,6 +173,8 @@ fn carries(headers: &HeaderMap, name: &HeaderName, token: &[u8]) -> bool {
 /// client's own credential.
 static CCGATE_TOKEN: HeaderName = HeaderName::from_static("x-ccgate-token");
 static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+/// The headers the access token may come in.
+static TOKEN_HEADERS: [&HeaderName; 3] = [&CCGATE_TOKEN, &X_API_KEY, &header::AUTHORIZATION];
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0

@@ -54,14 +54,13 @@ where
     B::Error: Into<BoxError>,
 {
     async move {
-        if gw.access(req.headers()).is_none() {
+        if !gw.take_token(req.headers_mut()) {
             return response::error(
                 StatusCode::UNAUTHORIZED,
                 "authentication_error",
                 "ccgate: missing or wrong access token",
             );
         }
-        gw.remove_token(req.headers_mut());
         let mut guard = gw.registry.gateway.begin();
         guard.record_to(
             Arc::clone(&gw.recent) as Arc<dyn crate::health::totals::RequestSink>,
@@ -648,7 +647,8 @@ impl Commit<'_> {
         } = self;
         guard.served_by(ep, attempts, parts.status.as_u16());
         guard.note_first_byte();
-        if matches!(judge, Judge::Stream(_)) {
+        let stream = matches!(judge, Judge::Stream(_));
+        if stream {
             // A stream that ends without `message_stop` gets an `error` event appended: the
             // upstream's length would cut it off (HTTP/1.1) or break the stream (HTTP/2).
             parts.headers.remove(http::header::CONTENT_LENGTH);
@@ -666,7 +666,6 @@ impl Commit<'_> {
                 a.bind(key, ep.idx);
             }
         }
-        let stream = matches!(judge, Judge::Stream(_));
         let relay = RelayBody::new(body, held, judge, gw.config.timeouts.idle, attempt, guard)
             .with_usage(read_usage.then(|| UsageSinks {
                 tally: gw.usage.clone(),

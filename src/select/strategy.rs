@@ -104,15 +104,15 @@ impl Selector {
                 // out, switched off or skipped would hand its turn to the next in the list,
                 // which would get a double share. The others follow, in list order, for when
                 // nothing else is left.
-                let (turns, rest): (Vec<_>, Vec<_>) = endpoints
-                    .iter()
-                    .partition(|e| !skip.contains(e.idx) && e.live.in_rotation());
-                let mut order: Vec<usize> = turns.iter().map(|e| e.idx).collect();
+                let takes =
+                    |e: &&std::sync::Arc<Endpoint>| !skip.contains(e.idx) && e.live.in_rotation();
+                let mut order = Vec::with_capacity(endpoints.len());
+                order.extend(endpoints.iter().filter(takes).map(|e| e.idx));
                 if !order.is_empty() {
                     let start = self.next.fetch_add(1, Ordering::Relaxed) % order.len();
                     order.rotate_left(start);
                 }
-                order.extend(rest.iter().map(|e| e.idx));
+                order.extend(endpoints.iter().filter(|e| !takes(e)).map(|e| e.idx));
                 order
             }
         }

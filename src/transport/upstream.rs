@@ -568,11 +568,11 @@ impl Pools {
                 ));
             }
         };
+        let negotiated_h2 = io.connected().is_negotiated_h2();
         if self.speaks_h2() && tls {
-            let declined = !io.connected().is_negotiated_h2();
-            self.h2_declined.store(declined, Ordering::Relaxed);
+            self.h2_declined.store(!negotiated_h2, Ordering::Relaxed);
         }
-        if self.speaks_h2() && (!tls || io.connected().is_negotiated_h2()) {
+        if self.speaks_h2() && (!tls || negotiated_h2) {
             let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .keep_alive_interval(H2_PING_INTERVAL)
