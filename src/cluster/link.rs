@@ -116,10 +116,9 @@ pub(super) struct Inner {
     pub(super) news_seq: AtomicU64,
     /// Counter behind episode tokens.
     pub(super) token_seq: AtomicU64,
-    /// Heartbeats in a row that found another process beating under this instance's name.
+    /// Heartbeats in a row that found another process beating under this instance's name; two
+    /// or more is a live namesake (see `Supervisor::beat`).
     namesake_beats: AtomicU64,
-    /// Whether a live instance elsewhere uses this one's name (see `Supervisor::beat`).
-    name_clash: AtomicBool,
 }
 
 /// A handle on the cluster link; clone it freely. Every method is for background tasks.
@@ -165,6 +164,10 @@ pub(super) fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Heartbeats in a row that must find another process under this instance's name before it is
+/// a live namesake (a restart of this instance shows at one beat).
+const NAMESAKE_BEATS: u64 = 2;
+
 impl ClusterLink {
     /// A link (down until the supervisor connects) and its supervisor. Nothing is contacted yet.
     pub fn new(
@@ -193,7 +196,6 @@ impl ClusterLink {
                 news_seq: AtomicU64::new(0),
                 token_seq: AtomicU64::new(0),
                 namesake_beats: AtomicU64::new(0),
-                name_clash: AtomicBool::new(false),
             }),
         };
         let supervisor = Supervisor { link: link.clone() };
@@ -207,7 +209,7 @@ impl ClusterLink {
 
     /// Whether another live instance uses this one's name (logged as an error when it starts).
     pub fn name_clash(&self) -> bool {
-        self.inner.name_clash.load(Ordering::Acquire)
+        self.inner.namesake_beats.load(Ordering::Acquire) >= NAMESAKE_BEATS
     }
 
     /// This instance's name.
@@ -376,19 +378,16 @@ impl Supervisor {
             .arg(&inner.holder)
             .invoke_async(conn)
             .await?;
-        let seen = if other == 1 {
-            inner.namesake_beats.fetch_add(1, Ordering::AcqRel) + 1
+        // Only this task beats: the count it reads back is its own.
+        let before = if other == 1 {
+            inner.namesake_beats.fetch_add(1, Ordering::AcqRel)
         } else {
-            inner.namesake_beats.store(0, Ordering::Release);
-            0
+            inner.namesake_beats.swap(0, Ordering::AcqRel)
         };
-        let clash = seen >= 2;
-        if inner.name_clash.swap(clash, Ordering::AcqRel) != clash {
-            if clash {
-                tracing::error!(instance = %inner.config.instance, "cluster: another live instance uses this instance's name; give each its own [cluster] instance name (their totals and health news are being mixed up)");
-            } else {
-                tracing::info!(instance = %inner.config.instance, "cluster: no other instance uses this name any more");
-            }
+        if other == 1 && before + 1 == NAMESAKE_BEATS {
+            tracing::error!(instance = %inner.config.instance, "cluster: another live instance uses this instance's name; give each its own [cluster] instance name (their totals and health news are being mixed up)");
+        } else if other == 0 && before >= NAMESAKE_BEATS {
+            tracing::info!(instance = %inner.config.instance, "cluster: no other instance uses this name any more");
         }
         Ok(added == 1)
     }

@@ -222,6 +222,14 @@ pub fn saturating_i64(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
+/// Adds to one endpoint counter (`?1` endpoint, `?2` kind, `?3` amount), saturating.
+const ADD_ENDPOINT_COUNT: &str = "INSERT INTO endpoint_counters (endpoint, kind, count) VALUES (?1, ?2, ?3)
+     ON CONFLICT (endpoint, kind) DO UPDATE SET count = MIN(count + excluded.count, 9223372036854775807)";
+
+/// Adds to one gateway counter (`?1` kind, `?2` amount), saturating.
+const ADD_GATEWAY_COUNT: &str = "INSERT INTO gateway_counters (kind, count) VALUES (?1, ?2)
+     ON CONFLICT (kind) DO UPDATE SET count = MIN(count + excluded.count, 9223372036854775807)";
+
 /// A stored count, read as `u64`. Sums saturate at `i64::MAX` in SQL (`MIN(a + b, i64::MAX)`:
 /// past it SQLite would make the sum a REAL); a REAL that a file written before that holds is
 /// read saturating, a negative count as 0.
@@ -287,8 +295,7 @@ fn close_lost_in_flight(
             continue;
         }
         tx.execute(
-            "INSERT INTO endpoint_counters (endpoint, kind, count) VALUES (?1, ?2, ?3)
-             ON CONFLICT (endpoint, kind) DO UPDATE SET count = MIN(count + excluded.count, 9223372036854775807)",
+            ADD_ENDPOINT_COUNT,
             params![name, cancelled, saturating_i64(c.in_flight)],
         )?;
         c.by_kind[Kind::Cancelled as usize] += c.in_flight;
@@ -299,8 +306,7 @@ fn close_lost_in_flight(
     if g.started > ended {
         let lost = g.started - ended;
         tx.execute(
-            "INSERT INTO gateway_counters (kind, count) VALUES (?1, ?2)
-             ON CONFLICT (kind) DO UPDATE SET count = MIN(count + excluded.count, 9223372036854775807)",
+            ADD_GATEWAY_COUNT,
             params![RequestEnd::Cancelled.name(), saturating_i64(lost)],
         )?;
         g.cancelled += lost;
@@ -502,10 +508,7 @@ impl Store {
             }
         }
         {
-            let mut counter = tx.prepare_cached(
-                "INSERT INTO endpoint_counters (endpoint, kind, count) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (endpoint, kind) DO UPDATE SET count = MIN(count + excluded.count, 9223372036854775807)",
-            )?;
+            let mut counter = tx.prepare_cached(ADD_ENDPOINT_COUNT)?;
             for (name, d) in &b.endpoint_deltas {
                 if d.total > 0 {
                     counter.execute(params![name, STARTED, saturating_i64(d.total)])?;
@@ -518,10 +521,7 @@ impl Store {
                 }
             }
             if let Some((delta, _)) = &b.gateway {
-                let mut st = tx.prepare_cached(
-                    "INSERT INTO gateway_counters (kind, count) VALUES (?1, ?2)
-                     ON CONFLICT (kind) DO UPDATE SET count = MIN(count + excluded.count, 9223372036854775807)",
-                )?;
+                let mut st = tx.prepare_cached(ADD_GATEWAY_COUNT)?;
                 for (name, n) in GatewayTotals::names().into_iter().zip(delta.values()) {
                     if n > 0 {
                         st.execute(params![name, saturating_i64(n)])?;
