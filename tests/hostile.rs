@@ -1612,8 +1612,22 @@ async fn client_http2_connections_are_held_to_the_head_deadline() {
     .expect("a frame")
     .expect("data");
     assert!(first.data_ref().is_some());
-    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    // A second connection, opened after it and left idle, is closed by its deadline: by then
+    // the first has been open longer than the deadline, with its stream open.
+    let (_idle_send, idle) = h2_connect(&gw).await;
+    within("the idle HTTP/2 connection to be closed", idle)
+        .await
+        .expect("connection task")
+        .expect("closed with a GOAWAY");
     assert!(!conn.is_finished(), "closed with a stream open");
+    // Not even being closed: it still takes a new request (a GOAWAY would refuse it).
+    let again = within(
+        "a second request on it",
+        send.send_request(h2_message(&gw, false)),
+    )
+    .await
+    .expect("the connection still takes requests");
+    assert_eq!(again.status(), 200);
     gate.open();
     let rest = within(
         "the rest of the stream",
@@ -1628,7 +1642,7 @@ async fn client_http2_connections_are_held_to_the_head_deadline() {
         .await
         .expect("connection task");
     assert!(ended.is_ok(), "closed without a GOAWAY: {ended:?}");
-    assert_eq!(up.count(), 1);
+    assert_eq!(up.count(), 2);
 }
 
 // ---------------------------------------------------------------------------------------------
