@@ -225,6 +225,60 @@ async fn least_latency_counts_fast_failures_as_slow() {
     );
 }
 
+#[tokio::test(start_paused = true)]
+async fn least_latency_tries_an_unknown_endpoint_with_one_attempt_not_a_burst() {
+    let mut cfg = config("least_latency", &[("known", 1, 100), ("new", 1, 100)]);
+    cfg.health.failure_threshold = 1000;
+    let reg = Registry::new(&cfg).expect("registry");
+    let sel = Selector::new(Strategy::LeastLatency);
+    let mut rng = fastrand::Rng::with_seed(5);
+    // `known` has answered in 20 ms; `new` has never answered.
+    for _ in 0..5 {
+        let a = Attempt::begin(
+            Arc::clone(&reg.endpoints[0]),
+            Arc::clone(&reg.recorder),
+            false,
+        );
+        tokio::time::advance(Duration::from_millis(20)).await;
+        a.first_byte();
+        a.finish(Outcome::Success, None);
+    }
+    // A burst of 40 requests arrives before `new` has answered any: it gets one to learn from,
+    // not every one that draws it (its unknown estimate costs nothing, however many wait on it).
+    let mut open = Vec::new();
+    let mut to_new = 0;
+    for _ in 0..40 {
+        let r = sel.rank(&reg.endpoints, reg.clock.now_ms(), &mut rng);
+        to_new += usize::from(r[0] == 1);
+        open.push(Attempt::begin(
+            Arc::clone(&reg.endpoints[r[0]]),
+            Arc::clone(&reg.recorder),
+            false,
+        ));
+    }
+    assert_eq!(to_new, 1, "the unknown endpoint got {to_new} of the burst");
+    // Once it has answered as fast as `known`, it takes its share.
+    tokio::time::advance(Duration::from_millis(20)).await;
+    for a in open.drain(..) {
+        a.first_byte();
+        a.finish(Outcome::Success, None);
+    }
+    let mut to_new = 0;
+    for _ in 0..40 {
+        let r = sel.rank(&reg.endpoints, reg.clock.now_ms(), &mut rng);
+        to_new += usize::from(r[0] == 1);
+        open.push(Attempt::begin(
+            Arc::clone(&reg.endpoints[r[0]]),
+            Arc::clone(&reg.recorder),
+            false,
+        ));
+    }
+    assert!(
+        (10..=30).contains(&to_new),
+        "after answering: {to_new} of 40"
+    );
+}
+
 /// Two endpoints, `bad` scripted by the caller and `good` answering at once: after `bad` has
 /// been tried (it is unknown at first), `least_latency` sends everything to `good`.
 async fn least_latency_leaves(bad_script: Script) {

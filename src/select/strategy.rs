@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::config::Strategy;
 use crate::health::endpoint::Endpoint;
+use crate::health::estimate::FAILURE_PENALTY;
 
 /// Ranks endpoints for one request.
 pub struct Selector {
@@ -132,10 +133,17 @@ pub struct Cost {
 
 /// The cost `least_latency` compares: the decaying first-byte estimate (failures counted as
 /// slow) times one plus the attempts already in flight, as in Finagle's and Linkerd's
-/// peak-EWMA balancers. An endpoint with no recent evidence costs nothing and gets tried.
+/// peak-EWMA balancers. An endpoint with no recent evidence costs nothing and gets tried, by
+/// one attempt: while that attempt is out, and nothing is known yet, each attempt in flight
+/// costs [`FAILURE_PENALTY`] (Finagle's rule), so a burst does not pile onto an endpoint that
+/// only looked cheap because it had never answered.
 pub fn least_latency_cost(e: &Endpoint, now_ms: u64) -> f64 {
     let estimate = e.live.estimate.get(now_ms).as_secs_f64();
-    estimate * (e.live.snapshot().in_flight as f64 + 1.0)
+    let in_flight = e.live.snapshot().in_flight as f64;
+    if estimate == 0.0 && in_flight > 0.0 {
+        return FAILURE_PENALTY.as_secs_f64() * in_flight;
+    }
+    estimate * (in_flight + 1.0)
 }
 
 /// Power of two choices, repeated to give a full order: of two endpoints drawn at random the
