@@ -450,6 +450,69 @@ async fn clients_that_hang_up_give_their_streams_back() {
     assert_eq!(v["endpoint_errors"], 0, "{v}");
 }
 
+/// A probe refused unprocessed (an HTTP/2 stream refused before the server acted on it) goes out
+/// again, as a client attempt does: the refusal says nothing about the endpoint, so the probe
+/// passes. The server refuses the first probe stream it sees and answers every later one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_refused_unprocessed_goes_out_again() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let probes = Arc::new(AtomicUsize::new(0));
+    let answered = Arc::new(AtomicUsize::new(0));
+    let (r, a) = (Arc::clone(&probes), Arc::clone(&answered));
+    let server = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (r, a) = (Arc::clone(&r), Arc::clone(&a));
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    if req.uri().path() == "/v1/models" && r.fetch_add(1, Ordering::SeqCst) == 0 {
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        continue;
+                    }
+                    drop(req);
+                    let resp = http::Response::builder()
+                        .header("content-type", "application/json")
+                        .body(())
+                        .expect("response");
+                    if let Ok(mut send) = respond.send_response(resp, false) {
+                        a.fetch_add(1, Ordering::SeqCst);
+                        let _ = send.send_data(Bytes::from_static(br#"{"data":[]}"#), true);
+                    }
+                }
+            });
+        }
+    });
+    let gw = GatewayBuilder::new()
+        .endpoint(
+            "a",
+            &format!("http://{addr}"),
+            "http2 = true\nprobe = \"models\"",
+        )
+        .start()
+        .await;
+    let probe = gw
+        .request(
+            http::Method::POST,
+            "/_ccgate/endpoints/a/probe",
+            &[],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(probe.status, 200, "{}", probe.text());
+    let v = probe.json();
+    assert_eq!(v["passed"], true, "{v}");
+    assert_eq!(
+        probes.load(Ordering::SeqCst),
+        2,
+        "one refused, one answered"
+    );
+    assert_eq!(answered.load(Ordering::SeqCst), 1);
+    server.abort();
+}
+
 /// A stream the server refuses unprocessed (`REFUSED_STREAM`, as a server about to close a
 /// connection does) goes out again on another connection: the client gets its answer and the
 /// endpoint is not blamed (audit: each refusal was a transport failure, and a few at once ejected

@@ -26,7 +26,7 @@ use crate::proxy::scrub::{OneLine, scrub_body, scrub_headers};
 use crate::select::affinity::{self, Affinity};
 use crate::select::strategy::Tried;
 use crate::transport::replay::Frames;
-use crate::transport::upstream::AnswerBody;
+use crate::transport::upstream::{AnswerBody, MAX_REFUSALS};
 use crate::wire::json_top;
 
 // Response headers ccgate adds, named once rather than parsed from a string per request.
@@ -38,9 +38,6 @@ static FALLBACK: HeaderName = HeaderName::from_static("x-ccgate-fallback");
 /// How long a failed attempt's error text is read before the failover goes on without the rest
 /// of it.
 const ERROR_TEXT_WAIT: Duration = Duration::from_secs(2);
-
-/// How many times an attempt's request goes out again after the endpoint refused it unprocessed.
-const MAX_REFUSALS: u32 = 3;
 
 /// Handles one proxied client request. Only admitted API paths reach this (see
 /// [`crate::proxy::entry`]): the server answers the rest, and routes the admin prefix to the

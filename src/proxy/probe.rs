@@ -16,6 +16,7 @@ use crate::health::endpoint::Endpoint;
 use crate::proxy::gateway::Gateway;
 use crate::proxy::scrub::OneLine;
 use crate::transport::replay::ReplayBody;
+use crate::transport::upstream::{MAX_REFUSALS, UpstreamError};
 
 /// What one probe found.
 #[derive(Clone, Debug)]
@@ -91,30 +92,39 @@ async fn probe_inner(gw: &Gateway, ep: &Endpoint) -> Result<String, String> {
     };
     let uri = ep.base_url.join(path);
     let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
-    let mut req = Request::builder()
-        .method(method)
-        .uri(uri)
-        .header("anthropic-version", "2023-06-01")
-        .header(
-            header::USER_AGENT,
-            concat!("ccgate-probe/", env!("CARGO_PKG_VERSION")),
-        )
-        .body(ReplayBody::from(body))
-        .map_err(|e| format!("cannot build probe: {e}"))?;
-    if req.method() == Method::POST {
-        req.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
+    let build = || {
+        let mut req = Request::builder()
+            .method(method.clone())
+            .uri(uri.clone())
+            .header("anthropic-version", "2023-06-01")
+            .header(
+                header::USER_AGENT,
+                concat!("ccgate-probe/", env!("CARGO_PKG_VERSION")),
+            )
+            .body(ReplayBody::from(body.clone()))
+            .map_err(|e| format!("cannot build probe: {e}"))?;
+        if req.method() == Method::POST {
+            req.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+        }
+        if let Some((name, value)) = &ep.auth_header {
+            req.headers_mut().insert(name.clone(), value.clone());
+        }
+        Ok::<_, String>(req)
+    };
+    // A probe the endpoint refused unprocessed (an HTTP/2 stream past a graceful GOAWAY) goes
+    // out again, on another connection, as a client attempt's request does: the refusal says
+    // nothing about the endpoint.
+    let mut sent = ep.client.request(build()?).await;
+    for _ in 0..MAX_REFUSALS {
+        if !matches!(sent, Err(UpstreamError::Refused(_))) {
+            break;
+        }
+        sent = ep.client.request(build()?).await;
     }
-    if let Some((name, value)) = &ep.auth_header {
-        req.headers_mut().insert(name.clone(), value.clone());
-    }
-    let resp = ep
-        .client
-        .request(req)
-        .await
-        .map_err(|e| crate::transport::error_chain(&e))?;
+    let resp = sent.map_err(|e| crate::transport::error_chain(&e))?;
     let status = resp.status();
     let body = resp
         .into_body()

@@ -256,6 +256,10 @@ pub enum UpstreamError {
     Refused(#[source] hyper::Error),
 }
 
+/// How many times a request goes out again after the endpoint refused it unprocessed
+/// ([`UpstreamError::Refused`]), in one attempt or one probe.
+pub const MAX_REFUSALS: u32 = 3;
+
 thread_local! {
     static WORKER: Cell<Option<usize>> = const { Cell::new(None) };
 }
@@ -334,8 +338,16 @@ impl UpstreamClient {
                     let stream = StreamSlot::take(&conn.streams);
                     self.inner.h2[slot].conns.lock().push(conn.clone());
                     drop(turn);
-                    let resp = conn.sender.send_request(req).await?;
-                    Ok(AnswerBody::new(resp, Holds::Stream { _slot: stream }))
+                    match conn.sender.send_request(req).await {
+                        Ok(resp) => Ok(AnswerBody::new(resp, Holds::Stream { _slot: stream })),
+                        // The new connection's first stream refused unprocessed, as in
+                        // `send_h2`: the caller may send it again.
+                        Err(e) if refused_unprocessed(&e) => {
+                            self.inner.forget_h2(slot, &conn);
+                            Err(UpstreamError::Refused(e))
+                        }
+                        Err(e) => Err(UpstreamError::Http(e)),
+                    }
                 }
             }
         }
