@@ -5,7 +5,7 @@
 mod support;
 
 use support::gateway::GatewayBuilder;
-use support::mock::{MockUpstream, Script};
+use support::mock::{MockUpstream, Script, SseEvent};
 
 const OAUTH: &str = "sk-ant-oat01-client-own-login-0123456789";
 const BETA: &str = "oauth-2025-04-20,claude-code-20250219";
@@ -171,6 +171,43 @@ async fn a_refused_client_login_is_the_callers_error_and_no_credential_skips_the
     assert_eq!(r.header("x-ccgate-endpoint"), Some("keyed"));
     assert_eq!(r.header("x-ccgate-attempts"), Some("1"));
     assert_eq!(sub.count(), before);
+    gw.shutdown().await;
+}
+
+/// A stream that fails after its content began, with an `error` event echoing the client's
+/// login: the client's stream ends with it (it is the client's own), but the endpoint's views
+/// and the failure queue keep the message scrubbed (audit: the login was shown in `last_error`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_error_echoing_the_clients_login_is_kept_scrubbed() {
+    let sub = MockUpstream::start().await;
+    let gw = GatewayBuilder::new()
+        .health("failure_threshold = 1\nprobe_interval = \"1h\"")
+        .endpoint("sub", &sub.url(), "credential = \"client\"")
+        .start()
+        .await;
+    let mut events = SseEvent::message_stream(2);
+    events.truncate(4);
+    events.push(SseEvent::error("api_error", &format!("boom {OAUTH}")));
+    sub.push(Script::sse_events(events));
+    let login = [("authorization", &*format!("Bearer {OAUTH}"))];
+    let r = gw
+        .post(
+            "/v1/messages",
+            &login,
+            &support::gateway::TestGateway::message_body(true),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().contains("event: error"), "{}", r.text());
+    gw.settle().await;
+    let view = gw.endpoint_view("sub").await;
+    assert_eq!(view["state"], "ejected", "{view}");
+    let message = view["last_error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("boom ***"), "{view}");
+    for path in ["endpoints", "failure-queue", "events", "requests"] {
+        let v = gw.admin(path).await;
+        assert!(!v.to_string().contains("oat01"), "{path}: {v}");
+    }
     gw.shutdown().await;
 }
 

@@ -40,7 +40,34 @@ pub struct Prepared {
     pub metadata: Option<Bytes>,
     /// The client's own `authorization` / `x-api-key` (marked sensitive), forwarded only to
     /// endpoints with `credential = "client"`; never logged, stored or shown.
-    client_credential: Vec<(HeaderName, http::HeaderValue)>,
+    client_credential: ClientCredential,
+}
+
+/// The client's own credential headers (marked sensitive): what `credential = "client"`
+/// endpoints are sent, and what is scrubbed from anything an upstream says (it may echo the
+/// credential it got) before that is logged, shown or stored. Empty for most requests: an
+/// endpoint with a key of its own never sees it.
+#[derive(Clone, Debug, Default)]
+pub struct ClientCredential(Vec<(HeaderName, http::HeaderValue)>);
+
+impl ClientCredential {
+    /// Whether the client sent none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// `text` with the credential replaced by `***` (a `Bearer` token without its scheme).
+    pub fn scrub(&self, text: &str) -> String {
+        let mut out = text.to_string();
+        for (_, value) in &self.0 {
+            let v = value.to_str().unwrap_or("");
+            let v = v.split_once(' ').map_or(v, |(_, t)| t.trim());
+            if v.len() >= 4 {
+                out = out.replace(v, "***");
+            }
+        }
+        out
+    }
 }
 
 /// What a 2xx answer to a request must be. The Messages endpoints answer SSE to `stream: true` and
@@ -155,11 +182,11 @@ impl Prepared {
         strip_hop_by_hop(&mut headers);
         headers.remove(header::HOST);
         headers.remove(header::CONTENT_LENGTH);
-        let mut client_credential = Vec::new();
+        let mut client_credential = ClientCredential::default();
         for name in [header::AUTHORIZATION, X_API_KEY.clone()] {
             if let Some(mut value) = headers.remove(&name) {
                 value.set_sensitive(true);
-                client_credential.push((name, value));
+                client_credential.0.push((name, value));
             }
         }
         // Answers are judged by what they say (a stream by its events, a JSON answer by parsing
@@ -203,15 +230,12 @@ impl Prepared {
     /// `text` with the client's own credential replaced by `***` (an upstream may echo the
     /// credential it refused).
     pub fn scrub(&self, text: &str) -> String {
-        let mut out = text.to_string();
-        for (_, value) in &self.client_credential {
-            let v = value.to_str().unwrap_or("");
-            let v = v.split_once(' ').map_or(v, |(_, t)| t.trim());
-            if v.len() >= 4 {
-                out = out.replace(v, "***");
-            }
-        }
-        out
+        self.client_credential.scrub(text)
+    }
+
+    /// The client's own credential.
+    pub fn client_credential(&self) -> &ClientCredential {
+        &self.client_credential
     }
 
     /// The request for one endpoint, with its credential set and its model mapping applied.
@@ -240,7 +264,7 @@ impl Prepared {
                 strip_oauth_beta(req.headers_mut());
             }
             None => {
-                for (name, value) in &self.client_credential {
+                for (name, value) in &self.client_credential.0 {
                     req.headers_mut().insert(name.clone(), value.clone());
                 }
             }

@@ -430,7 +430,7 @@ fn forward_request(
                 ep: &ep,
                 attempts: tried.len(),
                 fallback,
-                method: &req.method,
+                req: &req,
             };
             // Bodiless answers are complete with their headers.
             let bodiless = req.method == Method::HEAD
@@ -617,7 +617,7 @@ struct Commit<'a> {
     ep: &'a Arc<Endpoint>,
     attempts: u32,
     fallback: bool,
-    method: &'a Method,
+    req: &'a Prepared,
 }
 
 impl Commit<'_> {
@@ -640,7 +640,7 @@ impl Commit<'_> {
             ep,
             attempts,
             fallback,
-            method,
+            req,
         } = self;
         guard.served_by(ep, attempts, parts.status.as_u16());
         guard.note_first_byte();
@@ -668,8 +668,9 @@ impl Commit<'_> {
                 tally: gw.usage.clone(),
                 live: Arc::clone(&gw.live_usage),
             }))
-            .scrubbing(stream.then(|| Arc::clone(&gw.registry)));
-        relay_response(parts, relay, ep, attempts, fallback, method)
+            .scrubbing(stream.then(|| Arc::clone(&gw.registry)))
+            .scrubbing_client(req.client_credential());
+        relay_response(parts, relay, ep, attempts, fallback, &req.method)
     }
 }
 

@@ -16,6 +16,7 @@ use crate::health::attempt::Attempt;
 use crate::health::classify::{Outcome, TransportKind, classify_sse_error};
 use crate::health::registry::Registry;
 use crate::health::totals::RequestGuard;
+use crate::proxy::forward::ClientCredential;
 use crate::proxy::scrub;
 use crate::proxy::usage::LiveUsage;
 use crate::proxy::usage::UsageTally;
@@ -69,6 +70,9 @@ pub struct RelayBody {
     /// The frames of an upstream `error` event under way, held until it ends and is scrubbed
     /// whole (a secret may lie across two frames).
     error_held: Vec<u8>,
+    /// The client's own credential, scrubbed from the attempt's error text (an upstream's
+    /// `error` event may echo it), which the endpoint's views and the failure queue show.
+    client_credential: ClientCredential,
 }
 
 /// A relayed answer's way into the usage tally: streams report usage through their scanner; a
@@ -130,6 +134,7 @@ impl RelayBody {
             usage: None,
             secrets: None,
             error_held: Vec::new(),
+            client_credential: ClientCredential::default(),
         };
         if relay.upstream.is_none() && relay.held.is_empty() {
             // An empty body read whole: nothing will be polled.
@@ -166,6 +171,15 @@ impl RelayBody {
     /// may echo the key, as error answers can), as the error answers that are not streams are.
     pub fn scrubbing(mut self, reg: Option<Arc<Registry>>) -> Self {
         self.secrets = reg;
+        self
+    }
+
+    /// Scrubs the client's own credential from what the upstream says went wrong, before the
+    /// attempt records it (the client's stream itself may carry it: the client sent it).
+    pub fn scrubbing_client(mut self, credential: &ClientCredential) -> Self {
+        if !credential.is_empty() {
+            self.client_credential = credential.clone();
+        }
         self
     }
 
@@ -207,6 +221,12 @@ impl RelayBody {
         }
         self.usage = None;
         if let Some(a) = self.attempt.take() {
+            let detail = match detail {
+                Some(d) if !self.client_credential.is_empty() => {
+                    Some(self.client_credential.scrub(&d))
+                }
+                d => d,
+            };
             a.finish(outcome, detail);
         }
         if let Some(r) = self.request.take() {
