@@ -108,6 +108,12 @@ pub enum ReloadError {
     /// An endpoint's client could not be built.
     #[error(transparent)]
     Client(#[from] crate::transport::upstream::ClientError),
+    /// The new config has no access token, and the running listener is beyond loopback (the
+    /// file's own `listen` may be loopback: it applies only at restart).
+    #[error(
+        "server.access_token: this gateway listens on {0}, not a loopback address; a config without an access token would leave it open to anyone who can reach it"
+    )]
+    Exposed(SocketAddr),
 }
 
 impl Handle {
@@ -131,6 +137,10 @@ impl Handle {
     /// Swaps in the gateway for `config`, continuing the current one.
     pub async fn reload_with(&self, config: Config) -> Result<ReloadReport, ReloadError> {
         let _one_at_a_time = self.reloading.lock().await;
+        let listen = self.current().config.server.listen;
+        if !listen.ip().is_loopback() && config.server.access_token.is_none() {
+            return Err(ReloadError::Exposed(listen));
+        }
         let (next, report) = self.current().reloaded(config)?;
         let next = Arc::new(next);
         self.current.store(Arc::clone(&next));
@@ -147,6 +157,9 @@ impl Handle {
             kept = ?report.kept,
             "configuration reloaded"
         );
+        for setting in &report.restart_needed {
+            tracing::warn!("reload: {setting}");
+        }
         Ok(report)
     }
 
@@ -506,11 +519,12 @@ impl Connections {
     fn serve(&self, stream: TcpStream, slot: ConnectionSlot, handle: Arc<Handle>) {
         let builders = Arc::clone(&self.builders);
         let watcher = self.graceful.watcher();
-        let closing = self.closing.subscribe();
+        let mut closing = self.closing.subscribe();
         let header_timeout = self.header_timeout;
         tokio::spawn(async move {
-            // A connection that closes, or sends nothing before the head's deadline, is done.
-            let Some(http1) = starts_http1(&stream, header_timeout).await else {
+            // A connection that closes, or sends nothing before the head's deadline or the
+            // shutdown, is done.
+            let Some(http1) = starts_http1(&stream, header_timeout, &mut closing).await else {
                 drop(slot);
                 return;
             };
@@ -707,14 +721,27 @@ impl Body for Counted {
 /// Whether a new connection's first bytes rule out HTTP/2's preface, read without consuming
 /// them; `None` when the client closed, or sent nothing before `deadline`. Bytes that could still
 /// begin the preface (a client that sent only `P`, say) are left to the auto builder to read.
-async fn starts_http1(stream: &TcpStream, deadline: Option<Duration>) -> Option<bool> {
+/// A connection that has sent nothing when shutdown begins (a client's spare connection, opened
+/// ahead of need) is closed then too: it holds no request, and the shutdown would otherwise wait
+/// out its whole limit for it.
+async fn starts_http1(
+    stream: &TcpStream,
+    deadline: Option<Duration>,
+    closing: &mut watch::Receiver<bool>,
+) -> Option<bool> {
     let mut head = [0u8; H2_PREFACE.len()];
-    let peek = stream.peek(&mut head);
-    let n = match deadline {
-        Some(d) => tokio::time::timeout(d, peek).await.ok()?,
-        None => peek.await,
-    }
-    .ok()?;
+    let peek = async {
+        let peek = stream.peek(&mut head);
+        match deadline {
+            Some(d) => tokio::time::timeout(d, peek).await.ok(),
+            None => Some(peek.await),
+        }
+    };
+    let n = tokio::select! {
+        biased;
+        n = peek => n?.ok()?,
+        _ = closing.wait_for(|closing| *closing) => return None,
+    };
     (n > 0).then(|| !H2_PREFACE.starts_with(&head[..n]))
 }
 
@@ -986,8 +1013,9 @@ mod tests {
             while server.peek(&mut seen).await.expect("peek") < sent.len() {
                 tokio::task::yield_now().await;
             }
+            let (_open, mut closing) = watch::channel(false);
             assert_eq!(
-                starts_http1(&server, None).await,
+                starts_http1(&server, None, &mut closing).await,
                 Some(http1),
                 "{:?}",
                 String::from_utf8_lossy(sent)
@@ -998,17 +1026,21 @@ mod tests {
         }
     }
 
-    /// A client that closes without a byte, or sends nothing before the head's deadline, is not
-    /// served at all.
+    /// A client that closes without a byte, or sends nothing before the head's deadline or the
+    /// shutdown, is not served at all.
     #[tokio::test(start_paused = true)]
     async fn a_silent_connection_is_dropped() {
+        let (open, mut closing) = watch::channel(false);
         let (client, server) = pair().await;
         drop(client);
-        assert_eq!(starts_http1(&server, None).await, None);
+        assert_eq!(starts_http1(&server, None, &mut closing).await, None);
         let (_client, server) = pair().await;
         assert_eq!(
-            starts_http1(&server, Some(Duration::from_secs(30))).await,
+            starts_http1(&server, Some(Duration::from_secs(30)), &mut closing).await,
             None
         );
+        let (_client, server) = pair().await;
+        open.send_replace(true);
+        assert_eq!(starts_http1(&server, None, &mut closing).await, None);
     }
 }

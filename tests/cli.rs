@@ -279,6 +279,31 @@ async fn idle_server_exits_zero_on_sigint() {
     assert!(TcpStream::connect(addr).await.is_err(), "still listening");
 }
 
+/// A client connection that has sent nothing (a pool's spare connection, opened ahead of need)
+/// does not hold the shutdown for its whole limit (audit: SIGTERM took the full 30 s).
+#[tokio::test]
+async fn a_connection_that_sent_nothing_does_not_hold_the_shutdown() {
+    let up = MockUpstream::start().await;
+    let sb = Sandbox::new();
+    let cfg = sb.write(
+        "ccgate.toml",
+        &one_endpoint(&up.url(), "k", "shutdown_timeout = \"20s\""),
+    );
+    let gw = start(sb.command(&["serve", "--config", cfg.to_str().expect("utf-8")])).await;
+    let _silent = TcpStream::connect(gw.addr).await.expect("connect");
+    // Accepted in order: once a later connection is answered, the silent one has been taken.
+    assert_eq!(get(gw.addr, "/_ccgate/health", &[]).await.status, 200);
+    let t0 = Instant::now();
+    gw.signal("TERM");
+    let f = gw.finish().await;
+    let took = t0.elapsed();
+    assert_eq!(f.status.code(), Some(0), "{}", f.output());
+    assert!(
+        took < Duration::from_secs(10),
+        "the silent connection held the shutdown for {took:?}"
+    );
+}
+
 #[tokio::test]
 async fn shutdown_timeout_bounds_the_drain() {
     let up = MockUpstream::start().await;

@@ -181,7 +181,7 @@ async fn a_refused_client_login_is_the_callers_error_and_no_credential_skips_the
 async fn a_stream_error_echoing_the_clients_login_is_kept_scrubbed() {
     let sub = MockUpstream::start().await;
     let gw = GatewayBuilder::new()
-        .health("failure_threshold = 1\nprobe_interval = \"1h\"")
+        .health("failure_threshold = 1")
         .endpoint("sub", &sub.url(), "credential = \"client\"")
         .start()
         .await;

@@ -328,3 +328,71 @@ async fn served(gw: &TestGateway, session: &str, body: &serde_json::Value) -> St
     assert_eq!(a.status, 200, "{}", a.text());
     a.header("x-ccgate-endpoint").expect("endpoint").to_owned()
 }
+
+/// A reload cannot take the access token away from a gateway listening beyond loopback, even
+/// when the file's own `listen` (applied only at restart) is loopback (audit: the token was
+/// dropped and the gateway served anyone). Settings only a restart applies are named in the
+/// reload's answer instead of being dropped silently; new connection settings reach kept
+/// endpoints (new pools).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_keeps_the_token_beyond_loopback_and_names_what_needs_a_restart() {
+    let a = MockUpstream::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("config.toml");
+    let tail = format!(
+        "[storage]\nenabled = false\n{}",
+        endpoint("a", &a.url(), "")
+    );
+    // `::ffff:127.0.0.1` is not a loopback address to the check, yet stays on this machine.
+    let first =
+        format!("[server]\nlisten = \"[::ffff:127.0.0.1]:0\"\naccess_token = \"tok-1234\"\n{tail}");
+    write(&path, &first);
+    let config = Config::from_toml(&first, "test", &|_: &str| None).expect("config");
+    let gw = TestGateway::start_with_source(config, Some(path.clone())).await;
+    let token = [("x-ccgate-token", "tok-1234")];
+    let body = TestGateway::message_body(false);
+
+    // Without the token line, with or without a loopback `listen`: refused, the token stays.
+    for listen in ["[::ffff:127.0.0.1]:0", "127.0.0.1:0"] {
+        write(&path, &format!("[server]\nlisten = \"{listen}\"\n{tail}"));
+        let r = gw
+            .request(Method::POST, "/_ccgate/reload", &token, Bytes::new())
+            .await;
+        assert_eq!(r.status, 400, "{listen}: {}", r.text());
+        assert!(r.text().contains("not a loopback address"), "{}", r.text());
+        assert_eq!(gw.post("/v1/messages", &[], &body).await.status, 401);
+    }
+
+    // With the token, a new `listen` and `workers`: reloaded, and both named as needing a
+    // restart; a new connect timeout gives the kept endpoint a new pool.
+    assert_eq!(gw.post("/v1/messages", &token, &body).await.status, 200);
+    let before = a.connections_accepted();
+    write(
+        &path,
+        &format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nworkers = 7\naccess_token = \"tok-1234\"\n[timeouts]\nconnect = \"3s\"\n{tail}"
+        ),
+    );
+    let r = gw
+        .request(Method::POST, "/_ccgate/reload", &token, Bytes::new())
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["kept"], serde_json::json!(["a"]), "{v}");
+    let needed = v["restart_needed"].to_string();
+    assert!(needed.contains("server.listen"), "{v}");
+    assert!(needed.contains("server.workers"), "{v}");
+    assert_eq!(gw.post("/v1/messages", &token, &body).await.status, 200);
+    assert_eq!(a.connections_accepted(), before + 1, "a new pool");
+
+    // The same file again: the same two still wait for a restart, and the pool is kept.
+    let r = gw
+        .request(Method::POST, "/_ccgate/reload", &token, Bytes::new())
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["restart_needed"].as_array().map(Vec::len), Some(2), "{v}");
+    assert_eq!(gw.post("/v1/messages", &token, &body).await.status, 200);
+    assert_eq!(a.connections_accepted(), before + 1, "the pool kept");
+    gw.shutdown().await;
+}

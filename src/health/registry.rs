@@ -68,6 +68,10 @@ pub struct ReloadReport {
     pub changed: Vec<String>,
     /// Endpoints carried over with their counters and health.
     pub kept: Vec<String>,
+    /// Settings the file changed that only a restart applies (`server.listen`, `[storage]`, ...),
+    /// each with what stays in force until then.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub restart_needed: Vec<String>,
 }
 
 /// All endpoints and their shared state.
@@ -104,8 +108,13 @@ impl Registry {
 
     /// Builds the registry for a reloaded config, continuing `old`: endpoints whose config is
     /// unchanged (or changed only in `enabled`) keep their counters, health, failure-queue entry
-    /// and connection pool; the gateway totals, queue statistics and clock carry on.
-    pub fn reloaded(config: &Config, old: &Registry) -> Result<(Self, ReloadReport), ClientError> {
+    /// and — when `pools_kept` (the settings connections are made with are the same) — their
+    /// connection pool; the gateway totals, queue statistics and clock carry on.
+    pub fn reloaded(
+        config: &Config,
+        old: &Registry,
+        pools_kept: bool,
+    ) -> Result<(Self, ReloadReport), ClientError> {
         let clock = old.clock;
         let (queue, recorder) = health_state(config, clock);
         let mut report = ReloadReport::default();
@@ -125,7 +134,12 @@ impl Registry {
                     }
                     moved.push((p.idx, idx));
                     report.kept.push(e.name.clone());
-                    Endpoint::with_live(idx, e, p.client.clone(), Arc::clone(&p.live))
+                    let client = if pools_kept {
+                        p.client.clone()
+                    } else {
+                        fresh_endpoint(config, idx, e)?.client
+                    };
+                    Endpoint::with_live(idx, e, client, Arc::clone(&p.live))
                 }
                 None => {
                     if previous.is_some() {

@@ -75,10 +75,20 @@ impl Gateway {
         (Self, crate::health::registry::ReloadReport),
         crate::transport::upstream::ClientError,
     > {
+        let restart_needed = restart_needed(&self.config, &config);
+        // What is read at start stays as it was: the listener, the database (the one opened at
+        // start), the serving threads and the connection cap, the ring and cluster mode.
         config.server.listen = self.config.server.listen;
-        // The database stays the one opened at start (changing it needs a restart).
+        config.server.workers = self.config.server.workers;
+        config.server.max_connections = self.config.server.max_connections;
         config.storage = self.config.storage.clone();
-        let (registry, report) = Registry::reloaded(&config, &self.registry)?;
+        config.requests.ring_size = self.config.requests.ring_size;
+        config.cluster = self.config.cluster.clone();
+        // New connections are made with the new settings: kept endpoints get new pools.
+        let pools_kept = config.timeouts.connect == self.config.timeouts.connect
+            && config.server.max_idle_upstream == self.config.server.max_idle_upstream;
+        let (registry, mut report) = Registry::reloaded(&config, &self.registry, pools_kept)?;
+        report.restart_needed = restart_needed;
         let clock = registry.clock;
         // A changed endpoint (its weight, say) keeps its name and place: the sessions bound to
         // it stay, and so do all the others.
@@ -178,4 +188,42 @@ static TOKEN_HEADERS: [&HeaderName; 3] = [&CCGATE_TOKEN, &X_API_KEY, &header::AU
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The settings in `new` that differ from the running `old` and that only a restart applies,
+/// each said with what stays in force.
+fn restart_needed(old: &Config, new: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    let (o, n) = (&old.server, &new.server);
+    if n.listen != o.listen {
+        out.push(format!(
+            "server.listen: still {} until restarted (the file says {})",
+            o.listen, n.listen
+        ));
+    }
+    if n.workers != o.workers {
+        out.push(format!(
+            "server.workers: still {} until restarted",
+            o.workers
+        ));
+    }
+    if n.max_connections != o.max_connections {
+        out.push(format!(
+            "server.max_connections: still {} until restarted",
+            o.max_connections
+        ));
+    }
+    if new.requests.ring_size != old.requests.ring_size {
+        out.push(format!(
+            "requests.ring_size: still {} until restarted",
+            old.requests.ring_size
+        ));
+    }
+    if new.storage != old.storage {
+        out.push("[storage]: the database opened at start stays in use until restarted".into());
+    }
+    if new.cluster != old.cluster {
+        out.push("[cluster]: cluster mode stays as it started until restarted".into());
+    }
+    out
 }
