@@ -137,12 +137,15 @@ impl Handle {
     /// Swaps in the gateway for `config`, continuing the current one.
     pub async fn reload_with(&self, config: Config) -> Result<ReloadReport, ReloadError> {
         let _one_at_a_time = self.reloading.lock().await;
-        let listen = self.current().config.server.listen;
+        let current = self.current();
+        let listen = current.config.server.listen;
         if !listen.ip().is_loopback() && config.server.access_token.is_none() {
             return Err(ReloadError::Exposed(listen));
         }
-        let (next, report) = self.current().reloaded(config)?;
+        let (next, report) = current.reloaded(config)?;
         let next = Arc::new(next);
+        // The cells the reload replaces are written even if no flush has seen them yet.
+        self.persist.follow(&current);
         self.current.store(Arc::clone(&next));
         if let Some(node) = self.cluster.clone() {
             // Off the reload's path: Redis may be slow or away (the link resyncs on reconnect).

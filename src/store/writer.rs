@@ -53,6 +53,19 @@ pub(crate) struct Books {
     pub(crate) error: Option<String>,
 }
 
+impl Books {
+    /// Follows `ep`'s counter cell from now on, if it is not yet followed: the whole of what it
+    /// counted is still to be written.
+    fn follow(&mut self, ep: &Arc<crate::health::endpoint::Endpoint>) {
+        let key = Arc::as_ptr(&ep.live) as usize;
+        self.tracked.entry(key).or_insert_with(|| Tracked {
+            name: ep.name.clone(),
+            live: Arc::clone(&ep.live),
+            written: Counters::default(),
+        });
+    }
+}
+
 /// The gateway's persistence: the database (until the writer takes it), the usage tally, and the
 /// books the views read `lifetime` and episodes from. Shared by every gateway of one process.
 pub struct Persist {
@@ -135,6 +148,19 @@ impl Persist {
         self.tally.clone()
     }
 
+    /// Starts following the counter cells of `gw`, which a reload is about to replace: what
+    /// they counted since the last flush is written by the next one, even when they were made
+    /// and replaced between two flushes (the flush itself finds only the cells in service).
+    pub fn follow(&self, gw: &Gateway) {
+        if !self.is_active() {
+            return;
+        }
+        let mut books = self.books.lock();
+        for ep in &gw.registry.endpoints {
+            books.follow(ep);
+        }
+    }
+
     /// Cumulative counters of the endpoint named `name` whose live cell is `live`: what the
     /// database holds plus what happened since the last flush, for every cell of that name.
     pub fn lifetime(&self, name: &str, live: &Arc<Live>) -> Counters {
@@ -194,12 +220,8 @@ impl Persist {
             .iter()
             .map(|e| (Arc::as_ptr(&e.live) as usize, e))
             .collect();
-        for (key, ep) in &current {
-            books.tracked.entry(*key).or_insert_with(|| Tracked {
-                name: ep.name.clone(),
-                live: Arc::clone(&ep.live),
-                written: Counters::default(),
-            });
+        for ep in current.values() {
+            books.follow(ep);
         }
         let mut endpoint_deltas: HashMap<String, Counters> = HashMap::new();
         let mut cells = Vec::with_capacity(books.tracked.len());
