@@ -289,6 +289,11 @@ impl Server {
         source: Option<PathBuf>,
     ) -> Result<Self, StartError> {
         let addr = config.server.listen;
+        // The address first: a start that cannot listen changes nothing (opening the database
+        // closes the last run's attempts in flight).
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { addr, source })?;
         let mut gateway = Gateway::new(config)?;
         let persist = crate::store::attach(&mut gateway).await;
         let cluster = match &gateway.config.cluster {
@@ -301,9 +306,6 @@ impl Server {
             None => None,
         };
         let gateway = Arc::new(gateway);
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartError::Bind { addr, source })?;
         let handle = Arc::new(Handle {
             current: ArcSwap::new(gateway),
             persist,

@@ -233,6 +233,62 @@ async fn counts_of_an_endpoint_changed_between_two_flushes_are_written() {
     gw.shutdown().await;
 }
 
+/// A second gateway on a database in use serves without it and says why; the first one's
+/// attempt in flight is not closed as lost behind its back (audit: a second start, even one
+/// that then failed to bind, counted the first one's open streams as cancelled for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_gateway_on_a_database_in_use_leaves_it_alone() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let db = dir.path().join("ccgate.db");
+    let a = MockUpstream::start().await;
+    let gate = support::mock::Gate::new();
+    a.push(Script::sse_ok(3).gate_after(4, gate.clone()));
+    let config = GatewayBuilder::new()
+        .table("storage", &format!("path = \"{}\"", db.display()))
+        .table("storage", "flush_interval = \"20ms\"")
+        .endpoint("a", &a.url(), "")
+        .config();
+    let first = TestGateway::start(config.clone()).await;
+    let stream = first
+        .send(
+            Method::POST,
+            "/v1/messages",
+            &[("content-type", "application/json")],
+            Bytes::from(TestGateway::message_body(true).to_string()),
+        )
+        .await;
+    assert_eq!(stream.status(), StatusCode::OK);
+    gate.wait_arrived(1).await;
+    // A flush has written the attempt in flight.
+    let flushed = first.admin("stats").await["storage"]["last_flush"].clone();
+    eventually_some("a flush with the stream open", || async {
+        let s = first.admin("stats").await;
+        (s["storage"]["last_flush"] != flushed).then_some(())
+    })
+    .await;
+
+    let second = TestGateway::start(config.clone()).await;
+    let stats = second.admin("stats").await;
+    assert_eq!(stats["storage"]["enabled"], false, "{stats}");
+    let error = stats["storage"]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("in use by another running ccgate"),
+        "{stats}"
+    );
+    second.shutdown().await;
+
+    gate.open();
+    let body = stream.into_body().collect().await.expect("body").to_bytes();
+    assert!(String::from_utf8_lossy(&body).contains("message_stop"));
+    first.settle().await;
+    first.shutdown().await;
+
+    let third = TestGateway::start(config).await;
+    let view = third.endpoint_view("a").await;
+    assert_eq!(four(&view["lifetime"]), [1, 1, 0, 0], "{view}");
+    third.shutdown().await;
+}
+
 /// A database that cannot be opened does not stop the gateway: it serves, and says why.
 #[tokio::test]
 async fn unusable_database_serves_without_persistence() {

@@ -333,12 +333,12 @@ impl fmt::Display for Source {
 /// finally the `ANTHROPIC_*` environment. Returns the config and where it came from.
 pub fn load(explicit: Option<&Path>, env: &dyn Env) -> anyhow::Result<(Config, Source)> {
     let resolved = resolve_config_path(explicit, env);
-    if let Some((path, chosen)) = &resolved {
-        if path.exists() || *chosen {
-            warn_if_readable_by_others(path);
-            let config = Config::load(path, env)?;
-            return Ok((config, Source::File(path.clone())));
-        }
+    if let Some((path, chosen)) = &resolved
+        && (path.exists() || *chosen)
+    {
+        warn_if_readable_by_others(path);
+        let config = Config::load(path, env)?;
+        return Ok((config, Source::File(path.clone())));
     }
     if let Some(result) = Config::from_anthropic_env(env) {
         return Ok((result?, Source::AnthropicEnv));

@@ -273,11 +273,11 @@ impl AdminClient {
             )
             .body(ReplayBody::from(Bytes::new()))
             .map_err(|e| CallError(format!("{uri}: {e}")))?;
-        if let Some(t) = &self.target.token {
-            if let Ok(mut v) = http::HeaderValue::from_str(t.expose()) {
-                v.set_sensitive(true);
-                req.headers_mut().insert("x-api-key", v);
-            }
+        if let Some(t) = &self.target.token
+            && let Ok(mut v) = http::HeaderValue::from_str(t.expose())
+        {
+            v.set_sensitive(true);
+            req.headers_mut().insert("x-api-key", v);
         }
         let fut = async {
             let resp = self.client.request(req).await.map_err(|e| {

@@ -89,15 +89,15 @@ pub(super) fn validate_cluster(
 ) -> Option<ClusterSettings> {
     let raw = raw.as_ref()?;
     let url = secret_url(raw, p, env);
-    if let Some((secret, at)) = &url {
-        if let Some(m) = url_problem(secret.expose()) {
-            let key = if raw.redis_url.is_some() {
-                "cluster.redis_url"
-            } else {
-                "cluster.redis_url_env"
-            };
-            p.at(at, key, m);
-        }
+    if let Some((secret, at)) = &url
+        && let Some(m) = url_problem(secret.expose())
+    {
+        let key = if raw.redis_url.is_some() {
+            "cluster.redis_url"
+        } else {
+            "cluster.redis_url_env"
+        };
+        p.at(at, key, m);
     }
     let key_prefix = match &raw.key_prefix {
         None => DEFAULT_KEY_PREFIX.to_owned(),

@@ -163,13 +163,12 @@ pub(super) fn validate_endpoint(
         .as_ref()
         .map(|m| m.get_ref().clone())
         .unwrap_or_default();
-    if let Some(m) = &ep.model_map {
-        if m.get_ref()
+    if let Some(m) = &ep.model_map
+        && m.get_ref()
             .iter()
             .any(|(k, v)| k.is_empty() || v.is_empty())
-        {
-            p.at(m, key("model_map"), "model names must not be empty");
-        }
+    {
+        p.at(m, key("model_map"), "model names must not be empty");
     }
     let models = ep.models.as_ref().map(|m| {
         let list = m.get_ref();
@@ -186,14 +185,14 @@ pub(super) fn validate_endpoint(
         ModelPatterns::new(list.clone())
     });
     let ca_file = ep.ca_file.as_ref().map(|f| PathBuf::from(f.get_ref()));
-    if let (Some(f), Some(path)) = (&ep.ca_file, &ca_file) {
-        if !path.is_file() {
-            p.at(
-                f,
-                key("ca_file"),
-                format!("`{}` is not a readable file", path.display()),
-            );
-        }
+    if let (Some(f), Some(path)) = (&ep.ca_file, &ca_file)
+        && !path.is_file()
+    {
+        p.at(
+            f,
+            key("ca_file"),
+            format!("`{}` is not a readable file", path.display()),
+        );
     }
     let probe = match &ep.probe {
         None => default_probe,

@@ -68,18 +68,18 @@ pub(super) fn validate(raw: RawConfig, p: &mut Problems<'_>, env: &dyn Env) -> C
     // endpoint.
     let mut names: BTreeMap<&str, usize> = BTreeMap::new();
     for (i, ep) in raw.endpoints.iter().enumerate() {
-        if let Some(name) = &ep.get_ref().name {
-            if let Some(first) = names.insert(name.get_ref(), i) {
-                p.at(
-                    name,
-                    format!("endpoints[{i}].name"),
-                    format!(
-                        "`{}` is already the name of endpoints[{first}]",
-                        name.get_ref()
-                    ),
-                );
-                names.insert(name.get_ref(), first);
-            }
+        if let Some(name) = &ep.get_ref().name
+            && let Some(first) = names.insert(name.get_ref(), i)
+        {
+            p.at(
+                name,
+                format!("endpoints[{i}].name"),
+                format!(
+                    "`{}` is already the name of endpoints[{first}]",
+                    name.get_ref()
+                ),
+            );
+            names.insert(name.get_ref(), first);
         }
     }
     let mut endpoints = Vec::with_capacity(raw.endpoints.len());
@@ -202,15 +202,15 @@ pub(super) fn validate_storage(s: &RawStorage, p: &mut Problems<'_>) -> StorageC
         "storage.flush_interval",
         default.flush_interval,
     );
-    if let Some(v) = &s.flush_interval {
-        if flush_interval < Duration::from_millis(10) || flush_interval > Duration::from_secs(3600)
-        {
-            p.at(
-                v,
-                "storage.flush_interval",
-                format!("`{}` is out of range (10ms..=1h)", v.get_ref()),
-            );
-        }
+    if let Some(v) = &s.flush_interval
+        && (flush_interval < Duration::from_millis(10)
+            || flush_interval > Duration::from_secs(3600))
+    {
+        p.at(
+            v,
+            "storage.flush_interval",
+            format!("`{}` is out of range (10ms..=1h)", v.get_ref()),
+        );
     }
     let path = match &s.path {
         None => None,
@@ -356,10 +356,10 @@ fn parse_listen(s: &str) -> Result<SocketAddr, String> {
     if let Ok(a) = s.parse::<SocketAddr>() {
         return Ok(a);
     }
-    if let Some(port) = s.strip_prefix("localhost:") {
-        if let Ok(port) = port.parse::<u16>() {
-            return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
-        }
+    if let Some(port) = s.strip_prefix("localhost:")
+        && let Ok(port) = port.parse::<u16>()
+    {
+        return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
     }
     Err(format!("`{s}` is not an address like \"127.0.0.1:7860\""))
 }
@@ -409,14 +409,14 @@ fn validate_health(h: &RawHealth, p: &mut Problems<'_>) -> HealthConfig {
         "health.probe_max_interval",
         Duration::from_secs(300),
     );
-    if probe_max_interval < probe_interval {
-        if let Some(v) = &h.probe_max_interval {
-            p.at(
-                v,
-                "health.probe_max_interval",
-                "must not be shorter than health.probe_interval",
-            );
-        }
+    if probe_max_interval < probe_interval
+        && let Some(v) = &h.probe_max_interval
+    {
+        p.at(
+            v,
+            "health.probe_max_interval",
+            "must not be shorter than health.probe_interval",
+        );
     }
     let probe_mode = match &h.probe_mode {
         None => ProbeMode::Models,

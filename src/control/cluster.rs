@@ -280,12 +280,11 @@ impl ClusterNode {
                 }
             };
             tracing::debug!(session = %ch.session, endpoint = %ep.name, result = ?in_force, "cluster: binding written through");
-            if let Ok(bound) = in_force {
-                if bound != id {
-                    if let Some(idx) = self.local_index(gw, &bound) {
-                        affinity.adopt(&ch.session, Some(idx));
-                    }
-                }
+            if let Ok(bound) = in_force
+                && bound != id
+                && let Some(idx) = self.local_index(gw, &bound)
+            {
+                affinity.adopt(&ch.session, Some(idx));
             }
         }
     }

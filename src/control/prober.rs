@@ -60,11 +60,11 @@ pub async fn run_prober_in(
             let ep = Arc::clone(ep);
             let cluster = cluster.clone();
             running.spawn(async move {
-                if let Some(node) = cluster {
-                    if !node.may_probe(&gw, &ep).await {
-                        gw.registry.queue.postpone_probe(ep.idx);
-                        return ep.idx;
-                    }
+                if let Some(node) = cluster
+                    && !node.may_probe(&gw, &ep).await
+                {
+                    gw.registry.queue.postpone_probe(ep.idx);
+                    return ep.idx;
                 }
                 probe_and_record(&gw, &ep).await;
                 ep.idx

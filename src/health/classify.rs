@@ -190,10 +190,10 @@ pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
     let mut offer = |d: Duration| best = Some(best.map_or(d, |b| b.max(d)));
     if let Some(ms) =
         header_str(headers, "retry-after-ms").and_then(|v| v.trim().parse::<f64>().ok())
+        && ms.is_finite()
+        && ms >= 0.0
     {
-        if ms.is_finite() && ms >= 0.0 {
-            offer(Duration::from_secs_f64((ms / 1000.0).min(86_400.0)));
-        }
+        offer(Duration::from_secs_f64((ms / 1000.0).min(86_400.0)));
     }
     if let Some(v) = header_str(headers, "retry-after") {
         if let Ok(secs) = v.trim().parse::<f64>() {
@@ -206,14 +206,14 @@ pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
     }
     for (name, value) in headers {
         let n = name.as_str();
-        if n.starts_with("anthropic-ratelimit-") && n.ends_with("-reset") {
-            if let Some(at) = value
+        if n.starts_with("anthropic-ratelimit-")
+            && n.ends_with("-reset")
+            && let Some(at) = value
                 .to_str()
                 .ok()
                 .and_then(|v| humantime::parse_rfc3339_weak(v.trim()).ok())
-            {
-                offer(at.duration_since(now).unwrap_or_default());
-            }
+        {
+            offer(at.duration_since(now).unwrap_or_default());
         }
     }
     best.map(|d| d.min(Duration::from_secs(86_400)))

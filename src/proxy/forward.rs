@@ -119,13 +119,13 @@ impl Expects {
             ));
         }
         // Identity was asked for (see [`Prepared::new`]): an encoded answer could not be judged.
-        if let Some(enc) = headers.get(header::CONTENT_ENCODING) {
-            if !enc.as_bytes().eq_ignore_ascii_case(b"identity") {
-                return Some(format!(
-                    "answered content-encoding `{}` although identity was asked for",
-                    String::from_utf8_lossy(&enc.as_bytes()[..enc.len().min(100)])
-                ));
-            }
+        if let Some(enc) = headers.get(header::CONTENT_ENCODING)
+            && !enc.as_bytes().eq_ignore_ascii_case(b"identity")
+        {
+            return Some(format!(
+                "answered content-encoding `{}` although identity was asked for",
+                String::from_utf8_lossy(&enc.as_bytes()[..enc.len().min(100)])
+            ));
         }
         None
     }
@@ -544,10 +544,10 @@ pub async fn await_content(mut body: AnswerBody, idle: Duration, limits: &RelayL
                 len += data.len();
                 held.push(data);
                 let facts = scanner.facts();
-                if let Some((ty, msg)) = &facts.error {
-                    if is_failover_error(ty) {
-                        return Preamble::Failed(classify_sse_error(ty), format!("{ty}: {msg}"));
-                    }
+                if let Some((ty, msg)) = &facts.error
+                    && is_failover_error(ty)
+                {
+                    return Preamble::Failed(classify_sse_error(ty), format!("{ty}: {msg}"));
                 }
                 if let Some(what) = &facts.malformed {
                     return Preamble::Failed(

@@ -304,10 +304,9 @@ fn forward_request(
                     .get(b)
                     .is_none_or(|e| !e.live.near_quota_limit(now_ms))
             })
+            && let Some(pos) = ranking.iter().position(|&i| i == bound)
         {
-            if let Some(pos) = ranking.iter().position(|&i| i == bound) {
-                ranking[..=pos].rotate_right(1);
-            }
+            ranking[..=pos].rotate_right(1);
         }
         let mut candidates = ranking.into_iter();
         let mut tried = Tried::default();

@@ -277,17 +277,17 @@ impl RelayBody {
     /// trailer), so the client cannot take a truncated answer for a complete one.
     fn end(&mut self) {
         let (outcome, detail) = self.end_outcome();
-        if let Judge::Stream(sc) = &self.judge {
-            if outcome == Outcome::Transport(TransportKind::Cut) {
-                let message = detail
-                    .as_deref()
-                    .unwrap_or("stream ended before message_stop");
-                self.trailer = Some(closing_error_event(
-                    sc.at_boundary(),
-                    "api_error",
-                    &format!("upstream stream failed: {message}"),
-                ));
-            }
+        if let Judge::Stream(sc) = &self.judge
+            && outcome == Outcome::Transport(TransportKind::Cut)
+        {
+            let message = detail
+                .as_deref()
+                .unwrap_or("stream ended before message_stop");
+            self.trailer = Some(closing_error_event(
+                sc.at_boundary(),
+                "api_error",
+                &format!("upstream stream failed: {message}"),
+            ));
         }
         self.finish(outcome, detail);
     }

@@ -215,6 +215,9 @@ pub struct Store {
     pub(crate) conn: Connection,
     /// The `requests` table's oldest arrival, as far as the writer knows (see [`write_requests`]).
     requests_oldest: OldestBound,
+    /// The exclusive lock on `<database>.lock`, held while the store is open: one gateway per
+    /// database file (a second one would close the first one's attempts in flight as lost).
+    _lock: std::fs::File,
 }
 
 /// `n` as the `i64` that SQLite (and a Prometheus gauge) holds, saturating.
@@ -248,6 +251,34 @@ impl rusqlite::types::FromSql for Count {
 
 /// Creates the database's directory (owner-only when ccgate creates it) and the file itself
 /// owner-only; an existing file that others can read is made owner-only.
+/// Takes the exclusive lock on `<path>.lock` (made owner-only if new), or says which file is in
+/// use. The operating system lets go of it when the process ends, however it ends.
+fn lock_file(path: &Path) -> anyhow::Result<std::fs::File> {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".lock");
+    let lock_path = std::path::PathBuf::from(name);
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let file = opts
+        .open(&lock_path)
+        .with_context(|| format!("cannot open {}", lock_path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "{} is in use by another running ccgate gateway (run one gateway per database file, or give this one its own [storage] path)",
+            path.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("cannot lock {}", lock_path.display()))
+        }
+    }
+}
+
 pub(crate) fn prepare_file(path: &Path) -> anyhow::Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         let mut b = std::fs::DirBuilder::new();
@@ -319,6 +350,7 @@ impl Store {
     /// schema migrated to the current version in one transaction.
     pub fn open(path: &Path) -> anyhow::Result<Self> {
         prepare_file(path)?;
+        let lock = lock_file(path)?;
         let conn = Connection::open(path)
             .with_context(|| format!("cannot open the database {}", path.display()))?;
         conn.busy_timeout(Duration::from_secs(5))?;
@@ -332,6 +364,7 @@ impl Store {
         conn.execute_batch("PRAGMA synchronous = NORMAL;")?;
         let mut store = Self {
             conn,
+            _lock: lock,
             requests_oldest: None,
         };
         store

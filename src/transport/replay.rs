@@ -101,13 +101,13 @@ impl Frames {
             let mut found: [Option<Bytes>; N] = std::array::from_fn(|_| None);
             let mut missing = N;
             for (name, value) in json_top::members(json) {
-                if let Some(i) = keys.iter().position(|k| *k == name) {
-                    if found[i].is_none() {
-                        found[i] = Some(json.slice_ref(value));
-                        missing -= 1;
-                        if missing == 0 {
-                            break;
-                        }
+                if let Some(i) = keys.iter().position(|k| *k == name)
+                    && found[i].is_none()
+                {
+                    found[i] = Some(json.slice_ref(value));
+                    missing -= 1;
+                    if missing == 0 {
+                        break;
                     }
                 }
             }

@@ -1391,14 +1391,13 @@ impl<S: MockStream> Conn<S> {
     // ----- scripts -----
 
     async fn run(&mut self, script: Script, req_keep_alive: bool, is_head: bool) -> After {
-        if let Some(delay) = script.delay_before_headers {
-            if self
+        if let Some(delay) = script.delay_before_headers
+            && self
                 .watch_or_gone(tokio::time::sleep(delay))
                 .await
                 .is_none()
-            {
-                return After::Drop;
-            }
+        {
+            return After::Drop;
         }
         let keep_alive = req_keep_alive && !script.close_connection;
         let done = match script.close_at {

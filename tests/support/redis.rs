@@ -127,12 +127,12 @@ fn spawn_on(port: u16, dir: &std::path::Path) -> Option<Child> {
         if let Ok(Some(_)) = child.try_wait() {
             return None;
         }
-        if let Ok(info) = raw_command(port, "INFO server") {
-            if info.contains(&format!("process_id:{pid}\r")) {
-                return Some(child);
-            }
-            // Another test's server answers on this port: ours will fail to bind.
+        if let Ok(info) = raw_command(port, "INFO server")
+            && info.contains(&format!("process_id:{pid}\r"))
+        {
+            return Some(child);
         }
+        // Another test's server answers on this port: ours will fail to bind.
         if Instant::now() >= until {
             let _ = child.kill();
             let _ = child.wait();
