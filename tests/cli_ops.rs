@@ -1056,3 +1056,47 @@ async fn edits_keep_crlf_line_endings_and_warn_about_a_readable_file() {
         "{after:?}"
     );
 }
+
+/// Edits made at the same moment take turns: each is in the file afterwards (audit: ten
+/// concurrent `add`s left one endpoint in the file, and every command reported success).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_edits_all_land() {
+    let sb = Sandbox::new();
+    let cfg = sb.write(
+        "ccgate.toml",
+        &config(&[("a", "http://127.0.0.1:9", "k")], ""),
+    );
+    let c = cfg_arg(&cfg);
+    let names: Vec<String> = (0..8).map(|i| format!("x{i}")).collect();
+    let edits = names.iter().map(|name| {
+        run(sb.command(&[
+            "endpoints",
+            "add",
+            name,
+            "--config",
+            c,
+            "--base-url",
+            "http://127.0.0.1:9",
+            "--api-key",
+            "k",
+        ]))
+    });
+    let disable = run(sb.command(&["endpoints", "disable", "a", "--config", c]));
+    let (added, disabled) = tokio::join!(futures_util::future::join_all(edits), disable);
+    for f in &added {
+        f.assert_success();
+    }
+    disabled.assert_success();
+    let text = read(&cfg);
+    let loaded =
+        ccgate::config::Config::from_toml(&text, "edited", &|_: &str| None).expect("loads");
+    let mut have: Vec<&str> = loaded.endpoints.iter().map(|e| e.name.as_str()).collect();
+    have.sort_unstable();
+    let mut want = vec!["a"];
+    want.extend(names.iter().map(String::as_str));
+    assert_eq!(have, want, "{text}");
+    assert!(
+        !loaded.endpoints[0].enabled,
+        "the disable was lost:\n{text}"
+    );
+}

@@ -358,6 +358,21 @@ pub fn write_atomic_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     replace(path, bytes, Mode::Exactly(0o600))
 }
 
+/// Holds the directory of `path` (its real file, through a symlink) locked while a command reads,
+/// edits, writes and applies it: two commands at once take turns instead of each writing its
+/// own edit over the other's. The directory, not the file: the file is replaced by a rename at
+/// every write. Unlocked when the returned handle is dropped (or the process ends).
+pub fn lock_for_edit(path: &Path) -> std::io::Result<std::fs::File> {
+    let target = resolve_symlink(path);
+    let dir = match target.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let handle = std::fs::File::open(&dir)?;
+    handle.lock()?;
+    Ok(handle)
+}
+
 /// `edited` with the line endings of `original`: the TOML editor writes `\n`, and a file whose
 /// every line ended in `\r\n` keeps them (only the lines an edit touches may change).
 pub fn keep_line_endings(original: &str, edited: String) -> String {

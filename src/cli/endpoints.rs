@@ -140,6 +140,9 @@ pub fn run_edit(
     env: &dyn Env,
 ) -> anyhow::Result<()> {
     let path = config_path(explicit_config, env)?;
+    // Held until the edit is applied, or taken back: another command's edit waits for it.
+    let _turn = edit::lock_for_edit(&path)
+        .with_context(|| format!("cannot lock the directory of {}", path.display()))?;
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
