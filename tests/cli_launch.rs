@@ -31,6 +31,7 @@ use process::{BIN, DEADLINE, Sandbox, config, post_message, run, set_mode, start
 const STAND_IN: &str = r#"#!/bin/sh
 echo "ANTHROPIC_BASE_URL=${ANTHROPIC_BASE_URL-unset}"
 echo "ANTHROPIC_AUTH_TOKEN=${ANTHROPIC_AUTH_TOKEN-unset}"
+echo "ANTHROPIC_CUSTOM_HEADERS=${ANTHROPIC_CUSTOM_HEADERS-unset}"
 for a in "$@"; do echo "arg=$a"; done
 echo ready
 read how
@@ -313,6 +314,39 @@ async fn claude_run_starts_a_gateway_for_the_session_when_none_answers() {
     // settings.json never written.
     assert!(!sb.claude_settings().exists());
     assert!(!sb.home().join(".claude").exists());
+}
+
+/// With a `credential = "client"` endpoint, `claude run` hands Claude Code the access token as
+/// an `x-ccgate-token` header, not as `ANTHROPIC_AUTH_TOKEN`, which would take the place of its
+/// own login (audit: every request then reached the endpoint without a client credential).
+#[tokio::test]
+async fn claude_run_keeps_claudes_login_for_client_credential_endpoints() {
+    let up = MockUpstream::start().await;
+    let sb = Sandbox::new();
+    sb.write_at(
+        &sb.default_config(),
+        &format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\naccess_token = \"tok-3\"\n\n[[endpoints]]\nname = \"sub\"\nbase_url = \"{}\"\ncredential = \"client\"\n",
+            up.url()
+        ),
+    );
+    let mut l = Launched::spawn(&sb, &["claude", "run"]);
+    let lines = l.until_ready();
+    assert_eq!(var(&lines, "ANTHROPIC_AUTH_TOKEN"), "unset");
+    let headers = var(&lines, "ANTHROPIC_CUSTOM_HEADERS").to_string();
+    assert_eq!(headers, "x-ccgate-token: tok-3");
+    let addr = addr_of(var(&lines, "ANTHROPIC_BASE_URL"));
+
+    // What Claude Code sends with it: its own login, and the header.
+    let (name, value) = headers.split_once(": ").expect("a header line");
+    let login = "Bearer sk-ant-oat01-own-login";
+    let a = post_message(addr, &[("authorization", login), (name, value)]).await;
+    assert_eq!(a.status, 200, "{a:?}");
+    let r = up.received();
+    assert_eq!(r[0].header("authorization"), Some(login));
+    assert_eq!(r[0].header("x-ccgate-token"), None);
+    let (status, stdout, stderr) = l.end(Some("0"));
+    assert_eq!(status.code(), Some(0), "{stdout}\n{stderr}");
 }
 
 #[tokio::test]

@@ -775,6 +775,10 @@ async fn json_logs_carry_the_request_id() {
         };
         cmd.env("RUST_LOG", "info");
         let gw = start(cmd).await;
+        // A failed attempt first: its line names the event once (audit: its `message` field
+        // made two `message` keys, and JSON readers kept the error text instead of the event).
+        up.push(Script::error(500, "api_error", "broken"));
+        assert_eq!(post_message(gw.addr, &[]).await.status, 502);
         let a = post_message(gw.addr, &[]).await;
         assert_eq!(a.status, 200, "{a:?}");
         let id = a
@@ -798,6 +802,20 @@ async fn json_logs_carry_the_request_id() {
             .unwrap_or_else(|| panic!("no log line with request_id {id}\n{}", f.output()));
         assert_eq!(request["message"], "request", "{request}");
         assert_eq!(request["endpoint"], "a", "{request}");
+        let failed = f
+            .stderr
+            .lines()
+            .find(|l| l.contains("attempt failed"))
+            .unwrap_or_else(|| panic!("no `attempt failed` line\n{}", f.output()));
+        assert_eq!(failed.matches("\"message\":").count(), 1, "{failed}");
+        let failed: Value = serde_json::from_str(failed).expect("JSON");
+        assert_eq!(failed["message"], "attempt failed", "{failed}");
+        assert!(
+            failed["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("HTTP 500")),
+            "{failed}"
+        );
         assert_eq!(request["level"], "INFO", "{request}");
         assert!(request["timestamp"].is_string(), "{request}");
     }

@@ -496,7 +496,7 @@ async fn sessions_stay_put_across_instances_and_move_together() {
     // The first binder in Redis wins: whichever instance that was, all converge on its choice.
     post_message(c.addr(0), &session).await;
     // Instance 0's binding is written through to Redis before anyone else asks.
-    let key = format!("GET {}:session:s-cluster-1", c.prefix);
+    let key = format!("GET {}:session:s-cluster-1|claude-sonnet-4-5", c.prefix);
     c.until("the session bound in Redis", || {
         let reply = redis.command(&key);
         async move { reply.starts_with('$') && !reply.starts_with("$-1") }
@@ -550,7 +550,7 @@ async fn sessions_stay_put_across_instances_and_move_together() {
         (seen.iter().all(|s| *s == seen[0]) && seen[0] != bound).then(|| seen[0].clone())
     })
     .await;
-    let key = format!("GET {}:session:s-cluster-1", c.prefix);
+    let key = format!("GET {}:session:s-cluster-1|claude-sonnet-4-5", c.prefix);
     assert!(
         redis.command(&key).contains(&format!("{agreed}@")),
         "Redis holds {agreed}"

@@ -122,3 +122,53 @@ async fn a_disabled_endpoint_does_not_count_as_serving_the_model() {
     assert!(a.received().is_empty() && b.received().is_empty());
     gw.shutdown().await;
 }
+
+/// A session's binding is per model, as the prompt cache is: a Haiku request served by another
+/// endpoint (the preferred one leaves Haiku out) does not move the session's Sonnet traffic off
+/// the preferred endpoint, whichever model came first (audit: one Haiku request moved the whole
+/// session to the second-priority endpoint for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_for_another_model_does_not_move_the_session() {
+    let official = MockUpstream::start().await;
+    let relay = MockUpstream::start().await;
+    let gw = GatewayBuilder::new()
+        .endpoint(
+            "official",
+            &official.url(),
+            "priority = 1\nmodels = [\"claude-sonnet-*\", \"claude-opus-*\"]",
+        )
+        .endpoint("relay", &relay.url(), "priority = 2")
+        .start()
+        .await;
+    for (session, models) in [
+        (
+            "s1",
+            ["claude-sonnet-4-5", "claude-haiku-4-5", "claude-sonnet-4-5"],
+        ),
+        (
+            "s2",
+            ["claude-haiku-4-5", "claude-sonnet-4-5", "claude-sonnet-4-5"],
+        ),
+    ] {
+        for model in models {
+            let r = gw
+                .post(
+                    "/v1/messages",
+                    &[("x-claude-code-session-id", session)],
+                    &body(model, false),
+                )
+                .await;
+            assert_eq!(r.status, 200, "{}", r.text());
+            let want = if model.contains("haiku") {
+                "relay"
+            } else {
+                "official"
+            };
+            assert_eq!(
+                r.header("x-ccgate-endpoint"),
+                Some(want),
+                "{session} {model}"
+            );
+        }
+    }
+}

@@ -587,7 +587,12 @@ proptest! {
         let paths = ccgate::cli::claude::Paths::in_dir(dir.path());
         std::fs::write(&paths.settings, &contents).expect("write");
         let token = token.then_some("tok");
-        match ccgate::cli::claude::enable(&paths, "http://127.0.0.1:7860", token) {
+        match ccgate::cli::claude::enable(
+            &paths,
+            "http://127.0.0.1:7860",
+            token,
+            ccgate::cli::claude::TokenVia::AuthToken,
+        ) {
             Err(_) => {
                 prop_assert_eq!(std::fs::read(&paths.settings).expect("read"), contents);
                 prop_assert!(!paths.backup.exists() && !paths.record.exists());

@@ -1161,12 +1161,13 @@ async fn a_body_of_many_frames_is_forwarded_and_replayed_byte_for_byte() {
         recent["requests"][0]["model"], "claude-frames-1",
         "{recent}"
     );
-    // The session was read from the body's end: it now stays on `b`, which served it, although
-    // `a` ranks first again for everyone else.
+    // The session was read from the body's end: it now stays on `b`, which served it (for its
+    // model), although `a` ranks first again for everyone else.
     d.a.set_default(Script::json_ok());
     for (session, endpoint) in [("frames-1", "b"), ("other", "a")] {
         let user_id = json!({ "session_id": session }).to_string();
-        let small = json!({"model": "m", "messages": [], "metadata": {"user_id": user_id}});
+        let small =
+            json!({"model": "claude-frames-1", "messages": [], "metadata": {"user_id": user_id}});
         let ans = d.post(&small).await;
         assert_eq!(
             ans.header("x-ccgate-endpoint"),

@@ -316,6 +316,56 @@ async fn a_reload_that_changes_one_endpoint_keeps_the_sessions() {
     }
 }
 
+/// A reload that removes one endpoint (and so renumbers the ones after it) keeps every other
+/// session on its endpoint; the removed endpoint's sessions move (audit: removing the first
+/// endpoint moved every session).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_removes_an_endpoint_keeps_the_other_sessions() {
+    let ups = [
+        MockUpstream::start().await,
+        MockUpstream::start().await,
+        MockUpstream::start().await,
+        MockUpstream::start().await,
+    ];
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("config.toml");
+    let text = |from: usize| {
+        let mut t = "[server]\nlisten = \"127.0.0.1:0\"\nstrategy = \"round_robin\"\n".to_owned();
+        for (i, up) in ups.iter().enumerate().skip(from) {
+            t.push_str(&endpoint(&format!("e{i}"), &up.url(), ""));
+        }
+        t
+    };
+    write(&path, &text(0));
+    let config = Config::from_toml(&text(0), "test", &|_: &str| None).expect("config");
+    let gw = TestGateway::start_with_source(config, Some(path.clone())).await;
+    let body = TestGateway::message_body(false);
+    let mut bound = Vec::new();
+    for i in 0..12 {
+        bound.push(served(&gw, &format!("session-{i}"), &body).await);
+    }
+    assert!(bound.iter().any(|e| e == "e0"), "{bound:?}");
+    write(&path, &text(1));
+    let r = reload(&gw).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.json()["removed"],
+        serde_json::json!(["e0"]),
+        "{}",
+        r.text()
+    );
+    let a = gw.post("/v1/messages", &[], &body).await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    for (i, was) in bound.iter().enumerate() {
+        let now = served(&gw, &format!("session-{i}"), &body).await;
+        if was == "e0" {
+            assert_ne!(now, "e0");
+        } else {
+            assert_eq!(&now, was, "session-{i} moved");
+        }
+    }
+}
+
 /// The endpoint that served `session`'s request.
 async fn served(gw: &TestGateway, session: &str, body: &serde_json::Value) -> String {
     let a = gw

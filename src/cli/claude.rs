@@ -27,6 +27,53 @@ pub const BASE_URL_KEY: &str = "ANTHROPIC_BASE_URL";
 /// The key that carries the client credential Claude Code sends.
 pub const AUTH_TOKEN_KEY: &str = "ANTHROPIC_AUTH_TOKEN";
 
+/// The variable Claude Code reads extra request headers from (`Name: Value` lines).
+pub const CUSTOM_HEADERS_KEY: &str = "ANTHROPIC_CUSTOM_HEADERS";
+
+/// How Claude Code presents the gateway's access token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenVia {
+    /// As its credential (`ANTHROPIC_AUTH_TOKEN`): for a gateway whose endpoints hold their own
+    /// keys, so that Claude Code needs no login of its own.
+    AuthToken,
+    /// In an `x-ccgate-token` header (`ANTHROPIC_CUSTOM_HEADERS`): for a gateway with
+    /// `credential = "client"` endpoints, which need Claude Code's own login in `authorization`
+    /// (`ANTHROPIC_AUTH_TOKEN` would take its place).
+    Header,
+}
+
+impl TokenVia {
+    /// The way for a gateway whose config has (or lacks) client-credential endpoints.
+    pub fn for_gateway(client_credential: bool) -> Self {
+        if client_credential {
+            Self::Header
+        } else {
+            Self::AuthToken
+        }
+    }
+
+    /// The variable to set and its value, given what that variable holds now (`current`: other
+    /// custom headers are kept, an old `x-ccgate-token` line is replaced).
+    pub fn variable(self, token: &str, current: Option<&str>) -> (&'static str, String) {
+        match self {
+            Self::AuthToken => (AUTH_TOKEN_KEY, token.to_string()),
+            Self::Header => {
+                let mut lines: Vec<&str> = current
+                    .unwrap_or_default()
+                    .lines()
+                    .filter(|l| {
+                        let name = l.split(':').next().unwrap_or_default().trim();
+                        !l.trim().is_empty() && !name.eq_ignore_ascii_case("x-ccgate-token")
+                    })
+                    .collect();
+                let own = format!("x-ccgate-token: {token}");
+                lines.push(&own);
+                (CUSTOM_HEADERS_KEY, lines.join("\n"))
+            }
+        }
+    }
+}
+
 /// Where Claude Code's settings live, and ccgate's files beside them.
 #[derive(Clone, Debug)]
 pub struct Paths {
@@ -228,8 +275,14 @@ fn write_record(paths: &Paths, record: &Record) -> Result<(), ClaudeError> {
     write_atomic(&paths.record, text.as_bytes(), 0o600).map_err(io_err(&paths.record))
 }
 
-/// Points Claude Code at `url`, with `token` as its credential when the gateway has one.
-pub fn enable(paths: &Paths, url: &str, token: Option<&str>) -> Result<Enabled, ClaudeError> {
+/// Points Claude Code at `url`, with `token` presented `via` the way the gateway needs when it
+/// has one.
+pub fn enable(
+    paths: &Paths,
+    url: &str,
+    token: Option<&str>,
+    via: TokenVia,
+) -> Result<Enabled, ClaudeError> {
     let settings = &paths.settings;
     let original = read_optional(settings)?;
     let mut root = match &original {
@@ -265,11 +318,17 @@ pub fn enable(paths: &Paths, url: &str, token: Option<&str>) -> Result<Enabled, 
             }
         }
     };
-    let mut wanted: Vec<(&'static str, &str)> = vec![(BASE_URL_KEY, url)];
-    if let Some(t) = token {
-        wanted.push((AUTH_TOKEN_KEY, t));
-    }
     let env = env_object(&mut root, settings)?;
+    let mut wanted: Vec<(&'static str, String)> = vec![(BASE_URL_KEY, url.to_string())];
+    if let Some(t) = token {
+        // What the variable held before ccgate set it, not ccgate's own earlier value.
+        let key = via.variable(t, None).0;
+        let before = match record.keys.iter().find(|k| k.key == key) {
+            Some(k) => k.previous.clone(),
+            None => env.get(key).cloned(),
+        };
+        wanted.push(via.variable(t, before.as_ref().and_then(Value::as_str)));
+    }
     // A key set by an earlier enable that is no longer wanted (the gateway dropped its access
     // token): give it back its old value now.
     record.keys.retain(|k| {
@@ -281,14 +340,14 @@ pub fn enable(paths: &Paths, url: &str, token: Option<&str>) -> Result<Enabled, 
     });
     for (key, value) in &wanted {
         match record.keys.iter_mut().find(|k| k.key == *key) {
-            Some(k) => k.set = (*value).to_string(),
+            Some(k) => k.set.clone_from(value),
             None => record.keys.push(KeyRecord {
                 key: (*key).to_string(),
                 previous: env.get(*key).cloned(),
-                set: (*value).to_string(),
+                set: value.clone(),
             }),
         }
-        env.insert((*key).to_string(), Value::String((*value).to_string()));
+        env.insert((*key).to_string(), Value::String(value.clone()));
     }
     let api_key_also_set = env.contains_key("ANTHROPIC_API_KEY");
     let newline = original.as_ref().is_none_or(|b| b.ends_with(b"\n"));
@@ -397,7 +456,13 @@ mod tests {
     #[test]
     fn enable_sets_keys_in_place_and_disable_restores_bytes() {
         let (_d, p) = setup(Some(ORIGINAL));
-        let e = enable(&p, "http://127.0.0.1:7860", Some("tok")).expect("enabled");
+        let e = enable(
+            &p,
+            "http://127.0.0.1:7860",
+            Some("tok"),
+            TokenVia::AuthToken,
+        )
+        .expect("enabled");
         assert_eq!(e.keys, [BASE_URL_KEY, AUTH_TOKEN_KEY]);
         let v: Value = serde_json::from_str(&read(&p.settings)).expect("json");
         let keys: Vec<&String> = v.as_object().expect("object").keys().collect();
@@ -408,16 +473,41 @@ mod tests {
             r#"[("FOO", String("1")), ("ANTHROPIC_BASE_URL", String("http://127.0.0.1:7860")), ("ANTHROPIC_AUTH_TOKEN", String("tok"))]"#
         );
         // Enabling twice keeps the first "before" values.
-        enable(&p, "http://127.0.0.1:9999", None).expect("enabled again");
+        enable(&p, "http://127.0.0.1:9999", None, TokenVia::AuthToken).expect("enabled again");
         assert_eq!(disable(&p).expect("disabled"), Disabled::Restored);
         assert_eq!(read(&p.settings), ORIGINAL);
         assert!(!p.backup.exists() && !p.record.exists());
     }
 
+    /// With `credential = "client"` endpoints the token goes in a header, beside the user's own
+    /// custom headers, and Claude Code's login stays its own; disable gives the headers back.
+    #[test]
+    fn for_client_credential_endpoints_the_token_travels_in_a_header() {
+        let original = "{\"env\": {\"ANTHROPIC_CUSTOM_HEADERS\": \"x-team: blue\"}}\n";
+        let (_d, p) = setup(Some(original));
+        let e = enable(&p, "http://gw", Some("tok"), TokenVia::Header).expect("enabled");
+        assert_eq!(e.keys, [BASE_URL_KEY, CUSTOM_HEADERS_KEY]);
+        let v: Value = serde_json::from_str(&read(&p.settings)).expect("json");
+        assert_eq!(
+            v["env"][CUSTOM_HEADERS_KEY],
+            "x-team: blue\nx-ccgate-token: tok"
+        );
+        assert!(v["env"].get(AUTH_TOKEN_KEY).is_none(), "{v}");
+        // Again with a new token: one token line, the user's header kept once.
+        enable(&p, "http://gw", Some("tok2"), TokenVia::Header).expect("enabled again");
+        let v: Value = serde_json::from_str(&read(&p.settings)).expect("json");
+        assert_eq!(
+            v["env"][CUSTOM_HEADERS_KEY],
+            "x-team: blue\nx-ccgate-token: tok2"
+        );
+        assert_eq!(disable(&p).expect("disabled"), Disabled::Restored);
+        assert_eq!(read(&p.settings), original);
+    }
+
     #[test]
     fn without_a_file_disable_removes_what_enable_created() {
         let (d, p) = setup(None);
-        enable(&p, "http://x", None).expect("enabled");
+        enable(&p, "http://x", None, TokenVia::AuthToken).expect("enabled");
         assert!(p.settings.exists());
         assert_eq!(disable(&p).expect("disabled"), Disabled::Removed);
         assert!(!p.settings.exists());
@@ -428,7 +518,7 @@ mod tests {
     #[test]
     fn changes_made_meanwhile_are_kept() {
         let (_d, p) = setup(Some(ORIGINAL));
-        enable(&p, "http://gw", Some("tok")).expect("enabled");
+        enable(&p, "http://gw", Some("tok"), TokenVia::AuthToken).expect("enabled");
         let mut v: Value = serde_json::from_str(&read(&p.settings)).expect("json");
         v["theme"] = "dark".into();
         v["env"]["ANTHROPIC_AUTH_TOKEN"] = "mine".into();
@@ -446,7 +536,7 @@ mod tests {
     fn invalid_json_is_refused_and_left_alone() {
         for bad in ["{\"env\": ", "[1, 2]", "{\"env\": 3}"] {
             let (_d, p) = setup(Some(bad));
-            let err = enable(&p, "http://gw", None).expect_err("refused");
+            let err = enable(&p, "http://gw", None, TokenVia::AuthToken).expect_err("refused");
             assert!(matches!(err, ClaudeError::Invalid { .. }), "{err}");
             assert_eq!(read(&p.settings), bad);
             assert!(!p.record.exists() && !p.backup.exists());

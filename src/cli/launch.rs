@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 
-use crate::cli::claude::{AUTH_TOKEN_KEY, BASE_URL_KEY};
+use crate::cli::claude::{BASE_URL_KEY, TokenVia};
 use crate::cli::target::{AdminClient, Target, find_target};
 use crate::config::{Env, Secret};
 
@@ -219,12 +219,15 @@ pub fn run_claude(
     program: &OsString,
     url: &str,
     token: Option<&Secret>,
+    via: TokenVia,
     args: &[OsString],
 ) -> anyhow::Result<u8> {
     let mut cmd = Command::new(program);
     cmd.args(args).env(BASE_URL_KEY, url);
     if let Some(t) = token {
-        cmd.env(AUTH_TOKEN_KEY, t.expose());
+        let current = std::env::var(via.variable("", None).0).ok();
+        let (key, value) = via.variable(t.expose(), current.as_deref());
+        cmd.env(key, value);
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

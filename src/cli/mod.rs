@@ -199,7 +199,8 @@ fn claude(cmd: ClaudeCommand) -> anyhow::Result<()> {
             let paths = paths()?;
             let target = target::find_target(config.as_deref(), url.as_deref(), &env)?;
             let token = target.token.as_ref().map(|t| t.expose().to_string());
-            let done = claude::enable(&paths, &target.url, token.as_deref())?;
+            let via = claude::TokenVia::for_gateway(target.client_credential);
+            let done = claude::enable(&paths, &target.url, token.as_deref(), via)?;
             outln!(
                 "Claude Code now uses ccgate at {}: set {} in {}",
                 target.url,
@@ -254,8 +255,8 @@ fn claude_run(
     let running = launch::find_running(config.as_deref(), url.as_deref(), &env)?;
     // Declared before the run, so it outlives Claude and stops after it.
     let session: launch::Session;
-    let (url, token) = match running {
-        Some(target) => (target.url, target.token),
+    let (url, token, client_credential) = match running {
+        Some(target) => (target.url, target.token, target.client_credential),
         None => {
             // Loaded here too, for the access token and to report a broken config before anything starts.
             let (loaded, _) = load(config.as_deref(), &env)?;
@@ -265,11 +266,17 @@ fn claude_run(
                 session.url(),
                 session.log().display()
             );
-            (session.url().to_string(), loaded.server.access_token)
+            let client_credential = target::uses_client_credential(&loaded);
+            (
+                session.url().to_string(),
+                loaded.server.access_token,
+                client_credential,
+            )
         }
     };
     let program = launch::claude_program(&env);
-    match launch::run_claude(&program, &url, token.as_ref(), args)? {
+    let via = crate::cli::claude::TokenVia::for_gateway(client_credential);
+    match launch::run_claude(&program, &url, token.as_ref(), via, args)? {
         0 => Ok(()),
         code => Err(Exit(code).into()),
     }

@@ -491,6 +491,7 @@ pub fn status(
                     let target = Target {
                         url: url.clone(),
                         token: loaded.access_token(),
+                        client_credential: false,
                     };
                     let answers = health_answers(target)?;
                     format!(

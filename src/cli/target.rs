@@ -65,6 +65,10 @@ pub struct Target {
     pub url: String,
     /// The access token, sent as `x-api-key`.
     pub token: Option<Secret>,
+    /// Whether an endpoint of its config forwards the client's own credential
+    /// (`credential = "client"`): Claude Code must then keep its login in `authorization` and
+    /// send the access token in `x-ccgate-token`.
+    pub client_credential: bool,
 }
 
 impl Target {
@@ -84,7 +88,11 @@ impl Target {
                 "warning: server.access_token_env names a variable that is not set here; no access token is sent"
             );
         }
-        Ok(Some(Self { url, token }))
+        Ok(Some(Self {
+            url,
+            token,
+            client_credential: uses_client_credential(&loaded.config),
+        }))
     }
 }
 
@@ -128,6 +136,14 @@ pub fn config_path(explicit: Option<&Path>, env: &dyn Env) -> anyhow::Result<Pat
         .context("no config directory on this platform; pass --config")
 }
 
+/// Whether an endpoint of `config` forwards the client's own credential.
+pub fn uses_client_credential(config: &crate::config::Config) -> bool {
+    config
+        .endpoints
+        .iter()
+        .any(|e| matches!(e.credential, crate::config::Credential::Client))
+}
+
 /// Finds the running gateway: `--url`, else `server.listen` of the config (loopback for a
 /// wildcard address), with the config's access token. Without a config file, the default address;
 /// a file named by `--config` or `$CCGATE_CONFIG` must exist.
@@ -150,6 +166,7 @@ pub fn find_target(
         return Ok(Target {
             url: url.unwrap_or(default),
             token: None,
+            client_credential: false,
         });
     };
     let loaded = match Lenient::from_toml(&text, &path.display().to_string(), env) {
@@ -163,6 +180,7 @@ pub fn find_target(
             return Ok(Target {
                 url: url.unwrap_or_default(),
                 token: None,
+                client_credential: false,
             });
         }
         Err(e) => return Err(e.into()),

@@ -46,14 +46,21 @@ pub async fn run_prober_in(
                 }));
                 continue;
             }
-            if ep.live.phase() == Phase::CoolingDown {
-                let until = ep.live.cooldown_until_ms();
-                if now >= until {
-                    reg.queue.transition(ep, Event::CooldownExpired, now);
-                } else {
-                    next_due = Some(next_due.map_or(until, |d: u64| d.min(until)));
+            match ep.live.phase() {
+                Phase::CoolingDown => {
+                    let until = ep.live.cooldown_until_ms();
+                    if now >= until {
+                        reg.queue.transition(ep, Event::CooldownExpired, now);
+                    } else {
+                        next_due = Some(next_due.map_or(until, |d: u64| d.min(until)));
+                    }
+                    continue;
                 }
-                continue;
+                Phase::Ejected | Phase::AuthDisabled => {}
+                // Back in rotation since the entries were read (a success ended the episode):
+                // nothing to probe. A probe now could be counted against a new episode that
+                // opens while it runs, one that no probe was due for.
+                Phase::Healthy | Phase::Probation => continue,
             }
             busy.insert(entry.idx);
             let gw = Arc::clone(&gw);

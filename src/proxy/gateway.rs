@@ -91,7 +91,7 @@ impl Gateway {
         report.restart_needed = restart_needed;
         let clock = registry.clock;
         // A changed endpoint (its weight, say) keeps its name and place: the sessions bound to
-        // it stay, and so do all the others.
+        // it stay, and so do all the others, in the same map.
         let positions_kept = report.removed.is_empty()
             && registry.endpoints.iter().all(|e| {
                 self.registry
@@ -102,7 +102,13 @@ impl Gateway {
             (Some(a), true) if positions_kept && config.affinity == self.config.affinity => {
                 Some(Arc::clone(a))
             }
-            (_, true) => Some(Arc::new(Affinity::new(&config.affinity, clock))),
+            // Endpoints renumbered (one removed or inserted), or the map resized: the sessions
+            // go on with their endpoints, found by name.
+            (Some(a), true) => Some(Arc::new(a.carried(&config.affinity, |old| {
+                let name = &self.registry.endpoints.get(old)?.name;
+                registry.by_name(name).map(|e| e.idx)
+            }))),
+            (None, true) => Some(Arc::new(Affinity::new(&config.affinity, clock))),
             (_, false) => None,
         };
         let budget = if config.retry_budget == self.config.retry_budget {

@@ -222,7 +222,7 @@ fn fail_attempt(
     let endpoint = Arc::clone(attempt.endpoint());
     if let Some(log) = log {
         let text = OneLine(&message);
-        tracing::warn!(endpoint = %endpoint.name, kind = outcome.kind().name(), message = %text, "{log}");
+        tracing::warn!(endpoint = %endpoint.name, kind = outcome.kind().name(), error = %text, "{log}");
     }
     attempt.finish(outcome, Some(message.clone()));
     failures.push(Failure {
@@ -289,10 +289,10 @@ fn forward_request(
         // A session goes first to the endpoint that served it last; if that endpoint is not
         // admitted now, admission skips it and whoever serves the session becomes its binding.
         let session = gw.affinity.as_ref().and_then(|a| {
-            Some((
-                a,
-                affinity::session_key(&req.headers, req.metadata.as_deref())?,
-            ))
+            let session = affinity::session_key(&req.headers, req.metadata.as_deref())?;
+            let model = request_model(&req.body);
+            let model = model.as_deref().and_then(json_top::as_str);
+            Some((a, affinity::binding_key(session, model.as_deref())))
         });
         // A session's endpoint near its rate limit stays ranked last: moving the session costs its
         // prompt cache once, a 429 later costs a failed attempt and a cooldown.
@@ -377,7 +377,7 @@ fn forward_request(
                 Err(forward::SendError::Local(message)) => {
                     // No endpoint is to blame and none would fare better: the attempt counts as not
                     // the endpoint's (cancelled) and the client is told to come back.
-                    tracing::error!(endpoint = %ep.name, message = %OneLine(&message), "attempt not sent");
+                    tracing::error!(endpoint = %ep.name, error = %OneLine(&message), "attempt not sent");
                     attempt.finish(Outcome::Cancelled, None);
                     guard.answered_locally(StatusCode::SERVICE_UNAVAILABLE);
                     guard.end(RequestEnd::Upstream);

@@ -4,7 +4,7 @@
 //! The key is the `X-Claude-Code-Session-Id` header, else the `session_id` inside the body's
 //! `metadata.user_id` (Claude Code sends a JSON-encoded string there; older versions a
 //! `user_…_account_…_session_<id>` string), else there is none and the request is balanced
-//! normally. A binding yields to health: the attempt loop only uses it while the endpoint is
+//! normally; with the request's model beside it ([`binding_key`]). A binding yields to health: the attempt loop only uses it while the endpoint is
 //! admitted, and whichever endpoint then serves the session becomes its new binding — so a
 //! session that moved off an ejected endpoint stays moved when that endpoint recovers.
 //!
@@ -99,6 +99,41 @@ impl Affinity {
         }
     }
 
+    /// A map sized by `cfg` holding this one's live bindings, each moved to the endpoint index
+    /// `moved` gives it (a reload that removed or inserted endpoints renumbers the others);
+    /// bindings to endpoints `moved` drops are dropped. Sessions keep their endpoint, and their
+    /// prompt cache, across a reload that did not touch it.
+    pub fn carried(&self, cfg: &AffinityConfig, moved: impl Fn(usize) -> Option<usize>) -> Self {
+        let next = Self::new(cfg, self.clock);
+        let now = self.clock.now_ms();
+        let mut live: Vec<(Box<str>, Binding)> = Vec::new();
+        for shard in &self.shards {
+            for (k, b) in shard.lock().iter() {
+                if now.saturating_sub(b.last_used_ms) >= self.ttl_ms {
+                    continue;
+                }
+                if let Some(endpoint) = moved(b.endpoint) {
+                    live.push((
+                        k.clone(),
+                        Binding {
+                            endpoint,
+                            last_used_ms: b.last_used_ms,
+                        },
+                    ));
+                }
+            }
+        }
+        // Oldest first, so that a smaller map keeps the most recently used.
+        live.sort_by_key(|(_, b)| b.last_used_ms);
+        for (k, b) in live {
+            next.set_at(&k, b.endpoint, b.last_used_ms);
+        }
+        if self.changes.lock().is_some() {
+            next.record_changes();
+        }
+        next
+    }
+
     /// Starts logging binding changes for [`Affinity::take_changes`] (cluster mode).
     pub fn record_changes(&self) {
         self.changes.lock().get_or_insert_with(Vec::new);
@@ -184,7 +219,11 @@ impl Affinity {
 
     /// Sets the binding; returns the endpoint it held before (if alive).
     fn set(&self, key: &str, endpoint: usize) -> Option<usize> {
-        let now = self.clock.now_ms();
+        self.set_at(key, endpoint, self.clock.now_ms())
+    }
+
+    /// [`Affinity::set`], as used last at `now`.
+    fn set_at(&self, key: &str, endpoint: usize, now: u64) -> Option<usize> {
         let mut shard = self.shard(key).lock();
         if let Some(b) = shard.get_mut(key) {
             let previous = (now.saturating_sub(b.last_used_ms) < self.ttl_ms).then_some(b.endpoint);
@@ -242,6 +281,22 @@ pub fn session_key(headers: &HeaderMap, metadata: Option<&[u8]>) -> Option<Strin
     }
     let user_id = json_top::as_str(json_top::member(metadata?, b"user_id")?)?;
     session_from_user_id(&user_id)
+}
+
+/// The binding key of a request of `session` for `model` (as the client named it): a binding is
+/// per session and model, as the upstream's prompt cache is, so one request for another model
+/// (a Haiku call served elsewhere) does not move the session's main traffic. At most
+/// [`MAX_KEY_LEN`] bytes of the model are kept, after a `|`.
+pub fn binding_key(mut session: String, model: Option<&str>) -> String {
+    if let Some(model) = model {
+        let mut end = model.len().min(MAX_KEY_LEN);
+        while !model.is_char_boundary(end) {
+            end -= 1;
+        }
+        session.push('|');
+        session.push_str(&model[..end]);
+    }
+    session
 }
 
 /// The session id inside a `metadata.user_id` value.
