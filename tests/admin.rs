@@ -138,3 +138,60 @@ async fn the_access_token_is_accepted_in_either_header_next_to_another_key() {
     assert_eq!(up.count(), 1);
     gw.shutdown().await;
 }
+
+/// What the operator is shown of requests that did not end in a relayed success: a request the
+/// client left mid-attempt names the endpoint it was on and its attempts; a failover that ends
+/// in the caller's own error is in the failover ring; ccgate's own all-down answer says how many
+/// attempts it made (audit: `endpoint: null, attempts: 0`, no ring entry, no header).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_that_did_not_succeed_are_shown_as_they_went() {
+    let a = MockUpstream::start().await;
+    let b = MockUpstream::start().await;
+    let gw = GatewayBuilder::new()
+        .health("failure_threshold = 100")
+        .endpoint("a", &a.url(), "priority = 1")
+        .endpoint("b", &b.url(), "priority = 2")
+        .start()
+        .await;
+    let body = TestGateway::message_body(false);
+
+    // a fails, b answers the caller's error: relayed, and in the ring.
+    a.push(Script::error(500, "api_error", "boom"));
+    b.push(Script::error(400, "invalid_request_error", "bad"));
+    let r = gw.post("/v1/messages", &[], &body).await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    let id = r.header("x-ccgate-request-id").expect("id").to_string();
+    let events = gw.admin("events").await;
+    let list = events["failovers"].as_array().expect("list");
+    assert_eq!(list.len(), 1, "{events}");
+    assert_eq!(list[0]["request_id"], id.as_str());
+    assert_eq!(list[0]["served_by"], "b");
+    assert_eq!(list[0]["status"], 400);
+
+    // Both fail: ccgate's own answer says two attempts.
+    a.push(Script::error(500, "api_error", "boom"));
+    b.push(Script::error(500, "api_error", "boom"));
+    let r = gw.post("/v1/messages", &[], &body).await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(r.header("x-ccgate-attempts"), Some("2"));
+
+    // a fails, the client leaves while b is on it.
+    a.push(Script::error(500, "api_error", "boom"));
+    b.push(Script::stall_before_headers());
+    let before = b.count();
+    let client = support::gateway::http_client();
+    let req = http::Request::post(gw.url("/v1/messages"))
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(Bytes::from(body.to_string())))
+        .expect("request");
+    let leaving = tokio::spawn(async move { client.request(req).await.map(|_| ()) });
+    b.wait_requests(before + 1).await;
+    leaving.abort();
+    gw.settle().await;
+    let v = gw.admin("requests?limit=1").await;
+    let last = &v["requests"][0];
+    assert_eq!(last["outcome"], "cancelled", "{v}");
+    assert_eq!(last["endpoint"], "b", "{v}");
+    assert_eq!(last["attempts"], 2, "{v}");
+    gw.shutdown().await;
+}

@@ -244,6 +244,12 @@ impl RequestGuard {
         self.id
     }
 
+    /// Notes the attempt under way: a request that ends before any answer (the client left) is
+    /// recorded with the last endpoint tried and how many attempts it made.
+    pub fn trying(&mut self, endpoint: &Arc<Endpoint>, attempts: u32) {
+        self.served = Some((Arc::clone(endpoint), attempts));
+    }
+
     /// Notes, for the log line, the endpoint whose answer is relayed, after how many attempts, and
     /// the status relayed. Called once, when the request is answered: for an answer of ccgate's
     /// own after every attempt failed, with the last endpoint tried and the status ccgate answers

@@ -352,6 +352,7 @@ fn forward_request(
             }
             let attempt =
                 Attempt::begin(Arc::clone(&ep), Arc::clone(&reg.recorder), holds_probation);
+            guard.trying(&ep, tried.len());
             let upstream_req = match req.for_endpoint(&ep) {
                 Ok(r) => r,
                 Err(m) => {
@@ -564,6 +565,8 @@ fn forward_request(
             }
         }
         let mut resp = all_down(reg, &failures);
+        resp.headers_mut()
+            .insert(ATTEMPTS.clone(), attempts_value(tried.len()));
         if fallback {
             resp.headers_mut()
                 .insert(FALLBACK.clone(), HeaderValue::from_static("least-bad"));
@@ -656,11 +659,14 @@ impl Commit<'_> {
             }
             Judge::CallerError => false,
         };
-        if !matches!(judge, Judge::CallerError) {
-            note_failover(gw, &guard, failures, Some(ep), parts.status);
-            if let Some((a, key)) = session {
-                a.bind(key, ep.idx);
-            }
+        // A request that needed failover is kept in the ring whatever the answer (a caller's
+        // error after an overloaded endpoint, say); only an answer that is not the caller's
+        // error binds its session.
+        note_failover(gw, &guard, failures, Some(ep), parts.status);
+        if !matches!(judge, Judge::CallerError)
+            && let Some((a, key)) = session
+        {
+            a.bind(key, ep.idx);
         }
         let relay = RelayBody::new(body, held, judge, gw.config.timeouts.idle, attempt, guard)
             .with_usage(read_usage.then(|| UsageSinks {
