@@ -634,3 +634,30 @@ async fn service_install_needs_a_config_that_loads() {
     assert!(!unit.exists());
     assert!(!f.stdout.contains("would run"), "{}", f.output());
 }
+
+/// `service install` names every variable the config reads, set in this shell or not: the
+/// service never sees this shell's environment (audit: a set one went unmentioned, and the
+/// service then failed at every start).
+#[tokio::test]
+async fn service_install_names_every_variable_the_config_reads() {
+    let sb = Sandbox::new();
+    let text = "[server]\nlisten = \"127.0.0.1:0\"\n\n\
+        [[endpoints]]\nname = \"a\"\nbase_url = \"http://127.0.0.1:9\"\napi_key_env = \"SVC_SET_KEY\"\n\n\
+        [[endpoints]]\nname = \"b\"\nbase_url = \"http://127.0.0.1:9\"\nauth_token_env = \"SVC_UNSET_TOKEN\"\n";
+    sb.write("svc.toml", text);
+    let mut cmd = service(
+        &sb,
+        &["install", "--config", "svc.toml", "--platform", "linux"],
+    );
+    cmd.env("SVC_SET_KEY", "sk-set-here")
+        .env_remove("SVC_UNSET_TOKEN");
+    let f = run(cmd).await;
+    f.assert_success();
+    assert!(
+        f.stdout
+            .contains("reads SVC_SET_KEY, SVC_UNSET_TOKEN from the environment"),
+        "{}",
+        f.output()
+    );
+    assert!(!f.output().contains("sk-set-here"), "{}", f.output());
+}

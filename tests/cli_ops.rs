@@ -1027,6 +1027,53 @@ async fn a_reader_that_went_away_ends_a_command_quietly() {
     }
 }
 
+/// `serve` whose stdout reader went away keeps serving: the lost `listening on` line is a warning
+/// on stderr, with the address (audit: it exited 2 with a bare "Broken pipe").
+#[tokio::test]
+async fn serve_without_a_stdout_reader_keeps_serving() {
+    use std::io::BufRead;
+    let sb = Sandbox::new();
+    let up = MockUpstream::start().await;
+    let cfg = sb.write(
+        "ccgate.toml",
+        &config(&[("a", &up.url(), "sk-up-pipe")], ""),
+    );
+    let (tx, rx) = tokio::net::unix::pipe::pipe().expect("pipe");
+    drop(rx);
+    let fd = tx.into_blocking_fd().expect("fd");
+    let mut cmd = sb.command(&["serve", "--config", cfg_arg(&cfg)]);
+    cmd.stdout(std::process::Stdio::from(fd))
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn ccgate");
+    let stderr = child.stderr.take().expect("stderr");
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let mut seen = String::new();
+    let addr = loop {
+        let line = lines_rx
+            .recv_timeout(process::DEADLINE)
+            .unwrap_or_else(|_| panic!("no warning with the address:\n{seen}"));
+        seen.push_str(&line);
+        seen.push('\n');
+        if let Some(rest) = line.split("listening on http://").nth(1) {
+            let addr = rest.split('`').next().expect("address");
+            break addr.parse::<std::net::SocketAddr>().expect("an address");
+        }
+    };
+    let answer = process::get(addr, "/_ccgate/health", &[]).await;
+    assert_eq!(answer.status, 200, "{seen}");
+    assert!(child.try_wait().expect("status").is_none(), "{seen}");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// A file with CRLF line endings keeps them through an edit, every line but the one changed
 /// byte for byte; an edited file others can read gets a warning (audit: the edit turned every
 /// CRLF into LF, and writing a key into a 0644 file said nothing).

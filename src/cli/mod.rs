@@ -387,8 +387,10 @@ fn serve(config: Option<PathBuf>, listen: Option<SocketAddr>) -> anyhow::Result<
         let shutdown = crate::server::shutdown_signal();
         tracing::info!(config = %source, "ccgate {} started", env!("CARGO_PKG_VERSION"));
         let mut out = std::io::stdout();
-        writeln!(out, "listening on http://{addr}")?;
-        out.flush()?;
+        // A reader of stdout that went away costs the scripts their line, not the gateway.
+        if let Err(e) = writeln!(out, "listening on http://{addr}").and_then(|()| out.flush()) {
+            tracing::warn!(error = %e, "cannot write `listening on http://{addr}` to stdout");
+        }
         server.run(shutdown).await;
         tracing::info!("stopped");
         anyhow::Ok(())

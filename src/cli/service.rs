@@ -119,9 +119,10 @@ fn launchd_log(env: &dyn Env) -> anyhow::Result<PathBuf> {
     Ok(home(env)?.join("Library").join("Logs").join("ccgate.log"))
 }
 
-/// The systemd user unit that runs `exe serve --config config`.
-pub fn systemd_unit(exe: &Path, config: &Path) -> String {
-    format!(
+/// The systemd user unit that runs `exe serve --config config`; an error when systemd cannot
+/// run a program at `exe` (see [`systemd_program`]).
+pub fn systemd_unit(exe: &Path, config: &Path) -> anyhow::Result<String> {
+    Ok(format!(
         "# Written by `ccgate service install`; `ccgate service uninstall` removes it.\n\
          [Unit]\n\
          Description=ccgate: failover gateway for the Anthropic Messages API\n\
@@ -138,9 +139,26 @@ pub fn systemd_unit(exe: &Path, config: &Path) -> String {
          \n\
          [Install]\n\
          WantedBy=default.target\n",
-        systemd_quote(exe),
+        systemd_program(exe)?,
         systemd_quote(config),
-    )
+    ))
+}
+
+/// The program's path as the first word of `ExecStart`: systemd expands no variables there (so
+/// `$` stays as it is) but does expand `%` specifiers, and refuses a program name with quotes or
+/// backslashes in it whatever the quoting.
+fn systemd_program(exe: &Path) -> anyhow::Result<String> {
+    let path = exe.to_string_lossy();
+    if let Some(c) = path
+        .chars()
+        .find(|c| matches!(c, '"' | '\'' | '\\') || c.is_control())
+    {
+        bail!(
+            "systemd cannot run a program whose path holds {c:?} ({}): move ccgate to another directory and install again",
+            crate::cli::table::plain(&path)
+        );
+    }
+    Ok(format!("\"{}\"", path.replace('%', "%%")))
 }
 
 /// A path as one systemd command-line word: double-quoted, with `\`, `"`, `%` and `$` escaped.
@@ -327,7 +345,7 @@ pub fn install(
     let exe = exe.canonicalize().unwrap_or(exe);
     let unit = unit_path(platform, env)?;
     let text = match platform {
-        Platform::Linux => systemd_unit(&exe, &config),
+        Platform::Linux => systemd_unit(&exe, &config)?,
         Platform::Macos => launchd_plist(&exe, &config, &launchd_log(env)?),
     };
     let before = std::fs::read_to_string(&unit).ok();
@@ -388,11 +406,12 @@ pub fn install(
             );
         }
     }
-    if !loaded.unset.is_empty() {
+    // Every variable, set in this shell or not: the service never sees this shell's.
+    if !loaded.read.is_empty() {
         let _ = writeln!(
             out,
             "note: the config reads {} from the environment, which the service does not inherit from your shell; {}",
-            loaded.unset.join(", "),
+            loaded.read.join(", "),
             match platform {
                 Platform::Linux =>
                     "add `Environment=NAME=value` lines with `systemctl --user edit ccgate`",
@@ -527,7 +546,7 @@ mod tests {
     fn odd_paths_survive_the_unit_and_the_plist() {
         let exe = Path::new("/opt/cc gate/bin/ccgate");
         let config = Path::new("/home/a \"b\"/50%/$x\\y & <z>.toml");
-        let unit = systemd_unit(exe, config);
+        let unit = systemd_unit(exe, config).expect("a unit");
         assert!(
             unit.contains(
                 "ExecStart=\"/opt/cc gate/bin/ccgate\" serve --config \"/home/a \\\"b\\\"/50%%/$$x\\\\y & <z>.toml\"\n"
@@ -541,6 +560,23 @@ mod tests {
             "{plist}"
         );
         assert_eq!(config_of_unit(&plist).as_deref(), config.to_str());
+    }
+
+    /// The program's path: `$` kept as it is (systemd expands no variables in it), `%` doubled;
+    /// a path systemd cannot run is refused with the reason (audit: `$$` made the path wrong,
+    /// and quotes made systemd reject the unit).
+    #[test]
+    fn the_program_path_is_written_as_systemd_reads_it() {
+        let unit =
+            systemd_unit(Path::new("/opt/$HOME/50%/ccgate"), Path::new("/c.toml")).expect("unit");
+        assert!(
+            unit.contains("ExecStart=\"/opt/$HOME/50%%/ccgate\" serve --config \"/c.toml\"\n"),
+            "{unit}"
+        );
+        for bad in ["/opt/it's/ccgate", "/opt/a\"b/ccgate", "/opt/a\\b/ccgate"] {
+            let err = systemd_unit(Path::new(bad), Path::new("/c.toml")).expect_err(bad);
+            assert!(err.to_string().contains("move ccgate"), "{err}");
+        }
     }
 
     #[test]

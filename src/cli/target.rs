@@ -29,13 +29,20 @@ pub struct Lenient {
     pub config: Config,
     /// Variables the file names that are not set in this environment.
     pub unset: Vec<String>,
+    /// Every variable the file names (`*_env` keys), set here or not, in file order.
+    pub read: Vec<String>,
 }
 
 impl Lenient {
     /// Validates `text`, treating unset variables as set.
     pub fn from_toml(text: &str, source_name: &str, env: &dyn Env) -> Result<Self, ConfigError> {
         let unset = RefCell::new(Vec::new());
+        let read = RefCell::new(Vec::<String>::new());
         let lenient = |name: &str| {
+            let mut read = read.borrow_mut();
+            if !read.iter().any(|r| r == name) {
+                read.push(name.to_string());
+            }
             env.var(name).or_else(|| {
                 unset.borrow_mut().push(name.to_string());
                 Some(UNSET_PLACEHOLDER.to_string())
@@ -45,6 +52,7 @@ impl Lenient {
         Ok(Self {
             config,
             unset: unset.into_inner(),
+            read: read.into_inner(),
         })
     }
 
