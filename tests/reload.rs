@@ -446,3 +446,37 @@ async fn a_reload_keeps_the_token_beyond_loopback_and_names_what_needs_a_restart
     assert_eq!(a.connections_accepted(), before + 1, "the pool kept");
     gw.shutdown().await;
 }
+
+/// Reloads while a recovery probe runs do not start probe after probe: the cut probe's time is
+/// kept, and the next one waits for it (audit: five reloads made six probes at once upstream,
+/// and a slow endpoint never finished one while reloads came every second).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_during_a_probe_do_not_start_new_ones() {
+    let (a, b) = (MockUpstream::start().await, MockUpstream::start().await);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("config.toml");
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[health]\nfailure_threshold = 1\nprobe_interval = \"10ms\"\nprobe_timeout = \"30s\"\n{}{}",
+        endpoint("a", &a.url(), "priority = 1"),
+        endpoint("b", &b.url(), "priority = 2")
+    );
+    write(&path, &text);
+    let config = Config::from_toml(&text, "test", &|_: &str| None).expect("config");
+    let gw = TestGateway::start_with_source(config, Some(path.clone())).await;
+    a.push(Script::error(500, "api_error", "boom"));
+    a.set_default(Script::stall_before_headers());
+    let r = gw
+        .post("/v1/messages", &[], &TestGateway::message_body(false))
+        .await;
+    assert_eq!(r.header("x-ccgate-endpoint"), Some("b"));
+    // The first probe is under way (and stalls).
+    a.wait_requests(2).await;
+    for _ in 0..5 {
+        let r = reload(&gw).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        // Time for a new prober to start a probe, which it must not.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(a.count(), 2, "one request and one probe");
+    gw.shutdown().await;
+}

@@ -63,6 +63,8 @@ pub async fn run_prober_in(
                 Phase::Healthy | Phase::Probation => continue,
             }
             busy.insert(entry.idx);
+            let until = now + crate::clock::ms(gw.config.health.probe_timeout);
+            reg.queue.probing(entry.idx, until);
             let gw = Arc::clone(&gw);
             let ep = Arc::clone(ep);
             let cluster = cluster.clone();

@@ -311,6 +311,15 @@ impl FailureQueue {
         self.inner.lock().stats.total_failed += 1;
     }
 
+    /// Notes that a probe of `idx` has begun and may run until `until_ms`: the next one is not
+    /// due before then, even if this one is cut short (a reload stops the prober that ran it), so
+    /// reloads do not start probe after probe. The probe's result sets the real next time.
+    pub fn probing(&self, idx: usize, until_ms: u64) {
+        if let Some(s) = self.inner.lock().entries.get_mut(&idx) {
+            s.entry.next_probe_at_ms = s.entry.next_probe_at_ms.max(until_ms);
+        }
+    }
+
     /// Moves an entry's next probe a backoff later without probing (another instance holds the
     /// endpoint's prober lease).
     pub fn postpone_probe(&self, idx: usize) {
