@@ -429,11 +429,10 @@ impl Persist {
         books.error = Some(error);
     }
 
-    /// Writes one flush: gather, write on the blocking pool, then book the result. Returns
-    /// whether the database is still usable.
-    async fn flush(&self, gw: &Gateway) -> bool {
+    /// Writes one flush: gather, write on the blocking pool, then book the result.
+    async fn flush(&self, gw: &Gateway) -> Flushed {
         let Some(mut store) = self.store.lock().take() else {
-            return false;
+            return Flushed::Gone;
         };
         let batch = self.collect(gw);
         let joined = tokio::task::spawn_blocking(move || {
@@ -445,23 +444,41 @@ impl Persist {
             Ok((store, mut batch, result)) => {
                 *self.store.lock() = Some(store);
                 match result {
-                    Ok(ids) => self.committed(batch, &ids),
+                    Ok(ids) => {
+                        self.committed(batch, &ids);
+                        Flushed::Written
+                    }
                     Err(e) => {
                         gw.recent.restore(std::mem::take(&mut batch.requests));
-                        self.failed(batch, format!("cannot write the database: {e}"));
+                        let error = format!("cannot write the database: {e}");
+                        self.failed(batch, error.clone());
+                        Flushed::Failed(error)
                     }
                 }
-                true
             }
             Err(e) => {
                 let msg = format!("the database writer stopped: {e}");
                 tracing::error!("storage: {msg}");
                 self.books.lock().error = Some(msg);
-                false
+                Flushed::Gone
             }
         }
     }
 }
+
+/// What one flush did.
+enum Flushed {
+    /// Committed.
+    Written,
+    /// Not written (kept for the next flush): why.
+    Failed(String),
+    /// The database is gone: no flush will work again.
+    Gone,
+}
+
+/// How many times the last flush before stopping is tried: each waits out the database's busy
+/// timeout when another process holds its write lock.
+const LAST_FLUSH_TRIES: usize = 3;
 
 /// The background writer: flushes every `flush_interval` until `stop` turns true (or its sender
 /// goes away), then flushes one last time (episodes still open stay open: see `attach`) and
@@ -483,12 +500,30 @@ where
             changed = stop.changed() => changed.is_err() || *stop.borrow(),
         };
         let gw = current();
-        if !persist.flush(&gw).await {
-            return;
+        if !last {
+            if let Flushed::Gone = persist.flush(&gw).await {
+                return;
+            }
+            continue;
         }
-        if last {
-            break;
+        // The last one is all there is: tried again while the database is busy, and said
+        // plainly when it cannot be written.
+        let mut outcome = persist.flush(&gw).await;
+        for _ in 1..LAST_FLUSH_TRIES {
+            if !matches!(outcome, Flushed::Failed(_)) {
+                break;
+            }
+            outcome = persist.flush(&gw).await;
         }
+        match outcome {
+            Flushed::Written => {}
+            Flushed::Failed(error) => tracing::error!(
+                error = %error,
+                "storage: the last write before stopping failed {LAST_FLUSH_TRIES} times; what happened since the last flush is not saved"
+            ),
+            Flushed::Gone => return,
+        }
+        break;
     }
     // Close the connection on the blocking pool: closing checkpoints the write-ahead log.
     let store = persist.store.lock().take();
