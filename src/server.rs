@@ -433,7 +433,7 @@ impl Server {
             drop(w.tx);
             done.push(w.done);
         }
-        local.shutdown(limit).await;
+        local.shutdown(limit, &handle).await;
         for d in done {
             let _ = d.await;
         }
@@ -474,6 +474,9 @@ fn raise_open_file_limit(max_connections: usize) {
         Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
     }
 }
+
+/// How long streams ended at the shutdown's deadline have to get their `error` event out.
+const STREAM_END_GRACE: Duration = Duration::from_secs(1);
 
 /// HTTP/2's connection preface, which a client speaking HTTP/2 with prior knowledge sends first.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -561,16 +564,18 @@ impl Connections {
     }
 
     /// Lets in-flight requests finish for up to `limit`.
-    async fn shutdown(self, limit: Duration) {
+    async fn shutdown(self, limit: Duration, handle: &Handle) {
         self.closing.send_replace(true);
-        if tokio::time::timeout(limit, self.graceful.shutdown())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                "in-flight requests still running after the shutdown timeout; closing them"
-            );
+        let drained = self.graceful.shutdown();
+        tokio::pin!(drained);
+        if tokio::time::timeout(limit, drained.as_mut()).await.is_ok() {
+            return;
         }
+        // Streams still open are told with an `error` event, which gets a moment to reach them
+        // before every connection is dropped.
+        tracing::warn!("in-flight requests still running after the shutdown timeout; ending them");
+        handle.current().streams.stop();
+        let _ = tokio::time::timeout(STREAM_END_GRACE, drained).await;
     }
 }
 
@@ -842,7 +847,7 @@ impl Worker {
                         }
                     }
                     let limit = handle.current().config.server.shutdown_timeout;
-                    conns.shutdown(limit).await;
+                    conns.shutdown(limit, &handle).await;
                 });
                 // Dropping the runtime ends whatever the shutdown timeout cut off.
                 drop(runtime);

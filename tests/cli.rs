@@ -331,11 +331,19 @@ async fn shutdown_timeout_bounds_the_drain() {
         took < Duration::from_secs(10),
         "shutdown_timeout 1s did not bound the drain: {took:?}"
     );
-    // The client's stream ends (it was cut) instead of hanging.
-    while let Some(Ok(d)) = next_data(&mut body).await {
-        seen.push_str(&String::from_utf8_lossy(&d));
+    // The client's stream ends instead of hanging, with an `error` event that says why (not a
+    // silent cut: audit), and the body ends cleanly.
+    loop {
+        match next_data(&mut body).await {
+            Some(Ok(d)) => seen.push_str(&String::from_utf8_lossy(&d)),
+            Some(Err(e)) => panic!("the stream was cut without its end: {e}\n{seen}"),
+            None => break,
+        }
     }
     assert!(!seen.contains("message_stop"), "{seen}");
+    assert!(seen.contains("event: error"), "{seen}");
+    assert!(seen.contains("overloaded_error"), "{seen}");
+    assert!(seen.contains("shutting down"), "{seen}");
 }
 
 // ---------------------------------------------------------------------------------------------

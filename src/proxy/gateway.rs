@@ -30,6 +30,9 @@ pub struct Gateway {
     pub budget: Arc<RetryBudget>,
     /// Recent failovers, for the dashboard.
     pub events: Arc<Events>,
+    /// The streams being relayed, ended with an `error` event when the shutdown's deadline
+    /// comes (shared by every gateway of one server).
+    pub streams: Arc<crate::proxy::relay::StreamStop>,
     /// The configuration the gateway runs with.
     pub config: Config,
     /// The usage tally successful answers add to, when storage is on (the store's writer drains
@@ -57,6 +60,7 @@ impl Gateway {
                 .then(|| Arc::new(Affinity::new(&config.affinity, clock))),
             budget: Arc::new(RetryBudget::new(&config.retry_budget, clock)),
             events: Arc::default(),
+            streams: Arc::default(),
             config,
             usage: None,
             live_usage: Arc::default(),
@@ -122,6 +126,7 @@ impl Gateway {
             affinity,
             budget,
             events: Arc::clone(&self.events),
+            streams: Arc::clone(&self.streams),
             config,
             usage: self.usage.clone(),
             live_usage: Arc::clone(&self.live_usage),

@@ -674,7 +674,8 @@ impl Commit<'_> {
                 live: Arc::clone(&gw.live_usage),
             }))
             .scrubbing(stream.then(|| Arc::clone(&gw.registry)))
-            .scrubbing_client(req.client_credential());
+            .scrubbing_client(req.client_credential())
+            .stopped_by(stream.then_some(&gw.streams));
         relay_response(parts, relay, ep, attempts, fallback, &req.method)
     }
 }

@@ -4,12 +4,15 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use http_body::{Body, Frame, SizeHint};
+use parking_lot::Mutex;
 use tokio::time::{Instant, Sleep};
 
 use crate::health::attempt::Attempt;
@@ -73,6 +76,45 @@ pub struct RelayBody {
     /// The client's own credential, scrubbed from the attempt's error text (an upstream's
     /// `error` event may echo it), which the endpoint's views and the failure queue show.
     client_credential: ClientCredential,
+    /// For a stream: the shutdown's signal to end it with an `error` event (see [`StreamStop`]).
+    stop: Option<(Arc<StreamStop>, Arc<AtomicWaker>)>,
+}
+
+/// The streams being relayed, for the end of a shutdown: streams still open when the drain's
+/// deadline comes are ended with an SSE `error` event (and their attempts counted as cancelled)
+/// before their connections are dropped, so a client is told, not cut off mid-event. Each stream
+/// registers a waker once; [`StreamStop::stop`] wakes them all.
+#[derive(Default)]
+pub struct StreamStop {
+    stopping: AtomicBool,
+    wakers: Mutex<Vec<Weak<AtomicWaker>>>,
+}
+
+impl StreamStop {
+    /// A waker slot for one more stream.
+    fn watch(&self) -> Arc<AtomicWaker> {
+        let slot = Arc::new(AtomicWaker::new());
+        let mut wakers = self.wakers.lock();
+        // Streams that ended leave dead entries: swept once they are half the list.
+        if wakers.len() >= 64 && wakers.len().is_power_of_two() {
+            wakers.retain(|w| w.strong_count() > 0);
+        }
+        wakers.push(Arc::downgrade(&slot));
+        slot
+    }
+
+    /// Ends every stream: each, when next polled (woken now), sends its `error` event and ends.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::Release);
+        let wakers = std::mem::take(&mut *self.wakers.lock());
+        for w in wakers.iter().filter_map(Weak::upgrade) {
+            w.wake();
+        }
+    }
+
+    fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
 }
 
 /// A relayed answer's way into the usage tally: streams report usage through their scanner; a
@@ -135,6 +177,7 @@ impl RelayBody {
             secrets: None,
             error_held: Vec::new(),
             client_credential: ClientCredential::default(),
+            stop: None,
         };
         if relay.upstream.is_none() && relay.held.is_empty() {
             // An empty body read whole: nothing will be polled.
@@ -181,6 +224,28 @@ impl RelayBody {
             self.client_credential = credential.clone();
         }
         self
+    }
+
+    /// Lets the shutdown end this stream with an `error` event (see [`StreamStop`]).
+    pub fn stopped_by(mut self, stop: Option<&Arc<StreamStop>>) -> Self {
+        self.stop = stop.map(|s| (Arc::clone(s), s.watch()));
+        self
+    }
+
+    /// Ends a stream the shutdown cut: an `overloaded_error` event (clients send the request
+    /// again), the attempt counted as cancelled (no fault of the endpoint's).
+    fn cut_for_shutdown(&mut self) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let boundary = match &self.judge {
+            Judge::Stream(sc) => sc.at_boundary(),
+            _ => true,
+        };
+        self.stop = None;
+        self.finish(Outcome::Cancelled, None);
+        Poll::Ready(Some(Ok(Frame::data(closing_error_event(
+            boundary,
+            "overloaded_error",
+            "ccgate is shutting down and ended this stream; send the request again",
+        )))))
     }
 
     /// Hands a successful answer's usage to the tally.
@@ -351,6 +416,14 @@ impl Body for RelayBody {
                 this.end();
             }
             return Poll::Ready(Some(Ok(Frame::data(b))));
+        }
+        if let Some((stop, waker)) = &this.stop
+            && this.upstream.is_some()
+        {
+            waker.register(cx.waker());
+            if stop.is_stopping() {
+                return this.cut_for_shutdown();
+            }
         }
         let Some(upstream) = this.upstream.as_mut() else {
             if this.attempt.is_some() {
