@@ -55,6 +55,8 @@ pub struct Handle {
     prober: parking_lot::Mutex<Option<BgTask>>,
     /// Cluster mode (`[cluster]`): this instance's link to the others.
     cluster: Option<Arc<crate::control::cluster::ClusterNode>>,
+    /// Turns true to end the shutdown's drain at once (a second signal), as its deadline would.
+    cut_short: watch::Sender<bool>,
 }
 
 /// A background task and the signal that stops it.
@@ -312,6 +314,7 @@ impl Server {
             source,
             reloading: tokio::sync::Mutex::new(()),
             prober: parking_lot::Mutex::new(None),
+            cut_short: watch::Sender::new(false),
             cluster,
         });
         Ok(Self { listener, handle })
@@ -342,6 +345,18 @@ impl Server {
     /// Serves until `shutdown` resolves, then stops accepting, lets in-flight requests finish for
     /// up to `server.shutdown_timeout`, and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        self.run_until(shutdown, std::future::pending::<()>).await;
+    }
+
+    /// [`Server::run`], with a drain that ends at once, as at its deadline, when the future
+    /// `cut_short` makes (once the shutdown has begun: a second signal) resolves.
+    pub async fn run_until<F>(
+        self,
+        shutdown: impl Future<Output = ()>,
+        cut_short: impl FnOnce() -> F,
+    ) where
+        F: Future<Output = ()> + Send + 'static,
+    {
         let Server { listener, handle } = self;
         let cluster = start_cluster(&handle);
         handle.start_prober(handle.current());
@@ -421,7 +436,16 @@ impl Server {
                 local.serve(stream, slot, Arc::clone(&handle));
             }
         }
+        // Listening for the second signal before the listener closes: a client that sees it
+        // closed may already send that signal.
+        let cut = cut_short();
         drop(listener);
+        let cutter = Arc::clone(&handle);
+        let cut = tokio::spawn(async move {
+            cut.await;
+            tracing::warn!("second signal: ending the requests still running now");
+            cutter.cut_short.send_replace(true);
+        });
         handle.stop_prober().await;
         let limit = handle.current().config.server.shutdown_timeout;
         tracing::info!(
@@ -437,6 +461,7 @@ impl Server {
         for d in done {
             let _ = d.await;
         }
+        cut.abort();
         // The writer's last flush comes after the requests have drained.
         writer.stop().await;
         for task in cluster {
@@ -568,12 +593,20 @@ impl Connections {
         self.closing.send_replace(true);
         let drained = self.graceful.shutdown();
         tokio::pin!(drained);
-        if tokio::time::timeout(limit, drained.as_mut()).await.is_ok() {
-            return;
+        let mut cut_short = handle.cut_short.subscribe();
+        tokio::select! {
+            done = tokio::time::timeout(limit, drained.as_mut()) => {
+                if done.is_ok() {
+                    return;
+                }
+                tracing::warn!(
+                    "in-flight requests still running after the shutdown timeout; ending them"
+                );
+            }
+            _ = cut_short.wait_for(|cut| *cut) => {}
         }
         // Streams still open are told with an `error` event, which gets a moment to reach them
         // before every connection is dropped.
-        tracing::warn!("in-flight requests still running after the shutdown timeout; ending them");
         handle.current().streams.stop();
         let _ = tokio::time::timeout(STREAM_END_GRACE, drained).await;
     }
@@ -909,41 +942,59 @@ async fn next_hangup(h: &mut Hangups) -> Option<()> {
     std::future::pending().await
 }
 
-/// Resolves on SIGINT or SIGTERM.
-///
-/// The handlers are installed when this is called, not when the future is first polled: call it
-/// (inside the runtime) before announcing the listener, so that a signal sent the moment a script
-/// reads `listening on ...` already shuts down gracefully instead of killing the process.
-pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
+/// The next signal on any of `streams`.
+#[cfg(unix)]
+async fn next_signal(streams: &mut [tokio::signal::unix::Signal]) {
+    let waits = streams.iter_mut().map(|s| Box::pin(s.recv()));
+    let _ = futures_util::future::select_all(waits).await;
+}
+
+/// SIGINT or SIGTERM (Ctrl-C elsewhere), twice: the first future resolves on the first signal,
+/// the second on the next one. The handlers are installed now, before this returns.
+pub fn shutdown_signals() -> (
+    impl Future<Output = ()> + Send + 'static,
+    impl Future<Output = ()> + Send + 'static,
+) {
+    let (first_tx, first_rx) = tokio::sync::oneshot::channel::<()>();
+    let (second_tx, second_rx) = tokio::sync::oneshot::channel::<()>();
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        let term = signal(SignalKind::terminate());
-        let int = signal(SignalKind::interrupt());
-        async move {
-            let wait = |s: std::io::Result<tokio::signal::unix::Signal>| async move {
-                match s {
-                    Ok(mut s) => {
-                        s.recv().await;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot listen for a shutdown signal");
-                        std::future::pending::<()>().await;
-                    }
-                }
-            };
-            tokio::select! {
-                () = wait(term) => {}
-                () = wait(int) => {}
+        let streams = [
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ];
+        let mut streams: Vec<_> = streams
+            .into_iter()
+            .filter_map(|s| {
+                s.map_err(|e| tracing::warn!(error = %e, "cannot listen for a shutdown signal"))
+                    .ok()
+            })
+            .collect();
+        tokio::spawn(async move {
+            if streams.is_empty() {
+                return;
             }
-        }
+            next_signal(&mut streams).await;
+            let _ = first_tx.send(());
+            next_signal(&mut streams).await;
+            let _ = second_tx.send(());
+        });
     }
     #[cfg(not(unix))]
-    {
-        async {
-            let _ = tokio::signal::ctrl_c().await;
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        let _ = first_tx.send(());
+        let _ = tokio::signal::ctrl_c().await;
+        let _ = second_tx.send(());
+    });
+    // A sender dropped without a signal (no handler could be installed) means no signal, ever.
+    let wait = |rx: tokio::sync::oneshot::Receiver<()>| async move {
+        if rx.await.is_err() {
+            std::future::pending::<()>().await;
         }
-    }
+    };
+    (wait(first_rx), wait(second_rx))
 }
 
 /// Starts the database writer (state that lasts); without a database open it ends at once.

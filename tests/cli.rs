@@ -304,6 +304,43 @@ async fn a_connection_that_sent_nothing_does_not_hold_the_shutdown() {
     );
 }
 
+/// A second signal during the drain ends it at once, as its deadline would: the open stream gets
+/// its `error` event, and the gateway exits 0 long before `shutdown_timeout` (audit: a second
+/// Ctrl-C did nothing, and said nothing).
+#[tokio::test]
+async fn a_second_signal_ends_the_drain_at_once() {
+    let up = MockUpstream::start().await;
+    up.set_default(Script::sse_ok(3).stall_after(4));
+    let sb = Sandbox::new();
+    let cfg = sb.write(
+        "ccgate.toml",
+        &one_endpoint(&up.url(), "k", "shutdown_timeout = \"60s\""),
+    );
+    let mut gw = start(sb.command(&["serve", "--config", cfg.to_str().expect("utf-8")])).await;
+    let (mut body, mut seen) = stream_until_first_delta(gw.addr, "/v1/messages").await;
+    let t0 = Instant::now();
+    gw.signal("TERM");
+    wait_until_refused(gw.addr).await;
+    assert!(gw.is_running(), "exited without draining at all");
+    gw.signal("INT");
+    let f = gw.finish().await;
+    assert_eq!(f.status.code(), Some(0), "{}", f.output());
+    assert!(
+        t0.elapsed() < Duration::from_secs(30),
+        "the second signal did not end the drain: {:?}",
+        t0.elapsed()
+    );
+    assert!(f.stderr.contains("second signal"), "{}", f.output());
+    loop {
+        match next_data(&mut body).await {
+            Some(Ok(d)) => seen.push_str(&String::from_utf8_lossy(&d)),
+            Some(Err(e)) => panic!("the stream was cut without its end: {e}\n{seen}"),
+            None => break,
+        }
+    }
+    assert!(seen.contains("event: error"), "{seen}");
+}
+
 #[tokio::test]
 async fn shutdown_timeout_bounds_the_drain() {
     let up = MockUpstream::start().await;

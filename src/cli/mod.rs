@@ -291,7 +291,7 @@ fn session_gateway(config: Option<PathBuf>) -> anyhow::Result<()> {
         let file = source.file().map(Path::to_path_buf);
         let server = crate::server::Server::bind_with_source(config, file).await?;
         let addr = server.local_addr();
-        let signal = crate::server::shutdown_signal();
+        let (signal, second) = crate::server::shutdown_signals();
         tracing::info!(config = %source, "ccgate {} started for a Claude Code session", env!("CARGO_PKG_VERSION"));
         let mut out = std::io::stdout();
         writeln!(out, "listening on http://{addr}")?;
@@ -302,7 +302,10 @@ fn session_gateway(config: Option<PathBuf>) -> anyhow::Result<()> {
                 () = launch::stdin_closed() => {}
             }
         };
-        server.run(shutdown).await;
+        // A second signal during the drain ends it at once (streams get their `error` event).
+        server
+            .run_until(shutdown, move || second)
+            .await;
         tracing::info!("stopped");
         anyhow::Ok(())
     })
@@ -384,14 +387,15 @@ fn serve(config: Option<PathBuf>, listen: Option<SocketAddr>) -> anyhow::Result<
         let server = crate::server::Server::bind_with_source(config, file).await?;
         let addr = server.local_addr();
         // Handlers first: the line below tells scripts they may signal us.
-        let shutdown = crate::server::shutdown_signal();
+        let (shutdown, second) = crate::server::shutdown_signals();
         tracing::info!(config = %source, "ccgate {} started", env!("CARGO_PKG_VERSION"));
         let mut out = std::io::stdout();
         // A reader of stdout that went away costs the scripts their line, not the gateway.
         if let Err(e) = writeln!(out, "listening on http://{addr}").and_then(|()| out.flush()) {
             tracing::warn!(error = %e, "cannot write `listening on http://{addr}` to stdout");
         }
-        server.run(shutdown).await;
+        // A second signal during the drain ends it at once (streams get their `error` event).
+        server.run_until(shutdown, move || second).await;
         tracing::info!("stopped");
         anyhow::Ok(())
     })

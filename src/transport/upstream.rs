@@ -402,6 +402,11 @@ impl UpstreamClient {
 }
 
 impl UpstreamClient {
+    /// Whether `other` is this client (a clone): the same pools and connections.
+    pub fn shares_pools(&self, other: &UpstreamClient) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
     /// Idle connections ready for a request, over all pools.
     pub fn idle_connections(&self) -> usize {
         self.inner
