@@ -341,6 +341,48 @@ async fn a_second_signal_ends_the_drain_at_once() {
     assert!(seen.contains("event: error"), "{seen}");
 }
 
+/// A stream whose answer is complete (`message_stop`) but whose body the upstream has not ended
+/// when the drain's deadline comes ends as it is: no `error` event after a complete answer (the
+/// client would send it, and pay for it, again), and it counts as a success.
+#[tokio::test]
+async fn a_complete_stream_cut_at_the_deadline_ends_without_an_error() {
+    let up = MockUpstream::start().await;
+    // All nine events of the answer, then the body is held open.
+    up.set_default(Script::sse_ok(3).stall_after(9));
+    let sb = Sandbox::new();
+    let cfg = sb.write(
+        "ccgate.toml",
+        &one_endpoint(&up.url(), "k", "shutdown_timeout = \"1s\""),
+    );
+    let mut gw = start(sb.command(&["serve", "--config", cfg.to_str().expect("utf-8")])).await;
+    let (mut body, mut seen) = stream_until_first_delta(gw.addr, "/v1/messages").await;
+    while !seen.contains("message_stop") {
+        match next_data(&mut body).await {
+            Some(Ok(d)) => seen.push_str(&String::from_utf8_lossy(&d)),
+            other => panic!("no message_stop: {other:?}\n{seen}"),
+        }
+    }
+    let stats = get(gw.addr, "/_ccgate/stats", &[]).await.json();
+    assert_eq!(stats["in_flight"], 1, "{stats}");
+    gw.signal("TERM");
+    let f = gw.finish().await;
+    assert_eq!(f.status.code(), Some(0), "{}", f.output());
+    loop {
+        match next_data(&mut body).await {
+            Some(Ok(d)) => seen.push_str(&String::from_utf8_lossy(&d)),
+            Some(Err(e)) => panic!("the stream was cut without its end: {e}\n{seen}"),
+            None => break,
+        }
+    }
+    assert!(!seen.contains("event: error"), "{seen}");
+    // The next start reads what was stored: one success, nothing cancelled.
+    let gw = start(sb.command(&["serve", "--config", cfg.to_str().expect("utf-8")])).await;
+    let stats = get(gw.addr, "/_ccgate/stats", &[]).await.json();
+    assert_eq!(stats["lifetime"]["successful_requests"], 1, "{stats}");
+    assert_eq!(stats["lifetime"]["cancelled"], 0, "{stats}");
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn shutdown_timeout_bounds_the_drain() {
     let up = MockUpstream::start().await;
@@ -379,7 +421,7 @@ async fn shutdown_timeout_bounds_the_drain() {
     }
     assert!(!seen.contains("message_stop"), "{seen}");
     assert!(seen.contains("event: error"), "{seen}");
-    assert!(seen.contains("overloaded_error"), "{seen}");
+    assert!(seen.contains("api_error"), "{seen}");
     assert!(seen.contains("shutting down"), "{seen}");
 }
 

@@ -95,7 +95,8 @@ impl StreamStop {
     fn watch(&self) -> Arc<AtomicWaker> {
         let slot = Arc::new(AtomicWaker::new());
         let mut wakers = self.wakers.lock();
-        // Streams that ended leave dead entries: swept once they are half the list.
+        // Streams that ended leave dead entries: swept each time the list reaches a power of
+        // two (from 64), so it stays within about twice the streams open at its largest.
         if wakers.len() >= 64 && wakers.len().is_power_of_two() {
             wakers.retain(|w| w.strong_count() > 0);
         }
@@ -232,18 +233,28 @@ impl RelayBody {
         self
     }
 
-    /// Ends a stream the shutdown cut: an `overloaded_error` event (clients send the request
-    /// again), the attempt counted as cancelled (no fault of the endpoint's).
+    /// Ends a stream the shutdown cut: an `api_error` event (a 500-class error, which clients
+    /// such as Claude Code retry patiently, where they give up on a few 529s), the attempt counted
+    /// as cancelled (no fault of the endpoint's). A stream whose answer is already complete
+    /// (`message_stop`) or already failed (the upstream's `error` event) ends as it is: an error
+    /// after a complete answer would have the client send it, and pay for it, again.
     fn cut_for_shutdown(&mut self) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let boundary = match &self.judge {
-            Judge::Stream(sc) => sc.at_boundary(),
-            _ => true,
-        };
         self.stop = None;
+        let (boundary, decided) = match &self.judge {
+            Judge::Stream(sc) => {
+                let f = sc.facts();
+                (sc.at_boundary(), f.message_stop || f.error.is_some())
+            }
+            _ => (true, false),
+        };
+        if decided {
+            self.end();
+            return Poll::Ready(self.trailer.take().map(|b| Ok(Frame::data(b))));
+        }
         self.finish(Outcome::Cancelled, None);
         Poll::Ready(Some(Ok(Frame::data(closing_error_event(
             boundary,
-            "overloaded_error",
+            "api_error",
             "ccgate is shutting down and ended this stream; send the request again",
         )))))
     }
