@@ -1832,3 +1832,47 @@ async fn upstream_stream_ending_cleanly_without_message_stop_ends_with_an_error_
     }
     assert_eq!(counts(&gw, "a").await, (2, 0, 2));
 }
+
+/// Member names spelled with JSON escapes are the same members to every parser, and so to
+/// ccgate: a `"str\u0065am": true` request expects a stream (audit: it expected JSON, so every
+/// endpoint's correct stream was a failure, and three such requests ejected them all), and a
+/// `"mod\u0065l"` is routed by its model (audit: it bypassed `models` and the local 404).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn escaped_member_names_are_read_as_parsers_read_them() {
+    let up = MockUpstream::start().await;
+    up.set_default(Script::sse_ok(2));
+    let gw = GatewayBuilder::new()
+        .health("failure_threshold = 1")
+        .endpoint("a", &up.url(), "models = [\"claude-haiku-*\"]")
+        .start()
+        .await;
+    let stream = r#"{"model":"claude-haiku-4-5","max_tokens":5,"messages":[],"str\u0065am":true}"#;
+    for _ in 0..3 {
+        let r = gw
+            .request(
+                Method::POST,
+                "/v1/messages",
+                &[("content-type", "application/json")],
+                Bytes::from_static(stream.as_bytes()),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert!(r.text().contains("message_stop"), "{}", r.text());
+    }
+    gw.settle().await;
+    let v = gw.endpoint_view("a").await;
+    assert_eq!(v["state"], "healthy", "{v}");
+    assert_eq!(v["successful_requests"], 3, "{v}");
+
+    let opus = r#"{"mod\u0065l":"claude-opus-4","max_tokens":5,"messages":[]}"#;
+    let r = gw
+        .request(
+            Method::POST,
+            "/v1/messages",
+            &[("content-type", "application/json")],
+            Bytes::from_static(opus.as_bytes()),
+        )
+        .await;
+    assert_eq!(r.status, 404, "{}", r.text());
+    assert_eq!(up.count(), 3, "the unserved model reached no endpoint");
+}

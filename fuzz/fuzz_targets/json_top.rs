@@ -55,9 +55,15 @@ fuzz_target!(|data: &[u8]| {
         "json_top's members differ from serde_json's object"
     );
 
-    // `member` returns the last member of that name as written.
-    for (name, _) in &found {
-        let last = found.iter().find(|(n, _)| n == name).map(|(_, v)| *v);
-        assert_eq!(json_top::member(data, name), last);
+    // `member` returns the last member whose name reads as the key (escapes decoded).
+    for key in [&b"metadata"[..], b"model", b"stream", b"a"] {
+        let last = found
+            .iter()
+            .find(|(n, _)| json_top::name_is(n, key))
+            .map(|(_, v)| *v);
+        assert_eq!(json_top::member(data, key), last);
+        let decoded = last.map(|raw| serde_json::from_slice::<Value>(raw).expect("a value"));
+        let key = std::str::from_utf8(key).expect("ASCII");
+        assert_eq!(decoded.as_ref(), want.get(key), "member {key:?}");
     }
 });

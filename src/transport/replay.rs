@@ -101,7 +101,7 @@ impl Frames {
             let mut found: [Option<Bytes>; N] = std::array::from_fn(|_| None);
             let mut missing = N;
             for (name, value) in json_top::members(json) {
-                if let Some(i) = keys.iter().position(|k| *k == name)
+                if let Some(i) = keys.iter().position(|k| json_top::name_is(name, k))
                     && found[i].is_none()
                 {
                     found[i] = Some(json.slice_ref(value));
