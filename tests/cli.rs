@@ -354,7 +354,7 @@ async fn a_complete_stream_cut_at_the_deadline_ends_without_an_error() {
         "ccgate.toml",
         &one_endpoint(&up.url(), "k", "shutdown_timeout = \"1s\""),
     );
-    let mut gw = start(sb.command(&["serve", "--config", cfg.to_str().expect("utf-8")])).await;
+    let gw = start(sb.command(&["serve", "--config", cfg.to_str().expect("utf-8")])).await;
     let (mut body, mut seen) = stream_until_first_delta(gw.addr, "/v1/messages").await;
     while !seen.contains("message_stop") {
         match next_data(&mut body).await {

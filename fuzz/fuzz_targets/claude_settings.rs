@@ -66,7 +66,7 @@ fuzz_target!(|data: &[u8]| {
     }
     std::fs::write(&paths.settings, original).expect("write settings");
 
-    let enabled = claude::enable(&paths, URL, token);
+    let enabled = claude::enable(&paths, URL, token, claude::TokenVia::AuthToken);
     if expected_refusal(original) {
         assert!(enabled.is_err(), "accepted {original:?}");
         assert_eq!(std::fs::read(&paths.settings).expect("settings"), original);
