@@ -1165,3 +1165,56 @@ async fn concurrent_edits_all_land() {
         "the disable was lost:\n{text}"
     );
 }
+
+/// An edit waits for another only while that one reads and writes the file, not while it asks a
+/// slow gateway to reload (audit: a second edit waited out the first one's whole reload call).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_does_not_wait_for_another_ones_reload() {
+    // A "gateway" that takes connections and never answers.
+    let wedged = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = wedged.local_addr().expect("addr");
+    let keep = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = wedged.accept().await {
+            held.push(s);
+        }
+    });
+    let sb = Sandbox::new();
+    let text =
+        config(&[("a", "http://127.0.0.1:9", "k")], "").replace("127.0.0.1:0", &addr.to_string());
+    let cfg = sb.write("ccgate.toml", &text);
+    let mut children = Vec::new();
+    for name in ["x1", "x2"] {
+        let mut cmd = sb.command(&[
+            "endpoints",
+            "add",
+            name,
+            "--config",
+            cfg_arg(&cfg),
+            "--base-url",
+            "http://127.0.0.1:9",
+            "--api-key",
+            "k",
+        ]);
+        cmd.stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        children.push(cmd.spawn().expect("spawn"));
+    }
+    // Both edits land while both commands still wait on the wedged gateway.
+    wait::eventually("both edits in the file", || {
+        let text = read(&cfg);
+        async move { text.contains("name = \"x1\"") && text.contains("name = \"x2\"") }
+    })
+    .await;
+    for c in &mut children {
+        assert!(
+            c.try_wait().expect("status").is_none(),
+            "still waiting on the gateway"
+        );
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    keep.abort();
+}

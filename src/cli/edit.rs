@@ -361,16 +361,29 @@ pub fn write_atomic_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// Holds the directory of `path` (its real file, through a symlink) locked while a command reads,
 /// edits, writes and applies it: two commands at once take turns instead of each writing its
 /// own edit over the other's. The directory, not the file: the file is replaced by a rename at
-/// every write. Unlocked when the returned handle is dropped (or the process ends).
-pub fn lock_for_edit(path: &Path) -> std::io::Result<std::fs::File> {
-    let target = resolve_symlink(path);
-    let dir = match target.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let handle = std::fs::File::open(&dir)?;
-    handle.lock()?;
-    Ok(handle)
+/// every write. Unlocked when the returned handle is dropped (or the process ends). `None` where
+/// directories cannot be locked (a file system without locks, or not Unix): edits then do not
+/// take turns, as before there was a lock.
+pub fn lock_for_edit(path: &Path) -> std::io::Result<Option<std::fs::File>> {
+    #[cfg(unix)]
+    {
+        let target = resolve_symlink(path);
+        let dir = match target.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let handle = std::fs::File::open(&dir)?;
+        match handle.lock() {
+            Ok(()) => Ok(Some(handle)),
+            Err(e) if e.kind() == std::io::ErrorKind::Unsupported => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        Ok(None)
+    }
 }
 
 /// `edited` with the line endings of `original`: the TOML editor writes `\n`, and a file whose

@@ -140,8 +140,9 @@ pub fn run_edit(
     env: &dyn Env,
 ) -> anyhow::Result<()> {
     let path = config_path(explicit_config, env)?;
-    // Held until the edit is applied, or taken back: another command's edit waits for it.
-    let _turn = edit::lock_for_edit(&path)
+    // Held while the file is read, edited and written: another command's edit waits for it.
+    // Not while the gateway is asked to reload, which may take long.
+    let turn = edit::lock_for_edit(&path)
         .with_context(|| format!("cannot lock the directory of {}", path.display()))?;
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
@@ -191,6 +192,7 @@ pub fn run_edit(
         )?;
         return Ok(());
     };
+    drop(turn);
     let url = target.url.clone();
     let switch = match &change {
         Edit::SetEnabled(name, on) => Some((name.as_str(), *on)),
@@ -220,7 +222,7 @@ pub fn run_edit(
             let restored = if edited == text {
                 Ok(())
             } else {
-                edit::write_atomic(&path, text.as_bytes(), 0o600)
+                restore_unless_changed(&path, &edited, &text)
             };
             writeln!(
                 out,
@@ -297,4 +299,17 @@ pub fn list(explicit_config: Option<&Path>, env: &dyn Env) -> anyhow::Result<Str
         ));
     }
     Ok(out)
+}
+
+/// Puts `original` back in `path` if it still holds `edited` (another command may have edited
+/// it since): under the edit lock, as every edit is.
+fn restore_unless_changed(path: &Path, edited: &str, original: &str) -> std::io::Result<()> {
+    let _turn = edit::lock_for_edit(path)?;
+    match std::fs::read_to_string(path) {
+        Ok(now) if now == edited => edit::write_atomic(path, original.as_bytes(), 0o600),
+        Ok(_) => Err(std::io::Error::other(
+            "it was edited again meanwhile; that edit is kept",
+        )),
+        Err(e) => Err(e),
+    }
 }
