@@ -482,3 +482,26 @@ async fn reloads_during_a_probe_do_not_start_new_ones() {
     assert_eq!(a.count(), 2, "one request and one probe");
     gw.shutdown().await;
 }
+
+/// A gateway whose address came from the command line (`serve --listen`, a session gateway)
+/// never applies the file's `listen`: a reload does not report it as waiting for a restart
+/// (audit: every reload warned about it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listen_given_on_the_command_line_is_not_reported_at_reload() {
+    let a = MockUpstream::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("config.toml");
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:7999\"\n[storage]\nenabled = false\n{}",
+        endpoint("a", &a.url(), "")
+    );
+    write(&path, &text);
+    let mut config = Config::from_toml(&text, "test", &|_: &str| None).expect("config");
+    config.server.listen = "127.0.0.1:0".parse().expect("addr");
+    config.server.listen_overridden = true;
+    let gw = TestGateway::start_with_source(config, Some(path.clone())).await;
+    let r = reload(&gw).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.json().get("restart_needed").is_none(), "{}", r.text());
+    gw.shutdown().await;
+}

@@ -277,6 +277,36 @@ async fn least_latency_tries_an_unknown_endpoint_with_one_attempt_not_a_burst() 
         (10..=30).contains(&to_new),
         "after answering: {to_new} of 40"
     );
+
+    // Idle for four decay constants while `known` keeps answering: `new`'s estimate has decayed
+    // to almost nothing without being zero, and says nothing any more. Again one attempt of the
+    // burst, not all of it.
+    for a in open.drain(..) {
+        a.first_byte();
+        a.finish(Outcome::Success, None);
+    }
+    tokio::time::advance(Duration::from_secs(40)).await;
+    let a = Attempt::begin(
+        Arc::clone(&reg.endpoints[0]),
+        Arc::clone(&reg.recorder),
+        false,
+    );
+    tokio::time::advance(Duration::from_millis(20)).await;
+    a.first_byte();
+    a.finish(Outcome::Success, None);
+    let now = reg.clock.now_ms();
+    assert!(reg.endpoints[1].live.estimate.get(now) > Duration::ZERO);
+    let mut to_new = 0;
+    for _ in 0..40 {
+        let r = sel.rank(&reg.endpoints, reg.clock.now_ms(), &mut rng);
+        to_new += usize::from(r[0] == 1);
+        open.push(Attempt::begin(
+            Arc::clone(&reg.endpoints[r[0]]),
+            Arc::clone(&reg.recorder),
+            false,
+        ));
+    }
+    assert_eq!(to_new, 1, "the idle endpoint got {to_new} of the burst");
 }
 
 /// Two endpoints, `bad` scripted by the caller and `good` answering at once: after `bad` has

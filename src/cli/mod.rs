@@ -419,6 +419,7 @@ fn override_listen(config: &mut Config, addr: SocketAddr) -> anyhow::Result<()> 
         }
     }
     config.server.listen = addr;
+    config.server.listen_overridden = true;
     Ok(())
 }
 

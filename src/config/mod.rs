@@ -146,6 +146,10 @@ pub struct ServerConfig {
     /// [`EXPOSED_HEADER_READ_TIMEOUT`] on a listener reachable from other machines, none on
     /// loopback. Read at start only.
     pub header_read_timeout: Option<Duration>,
+    /// Whether `listen` was set by the command line (`serve --listen`, a session gateway's free
+    /// port) rather than the file: the file's `listen` then never applies, and a reload does not
+    /// report it as waiting for a restart.
+    pub listen_overridden: bool,
 }
 
 /// `[timeouts]`: limits on each upstream attempt.

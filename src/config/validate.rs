@@ -349,6 +349,7 @@ fn validate_server(s: &RawServer, p: &mut Problems<'_>, env: &dyn Env) -> Server
                 EXPOSED_HEADER_READ_TIMEOUT,
             )
         }),
+        listen_overridden: false,
     }
 }
 

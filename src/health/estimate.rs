@@ -45,6 +45,14 @@ impl PeakEwma {
             });
     }
 
+    /// Whether the estimate says little any more at `now_ms`: no sample yet, or none for three
+    /// time constants (it has decayed to a twentieth of what it was).
+    pub fn stale(&self, now_ms: u64) -> bool {
+        let stamp = self.stamp_ms.load(Ordering::Acquire);
+        self.micros.load(Ordering::Acquire) == 0
+            || now_ms.saturating_sub(stamp) >= 3 * DECAY.as_millis() as u64
+    }
+
     /// The estimate at `now_ms`, decayed for the time since the last sample. Zero when there
     /// is no evidence (never sampled, or long ago), which makes the endpoint worth trying.
     pub fn get(&self, now_ms: u64) -> Duration {

@@ -83,6 +83,7 @@ impl Gateway {
         // What is read at start stays as it was: the listener, the database (the one opened at
         // start), the serving threads and the connection cap, the ring and cluster mode.
         config.server.listen = self.config.server.listen;
+        config.server.listen_overridden = self.config.server.listen_overridden;
         config.server.workers = self.config.server.workers;
         config.server.max_connections = self.config.server.max_connections;
         config.storage = self.config.storage.clone();
@@ -206,7 +207,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 fn restart_needed(old: &Config, new: &Config) -> Vec<String> {
     let mut out = Vec::new();
     let (o, n) = (&old.server, &new.server);
-    if n.listen != o.listen {
+    if n.listen != o.listen && !o.listen_overridden {
         out.push(format!(
             "server.listen: still {} until restarted (the file says {})",
             o.listen, n.listen

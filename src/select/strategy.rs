@@ -133,14 +133,15 @@ pub struct Cost {
 
 /// The cost `least_latency` compares: the decaying first-byte estimate (failures counted as
 /// slow) times one plus the attempts already in flight, as in Finagle's and Linkerd's
-/// peak-EWMA balancers. An endpoint with no recent evidence costs nothing and gets tried, by
-/// one attempt: while that attempt is out, and nothing is known yet, each attempt in flight
-/// costs [`FAILURE_PENALTY`] (Finagle's rule), so a burst does not pile onto an endpoint that
-/// only looked cheap because it had never answered.
+/// peak-EWMA balancers. An endpoint with no recent evidence (never sampled, or not for three
+/// decay constants) costs next to nothing and gets tried, by one attempt: while that attempt is
+/// out, and nothing new is known, each attempt in flight costs [`FAILURE_PENALTY`] (Finagle's
+/// rule), so a burst does not pile onto an endpoint that only looked cheap because it had not
+/// answered lately.
 pub fn least_latency_cost(e: &Endpoint, now_ms: u64) -> f64 {
     let estimate = e.live.estimate.get(now_ms).as_secs_f64();
     let in_flight = e.live.snapshot().in_flight as f64;
-    if estimate == 0.0 && in_flight > 0.0 {
+    if in_flight > 0.0 && e.live.estimate.stale(now_ms) {
         return FAILURE_PENALTY.as_secs_f64() * in_flight;
     }
     estimate * (in_flight + 1.0)
