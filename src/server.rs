@@ -146,8 +146,12 @@ impl Handle {
         }
         let (next, report) = current.reloaded(config)?;
         let next = Arc::new(next);
-        // The cells the reload replaces are written even if no flush has seen them yet.
+        // The cells the reload replaces are written (and added to the cluster's totals) even if
+        // no flush has seen them yet.
         self.persist.follow(&current);
+        if let Some(node) = &self.cluster {
+            node.follow_replaced(&current);
+        }
         self.current.store(Arc::clone(&next));
         if let Some(node) = self.cluster.clone() {
             // Off the reload's path: Redis may be slow or away (the link resyncs on reconnect).
@@ -464,7 +468,9 @@ impl Server {
         cut.abort();
         // The writer's last flush comes after the requests have drained.
         writer.stop().await;
-        for task in cluster {
+        // Newest first: the totals task's last flush and the publisher's last news go out
+        // while the link to Redis is still up (the supervisor, which shuts it, stops last).
+        for task in cluster.into_iter().rev() {
             task.stop().await;
         }
         if let Some(node) = &handle.cluster {

@@ -683,3 +683,52 @@ async fn what_was_learnt_alone_is_republished_on_reconnect() {
     // Once Redis answers again, the others learn it.
     c.wait_state("b", "disabled").await;
 }
+
+/// The cluster's per-endpoint totals count every attempt of an endpoint a reload changed, made
+/// before and after the reload and between two totals flushes (audit: the attempts of the
+/// replaced counter cell since the last flush were never sent, and the new cell's were cut by
+/// the old cell's value).
+#[tokio::test]
+async fn cluster_totals_keep_the_attempts_of_an_endpoint_a_reload_changed() {
+    let redis = RedisServer::start();
+    let a = MockUpstream::start().await;
+    let prefix = format!("t{}", fastrand::u64(..));
+    let text = |weight: u32| {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n\n\
+             [cluster]\nredis_url = \"{}\"\nkey_prefix = \"{prefix}\"\ninstance = \"i1\"\nflush_interval = \"3s\"\n\n\
+             [[endpoints]]\nname = \"a\"\nbase_url = \"{}\"\napi_key = \"sk-test-a\"\nweight = {weight}\n",
+            redis.url(),
+            a.url()
+        )
+    };
+    let sb = Sandbox::new();
+    let path = sb.write("config.toml", &text(100));
+    let serving =
+        process::start(sb.command(&["serve", "--config", path.to_str().expect("utf-8")])).await;
+    let addr = serving.addr;
+    eventually("instance linked to Redis", || async move {
+        get(addr, "/_ccgate/health", &[]).await.json()["cluster"]["redis_up"] == true
+    })
+    .await;
+    let mut sent = 0;
+    for (weight, n) in [(200, 10), (300, 5), (300, 3)] {
+        for _ in 0..n {
+            assert_eq!(post_message(addr, &[]).await.status, 200);
+        }
+        sent += n;
+        sb.write("config.toml", &text(weight));
+        let r = process::call(addr, Method::POST, "/_ccgate/reload", &[], String::new()).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    // The last flush, at stop, sends what the interval held back.
+    let f = serving.stop().await;
+    assert_eq!(f.status.code(), Some(0), "{}", f.output());
+    assert_eq!(a.count(), sent as usize);
+    let reply = redis.command(&format!("HGET {prefix}:totals endpoint:a:total_requests"));
+    assert!(
+        reply.ends_with(&format!("\r\n{sent}\r\n")),
+        "cluster totals hold {reply:?}, {sent} attempts were made; {}",
+        redis.command(&format!("HGETALL {prefix}:totals"))
+    );
+}

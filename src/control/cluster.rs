@@ -65,6 +65,8 @@ pub struct ClusterNode {
     pub(in crate::control) last_view: Mutex<Option<ClusterView>>,
     /// When this process started (unix ms): own news older than this is from an earlier life.
     started_ms: u64,
+    /// Endpoint counter cells a reload replaced, for the totals task to count to their end.
+    replaced: Mutex<Vec<(String, Arc<crate::health::endpoint::Live>)>>,
 }
 
 fn unix_ms_now() -> u64 {
@@ -103,7 +105,20 @@ impl ClusterNode {
             mismatched: Mutex::default(),
             last_view: Mutex::default(),
             started_ms: unix_ms_now(),
+            replaced: Mutex::default(),
         }))
+    }
+
+    /// Hands the totals task the endpoint counter cells of `gw`, which a reload is about to
+    /// replace: what they counted since its last flush is added too, and what they count until
+    /// their last attempt ends.
+    pub fn follow_replaced(&self, gw: &Gateway) {
+        self.replaced.lock().extend(
+            gw.registry
+                .endpoints
+                .iter()
+                .map(|e| (e.name.clone(), Arc::clone(&e.live))),
+        );
     }
 
     /// The link (for views and tests).
@@ -554,16 +569,68 @@ fn counters(gw: &Gateway) -> BTreeMap<String, i64> {
     put("total_verified".into(), q.total_verified);
     put("total_recovered".into(), q.total_recovered);
     put("total_still_failed".into(), q.total_still_failed);
-    for ep in &gw.registry.endpoints {
-        let c = ep.live.snapshot();
-        put(format!("endpoint:{}:total_requests", ep.name), c.total);
-        put(
-            format!("endpoint:{}:successful_requests", ep.name),
-            c.successful(),
-        );
-        put(format!("endpoint:{}:failed_requests", ep.name), c.failed());
-    }
     m
+}
+
+/// The endpoint counter cells the totals task follows, by address: each counts from zero when
+/// it is made, and only grows, so what it adds is its growth since the last look, under its
+/// endpoint's name. A cell a reload replaced is followed until nothing else holds it (its last
+/// attempt has ended), so no attempt is lost between two flushes, and none is counted twice.
+#[derive(Default)]
+struct EndpointCells {
+    cells: HashMap<usize, FollowedCell>,
+}
+
+struct FollowedCell {
+    name: String,
+    live: Arc<crate::health::endpoint::Live>,
+    /// total, successful, failed, as last added.
+    seen: [u64; 3],
+}
+
+impl EndpointCells {
+    /// Adds every followed cell's growth to `flusher`, starting to follow `gw`'s and the
+    /// replaced ones, and stops following cells no longer in use.
+    fn add_growth(&mut self, gw: &Gateway, node: &ClusterNode, flusher: &mut TotalsFlusher) {
+        let mut follow = |name: &str, live: &Arc<crate::health::endpoint::Live>| {
+            self.cells
+                .entry(Arc::as_ptr(live) as usize)
+                .or_insert_with(|| FollowedCell {
+                    name: name.to_string(),
+                    live: Arc::clone(live),
+                    seen: [0; 3],
+                });
+        };
+        for (name, live) in std::mem::take(&mut *node.replaced.lock()) {
+            follow(&name, &live);
+        }
+        for ep in &gw.registry.endpoints {
+            follow(&ep.name, &ep.live);
+        }
+        let current: HashSet<usize> = gw
+            .registry
+            .endpoints
+            .iter()
+            .map(|e| Arc::as_ptr(&e.live) as usize)
+            .collect();
+        self.cells.retain(|key, cell| {
+            // Read before the check: a cell nothing else holds is final.
+            let retired = !current.contains(key) && Arc::strong_count(&cell.live) == 1;
+            let c = cell.live.snapshot();
+            let now = [c.total, c.successful(), c.failed()];
+            for (field, (n, s)) in ["total_requests", "successful_requests", "failed_requests"]
+                .iter()
+                .zip(now.iter().zip(cell.seen))
+            {
+                let delta = i64::try_from(n.saturating_sub(s)).unwrap_or(i64::MAX);
+                if delta > 0 {
+                    flusher.add(&format!("endpoint:{}:{field}", cell.name), delta);
+                }
+            }
+            cell.seen = now;
+            !retired
+        });
+    }
 }
 
 // ---- tasks ----------------------------------------------------------------------------------
@@ -631,6 +698,7 @@ pub async fn run_publisher(
 /// the cluster view for metrics. Ends when `stop` turns true (after one last flush).
 pub async fn run_totals(node: Arc<ClusterNode>, current: Current, mut stop: watch::Receiver<bool>) {
     let mut flusher = TotalsFlusher::new();
+    let mut cells = EndpointCells::default();
     let mut last: BTreeMap<String, i64> = BTreeMap::new();
     // Everything Redis acknowledged from this process: what this instance's row must hold.
     let mut acked: BTreeMap<String, i64> = BTreeMap::new();
@@ -641,7 +709,9 @@ pub async fn run_totals(node: Arc<ClusterNode>, current: Current, mut stop: watc
             _ = tick.tick() => false,
             _ = stop.changed() => true,
         };
-        let now = counters(&current());
+        let gw = current();
+        cells.add_growth(&gw, &node, &mut flusher);
+        let now = counters(&gw);
         for (k, v) in &now {
             let before = last.get(k).copied().unwrap_or(0);
             // A counter that went down was replaced (an endpoint rebuilt by a reload): its whole
