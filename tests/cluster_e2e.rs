@@ -732,3 +732,70 @@ async fn cluster_totals_keep_the_attempts_of_an_endpoint_a_reload_changed() {
         redis.command(&format!("HGETALL {prefix}:totals"))
     );
 }
+
+/// An endpoint the cluster holds ejected stays ejected on an instance whose reload rebuilt it
+/// (its settings changed): the resync after the reload gives it the cluster's phase again
+/// (audit: news it had applied before was dropped as already seen, and it took traffic to a
+/// dead upstream).
+#[tokio::test]
+async fn a_reload_that_rebuilds_an_ejected_endpoint_keeps_it_ejected() {
+    let redis = RedisServer::start();
+    let mocks = [MockUpstream::start().await, MockUpstream::start().await];
+    let eps = [
+        Ep {
+            name: "a",
+            mock: &mocks[0],
+            extra: "priority = 1",
+        },
+        Ep {
+            name: "b",
+            mock: &mocks[1],
+            extra: "priority = 2",
+        },
+    ];
+    let c = Cluster::start(&redis, &eps, "").await;
+    // `a` breaks; instance 0 ejects it, and every instance learns it.
+    mocks[0].set_default(Script::error(500, "api_error", "boom"));
+    c.until("a ejected on instance 0", || async {
+        post_message(c.addr(0), &[]).await;
+        c.state(0, "a").await == "ejected"
+    })
+    .await;
+    c.wait_state("a", "ejected").await;
+
+    // Instance 1 reloads a config in which `a` changed (its weight): it is rebuilt there.
+    let changed = [
+        Ep {
+            extra: "priority = 1\nweight = 7",
+            ..eps[0]
+        },
+        eps[1],
+    ];
+    let text = cluster_config(&redis, &c.prefix, "i2", &changed, "");
+    c.sandboxes[1].write("config.toml", &text);
+    let r = process::call(
+        c.addr(1),
+        Method::POST,
+        "/_ccgate/reload",
+        &[],
+        String::new(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.body.contains("\"changed\":[\"a\"]"), "{}", r.body);
+    c.until("a ejected again on instance 1", || async {
+        c.state(1, "a").await == "ejected"
+    })
+    .await;
+    // Its traffic goes to `b` (the prober may meet `a` meanwhile, which still fails).
+    let before = mocks[0].count();
+    for _ in 0..5 {
+        let a = post_message(c.addr(1), &[]).await;
+        assert_eq!(a.status, 200, "{a:?}");
+        assert_eq!(a.header("x-ccgate-endpoint"), Some("b"));
+    }
+    assert!(
+        mocks[0].count() - before <= 1,
+        "requests went to the ejected endpoint"
+    );
+}

@@ -57,8 +57,10 @@ pub struct ClusterNode {
     supervisor: Mutex<Option<Supervisor>>,
     /// Open episode tokens known here, by endpoint (wire form).
     episodes: Mutex<HashMap<String, String>>,
-    /// Last news applied, by (origin, endpoint): `(seq, at_ms)`.
-    last_seen: Mutex<HashMap<(String, String), (u64, u64)>>,
+    /// Last news applied, by (origin, endpoint, the endpoint's counter cell): `(seq, at_ms)`. Per
+    /// cell: an endpoint a reload rebuilt starts afresh and has applied nothing yet, so the
+    /// resync that follows the reload gives it the cluster's phase again.
+    last_seen: Mutex<HashMap<(String, String, usize), (u64, u64)>>,
     /// Endpoints whose config differs from another instance's (warned once each).
     mismatched: Mutex<HashSet<String>>,
     /// The latest cluster view read by the totals task (for metrics; no Redis on that path).
@@ -149,6 +151,16 @@ impl ClusterNode {
     /// resyncs it with the shared view, so an endpoint the reload added is out of rotation at
     /// once when the cluster has it out (and seeds the view with one the cluster lacks).
     pub async fn adopt_reloaded(&self, gw: &Gateway) {
+        // What was applied to cells this gateway no longer has is forgotten.
+        let cells: HashSet<usize> = gw
+            .registry
+            .endpoints
+            .iter()
+            .map(|e| Arc::as_ptr(&e.live) as usize)
+            .collect();
+        self.last_seen
+            .lock()
+            .retain(|(_, _, cell), _| cells.contains(cell));
         self.attach(gw);
         self.resync(gw).await;
     }
@@ -348,7 +360,11 @@ impl ClusterNode {
         }
         {
             let mut seen = self.last_seen.lock();
-            let key = (news.origin.clone(), news.endpoint.clone());
+            let key = (
+                news.origin.clone(),
+                news.endpoint.clone(),
+                Arc::as_ptr(&ep.live) as usize,
+            );
             if let Some(&(seq, at)) = seen.get(&key) {
                 // Older news from the same origin (a later life of an instance with the same name
                 // restarts its numbering, but publishes at a later time).
