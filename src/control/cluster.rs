@@ -60,7 +60,7 @@ pub struct ClusterNode {
     /// Last news applied, by (origin, endpoint, the endpoint's counter cell): `(seq, at_ms)`. Per
     /// cell: an endpoint a reload rebuilt starts afresh and has applied nothing yet, so the
     /// resync that follows the reload gives it the cluster's phase again.
-    last_seen: Mutex<HashMap<(String, String, usize), (u64, u64)>>,
+    last_seen: Mutex<HashMap<SeenKey, (u64, u64)>>,
     /// Endpoints whose config differs from another instance's (warned once each).
     mismatched: Mutex<HashSet<String>>,
     /// The latest cluster view read by the totals task (for metrics; no Redis on that path).
@@ -70,6 +70,9 @@ pub struct ClusterNode {
     /// Endpoint counter cells a reload replaced, for the totals task to count to their end.
     replaced: Mutex<Vec<(String, Arc<crate::health::endpoint::Live>)>>,
 }
+
+/// Whose news about which endpoint, applied to which counter cell (its address).
+type SeenKey = (String, String, usize);
 
 fn unix_ms_now() -> u64 {
     SystemTime::now()
