@@ -574,3 +574,49 @@ async fn a_stream_refused_unprocessed_goes_out_again() {
     );
     server.abort();
 }
+
+/// An HTTP/2 client that leaves during its upload (it resets its stream, or its connection
+/// breaks) is a cancelled request, as an HTTP/1.1 client that closes mid-body is, not the
+/// caller's error (audit: counted as 400 caller errors).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_that_leaves_mid_upload_is_cancelled() {
+    let up = MockUpstream::start().await;
+    let gw = GatewayBuilder::new()
+        .endpoint("a", &up.url(), "")
+        .start()
+        .await;
+    for close_connection in [false, true] {
+        let tcp = tokio::net::TcpStream::connect(gw.addr)
+            .await
+            .expect("connect");
+        let (mut client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+        let driver = tokio::spawn(conn);
+        let req = http::Request::post(gw.url("/v1/messages"))
+            .header("content-type", "application/json")
+            .body(())
+            .expect("request");
+        let (_answer, mut body) = client.send_request(req, false).expect("send");
+        body.send_data(Bytes::from_static(br#"{"model":"claude-son"#), false)
+            .expect("data");
+        // The gateway has begun reading the body before the client leaves.
+        support::wait::eventually("the request under way", || async {
+            gw.admin("stats").await["in_flight"] == 1
+        })
+        .await;
+        if close_connection {
+            driver.abort();
+            drop(client);
+        } else {
+            body.send_reset(h2::Reason::CANCEL);
+        }
+        support::wait::eventually("the request ended", || async {
+            gw.admin("stats").await["in_flight"] == 0
+        })
+        .await;
+    }
+    let s = gw.admin("stats").await;
+    assert_eq!(s["cancelled"], 2, "{s}");
+    assert_eq!(s["caller_errors"], 0, "{s}");
+    assert_eq!(up.count(), 0);
+    gw.shutdown().await;
+}

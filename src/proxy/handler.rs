@@ -184,9 +184,15 @@ fn client_left(e: &(dyn std::error::Error + 'static)) -> bool {
     if h.is_incomplete_message() || h.is_canceled() || h.is_closed() {
         return true;
     }
+    let source = std::error::Error::source(h);
+    // HTTP/2: the client reset its stream or sent a GOAWAY, or its connection broke. A reset
+    // ccgate's own side sent (the client broke the protocol) is the client's error.
+    if let Some(h2) = source.and_then(|s| s.downcast_ref::<h2::Error>()) {
+        return h2.is_io() || h2.is_go_away() || (h2.is_reset() && h2.is_remote());
+    }
     // A broken connection surfaces as an I/O error (`UnexpectedEof`, a reset); a framing error
     // as `InvalidInput` or `InvalidData`.
-    std::error::Error::source(h)
+    source
         .and_then(|s| s.downcast_ref::<std::io::Error>())
         .is_some_and(|io| {
             !matches!(
