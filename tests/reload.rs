@@ -476,8 +476,16 @@ async fn reloads_during_a_probe_do_not_start_new_ones() {
     for _ in 0..5 {
         let r = reload(&gw).await;
         assert_eq!(r.status, 200, "{}", r.text());
-        // Time for a new prober to start a probe, which it must not.
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        // The entry's next probe waits for the cut one's time (30 s), so no prober starts one.
+        let q = gw.admin("failure-queue").await;
+        let next = q["entries"][0]["next_probe_at"]
+            .as_str()
+            .expect("next_probe_at");
+        let next = humantime::parse_rfc3339_weak(next).expect("a time");
+        let ahead = next
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default();
+        assert!(ahead > std::time::Duration::from_secs(20), "{q}");
     }
     assert_eq!(a.count(), 2, "one request and one probe");
     gw.shutdown().await;

@@ -476,8 +476,8 @@ enum Flushed {
     Gone,
 }
 
-/// How many times the last flush before stopping is tried: each waits out the database's busy
-/// timeout when another process holds its write lock.
+/// How many times the last flush before stopping is tried, whatever the failure: each waits
+/// out the database's busy timeout (5 s) when another process holds its write lock.
 const LAST_FLUSH_TRIES: usize = 3;
 
 /// The background writer: flushes every `flush_interval` until `stop` turns true (or its sender
@@ -506,7 +506,8 @@ where
             }
             continue;
         }
-        // The last one is all there is: tried again while the database is busy, and said
+        // The last one is all there is: tried again when it fails (another process holding the
+        // write lock is the case it is for; each try waits out the busy timeout), and said
         // plainly when it cannot be written.
         let mut outcome = persist.flush(&gw).await;
         for _ in 1..LAST_FLUSH_TRIES {
