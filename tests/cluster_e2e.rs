@@ -799,3 +799,61 @@ async fn a_reload_that_rebuilds_an_ejected_endpoint_keeps_it_ejected() {
         "requests went to the ejected endpoint"
     );
 }
+
+/// A session that fails over once (its endpoint answers one 500 and stays in rotation) moves to
+/// the endpoint that served it, on every instance, and stays there: the move is written to the
+/// shared map as a move, not as a late first bind that the old binding wins (audit: it flipped
+/// back to the failing endpoint, and a session near its endpoint's quota bounced on every request).
+#[tokio::test]
+async fn a_session_that_fails_over_once_moves_for_every_instance() {
+    let redis = RedisServer::start();
+    let mocks = [
+        MockUpstream::start().await,
+        MockUpstream::start().await,
+        MockUpstream::start().await,
+    ];
+    let names = ["a", "b", "c"];
+    let eps: Vec<Ep<'_>> = names
+        .iter()
+        .zip(&mocks)
+        .map(|(name, mock)| Ep {
+            name,
+            mock,
+            extra: "",
+        })
+        .collect();
+    let c = Cluster::start(&redis, &eps, "strategy = \"round_robin\"").await;
+    let session = [("x-claude-code-session-id", "s-failover-1")];
+    let bound = served_by(&post_message(c.addr(0), &session).await);
+    let key = format!("GET {}:session:s-failover-1|claude-sonnet-4-5", c.prefix);
+    c.until("the session bound in Redis", || {
+        let reply = redis.command(&key);
+        let want = format!("{bound}@");
+        async move { reply.contains(&want) }
+    })
+    .await;
+    // Its endpoint fails once: the request fails over, and the session moves with it.
+    let idx = names.iter().position(|n| *n == bound).expect("bound name");
+    mocks[idx].push(Script::error(500, "api_error", "once"));
+    let moved = served_by(&post_message(c.addr(0), &session).await);
+    assert_ne!(moved, bound);
+    c.until("the move written to Redis", || {
+        let reply = redis.command(&key);
+        let want = format!("{moved}@");
+        async move { reply.contains(&want) }
+    })
+    .await;
+    for i in [0, 1, 2, 0, 1, 2] {
+        let addr = c.addr(i);
+        let moved = moved.clone();
+        c.until(&format!("session on {moved} via instance {i}"), || {
+            let moved = moved.clone();
+            async move { served_by(&post_message(addr, &session).await) == moved }
+        })
+        .await;
+    }
+    // And stays: the old endpoint works again, the session does not go back.
+    for i in [0, 1, 2, 0, 1, 2] {
+        assert_eq!(served_by(&post_message(c.addr(i), &session).await), moved);
+    }
+}

@@ -294,12 +294,19 @@ impl ClusterNode {
                 continue;
             };
             let id = endpoint_id(ep);
-            // A move is a compare-and-set from an endpoint that left rotation; a request that
-            // was ranked before another instance's binding arrived is only a (late) first bind.
+            // A move is a compare-and-set from the endpoint the session left: the one its
+            // request was ranked with and that did not serve it (it failed, was out, or is near
+            // its quota), or one that left rotation. A request that was ranked before another
+            // instance's binding arrived, and served where it was bound then, is only a (late)
+            // first bind.
             let moved_from = ch
-                .previous
-                .and_then(|p| gw.registry.endpoints.get(p))
-                .filter(|p| !p.live.in_rotation());
+                .moved_from
+                .and_then(|m| gw.registry.endpoints.get(m))
+                .or_else(|| {
+                    ch.previous
+                        .and_then(|p| gw.registry.endpoints.get(p))
+                        .filter(|p| !p.live.in_rotation())
+                });
             let in_force = match moved_from {
                 None => self.link.bind_session(&ch.session, &id, ttl).await,
                 Some(prev) => {

@@ -302,15 +302,12 @@ fn forward_request(
         });
         // A session's endpoint near its rate limit stays ranked last: moving the session costs its
         // prompt cache once, a 429 later costs a failed attempt and a cooldown.
-        if let Some(bound) = session
-            .as_ref()
-            .and_then(|(a, key)| a.lookup(key))
-            .filter(|&b| {
-                reg.endpoints
-                    .get(b)
-                    .is_none_or(|e| !e.live.near_quota_limit(now_ms))
-            })
-            && let Some(pos) = ranking.iter().position(|&i| i == bound)
+        let bound = session.as_ref().and_then(|(a, key)| a.lookup(key));
+        if let Some(bound) = bound.filter(|&b| {
+            reg.endpoints
+                .get(b)
+                .is_none_or(|e| !e.live.near_quota_limit(now_ms))
+        }) && let Some(pos) = ranking.iter().position(|&i| i == bound)
         {
             ranking[..=pos].rotate_right(1);
         }
@@ -433,6 +430,7 @@ fn forward_request(
                 gw,
                 failures: &failures,
                 session: session.as_ref(),
+                bound,
                 ep: &ep,
                 attempts: tried.len(),
                 fallback,
@@ -622,6 +620,8 @@ struct Commit<'a> {
     gw: &'a Gateway,
     failures: &'a [Failure],
     session: Option<&'a (&'a Arc<Affinity>, String)>,
+    /// The endpoint the session was bound to when the request was ranked.
+    bound: Option<usize>,
     ep: &'a Arc<Endpoint>,
     attempts: u32,
     fallback: bool,
@@ -645,6 +645,7 @@ impl Commit<'_> {
             gw,
             failures,
             session,
+            bound,
             ep,
             attempts,
             fallback,
@@ -672,7 +673,7 @@ impl Commit<'_> {
         if !matches!(judge, Judge::CallerError)
             && let Some((a, key)) = session
         {
-            a.bind(key, ep.idx);
+            a.bind(key, ep.idx, bound);
         }
         let relay = RelayBody::new(body, held, judge, gw.config.timeouts.idle, attempt, guard)
             .with_usage(read_usage.then(|| UsageSinks {

@@ -60,8 +60,11 @@ pub struct BindingChange {
     pub session: String,
     /// The endpoint it is bound to now (registry index).
     pub endpoint: usize,
-    /// The endpoint it was bound to before, if any (a move).
+    /// The endpoint it was bound to before, if any.
     pub previous: Option<usize>,
+    /// The endpoint the request was bound to when it was ranked, when another served it (the
+    /// bound one failed, was out, or near its quota): a deliberate move, not a late first bind.
+    pub moved_from: Option<usize>,
 }
 
 /// Most binding changes kept for a writer that is not draining them; the oldest go first.
@@ -148,7 +151,13 @@ impl Affinity {
             .unwrap_or_default()
     }
 
-    fn log_change(&self, key: &str, endpoint: usize, previous: Option<usize>) {
+    fn log_change(
+        &self,
+        key: &str,
+        endpoint: usize,
+        previous: Option<usize>,
+        moved_from: Option<usize>,
+    ) {
         if let Some(log) = self.changes.lock().as_mut() {
             if log.len() >= MAX_CHANGE_LOG {
                 log.remove(0);
@@ -157,6 +166,7 @@ impl Affinity {
                 session: key.to_owned(),
                 endpoint,
                 previous,
+                moved_from,
             });
         }
     }
@@ -209,11 +219,13 @@ impl Affinity {
         Some(b.endpoint)
     }
 
-    /// Binds `key` to `endpoint`.
-    pub fn bind(&self, key: &str, endpoint: usize) {
+    /// Binds `key` to `endpoint`, which served it; `moved_from`: the endpoint the request was
+    /// bound to when it was ranked, if another served it.
+    pub fn bind(&self, key: &str, endpoint: usize, moved_from: Option<usize>) {
         let previous = self.set(key, endpoint);
         if previous != Some(endpoint) {
-            self.log_change(key, endpoint, previous);
+            let moved_from = moved_from.filter(|&m| m != endpoint);
+            self.log_change(key, endpoint, previous, moved_from);
         }
     }
 
@@ -355,7 +367,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn bindings_expire_after_ttl_of_disuse() {
         let a = Affinity::new(&cfg(100, Duration::from_secs(60)), Clock::new());
-        a.bind("s", 2);
+        a.bind("s", 2, None);
         tokio::time::advance(Duration::from_secs(59)).await;
         assert_eq!(a.lookup("s"), Some(2), "use refreshes the binding");
         tokio::time::advance(Duration::from_secs(59)).await;
@@ -373,14 +385,14 @@ mod tests {
             let a = Affinity::new(&cfg(max, Duration::from_secs(3600)), Clock::new());
             for i in 0..max {
                 tokio::time::advance(Duration::from_millis(1)).await;
-                a.bind(&format!("s{i}"), i % 3);
+                a.bind(&format!("s{i}"), i % 3, None);
             }
             for i in 0..max {
                 tokio::time::advance(Duration::from_millis(1)).await;
                 assert_eq!(a.lookup(&format!("s{i}")), Some(i % 3), "max {max}: s{i}");
             }
             tokio::time::advance(Duration::from_millis(1)).await;
-            a.bind("one-more", 0);
+            a.bind("one-more", 0, None);
             assert_eq!(a.len(), max, "max {max}");
             assert_eq!(
                 a.lookup("s0"),
@@ -393,10 +405,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn map_stays_bounded_and_drops_least_recently_used() {
         let a = Affinity::new(&cfg(1600, Duration::from_secs(3600)), Clock::new());
-        a.bind("keep", 1);
+        a.bind("keep", 1, None);
         for i in 0..10_000 {
             tokio::time::advance(Duration::from_millis(1)).await;
-            a.bind(&format!("s{i}"), i % 3);
+            a.bind(&format!("s{i}"), i % 3, None);
             if i % 100 == 0 {
                 assert_eq!(a.lookup("keep"), Some(1));
             }
