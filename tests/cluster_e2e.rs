@@ -857,3 +857,40 @@ async fn a_session_that_fails_over_once_moves_for_every_instance() {
         assert_eq!(served_by(&post_message(c.addr(i), &session).await), moved);
     }
 }
+
+/// An ejection made through the previous gateway's queue by requests that began before a reload
+/// is published to the cluster like any other (audit: the other instances never heard of it).
+#[tokio::test]
+async fn an_ejection_across_a_reload_reaches_the_other_instances() {
+    let redis = RedisServer::start();
+    let mocks = [MockUpstream::start().await, MockUpstream::start().await];
+    let eps = [
+        Ep {
+            name: "a",
+            mock: &mocks[0],
+            extra: "priority = 1",
+        },
+        Ep {
+            name: "b",
+            mock: &mocks[1],
+            extra: "priority = 2",
+        },
+    ];
+    let c = Cluster::start(&redis, &eps, "").await;
+    // Two slow failures (the threshold), in flight on instance 0 while it reloads.
+    let slow =
+        Script::error(500, "api_error", "boom").delay_before_headers(Duration::from_millis(400));
+    mocks[0].push_n(slow, 2);
+    let addr = c.addr(0);
+    let in_flight: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(async move { post_message(addr, &[]).await }))
+        .collect();
+    mocks[0].wait_requests(2).await;
+    let r = process::call(addr, Method::POST, "/_ccgate/reload", &[], String::new()).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    for t in in_flight {
+        let answer = t.await.expect("request");
+        assert_eq!(answer.header("x-ccgate-endpoint"), Some("b"), "{answer:?}");
+    }
+    c.wait_state("a", "ejected").await;
+}

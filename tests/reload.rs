@@ -513,3 +513,42 @@ async fn a_listen_given_on_the_command_line_is_not_reported_at_reload() {
     assert!(r.json().get("restart_needed").is_none(), "{}", r.text());
     gw.shutdown().await;
 }
+
+/// An attempt begun before a reload that ejects its endpoint after it (through the previous
+/// gateway's queue) gets the endpoint its failure-queue entry at once, not at the prober's next
+/// planned round (audit: up to a minute later, and in cluster mode never published).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ejection_through_the_previous_queue_is_queued_at_once() {
+    let (a, b) = (MockUpstream::start().await, MockUpstream::start().await);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("config.toml");
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[health]\nfailure_threshold = 1\nprobe_interval = \"1h\"\n{}{}",
+        endpoint("a", &a.url(), "priority = 1"),
+        endpoint("b", &b.url(), "priority = 2")
+    );
+    write(&path, &text);
+    let config = Config::from_toml(&text, "test", &|_: &str| None).expect("config");
+    let gw = std::sync::Arc::new(TestGateway::start_with_source(config, Some(path.clone())).await);
+    a.push(
+        Script::error(500, "api_error", "boom")
+            .delay_before_headers(std::time::Duration::from_millis(300)),
+    );
+    let in_flight = {
+        let gw = std::sync::Arc::clone(&gw);
+        tokio::spawn(async move {
+            gw.post("/v1/messages", &[], &TestGateway::message_body(false))
+                .await
+        })
+    };
+    a.wait_requests(1).await;
+    let r = reload(&gw).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let answer = in_flight.await.expect("request");
+    assert_eq!(answer.header("x-ccgate-endpoint"), Some("b"));
+    support::wait::eventually("a in the failure queue", || async {
+        let q = gw.admin("failure-queue").await;
+        q["size"] == 1 && q["entries"][0]["name"] == "a"
+    })
+    .await;
+}

@@ -185,6 +185,9 @@ pub struct FailureQueue {
     pub changed: Notify,
     /// Woken when a phase change is logged for the cluster publisher.
     pub phase_logged: Notify,
+    /// The queue a reload put in this one's place: a phase change an attempt begun before the
+    /// reload makes through this queue wakes that one's prober, which reconciles at once.
+    successor: Mutex<Option<std::sync::Weak<FailureQueue>>>,
 }
 
 impl FailureQueue {
@@ -198,6 +201,31 @@ impl FailureQueue {
             probe_cap,
             changed: Notify::new(),
             phase_logged: Notify::new(),
+            successor: Mutex::new(None),
+        }
+    }
+
+    /// Notes that `next` took this queue's place (a reload).
+    pub fn superseded_by(&self, next: &Arc<FailureQueue>) {
+        *self.successor.lock() = Some(Arc::downgrade(next));
+    }
+
+    /// Wakes the prober of the queue in service, when this one was superseded.
+    fn wake_successor(&self) {
+        let mut next = self
+            .successor
+            .lock()
+            .as_ref()
+            .and_then(std::sync::Weak::upgrade);
+        while let Some(q) = next {
+            next = q
+                .successor
+                .lock()
+                .as_ref()
+                .and_then(std::sync::Weak::upgrade);
+            if next.is_none() {
+                q.changed.notify_one();
+            }
         }
     }
 
@@ -274,6 +302,7 @@ impl FailureQueue {
         let logged = inner.log_phase(ep, PhaseChange::Entered { phase: to, opened }, from_peer);
         drop(inner);
         self.changed.notify_one();
+        self.wake_successor();
         if logged {
             self.phase_logged.notify_one();
         }
@@ -563,6 +592,19 @@ impl FailureQueue {
         };
         if !queued {
             self.open(inner, ep, reason, now_ms, true);
+            // For the cluster publisher too: the change was made through a superseded queue,
+            // whose log nobody reads any more, so this is where it is claimed and published.
+            let phase = ep.live.phase();
+            if inner.log_phase(
+                ep,
+                PhaseChange::Entered {
+                    phase,
+                    opened: true,
+                },
+                false,
+            ) {
+                self.phase_logged.notify_one();
+            }
         }
         !queued
     }

@@ -161,6 +161,7 @@ impl Registry {
         queue.adopt(&old.queue, |old_idx| {
             moved.iter().find(|(o, _)| *o == old_idx).map(|(_, n)| *n)
         });
+        old.queue.superseded_by(&queue);
         let registry = Self {
             endpoints,
             recorder,
