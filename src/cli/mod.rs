@@ -218,6 +218,11 @@ fn claude(cmd: ClaudeCommand) -> anyhow::Result<()> {
                 ),
                 None => outln!("`ccgate claude disable` removes the file again"),
             }
+            if via == claude::TokenVia::Header {
+                outln!(
+                    "the access token goes in env.ANTHROPIC_CUSTOM_HEADERS (x-ccgate-token): an endpoint uses credential = \"client\", which needs Claude Code's own login (`claude /login`) in its requests"
+                );
+            }
             if done.api_key_also_set {
                 outln!(
                     "note: settings.json also sets env.ANTHROPIC_API_KEY; Claude Code sends it too, and ccgate replaces it with the endpoint's credential"
