@@ -69,6 +69,17 @@ async fn stream_until_first_delta(addr: SocketAddr, path: &str) -> (Incoming, St
     (body, seen)
 }
 
+/// Reads `body` to its end into `seen`; panics when it breaks instead of ending cleanly.
+async fn read_to_clean_end(body: &mut Incoming, seen: &mut String) {
+    loop {
+        match next_data(body).await {
+            Some(Ok(d)) => seen.push_str(&String::from_utf8_lossy(&d)),
+            Some(Err(e)) => panic!("the stream was cut without its end: {e}\n{seen}"),
+            None => return,
+        }
+    }
+}
+
 /// After a shutdown signal the listener must close. There is no event to wait for, so poll
 /// `connect` (each successful probe connection is closed at once) until it is refused.
 async fn wait_until_refused(addr: SocketAddr) {
@@ -331,13 +342,7 @@ async fn a_second_signal_ends_the_drain_at_once() {
         t0.elapsed()
     );
     assert!(f.stderr.contains("second signal"), "{}", f.output());
-    loop {
-        match next_data(&mut body).await {
-            Some(Ok(d)) => seen.push_str(&String::from_utf8_lossy(&d)),
-            Some(Err(e)) => panic!("the stream was cut without its end: {e}\n{seen}"),
-            None => break,
-        }
-    }
+    read_to_clean_end(&mut body, &mut seen).await;
     assert!(seen.contains("event: error"), "{seen}");
 }
 
@@ -367,13 +372,7 @@ async fn a_complete_stream_cut_at_the_deadline_ends_without_an_error() {
     gw.signal("TERM");
     let f = gw.finish().await;
     assert_eq!(f.status.code(), Some(0), "{}", f.output());
-    loop {
-        match next_data(&mut body).await {
-            Some(Ok(d)) => seen.push_str(&String::from_utf8_lossy(&d)),
-            Some(Err(e)) => panic!("the stream was cut without its end: {e}\n{seen}"),
-            None => break,
-        }
-    }
+    read_to_clean_end(&mut body, &mut seen).await;
     assert!(!seen.contains("event: error"), "{seen}");
     // The next start reads what was stored: one success, nothing cancelled.
     let gw = start(sb.command(&["serve", "--config", cfg.to_str().expect("utf-8")])).await;
@@ -412,13 +411,7 @@ async fn shutdown_timeout_bounds_the_drain() {
     );
     // The client's stream ends instead of hanging, with an `error` event that says why (not a
     // silent cut: audit), and the body ends cleanly.
-    loop {
-        match next_data(&mut body).await {
-            Some(Ok(d)) => seen.push_str(&String::from_utf8_lossy(&d)),
-            Some(Err(e)) => panic!("the stream was cut without its end: {e}\n{seen}"),
-            None => break,
-        }
-    }
+    read_to_clean_end(&mut body, &mut seen).await;
     assert!(!seen.contains("message_stop"), "{seen}");
     assert!(seen.contains("event: error"), "{seen}");
     assert!(seen.contains("api_error"), "{seen}");

@@ -225,6 +225,26 @@ async fn least_latency_counts_fast_failures_as_slow() {
     );
 }
 
+/// Forty requests ranked and begun (left open) at one instant; how many went to endpoint 1.
+fn burst(
+    reg: &Registry,
+    sel: &Selector,
+    rng: &mut fastrand::Rng,
+    open: &mut Vec<Attempt>,
+) -> usize {
+    let mut to_new = 0;
+    for _ in 0..40 {
+        let r = sel.rank(&reg.endpoints, reg.clock.now_ms(), rng);
+        to_new += usize::from(r[0] == 1);
+        open.push(Attempt::begin(
+            Arc::clone(&reg.endpoints[r[0]]),
+            Arc::clone(&reg.recorder),
+            false,
+        ));
+    }
+    to_new
+}
+
 #[tokio::test(start_paused = true)]
 async fn least_latency_tries_an_unknown_endpoint_with_one_attempt_not_a_burst() {
     let mut cfg = config("least_latency", &[("known", 1, 100), ("new", 1, 100)]);
@@ -246,16 +266,7 @@ async fn least_latency_tries_an_unknown_endpoint_with_one_attempt_not_a_burst() 
     // A burst of 40 requests arrives before `new` has answered any: it gets one to learn from,
     // not every one that draws it (its unknown estimate costs nothing, however many wait on it).
     let mut open = Vec::new();
-    let mut to_new = 0;
-    for _ in 0..40 {
-        let r = sel.rank(&reg.endpoints, reg.clock.now_ms(), &mut rng);
-        to_new += usize::from(r[0] == 1);
-        open.push(Attempt::begin(
-            Arc::clone(&reg.endpoints[r[0]]),
-            Arc::clone(&reg.recorder),
-            false,
-        ));
-    }
+    let to_new = burst(&reg, &sel, &mut rng, &mut open);
     assert_eq!(to_new, 1, "the unknown endpoint got {to_new} of the burst");
     // Once it has answered as fast as `known`, it takes its share.
     tokio::time::advance(Duration::from_millis(20)).await;
@@ -263,16 +274,7 @@ async fn least_latency_tries_an_unknown_endpoint_with_one_attempt_not_a_burst() 
         a.first_byte();
         a.finish(Outcome::Success, None);
     }
-    let mut to_new = 0;
-    for _ in 0..40 {
-        let r = sel.rank(&reg.endpoints, reg.clock.now_ms(), &mut rng);
-        to_new += usize::from(r[0] == 1);
-        open.push(Attempt::begin(
-            Arc::clone(&reg.endpoints[r[0]]),
-            Arc::clone(&reg.recorder),
-            false,
-        ));
-    }
+    let to_new = burst(&reg, &sel, &mut rng, &mut open);
     assert!(
         (10..=30).contains(&to_new),
         "after answering: {to_new} of 40"
@@ -296,16 +298,7 @@ async fn least_latency_tries_an_unknown_endpoint_with_one_attempt_not_a_burst() 
     a.finish(Outcome::Success, None);
     let now = reg.clock.now_ms();
     assert!(reg.endpoints[1].live.estimate.get(now) > Duration::ZERO);
-    let mut to_new = 0;
-    for _ in 0..40 {
-        let r = sel.rank(&reg.endpoints, reg.clock.now_ms(), &mut rng);
-        to_new += usize::from(r[0] == 1);
-        open.push(Attempt::begin(
-            Arc::clone(&reg.endpoints[r[0]]),
-            Arc::clone(&reg.recorder),
-            false,
-        ));
-    }
+    let to_new = burst(&reg, &sel, &mut rng, &mut open);
     assert_eq!(to_new, 1, "the idle endpoint got {to_new} of the burst");
 }
 
