@@ -278,7 +278,7 @@ pub enum StartError {
     #[error("cluster: {0}")]
     Cluster(String),
     /// The listen address could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Bind {
         /// The address.
         addr: SocketAddr,

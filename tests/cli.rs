@@ -1244,3 +1244,24 @@ async fn secrets_never_reach_the_output_of_a_failing_serve_run() {
 async fn secrets_never_leak_through_failed_probes() {
     failing_serve_run(true).await;
 }
+
+/// A second gateway on an address in use says so once, clearly, and exits non-zero (audit: the
+/// reason was printed twice).
+#[tokio::test]
+async fn an_address_in_use_is_named_once() {
+    let up = MockUpstream::start().await;
+    let sb = Sandbox::new();
+    let cfg = sb.write("ccgate.toml", &one_endpoint(&up.url(), "k", ""));
+    let cfg = cfg.to_str().expect("utf-8");
+    let first = start(sb.command(&["serve", "--config", cfg])).await;
+    let addr = first.addr.to_string();
+    let f = run(sb.command(&["serve", "--config", cfg, "--listen", &addr])).await;
+    f.assert_failure();
+    assert!(
+        f.stderr.contains(&format!("cannot listen on {addr}: ")),
+        "{}",
+        f.output()
+    );
+    assert_eq!(f.stderr.matches("os error").count(), 1, "{}", f.output());
+    first.stop().await;
+}
