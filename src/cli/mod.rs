@@ -351,8 +351,9 @@ pub fn load(explicit: Option<&Path>, env: &dyn Env) -> anyhow::Result<(Config, S
     if let Some((path, chosen)) = &resolved
         && (path.exists() || *chosen)
     {
-        warn_if_readable_by_others(path);
         let config = Config::load(path, env)?;
+        // After the load: a file that does not load (or a directory) gets its error alone.
+        warn_if_readable_by_others(path);
         return Ok((config, Source::File(path.clone())));
     }
     if let Some(result) = Config::from_anthropic_env(env) {
