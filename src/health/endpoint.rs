@@ -419,12 +419,9 @@ impl Live {
     /// ranked last until its reset, or for `fallback` when it named none (so that it is tried
     /// again, and says again, rather than being avoided for ever).
     pub fn observe_quota(&self, q: &Quota, now_ms: u64, fallback: Duration) {
-        // Rounded up, and a millisecond more for the clock reading's own rounding down: the
-        // reset shown (whole seconds, as the headers give it) is never a second early.
-        let reset_ms = q.reset_after.map(|d| {
-            let ceil = d.as_micros().div_ceil(1000) + 1;
-            now_ms.saturating_add(u64::try_from(ceil).unwrap_or(u64::MAX))
-        });
+        let reset_ms = q
+            .reset_after
+            .map(|d| now_ms.saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)));
         let avoid_until = if q.near_limit {
             reset_ms.unwrap_or_else(|| {
                 now_ms.saturating_add(u64::try_from(fallback.as_millis()).unwrap_or(u64::MAX))
@@ -436,7 +433,13 @@ impl Live {
         let mut seen = self.quota.lock();
         *seen = Some(QuotaSeen {
             remaining_fraction: 1.0 - q.used,
-            reset_ms,
+            // As shown: rounded up, and a millisecond more for the clock reading's own rounding
+            // down, so that the reset (whole seconds, as the headers give it) is never shown a
+            // second early. The steering above ends at the reset itself.
+            reset_ms: q.reset_after.map(|d| {
+                let ceil = d.as_micros().div_ceil(1000) + 1;
+                now_ms.saturating_add(u64::try_from(ceil).unwrap_or(u64::MAX))
+            }),
             near_limit: q.near_limit,
         });
         self.quota_avoid_until_ms
