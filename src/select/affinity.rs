@@ -299,16 +299,20 @@ pub fn session_key(headers: &HeaderMap, metadata: Option<&[u8]>) -> Option<Strin
 /// per session and model, as the upstream's prompt cache is, so one request for another model
 /// (a Haiku call served elsewhere) does not move the session's main traffic. At most
 /// [`MAX_KEY_LEN`] bytes of the model are kept, after a `|`.
-pub fn binding_key(mut session: String, model: Option<&str>) -> String {
-    if let Some(model) = model {
-        let mut end = model.len().min(MAX_KEY_LEN);
-        while !model.is_char_boundary(end) {
-            end -= 1;
-        }
-        session.push('|');
-        session.push_str(&model[..end]);
+pub fn binding_key(session: String, model: Option<&str>) -> String {
+    let Some(model) = model else {
+        return session;
+    };
+    let mut end = model.len().min(MAX_KEY_LEN);
+    while !model.is_char_boundary(end) {
+        end -= 1;
     }
-    session
+    let mut key = session;
+    // At most one reallocation, sized for both.
+    key.reserve_exact(1 + end);
+    key.push('|');
+    key.push_str(&model[..end]);
+    key
 }
 
 /// The session id inside a `metadata.user_id` value.
