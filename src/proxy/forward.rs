@@ -38,6 +38,10 @@ pub struct Prepared {
     /// The body's top-level `metadata` (where a session id may be), read in the same walk as
     /// `stream`.
     pub metadata: Option<Bytes>,
+    /// The raw value of the body's `model`, read from its start (Claude Code writes it first),
+    /// else its end; for the request's record and its session's binding key. Set by the caller
+    /// that reads it (`None` when nothing keeps it).
+    pub model: Option<Bytes>,
     /// The client's own `authorization` / `x-api-key` (marked sensitive), forwarded only to
     /// endpoints with `credential = "client"`; never logged, stored or shown.
     client_credential: ClientCredential,
@@ -218,6 +222,7 @@ impl Prepared {
             body,
             expects,
             metadata,
+            model: None,
             client_credential,
         }
     }

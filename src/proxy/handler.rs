@@ -138,19 +138,25 @@ where
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    // Read once, for the request's log line and record and for its session's binding key (read
+    // only when either is kept).
+    let model = (guard.note_mut().is_some() || gw.affinity.is_some())
+        .then(|| request_model(&body))
+        .flatten();
     if let Some(note) = guard.note_mut() {
-        // Claude Code writes `model` first: read it there rather than walking the whole body
-        // from its end; other clients (the SDKs write it late) fall back to that walk.
-        note.model = request_model(&body)
-            .as_deref()
-            .and_then(json_top::as_str)
-            .map(|m| match m.char_indices().nth(200) {
-                // At most 200 characters are kept; a name that short is taken whole.
-                Some((cut, _)) => m[..cut].to_owned(),
-                None => m.into_owned(),
-            });
+        note.model =
+            model
+                .as_deref()
+                .and_then(json_top::as_str)
+                .map(|m| match m.char_indices().nth(200) {
+                    // At most 200 characters are kept; a name that short is taken whole.
+                    Some((cut, _)) => m[..cut].to_owned(),
+                    None => m.into_owned(),
+                });
     }
-    Ok(Prepared::new(parts.method, path_and_query, headers, body))
+    let mut prepared = Prepared::new(parts.method, path_and_query, headers, body);
+    prepared.model = model;
+    Ok(prepared)
 }
 
 /// The body's data frames as they arrive, each kept as hyper handed it over (no copy).
@@ -296,8 +302,7 @@ fn forward_request(
         // admitted now, admission skips it and whoever serves the session becomes its binding.
         let session = gw.affinity.as_ref().and_then(|a| {
             let session = affinity::session_key(&req.headers, req.metadata.as_deref())?;
-            let model = request_model(&req.body);
-            let model = model.as_deref().and_then(json_top::as_str);
+            let model = req.model.as_deref().and_then(json_top::as_str);
             Some((a, affinity::binding_key(session, model.as_deref())))
         });
         // A session's endpoint near its rate limit stays ranked last: moving the session costs its
