@@ -52,11 +52,19 @@ impl TokenVia {
         }
     }
 
+    /// The variable it sets.
+    pub fn key(self) -> &'static str {
+        match self {
+            Self::AuthToken => AUTH_TOKEN_KEY,
+            Self::Header => CUSTOM_HEADERS_KEY,
+        }
+    }
+
     /// The variable to set and its value, given what that variable holds now (`current`: other
     /// custom headers are kept, an old `x-ccgate-token` line is replaced).
     pub fn variable(self, token: &str, current: Option<&str>) -> (&'static str, String) {
         match self {
-            Self::AuthToken => (AUTH_TOKEN_KEY, token.to_string()),
+            Self::AuthToken => (self.key(), token.to_string()),
             Self::Header => {
                 let mut lines: Vec<&str> = current
                     .unwrap_or_default()
@@ -68,7 +76,7 @@ impl TokenVia {
                     .collect();
                 let own = format!("x-ccgate-token: {token}");
                 lines.push(&own);
-                (CUSTOM_HEADERS_KEY, lines.join("\n"))
+                (self.key(), lines.join("\n"))
             }
         }
     }
@@ -322,7 +330,7 @@ pub fn enable(
     let mut wanted: Vec<(&'static str, String)> = vec![(BASE_URL_KEY, url.to_string())];
     if let Some(t) = token {
         // What the variable held before ccgate set it, not ccgate's own earlier value.
-        let key = via.variable(t, None).0;
+        let key = via.key();
         let before = match record.keys.iter().find(|k| k.key == key) {
             Some(k) => k.previous.clone(),
             None => env.get(key).cloned(),

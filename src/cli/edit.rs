@@ -367,12 +367,7 @@ pub fn write_atomic_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 pub fn lock_for_edit(path: &Path) -> std::io::Result<Option<std::fs::File>> {
     #[cfg(unix)]
     {
-        let target = resolve_symlink(path);
-        let dir = match target.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let handle = std::fs::File::open(&dir)?;
+        let handle = std::fs::File::open(dir_of(&resolve_symlink(path)))?;
         match handle.lock() {
             Ok(()) => Ok(Some(handle)),
             Err(e) if e.kind() == std::io::ErrorKind::Unsupported => Ok(None),
@@ -421,10 +416,7 @@ enum Mode {
 
 fn replace(path: &Path, bytes: &[u8], mode: Mode) -> std::io::Result<()> {
     let target = resolve_symlink(path);
-    let dir = match target.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+    let dir = dir_of(&target);
     let file_name = target
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -476,6 +468,14 @@ fn replace(path: &Path, bytes: &[u8], mode: Mode) -> std::io::Result<()> {
         let _ = std::fs::remove_file(&tmp_path);
     }
     result
+}
+
+/// The directory `file` is in (`.` for a bare file name).
+fn dir_of(file: &Path) -> PathBuf {
+    match file.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
 }
 
 /// The file a path finally names, following symlinks (also a dangling link's target), so an edit

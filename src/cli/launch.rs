@@ -225,7 +225,7 @@ pub fn run_claude(
     let mut cmd = Command::new(program);
     cmd.args(args).env(BASE_URL_KEY, url);
     if let Some(t) = token {
-        let current = std::env::var(via.variable("", None).0).ok();
+        let current = std::env::var(via.key()).ok();
         let (key, value) = via.variable(t.expose(), current.as_deref());
         cmd.env(key, value);
     }

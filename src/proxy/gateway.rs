@@ -79,16 +79,9 @@ impl Gateway {
         (Self, crate::health::registry::ReloadReport),
         crate::transport::upstream::ClientError,
     > {
-        let restart_needed = restart_needed(&self.config, &config);
-        // What is read at start stays as it was: the listener, the database (the one opened at
-        // start), the serving threads and the connection cap, the ring and cluster mode.
-        config.server.listen = self.config.server.listen;
-        config.server.listen_overridden = self.config.server.listen_overridden;
-        config.server.workers = self.config.server.workers;
-        config.server.max_connections = self.config.server.max_connections;
-        config.storage = self.config.storage.clone();
-        config.requests.ring_size = self.config.requests.ring_size;
-        config.cluster = self.config.cluster.clone();
+        // What is read at start stays as it was (the listener, the database opened at start,
+        // the serving threads and the connection cap, the ring, cluster mode), and is named.
+        let restart_needed = keep_start_settings(&self.config, &mut config);
         // New connections are made with the new settings: kept endpoints get new pools.
         let pools_kept = config.timeouts.connect == self.config.timeouts.connect
             && config.server.max_idle_upstream == self.config.server.max_idle_upstream;
@@ -202,40 +195,59 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// The settings in `new` that differ from the running `old` and that only a restart applies,
-/// each said with what stays in force.
-fn restart_needed(old: &Config, new: &Config) -> Vec<String> {
+/// Puts back in `new` what only a start applies, from the running `old`; returns the settings
+/// `new` changed among them, each said with what stays in force.
+fn keep_start_settings(old: &Config, new: &mut Config) -> Vec<String> {
+    fn keep<T: PartialEq + Clone>(
+        new: &mut T,
+        running: &T,
+        out: &mut Vec<String>,
+        note: impl FnOnce() -> String,
+    ) {
+        if new != running {
+            out.push(note());
+            new.clone_from(running);
+        }
+    }
     let mut out = Vec::new();
-    let (o, n) = (&old.server, &new.server);
-    if n.listen != o.listen && !o.listen_overridden {
-        out.push(format!(
-            "server.listen: still {} until restarted (the file says {})",
-            o.listen, n.listen
-        ));
+    let (o, n) = (&old.server, &mut new.server);
+    // A listen given on the command line never applies the file's: nothing to report.
+    if o.listen_overridden {
+        n.listen = o.listen;
     }
-    if n.workers != o.workers {
-        out.push(format!(
-            "server.workers: still {} until restarted",
-            o.workers
-        ));
-    }
-    if n.max_connections != o.max_connections {
-        out.push(format!(
+    let file_listen = n.listen;
+    keep(&mut n.listen, &o.listen, &mut out, || {
+        format!(
+            "server.listen: still {} until restarted (the file says {file_listen})",
+            o.listen
+        )
+    });
+    n.listen_overridden = o.listen_overridden;
+    keep(&mut n.workers, &o.workers, &mut out, || {
+        format!("server.workers: still {} until restarted", o.workers)
+    });
+    keep(&mut n.max_connections, &o.max_connections, &mut out, || {
+        format!(
             "server.max_connections: still {} until restarted",
             o.max_connections
-        ));
-    }
-    if new.requests.ring_size != old.requests.ring_size {
-        out.push(format!(
-            "requests.ring_size: still {} until restarted",
-            old.requests.ring_size
-        ));
-    }
-    if new.storage != old.storage {
-        out.push("[storage]: the database opened at start stays in use until restarted".into());
-    }
-    if new.cluster != old.cluster {
-        out.push("[cluster]: cluster mode stays as it started until restarted".into());
-    }
+        )
+    });
+    keep(
+        &mut new.requests.ring_size,
+        &old.requests.ring_size,
+        &mut out,
+        || {
+            format!(
+                "requests.ring_size: still {} until restarted",
+                old.requests.ring_size
+            )
+        },
+    );
+    keep(&mut new.storage, &old.storage, &mut out, || {
+        "[storage]: the database opened at start stays in use until restarted".into()
+    });
+    keep(&mut new.cluster, &old.cluster, &mut out, || {
+        "[cluster]: cluster mode stays as it started until restarted".into()
+    });
     out
 }
