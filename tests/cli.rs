@@ -69,6 +69,35 @@ async fn stream_until_first_delta(addr: SocketAddr, path: &str) -> (Incoming, St
     (body, seen)
 }
 
+/// `ccgate serve` (with `shutdown_timeout`) in front of `up`, and a stream through it read to
+/// its first delta; `up` sends the answer's first `stall_after` events and then holds the body
+/// open. The sandbox and config path are for a restart.
+async fn serving_a_stalled_stream(
+    up: &MockUpstream,
+    stall_after: usize,
+    shutdown_timeout: &str,
+) -> (
+    Sandbox,
+    std::path::PathBuf,
+    process::Serving,
+    Incoming,
+    String,
+) {
+    up.set_default(Script::sse_ok(3).stall_after(stall_after));
+    let sb = Sandbox::new();
+    let cfg = sb.write(
+        "ccgate.toml",
+        &one_endpoint(
+            &up.url(),
+            "k",
+            &format!("shutdown_timeout = \"{shutdown_timeout}\""),
+        ),
+    );
+    let gw = start(sb.command(&["serve", "--config", cfg.to_str().expect("utf-8")])).await;
+    let (body, seen) = stream_until_first_delta(gw.addr, "/v1/messages").await;
+    (sb, cfg, gw, body, seen)
+}
+
 /// Reads `body` to its end into `seen`; panics when it breaks instead of ending cleanly.
 async fn read_to_clean_end(body: &mut Incoming, seen: &mut String) {
     loop {
@@ -321,14 +350,7 @@ async fn a_connection_that_sent_nothing_does_not_hold_the_shutdown() {
 #[tokio::test]
 async fn a_second_signal_ends_the_drain_at_once() {
     let up = MockUpstream::start().await;
-    up.set_default(Script::sse_ok(3).stall_after(4));
-    let sb = Sandbox::new();
-    let cfg = sb.write(
-        "ccgate.toml",
-        &one_endpoint(&up.url(), "k", "shutdown_timeout = \"60s\""),
-    );
-    let mut gw = start(sb.command(&["serve", "--config", cfg.to_str().expect("utf-8")])).await;
-    let (mut body, mut seen) = stream_until_first_delta(gw.addr, "/v1/messages").await;
+    let (_sb, _cfg, mut gw, mut body, mut seen) = serving_a_stalled_stream(&up, 4, "60s").await;
     let t0 = Instant::now();
     gw.signal("TERM");
     wait_until_refused(gw.addr).await;
@@ -353,14 +375,7 @@ async fn a_second_signal_ends_the_drain_at_once() {
 async fn a_complete_stream_cut_at_the_deadline_ends_without_an_error() {
     let up = MockUpstream::start().await;
     // All nine events of the answer, then the body is held open.
-    up.set_default(Script::sse_ok(3).stall_after(9));
-    let sb = Sandbox::new();
-    let cfg = sb.write(
-        "ccgate.toml",
-        &one_endpoint(&up.url(), "k", "shutdown_timeout = \"1s\""),
-    );
-    let gw = start(sb.command(&["serve", "--config", cfg.to_str().expect("utf-8")])).await;
-    let (mut body, mut seen) = stream_until_first_delta(gw.addr, "/v1/messages").await;
+    let (sb, cfg, gw, mut body, mut seen) = serving_a_stalled_stream(&up, 9, "1s").await;
     while !seen.contains("message_stop") {
         match next_data(&mut body).await {
             Some(Ok(d)) => seen.push_str(&String::from_utf8_lossy(&d)),
@@ -386,14 +401,7 @@ async fn a_complete_stream_cut_at_the_deadline_ends_without_an_error() {
 async fn shutdown_timeout_bounds_the_drain() {
     let up = MockUpstream::start().await;
     // A stream that never ends: first delta, then silence.
-    up.set_default(Script::sse_ok(3).stall_after(4));
-    let sb = Sandbox::new();
-    let cfg = sb.write(
-        "ccgate.toml",
-        &one_endpoint(&up.url(), "k", "shutdown_timeout = \"1s\""),
-    );
-    let mut gw = start(sb.command(&["serve", "--config", cfg.to_str().expect("utf-8")])).await;
-    let (mut body, mut seen) = stream_until_first_delta(gw.addr, "/v1/messages").await;
+    let (_sb, _cfg, mut gw, mut body, mut seen) = serving_a_stalled_stream(&up, 4, "1s").await;
     let t0 = Instant::now();
     gw.signal("TERM");
     wait_until_refused(gw.addr).await;

@@ -57,6 +57,22 @@ fn cluster_config(
     s
 }
 
+/// Endpoint `a` (priority 1) and its failover `b` (priority 2), on the two mocks.
+fn a_then_b(mocks: &[MockUpstream; 2]) -> [Ep<'_>; 2] {
+    [
+        Ep {
+            name: "a",
+            mock: &mocks[0],
+            extra: "priority = 1",
+        },
+        Ep {
+            name: "b",
+            mock: &mocks[1],
+            extra: "priority = 2",
+        },
+    ]
+}
+
 impl Cluster {
     async fn start(redis: &RedisServer, eps: &[Ep<'_>], server: &str) -> Self {
         let prefix = format!("t{}", fastrand::u64(..));
@@ -741,18 +757,7 @@ async fn cluster_totals_keep_the_attempts_of_an_endpoint_a_reload_changed() {
 async fn a_reload_that_rebuilds_an_ejected_endpoint_keeps_it_ejected() {
     let redis = RedisServer::start();
     let mocks = [MockUpstream::start().await, MockUpstream::start().await];
-    let eps = [
-        Ep {
-            name: "a",
-            mock: &mocks[0],
-            extra: "priority = 1",
-        },
-        Ep {
-            name: "b",
-            mock: &mocks[1],
-            extra: "priority = 2",
-        },
-    ];
+    let eps = a_then_b(&mocks);
     let c = Cluster::start(&redis, &eps, "").await;
     // `a` breaks; instance 0 ejects it, and every instance learns it.
     mocks[0].set_default(Script::error(500, "api_error", "boom"));
@@ -864,18 +869,7 @@ async fn a_session_that_fails_over_once_moves_for_every_instance() {
 async fn an_ejection_across_a_reload_reaches_the_other_instances() {
     let redis = RedisServer::start();
     let mocks = [MockUpstream::start().await, MockUpstream::start().await];
-    let eps = [
-        Ep {
-            name: "a",
-            mock: &mocks[0],
-            extra: "priority = 1",
-        },
-        Ep {
-            name: "b",
-            mock: &mocks[1],
-            extra: "priority = 2",
-        },
-    ];
+    let eps = a_then_b(&mocks);
     let c = Cluster::start(&redis, &eps, "").await;
     // Two slow failures (the threshold), in flight on instance 0 while it reloads.
     let slow =

@@ -450,25 +450,42 @@ async fn clients_that_hang_up_give_their_streams_back() {
     assert_eq!(v["endpoint_errors"], 0, "{v}");
 }
 
-/// A probe refused unprocessed (an HTTP/2 stream refused before the server acted on it) goes out
-/// again, as a client attempt does: the refusal says nothing about the endpoint, so the probe
-/// passes. The server refuses the first probe stream it sees and answers every later one.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_probe_refused_unprocessed_goes_out_again() {
+/// An HTTP/2 server (prior knowledge) that refuses unprocessed (`REFUSED_STREAM`) each stream
+/// `refuse` picks (given the request and its place on its connection, from 0) and answers every
+/// other one with `body` as JSON. Returns its address, the streams refused and answered, and its
+/// task.
+async fn h2_refusing_server(
+    refuse: impl Fn(&http::Request<h2::RecvStream>, usize) -> bool + Send + Sync + 'static,
+    body: Bytes,
+) -> (
+    SocketAddr,
+    Arc<AtomicUsize>,
+    Arc<AtomicUsize>,
+    tokio::task::JoinHandle<()>,
+) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let probes = Arc::new(AtomicUsize::new(0));
+    let refused = Arc::new(AtomicUsize::new(0));
     let answered = Arc::new(AtomicUsize::new(0));
-    let (r, a) = (Arc::clone(&probes), Arc::clone(&answered));
+    let (r, a) = (Arc::clone(&refused), Arc::clone(&answered));
+    let refuse = Arc::new(refuse);
     let server = tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
-            let (r, a) = (Arc::clone(&r), Arc::clone(&a));
+            let (r, a, refuse, body) = (
+                Arc::clone(&r),
+                Arc::clone(&a),
+                Arc::clone(&refuse),
+                body.clone(),
+            );
             tokio::spawn(async move {
                 let Ok(mut conn) = h2::server::handshake(tcp).await else {
                     return;
                 };
+                let mut nth = 0;
                 while let Some(Ok((req, mut respond))) = conn.accept().await {
-                    if req.uri().path() == "/v1/models" && r.fetch_add(1, Ordering::SeqCst) == 0 {
+                    nth += 1;
+                    if refuse(&req, nth - 1) {
+                        r.fetch_add(1, Ordering::SeqCst);
                         respond.send_reset(h2::Reason::REFUSED_STREAM);
                         continue;
                     }
@@ -479,12 +496,27 @@ async fn a_probe_refused_unprocessed_goes_out_again() {
                         .expect("response");
                     if let Ok(mut send) = respond.send_response(resp, false) {
                         a.fetch_add(1, Ordering::SeqCst);
-                        let _ = send.send_data(Bytes::from_static(br#"{"data":[]}"#), true);
+                        let _ = send.send_data(body.clone(), true);
                     }
                 }
             });
         }
     });
+    (addr, refused, answered, server)
+}
+
+/// A probe refused unprocessed (an HTTP/2 stream refused before the server acted on it) goes out
+/// again, as a client attempt does: the refusal says nothing about the endpoint, so the probe
+/// passes. The server refuses the first probe stream it sees and answers every later one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_refused_unprocessed_goes_out_again() {
+    let probes = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::clone(&probes);
+    let (addr, _refused, answered, server) = h2_refusing_server(
+        move |req, _| req.uri().path() == "/v1/models" && seen.fetch_add(1, Ordering::SeqCst) == 0,
+        Bytes::from_static(br#"{"data":[]}"#),
+    )
+    .await;
     let gw = GatewayBuilder::new()
         .endpoint(
             "a",
@@ -520,39 +552,12 @@ async fn a_probe_refused_unprocessed_goes_out_again() {
 /// later one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_refused_unprocessed_goes_out_again() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let refused = Arc::new(AtomicUsize::new(0));
-    let answered = Arc::new(AtomicUsize::new(0));
-    let (r, a) = (Arc::clone(&refused), Arc::clone(&answered));
-    let server = tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let (r, a) = (Arc::clone(&r), Arc::clone(&a));
-            tokio::spawn(async move {
-                let Ok(mut conn) = h2::server::handshake(tcp).await else {
-                    return;
-                };
-                let mut first = true;
-                while let Some(Ok((req, mut respond))) = conn.accept().await {
-                    if !std::mem::replace(&mut first, false) {
-                        r.fetch_add(1, Ordering::SeqCst);
-                        respond.send_reset(h2::Reason::REFUSED_STREAM);
-                        continue;
-                    }
-                    drop(req);
-                    let body = anthropic_message("claude-sonnet-4-5", "hi", 1, 1).to_string();
-                    let resp = http::Response::builder()
-                        .header("content-type", "application/json")
-                        .body(())
-                        .expect("response");
-                    if let Ok(mut send) = respond.send_response(resp, false) {
-                        a.fetch_add(1, Ordering::SeqCst);
-                        let _ = send.send_data(Bytes::from(body), true);
-                    }
-                }
-            });
-        }
-    });
+    let body = anthropic_message("claude-sonnet-4-5", "hi", 1, 1).to_string();
+    let (addr, refused, answered, server) = h2_refusing_server(
+        |_, nth_on_connection| nth_on_connection > 0,
+        Bytes::from(body),
+    )
+    .await;
     let gw = GatewayBuilder::new()
         .health("failure_threshold = 1")
         .endpoint("a", &format!("http://{addr}"), "http2 = true")

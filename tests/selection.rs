@@ -225,6 +225,26 @@ async fn least_latency_counts_fast_failures_as_slow() {
     );
 }
 
+/// Endpoint 0 answers one request in 20 ms (paused clock).
+async fn known_answers(reg: &Registry) {
+    let a = Attempt::begin(
+        Arc::clone(&reg.endpoints[0]),
+        Arc::clone(&reg.recorder),
+        false,
+    );
+    tokio::time::advance(Duration::from_millis(20)).await;
+    a.first_byte();
+    a.finish(Outcome::Success, None);
+}
+
+/// The open attempts answer, now.
+fn answer_all(open: &mut Vec<Attempt>) {
+    for a in open.drain(..) {
+        a.first_byte();
+        a.finish(Outcome::Success, None);
+    }
+}
+
 /// Forty requests ranked and begun (left open) at one instant; how many went to endpoint 1.
 fn burst(
     reg: &Registry,
@@ -254,14 +274,7 @@ async fn least_latency_tries_an_unknown_endpoint_with_one_attempt_not_a_burst() 
     let mut rng = fastrand::Rng::with_seed(5);
     // `known` has answered in 20 ms; `new` has never answered.
     for _ in 0..5 {
-        let a = Attempt::begin(
-            Arc::clone(&reg.endpoints[0]),
-            Arc::clone(&reg.recorder),
-            false,
-        );
-        tokio::time::advance(Duration::from_millis(20)).await;
-        a.first_byte();
-        a.finish(Outcome::Success, None);
+        known_answers(&reg).await;
     }
     // A burst of 40 requests arrives before `new` has answered any: it gets one to learn from,
     // not every one that draws it (its unknown estimate costs nothing, however many wait on it).
@@ -270,10 +283,7 @@ async fn least_latency_tries_an_unknown_endpoint_with_one_attempt_not_a_burst() 
     assert_eq!(to_new, 1, "the unknown endpoint got {to_new} of the burst");
     // Once it has answered as fast as `known`, it takes its share.
     tokio::time::advance(Duration::from_millis(20)).await;
-    for a in open.drain(..) {
-        a.first_byte();
-        a.finish(Outcome::Success, None);
-    }
+    answer_all(&mut open);
     let to_new = burst(&reg, &sel, &mut rng, &mut open);
     assert!(
         (10..=30).contains(&to_new),
@@ -283,19 +293,9 @@ async fn least_latency_tries_an_unknown_endpoint_with_one_attempt_not_a_burst() 
     // Idle for four decay constants while `known` keeps answering: `new`'s estimate has decayed
     // to almost nothing without being zero, and says nothing any more. Again one attempt of the
     // burst, not all of it.
-    for a in open.drain(..) {
-        a.first_byte();
-        a.finish(Outcome::Success, None);
-    }
+    answer_all(&mut open);
     tokio::time::advance(Duration::from_secs(40)).await;
-    let a = Attempt::begin(
-        Arc::clone(&reg.endpoints[0]),
-        Arc::clone(&reg.recorder),
-        false,
-    );
-    tokio::time::advance(Duration::from_millis(20)).await;
-    a.first_byte();
-    a.finish(Outcome::Success, None);
+    known_answers(&reg).await;
     let now = reg.clock.now_ms();
     assert!(reg.endpoints[1].live.estimate.get(now) > Duration::ZERO);
     let to_new = burst(&reg, &sel, &mut rng, &mut open);
