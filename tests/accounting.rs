@@ -1160,6 +1160,69 @@ async fn recovery_by_admin_probe_and_second_episode() {
     assert_eq!(n(&v, "successful_requests"), 1);
 }
 
+/// The message probe passes a model that read its prompt, not an upstream that echoes the request
+/// back (audit: the code was in the prompt whole, so any echo carried it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_probe_is_not_passed_by_an_echo() {
+    let up_a = MockUpstream::start().await;
+    let up_b = MockUpstream::start().await;
+    up_a.set_default(Script::error(500, "api_error", "still down").label("down"));
+    let gw = builder()
+        .health("failure_threshold = 1")
+        .endpoint(
+            "a",
+            &up_a.url(),
+            &format!("{}\nprobe = \"message\"", prio(1)),
+        )
+        .endpoint("b", &up_b.url(), &prio(2))
+        .start()
+        .await;
+    fail_a(&gw, &up_a, 1).await;
+    assert_eq!(gw.endpoint_view("a").await["state"], "ejected");
+
+    // An upstream that answers 200 with the request it got, as a message's text.
+    up_a.set_default_fn(|r| {
+        let echo = String::from_utf8_lossy(&r.body).into_owned();
+        Script::json(200, &support::mock::anthropic_message("m", &echo, 1, 1)).label("echo")
+    });
+    let p = admin_post(&gw, "a", "probe").await;
+    assert_eq!(up_a.served("echo"), 1, "the probe reached the echo");
+    assert_eq!(p["passed"], false, "{p}");
+    assert!(
+        p["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("did not carry the code")),
+        "{p}"
+    );
+    assert_eq!(p["state"], "ejected");
+
+    // A model does what the prompt asks: the two texts it names, joined.
+    up_a.set_default_fn(|r| {
+        let body: Value = serde_json::from_slice(&r.body).expect("a JSON probe");
+        let prompt = body["messages"][0]["content"]
+            .as_str()
+            .expect("a text prompt");
+        let texts: Vec<&str> = prompt
+            .split("the text ")
+            .skip(1)
+            .map(|s| {
+                s.split_whitespace()
+                    .next()
+                    .expect("a word")
+                    .trim_end_matches(',')
+            })
+            .collect();
+        assert_eq!(texts.len(), 2, "{prompt}");
+        let reply = format!("{}{}", texts[0], texts[1]);
+        Script::json(200, &support::mock::anthropic_message("m", &reply, 1, 1)).label("model")
+    });
+    let p = admin_post(&gw, "a", "probe").await;
+    assert_eq!(up_a.served("model"), 1);
+    assert_eq!(p["passed"], true, "{p}");
+    assert_eq!(gw.endpoint_view("a").await["probation"], true);
+    gw.shutdown().await;
+}
+
 /// The same recovery driven by the background prober alone (tiny probe interval).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn recovery_by_background_prober() {

@@ -64,13 +64,26 @@ pub async fn probe_and_record(gw: &Gateway, ep: &Endpoint) -> ProbeResult {
     result
 }
 
+/// What the message probe asks: the code's two halves, joined, and nothing else.
+fn probe_prompt(head: &str, tail: &str) -> String {
+    format!(
+        "Reply with one word and nothing else: the text {head} immediately followed by the text {tail}, with no space between them."
+    )
+}
+
 async fn probe_inner(gw: &Gateway, ep: &Endpoint) -> Result<String, String> {
     let model = ep
         .model_map
         .get(&gw.config.health.probe_model)
         .cloned()
         .unwrap_or_else(|| gw.config.health.probe_model.clone());
-    let code = format!("ccg{:06}", fastrand::u32(0..1_000_000));
+    // The code is asked for in two halves to be joined: the prompt never holds it whole, so an
+    // upstream that echoes the request back does not pass for a model that read it.
+    let (head, tail) = (
+        format!("ccg{:03}", fastrand::u32(0..1_000)),
+        format!("{:03}", fastrand::u32(0..1_000)),
+    );
+    let code = format!("{head}{tail}");
     let (method, path, body) = match ep.probe {
         ProbeMode::Models => (Method::GET, "/v1/models", None),
         ProbeMode::CountTokens => (
@@ -86,7 +99,7 @@ async fn probe_inner(gw: &Gateway, ep: &Endpoint) -> Result<String, String> {
             Some(serde_json::json!({
                 "model": model,
                 "max_tokens": 20,
-                "messages": [{"role": "user", "content": format!("Reply with exactly this code and nothing else: {code}")}],
+                "messages": [{"role": "user", "content": probe_prompt(&head, &tail)}],
             })),
         ),
     };
