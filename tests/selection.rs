@@ -598,3 +598,102 @@ async fn model_map_rewrites_only_the_model_for_that_endpoint() {
 fn plain_model() -> &'static str {
     support::mock::MOCK_MODEL
 }
+
+/// The endpoint each session's next request is served by, in order.
+async fn serve_sessions(gw: &TestGateway, sessions: &[String]) -> Vec<String> {
+    let mut served = Vec::new();
+    for s in sessions {
+        let a = gw
+            .post(
+                "/v1/messages",
+                &[("x-claude-code-session-id", s.as_str())],
+                &TestGateway::message_body(false),
+            )
+            .await;
+        assert_eq!(a.status, 200, "{}", a.text());
+        served.push(a.header("x-ccgate-endpoint").expect("endpoint").to_string());
+    }
+    served
+}
+
+/// SPEC §7: an endpoint that leaves rotation loses its sessions, which move and stay moved —
+/// also the sessions that sent nothing while it was out (audit: they all went back to it).
+/// Round robin makes the unbound choice visible: half of the lost sessions land elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_idle_while_their_endpoint_was_out_lose_it() {
+    let ups = [MockUpstream::start().await, MockUpstream::start().await];
+    let gw = GatewayBuilder::new()
+        .server("strategy = \"round_robin\"")
+        .health("failure_threshold = 1")
+        .health("probe_interval = \"1h\"")
+        .endpoint("a", &ups[0].url(), "")
+        .endpoint("b", &ups[1].url(), "")
+        .start()
+        .await;
+    let sessions: Vec<String> = (0..12).map(|i| format!("idle-{i}")).collect();
+    let first = serve_sessions(&gw, &sessions).await;
+    assert_eq!(serve_sessions(&gw, &sessions).await, first, "bindings hold");
+    let on_a = |served: &[String]| -> Vec<String> {
+        sessions
+            .iter()
+            .zip(served)
+            .filter(|(_, e)| *e == "a")
+            .map(|(s, _)| s.clone())
+            .collect()
+    };
+
+    // Switched off and on again by an operator, with no session traffic in between.
+    let mut bound_to_a = on_a(&first);
+    assert!(bound_to_a.len() >= 4, "{first:?}");
+    for action in ["disable", "enable"] {
+        let path = format!("/_ccgate/endpoints/a/{action}");
+        let r = gw.request(Method::POST, &path, &[], Bytes::new()).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let after = serve_sessions(&gw, &bound_to_a).await;
+    assert!(
+        after.iter().any(|e| e == "b"),
+        "sessions bound to a switched-off endpoint went back to it: {after:?}"
+    );
+    assert_eq!(
+        serve_sessions(&gw, &bound_to_a).await,
+        after,
+        "moved for good"
+    );
+
+    // Ejected by other traffic's failure, then verified and back in rotation.
+    let served = serve_sessions(&gw, &sessions).await;
+    bound_to_a = on_a(&served);
+    assert!(!bound_to_a.is_empty(), "{served:?}");
+    ups[0].set_default(Script::error(500, "api_error", "down"));
+    while gw.endpoint_view("a").await["state"] != "ejected" {
+        let a = gw.post_message(false).await;
+        assert_eq!(a.status, 200, "{}", a.text());
+    }
+    ups[0].set_default(Script::json_ok());
+    let r = gw
+        .request(
+            Method::POST,
+            "/_ccgate/endpoints/a/probe",
+            &[],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(r.json()["passed"], true, "{}", r.text());
+    while gw.endpoint_view("a").await["state"] != "healthy" {
+        assert_eq!(gw.post_message(false).await.status, 200);
+    }
+    let after = serve_sessions(&gw, &bound_to_a).await;
+    if bound_to_a.len() >= 2 {
+        assert!(
+            after.iter().any(|e| e == "b"),
+            "sessions bound to an ejected endpoint went back to it: {after:?}"
+        );
+    }
+    assert_eq!(
+        serve_sessions(&gw, &bound_to_a).await,
+        after,
+        "moved for good"
+    );
+    gw.shutdown().await;
+}

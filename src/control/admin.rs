@@ -3,7 +3,6 @@
 //! views are in [`crate::control::views`], the page in [`crate::control::dashboard`].
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 
@@ -104,7 +103,7 @@ pub async fn handle<B>(gw: Arc<Gateway>, persist: &Persist, req: Request<B>) -> 
             };
             match *action {
                 "enable" => {
-                    ep.live.admin_disabled.store(false, Ordering::Release);
+                    ep.live.set_admin_disabled(false);
                     gw.registry.queue.probe_now(ep.idx);
                     gw.registry
                         .queue
@@ -115,7 +114,7 @@ pub async fn handle<B>(gw: Arc<Gateway>, persist: &Persist, req: Request<B>) -> 
                     )
                 }
                 "disable" => {
-                    ep.live.admin_disabled.store(true, Ordering::Release);
+                    ep.live.set_admin_disabled(true);
                     gw.registry.queue.note_change(&ep, PhaseChange::Admin(true));
                     response::json(
                         StatusCode::OK,

@@ -321,7 +321,7 @@ impl ClusterNode {
                 && bound != id
                 && let Some(idx) = self.local_index(gw, &bound)
             {
-                affinity.adopt(&ch.session, Some(idx));
+                affinity.adopt(&ch.session, Some((idx, leaves_of(gw, idx))));
             }
         }
     }
@@ -426,9 +426,9 @@ impl ClusterNode {
             SharedPhase::Verified | SharedPhase::Probation => {
                 queue.transition_from_peer(ep, Event::ProbePassed, now);
             }
-            SharedPhase::AdminDisabled => live.admin_disabled.store(true, Ordering::Release),
+            SharedPhase::AdminDisabled => live.set_admin_disabled(true),
             SharedPhase::AdminEnabled => {
-                live.admin_disabled.store(false, Ordering::Release);
+                live.set_admin_disabled(false);
                 queue.probe_now(ep.idx);
             }
         }
@@ -442,7 +442,7 @@ impl ClusterNode {
         match news.endpoint_id() {
             Some(id) => {
                 if let Some(idx) = self.local_index(gw, &id) {
-                    affinity.adopt(&news.session, Some(idx));
+                    affinity.adopt(&news.session, Some((idx, leaves_of(gw, idx))));
                 }
             }
             None if news.endpoint.is_none() => affinity.adopt(&news.session, None),
@@ -753,4 +753,13 @@ pub async fn run_totals(node: Arc<ClusterNode>, current: Current, mut stop: watc
             return;
         }
     }
+}
+
+/// The leave count of the endpoint at `idx` now: a binding another instance made is taken as made
+/// now.
+fn leaves_of(gw: &Gateway, idx: usize) -> u64 {
+    gw.registry
+        .endpoints
+        .get(idx)
+        .map_or(0, |e| e.live.leaves())
 }

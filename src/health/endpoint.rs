@@ -269,6 +269,8 @@ pub struct Live {
     /// does not bring it back (see [`crate::health::attempt::Attempt`]).
     pub(crate) departures: sync::AtomicU64,
     pub(crate) admin_disabled: AtomicBool,
+    /// How many times an operator switched the endpoint off (enabled → disabled).
+    disables: AtomicU64,
     pub(crate) probation_busy: sync::AtomicBool,
     /// Cooldown deadline (registry-clock ms); only ever raised, with `fetch_max`.
     pub(crate) cooldown_until_ms: sync::AtomicU64,
@@ -408,6 +410,20 @@ impl Live {
     /// Whether an operator switched the endpoint off.
     pub fn admin_disabled(&self) -> bool {
         self.admin_disabled.load(Ordering::Acquire)
+    }
+
+    /// Switches the endpoint off (or on again) for an operator, counting each switch off.
+    pub fn set_admin_disabled(&self, disabled: bool) {
+        if !self.admin_disabled.swap(disabled, Ordering::AcqRel) && disabled {
+            self.disables.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// How many times the endpoint has left rotation: taken out by its failures or a rate limit
+    /// (departures), or switched off by an operator. A session bound to it before its latest
+    /// leave has lost the binding (see [`crate::select::affinity`]).
+    pub fn leaves(&self) -> u64 {
+        self.departures.load(Ordering::Acquire) + self.disables.load(Ordering::Acquire)
     }
 
     /// Last failure, if any.

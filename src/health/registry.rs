@@ -130,7 +130,7 @@ impl Registry {
             let ep = match same {
                 Some(p) => {
                     if p.config.enabled != e.enabled {
-                        p.live.admin_disabled.store(!e.enabled, Ordering::Release);
+                        p.live.set_admin_disabled(!e.enabled);
                     }
                     moved.push((p.idx, idx));
                     report.kept.push(e.name.clone());

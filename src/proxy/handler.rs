@@ -307,7 +307,21 @@ fn forward_request(
         });
         // A session's endpoint near its rate limit stays ranked last: moving the session costs its
         // prompt cache once, a 429 later costs a failed attempt and a cooldown.
-        let bound = session.as_ref().and_then(|(a, key)| a.lookup(key));
+        // A binding made before its endpoint last left rotation (ejected, cooling down, switched
+        // off) is lost, even if the session sent nothing meanwhile: the request is ranked as
+        // unbound, and whoever serves it takes the session over from that endpoint.
+        let (bound, lost_by) = match session.as_ref().and_then(|(a, key)| a.lookup(key)) {
+            Some((b, leaves))
+                if reg
+                    .endpoints
+                    .get(b)
+                    .is_some_and(|e| e.live.leaves() == leaves) =>
+            {
+                (Some(b), None)
+            }
+            Some((b, _)) => (None, Some(b)),
+            None => (None, None),
+        };
         if let Some(bound) = bound.filter(|&b| {
             reg.endpoints
                 .get(b)
@@ -435,7 +449,7 @@ fn forward_request(
                 gw,
                 failures: &failures,
                 session: session.as_ref(),
-                bound,
+                bound: bound.or(lost_by),
                 ep: &ep,
                 attempts: tried.len(),
                 fallback,
@@ -625,7 +639,8 @@ struct Commit<'a> {
     gw: &'a Gateway,
     failures: &'a [Failure],
     session: Option<&'a (&'a Arc<Affinity>, String)>,
-    /// The endpoint the session was bound to when the request was ranked.
+    /// The endpoint the session was bound to when the request was ranked, or that lost it by
+    /// leaving rotation.
     bound: Option<usize>,
     ep: &'a Arc<Endpoint>,
     attempts: u32,
@@ -678,9 +693,18 @@ impl Commit<'_> {
         if !matches!(judge, Judge::CallerError)
             && let Some((a, key)) = session
         {
-            a.bind(key, ep.idx, bound);
+            a.bind(key, ep.idx, ep.live.leaves(), bound);
         }
-        let relay = RelayBody::new(body, held, judge, gw.config.timeouts.idle, attempt, guard)
+        // Built in its box and set up in place: the relay is large, and each move is a copy.
+        let mut relay = Box::new(RelayBody::new(
+            body,
+            held,
+            judge,
+            gw.config.timeouts.idle,
+            attempt,
+            guard,
+        ));
+        relay
             .with_usage(read_usage.then(|| UsageSinks {
                 tally: gw.usage.clone(),
                 live: Arc::clone(&gw.live_usage),
@@ -772,7 +796,7 @@ fn attempts_value(attempts: u32) -> HeaderValue {
 
 fn relay_response(
     mut parts: http::response::Parts,
-    relay: RelayBody,
+    relay: Box<RelayBody>,
     ep: &Endpoint,
     attempts: u32,
     fallback: bool,
@@ -799,7 +823,7 @@ fn relay_response(
         relay.complete_without_body();
         return Response::from_parts(parts, GateBody::empty());
     }
-    Response::from_parts(parts, GateBody::Relay(Box::new(relay)))
+    Response::from_parts(parts, GateBody::Relay(relay))
 }
 
 /// The answer when no candidate produced one. The status tells clients how to behave: 503 (they

@@ -191,7 +191,7 @@ impl RelayBody {
     /// `message_start` / `message_delta` events, for a plain JSON body from its top-level `usage`.
     /// Only a success is counted, so never a caller error. Only in-memory work happens on this
     /// path.
-    pub fn with_usage(mut self, sinks: Option<UsageSinks>) -> Self {
+    pub fn with_usage(&mut self, sinks: Option<UsageSinks>) -> &mut Self {
         self.usage = sinks.map(|sinks| {
             let mut tap = UsageTap {
                 sinks,
@@ -213,14 +213,14 @@ impl RelayBody {
 
     /// Scrubs every endpoint's secret from the upstream `error` event of a stream (its message
     /// may echo the key, as error answers can), as the error answers that are not streams are.
-    pub fn scrubbing(mut self, reg: Option<Arc<Registry>>) -> Self {
+    pub fn scrubbing(&mut self, reg: Option<Arc<Registry>>) -> &mut Self {
         self.secrets = reg;
         self
     }
 
     /// Scrubs the client's own credential from what the upstream says went wrong, before the
     /// attempt records it (the client's stream itself may carry it: the client sent it).
-    pub fn scrubbing_client(mut self, credential: &ClientCredential) -> Self {
+    pub fn scrubbing_client(&mut self, credential: &ClientCredential) -> &mut Self {
         if !credential.is_empty() {
             self.client_credential = credential.clone();
         }
@@ -228,7 +228,7 @@ impl RelayBody {
     }
 
     /// Lets the shutdown end this stream with an `error` event (see [`StreamStop`]).
-    pub fn stopped_by(mut self, stop: Option<&Arc<StreamStop>>) -> Self {
+    pub fn stopped_by(&mut self, stop: Option<&Arc<StreamStop>>) -> &mut Self {
         self.stop = stop.map(|s| (Arc::clone(s), s.watch()));
         self
     }

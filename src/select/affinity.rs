@@ -49,6 +49,8 @@ fn shards_for(max_sessions: usize) -> usize {
 
 struct Binding {
     endpoint: usize,
+    /// The endpoint's leave count when the binding was made (see [`Affinity::lookup`]).
+    leaves: u64,
     last_used_ms: u64,
 }
 
@@ -120,6 +122,7 @@ impl Affinity {
                         k.clone(),
                         Binding {
                             endpoint,
+                            leaves: b.leaves,
                             last_used_ms: b.last_used_ms,
                         },
                     ));
@@ -129,7 +132,7 @@ impl Affinity {
         // Oldest first, so that a smaller map keeps the most recently used.
         live.sort_by_key(|(_, b)| b.last_used_ms);
         for (k, b) in live {
-            next.set_at(&k, b.endpoint, b.last_used_ms);
+            next.set_at(&k, b.endpoint, b.leaves, b.last_used_ms);
         }
         if self.changes.lock().is_some() {
             next.record_changes();
@@ -171,12 +174,12 @@ impl Affinity {
         }
     }
 
-    /// Takes over a binding another instance made (cluster mode): not logged as a change here.
-    /// `None` drops the binding.
-    pub fn adopt(&self, key: &str, endpoint: Option<usize>) {
+    /// Takes over a binding another instance made (cluster mode), to an endpoint and its leave
+    /// count now: not logged as a change here. `None` drops the binding.
+    pub fn adopt(&self, key: &str, endpoint: Option<(usize, u64)>) {
         match endpoint {
-            Some(e) => {
-                self.set(key, e);
+            Some((e, leaves)) => {
+                self.set(key, e, leaves);
             }
             None => {
                 self.shard(key).lock().remove(key);
@@ -206,8 +209,11 @@ impl Affinity {
         &self.shards[(self.hasher.hash_one(key) as usize) % self.shards.len()]
     }
 
-    /// The endpoint `key` is bound to, if the binding is alive; refreshes it.
-    pub fn lookup(&self, key: &str) -> Option<usize> {
+    /// The endpoint `key` is bound to, if the binding is alive, with that endpoint's leave count
+    /// when it was bound; refreshes it. An endpoint that has left rotation since (its leave count
+    /// moved on: ejected, cooling down or switched off) has lost the session, even one that sent
+    /// nothing meanwhile: the caller ranks the request as unbound.
+    pub fn lookup(&self, key: &str) -> Option<(usize, u64)> {
         let now = self.clock.now_ms();
         let mut shard = self.shard(key).lock();
         let b = shard.get_mut(key)?;
@@ -216,13 +222,14 @@ impl Affinity {
             return None;
         }
         b.last_used_ms = now;
-        Some(b.endpoint)
+        Some((b.endpoint, b.leaves))
     }
 
-    /// Binds `key` to `endpoint`, which served it; `moved_from`: the endpoint the request was
-    /// bound to when it was ranked, if another served it.
-    pub fn bind(&self, key: &str, endpoint: usize, moved_from: Option<usize>) {
-        let previous = self.set(key, endpoint);
+    /// Binds `key` to `endpoint`, which served it, at the endpoint's leave count `leaves`;
+    /// `moved_from`: the endpoint the request was bound to when it was ranked (or that lost the
+    /// session by leaving rotation), if another served it.
+    pub fn bind(&self, key: &str, endpoint: usize, leaves: u64, moved_from: Option<usize>) {
+        let previous = self.set(key, endpoint, leaves);
         if previous != Some(endpoint) {
             let moved_from = moved_from.filter(|&m| m != endpoint);
             self.log_change(key, endpoint, previous, moved_from);
@@ -230,16 +237,17 @@ impl Affinity {
     }
 
     /// Sets the binding; returns the endpoint it held before (if alive).
-    fn set(&self, key: &str, endpoint: usize) -> Option<usize> {
-        self.set_at(key, endpoint, self.clock.now_ms())
+    fn set(&self, key: &str, endpoint: usize, leaves: u64) -> Option<usize> {
+        self.set_at(key, endpoint, leaves, self.clock.now_ms())
     }
 
     /// [`Affinity::set`], as used last at `now`.
-    fn set_at(&self, key: &str, endpoint: usize, now: u64) -> Option<usize> {
+    fn set_at(&self, key: &str, endpoint: usize, leaves: u64, now: u64) -> Option<usize> {
         let mut shard = self.shard(key).lock();
         if let Some(b) = shard.get_mut(key) {
             let previous = (now.saturating_sub(b.last_used_ms) < self.ttl_ms).then_some(b.endpoint);
             b.endpoint = endpoint;
+            b.leaves = leaves;
             b.last_used_ms = now;
             return previous;
         }
@@ -260,6 +268,7 @@ impl Affinity {
             key.into(),
             Binding {
                 endpoint,
+                leaves,
                 last_used_ms: now,
             },
         );
@@ -291,8 +300,59 @@ pub fn session_key(headers: &HeaderMap, metadata: Option<&[u8]>) -> Option<Strin
             return Some(v.to_string());
         }
     }
-    let user_id = json_top::as_str(json_top::member(metadata?, b"user_id")?)?;
-    session_from_user_id(&user_id)
+    session_from_raw_user_id(json_top::member(metadata?, b"user_id")?)
+}
+
+/// Raw `metadata.user_id` values remembered per worker thread, with their session ids.
+const USER_ID_MEMORY: usize = 16;
+
+/// Longest raw `metadata.user_id` remembered (Claude Code's are about 150 bytes).
+const USER_ID_MEMORY_MAX_LEN: usize = 512;
+
+/// A raw `metadata.user_id` and the session id read from it.
+type RememberedUserId = Option<(Box<[u8]>, Option<String>)>;
+
+thread_local! {
+    /// The session ids of the raw `metadata.user_id` values this thread read last, in slots
+    /// chosen by the value's end (where the session id is). A session sends the same value with
+    /// every request, and decoding its JSON-encoded text costs more than the rest of the key.
+    /// A slot's value is compared whole, so two values that share a slot only cost a new read.
+    static USER_IDS: std::cell::RefCell<[RememberedUserId; USER_ID_MEMORY]> =
+        const { std::cell::RefCell::new([const { None }; USER_ID_MEMORY]) };
+}
+
+/// The session id in a raw (still JSON-encoded) `metadata.user_id` value: what
+/// [`session_from_user_id`] reads from its text, remembered for the next request that sends the
+/// same value.
+fn session_from_raw_user_id(raw: &[u8]) -> Option<String> {
+    let read = |raw: &[u8]| json_top::as_str(raw).and_then(|u| session_from_user_id(&u));
+    if raw.len() > USER_ID_MEMORY_MAX_LEN {
+        return read(raw);
+    }
+    let slot = user_id_slot(raw);
+    USER_IDS.with_borrow_mut(|memory| {
+        if let Some((seen, session)) = &memory[slot]
+            && **seen == *raw
+        {
+            return session.clone();
+        }
+        let session = read(raw);
+        memory[slot] = Some((raw.into(), session.clone()));
+        session
+    })
+}
+
+/// The memory slot of a raw `metadata.user_id`: from its last 16 bytes (the session id's end,
+/// random in every form Claude Code sends) and its length.
+fn user_id_slot(raw: &[u8]) -> usize {
+    let tail = &raw[raw.len().saturating_sub(16)..];
+    let mut h = raw.len() as u64;
+    for chunk in tail.chunks(8) {
+        let mut word = [0u8; 8];
+        word[..chunk.len()].copy_from_slice(chunk);
+        h = (h ^ u64::from_le_bytes(word)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+    (h >> 60) as usize % USER_ID_MEMORY
 }
 
 /// The binding key of a request of `session` for `model` (as the client named it): a binding is
@@ -342,6 +402,14 @@ mod tests {
 
     use super::*;
 
+    /// The endpoint `key` is bound to (bindings here are made at leave count 0).
+    fn bound(a: &Affinity, key: &str) -> Option<usize> {
+        a.lookup(key).map(|(endpoint, leaves)| {
+            assert_eq!(leaves, 0);
+            endpoint
+        })
+    }
+
     fn cfg(max: usize, ttl: Duration) -> AffinityConfig {
         AffinityConfig {
             enabled: true,
@@ -368,16 +436,59 @@ mod tests {
         assert_eq!(session_key(&HeaderMap::new(), metadata(b"not json")), None);
     }
 
+    /// The remembered user ids answer exactly what reading the value answers, whatever the order:
+    /// 200 values (more than the memory's slots, so they push each other out) and values that
+    /// differ only before their last 16 bytes (the same slot), read over and over.
+    #[test]
+    fn remembered_user_ids_read_as_the_value_reads() {
+        let values: Vec<String> = (0..200)
+            .map(|i| match i % 4 {
+                0 => format!(
+                    r#""{{\"device_id\":\"d{i}\",\"account_uuid\":\"\",\"session_id\":\"s-{i:08x}\"}}""#
+                ),
+                1 => format!(r#""user_{i}_account__session_legacy-{i}""#),
+                // The same end for all of these: only the start tells them apart.
+                2 => format!(r#""{{\"session_id\":\"x{i}\",\"device_id\":\"same-end-0123456789\"}}""#),
+                _ => format!(r#""no session here {i}""#),
+            })
+            .collect();
+        let uncached = |raw: &[u8]| json_top::as_str(raw).and_then(|u| session_from_user_id(&u));
+        let mut rng = fastrand::Rng::with_seed(7);
+        let mut hits = 0;
+        for round in 0..5_000 {
+            // Mostly a few hot values, as a gateway's sessions are; sometimes any of them.
+            let i = if round % 3 == 0 {
+                rng.usize(..values.len())
+            } else {
+                rng.usize(..6)
+            };
+            let raw = values[i].as_bytes();
+            let want = uncached(raw);
+            hits += usize::from(want.is_some());
+            assert_eq!(
+                session_from_raw_user_id(raw),
+                want,
+                "value {i}: {}",
+                values[i]
+            );
+        }
+        assert!(hits > 1_000, "the values hold sessions: {hits}");
+        assert_eq!(
+            session_from_raw_user_id(values[2].as_bytes()).as_deref(),
+            Some("x2")
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn bindings_expire_after_ttl_of_disuse() {
         let a = Affinity::new(&cfg(100, Duration::from_secs(60)), Clock::new());
-        a.bind("s", 2, None);
+        a.bind("s", 2, 0, None);
         tokio::time::advance(Duration::from_secs(59)).await;
-        assert_eq!(a.lookup("s"), Some(2), "use refreshes the binding");
+        assert_eq!(bound(&a, "s"), Some(2), "use refreshes the binding");
         tokio::time::advance(Duration::from_secs(59)).await;
-        assert_eq!(a.lookup("s"), Some(2));
+        assert_eq!(bound(&a, "s"), Some(2));
         tokio::time::advance(Duration::from_secs(60)).await;
-        assert_eq!(a.lookup("s"), None);
+        assert_eq!(bound(&a, "s"), None);
         assert!(a.is_empty());
     }
 
@@ -389,17 +500,17 @@ mod tests {
             let a = Affinity::new(&cfg(max, Duration::from_secs(3600)), Clock::new());
             for i in 0..max {
                 tokio::time::advance(Duration::from_millis(1)).await;
-                a.bind(&format!("s{i}"), i % 3, None);
+                a.bind(&format!("s{i}"), i % 3, 0, None);
             }
             for i in 0..max {
                 tokio::time::advance(Duration::from_millis(1)).await;
-                assert_eq!(a.lookup(&format!("s{i}")), Some(i % 3), "max {max}: s{i}");
+                assert_eq!(bound(&a, &format!("s{i}")), Some(i % 3), "max {max}: s{i}");
             }
             tokio::time::advance(Duration::from_millis(1)).await;
-            a.bind("one-more", 0, None);
+            a.bind("one-more", 0, 0, None);
             assert_eq!(a.len(), max, "max {max}");
             assert_eq!(
-                a.lookup("s0"),
+                bound(&a, "s0"),
                 None,
                 "max {max}: the least recently used went"
             );
@@ -409,17 +520,17 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn map_stays_bounded_and_drops_least_recently_used() {
         let a = Affinity::new(&cfg(1600, Duration::from_secs(3600)), Clock::new());
-        a.bind("keep", 1, None);
+        a.bind("keep", 1, 0, None);
         for i in 0..10_000 {
             tokio::time::advance(Duration::from_millis(1)).await;
-            a.bind(&format!("s{i}"), i % 3, None);
+            a.bind(&format!("s{i}"), i % 3, 0, None);
             if i % 100 == 0 {
-                assert_eq!(a.lookup("keep"), Some(1));
+                assert_eq!(bound(&a, "keep"), Some(1));
             }
         }
         assert!(a.len() <= a.capacity(), "{} > {}", a.len(), a.capacity());
-        assert_eq!(a.lookup("keep"), Some(1), "recently used survives");
-        assert_eq!(a.lookup("s0"), None, "least recently used went first");
-        assert_eq!(a.lookup("s9999"), Some(9999 % 3));
+        assert_eq!(bound(&a, "keep"), Some(1), "recently used survives");
+        assert_eq!(bound(&a, "s0"), None, "least recently used went first");
+        assert_eq!(bound(&a, "s9999"), Some(9999 % 3));
     }
 }
