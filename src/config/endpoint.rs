@@ -37,6 +37,9 @@ pub(super) fn validate_endpoint(
                     key("name"),
                     format!("`{v}` must be 1-64 characters of letters, digits, `-`, `_` or `.`"),
                 );
+            } else if v == "." || v == ".." {
+                // A path segment of its own in `/_ccgate/endpoints/{name}/…`: unreachable there.
+                p.at(n, key("name"), format!("`{v}` cannot name an endpoint"));
             }
             v.clone()
         }

@@ -15,11 +15,31 @@ use crate::config::raw::{RawConfig, RawStorage};
 use crate::config::validate::{validate, validate_prices, validate_storage};
 use crate::config::{Config, ConfigError, DEFAULT_BASE_URL, Problem, StorageConfig};
 
+/// Largest configuration file read: a config is a few kilobytes, and a path to a device or a
+/// runaway file must not take all memory.
+const MAX_CONFIG_BYTES: u64 = 16 * 1024 * 1024;
+
+/// The text of the file at `path`, refused past [`MAX_CONFIG_BYTES`].
+fn read_capped(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)?
+        .take(MAX_CONFIG_BYTES + 1)
+        .read_to_string(&mut text)?;
+    if text.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(std::io::Error::other(format!(
+            "it is larger than {} MiB",
+            MAX_CONFIG_BYTES / 1024 / 1024
+        )));
+    }
+    Ok(text)
+}
+
 impl Config {
     /// Reads and validates a configuration file.
     pub fn load(path: &Path, env: &dyn Env) -> Result<Self, ConfigError> {
         let source_name = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        let text = read_capped(path).map_err(|e| ConfigError {
             source_name: source_name.clone(),
             problems: vec![Problem {
                 line: None,

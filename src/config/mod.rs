@@ -269,6 +269,20 @@ impl BaseUrl {
         if authority.host().is_empty() {
             return Err(format!("`{s}` has no host"));
         }
+        // A port the URL names must be one a connection can use: `http::Uri` reads `:99999` as
+        // no port at all, which would send the traffic to the scheme's default port.
+        if let Some(port) = authority
+            .as_str()
+            .rsplit_once(':')
+            .and_then(|(host, port)| (!host.ends_with('[') && !port.contains(']')).then_some(port))
+            && !port.is_empty()
+            && authority.port_u16().is_none_or(|p| p == 0)
+        {
+            return Err(format!("`{s}` names port {port}; a port is 1 to 65535"));
+        }
+        if s.contains('#') {
+            return Err(format!("`{s}` must not carry a fragment (`#…`)"));
+        }
         if uri.query().is_some() {
             return Err(format!("`{s}` must not carry a query string"));
         }
@@ -490,7 +504,8 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-/// Whether `url` points at a gateway listening on `listen` (a loopback host on the same port).
+/// Whether `url` points at a gateway listening on `listen`: the same port on `localhost`, the
+/// listen address itself, or any address of this host when the gateway listens on all of them.
 pub fn is_self(url: &BaseUrl, listen: SocketAddr) -> bool {
     let port = url
         .authority
@@ -500,13 +515,26 @@ pub fn is_self(url: &BaseUrl, listen: SocketAddr) -> bool {
         } else {
             80
         });
-    let host = url.authority.host();
-    let loopback = host == "localhost"
-        || host
-            .trim_matches(['[', ']'])
+    // Host names are case-insensitive, and a trailing dot names the same host.
+    let host = url
+        .authority
+        .host()
+        .trim_end_matches('.')
+        .to_ascii_lowercase();
+    let reaches_listener = if host == "localhost" {
+        listen.ip().is_loopback() || listen.ip().is_unspecified()
+    } else {
+        host.trim_matches(['[', ']'])
             .parse::<IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback());
-    loopback && port == listen.port() && listen.port() != 0
+            .is_ok_and(|ip| {
+                // The unspecified address, as a destination, is this host; a listener on it takes
+                // every local address.
+                ip.is_unspecified()
+                    || ip == listen.ip()
+                    || (listen.ip().is_unspecified() && ip.is_loopback())
+            })
+    };
+    reaches_listener && port == listen.port() && listen.port() != 0
 }
 
 mod cluster;

@@ -3,6 +3,10 @@
 
 use crate::config::*;
 
+/// The longest duration any setting takes: longer ones are mistakes, and past it clock
+/// arithmetic and dates shown in views would overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// Collects problems with line numbers resolved against the source text.
 pub(super) struct Problems<'a> {
     pub(super) text: &'a str,
@@ -112,6 +116,10 @@ impl<'a> Problems<'a> {
         match humantime::parse_duration(v.get_ref()) {
             Ok(d) if d.is_zero() => {
                 self.at(v, key, "must be longer than zero");
+                default
+            }
+            Ok(d) if d > MAX_DURATION => {
+                self.at(v, key, "must be at most 365 days");
                 default
             }
             Ok(d) => d,

@@ -400,3 +400,87 @@ fn relay_limits_have_defaults_and_ranges() {
         ]
     );
 }
+
+#[test]
+fn base_url_ports_and_fragments_are_checked() {
+    let with_url =
+        |url: &str| format!("[[endpoints]]\nname = \"a\"\nbase_url = \"{url}\"\napi_key = \"k\"\n");
+    for bad in [
+        "http://127.0.0.1:99999",
+        "http://127.0.0.1:65536",
+        "https://h:0",
+        "http://[::1]:70000/p",
+        "http://h/p#f",
+    ] {
+        let got = problems(&with_url(bad));
+        assert_eq!(got.len(), 1, "{bad}: {got:?}");
+        assert_eq!(got[0].key, "endpoints[0].base_url", "{bad}");
+    }
+    for good in [
+        "http://127.0.0.1:65535",
+        "http://[::1]:8080/p",
+        "http://[::1]/p",
+        "https://h",
+    ] {
+        Config::from_toml(&with_url(good), "t.toml", &no_env).expect(good);
+    }
+}
+
+#[test]
+fn is_self_knows_every_way_to_name_the_listener() {
+    let url = |s: &str| BaseUrl::parse(s).expect(s);
+    let on = |s: &str| s.parse::<std::net::SocketAddr>().expect(s);
+    for (base, listen, want) in [
+        ("http://localhost:7860", "127.0.0.1:7860", true),
+        ("http://LOCALHOST:7860", "127.0.0.1:7860", true),
+        ("http://localhost.:7860", "127.0.0.1:7860", true),
+        ("http://127.0.0.1:7860", "127.0.0.1:7860", true),
+        ("http://0.0.0.0:7860", "127.0.0.1:7860", true),
+        ("http://127.0.0.1:7860", "0.0.0.0:7860", true),
+        ("http://[::1]:7860", "[::]:7860", true),
+        ("http://10.1.2.3:7860", "10.1.2.3:7860", true),
+        // Not this listener: another loopback address, another port, another host.
+        ("http://127.0.0.2:7860", "127.0.0.1:7860", false),
+        ("http://localhost:7861", "127.0.0.1:7860", false),
+        ("http://relay.example:7860", "127.0.0.1:7860", false),
+        ("http://localhost:7860", "127.0.0.1:0", false),
+    ] {
+        assert_eq!(is_self(&url(base), on(listen)), want, "{base} on {listen}");
+    }
+}
+
+#[test]
+fn durations_are_bounded() {
+    for (key, value) in [
+        ("[server]\nheader_read_timeout", "18446744073709551615s"),
+        ("[health]\nrate_limit_cooldown", "8000y"),
+        ("[health]\nprobe_interval", "366d"),
+        ("[retry_budget]\nwindow", "2h"),
+        ("[retry_budget]\nwindow", "1000000y"),
+    ] {
+        let text = format!("{key} = \"{value}\"\n{ONE}");
+        let got = problems(&text);
+        assert_eq!(got.len(), 1, "{key} = {value}: {got:?}");
+        assert_eq!(got[0].line, Some(2), "{key}");
+    }
+    let text =
+        format!("[health]\nrate_limit_cooldown = \"365d\"\n[retry_budget]\nwindow = \"1h\"\n{ONE}");
+    Config::from_toml(&text, "t.toml", &no_env).expect("the longest accepted");
+}
+
+#[test]
+fn dot_names_are_refused() {
+    for name in [".", ".."] {
+        let text = format!(
+            "[[endpoints]]\nname = \"{name}\"\nbase_url = \"https://h\"\napi_key = \"k\"\n"
+        );
+        assert_eq!(problems(&text)[0].key, "endpoints[0].name", "{name}");
+    }
+}
+
+#[test]
+fn an_endless_file_is_refused_not_read_to_the_end() {
+    let err = Config::load(std::path::Path::new("/dev/zero"), &no_env).expect_err("refused");
+    let text = err.to_string();
+    assert!(text.contains("larger than 16 MiB"), "{text}");
+}

@@ -58,7 +58,18 @@ pub(super) fn validate(raw: RawConfig, p: &mut Problems<'_>, env: &dyn Env) -> C
             100_000,
             10,
         ) as u32,
-        window: p.duration(&b.window, "retry_budget.window", Duration::from_secs(10)),
+        window: {
+            let window = p.duration(&b.window, "retry_budget.window", Duration::from_secs(10));
+            // The budget keeps one slot per second of its window.
+            if window > Duration::from_secs(3600) {
+                if let Some(v) = &b.window {
+                    p.at(v, "retry_budget.window", "must be at most 1h");
+                }
+                Duration::from_secs(10)
+            } else {
+                window
+            }
+        },
     };
     let storage = validate_storage(&raw.storage, p);
     let requests = validate_requests(&raw.requests, p);
