@@ -102,8 +102,11 @@ async fn requests_go_only_to_endpoints_that_serve_their_model() {
     gw.shutdown().await;
 }
 
+/// A model whose only endpoint is switched off is not a wrong request (a 404, which Claude Code
+/// gives up on at once): nothing is available for it now, and the client is told to come back
+/// (audit: it got a fatal 404, counted as its own error).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_disabled_endpoint_does_not_count_as_serving_the_model() {
+async fn a_model_whose_endpoints_are_switched_off_is_unavailable_not_unknown() {
     let a = MockUpstream::start().await;
     let b = MockUpstream::start().await;
     let gw = GatewayBuilder::new()
@@ -118,8 +121,54 @@ async fn a_disabled_endpoint_does_not_count_as_serving_the_model() {
     let r = gw
         .post("/v1/messages", &[], &body("claude-opus-4-1", false))
         .await;
-    assert_eq!(r.status, 404, "{}", r.text());
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(
+        r.header("retry-after"),
+        Some(
+            ccgate::health::registry::RETRY_WHEN_ALL_OFF_SECS
+                .to_string()
+                .as_str()
+        ),
+        "nothing switched on comes back by itself"
+    );
     assert!(a.received().is_empty() && b.received().is_empty());
+    // A model no endpoint serves at all is still the request's own error.
+    let r = gw.post("/v1/messages", &[], &body("gpt-4o", false)).await;
+    assert_eq!(r.status, 404, "{}", r.text());
+    let stats = gw.admin("stats").await;
+    assert_eq!(stats["caller_errors"], 1, "{stats}");
+    assert_eq!(stats["upstream_errors"], 1, "{stats}");
+    gw.shutdown().await;
+}
+
+/// The all-down answer's `retry-after` counts only the endpoints that serve the request's model
+/// (audit: a healthy endpoint for another model made it 1 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_counts_only_the_endpoints_that_serve_the_model() {
+    let opus = MockUpstream::start().await;
+    let x = MockUpstream::start().await;
+    x.set_default(Script::error(500, "api_error", "down"));
+    let gw = GatewayBuilder::new()
+        .health("failure_threshold = 1")
+        .health("probe_interval = \"60s\"")
+        .endpoint("opus", &opus.url(), "models = [\"claude-opus-*\"]")
+        .endpoint("xonly", &x.url(), "models = [\"claude-x*\"]")
+        .start()
+        .await;
+    let first = gw.post("/v1/messages", &[], &body("claude-x", false)).await;
+    assert_eq!(first.status, 502, "{}", first.text());
+    gw.settle().await;
+    let r = gw.post("/v1/messages", &[], &body("claude-x", false)).await;
+    assert!(r.status == 502 || r.status == 503, "{}", r.text());
+    let wait: u64 = r
+        .header("retry-after")
+        .and_then(|v| v.parse().ok())
+        .expect("a retry-after");
+    assert!(
+        (45..=75).contains(&wait),
+        "xonly's next probe is a minute (jittered by a fifth) away: {wait}"
+    );
+    assert!(opus.received().is_empty());
     gw.shutdown().await;
 }
 

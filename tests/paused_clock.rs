@@ -168,7 +168,7 @@ async fn cooldown_admits_again_exactly_at_its_deadline() {
     assert_eq!(a.live.phase(), Phase::CoolingDown);
     assert_eq!(reg.expected_back_ms(&a), Some(42_000));
     assert_eq!(
-        reg.retry_after_secs(),
+        reg.retry_after_secs(|_| true),
         1,
         "b is healthy, so nothing to wait for"
     );
@@ -216,9 +216,19 @@ async fn least_bad_is_the_endpoint_back_soonest() {
     assert_eq!(reg.admit(&b), Admission::No);
     let least = reg.least_bad(|_| true).expect("something to try");
     assert_eq!(least.name, "b", "b is back in 20 s, a in 50 s");
-    assert_eq!(reg.retry_after_secs(), 20);
+    assert_eq!(reg.retry_after_secs(|_| true), 20);
+    // Only the endpoints that could serve the request count (audit: a request for a model only
+    // `a` serves was told to come back when `b` would).
+    assert_eq!(reg.retry_after_secs(|e| e.name == "a"), 50);
+    // Nothing switched on comes back by itself: not a retry every second.
+    b.live.set_admin_disabled(true);
+    assert_eq!(
+        reg.retry_after_secs(|e| e.name == "b"),
+        ccgate::health::registry::RETRY_WHEN_ALL_OFF_SECS
+    );
+    b.live.set_admin_disabled(false);
     tokio::time::advance(Duration::from_secs(19)).await;
-    assert_eq!(reg.retry_after_secs(), 1);
+    assert_eq!(reg.retry_after_secs(|_| true), 1);
     tokio::time::advance(Duration::from_secs(1)).await;
     assert_eq!(reg.admit(&b), Admission::Yes);
     assert_eq!(reg.admit(&a), Admission::No);

@@ -184,7 +184,9 @@ pub fn classify_sse_error(error_type: &str) -> Outcome {
 }
 
 /// How long a 429 asks us to wait: `retry-after-ms`, `retry-after` (seconds or HTTP date), or the
-/// latest `anthropic-ratelimit-*-reset` (RFC 3339) — whichever is longest, capped at one day.
+/// latest `anthropic-ratelimit-*-reset` (RFC 3339 for API keys; unix seconds for subscriptions'
+/// `anthropic-ratelimit-unified-*-reset`, of which the overall `…-unified-reset` counts when
+/// present) — whichever is longest, capped at one day.
 pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
     let mut best: Option<Duration> = None;
     let mut offer = |d: Duration| best = Some(best.map_or(d, |b| b.max(d)));
@@ -204,17 +206,36 @@ pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
             offer(at.duration_since(now).unwrap_or_default());
         }
     }
+    // The unified windows' resets: the overall one names the window that limits, and wins over
+    // the others (a week's window resets long after the five hours' that refused).
+    let mut unified_overall: Option<Duration> = None;
+    let mut unified_windows: Option<Duration> = None;
     for (name, value) in headers {
         let n = name.as_str();
-        if n.starts_with("anthropic-ratelimit-")
-            && n.ends_with("-reset")
-            && let Some(at) = value
-                .to_str()
-                .ok()
-                .and_then(|v| humantime::parse_rfc3339_weak(v.trim()).ok())
-        {
-            offer(at.duration_since(now).unwrap_or_default());
+        if !(n.starts_with("anthropic-ratelimit-") && n.ends_with("-reset")) {
+            continue;
         }
+        let Some(v) = value.to_str().ok().map(str::trim) else {
+            continue;
+        };
+        let at = humantime::parse_rfc3339_weak(v).ok().or_else(|| {
+            v.parse::<u64>()
+                .ok()
+                .and_then(|secs| SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(secs)))
+        });
+        let Some(wait) = at.map(|at| at.duration_since(now).unwrap_or_default()) else {
+            continue;
+        };
+        if n == "anthropic-ratelimit-unified-reset" {
+            unified_overall = Some(wait);
+        } else if n.starts_with(UNIFIED) {
+            unified_windows = Some(unified_windows.map_or(wait, |w| w.max(wait)));
+        } else {
+            offer(wait);
+        }
+    }
+    if let Some(wait) = unified_overall.or(unified_windows) {
+        offer(wait);
     }
     best.map(|d| d.min(Duration::from_secs(86_400)))
 }
@@ -390,6 +411,35 @@ mod tests {
             429,
             &[("retry-after", "garbage")],
             FailOver(RateLimited(None)),
+        );
+        // Subscriptions' unified resets are unix seconds (now is 1_700_000_000); the overall
+        // reset names the window that refused and wins over the others (audit: ignored, so the
+        // endpoint came back after the fallback cooldown, an hour early).
+        check(
+            429,
+            &[
+                ("anthropic-ratelimit-unified-status", "rejected"),
+                ("anthropic-ratelimit-unified-reset", "1700003600"),
+            ],
+            FailOver(RateLimited(Some(Duration::from_secs(3600)))),
+        );
+        check(
+            429,
+            &[
+                ("anthropic-ratelimit-unified-reset", "1700000006"),
+                ("anthropic-ratelimit-unified-5h-reset", "1700000011"),
+                ("anthropic-ratelimit-unified-7d-reset", "1700500000"),
+            ],
+            FailOver(RateLimited(Some(Duration::from_secs(6)))),
+        );
+        check(
+            429,
+            &[
+                ("anthropic-ratelimit-unified-5h-reset", "1700000011"),
+                ("anthropic-ratelimit-unified-7d-reset", "1700000500"),
+                ("retry-after", "3"),
+            ],
+            FailOver(RateLimited(Some(Duration::from_secs(500)))),
         );
         check(401, &[], FailOver(Auth));
         check(403, &[], FailOver(Auth));

@@ -74,6 +74,9 @@ pub struct ReloadReport {
     pub restart_needed: Vec<String>,
 }
 
+/// `retry-after` (seconds) when every endpoint that could serve a request is switched off.
+pub const RETRY_WHEN_ALL_OFF_SECS: u64 = 30;
+
 /// All endpoints and their shared state.
 pub struct Registry {
     /// Endpoints in config order; `endpoints[i].idx == i`.
@@ -232,16 +235,19 @@ impl Registry {
             .cloned()
     }
 
-    /// Seconds until the earliest endpoint is expected back, at least 1.
-    pub fn retry_after_secs(&self) -> u64 {
+    /// Seconds until the earliest of the `eligible` endpoints (those that could serve the
+    /// request) is expected back, at least 1. When none is switched on, nothing comes back by
+    /// itself: [`RETRY_WHEN_ALL_OFF_SECS`], the time an operator may take to switch one on,
+    /// rather than a retry every second.
+    pub fn retry_after_secs(&self, eligible: impl Fn(&Endpoint) -> bool) -> u64 {
         let now = self.clock.now_ms();
-        let soonest = self
-            .endpoints
+        self.endpoints
             .iter()
-            .filter(|e| !e.live.admin_disabled())
+            .filter(|e| !e.live.admin_disabled() && eligible(e))
             .map(|e| self.expected_back_ms(e).unwrap_or(now))
             .min()
-            .unwrap_or(now);
-        soonest.saturating_sub(now).div_ceil(1000).max(1)
+            .map_or(RETRY_WHEN_ALL_OFF_SECS, |soonest| {
+                soonest.saturating_sub(now).div_ceil(1000).max(1)
+            })
     }
 }

@@ -264,7 +264,7 @@ fn forward_request(
                 return response::error(
                     StatusCode::NOT_FOUND,
                     "not_found_error",
-                    &format!("ccgate: no enabled endpoint serves the model `{model}`"),
+                    &format!("ccgate: no endpoint serves the model `{model}`"),
                 );
             }
         };
@@ -587,7 +587,7 @@ fn forward_request(
                 }
             }
         }
-        let mut resp = all_down(reg, &failures);
+        let mut resp = all_down(reg, &failures, skip);
         resp.headers_mut()
             .insert(ATTEMPTS.clone(), attempts_value(tried.len()));
         if fallback {
@@ -607,8 +607,9 @@ fn forward_request(
 }
 
 /// The endpoints that do not serve the request's model (as a set to skip), or the model when no
-/// enabled endpoint serves it. Only endpoints with a `models` list restrict anything, and the body
-/// is only read for its model when one has.
+/// endpoint serves it (the request is wrong: 404). Endpoints that serve it but are switched off
+/// are not the request's fault: it goes on, and finds nothing available (503). Only endpoints
+/// with a `models` list restrict anything, and the body is only read for its model when one has.
 fn not_serving(reg: &Registry, req: &Prepared) -> Result<Tried, String> {
     let mut skip = Tried::default();
     if reg.endpoints.iter().all(|e| e.models.is_none()) {
@@ -624,11 +625,7 @@ fn not_serving(reg: &Registry, req: &Prepared) -> Result<Tried, String> {
             skip.insert(ep.idx);
         }
     }
-    if reg
-        .endpoints
-        .iter()
-        .all(|e| skip.contains(e.idx) || e.live.admin_disabled())
-    {
+    if reg.endpoints.iter().all(|e| skip.contains(e.idx)) {
         return Err(model.into_owned());
     }
     Ok(skip)
@@ -830,7 +827,7 @@ fn relay_response(
 /// keep retrying, honouring `retry-after`) when nothing was available or everything was
 /// overloaded or rate limited; 504 when attempts timed out; 502 for other upstream breakage.
 /// Never a bare 529, which Claude Code gives up on after three.
-fn all_down(reg: &Registry, failures: &[Failure]) -> Response<GateBody> {
+fn all_down(reg: &Registry, failures: &[Failure], skip: Tried) -> Response<GateBody> {
     let busy = |o: Outcome| matches!(o, Outcome::Overloaded | Outcome::RateLimited(_));
     let status = if failures.is_empty() || failures.iter().all(|f| busy(f.outcome)) {
         StatusCode::SERVICE_UNAVAILABLE
@@ -851,7 +848,8 @@ fn all_down(reg: &Registry, failures: &[Failure]) -> Response<GateBody> {
             .collect();
         format!("ccgate: every endpoint tried failed ({})", parts.join("; "))
     };
-    let retry_after = reg.retry_after_secs();
+    // Only the endpoints that could serve this request say when to come back.
+    let retry_after = reg.retry_after_secs(|e| !skip.contains(e.idx));
     tracing::warn!(
         status = status.as_u16(),
         attempts = failures.len(),
