@@ -896,8 +896,16 @@ async fn headers_query_and_body_arrive_byte_for_byte() {
         ("te", "trailers"),
         ("proxy-authorization", "Basic Zm9vOmJhcg=="),
     ];
-    let mut headers: Vec<(&str, &str)> = kept.to_vec();
-    headers.extend_from_slice(&dropped);
+    // Dropped headers among the kept ones, as clients send them (Claude Code's `x-api-key`
+    // comes before `content-type`).
+    let mut headers: Vec<(&str, &str)> = Vec::new();
+    for (i, h) in kept.iter().enumerate() {
+        if let Some(d) = dropped.get(i / 2).filter(|_| i % 2 == 1) {
+            headers.push(*d);
+        }
+        headers.push(*h);
+    }
+    headers.extend(dropped.iter().skip(kept.len() / 2));
     // A repeated header keeps both values, in order.
     headers.push(("x-repeated", "one"));
     headers.push(("x-repeated", "two"));
@@ -928,6 +936,16 @@ async fn headers_query_and_body_arrive_byte_for_byte() {
         assert_eq!(r.header_all(name), [value], "header {name}");
     }
     assert_eq!(r.header_all("x-repeated"), ["one", "two"]);
+    // In the client's order, too: relays may read the order as part of a client's fingerprint
+    // (audit: each header removed had the last one moved into its place).
+    let arrived: Vec<&str> = r
+        .headers
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .filter(|n| kept.iter().any(|(k, _)| k.eq_ignore_ascii_case(n)))
+        .collect();
+    let sent: Vec<&str> = kept.iter().map(|(k, _)| *k).collect();
+    assert_eq!(arrived, sent, "{:?}", r.headers);
     assert_eq!(
         r.header_all("x-api-key"),
         ["key-a"],

@@ -28,8 +28,9 @@ pub struct Prepared {
     pub method: Method,
     /// The client's path and query, appended to the endpoint's base URL.
     pub path_and_query: PathAndQuery,
-    /// Headers to forward: the client's, minus credentials, hop-by-hop headers, `host` and
-    /// `content-length` (the body sent may be rewritten by the model map).
+    /// Headers to forward: the client's, in the client's order, minus credentials, hop-by-hop
+    /// headers, `host`, `expect` and `content-length` (the body sent may be rewritten by the
+    /// model map).
     pub headers: HeaderMap,
     /// The body, as the frames it arrived in.
     pub body: Frames,
@@ -155,6 +156,63 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     )
 }
 
+/// The headers a request forwards, in the order the client sent them (relays may read the order
+/// as part of a client's fingerprint; `HeaderMap::remove` fills the gap with the last header), and
+/// the client's own credential taken out of them. One pass that keeps every header but:
+/// hop-by-hop ones (and those `Connection` names), `host` and `content-length` (set for the
+/// upstream), `expect` (the client's `100-continue` was answered when its body was read, and the
+/// upstream gets the whole body at once), `authorization` and `x-api-key` (the credential).
+/// `accept-encoding` becomes `identity` where it was, or is added: answers are judged by what they
+/// say (a stream by its events, a JSON answer by parsing it) and error answers are scrubbed of
+/// secrets, so ccgate must be able to read them.
+fn forwarded_headers(headers: HeaderMap) -> (HeaderMap, ClientCredential) {
+    let named_by_connection: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    let mut out = HeaderMap::with_capacity(headers.len() + 1);
+    let mut credential = ClientCredential::default();
+    let mut identity_asked = false;
+    let mut current: Option<HeaderName> = None;
+    for (name, mut value) in headers {
+        // A name comes once, before its first value; `None` means the same name again.
+        if let Some(n) = name {
+            current = Some(n);
+        }
+        let Some(name) = &current else { continue };
+        if *name == header::AUTHORIZATION || *name == X_API_KEY {
+            value.set_sensitive(true);
+            credential.0.push((name.clone(), value));
+            continue;
+        }
+        if *name == header::ACCEPT_ENCODING {
+            if !std::mem::replace(&mut identity_asked, true) {
+                out.append(name.clone(), http::HeaderValue::from_static("identity"));
+            }
+            continue;
+        }
+        if *name == header::HOST
+            || *name == header::CONTENT_LENGTH
+            || *name == header::EXPECT
+            || is_hop_by_hop(name)
+            || named_by_connection.contains(name)
+        {
+            continue;
+        }
+        out.append(name.clone(), value);
+    }
+    if !identity_asked {
+        out.append(
+            header::ACCEPT_ENCODING,
+            http::HeaderValue::from_static("identity"),
+        );
+    }
+    (out, credential)
+}
+
 /// Removes hop-by-hop headers, including any the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // One pass over the (few) headers present instead of a lookup per hop-by-hop name: most
@@ -180,26 +238,10 @@ impl Prepared {
     pub fn new(
         method: Method,
         path_and_query: PathAndQuery,
-        mut headers: HeaderMap,
+        headers: HeaderMap,
         body: Frames,
     ) -> Self {
-        strip_hop_by_hop(&mut headers);
-        headers.remove(header::HOST);
-        headers.remove(header::CONTENT_LENGTH);
-        let mut client_credential = ClientCredential::default();
-        for name in [header::AUTHORIZATION, X_API_KEY.clone()] {
-            if let Some(mut value) = headers.remove(&name) {
-                value.set_sensitive(true);
-                client_credential.0.push((name, value));
-            }
-        }
-        // Answers are judged by what they say (a stream by its events, a JSON answer by parsing
-        // it) and error answers are scrubbed of secrets: ccgate must be able to read them, so it
-        // asks for them unencoded.
-        headers.insert(
-            header::ACCEPT_ENCODING,
-            http::HeaderValue::from_static("identity"),
-        );
+        let (headers, client_credential) = forwarded_headers(headers);
         // One walk from the body's end reads `stream` (a Messages call's) and `metadata` (where a
         // session id may be). A body the client compressed cannot be read: what it asked for is
         // unknown, and whatever the upstream answers is relayed as it comes.

@@ -150,19 +150,39 @@ impl Gateway {
     /// `authorization` / `x-api-key` is the client's own.
     pub(crate) fn take_token(&self, headers: &mut HeaderMap) -> bool {
         let Some(token) = &self.config.server.access_token else {
-            headers.remove(&CCGATE_TOKEN);
+            remove_in_order(headers, |n| *n == CCGATE_TOKEN);
             return true;
         };
-        let mut carried = false;
-        for name in TOKEN_HEADERS {
-            if carries(headers, name, token.expose().as_bytes()) {
-                headers.remove(name);
-                carried = true;
-            }
-        }
-        headers.remove(&CCGATE_TOKEN);
-        carried
+        let carrying = TOKEN_HEADERS.map(|name| carries(headers, name, token.expose().as_bytes()));
+        remove_in_order(headers, |n| {
+            *n == CCGATE_TOKEN
+                || TOKEN_HEADERS
+                    .iter()
+                    .zip(carrying)
+                    .any(|(t, c)| c && *t == n)
+        });
+        carrying.contains(&true)
     }
+}
+
+/// Removes every header `gone` picks, keeping the others in their order (`HeaderMap::remove` moves
+/// the last header into the gap, and relays may read the order as part of a client's
+/// fingerprint). Nothing is rebuilt when nothing goes.
+fn remove_in_order(headers: &mut HeaderMap, gone: impl Fn(&HeaderName) -> bool) {
+    if !headers.keys().any(&gone) {
+        return;
+    }
+    let mut kept = HeaderMap::with_capacity(headers.len());
+    let mut current: Option<HeaderName> = None;
+    for (name, value) in std::mem::take(headers) {
+        if let Some(n) = name {
+            current = Some(n);
+        }
+        if let Some(name) = current.as_ref().filter(|n| !gone(n)) {
+            kept.append(name.clone(), value);
+        }
+    }
+    *headers = kept;
 }
 
 /// Whether a `name` line of `headers` carries `token`: as the whole value, or for
@@ -250,4 +270,47 @@ fn keep_start_settings(old: &Config, new: &mut Config) -> Vec<String> {
         "[cluster]: cluster mode stays as it started until restarted".into()
     });
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The headers left keep their order and repeated values; nothing else moves.
+    #[test]
+    fn removing_headers_keeps_the_order_of_the_rest() {
+        let mut h = HeaderMap::new();
+        for (n, v) in [
+            ("accept", "*/*"),
+            ("x-api-key", "tok"),
+            ("anthropic-version", "2023-06-01"),
+            ("x-ccgate-token", "tok"),
+            ("anthropic-beta", "a"),
+            ("anthropic-beta", "b"),
+            ("user-agent", "cli"),
+        ] {
+            h.append(
+                HeaderName::from_static(n),
+                http::HeaderValue::from_static(v),
+            );
+        }
+        remove_in_order(&mut h, |n| *n == X_API_KEY || *n == CCGATE_TOKEN);
+        let left: Vec<(&str, &str)> = h
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.to_str().expect("text")))
+            .collect();
+        assert_eq!(
+            left,
+            [
+                ("accept", "*/*"),
+                ("anthropic-version", "2023-06-01"),
+                ("anthropic-beta", "a"),
+                ("anthropic-beta", "b"),
+                ("user-agent", "cli"),
+            ]
+        );
+        let before = h.clone();
+        remove_in_order(&mut h, |n| *n == X_API_KEY);
+        assert_eq!(h, before);
+    }
 }

@@ -129,10 +129,7 @@ where
             ));
         }
     };
-    let mut headers = parts.headers;
-    // The client's `Expect: 100-continue` was answered when its body was read; the upstream gets
-    // the whole body at once and must not wait for an interim answer of its own.
-    headers.remove(header::EXPECT);
+    let headers = parts.headers;
     let path_and_query = parts
         .uri
         .path_and_query()
