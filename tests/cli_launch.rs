@@ -661,3 +661,55 @@ async fn service_install_names_every_variable_the_config_reads() {
     );
     assert!(!f.output().contains("sk-set-here"), "{}", f.output());
 }
+
+/// Another server on the gateway's address that answers 200 to anything is not taken for the
+/// gateway: it is never sent the access token, Claude Code gets a session gateway instead, and
+/// `--url` naming it is refused (audit: the token went to it, and Claude Code would have
+/// followed). The mock answers while the test's thread waits on ccgate: a multi-threaded runtime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claude_run_does_not_take_another_server_for_the_gateway() {
+    let up = MockUpstream::start().await;
+    let foreign = MockUpstream::start().await;
+    let sb = Sandbox::new();
+    sb.write_at(
+        &sb.default_config(),
+        &format!(
+            "[server]\nlisten = \"{}\"\naccess_token = \"tok-foreign\"\n\n[[endpoints]]\nname = \"a\"\nbase_url = \"{}\"\napi_key = \"k\"\n",
+            foreign.addr(),
+            up.url()
+        ),
+    );
+    let mut l = Launched::spawn(&sb, &["claude", "run"]);
+    let lines = l.until_ready();
+    let url = var(&lines, "ANTHROPIC_BASE_URL").to_string();
+    assert_ne!(
+        addr_of(&url),
+        foreign.addr(),
+        "Claude Code pointed at another server"
+    );
+    let asked = foreign.received();
+    assert_eq!(asked.len(), 1, "asked once whether it is ccgate: {lines:?}");
+    assert_eq!(asked[0].path_and_query, "/_ccgate/health");
+    assert!(
+        asked[0]
+            .headers
+            .iter()
+            .all(|(_, v)| !v.contains("tok-foreign")),
+        "the access token went to another server: {:?}",
+        asked[0].headers
+    );
+    let (status, stdout, stderr) = l.end(Some("0"));
+    assert_eq!(status.code(), Some(0), "{stdout}\n{stderr}");
+
+    let claude = stand_in(&sb);
+    let mut c = sb.command(&["claude", "run", "--url", &foreign.url()]);
+    c.env("CCGATE_CLAUDE_BIN", &claude);
+    let f = run(c).await;
+    f.assert_code(2);
+    assert!(
+        f.stderr.contains("is not a ccgate gateway"),
+        "{}",
+        f.output()
+    );
+    assert!(!f.stdout.contains("ready"), "{}", f.output());
+}

@@ -677,6 +677,26 @@ async fn enable_and_disable_apply_to_the_running_gateway() {
         "{}",
         f.output()
     );
+
+    // Another server at the address, answering 200 to anything, is not reported as the gateway
+    // that applied the edit (audit: "applied to the running gateway … (no endpoint changed)").
+    let foreign = MockUpstream::start().await;
+    let url = foreign.url();
+    let f = run(sb.command(&["endpoints", "enable", "a", "--config", c, "--url", &url])).await;
+    f.assert_success();
+    assert!(
+        f.stdout.contains("the running gateway was not reached")
+            && f.stdout.contains("is not a ccgate gateway"),
+        "{}",
+        f.output()
+    );
+    assert!(
+        foreign
+            .received()
+            .iter()
+            .all(|r| r.path_and_query == "/_ccgate/health"),
+        "only asked what it is"
+    );
 }
 
 /// An endpoint added while the gateway runs receives traffic after `endpoints add`; the endpoints

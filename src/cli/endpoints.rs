@@ -74,6 +74,17 @@ pub async fn apply_to_running(target: Target, switch: Option<(&str, bool)>) -> A
         Ok(c) => c,
         Err(e) => return Applied::NotReached(format!("{e:#}")),
     };
+    // Another server on the gateway's address is neither sent the token nor taken at its word.
+    match client.is_ccgate().await {
+        Ok(true) => {}
+        Ok(false) => {
+            return Applied::NotReached(format!(
+                "{} is not a ccgate gateway: its GET /_ccgate/health answer is not ccgate's",
+                client.url()
+            ));
+        }
+        Err(e) => return Applied::NotReached(e.to_string()),
+    }
     let reload = match client.call(Method::POST, "reload").await {
         Ok(a) => a,
         Err(e) => return Applied::NotReached(e.to_string()),

@@ -51,16 +51,17 @@ pub fn find_running(
     };
     let runtime = crate::cli::target::runtime()?;
     let client = AdminClient::new(target.clone())?;
-    let answered = runtime.block_on(client.call(http::Method::GET, "health"));
-    match answered {
-        Ok(a) if a.status.is_success() => Ok(Some(target)),
-        Ok(a) if url.is_some() => bail!(
-            "{} answered GET /_ccgate/health with {}: not a ccgate gateway, or not a healthy one",
-            target.url,
-            a.status
+    match runtime.block_on(client.is_ccgate()) {
+        Ok(true) => Ok(Some(target)),
+        Ok(false) if url.is_some() => bail!(
+            "{} is not a ccgate gateway (or not a healthy one): its GET /_ccgate/health answer is not ccgate's",
+            target.url
         ),
+        // Another server on the gateway's address: it gets neither the token nor Claude Code's
+        // traffic; the session gateway started instead says why it cannot listen there.
+        Ok(false) => Ok(None),
         Err(e) if url.is_some() => bail!("--url: {e}"),
-        _ => Ok(None),
+        Err(_) => Ok(None),
     }
 }
 

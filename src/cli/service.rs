@@ -533,9 +533,7 @@ pub fn status(
 fn health_answers(target: Target) -> anyhow::Result<bool> {
     let client = AdminClient::new(target)?;
     let runtime = crate::cli::target::runtime()?;
-    Ok(runtime
-        .block_on(client.call(http::Method::GET, "health"))
-        .is_ok_and(|a| a.status.is_success()))
+    Ok(runtime.block_on(client.is_ccgate()).unwrap_or(false))
 }
 
 #[cfg(test)]

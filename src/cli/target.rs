@@ -287,6 +287,45 @@ impl AdminClient {
         }
     }
 
+    /// Whether a ccgate gateway answers here: `GET /_ccgate/health`, asked without the access
+    /// token (the path needs none, and a server that is not ccgate must not be sent it), and told
+    /// from another server that answers 200 by the mark on ccgate's answer.
+    pub async fn is_ccgate(&self) -> Result<bool, CallError> {
+        let uri = format!("{}/_ccgate/health", self.target.url);
+        let req = Request::builder()
+            .uri(&uri)
+            .header(
+                http::header::USER_AGENT,
+                concat!("ccgate-cli/", env!("CARGO_PKG_VERSION")),
+            )
+            .body(ReplayBody::from(Bytes::new()))
+            .map_err(|e| CallError(format!("{uri}: {e}")))?;
+        let asked = async {
+            let resp = self.client.request(req).await.map_err(|e| {
+                CallError(format!(
+                    "nothing answered at {}: {}",
+                    self.target.url,
+                    crate::transport::error_chain(&e)
+                ))
+            })?;
+            let marked = resp.status().is_success()
+                && resp
+                    .headers()
+                    .contains_key(crate::proxy::gateway::HEALTH_MARK);
+            // Read to its end, so the connection closes cleanly.
+            let _ = resp.into_body().collect().await;
+            Ok(marked)
+        };
+        tokio::time::timeout(Duration::from_secs(10), asked)
+            .await
+            .unwrap_or_else(|_| {
+                Err(CallError(format!(
+                    "{} did not answer within 10s",
+                    self.target.url
+                )))
+            })
+    }
+
     /// `METHOD /_ccgate/{path}`, whole answer.
     pub async fn call(&self, method: Method, path: &str) -> Result<Answer, CallError> {
         let uri = format!("{}/_ccgate/{path}", self.target.url);

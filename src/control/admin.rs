@@ -53,7 +53,14 @@ pub async fn handle<B>(gw: Arc<Gateway>, persist: &Persist, req: Request<B>) -> 
     let path = req.uri().path().trim_end_matches('/').to_string();
     let method = req.method().clone();
     if path == "/_ccgate/health" {
-        return response::json(StatusCode::OK, &serde_json::json!({"status": "ok"}));
+        let mut resp = response::json(StatusCode::OK, &serde_json::json!({"status": "ok"}));
+        // What tells ccgate's answer from another server's that answers 200 to anything (the
+        // CLI asks before it sends a token or points Claude Code here).
+        resp.headers_mut().insert(
+            crate::proxy::gateway::HEALTH_MARK,
+            http::HeaderValue::from_static(env!("CARGO_PKG_VERSION")),
+        );
+        return resp;
     }
     if path == crate::proxy::gateway::ADMIN_PREFIX {
         return crate::control::dashboard::page(&gw, &method, req.uri(), req.headers());

@@ -15,6 +15,10 @@ use crate::select::affinity::Affinity;
 use crate::select::budget::RetryBudget;
 use crate::select::strategy::Selector;
 
+/// The header ccgate's `GET /_ccgate/health` answer carries (its version): how the CLI tells the
+/// gateway from another server on the same address.
+pub const HEALTH_MARK: &str = "x-ccgate-version";
+
 /// The reserved path prefix of ccgate's own views; never forwarded.
 pub const ADMIN_PREFIX: &str = "/_ccgate";
 
