@@ -231,7 +231,9 @@ where
     B::Error: Into<BoxError>,
 {
     async move {
-        let admitted = match entry::admit(req.method(), req.uri()) {
+        let admitted = match entry::host_lines(req.version(), req.headers())
+            .and_then(|()| entry::admit(req.method(), req.uri()))
+        {
             Ok(a) => a,
             Err(refusal) => {
                 tracing::debug!(method = %req.method(), %refusal, "request refused at the door");

@@ -75,6 +75,10 @@ pub enum Refusal {
         "ccgate: not an API path; ccgate forwards /v1/... and /api/..., and serves its own views under /_ccgate/"
     )]
     UnknownPath,
+    /// An HTTP/1.1 request without a `Host`, or any request with more than one (RFC 9112 §3.2:
+    /// a server answers 400; a second `Host` would also pass the loopback check on the first).
+    #[error("ccgate: a request carries exactly one Host header (HTTP/1.1 requires it)")]
+    Host,
     /// Without an access token: a `Host` that is not a loopback name (a page on another site
     /// reaching the loopback listener through DNS rebinding).
     #[error(
@@ -95,7 +99,7 @@ impl Refusal {
         let message = self.to_string();
         match self {
             Self::Method => response::method_not_allowed(ALLOWED_METHODS),
-            Self::Target | Self::Climbs | Self::Separator => {
+            Self::Target | Self::Climbs | Self::Separator | Self::Host => {
                 response::error(StatusCode::BAD_REQUEST, "invalid_request_error", &message)
             }
             Self::ForeignHost | Self::ForeignOrigin => {
@@ -109,6 +113,17 @@ impl Refusal {
             }
         }
     }
+}
+
+/// Refuses a request whose `Host` lines are not what HTTP allows: exactly one in HTTP/1.1, at
+/// most one otherwise (HTTP/1.0 may leave it out; HTTP/2 names its authority apart).
+pub fn host_lines(version: http::Version, headers: &http::HeaderMap) -> Result<(), Refusal> {
+    let mut lines = headers.get_all(header::HOST).iter();
+    let first = lines.next();
+    if lines.next().is_some() || (first.is_none() && version == http::Version::HTTP_11) {
+        return Err(Refusal::Host);
+    }
+    Ok(())
 }
 
 /// On a gateway without an access token, which trusts whatever reaches its loopback listener:
