@@ -137,12 +137,51 @@ impl Endpoint {
             .and_then(|h| h.1.to_str().ok())
             .unwrap_or("");
         let secret = secret.strip_prefix("Bearer ").unwrap_or(secret);
-        if secret.len() >= 4 {
-            text.replace(secret, "***")
-        } else {
-            text.to_string()
+        scrub_secret(text, secret)
+    }
+}
+
+/// `text` with `secret` replaced by `***`, as written or percent-encoded (an upstream may echo a
+/// credential from a URL or a form); secrets shorter than 4 bytes are left alone.
+pub fn scrub_secret(text: &str, secret: &str) -> String {
+    if secret.len() < 4 {
+        return text.to_string();
+    }
+    let mut out = text.replace(secret, "***");
+    if out.contains('%') {
+        for form in encoded_forms(secret.as_bytes()) {
+            // Percent-encoding is ASCII.
+            if let Ok(form) = std::str::from_utf8(&form) {
+                out = out.replace(form, "***");
+            }
         }
     }
+    out
+}
+
+/// The percent-encoded forms of a secret an upstream may echo: every byte but letters and digits
+/// encoded, or every byte, each with upper- and lower-case hex digits. (Matching every mix of
+/// encoded and plain bytes would need a decoder; these are the forms encoders write.)
+pub fn encoded_forms(secret: &[u8]) -> [Vec<u8>; 4] {
+    let encode = |all: bool, hex: &[u8; 16]| {
+        let mut out = Vec::with_capacity(secret.len() * 3);
+        for &b in secret {
+            if !all && b.is_ascii_alphanumeric() {
+                out.push(b);
+            } else {
+                out.extend_from_slice(&[b'%', hex[usize::from(b >> 4)], hex[usize::from(b & 15)]]);
+            }
+        }
+        out
+    };
+    const UPPER: &[u8; 16] = b"0123456789ABCDEF";
+    const LOWER: &[u8; 16] = b"0123456789abcdef";
+    [
+        encode(false, UPPER),
+        encode(false, LOWER),
+        encode(true, UPPER),
+        encode(true, LOWER),
+    ]
 }
 
 /// What the last failure was, for views. Never holds a secret: messages are built by ccgate or

@@ -67,9 +67,7 @@ impl ClientCredential {
         for (_, value) in &self.0 {
             let v = value.to_str().unwrap_or("");
             let v = v.split_once(' ').map_or(v, |(_, t)| t.trim());
-            if v.len() >= 4 {
-                out = out.replace(v, "***");
-            }
+            out = crate::health::endpoint::scrub_secret(&out, v);
         }
         out
     }

@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, header};
 
+use crate::health::endpoint::encoded_forms;
 use crate::health::registry::Registry;
 
 /// The secrets an upstream could echo: every endpoint's credential (ccgate never sends the
@@ -18,25 +19,37 @@ pub(crate) fn secrets(reg: &Registry) -> impl Iterator<Item = &[u8]> {
     })
 }
 
-/// `text` with every secret replaced by `***`, or `None` when it holds none.
+/// `text` with every secret replaced by `***`, as written or percent-encoded (see
+/// [`encoded_forms`]), or `None` when it holds none.
 pub(crate) fn scrub_bytes(reg: &Registry, text: &[u8]) -> Option<Vec<u8>> {
     let mut out: Option<Vec<u8>> = None;
+    let encoded = memchr::memchr(b'%', text).is_some();
     for secret in secrets(reg) {
-        let current = out.as_deref().unwrap_or(text);
-        if memchr::memmem::find(current, secret).is_none() {
-            continue;
+        replace_all(&mut out, text, secret);
+        if encoded {
+            for form in encoded_forms(secret) {
+                replace_all(&mut out, text, &form);
+            }
         }
-        let mut next = Vec::with_capacity(current.len());
-        let mut rest = current;
-        while let Some(i) = memchr::memmem::find(rest, secret) {
-            next.extend_from_slice(&rest[..i]);
-            next.extend_from_slice(b"***");
-            rest = &rest[i + secret.len()..];
-        }
-        next.extend_from_slice(rest);
-        out = Some(next);
     }
     out
+}
+
+/// Replaces every `needle` in `out` (or in `text`, while `out` holds nothing yet) by `***`.
+fn replace_all(out: &mut Option<Vec<u8>>, text: &[u8], needle: &[u8]) {
+    let current = out.as_deref().unwrap_or(text);
+    if memchr::memmem::find(current, needle).is_none() {
+        return;
+    }
+    let mut next = Vec::with_capacity(current.len());
+    let mut rest = current;
+    while let Some(i) = memchr::memmem::find(rest, needle) {
+        next.extend_from_slice(&rest[..i]);
+        next.extend_from_slice(b"***");
+        rest = &rest[i + needle.len()..];
+    }
+    next.extend_from_slice(rest);
+    *out = Some(next);
 }
 
 /// Replaces every secret in the header values of a relayed error answer.
