@@ -345,6 +345,7 @@ fn messages_body() -> impl Strategy<Value = (Map<String, Value>, Option<String>,
                 output: u64::from(o),
                 cache_creation: u64::from(cw),
                 cache_read: u64::from(cr),
+                ..Default::default()
             };
             (top, model, want)
         })

@@ -215,3 +215,54 @@ async fn cache_figures_live_and_per_day_with_costs() {
         "{u}"
     );
 }
+
+/// Writes to the 1-hour cache and server-side web searches are kept in the ledger, from JSON
+/// answers and from streams (whose `message_delta` repeats the cumulative counts), and priced
+/// apart: 2× input per 1-hour write, $10 per 1,000 searches (audit: every write was priced as a
+/// 5-minute one, and searches not at all).
+#[tokio::test]
+async fn hour_cache_writes_and_web_searches_are_priced() {
+    let up = MockUpstream::start().await;
+    let sb = process::Sandbox::new();
+    write_config(&sb, &up.url(), "");
+    let serving = process::start(sb.command(&["serve"])).await;
+    let usage = json!({"input_tokens": 100, "output_tokens": 50,
+        "cache_creation_input_tokens": 1000, "cache_read_input_tokens": 0,
+        "cache_creation": {"ephemeral_5m_input_tokens": 400, "ephemeral_1h_input_tokens": 600},
+        "server_tool_use": {"web_search_requests": 3}});
+    up.push(Script::json(
+        200,
+        &json!({"id": "msg_1", "type": "message", "role": "assistant", "model": SONNET,
+            "content": [{"type": "text", "text": "hi"}], "stop_reason": "end_turn",
+            "usage": usage}),
+    ));
+    let mut events = SseEvent::message_stream(1);
+    events[0] = SseEvent::new(
+        "message_start",
+        &json!({"type": "message_start", "message": {"id": "msg_2", "type": "message",
+            "role": "assistant", "model": SONNET, "content": [], "usage": usage}}),
+    );
+    let n = events.len();
+    let mut last = usage.clone();
+    last["server_tool_use"]["web_search_requests"] = json!(5);
+    events[n - 2] = SseEvent::new(
+        "message_delta",
+        &json!({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": last}),
+    );
+    up.push(Script::sse_events(events));
+    for stream in [None, Some(true)] {
+        let r = process::post_message_to(serving.addr, "/v1/messages", &[], stream).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    serving.stop().await;
+
+    let f = process::run(sb.command(&["usage", "--json"])).await;
+    f.assert_success();
+    let u: Value = serde_json::from_str(&f.stdout).expect("usage --json prints JSON");
+    let t = &u["total"];
+    assert_eq!(t["cache_creation_input_tokens"], 2000, "{u}");
+    assert_eq!(t["cache_creation_1h_input_tokens"], 1200, "{u}");
+    assert_eq!(t["web_search_requests"], 3 + 5, "{u}");
+    let want = (200.0 * 3.0 + 100.0 * 15.0 + 800.0 * 3.75 + 1200.0 * 6.0) / 1e6 + 8.0 * 0.01;
+    assert!(close(t["cost_usd"].as_f64().expect("cost"), want), "{u}");
+}

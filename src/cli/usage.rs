@@ -51,6 +51,8 @@ pub fn run(args: UsageArgs) -> anyhow::Result<()> {
             output: r.output_tokens,
             cache_creation: r.cache_creation_input_tokens,
             cache_read: r.cache_read_input_tokens,
+            cache_creation_1h: r.cache_creation_1h_input_tokens,
+            web_searches: r.web_search_requests,
         };
         total.add(&UsageSums {
             requests: r.requests,
@@ -83,6 +85,8 @@ pub fn run(args: UsageArgs) -> anyhow::Result<()> {
                 "output_tokens": total.usage.output,
                 "cache_creation_input_tokens": total.usage.cache_creation,
                 "cache_read_input_tokens": total.usage.cache_read,
+                "cache_creation_1h_input_tokens": total.usage.cache_creation_1h,
+                "web_search_requests": total.usage.web_searches,
             },
         });
         outln!("{}", serde_json::to_string_pretty(&v)?);

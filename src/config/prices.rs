@@ -17,29 +17,41 @@ pub struct Price {
     pub output: f64,
     /// Prompt-cache writes (`cache_creation_input_tokens`, the 5-minute cache).
     pub cache_write: f64,
+    /// Prompt-cache writes to the 1-hour cache.
+    pub cache_write_1h: f64,
     /// Prompt-cache reads.
     pub cache_read: f64,
+    /// One web search the server ran, in USD (not per million).
+    pub web_search: f64,
 }
+
+/// Anthropic's price of one server-side web search: $10 per 1,000.
+pub const WEB_SEARCH_USD: f64 = 0.01;
 
 impl Price {
     const fn list(input: f64, output: f64) -> Self {
-        // Anthropic's cache pricing is a fixed ratio of the input price: writes (5-minute cache)
-        // 1.25×, reads 0.1×.
+        // Anthropic's cache pricing is a fixed ratio of the input price: writes 1.25× (5-minute
+        // cache) or 2× (1-hour cache), reads 0.1×.
         Self {
             input,
             output,
             cache_write: input * 1.25,
+            cache_write_1h: input * 2.0,
             cache_read: input * 0.1,
+            web_search: WEB_SEARCH_USD,
         }
     }
 
-    /// What `usage` cost, in USD.
+    /// What `usage` cost, in USD: the 1-hour cache's share of the writes at its own price.
     pub fn cost(&self, usage: &Usage) -> f64 {
+        let writes_1h = usage.cache_creation_1h.min(usage.cache_creation);
         (usage.input as f64 * self.input
             + usage.output as f64 * self.output
-            + usage.cache_creation as f64 * self.cache_write
+            + (usage.cache_creation - writes_1h) as f64 * self.cache_write
+            + writes_1h as f64 * self.cache_write_1h
             + usage.cache_read as f64 * self.cache_read)
             / 1_000_000.0
+            + usage.web_searches as f64 * self.web_search
     }
 }
 
@@ -104,6 +116,10 @@ pub(super) struct RawPrice {
     pub(super) cache_write: Option<Spanned<f64>>,
     #[serde(default, deserialize_with = "lenient")]
     pub(super) cache_read: Option<Spanned<f64>>,
+    #[serde(default, deserialize_with = "lenient")]
+    pub(super) cache_write_1h: Option<Spanned<f64>>,
+    #[serde(default, deserialize_with = "lenient")]
+    pub(super) web_search: Option<Spanned<f64>>,
 }
 
 #[cfg(test)]
@@ -117,12 +133,28 @@ mod tests {
             output: 1_000_000,
             cache_creation: 1_000_000,
             cache_read: 1_000_000,
+            ..Usage::default()
         };
         let none = Prices::default();
         let sonnet = none
             .for_model("claude-sonnet-4-5-20250929")
             .expect("sonnet");
         assert_eq!(sonnet.cost(&u), 3.0 + 15.0 + 3.75 + 0.3);
+        // Writes to the 1-hour cache cost 2× input, web searches $10 per 1,000 (audit: every
+        // write was priced as the 5-minute cache's, and searches not at all).
+        let hour = Usage {
+            cache_creation: 1_000_000,
+            cache_creation_1h: 1_000_000,
+            web_searches: 1_000,
+            ..Usage::default()
+        };
+        assert_eq!(sonnet.cost(&hour), 6.0 + 10.0);
+        let mixed = Usage {
+            cache_creation: 1_000_000,
+            cache_creation_1h: 400_000,
+            ..Usage::default()
+        };
+        assert!((sonnet.cost(&mixed) - (0.6 * 3.75 + 0.4 * 6.0)).abs() < 1e-9);
         assert_eq!(none.for_model("claude-opus-4-5").expect("o").input, 5.0);
         assert_eq!(none.for_model("claude-opus-4-1").expect("o").input, 15.0);
         assert_eq!(none.for_model("gpt-4"), None);

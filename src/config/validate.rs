@@ -183,6 +183,8 @@ pub(super) fn validate_prices(
         let output = field(&e.output, "output");
         let cache_write = field(&e.cache_write, "cache_write");
         let cache_read = field(&e.cache_read, "cache_read");
+        let cache_write_1h = field(&e.cache_write_1h, "cache_write_1h");
+        let web_search = field(&e.web_search, "web_search");
         let (Some(input), Some(output)) = (input, output) else {
             if e.input.is_none() || e.output.is_none() {
                 p.at(
@@ -199,7 +201,11 @@ pub(super) fn validate_prices(
                 input,
                 output,
                 cache_write: cache_write.unwrap_or(input * 1.25),
+                cache_write_1h: cache_write_1h.unwrap_or(input * 2.0),
                 cache_read: cache_read.unwrap_or(input * 0.1),
+                // Written per 1,000 searches, as Anthropic's price list says it.
+                web_search: web_search
+                    .map_or(crate::config::prices::WEB_SEARCH_USD, |n| n / 1000.0),
             },
         ));
     }

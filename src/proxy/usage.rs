@@ -226,6 +226,7 @@ mod tests {
                 output: 2,
                 cache_creation: 0,
                 cache_read: 4,
+                ..Default::default()
             },
         };
         t.add("a", u("m"));
@@ -293,6 +294,7 @@ mod tests {
             output: 2,
             cache_creation: 0,
             cache_read: 4,
+            ..Default::default()
         };
         live.add("a", "m", &u);
         live.add("a", "m", &u);

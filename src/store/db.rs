@@ -90,6 +90,10 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     // 4: the requests table loses its index on arrival time, which cost every stored request as
     // much again as its row; retention finds the expired rows by a scan when any may be there.
     "DROP INDEX IF EXISTS requests_by_time;",
+    // 5: the ledger keeps the 1-hour cache's share of the cache writes and the server's web
+    // searches, each priced apart.
+    "ALTER TABLE usage ADD COLUMN cache_creation_1h_input_tokens INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE usage ADD COLUMN web_search_requests INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// How many stored requests are kept, and for how long.
@@ -563,8 +567,9 @@ impl Store {
             }
             let mut usage = tx.prepare_cached(
                 "INSERT INTO usage (day, endpoint, model, requests, input_tokens, output_tokens,
-                                    cache_creation_input_tokens, cache_read_input_tokens)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                                    cache_creation_input_tokens, cache_read_input_tokens,
+                                    cache_creation_1h_input_tokens, web_search_requests)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
                  ON CONFLICT (day, endpoint, model) DO UPDATE SET
                     requests = MIN(requests + excluded.requests, 9223372036854775807),
                     input_tokens = MIN(input_tokens + excluded.input_tokens, 9223372036854775807),
@@ -574,6 +579,12 @@ impl Store {
                         9223372036854775807),
                     cache_read_input_tokens = MIN(
                         cache_read_input_tokens + excluded.cache_read_input_tokens,
+                        9223372036854775807),
+                    cache_creation_1h_input_tokens = MIN(
+                        cache_creation_1h_input_tokens + excluded.cache_creation_1h_input_tokens,
+                        9223372036854775807),
+                    web_search_requests = MIN(
+                        web_search_requests + excluded.web_search_requests,
                         9223372036854775807)",
             )?;
             for (k, v) in &b.usage {
@@ -586,6 +597,8 @@ impl Store {
                     saturating_i64(v.usage.output),
                     saturating_i64(v.usage.cache_creation),
                     saturating_i64(v.usage.cache_read),
+                    saturating_i64(v.usage.cache_creation_1h),
+                    saturating_i64(v.usage.web_searches),
                 ])?;
             }
             let mut open = tx.prepare_cached(
@@ -848,6 +861,48 @@ mod tests {
             .expect("the row survives");
         assert_eq!(kept, "req_0000000000000001");
         assert_eq!(requests_indexes(&store), 0);
+        drop(store);
+        // The ledger reads a file migrated before it had the 1-hour cache and web searches (a
+        // file read-only to `ccgate usage` may not be migrated yet: those read as 0).
+        {
+            let conn = Connection::open(&path).expect("open");
+            conn.execute_batch(
+                "INSERT INTO usage (day, endpoint, model, requests, input_tokens, output_tokens,
+                    cache_creation_input_tokens, cache_read_input_tokens, cache_creation_1h_input_tokens,
+                    web_search_requests) VALUES ('2026-12-07', 'a', 'm', 1, 2, 3, 4, 5, 6, 7);",
+            )
+            .expect("a ledger row");
+        }
+        let rows = crate::store::ledger::read_ledger(&path, "2026-01-01").expect("read");
+        assert_eq!(
+            (
+                rows[0].cache_creation_1h_input_tokens,
+                rows[0].web_search_requests
+            ),
+            (6, 7)
+        );
+        let older = dir.path().join("older.db");
+        {
+            let conn = Connection::open(&older).expect("open");
+            for m in &MIGRATIONS[..5] {
+                conn.execute_batch(m).expect("a version-5 schema");
+            }
+            conn.execute_batch(
+                "INSERT INTO usage (day, endpoint, model, requests, input_tokens, output_tokens,
+                    cache_creation_input_tokens, cache_read_input_tokens)
+                 VALUES ('2026-12-07', 'a', 'm', 1, 2, 3, 4, 5);",
+            )
+            .expect("a ledger row");
+        }
+        let rows = crate::store::ledger::read_ledger(&older, "2026-01-01").expect("read");
+        assert_eq!(
+            (
+                rows[0].cache_read_input_tokens,
+                rows[0].cache_creation_1h_input_tokens
+            ),
+            (5, 0)
+        );
+        let store = Store::open(&path).expect("reopened");
         store
             .conn
             .execute("UPDATE schema_version SET version = version + 1", [])

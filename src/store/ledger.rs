@@ -27,6 +27,10 @@ pub struct LedgerRow {
     pub cache_creation_input_tokens: u64,
     /// Prompt-cache reads.
     pub cache_read_input_tokens: u64,
+    /// Of the prompt-cache writes, those to the 1-hour cache.
+    pub cache_creation_1h_input_tokens: u64,
+    /// Web searches the server ran.
+    pub web_search_requests: u64,
 }
 
 /// The usage ledger from `since` (`YYYY-MM-DD`, UTC) on, read from the database file at `path`
@@ -48,11 +52,26 @@ pub fn read_ledger(path: &Path, since: &str) -> anyhow::Result<Vec<LedgerRow>> {
     if !has_usage {
         return Ok(Vec::new());
     }
-    let mut st = conn.prepare(
+    // A file no gateway has migrated yet (read-only here) has no columns for the 1-hour cache
+    // and web searches: they read as 0.
+    let has_extras: bool = conn
+        .query_row(
+            "SELECT 1 FROM pragma_table_info('usage') WHERE name = 'web_search_requests'",
+            [],
+            |_| Ok(true),
+        )
+        .optional()?
+        .unwrap_or(false);
+    let extras = if has_extras {
+        "cache_creation_1h_input_tokens, web_search_requests"
+    } else {
+        "0, 0"
+    };
+    let mut st = conn.prepare(&format!(
         "SELECT day, endpoint, model, requests, input_tokens, output_tokens,
-                cache_creation_input_tokens, cache_read_input_tokens
-         FROM usage WHERE day >= ?1 ORDER BY day, endpoint, model",
-    )?;
+                cache_creation_input_tokens, cache_read_input_tokens, {extras}
+         FROM usage WHERE day >= ?1 ORDER BY day, endpoint, model"
+    ))?;
     let rows = st.query_map([since], |r| {
         Ok(LedgerRow {
             day: r.get(0)?,
@@ -63,6 +82,8 @@ pub fn read_ledger(path: &Path, since: &str) -> anyhow::Result<Vec<LedgerRow>> {
             output_tokens: r.get::<_, Count>(5)?.0,
             cache_creation_input_tokens: r.get::<_, Count>(6)?.0,
             cache_read_input_tokens: r.get::<_, Count>(7)?.0,
+            cache_creation_1h_input_tokens: r.get::<_, Count>(8)?.0,
+            web_search_requests: r.get::<_, Count>(9)?.0,
         })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)

@@ -485,7 +485,8 @@ event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
                     input: 25,
                     output: 15,
                     cache_creation: 3,
-                    cache_read: 40
+                    cache_read: 40,
+                    ..Default::default()
                 }
             );
             assert!(sc.facts().message_stop && sc.facts().content);

@@ -14,6 +14,11 @@ pub struct Usage {
     pub cache_creation: u64,
     /// `cache_read_input_tokens` (prompt-cache hits).
     pub cache_read: u64,
+    /// Of `cache_creation`, the tokens written to the 1-hour cache
+    /// (`cache_creation.ephemeral_1h_input_tokens`), priced above the 5-minute cache's.
+    pub cache_creation_1h: u64,
+    /// Web searches the server ran (`server_tool_use.web_search_requests`), priced per search.
+    pub web_searches: u64,
 }
 
 impl Usage {
@@ -23,6 +28,10 @@ impl Usage {
         self.output = self.output.saturating_add(other.output);
         self.cache_creation = self.cache_creation.saturating_add(other.cache_creation);
         self.cache_read = self.cache_read.saturating_add(other.cache_read);
+        self.cache_creation_1h = self
+            .cache_creation_1h
+            .saturating_add(other.cache_creation_1h);
+        self.web_searches = self.web_searches.saturating_add(other.web_searches);
     }
 }
 
@@ -116,6 +125,10 @@ pub struct TokenUpdate {
     pub cache_creation: Option<u64>,
     /// `cache_read_input_tokens`.
     pub cache_read: Option<u64>,
+    /// `cache_creation.ephemeral_1h_input_tokens`.
+    pub cache_creation_1h: Option<u64>,
+    /// `server_tool_use.web_search_requests`.
+    pub web_searches: Option<u64>,
 }
 
 impl Usage {
@@ -127,6 +140,8 @@ impl Usage {
             (&mut self.output, update.output),
             (&mut self.cache_creation, update.cache_creation),
             (&mut self.cache_read, update.cache_read),
+            (&mut self.cache_creation_1h, update.cache_creation_1h),
+            (&mut self.web_searches, update.web_searches),
         ] {
             if let Some(n) = n {
                 *field = n;
@@ -139,11 +154,19 @@ impl TokenUpdate {
     /// The counts a parsed `usage` value sets (the tree-reading twin of the one-pass readers).
     pub fn from_value(usage: &serde_json::Value) -> Self {
         let field = |k: &str| usage.get(k).and_then(serde_json::Value::as_u64);
+        let nested = |k: &str, count: &str| {
+            usage
+                .get(k)
+                .and_then(|v| v.get(count))
+                .and_then(serde_json::Value::as_u64)
+        };
         Self {
             input: field("input_tokens"),
             output: field("output_tokens"),
             cache_creation: field("cache_creation_input_tokens"),
             cache_read: field("cache_read_input_tokens"),
+            cache_creation_1h: nested("cache_creation", "ephemeral_1h_input_tokens"),
+            web_searches: nested("server_tool_use", "web_search_requests"),
         }
     }
 }
@@ -370,6 +393,16 @@ mod answer {
                     Key::OutputTokens => &mut update.output,
                     Key::CacheCreation => &mut update.cache_creation,
                     Key::CacheRead => &mut update.cache_read,
+                    Key::CacheCreationDetail => {
+                        update.cache_creation_1h =
+                            map.next_value_seed(Value::<Nested<Ephemeral1h>>(PhantomData))?;
+                        continue;
+                    }
+                    Key::ServerToolUse => {
+                        update.web_searches =
+                            map.next_value_seed(Value::<Nested<WebSearches>>(PhantomData))?;
+                        continue;
+                    }
                     _ => {
                         map.next_value::<IgnoredAny>()?;
                         continue;
@@ -378,6 +411,49 @@ mod answer {
                 *field = map.next_value_seed(Value::<SetCount>(PhantomData))?;
             }
             Ok(Some(update))
+        }
+
+        fn scalar(_: Seen<'_>) -> Self::Out {
+            None
+        }
+    }
+
+    /// One count inside an object of `usage` (`cache_creation`, `server_tool_use`): the count
+    /// `W` names, set only by a non-negative integer; `None` when the value is not an object.
+    struct Nested<W>(PhantomData<W>);
+
+    /// Which member of a nested object [`Nested`] reads.
+    trait Which {
+        const KEY: fn(&Key) -> bool;
+    }
+
+    /// `cache_creation.ephemeral_1h_input_tokens`.
+    struct Ephemeral1h;
+
+    impl Which for Ephemeral1h {
+        const KEY: fn(&Key) -> bool = |k| matches!(k, Key::Ephemeral1h);
+    }
+
+    /// `server_tool_use.web_search_requests`.
+    struct WebSearches;
+
+    impl Which for WebSearches {
+        const KEY: fn(&Key) -> bool = |k| matches!(k, Key::WebSearchRequests);
+    }
+
+    impl<W: Which> Kind for Nested<W> {
+        type Out = Option<u64>;
+
+        fn object<'de, A: MapAccess<'de>>(mut map: A) -> Result<Self::Out, A::Error> {
+            let mut count = None;
+            while let Some(key) = map.next_key::<Key>()? {
+                if (W::KEY)(&key) {
+                    count = map.next_value_seed(Value::<SetCount>(PhantomData))?;
+                } else {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(count)
         }
 
         fn scalar(_: Seen<'_>) -> Self::Out {
@@ -466,6 +542,10 @@ mod answer {
         OutputTokens,
         CacheCreation,
         CacheRead,
+        CacheCreationDetail,
+        Ephemeral1h,
+        ServerToolUse,
+        WebSearchRequests,
         Other,
     }
 
@@ -499,6 +579,10 @@ mod answer {
                 b"output_tokens" => Key::OutputTokens,
                 b"cache_creation_input_tokens" => Key::CacheCreation,
                 b"cache_read_input_tokens" => Key::CacheRead,
+                b"cache_creation" => Key::CacheCreationDetail,
+                b"ephemeral_1h_input_tokens" => Key::Ephemeral1h,
+                b"server_tool_use" => Key::ServerToolUse,
+                b"web_search_requests" => Key::WebSearchRequests,
                 _ => Key::Other,
             })
         }
@@ -543,6 +627,12 @@ mod tests {
             // Counts that are not non-negative integers set nothing.
             r#"{"usage":{"input_tokens":-1,"output_tokens":1.5,"cache_read_input_tokens":18446744073709551616,"cache_creation_input_tokens":null}}"#,
             r#"{"usage":{"input_tokens":18446744073709551615}}"#,
+            // The 1-hour cache's share of the writes, and the server's web searches; repeated
+            // and mistyped ones as a full parse reads them.
+            r#"{"usage":{"cache_creation_input_tokens":30,"cache_creation":{"ephemeral_5m_input_tokens":10,"ephemeral_1h_input_tokens":20},"server_tool_use":{"web_search_requests":3}}}"#,
+            r#"{"usage":{"cache_creation":{"ephemeral_1h_input_tokens":20},"cache_creation":{"ephemeral_5m_input_tokens":1}}}"#,
+            r#"{"usage":{"cache_creation":{"ephemeral_1h_input_tokens":2,"ephemeral_1h_input_tokens":"x"},"server_tool_use":[1]}}"#,
+            r#"{"usage":{"cache_creation":5,"server_tool_use":{"web_search_requests":1,"web_search_requests":4}}}"#,
             r#"{"message":5,"usage":"x","content_block":null}"#,
             r#"{"a":[[[{"type":1}]]],"type":"x"}"#,
             // Not objects, and not JSON.
@@ -647,7 +737,8 @@ mod tests {
                 input: 12,
                 output: 7,
                 cache_creation: 3,
-                cache_read: 0
+                cache_read: 0,
+                ..Default::default()
             }
         );
         assert_eq!(from_json_body(br#"{"input_tokens": 5}"#), None);
