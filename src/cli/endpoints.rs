@@ -285,7 +285,7 @@ pub fn list(explicit_config: Option<&Path>, env: &dyn Env) -> anyhow::Result<Str
         .map(|l| {
             vec![
                 l.name,
-                l.base_url,
+                hide_userinfo(&l.base_url),
                 l.priority.to_string(),
                 l.weight.to_string(),
                 if l.enabled { "yes" } else { "no" }.to_string(),
@@ -312,6 +312,19 @@ pub fn list(explicit_config: Option<&Path>, env: &dyn Env) -> anyhow::Result<Str
     Ok(out)
 }
 
+/// A base URL as written, with any `user:password@` hidden: the file is listed as it is, invalid
+/// entries included, and credentials in a URL (which the config refuses) must not be shown.
+fn hide_userinfo(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
+        None => url.to_string(),
+    }
+}
+
 /// Puts `original` back in `path` if it still holds `edited` (another command may have edited
 /// it since): under the edit lock, as every edit is.
 fn restore_unless_changed(path: &Path, edited: &str, original: &str) -> std::io::Result<()> {
@@ -322,5 +335,23 @@ fn restore_unless_changed(path: &Path, edited: &str, original: &str) -> std::io:
             "it was edited again meanwhile; that edit is kept",
         )),
         Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::hide_userinfo;
+
+    #[test]
+    fn userinfo_is_hidden_from_listed_urls() {
+        for (written, shown) in [
+            ("http://user:pw@h/p?q=1#f", "http://***@h/p?q=1#f"),
+            ("https://pw@h:8443", "https://***@h:8443"),
+            ("https://h/a@b", "https://h/a@b"),
+            ("https://h", "https://h"),
+            ("not a url", "not a url"),
+        ] {
+            assert_eq!(hide_userinfo(written), shown, "{written}");
+        }
     }
 }

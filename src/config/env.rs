@@ -8,6 +8,11 @@ use std::path::{Path, PathBuf};
 pub trait Env {
     /// The variable's value, if set and not empty.
     fn var(&self, name: &str) -> Option<String>;
+
+    /// Whether the variable is set, to nothing (which [`Env::var`] reads as not set).
+    fn is_empty(&self, _name: &str) -> bool {
+        false
+    }
 }
 
 /// What is wrong with `name` as the name a `*_env` key gives, if anything: a name is letters,
@@ -30,6 +35,10 @@ pub struct ProcessEnv;
 impl Env for ProcessEnv {
     fn var(&self, name: &str) -> Option<String> {
         std::env::var(name).ok().filter(|v| !v.is_empty())
+    }
+
+    fn is_empty(&self, name: &str) -> bool {
+        std::env::var_os(name).is_some_and(|v| v.is_empty())
     }
 }
 

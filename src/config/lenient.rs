@@ -93,6 +93,86 @@ where
     }
 }
 
+/// `#[serde(default, deserialize_with = "lenient_table")]` for a top-level table (or array of
+/// tables): one of another type (`server = "x"`) is recorded (inside [`collect`]) and read as
+/// absent, so the rest of the file is still read and every other problem reported with it. A
+/// table is read through the file's own deserializer, so the spans inside it are kept.
+pub(super) fn lenient_table<'de, D, T>(de: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    let value = Spanned::<TableOr<T>>::deserialize(de)?;
+    let span = value.span();
+    match value.into_inner() {
+        TableOr::Table(t) => Ok(t),
+        TableOr::Other(found) => {
+            let message = format!("expected a table, found {}", article(found));
+            let recorded = FOUND.with(|f| match &mut *f.borrow_mut() {
+                Some(list) => {
+                    list.push(TypeProblem {
+                        span,
+                        message: message.clone(),
+                    });
+                    true
+                }
+                None => false,
+            });
+            if recorded {
+                Ok(T::default())
+            } else {
+                Err(D::Error::custom(message))
+            }
+        }
+    }
+}
+
+/// A table (or array of tables) read as `T`, or the type found instead.
+enum TableOr<T> {
+    Table(T),
+    Other(&'static str),
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for TableOr<T> {
+    fn deserialize<D: Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        use serde::de::value::{MapAccessDeserializer, SeqAccessDeserializer};
+        use serde::de::{MapAccess, SeqAccess, Visitor};
+
+        struct V<T>(std::marker::PhantomData<T>);
+
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
+            type Value = TableOr<T>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a table")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                T::deserialize(MapAccessDeserializer::new(map)).map(TableOr::Table)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+                T::deserialize(SeqAccessDeserializer::new(seq)).map(TableOr::Table)
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(TableOr::Other("string"))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(TableOr::Other("integer"))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(TableOr::Other("integer"))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(TableOr::Other("float"))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(TableOr::Other("boolean"))
+            }
+        }
+
+        de.deserialize_any(V(std::marker::PhantomData))
+    }
+}
+
 fn article(type_name: &str) -> String {
     match type_name {
         "integer" | "array" => format!("an {type_name}"),

@@ -84,11 +84,13 @@ impl<'a> Problems<'a> {
         }
         let value = env.var(name);
         if value.is_none() {
-            self.at(
-                var,
-                key,
-                format!("environment variable `{name}` is not set"),
-            );
+            // The environment's reader takes an empty value for none: say which it was.
+            let what = if env.is_empty(name) {
+                "is empty"
+            } else {
+                "is not set"
+            };
+            self.at(var, key, format!("environment variable `{name}` {what}"));
         }
         value
     }

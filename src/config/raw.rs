@@ -6,30 +6,30 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::config::lenient::lenient;
+use crate::config::lenient::{lenient, lenient_table};
 use crate::config::prices::RawPrice;
 
 #[derive(Deserialize, Default)]
 pub(super) struct RawConfig {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient_table")]
     pub(super) server: RawServer,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient_table")]
     pub(super) timeouts: RawTimeouts,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient_table")]
     pub(super) relay: RawRelay,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient_table")]
     pub(super) health: RawHealth,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient_table")]
     pub(super) affinity: RawAffinity,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient_table")]
     pub(super) retry_budget: RawRetryBudget,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient_table")]
     pub(super) storage: RawStorage,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient_table")]
     pub(super) requests: RawRequests,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient_table")]
     pub(super) prices: BTreeMap<String, Spanned<RawPrice>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient_table")]
     pub(super) endpoints: Vec<Spanned<RawEndpoint>>,
     #[serde(default)]
     pub(super) cluster: Option<RawCluster>,

@@ -484,3 +484,68 @@ fn an_endless_file_is_refused_not_read_to_the_end() {
     let text = err.to_string();
     assert!(text.contains("larger than 16 MiB"), "{text}");
 }
+
+#[test]
+fn an_empty_credential_variable_is_called_empty() {
+    struct EmptyKey;
+    impl crate::config::env::Env for EmptyKey {
+        fn var(&self, _: &str) -> Option<String> {
+            None
+        }
+        fn is_empty(&self, name: &str) -> bool {
+            name == "EMPTY_KEY"
+        }
+    }
+    let text = "[[endpoints]]\nname = \"a\"\nbase_url = \"https://h\"\napi_key_env = \"EMPTY_KEY\"\n[[endpoints]]\nname = \"b\"\nbase_url = \"https://h\"\napi_key_env = \"UNSET_KEY\"\n";
+    let err = Config::from_toml(text, "t.toml", &EmptyKey).expect_err("no credentials");
+    let messages: Vec<&str> = err.problems.iter().map(|p| p.message.as_str()).collect();
+    assert_eq!(
+        messages,
+        [
+            "environment variable `EMPTY_KEY` is empty",
+            "environment variable `UNSET_KEY` is not set"
+        ]
+    );
+}
+
+#[test]
+fn a_table_of_the_wrong_type_hides_no_other_problem() {
+    let text = "server = \"x\"\nhealth = 5\n\n[[endpoints]]\nname = \"a\"\nbase_url = \"ftp://h\"\napi_key = \"k\"\n";
+    let got: Vec<(Option<usize>, String, String)> = problems(text)
+        .into_iter()
+        .map(|p| (p.line, p.key, p.message))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (
+                Some(1),
+                "server".to_string(),
+                "expected a table, found a string".to_string()
+            ),
+            (
+                Some(2),
+                "health".to_string(),
+                "expected a table, found an integer".to_string()
+            ),
+            (
+                Some(6),
+                "endpoints[0].base_url".to_string(),
+                "`ftp://h` must start with http:// or https://".to_string()
+            ),
+        ]
+    );
+    assert_eq!(
+        problems("endpoints = 5\n")[0].message,
+        "expected a table, found an integer"
+    );
+    // Tables of the right type are read as before, spans and all, `[cluster]` included.
+    let c = Config::from_toml(
+        &format!("[cluster]\nredis_url = \"redis://127.0.0.1:1\"\n[server]\nstrategy = \"round_robin\"\n{ONE}"),
+        "t.toml",
+        &no_env,
+    )
+    .expect("valid");
+    assert_eq!(c.server.strategy, Strategy::RoundRobin);
+    assert!(c.cluster.is_some());
+}
