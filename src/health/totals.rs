@@ -212,6 +212,11 @@ impl RequestId {
         out
     }
 
+    /// The id as text, written without the formatter (as [`Display`](std::fmt::Display) writes it).
+    pub fn text_string(self) -> String {
+        self.text().iter().map(|&b| char::from(b)).collect()
+    }
+
     /// The id as a header value.
     pub fn header_value(self) -> http::HeaderValue {
         http::HeaderValue::from_bytes(&self.text())
@@ -374,6 +379,7 @@ mod tests {
             let id = RequestId(n);
             assert_eq!(id.header_value(), id.to_string().as_str(), "{n:#x}");
             assert_eq!(id.to_string(), format!("req_{n:016x}"));
+            assert_eq!(id.text_string(), id.to_string());
         }
         assert_eq!(RequestId(0xabc).header_value(), "req_0000000000000abc");
     }

@@ -63,7 +63,8 @@ where
             Arc::clone(&gw.recent) as Arc<dyn crate::health::totals::RequestSink>,
             RequestNote {
                 at: Some(SystemTime::now()),
-                method: req.method().to_string(),
+                // The name, copied: `to_string` would go through the formatter.
+                method: req.method().as_str().to_owned(),
                 path: req.uri().path().to_string(),
                 ..RequestNote::default()
             },

@@ -189,7 +189,7 @@ impl RequestSink for Recent {
                 .at
                 .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
                 .map_or(0, |d| d.as_millis() as i64),
-            request_id: e.id.to_string(),
+            request_id: e.id.text_string(),
             method: note.method,
             path: cut(note.path),
             model: note.model.map(cut),

@@ -861,48 +861,6 @@ mod tests {
             .expect("the row survives");
         assert_eq!(kept, "req_0000000000000001");
         assert_eq!(requests_indexes(&store), 0);
-        drop(store);
-        // The ledger reads a file migrated before it had the 1-hour cache and web searches (a
-        // file read-only to `ccgate usage` may not be migrated yet: those read as 0).
-        {
-            let conn = Connection::open(&path).expect("open");
-            conn.execute_batch(
-                "INSERT INTO usage (day, endpoint, model, requests, input_tokens, output_tokens,
-                    cache_creation_input_tokens, cache_read_input_tokens, cache_creation_1h_input_tokens,
-                    web_search_requests) VALUES ('2026-12-07', 'a', 'm', 1, 2, 3, 4, 5, 6, 7);",
-            )
-            .expect("a ledger row");
-        }
-        let rows = crate::store::ledger::read_ledger(&path, "2026-01-01").expect("read");
-        assert_eq!(
-            (
-                rows[0].cache_creation_1h_input_tokens,
-                rows[0].web_search_requests
-            ),
-            (6, 7)
-        );
-        let older = dir.path().join("older.db");
-        {
-            let conn = Connection::open(&older).expect("open");
-            for m in &MIGRATIONS[..5] {
-                conn.execute_batch(m).expect("a version-5 schema");
-            }
-            conn.execute_batch(
-                "INSERT INTO usage (day, endpoint, model, requests, input_tokens, output_tokens,
-                    cache_creation_input_tokens, cache_read_input_tokens)
-                 VALUES ('2026-12-07', 'a', 'm', 1, 2, 3, 4, 5);",
-            )
-            .expect("a ledger row");
-        }
-        let rows = crate::store::ledger::read_ledger(&older, "2026-01-01").expect("read");
-        assert_eq!(
-            (
-                rows[0].cache_read_input_tokens,
-                rows[0].cache_creation_1h_input_tokens
-            ),
-            (5, 0)
-        );
-        let store = Store::open(&path).expect("reopened");
         store
             .conn
             .execute("UPDATE schema_version SET version = version + 1", [])

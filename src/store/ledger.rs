@@ -130,3 +130,55 @@ pub fn read_requests(path: &Path, limit: u32) -> anyhow::Result<Vec<StoredReques
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The ledger keeps the 1-hour cache's writes and the web searches, and reads a file no
+    /// gateway has migrated to them yet (`ccgate usage` opens it read-only) as 0 of each.
+    #[test]
+    fn the_ledger_reads_files_from_before_and_after_migration_5() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (name, migrations, insert, want) in [
+            (
+                "new.db",
+                MIGRATIONS.len(),
+                "INSERT INTO usage (day, endpoint, model, requests, input_tokens, output_tokens,
+                    cache_creation_input_tokens, cache_read_input_tokens,
+                    cache_creation_1h_input_tokens, web_search_requests)
+                 VALUES ('2026-12-07', 'a', 'm', 1, 2, 3, 4, 5, 6, 7);",
+                (5, 6, 7),
+            ),
+            (
+                // Migration 5 is `MIGRATIONS[4]`: a file from before it.
+                "older.db",
+                4,
+                "INSERT INTO usage (day, endpoint, model, requests, input_tokens, output_tokens,
+                    cache_creation_input_tokens, cache_read_input_tokens)
+                 VALUES ('2026-12-07', 'a', 'm', 1, 2, 3, 4, 5);",
+                (5, 0, 0),
+            ),
+        ] {
+            let path = dir.path().join(name);
+            {
+                let conn = Connection::open(&path).expect("open");
+                for m in &MIGRATIONS[..migrations] {
+                    conn.execute_batch(m).expect("a schema");
+                }
+                conn.execute_batch(insert).expect("a ledger row");
+            }
+            let rows = read_ledger(&path, "2026-01-01").expect("read");
+            let r = &rows[0];
+            assert_eq!(
+                (
+                    r.cache_read_input_tokens,
+                    r.cache_creation_1h_input_tokens,
+                    r.web_search_requests
+                ),
+                want,
+                "{name}"
+            );
+        }
+    }
+}
