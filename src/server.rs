@@ -128,7 +128,7 @@ impl Handle {
     pub async fn reload(&self) -> Result<ReloadReport, ReloadError> {
         let path = self.source.as_ref().ok_or(ReloadError::NoSource)?;
         // A config file is small: reading it in place is cheaper than a blocking-pool hop.
-        let text = std::fs::read_to_string(path).map_err(|source| ReloadError::Read {
+        let text = crate::config::read_capped(path).map_err(|source| ReloadError::Read {
             path: path.display().to_string(),
             source,
         })?;

@@ -100,6 +100,14 @@ impl Cluster {
                 get(addr, "/_ccgate/health", &[]).await.json()["cluster"]["redis_up"] == true
             })
             .await;
+            // The mark the CLI knows a gateway by, on the cluster's health answer too (review:
+            // missing, so `claude run` and endpoint edits took a cluster gateway for a stranger).
+            let health = get(addr, "/_ccgate/health", &[]).await;
+            assert_eq!(
+                health.header("x-ccgate-version"),
+                Some(env!("CARGO_PKG_VERSION")),
+                "{health:?}"
+            );
         }
         c
     }

@@ -166,6 +166,12 @@ async fn a_kept_endpoint_stays_in_the_failure_queue_and_a_bad_file_changes_nothi
         Some(2)
     );
 
+    // A file grown past any config's size is refused unread (review: reloads read it whole).
+    write(&path, &format!("{text}#{}\n", "x".repeat(17 * 1024 * 1024)));
+    let r = reload(&gw).await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("larger than 16 MiB"), "{}", r.text());
+
     // A valid reload that adds an endpoint: `a` is still ejected, with the same episode.
     let c = MockUpstream::start().await;
     write(
@@ -294,6 +300,13 @@ async fn a_reload_that_changes_one_endpoint_keeps_the_sessions() {
     write(&path, &text(100));
     let config = Config::from_toml(&text(100), "test", &|_: &str| None).expect("config");
     let gw = TestGateway::start_with_source(config, Some(path.clone())).await;
+    // e2 has left rotation once before its sessions bind (review: the endpoint the reload
+    // rebuilt counted its leaves from 0 again, so its sessions counted as lost and moved).
+    for action in ["disable", "enable"] {
+        let path = format!("/_ccgate/endpoints/e2/{action}");
+        let r = gw.request(Method::POST, &path, &[], Bytes::new()).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
     let body = TestGateway::message_body(false);
     let mut bound = Vec::new();
     for i in 0..12 {
@@ -339,6 +352,13 @@ async fn a_reload_that_removes_an_endpoint_keeps_the_other_sessions() {
     write(&path, &text(0));
     let config = Config::from_toml(&text(0), "test", &|_: &str| None).expect("config");
     let gw = TestGateway::start_with_source(config, Some(path.clone())).await;
+    // e2 has left rotation once before its sessions bind (review: the endpoint the reload
+    // rebuilt counted its leaves from 0 again, so its sessions counted as lost and moved).
+    for action in ["disable", "enable"] {
+        let path = format!("/_ccgate/endpoints/e2/{action}");
+        let r = gw.request(Method::POST, &path, &[], Bytes::new()).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
     let body = TestGateway::message_body(false);
     let mut bound = Vec::new();
     for i in 0..12 {

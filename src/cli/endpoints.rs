@@ -155,7 +155,7 @@ pub fn run_edit(
     // Not while the gateway is asked to reload, which may take long.
     let turn = edit::lock_for_edit(&path)
         .with_context(|| format!("cannot lock the directory of {}", path.display()))?;
-    let text = match std::fs::read_to_string(&path) {
+    let text = match crate::config::read_capped(&path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
             "{} does not exist; create it with `ccgate init` (or pass --config)",
@@ -269,7 +269,7 @@ pub fn run_edit(
 /// `ccgate endpoints list`: the endpoints as the file declares them, secrets never shown.
 pub fn list(explicit_config: Option<&Path>, env: &dyn Env) -> anyhow::Result<String> {
     let path = config_path(explicit_config, env)?;
-    let text = std::fs::read_to_string(&path).map_err(|e| {
+    let text = crate::config::read_capped(&path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             anyhow!(
                 "{} does not exist; create it with `ccgate init` (or pass --config)",
@@ -319,7 +319,15 @@ fn hide_userinfo(url: &str) -> String {
         return url.to_string();
     };
     let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
+    // `user:pass@` in the authority, or a password with a `/` in it (`user:pa/ss@host`), which
+    // ends the authority early as a parser reads it.
+    let before_query = rest.find(['?', '#']).unwrap_or(rest.len());
+    let at = rest[..authority_end].rfind('@').or_else(|| {
+        rest[..before_query]
+            .rfind('@')
+            .filter(|&at| rest[..at].contains(':'))
+    });
+    match at {
         Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
         None => url.to_string(),
     }
@@ -348,6 +356,7 @@ mod tests {
             ("http://user:pw@h/p?q=1#f", "http://***@h/p?q=1#f"),
             ("https://pw@h:8443", "https://***@h:8443"),
             ("https://h/a@b", "https://h/a@b"),
+            ("http://user:pa/ss@h/p", "http://***@h/p"),
             ("https://h", "https://h"),
             ("not a url", "not a url"),
         ] {

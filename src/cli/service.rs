@@ -323,7 +323,7 @@ fn service_config(explicit: Option<&Path>, env: &dyn Env) -> anyhow::Result<(Pat
             .context("cannot find the current directory")?
             .join(path)
     };
-    let text = std::fs::read_to_string(&path).with_context(|| {
+    let text = crate::config::read_capped(&path).with_context(|| {
         format!(
             "cannot read {} (the service needs a config file: `ccgate init` writes one)",
             path.display()

@@ -164,7 +164,7 @@ pub fn find_target(
     let url = url.map(normalize_url).transpose()?;
     let (path, chosen) = resolve_config_path(explicit_config, env)
         .context("no config directory on this platform; pass --config")?;
-    let text = match std::fs::read_to_string(&path) {
+    let text = match crate::config::read_capped(&path) {
         Ok(t) => Some(t),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !chosen => None,
         Err(e) => return Err(anyhow!("cannot read {}: {e}", path.display())),
@@ -308,13 +308,18 @@ impl AdminClient {
                     crate::transport::error_chain(&e)
                 ))
             })?;
-            let marked = resp.status().is_success()
-                && resp
-                    .headers()
-                    .contains_key(crate::proxy::gateway::HEALTH_MARK);
-            // Read to its end, so the connection closes cleanly.
-            let _ = resp.into_body().collect().await;
-            Ok(marked)
+            let ok = resp.status().is_success();
+            let marked = resp
+                .headers()
+                .contains_key(crate::proxy::gateway::HEALTH_MARK);
+            // Read to its end, so the connection closes cleanly; a gateway from before the mark
+            // is known by its answer, `{"status":"ok"}` exactly.
+            let body = resp.into_body().collect().await.map(|b| b.to_bytes());
+            let older = body.is_ok_and(|b| {
+                serde_json::from_slice::<serde_json::Value>(&b)
+                    .is_ok_and(|v| v == serde_json::json!({"status": "ok"}))
+            });
+            Ok(ok && (marked || older))
         };
         tokio::time::timeout(Duration::from_secs(10), asked)
             .await

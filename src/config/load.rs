@@ -19,8 +19,9 @@ use crate::config::{Config, ConfigError, DEFAULT_BASE_URL, Problem, StorageConfi
 /// runaway file must not take all memory.
 const MAX_CONFIG_BYTES: u64 = 16 * 1024 * 1024;
 
-/// The text of the file at `path`, refused past [`MAX_CONFIG_BYTES`].
-fn read_capped(path: &Path) -> std::io::Result<String> {
+/// The text of the config file at `path`, refused past [`MAX_CONFIG_BYTES`]: how every reader of
+/// a config file (a start, a reload, the CLI) reads it.
+pub fn read_capped(path: &Path) -> std::io::Result<String> {
     use std::io::Read;
     let mut text = String::new();
     std::fs::File::open(path)?

@@ -553,7 +553,7 @@ pub use crate::config::cluster::ClusterSettings;
 pub use crate::config::env::{
     Env, ProcessEnv, default_config_path, default_listen, resolve_config_path,
 };
-pub use crate::config::load::toml_string;
+pub use crate::config::load::{read_capped, toml_string};
 pub use crate::config::prices::{DEFAULT_PRICES, Price, Prices};
 
 /// The models an endpoint serves: glob patterns (`*` any run of characters, `?` one character),

@@ -173,7 +173,14 @@ pub(super) fn validate_prices(
                 p.at(
                     v,
                     key(name),
-                    format!("{n} must be a price of zero or more (USD per million tokens)"),
+                    format!(
+                        "{n} must be a price of zero or more ({})",
+                        if name == "web_search" {
+                            "USD per 1,000 searches"
+                        } else {
+                            "USD per million tokens"
+                        }
+                    ),
                 );
                 return None;
             }

@@ -48,19 +48,24 @@ fn cross_site_refused() -> Response<GateBody> {
     )
 }
 
+/// The answer to `GET /_ccgate/health`, with the mark that tells ccgate's answer from another
+/// server's that answers 200 to anything (the CLI asks before it sends a token or points Claude
+/// Code here), in and out of cluster mode.
+pub(crate) fn health_answer(body: &serde_json::Value) -> Response<GateBody> {
+    let mut resp = response::json(StatusCode::OK, body);
+    resp.headers_mut().insert(
+        crate::proxy::gateway::HEALTH_MARK,
+        http::HeaderValue::from_static(env!("CARGO_PKG_VERSION")),
+    );
+    resp
+}
+
 /// Handles a request under `/_ccgate/`.
 pub async fn handle<B>(gw: Arc<Gateway>, persist: &Persist, req: Request<B>) -> Response<GateBody> {
     let path = req.uri().path().trim_end_matches('/').to_string();
     let method = req.method().clone();
     if path == "/_ccgate/health" {
-        let mut resp = response::json(StatusCode::OK, &serde_json::json!({"status": "ok"}));
-        // What tells ccgate's answer from another server's that answers 200 to anything (the
-        // CLI asks before it sends a token or points Claude Code here).
-        resp.headers_mut().insert(
-            crate::proxy::gateway::HEALTH_MARK,
-            http::HeaderValue::from_static(env!("CARGO_PKG_VERSION")),
-        );
-        return resp;
+        return health_answer(&serde_json::json!({"status": "ok"}));
     }
     if path == crate::proxy::gateway::ADMIN_PREFIX {
         return crate::control::dashboard::page(&gw, &method, req.uri(), req.headers());

@@ -129,8 +129,7 @@ pub async fn route<B>(
     let path = req.uri().path().trim_end_matches('/');
     let get = req.method() == Method::GET;
     match (path, node) {
-        ("/_ccgate/health", Some(node)) if get => Some(response::json(
-            StatusCode::OK,
+        ("/_ccgate/health", Some(node)) if get => Some(crate::control::admin::health_answer(
             &serde_json::json!({"status": "ok", "cluster": node.health_json()}),
         )),
         ("/_ccgate/cluster", _) | ("/_ccgate/metrics", Some(_))

@@ -207,9 +207,11 @@ pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
         }
     }
     // The unified windows' resets: the overall one names the window that limits, and wins over
-    // the others (a week's window resets long after the five hours' that refused).
+    // the others; without it, the windows whose status says they refused, else all of them (a
+    // week's window resets long after the five hours' that refused).
     let mut unified_overall: Option<Duration> = None;
     let mut unified_windows: Option<Duration> = None;
+    let mut unified_refused: Option<Duration> = None;
     for (name, value) in headers {
         let n = name.as_str();
         if !(n.starts_with("anthropic-ratelimit-") && n.ends_with("-reset")) {
@@ -219,22 +221,31 @@ pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
             continue;
         };
         let at = humantime::parse_rfc3339_weak(v).ok().or_else(|| {
-            v.parse::<u64>()
+            v.parse::<f64>()
                 .ok()
-                .and_then(|secs| SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(secs)))
+                .filter(|s| s.is_finite() && *s >= 0.0 && *s < 1e11)
+                .and_then(|s| SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs_f64(s)))
         });
         let Some(wait) = at.map(|at| at.duration_since(now).unwrap_or_default()) else {
             continue;
         };
         if n == "anthropic-ratelimit-unified-reset" {
             unified_overall = Some(wait);
-        } else if n.starts_with(UNIFIED) {
-            unified_windows = Some(unified_windows.map_or(wait, |w| w.max(wait)));
+        } else if let Some(window) = n
+            .strip_prefix(UNIFIED)
+            .and_then(|w| w.strip_suffix("-reset"))
+        {
+            let longest = |w: Option<Duration>| Some(w.map_or(wait, |w| w.max(wait)));
+            unified_windows = longest(unified_windows);
+            let status = format!("{UNIFIED}{window}-status");
+            if header_str(headers, &status).is_some_and(|s| s.trim() == "rejected") {
+                unified_refused = longest(unified_refused);
+            }
         } else {
             offer(wait);
         }
     }
-    if let Some(wait) = unified_overall.or(unified_windows) {
+    if let Some(wait) = unified_overall.or(unified_refused).or(unified_windows) {
         offer(wait);
     }
     best.map(|d| d.min(Duration::from_secs(86_400)))
@@ -440,6 +451,19 @@ mod tests {
                 ("retry-after", "3"),
             ],
             FailOver(RateLimited(Some(Duration::from_secs(500)))),
+        );
+        // Without the overall reset, the window that refused decides (review: the week's reset
+        // won over the five hours' that refused).
+        check(
+            429,
+            &[
+                ("anthropic-ratelimit-unified-5h-status", "rejected"),
+                ("anthropic-ratelimit-unified-5h-reset", "1700000011.5"),
+                ("anthropic-ratelimit-unified-7d-status", "allowed"),
+                ("anthropic-ratelimit-unified-7d-reset", "1700000500"),
+                ("retry-after", "3"),
+            ],
+            FailOver(RateLimited(Some(Duration::from_millis(11_500)))),
         );
         check(401, &[], FailOver(Auth));
         check(403, &[], FailOver(Auth));

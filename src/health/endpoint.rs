@@ -159,14 +159,15 @@ pub fn scrub_secret(text: &str, secret: &str) -> String {
     out
 }
 
-/// The percent-encoded forms of a secret an upstream may echo: every byte but letters and digits
-/// encoded, or every byte, each with upper- and lower-case hex digits. (Matching every mix of
+/// The percent-encoded forms of a secret an upstream may echo, each with upper- and lower-case
+/// hex digits: every byte but the unreserved ones (letters, digits, `-._~`) encoded, as URL
+/// encoders write it; every byte but letters and digits; every byte. (Matching every mix of
 /// encoded and plain bytes would need a decoder; these are the forms encoders write.)
-pub fn encoded_forms(secret: &[u8]) -> [Vec<u8>; 4] {
-    let encode = |all: bool, hex: &[u8; 16]| {
+pub fn encoded_forms(secret: &[u8]) -> [Vec<u8>; 6] {
+    let encode = |keep: fn(u8) -> bool, hex: &[u8; 16]| {
         let mut out = Vec::with_capacity(secret.len() * 3);
         for &b in secret {
-            if !all && b.is_ascii_alphanumeric() {
+            if keep(b) {
                 out.push(b);
             } else {
                 out.extend_from_slice(&[b'%', hex[usize::from(b >> 4)], hex[usize::from(b & 15)]]);
@@ -176,11 +177,16 @@ pub fn encoded_forms(secret: &[u8]) -> [Vec<u8>; 4] {
     };
     const UPPER: &[u8; 16] = b"0123456789ABCDEF";
     const LOWER: &[u8; 16] = b"0123456789abcdef";
+    let unreserved: fn(u8) -> bool = |b| b.is_ascii_alphanumeric() || b"-._~".contains(&b);
+    let alphanumeric: fn(u8) -> bool = |b| b.is_ascii_alphanumeric();
+    let nothing: fn(u8) -> bool = |_| false;
     [
-        encode(false, UPPER),
-        encode(false, LOWER),
-        encode(true, UPPER),
-        encode(true, LOWER),
+        encode(unreserved, UPPER),
+        encode(unreserved, LOWER),
+        encode(alphanumeric, UPPER),
+        encode(alphanumeric, LOWER),
+        encode(nothing, UPPER),
+        encode(nothing, LOWER),
     ]
 }
 
@@ -456,6 +462,19 @@ impl Live {
         if !self.admin_disabled.swap(disabled, Ordering::AcqRel) && disabled {
             self.disables.fetch_add(1, Ordering::AcqRel);
         }
+    }
+
+    /// Goes on counting leaves from where `old` stood: for an endpoint a reload rebuilt (its
+    /// settings changed), so that the bindings made to it before keep their meaning; a rebuild
+    /// that switches it off counts as one more.
+    pub fn carry_leaves(&self, old: &Live) {
+        self.departures
+            .store(old.departures.load(Ordering::Acquire), Ordering::Release);
+        let switched_off = u64::from(self.admin_disabled() && !old.admin_disabled());
+        self.disables.store(
+            old.disables.load(Ordering::Acquire) + switched_off,
+            Ordering::Release,
+        );
     }
 
     /// How many times the endpoint has left rotation: taken out by its failures or a rate limit

@@ -145,12 +145,16 @@ impl Registry {
                     Endpoint::with_live(idx, e, client, Arc::clone(&p.live))
                 }
                 None => {
-                    if previous.is_some() {
-                        report.changed.push(e.name.clone());
-                    } else {
-                        report.added.push(e.name.clone());
+                    let fresh = fresh_endpoint(config, idx, e)?;
+                    match previous {
+                        Some(p) => {
+                            report.changed.push(e.name.clone());
+                            // Its sessions stay bound (by name) unless it leaves rotation.
+                            fresh.live.carry_leaves(&p.live);
+                        }
+                        None => report.added.push(e.name.clone()),
                     }
-                    fresh_endpoint(config, idx, e)?
+                    fresh
                 }
             };
             endpoints.push(Arc::new(ep));

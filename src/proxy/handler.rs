@@ -370,6 +370,9 @@ fn forward_request(
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::warn!(endpoint = %ep.name, "no endpoint admitted; trying the least-bad one");
             }
+            // A session bound by this attempt's answer is bound as of now: if the endpoint leaves
+            // rotation while the attempt runs, the binding is already lost.
+            let leaves = ep.live.leaves();
             let attempt =
                 Attempt::begin(Arc::clone(&ep), Arc::clone(&reg.recorder), holds_probation);
             guard.trying(&ep, tried.len());
@@ -449,6 +452,7 @@ fn forward_request(
                 session: session.as_ref(),
                 bound: bound.or(lost_by),
                 ep: &ep,
+                leaves,
                 attempts: tried.len(),
                 fallback,
                 req: &req,
@@ -638,6 +642,8 @@ struct Commit<'a> {
     /// leaving rotation.
     bound: Option<usize>,
     ep: &'a Arc<Endpoint>,
+    /// `ep`'s leave count when the attempt began.
+    leaves: u64,
     attempts: u32,
     fallback: bool,
     req: &'a Prepared,
@@ -662,6 +668,7 @@ impl Commit<'_> {
             session,
             bound,
             ep,
+            leaves,
             attempts,
             fallback,
             req,
@@ -688,7 +695,7 @@ impl Commit<'_> {
         if !matches!(judge, Judge::CallerError)
             && let Some((a, key)) = session
         {
-            a.bind(key, ep.idx, ep.live.leaves(), bound);
+            a.bind(key, ep.idx, leaves, bound);
         }
         // Built in its box and set up in place: the relay is large, and each move is a copy.
         let mut relay = Box::new(RelayBody::new(
