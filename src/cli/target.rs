@@ -291,15 +291,7 @@ impl AdminClient {
     /// token (the path needs none, and a server that is not ccgate must not be sent it), and told
     /// from another server that answers 200 by the mark on ccgate's answer.
     pub async fn is_ccgate(&self) -> Result<bool, CallError> {
-        let uri = format!("{}/_ccgate/health", self.target.url);
-        let req = Request::builder()
-            .uri(&uri)
-            .header(
-                http::header::USER_AGENT,
-                concat!("ccgate-cli/", env!("CARGO_PKG_VERSION")),
-            )
-            .body(ReplayBody::from(Bytes::new()))
-            .map_err(|e| CallError(format!("{uri}: {e}")))?;
+        let req = self.request(Method::GET, "health")?;
         let asked = async {
             let resp = self.client.request(req).await.map_err(|e| {
                 CallError(format!(
@@ -331,10 +323,10 @@ impl AdminClient {
             })
     }
 
-    /// `METHOD /_ccgate/{path}`, whole answer.
-    pub async fn call(&self, method: Method, path: &str) -> Result<Answer, CallError> {
+    /// `METHOD /_ccgate/{path}` from the CLI, without a token.
+    fn request(&self, method: Method, path: &str) -> Result<Request<ReplayBody>, CallError> {
         let uri = format!("{}/_ccgate/{path}", self.target.url);
-        let mut req = Request::builder()
+        Request::builder()
             .method(method)
             .uri(&uri)
             .header(
@@ -342,7 +334,13 @@ impl AdminClient {
                 concat!("ccgate-cli/", env!("CARGO_PKG_VERSION")),
             )
             .body(ReplayBody::from(Bytes::new()))
-            .map_err(|e| CallError(format!("{uri}: {e}")))?;
+            .map_err(|e| CallError(format!("{uri}: {e}")))
+    }
+
+    /// `METHOD /_ccgate/{path}`, whole answer.
+    pub async fn call(&self, method: Method, path: &str) -> Result<Answer, CallError> {
+        let uri = format!("{}/_ccgate/{path}", self.target.url);
+        let mut req = self.request(method, path)?;
         if let Some(t) = &self.target.token
             && let Ok(mut v) = http::HeaderValue::from_str(t.expose())
         {

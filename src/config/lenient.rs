@@ -74,17 +74,7 @@ where
         Ok(v) => Ok(Some(Spanned::new(span, v))),
         Err(_) => {
             let message = format!("expected {}, found {}", T::WHAT, article(found));
-            let recorded = FOUND.with(|f| match &mut *f.borrow_mut() {
-                Some(list) => {
-                    list.push(TypeProblem {
-                        span,
-                        message: message.clone(),
-                    });
-                    true
-                }
-                None => false,
-            });
-            if recorded {
+            if record(span, &message) {
                 Ok(None)
             } else {
                 Err(D::Error::custom(message))
@@ -108,17 +98,7 @@ where
         TableOr::Table(t) => Ok(t),
         TableOr::Other(found) => {
             let message = format!("expected a table, found {}", article(found));
-            let recorded = FOUND.with(|f| match &mut *f.borrow_mut() {
-                Some(list) => {
-                    list.push(TypeProblem {
-                        span,
-                        message: message.clone(),
-                    });
-                    true
-                }
-                None => false,
-            });
-            if recorded {
+            if record(span, &message) {
                 Ok(T::default())
             } else {
                 Err(D::Error::custom(message))
@@ -171,6 +151,20 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for TableOr<T> {
 
         de.deserialize_any(V(std::marker::PhantomData))
     }
+}
+
+/// Records a type problem for the [`collect`] under way; `false` outside one.
+fn record(span: Range<usize>, message: &str) -> bool {
+    FOUND.with(|f| match &mut *f.borrow_mut() {
+        Some(list) => {
+            list.push(TypeProblem {
+                span,
+                message: message.to_owned(),
+            });
+            true
+        }
+        None => false,
+    })
 }
 
 fn article(type_name: &str) -> String {
