@@ -211,6 +211,26 @@ fn forwarded_headers(headers: HeaderMap) -> (HeaderMap, ClientCredential) {
     (out, credential)
 }
 
+/// Removes every header `gone` picks, keeping the others in their order (`HeaderMap::remove` moves
+/// the last header into the gap, and relays may read the order as part of a client's
+/// fingerprint). Nothing is rebuilt when nothing goes.
+pub(crate) fn remove_in_order(headers: &mut HeaderMap, gone: impl Fn(&HeaderName) -> bool) {
+    if !headers.keys().any(&gone) {
+        return;
+    }
+    let mut kept = HeaderMap::with_capacity(headers.len());
+    let mut current: Option<HeaderName> = None;
+    for (name, value) in std::mem::take(headers) {
+        if let Some(n) = name {
+            current = Some(n);
+        }
+        if let Some(name) = current.as_ref().filter(|n| !gone(n)) {
+            kept.append(name.clone(), value);
+        }
+    }
+    *headers = kept;
+}
+
 /// Removes hop-by-hop headers, including any the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // One pass over the (few) headers present instead of a lookup per hop-by-hop name: most
@@ -344,9 +364,7 @@ fn strip_oauth_beta(headers: &mut HeaderMap) {
         Ok(v) if !kept.is_empty() => {
             headers.insert(ANTHROPIC_BETA.clone(), v);
         }
-        _ => {
-            headers.remove(&ANTHROPIC_BETA);
-        }
+        _ => remove_in_order(headers, |n| *n == ANTHROPIC_BETA),
     }
 }
 
@@ -644,6 +662,27 @@ fn is_failover_error(error_type: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An `anthropic-beta` of nothing but `oauth-*` flags goes, and the headers after it keep
+    /// their order (review: its removal moved the last header into its place).
+    #[test]
+    fn oauth_only_beta_goes_without_reordering() {
+        let mut h = HeaderMap::new();
+        for (n, v) in [
+            ("accept", "*/*"),
+            ("anthropic-beta", "oauth-2025-04-20"),
+            ("anthropic-version", "2023-06-01"),
+            ("user-agent", "cli"),
+        ] {
+            h.append(
+                HeaderName::from_static(n),
+                http::HeaderValue::from_static(v),
+            );
+        }
+        strip_oauth_beta(&mut h);
+        let left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        assert_eq!(left, ["accept", "anthropic-version", "user-agent"]);
+    }
 
     #[test]
     fn hop_by_hop_names_are_told_by_their_text() {

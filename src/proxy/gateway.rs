@@ -8,6 +8,7 @@ use http::{HeaderMap, HeaderName, header};
 use crate::config::Config;
 use crate::health::registry::Registry;
 use crate::proxy::events::Events;
+use crate::proxy::forward::remove_in_order;
 use crate::proxy::recent::Recent;
 use crate::proxy::usage::LiveUsage;
 use crate::proxy::usage::UsageTally;
@@ -167,26 +168,6 @@ impl Gateway {
         });
         carrying.contains(&true)
     }
-}
-
-/// Removes every header `gone` picks, keeping the others in their order (`HeaderMap::remove` moves
-/// the last header into the gap, and relays may read the order as part of a client's
-/// fingerprint). Nothing is rebuilt when nothing goes.
-fn remove_in_order(headers: &mut HeaderMap, gone: impl Fn(&HeaderName) -> bool) {
-    if !headers.keys().any(&gone) {
-        return;
-    }
-    let mut kept = HeaderMap::with_capacity(headers.len());
-    let mut current: Option<HeaderName> = None;
-    for (name, value) in std::mem::take(headers) {
-        if let Some(n) = name {
-            current = Some(n);
-        }
-        if let Some(name) = current.as_ref().filter(|n| !gone(n)) {
-            kept.append(name.clone(), value);
-        }
-    }
-    *headers = kept;
 }
 
 /// Whether a `name` line of `headers` carries `token`: as the whole value, or for
