@@ -25,6 +25,17 @@ fn write(path: &std::path::Path, text: &str) {
     std::fs::write(path, text).expect("write config");
 }
 
+/// A gateway started from `text`, written to a config file (in the returned directory) that
+/// reloads read again.
+async fn start_from_file(text: &str) -> (tempfile::TempDir, std::path::PathBuf, TestGateway) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("config.toml");
+    write(&path, text);
+    let config = Config::from_toml(text, "test", &|_: &str| None).expect("config");
+    let gw = TestGateway::start_with_source(config, Some(path.clone())).await;
+    (dir, path, gw)
+}
+
 async fn reload(gw: &TestGateway) -> support::gateway::Answer {
     gw.request(Method::POST, "/_ccgate/reload", &[], Bytes::new())
         .await
@@ -38,17 +49,13 @@ async fn reload_adds_keeps_changes_and_removes_endpoints() {
         MockUpstream::start().await,
     );
     a.push(Script::error(500, "api_error", "boom"));
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("config.toml");
     let head = "[server]\nlisten = \"127.0.0.1:0\"\n[health]\nfailure_threshold = 5\n";
     let first = format!(
         "{head}{}{}",
         endpoint("a", &a.url(), ""),
         endpoint("b", &b.url(), "priority = 2")
     );
-    write(&path, &first);
-    let config = Config::from_toml(&first, "test", &|_: &str| None).expect("config");
-    let gw = TestGateway::start_with_source(config, Some(path.clone())).await;
+    let (_dir, path, gw) = start_from_file(&first).await;
     for _ in 0..3 {
         assert_eq!(
             gw.post("/v1/messages", &[], &TestGateway::message_body(false))
@@ -130,17 +137,13 @@ async fn reload_adds_keeps_changes_and_removes_endpoints() {
 async fn a_kept_endpoint_stays_in_the_failure_queue_and_a_bad_file_changes_nothing() {
     let (a, b) = (MockUpstream::start().await, MockUpstream::start().await);
     a.set_default(Script::error(500, "api_error", "boom"));
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("config.toml");
     let head = "[server]\nlisten = \"127.0.0.1:0\"\n[health]\nfailure_threshold = 1\nprobe_interval = \"1h\"\nprobe_max_interval = \"1h\"\n";
     let text = format!(
         "{head}{}{}",
         endpoint("a", &a.url(), ""),
         endpoint("b", &b.url(), "priority = 2")
     );
-    write(&path, &text);
-    let config = Config::from_toml(&text, "test", &|_: &str| None).expect("config");
-    let gw = TestGateway::start_with_source(config, Some(path.clone())).await;
+    let (_dir, path, gw) = start_from_file(&text).await;
     assert_eq!(
         gw.post("/v1/messages", &[], &TestGateway::message_body(false))
             .await
@@ -283,8 +286,6 @@ async fn a_reload_that_changes_one_endpoint_keeps_the_sessions() {
         MockUpstream::start().await,
         MockUpstream::start().await,
     ];
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("config.toml");
     let text = |weight: u32| {
         let mut t = "[server]\nlisten = \"127.0.0.1:0\"\nstrategy = \"round_robin\"\n".to_owned();
         for (i, up) in ups.iter().enumerate() {
@@ -297,9 +298,7 @@ async fn a_reload_that_changes_one_endpoint_keeps_the_sessions() {
         }
         t
     };
-    write(&path, &text(100));
-    let config = Config::from_toml(&text(100), "test", &|_: &str| None).expect("config");
-    let gw = TestGateway::start_with_source(config, Some(path.clone())).await;
+    let (_dir, path, gw) = start_from_file(&text(100)).await;
     // e2 has left rotation once before its sessions bind (review: the endpoint the reload
     // rebuilt counted its leaves from 0 again, so its sessions counted as lost and moved).
     for action in ["disable", "enable"] {
@@ -340,8 +339,6 @@ async fn a_reload_that_removes_an_endpoint_keeps_the_other_sessions() {
         MockUpstream::start().await,
         MockUpstream::start().await,
     ];
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("config.toml");
     let text = |from: usize| {
         let mut t = "[server]\nlisten = \"127.0.0.1:0\"\nstrategy = \"round_robin\"\n".to_owned();
         for (i, up) in ups.iter().enumerate().skip(from) {
@@ -349,9 +346,7 @@ async fn a_reload_that_removes_an_endpoint_keeps_the_other_sessions() {
         }
         t
     };
-    write(&path, &text(0));
-    let config = Config::from_toml(&text(0), "test", &|_: &str| None).expect("config");
-    let gw = TestGateway::start_with_source(config, Some(path.clone())).await;
+    let (_dir, path, gw) = start_from_file(&text(0)).await;
     // e2 has left rotation once before its sessions bind (review: the endpoint the reload
     // rebuilt counted its leaves from 0 again, so its sessions counted as lost and moved).
     for action in ["disable", "enable"] {
@@ -407,8 +402,6 @@ async fn served(gw: &TestGateway, session: &str, body: &serde_json::Value) -> St
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_keeps_the_token_beyond_loopback_and_names_what_needs_a_restart() {
     let a = MockUpstream::start().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("config.toml");
     let tail = format!(
         "[storage]\nenabled = false\n{}",
         endpoint("a", &a.url(), "")
@@ -416,9 +409,7 @@ async fn a_reload_keeps_the_token_beyond_loopback_and_names_what_needs_a_restart
     // `::ffff:127.0.0.1` is not a loopback address to the check, yet stays on this machine.
     let first =
         format!("[server]\nlisten = \"[::ffff:127.0.0.1]:0\"\naccess_token = \"tok-1234\"\n{tail}");
-    write(&path, &first);
-    let config = Config::from_toml(&first, "test", &|_: &str| None).expect("config");
-    let gw = TestGateway::start_with_source(config, Some(path.clone())).await;
+    let (_dir, path, gw) = start_from_file(&first).await;
     let token = [("x-ccgate-token", "tok-1234")];
     let body = TestGateway::message_body(false);
 
@@ -475,16 +466,12 @@ async fn a_reload_keeps_the_token_beyond_loopback_and_names_what_needs_a_restart
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reloads_during_a_probe_do_not_start_new_ones() {
     let (a, b) = (MockUpstream::start().await, MockUpstream::start().await);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("config.toml");
     let text = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\n[health]\nfailure_threshold = 1\nprobe_interval = \"10ms\"\nprobe_timeout = \"30s\"\n{}{}",
         endpoint("a", &a.url(), "priority = 1"),
         endpoint("b", &b.url(), "priority = 2")
     );
-    write(&path, &text);
-    let config = Config::from_toml(&text, "test", &|_: &str| None).expect("config");
-    let gw = TestGateway::start_with_source(config, Some(path.clone())).await;
+    let (_dir, _path, gw) = start_from_file(&text).await;
     a.push(Script::error(500, "api_error", "boom"));
     a.set_default(Script::stall_before_headers());
     let r = gw
@@ -540,16 +527,13 @@ async fn a_listen_given_on_the_command_line_is_not_reported_at_reload() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ejection_through_the_previous_queue_is_queued_at_once() {
     let (a, b) = (MockUpstream::start().await, MockUpstream::start().await);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("config.toml");
     let text = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\n[health]\nfailure_threshold = 1\nprobe_interval = \"1h\"\n{}{}",
         endpoint("a", &a.url(), "priority = 1"),
         endpoint("b", &b.url(), "priority = 2")
     );
-    write(&path, &text);
-    let config = Config::from_toml(&text, "test", &|_: &str| None).expect("config");
-    let gw = std::sync::Arc::new(TestGateway::start_with_source(config, Some(path.clone())).await);
+    let (_dir, _path, gw) = start_from_file(&text).await;
+    let gw = std::sync::Arc::new(gw);
     a.push(
         Script::error(500, "api_error", "boom")
             .delay_before_headers(std::time::Duration::from_millis(300)),
