@@ -174,34 +174,23 @@ fn forwarded_headers(headers: HeaderMap) -> (HeaderMap, ClientCredential) {
     let mut out = HeaderMap::with_capacity(headers.len() + 1);
     let mut credential = ClientCredential::default();
     let mut identity_asked = false;
-    let mut current: Option<HeaderName> = None;
-    for (name, mut value) in headers {
-        // A name comes once, before its first value; `None` means the same name again.
-        if let Some(n) = name {
-            current = Some(n);
-        }
-        let Some(name) = &current else { continue };
+    each_line(headers, |name, mut value| {
         if *name == header::AUTHORIZATION || *name == X_API_KEY {
             value.set_sensitive(true);
             credential.0.push((name.clone(), value));
-            continue;
-        }
-        if *name == header::ACCEPT_ENCODING {
+        } else if *name == header::ACCEPT_ENCODING {
             if !std::mem::replace(&mut identity_asked, true) {
                 out.append(name.clone(), http::HeaderValue::from_static("identity"));
             }
-            continue;
-        }
-        if *name == header::HOST
+        } else if !(*name == header::HOST
             || *name == header::CONTENT_LENGTH
             || *name == header::EXPECT
             || is_hop_by_hop(name)
-            || named_by_connection.contains(name)
+            || named_by_connection.contains(name))
         {
-            continue;
+            out.append(name.clone(), value);
         }
-        out.append(name.clone(), value);
-    }
+    });
     if !identity_asked {
         out.append(
             header::ACCEPT_ENCODING,
@@ -219,16 +208,26 @@ pub(crate) fn remove_in_order(headers: &mut HeaderMap, gone: impl Fn(&HeaderName
         return;
     }
     let mut kept = HeaderMap::with_capacity(headers.len());
+    each_line(std::mem::take(headers), |name, value| {
+        if !gone(name) {
+            kept.append(name.clone(), value);
+        }
+    });
+    *headers = kept;
+}
+
+/// Every line of `headers` in order, each with its name (a `HeaderMap` names a header once, before
+/// its first value).
+fn each_line(headers: HeaderMap, mut line: impl FnMut(&HeaderName, http::HeaderValue)) {
     let mut current: Option<HeaderName> = None;
-    for (name, value) in std::mem::take(headers) {
+    for (name, value) in headers {
         if let Some(n) = name {
             current = Some(n);
         }
-        if let Some(name) = current.as_ref().filter(|n| !gone(n)) {
-            kept.append(name.clone(), value);
+        if let Some(name) = &current {
+            line(name, value);
         }
     }
-    *headers = kept;
 }
 
 /// Removes hop-by-hop headers, including any the `Connection` header names.
@@ -663,22 +662,61 @@ fn is_failover_error(error_type: &str) -> bool {
 mod tests {
     use super::*;
 
-    /// An `anthropic-beta` of nothing but `oauth-*` flags goes, and the headers after it keep
-    /// their order (review: its removal moved the last header into its place).
-    #[test]
-    fn oauth_only_beta_goes_without_reordering() {
+    /// A header map of these lines, in order.
+    fn lines(lines: &[(&'static str, &'static str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
-        for (n, v) in [
-            ("accept", "*/*"),
-            ("anthropic-beta", "oauth-2025-04-20"),
-            ("anthropic-version", "2023-06-01"),
-            ("user-agent", "cli"),
-        ] {
+        for &(n, v) in lines {
             h.append(
                 HeaderName::from_static(n),
                 http::HeaderValue::from_static(v),
             );
         }
+        h
+    }
+
+    /// The headers left keep their order and repeated values; nothing else moves.
+    #[test]
+    fn removing_headers_keeps_the_order_of_the_rest() {
+        let token = HeaderName::from_static("x-ccgate-token");
+        let mut h = lines(&[
+            ("accept", "*/*"),
+            ("x-api-key", "tok"),
+            ("anthropic-version", "2023-06-01"),
+            ("x-ccgate-token", "tok"),
+            ("anthropic-beta", "a"),
+            ("anthropic-beta", "b"),
+            ("user-agent", "cli"),
+        ]);
+        remove_in_order(&mut h, |n| *n == X_API_KEY || *n == token);
+        let left: Vec<(&str, &str)> = h
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.to_str().expect("text")))
+            .collect();
+        assert_eq!(
+            left,
+            [
+                ("accept", "*/*"),
+                ("anthropic-version", "2023-06-01"),
+                ("anthropic-beta", "a"),
+                ("anthropic-beta", "b"),
+                ("user-agent", "cli"),
+            ]
+        );
+        let before = h.clone();
+        remove_in_order(&mut h, |n| *n == X_API_KEY);
+        assert_eq!(h, before);
+    }
+
+    /// An `anthropic-beta` of nothing but `oauth-*` flags goes, and the headers after it keep
+    /// their order (review: its removal moved the last header into its place).
+    #[test]
+    fn oauth_only_beta_goes_without_reordering() {
+        let mut h = lines(&[
+            ("accept", "*/*"),
+            ("anthropic-beta", "oauth-2025-04-20"),
+            ("anthropic-version", "2023-06-01"),
+            ("user-agent", "cli"),
+        ]);
         strip_oauth_beta(&mut h);
         let left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
         assert_eq!(left, ["accept", "anthropic-version", "user-agent"]);

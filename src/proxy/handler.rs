@@ -371,8 +371,13 @@ fn forward_request(
                 tracing::warn!(endpoint = %ep.name, "no endpoint admitted; trying the least-bad one");
             }
             // A session bound by this attempt's answer is bound as of now: if the endpoint leaves
-            // rotation while the attempt runs, the binding is already lost.
-            let leaves = ep.live.leaves();
+            // rotation while the attempt runs, the binding is already lost. (Read only when
+            // there is a session to bind.)
+            let leaves = if session.is_some() {
+                ep.live.leaves()
+            } else {
+                0
+            };
             let attempt =
                 Attempt::begin(Arc::clone(&ep), Arc::clone(&reg.recorder), holds_probation);
             guard.trying(&ep, tried.len());
