@@ -34,6 +34,8 @@ struct Seen {
     connections: AtomicUsize,
     /// Requests by HTTP version.
     versions: Mutex<HashMap<Version, usize>>,
+    /// HTTP/2 requests that carried a `Host` header (the host goes in `:authority`).
+    h2_with_host: AtomicUsize,
     /// Most streams open at once on any one connection.
     max_streams_per_connection: AtomicUsize,
     /// Streams open now, over all connections, and the most there were.
@@ -168,6 +170,9 @@ async fn answer(
         .expect("versions")
         .entry(req.version())
         .or_default() += 1;
+    if req.version() == Version::HTTP_2 && req.headers().contains_key(http::header::HOST) {
+        seen.h2_with_host.fetch_add(1, Ordering::SeqCst);
+    }
     // Which release a held stream waits for, read before it counts as open.
     let mut released = seen.released.subscribe();
     let arrived = *released.borrow();
@@ -361,6 +366,8 @@ async fn https_negotiates_http2_by_alpn_and_falls_back_to_http1() {
         assert_eq!(a.status, 200, "{}", a.text());
     }
     assert_eq!(up.requests(Version::HTTP_2), 3);
+    // The client's `Host` is not forwarded over HTTP/2: the host goes in `:authority`.
+    assert_eq!(up.seen.h2_with_host.load(Ordering::SeqCst), 0);
     // One connection per worker pool at most (the test client may reach either worker).
     assert!(up.connections() <= 3, "{} connections", up.connections());
 

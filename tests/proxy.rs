@@ -994,6 +994,78 @@ async fn headers_query_and_body_arrive_byte_for_byte() {
     assert_eq!(up.count(), 4);
 }
 
+/// `host` and the credential reach the upstream where the client put them, with the upstream's
+/// values: only the client's credential lines are replaced, in place, by the endpoint's own
+/// (audit: both went to the end of the headers, which a relay reading the order as part of a
+/// client's fingerprint sees).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_and_credential_keep_the_clients_positions() {
+    // Claude Code's order, as its HTTP stack writes it.
+    let client = [
+        ("Host", "localhost"),
+        ("Connection", "keep-alive"),
+        ("Accept", "application/json"),
+        ("X-Stainless-Retry-Count", "0"),
+        ("X-Stainless-Lang", "js"),
+        ("anthropic-version", "2023-06-01"),
+        ("x-api-key", "sk-ant-client"),
+        ("x-app", "cli"),
+        ("User-Agent", "claude-cli/1.0.83 (external, cli)"),
+        ("content-type", "application/json"),
+        ("anthropic-beta", "claude-code-20250219"),
+        ("accept-encoding", "gzip, deflate"),
+    ];
+    let body =
+        r#"{"model":"claude-sonnet-4","max_tokens":8,"messages":[{"role":"user","content":"hi"}]}"#;
+    for (extra, credential) in [
+        ("", ("x-api-key", "key-a")),
+        ("auth_token = \"tok-a\"", ("authorization", "Bearer tok-a")),
+        ("credential = \"client\"", ("x-api-key", "sk-ant-client")),
+    ] {
+        let up = MockUpstream::start().await;
+        let gw = builder().endpoint("a", &up.url(), extra).start().await;
+        let mut head = String::from("POST /v1/messages HTTP/1.1\r\n");
+        for (n, v) in client {
+            head.push_str(&format!("{n}: {v}\r\n"));
+        }
+        head.push_str(&format!(
+            "Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ));
+        let mut tcp = tokio::net::TcpStream::connect(gw.addr)
+            .await
+            .expect("connect");
+        tcp.write_all(head.as_bytes()).await.expect("write");
+        let mut raw = Vec::new();
+        within("the answer", tcp.read_to_end(&mut raw))
+            .await
+            .expect("read");
+        let raw = String::from_utf8_lossy(&raw);
+        assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
+
+        let r = up.last_request().expect("a request");
+        let host = up.addr().to_string();
+        let arrived: Vec<(String, &str)> = r
+            .headers
+            .iter()
+            .filter(|(n, _)| !n.eq_ignore_ascii_case("content-length"))
+            .map(|(n, v)| (n.to_ascii_lowercase(), v.as_str()))
+            .collect();
+        let expected: Vec<(String, &str)> = client
+            .iter()
+            .filter(|(n, _)| *n != "Connection")
+            .map(|&(n, v)| match n {
+                "Host" => ("host".to_owned(), host.as_str()),
+                "x-api-key" => (credential.0.to_owned(), credential.1),
+                "accept-encoding" => (n.to_owned(), "identity"),
+                _ => (n.to_ascii_lowercase(), v),
+            })
+            .collect();
+        assert_eq!(arrived, expected, "{extra}");
+        gw.shutdown().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn base_url_path_prefix_is_honoured() {
     let up = MockUpstream::start().await;

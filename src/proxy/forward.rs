@@ -16,6 +16,7 @@ use crate::config::RelayLimits;
 use crate::health::classify::{Outcome, TransportKind, classify_sse_error};
 use crate::health::endpoint::Endpoint;
 use crate::transport::error_chain;
+use crate::transport::headers::{each_line, remove_in_order};
 use crate::transport::replay::{Frames, ReplayBody};
 use crate::transport::upstream::{AnswerBody, UpstreamBody, UpstreamError};
 use crate::wire::sse::SseScanner;
@@ -28,9 +29,9 @@ pub struct Prepared {
     pub method: Method,
     /// The client's path and query, appended to the endpoint's base URL.
     pub path_and_query: PathAndQuery,
-    /// Headers to forward: the client's, in the client's order, minus credentials, hop-by-hop
-    /// headers, `host`, `expect` and `content-length` (the body sent may be rewritten by the
-    /// model map).
+    /// Headers to forward: the client's, in the client's order, minus hop-by-hop headers, `expect`
+    /// and `content-length` (the body sent may be rewritten by the model map). Its `host` and
+    /// credential lines are still there, to be replaced in place (see [`forwarded_headers`]).
     pub headers: HeaderMap,
     /// The body, as the frames it arrived in.
     pub body: Frames,
@@ -155,14 +156,15 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 }
 
 /// The headers a request forwards, in the order the client sent them (relays may read the order
-/// as part of a client's fingerprint; `HeaderMap::remove` fills the gap with the last header), and
-/// the client's own credential taken out of them. One pass that keeps every header but:
-/// hop-by-hop ones (and those `Connection` names), `host` and `content-length` (set for the
-/// upstream), `expect` (the client's `100-continue` was answered when its body was read, and the
-/// upstream gets the whole body at once), `authorization` and `x-api-key` (the credential).
-/// `accept-encoding` becomes `identity` where it was, or is added: answers are judged by what they
-/// say (a stream by its events, a JSON answer by parsing it) and error answers are scrubbed of
-/// secrets, so ccgate must be able to read them.
+/// as part of a client's fingerprint), and the client's own credential read from them. One pass
+/// that keeps every header but: hop-by-hop ones (and those `Connection` names), `content-length`
+/// (set for the upstream), a second `host` (the first stays where it is, for its value to be
+/// replaced by the upstream's), and `expect` (the client's `100-continue` was answered when its
+/// body was read, and the upstream gets the whole body at once). `authorization` and `x-api-key`
+/// stay where they are, marked sensitive, for [`Prepared::for_endpoint`] to keep or replace in
+/// place. `accept-encoding` becomes `identity` where it was, or is added: answers are judged by
+/// what they say (a stream by its events, a JSON answer by parsing it) and error answers are
+/// scrubbed of secrets, so ccgate must be able to read them.
 fn forwarded_headers(headers: HeaderMap) -> (HeaderMap, ClientCredential) {
     let named_by_connection: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -174,16 +176,21 @@ fn forwarded_headers(headers: HeaderMap) -> (HeaderMap, ClientCredential) {
     let mut out = HeaderMap::with_capacity(headers.len() + 1);
     let mut credential = ClientCredential::default();
     let mut identity_asked = false;
+    let mut host_kept = false;
     each_line(headers, |name, mut value| {
         if *name == header::AUTHORIZATION || *name == X_API_KEY {
             value.set_sensitive(true);
-            credential.0.push((name.clone(), value));
+            credential.0.push((name.clone(), value.clone()));
+            out.append(name.clone(), value);
         } else if *name == header::ACCEPT_ENCODING {
             if !std::mem::replace(&mut identity_asked, true) {
                 out.append(name.clone(), http::HeaderValue::from_static("identity"));
             }
-        } else if !(*name == header::HOST
-            || *name == header::CONTENT_LENGTH
+        } else if *name == header::HOST {
+            if !std::mem::replace(&mut host_kept, true) {
+                out.append(name.clone(), value);
+            }
+        } else if !(*name == header::CONTENT_LENGTH
             || *name == header::EXPECT
             || is_hop_by_hop(name)
             || named_by_connection.contains(name))
@@ -198,36 +205,6 @@ fn forwarded_headers(headers: HeaderMap) -> (HeaderMap, ClientCredential) {
         );
     }
     (out, credential)
-}
-
-/// Removes every header `gone` picks, keeping the others in their order (`HeaderMap::remove` moves
-/// the last header into the gap, and relays may read the order as part of a client's
-/// fingerprint). Nothing is rebuilt when nothing goes.
-pub(crate) fn remove_in_order(headers: &mut HeaderMap, gone: impl Fn(&HeaderName) -> bool) {
-    if !headers.keys().any(&gone) {
-        return;
-    }
-    let mut kept = HeaderMap::with_capacity(headers.len());
-    each_line(std::mem::take(headers), |name, value| {
-        if !gone(name) {
-            kept.append(name.clone(), value);
-        }
-    });
-    *headers = kept;
-}
-
-/// Every line of `headers` in order, each with its name (a `HeaderMap` names a header once, before
-/// its first value).
-fn each_line(headers: HeaderMap, mut line: impl FnMut(&HeaderName, http::HeaderValue)) {
-    let mut current: Option<HeaderName> = None;
-    for (name, value) in headers {
-        if let Some(n) = name {
-            current = Some(n);
-        }
-        if let Some(name) = &current {
-            line(name, value);
-        }
-    }
 }
 
 /// Removes hop-by-hop headers, including any the `Connection` header names.
@@ -322,16 +299,29 @@ impl Prepared {
         *req.method_mut() = self.method.clone();
         *req.uri_mut() = uri;
         *req.headers_mut() = self.headers.clone();
-        match &ep.auth_header {
-            Some((name, value)) => {
-                req.headers_mut().insert(name.clone(), value.clone());
-                strip_oauth_beta(req.headers_mut());
+        // The client's credential lines are in place: an endpoint with a key of its own has them
+        // replaced by its own, where the first of them was; a `credential = "client"` endpoint
+        // gets them as they are.
+        if let Some((name, value)) = &ep.auth_header {
+            let headers = req.headers_mut();
+            if self.client_credential.0.iter().all(|(n, _)| n == name) {
+                // `insert` keeps the position of a header already there, or appends.
+                headers.insert(name.clone(), value.clone());
+            } else {
+                let mut own = Some((name.clone(), value.clone()));
+                let mut out = HeaderMap::with_capacity(headers.len());
+                each_line(std::mem::take(headers), |n, v| {
+                    if *n == header::AUTHORIZATION || *n == X_API_KEY {
+                        if let Some((n, v)) = own.take() {
+                            out.append(n, v);
+                        }
+                    } else {
+                        out.append(n.clone(), v);
+                    }
+                });
+                *headers = out;
             }
-            None => {
-                for (name, value) in &self.client_credential.0 {
-                    req.headers_mut().insert(name.clone(), value.clone());
-                }
-            }
+            strip_oauth_beta(headers);
         }
         Ok(req)
     }

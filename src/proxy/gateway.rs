@@ -8,13 +8,13 @@ use http::{HeaderMap, HeaderName, header};
 use crate::config::Config;
 use crate::health::registry::Registry;
 use crate::proxy::events::Events;
-use crate::proxy::forward::remove_in_order;
 use crate::proxy::recent::Recent;
 use crate::proxy::usage::LiveUsage;
 use crate::proxy::usage::UsageTally;
 use crate::select::affinity::Affinity;
 use crate::select::budget::RetryBudget;
 use crate::select::strategy::Selector;
+use crate::transport::headers::remove_in_order;
 
 /// The header ccgate's `GET /_ccgate/health` answer carries (its version): how the CLI tells the
 /// gateway from another server on the same address.

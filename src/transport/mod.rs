@@ -1,6 +1,7 @@
 //! Upstream connections: per-endpoint, per-worker HTTP/1.1 pools over rustls. Knows nothing of
 //! health, selection or the request handler.
 
+pub mod headers;
 pub mod replay;
 pub mod socket;
 pub mod upstream;

@@ -59,6 +59,7 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 use crate::config::{DEFAULT_MAX_IDLE_UPSTREAM, Timeouts};
+use crate::transport::headers::remove_in_order;
 use crate::transport::socket::Socket;
 
 /// Body type of upstream requests: the buffered client body, replayed per attempt.
@@ -295,6 +296,8 @@ impl UpstreamClient {
             let origin = self.inner.origin(req.uri())?;
             let mut turn = None;
             if self.inner.speaks_h2() && !self.inner.h2_declined.load(Ordering::Relaxed) {
+                // HTTP/2 names the host in `:authority`, from the URI.
+                remove_in_order(req.headers_mut(), |n| *n == header::HOST);
                 // Boxed: the HTTP/2 path's state would otherwise size every request's future.
                 match Box::pin(self.send_h2(slot, req)).await? {
                     H2Sent::Answered(resp) => return Ok(resp),
@@ -308,6 +311,8 @@ impl UpstreamClient {
                     }
                 }
             }
+            // In place of the client's `Host`, when it sent one (`insert` keeps a header's
+            // position).
             req.headers_mut().insert(header::HOST, origin.host.clone());
             // The connection gets the origin form; the absolute URI is kept for connecting.
             let target = origin_form(req.uri());
@@ -333,7 +338,7 @@ impl UpstreamClient {
                     Ok(self.inner.answer(resp, slot, sender))
                 }
                 NewConn::H2(mut conn) => {
-                    req.headers_mut().remove(header::HOST);
+                    remove_in_order(req.headers_mut(), |n| *n == header::HOST);
                     *req.uri_mut() = uri;
                     let stream = StreamSlot::take(&conn.streams);
                     self.inner.h2[slot].conns.lock().push(conn.clone());
