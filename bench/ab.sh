@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Two ccgate builds side by side: the same two mock upstreams, the binaries alternated run by run,
-# `oha` at one concurrency; prints each run's p50 latency and req/s. For differences too small for
-# one bench/run.sh (a change's cost at c=1, say), compare the medians over the rounds.
+# `oha` at one concurrency; prints each run's p50 latency, req/s and the gateway's CPU per request
+# (utime + stime of all its threads over the timed run). For differences too small for one
+# bench/run.sh (a change's cost at c=1, say), compare the medians over the rounds.
 #
 #   bench/ab.sh OLD_BIN NEW_BIN                 2 KB body, c=1, 4 rounds of 5 s (after 2 s warm-up)
 #   BODY=100k C=64 R=6 D=10 bench/ab.sh A B     body from bench/payloads.py, concurrency, rounds, seconds
@@ -23,6 +24,8 @@ addr() { local a; for _ in $(seq 100); do a=$(grep -o 'listening on [^ ]*' "$1" 
 A=$(addr "$OUT/mock-a.log"); B=$(addr "$OUT/mock-b.log")
 printf '[server]\nlisten = "127.0.0.1:0"\n\n[[endpoints]]\nname = "a"\nbase_url = "http://%s"\napi_key = "k"\n\n[[endpoints]]\nname = "b"\nbase_url = "http://%s"\napi_key = "k"\n' "$A" "$B" >"$OUT/config.toml"
 chmod 600 "$OUT/config.toml"
+# utime + stime of a process (all its threads), in clock ticks.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 load() { oha -z "$1" -c "$C" -m POST -D "$BODY_FILE" -H 'content-type: application/json' \
     -H 'anthropic-version: 2023-06-01' --no-tui --output-format json "$2"; }
 for r in $(seq "$R"); do
@@ -33,9 +36,11 @@ for r in $(seq "$R"); do
         pid=$!
         url=http://$(addr "$OUT/gw.log")/v1/messages
         load 2s "$url" >/dev/null
+        cpu0=$(cpu_ticks "$pid")
         load "${D}s" "$url" >"$OUT/run.json"
-        python3 -c 'import json,sys; j=json.load(open(sys.argv[1])); print("round %s  %-40s p50 %.3f ms  %.0f req/s" % (sys.argv[3], sys.argv[2], j["latencyPercentiles"]["p50"]*1000, j["summary"]["requestsPerSec"]))' \
-            "$OUT/run.json" "$bin" "$r"
+        cpu1=$(cpu_ticks "$pid")
+        python3 -c 'import json,sys; j=json.load(open(sys.argv[1])); s=j["summary"]; n=s["requestsPerSec"]*s["total"]; print("round %s  %-40s p50 %.3f ms  %.0f req/s  %.1f us CPU per request" % (sys.argv[3], sys.argv[2], j["latencyPercentiles"]["p50"]*1000, s["requestsPerSec"], (int(sys.argv[5]) - int(sys.argv[4])) / int(sys.argv[6]) * 1e6 / n))' \
+            "$OUT/run.json" "$bin" "$r" "$cpu0" "$cpu1" "$(getconf CLK_TCK)"
         kill "$pid"; wait "$pid" 2>/dev/null || true
     done
 done

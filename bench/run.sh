@@ -10,7 +10,8 @@
 #
 # What it does, all on loopback:
 #   1. installs what is missing: `oha` (cargo install oha --locked), nginx (apt-get install -y nginx);
-#   2. builds ccgate (`cargo build --release` in the repo root) and the bench crate
+#   2. builds ccgate (scripts/pgo.sh: a release build optimised with a profile of its request path;
+#      PGO=0 for plain `cargo build --release`) and the bench crate
 #      bench/mock-upstream (binaries `mock-upstream`, `sse-load` and `bare-proxy`);
 #   3. raises the open-file limit as far as the hard limit allows (10k slow streams need two
 #      descriptors per stream in a proxy, one in the client and one in a mock), starts two mocks,
@@ -67,6 +68,9 @@
 #                          long as one stream (e.g. 0.1) spreads them over time instead
 #   FAILOVER_CONCURRENCY=16
 #   WORKLOADS="ns_c1 ns_c64 sse_c64 slow failover"   subset to run
+#   PGO=1                  build ccgate with profile-guided optimisation (scripts/pgo.sh: a
+#                          training run over the mocks, then the optimised build), as a release
+#                          would ship it; PGO=0: plain `cargo build --release`
 #   CCGATE_BIN=path        use this ccgate binary, build nothing
 #   CCGATE_REF=HEAD        build ccgate from this git ref (git archive into BUILD_DIR) instead of
 #                          the working tree, e.g. while the working tree does not compile
@@ -117,6 +121,7 @@ FAILOVER_CONCURRENCY=${FAILOVER_CONCURRENCY:-16}
 WORKLOADS=${WORKLOADS:-"ns_c1 ns_c64 sse_c64 slow failover"}
 BUILD_DIR=${BUILD_DIR:-${TMPDIR:-/tmp}/ccgate-bench-build}
 PROFILE=${PROFILE:-0}
+PGO=${PGO:-1}
 OUT=${OUT:-BENCHMARKS.md}
 [[ $OUT == /* ]] || OUT=$ROOT/$OUT
 CCGATE_RUST_LOG=${CCGATE_RUST_LOG:-warn}
@@ -306,15 +311,29 @@ build() {
         log "building ccgate from git ref $CCGATE_REF in $BUILD_DIR"
         rm -rf "$BUILD_DIR/src" && mkdir -p "$BUILD_DIR/src"
         git -C "$ROOT" archive "$CCGATE_REF" | tar -x -C "$BUILD_DIR/src"
-        (cd "$BUILD_DIR/src" && CARGO_TARGET_DIR=$BUILD_DIR/target cargo build --release --bin ccgate)
-        CCGATE=$BUILD_DIR/target/release/ccgate
+        if ((PGO)) && [[ -x $BUILD_DIR/src/scripts/pgo.sh ]]; then
+            (cd "$BUILD_DIR/src" && env -u CARGO_TARGET_DIR scripts/pgo.sh)
+            CCGATE=$BUILD_DIR/src/target/pgo/ccgate
+        else
+            (cd "$BUILD_DIR/src" && CARGO_TARGET_DIR=$BUILD_DIR/target cargo build --release --bin ccgate)
+            CCGATE=$BUILD_DIR/target/release/ccgate
+        fi
         CCGATE_VERSION="$(git -C "$ROOT" rev-parse --short "$CCGATE_REF") ($CCGATE_REF)"
+    elif ((PGO)); then
+        log "building ccgate with profile-guided optimisation (scripts/pgo.sh)"
+        (cd "$ROOT" && scripts/pgo.sh) ||
+            die "ccgate does not build; CCGATE_REF=HEAD bench/run.sh benchmarks the last commit instead"
+        CCGATE=$ROOT/target/pgo/ccgate
+        CCGATE_VERSION="$(git -C "$ROOT" rev-parse --short HEAD)$(git -C "$ROOT" diff --quiet HEAD -- src Cargo.toml || echo '+dirty')"
     else
         log "building ccgate (cargo build --release)"
         (cd "$ROOT" && cargo build --release) ||
             die "ccgate does not build; CCGATE_REF=HEAD bench/run.sh benchmarks the last commit instead"
         CCGATE=${CARGO_TARGET_DIR:-$ROOT/target}/release/ccgate
         CCGATE_VERSION="$(git -C "$ROOT" rev-parse --short HEAD)$(git -C "$ROOT" diff --quiet HEAD -- src Cargo.toml || echo '+dirty')"
+    fi
+    if [[ -z "${CCGATE_BIN:-}" ]] && ((PGO)); then
+        CCGATE_VERSION+=", PGO build"
     fi
     [[ -x "$CCGATE" ]] || die "no ccgate binary at $CCGATE"
     # Run a private copy: another build may replace target/release/ccgate while we measure.
