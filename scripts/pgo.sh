@@ -32,7 +32,7 @@ fi
 # the build scripts and proc macros (which would write profiles of their own while compiling).
 host=$(rustc -vV | sed -n 's/^host: //p')
 rm -rf "$OUT/profiles" "$OUT/train"
-mkdir -p "$OUT/profiles" "$OUT/train/data"
+mkdir -p "$OUT/profiles" "$OUT/train"
 
 log "instrumented build"
 RUSTFLAGS="-Cprofile-generate=$OUT/profiles" \
@@ -45,15 +45,31 @@ cd "$OUT/train"
 trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null' EXIT
 python3 "$ROOT/bench/payloads.py" . >/dev/null
 addr() { local a; for _ in $(seq 100); do a=$(grep -o 'listening on [^ ]*' "$1" 2>/dev/null | head -n1 | awk '{print $3}' | sed 's|http://||'); [[ -n $a ]] && { echo "$a"; return; }; sleep 0.1; done; echo "pgo: no listen address in $1" >&2; exit 1; }
-"$T/mock-upstream" --port 0 >mock-a.log 2>&1 &
-"$T/mock-upstream" --port 0 >mock-b.log 2>&1 &
+# The mocks also speak h2c, for the round with `http2 = true` endpoints.
+"$T/mock-upstream" --port 0 --http2 >mock-a.log 2>&1 &
+"$T/mock-upstream" --port 0 --http2 >mock-b.log 2>&1 &
 A=$(addr mock-a.log); B=$(addr mock-b.log)
-printf '[server]\nlisten = "127.0.0.1:0"\n\n[[endpoints]]\nname = "a"\nbase_url = "http://%s"\napi_key = "k"\n\n[[endpoints]]\nname = "b"\nbase_url = "http://%s"\napi_key = "k"\n' "$A" "$B" >config.toml
-chmod 600 config.toml
-XDG_DATA_HOME=$OUT/train/data XDG_STATE_HOME=$OUT/train/data RUST_LOG=warn \
-    "$OUT/gen/$host/release/ccgate" serve --config config.toml >gateway.log 2>&1 &
-gw=$!
-url=http://$(addr gateway.log)/v1/messages
+# config FILE EXTRA: a gateway over both mocks, EXTRA added to each endpoint.
+config() {
+    printf '[server]\nlisten = "127.0.0.1:0"\n\n[[endpoints]]\nname = "a"\nbase_url = "http://%s"\napi_key = "k"\n%s\n\n[[endpoints]]\nname = "b"\nbase_url = "http://%s"\napi_key = "k"\n%s\n' \
+        "$A" "$2" "$B" "$2" >"$1"
+    chmod 600 "$1"
+}
+# gateway CONFIG: starts the instrumented gateway, with a state of its own (the first run's
+# endpoints end ejected by the failing answers); sets gw (its pid) and url.
+gateway() {
+    : >gateway.log
+    mkdir -p "data-$1"
+    XDG_DATA_HOME=$PWD/data-$1 XDG_STATE_HOME=$PWD/data-$1 RUST_LOG=warn \
+        "$OUT/gen/$host/release/ccgate" serve --config "$1" >gateway.log 2>&1 &
+    gw=$!
+    url=http://$(addr gateway.log)/v1/messages
+}
+# The profile is written when the gateway exits.
+stop_gateway() { kill -TERM "$gw"; wait "$gw" || true; }
+config h1.toml ""
+config h2.toml "http2 = true"
+gateway h1.toml
 headers=(-H 'content-type: application/json' -H 'anthropic-version: 2023-06-01')
 
 log "training: non-streaming"
@@ -73,9 +89,13 @@ log "training: failing answers"
 for status in 429 500 529 400; do
     oha -n 200 -c 4 -m POST -D 2k.json "${headers[@]}" -H "x-mock-fail-status: $status" --no-tui "$url" >/dev/null
 done
-# The profile is written when the gateway exits.
-kill -TERM "$gw"
-wait "$gw" || true
+stop_gateway
+log "training: HTTP/2 to the upstreams"
+gateway h2.toml
+oha -z "${TRAIN_S}s" -c 32 -m POST -D 2k.json "${headers[@]}" --no-tui "$url" >/dev/null
+"$T/sse-load" --url "$url" -c 32 --duration "$TRAIN_S" --body 2k-stream.json \
+    -H 'x-mock-events: 20' -H 'x-mock-pace-ms: 1' --expect-events 26 >/dev/null
+stop_gateway
 cd "$ROOT"
 ls "$OUT"/profiles/*.profraw >/dev/null 2>&1 || { echo "pgo: the training run wrote no profile" >&2; exit 1; }
 

@@ -71,6 +71,12 @@ impl Drop for H2Upstream {
 
 impl H2Upstream {
     async fn start(tls: bool, deltas: usize, hold: Hold) -> Self {
+        Self::start_allowing(tls, deltas, hold, 1000).await
+    }
+
+    /// An upstream whose connections allow `max_streams` concurrent streams each
+    /// (`SETTINGS_MAX_CONCURRENT_STREAMS`).
+    async fn start_allowing(tls: bool, deltas: usize, hold: Hold, max_streams: u32) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let seen = Arc::new(Seen::default());
@@ -94,7 +100,7 @@ impl H2Upstream {
                         answer(req, Arc::clone(&seen), Arc::clone(&open), deltas, hold)
                     });
                     let mut b = auto::Builder::new(TokioExecutor::new());
-                    b.http2().max_concurrent_streams(1000);
+                    b.http2().max_concurrent_streams(max_streams);
                     match acceptor {
                         Some(a) => {
                             if let Ok(tls) = a.accept(tcp).await {
@@ -354,6 +360,34 @@ async fn streams_share_few_connections_and_every_one_is_counted() {
     let v = gw.endpoint_view("h2").await;
     assert_eq!(v["outcomes"]["success"], 2 * WAVE as u64 + 1, "{v}");
     assert_eq!(v["total_requests"], 2 * WAVE as u64 + 1, "{v}");
+}
+
+/// A server that allows fewer streams per connection than ccgate's 100 gets no more than it
+/// allows: the streams past its limit open another connection instead of waiting in the first
+/// for one of its streams to end (audit: the server's limit was not read).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_servers_lower_stream_limit_opens_another_connection() {
+    let up = H2Upstream::start_allowing(false, 3, Hold::UntilReleased, 2).await;
+    // One worker, so one pool: the wave below meets the connection the first request opened.
+    let gw = Arc::new(
+        GatewayBuilder::new()
+            .server("workers = 1")
+            .endpoint("h2", &up.url(), "http2 = true")
+            .start()
+            .await,
+    );
+    // Its answer came after the server's SETTINGS, so the limit is known from here on.
+    let a = gw.post_message(false).await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    // Four streams held open together: two on that connection, two on a second (whose first
+    // stream opened it and whose second comes within its limit, whether or not its SETTINGS
+    // have arrived by then). Streams queued behind the limit would never all be open at once.
+    assert_eq!(streams(&gw, &up, 4).await, 4);
+    assert_eq!(up.seen.max_streams_per_connection.load(Ordering::SeqCst), 2);
+    assert_eq!(up.connections(), 2);
+    gw.settle().await;
+    let v = gw.endpoint_view("h2").await;
+    assert_eq!(v["outcomes"]["success"], 5, "{v}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

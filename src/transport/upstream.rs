@@ -7,7 +7,8 @@
 //! expect. An endpoint with `http2 = true` offers HTTP/2 by ALPN over `https` (and falls back to
 //! HTTP/1.1 when the server declines) or speaks it with prior knowledge over plain `http`. Its
 //! requests are then streams multiplexed on a few connections per worker — up to
-//! [`H2_STREAMS_PER_CONNECTION`] each, the minimum RFC 9113 advises servers to allow — which saves
+//! [`H2_STREAMS_PER_CONNECTION`] each, the minimum RFC 9113 advises servers to allow, or the
+//! server's own limit when lower — which saves
 //! each stream the HTTP/1.1 connection's buffers and task (39% of ccgate's memory per open
 //! stream, measured in `bench/ANALYSIS.md`) at some CPU per short request. A stream holds
 //! its connection's slot until its answer's body ends or is dropped; a connection that carries
@@ -69,8 +70,8 @@ pub type UpstreamBody = crate::transport::replay::ReplayBody;
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// Most concurrent streams ccgate opens on one HTTP/2 connection: RFC 9113 §6.5.2 advises servers
-/// to allow at least 100, so no stream waits for the server's limit; more streams open another
-/// connection.
+/// to allow at least 100. A server that allows fewer (`SETTINGS_MAX_CONCURRENT_STREAMS`) gets no
+/// more than it allows, once its SETTINGS have arrived; more streams open another connection.
 pub const H2_STREAMS_PER_CONNECTION: usize = 100;
 
 /// How often an HTTP/2 connection is pinged (idle or not); one unanswered for
@@ -130,6 +131,21 @@ struct H2Pool {
 struct H2Conn {
     sender: http2::SendRequest<UpstreamBody>,
     streams: Arc<AtomicUsize>,
+    /// The connection itself, driven by its task ([`H2Driver`]) and read for the server's
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS` (hyper tells it only there).
+    conn: Arc<Mutex<H2Connection>>,
+}
+
+type H2Connection = http2::Connection<Socket, UpstreamBody, TokioExecutor>;
+
+impl H2Conn {
+    /// Whether it takes another stream: it carries fewer than [`H2_STREAMS_PER_CONNECTION`], and
+    /// fewer than the server allows once its SETTINGS have been read (a stream past that would
+    /// wait in the connection for another to end).
+    fn has_room(&self) -> bool {
+        let streams = self.streams.load(Ordering::Relaxed);
+        streams < H2_STREAMS_PER_CONNECTION && streams < self.conn.lock().current_max_send_streams()
+    }
 }
 
 /// A stream's place on its HTTP/2 connection, given back when dropped.
@@ -499,9 +515,7 @@ impl Pools {
             }
             std::mem::replace(&mut first_idle, false)
         });
-        let conn = conns
-            .iter()
-            .find(|c| c.streams.load(Ordering::Relaxed) < H2_STREAMS_PER_CONNECTION)?;
+        let conn = conns.iter().find(|c| c.has_room())?;
         Some((conn.clone(), StreamSlot::take(&conn.streams)))
     }
 
@@ -602,9 +616,14 @@ impl Pools {
                 .keep_alive_while_idle(true)
                 .handshake(Socket::from(io))
                 .await?;
-            drive::<true, _>(conn);
+            let conn = Arc::new(Mutex::new(conn));
+            drive::<true, _>(H2Driver(Arc::clone(&conn)));
             let streams = Arc::new(AtomicUsize::new(0));
-            return Ok(NewConn::H2(H2Conn { sender, streams }));
+            return Ok(NewConn::H2(H2Conn {
+                sender,
+                streams,
+                conn,
+            }));
         }
         let (sender, conn) = hyper::client::conn::http1::handshake(Socket::from(io)).await?;
         drive::<false, _>(conn);
@@ -627,6 +646,18 @@ fn refused_unprocessed(e: &hyper::Error) -> bool {
         source = s.source();
     }
     false
+}
+
+/// An HTTP/2 connection's task: the connection is shared with its place in the pool, which reads
+/// the server's stream limit from it.
+struct H2Driver(Arc<Mutex<H2Connection>>);
+
+impl Future for H2Driver {
+    type Output = Result<(), hyper::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut *self.0.lock()).poll(cx)
+    }
 }
 
 /// Spawns the task that drives an upstream connection (HTTP/2 when `H2`) until it ends, and
