@@ -313,11 +313,20 @@ impl AdminClient {
             });
             Ok(ok && (marked || older))
         };
-        tokio::time::timeout(Duration::from_secs(10), asked)
+        self.within(10, asked).await
+    }
+
+    /// `fut`, or an error naming the gateway when it takes longer than `secs` seconds.
+    async fn within<T>(
+        &self,
+        secs: u64,
+        fut: impl Future<Output = Result<T, CallError>>,
+    ) -> Result<T, CallError> {
+        tokio::time::timeout(Duration::from_secs(secs), fut)
             .await
             .unwrap_or_else(|_| {
                 Err(CallError(format!(
-                    "{} did not answer within 10s",
+                    "{} did not answer within {secs}s",
                     self.target.url
                 )))
             })
@@ -365,14 +374,7 @@ impl AdminClient {
                 .to_bytes();
             Ok(Answer { status, body })
         };
-        tokio::time::timeout(Duration::from_secs(60), fut)
-            .await
-            .unwrap_or_else(|_| {
-                Err(CallError(format!(
-                    "{} did not answer within 60s",
-                    self.target.url
-                )))
-            })
+        self.within(60, fut).await
     }
 }
 

@@ -16,7 +16,7 @@ use crate::config::RelayLimits;
 use crate::health::classify::{Outcome, TransportKind, classify_sse_error};
 use crate::health::endpoint::Endpoint;
 use crate::transport::error_chain;
-use crate::transport::headers::{each_line, remove_in_order};
+use crate::transport::headers::{each_line, remove_in_order, replace_in_order};
 use crate::transport::replay::{Frames, ReplayBody};
 use crate::transport::upstream::{AnswerBody, UpstreamBody, UpstreamError};
 use crate::wire::sse::SseScanner;
@@ -166,13 +166,7 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 /// what they say (a stream by its events, a JSON answer by parsing it) and error answers are
 /// scrubbed of secrets, so ccgate must be able to read them.
 fn forwarded_headers(headers: HeaderMap) -> (HeaderMap, ClientCredential) {
-    let named_by_connection: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
+    let named_by_connection: Vec<HeaderName> = named_by_connection(&headers).collect();
     let mut out = HeaderMap::with_capacity(headers.len() + 1);
     let mut credential = ClientCredential::default();
     let mut identity_asked = false;
@@ -207,6 +201,16 @@ fn forwarded_headers(headers: HeaderMap) -> (HeaderMap, ClientCredential) {
     (out, credential)
 }
 
+/// The header names the `Connection` header lists (hop-by-hop for this connection only).
+fn named_by_connection(headers: &HeaderMap) -> impl Iterator<Item = HeaderName> + '_ {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+}
+
 /// Removes hop-by-hop headers, including any the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // One pass over the (few) headers present instead of a lookup per hop-by-hop name: most
@@ -214,12 +218,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if !headers.keys().any(is_hop_by_hop) {
         return;
     }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+    let named: Vec<HeaderName> = named_by_connection(headers)
         .chain(headers.keys().filter(|k| is_hop_by_hop(k)).cloned())
         .collect();
     for n in named {
@@ -308,18 +307,11 @@ impl Prepared {
                 // `insert` keeps the position of a header already there, or appends.
                 headers.insert(name.clone(), value.clone());
             } else {
-                let mut own = Some((name.clone(), value.clone()));
-                let mut out = HeaderMap::with_capacity(headers.len());
-                each_line(std::mem::take(headers), |n, v| {
-                    if *n == header::AUTHORIZATION || *n == X_API_KEY {
-                        if let Some((n, v)) = own.take() {
-                            out.append(n, v);
-                        }
-                    } else {
-                        out.append(n.clone(), v);
-                    }
-                });
-                *headers = out;
+                replace_in_order(
+                    headers,
+                    |n| *n == header::AUTHORIZATION || *n == X_API_KEY,
+                    Some((name.clone(), value.clone())),
+                );
             }
             strip_oauth_beta(headers);
         }

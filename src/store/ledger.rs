@@ -33,6 +33,11 @@ pub struct LedgerRow {
     pub web_search_requests: u64,
 }
 
+/// Whether `sql` (a query without parameters) returns a row.
+fn has_row(conn: &Connection, sql: &str) -> rusqlite::Result<bool> {
+    Ok(conn.query_row(sql, [], |_| Ok(())).optional()?.is_some())
+}
+
 /// The usage ledger from `since` (`YYYY-MM-DD`, UTC) on, read from the database file at `path`
 /// opened read-only (a running gateway keeps writing undisturbed).
 pub fn read_ledger(path: &Path, since: &str) -> anyhow::Result<Vec<LedgerRow>> {
@@ -41,27 +46,19 @@ pub fn read_ledger(path: &Path, since: &str) -> anyhow::Result<Vec<LedgerRow>> {
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
     conn.busy_timeout(Duration::from_secs(5))?;
-    let has_usage: bool = conn
-        .query_row(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'usage'",
-            [],
-            |_| Ok(true),
-        )
-        .optional()?
-        .unwrap_or(false);
+    let has_usage = has_row(
+        &conn,
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'usage'",
+    )?;
     if !has_usage {
         return Ok(Vec::new());
     }
     // A file no gateway has migrated yet (read-only here) has no columns for the 1-hour cache
     // and web searches: they read as 0.
-    let has_extras: bool = conn
-        .query_row(
-            "SELECT 1 FROM pragma_table_info('usage') WHERE name = 'web_search_requests'",
-            [],
-            |_| Ok(true),
-        )
-        .optional()?
-        .unwrap_or(false);
+    let has_extras = has_row(
+        &conn,
+        "SELECT 1 FROM pragma_table_info('usage') WHERE name = 'web_search_requests'",
+    )?;
     let extras = if has_extras {
         "cache_creation_1h_input_tokens, web_search_requests"
     } else {

@@ -7,13 +7,28 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 /// Removes every header `gone` picks, keeping the others in their order. Nothing is rebuilt when
 /// nothing goes.
 pub fn remove_in_order(headers: &mut HeaderMap, gone: impl Fn(&HeaderName) -> bool) {
+    replace_in_order(headers, gone, None);
+}
+
+/// Removes every header `gone` picks and puts `put` where the first of them was (appended when
+/// none was there), keeping the others in their order. Nothing is rebuilt when nothing goes.
+pub fn replace_in_order(
+    headers: &mut HeaderMap,
+    gone: impl Fn(&HeaderName) -> bool,
+    mut put: Option<(HeaderName, HeaderValue)>,
+) {
     if !headers.keys().any(&gone) {
+        if let Some((name, value)) = put {
+            headers.append(name, value);
+        }
         return;
     }
     let mut kept = HeaderMap::with_capacity(headers.len());
     each_line(std::mem::take(headers), |name, value| {
         if !gone(name) {
             kept.append(name.clone(), value);
+        } else if let Some((name, value)) = put.take() {
+            kept.append(name, value);
         }
     });
     *headers = kept;
