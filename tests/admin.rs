@@ -195,3 +195,67 @@ async fn requests_that_did_not_succeed_are_shown_as_they_went() {
     assert_eq!(last["attempts"], 2, "{v}");
     gw.shutdown().await;
 }
+
+/// A client that leaves after its request failed over, while the next endpoint is still on it,
+/// is in the failover ring: the failed attempt, served by none, with the "client closed request"
+/// status (499). Recording it moves no counter: the failed attempt and the cancelled one are
+/// each counted once, and the request once, as cancelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_left_after_a_failover_is_in_the_failover_ring() {
+    let a = MockUpstream::start().await;
+    let b = MockUpstream::start().await;
+    let gw = GatewayBuilder::new()
+        .health("failure_threshold = 100")
+        .endpoint("a", &a.url(), "priority = 1")
+        .endpoint("b", &b.url(), "priority = 2")
+        .start()
+        .await;
+    a.push(Script::error(500, "api_error", "boom"));
+    b.push(Script::stall_before_headers());
+    let body = TestGateway::message_body(false);
+    let client = support::gateway::http_client();
+    let req = http::Request::post(gw.url("/v1/messages"))
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(Bytes::from(body.to_string())))
+        .expect("request");
+    let leaving = tokio::spawn(async move { client.request(req).await.map(|_| ()) });
+    b.wait_requests(1).await;
+    leaving.abort();
+
+    let list = support::wait::eventually_some("the left request in the failover ring", || async {
+        let events = gw.admin("events").await;
+        let list = events["failovers"].as_array().cloned().unwrap_or_default();
+        (!list.is_empty()).then_some(list)
+    })
+    .await;
+    assert_eq!(list.len(), 1, "{list:?}");
+    let entry = &list[0];
+    assert!(
+        entry["request_id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("req_")),
+        "{entry}"
+    );
+    assert_eq!(entry["served_by"], serde_json::Value::Null, "{entry}");
+    assert_eq!(entry["status"], 499, "{entry}");
+    let failed = entry["failed"].as_array().expect("failed attempts");
+    assert_eq!(failed.len(), 1, "{entry}");
+    assert_eq!(failed[0]["endpoint"], "a");
+    assert_eq!(failed[0]["outcome"], "server_error");
+
+    gw.settle().await;
+    let ea = gw.endpoint_view("a").await;
+    assert_eq!(ea["total_requests"], 1, "{ea}");
+    assert_eq!(ea["failed_requests"], 1, "{ea}");
+    let eb = gw.endpoint_view("b").await;
+    assert_eq!(eb["total_requests"], 1, "{eb}");
+    assert_eq!(eb["cancelled"], 1, "{eb}");
+    assert_eq!(eb["failed_requests"], 0, "{eb}");
+    let stats = gw.admin("stats").await;
+    assert_eq!(stats["total_requests"], 1, "{stats}");
+    assert_eq!(stats["cancelled"], 1, "{stats}");
+    assert_eq!(stats["in_flight"], 0, "{stats}");
+    assert_eq!(a.count(), 1);
+    assert_eq!(b.count(), 1);
+    gw.shutdown().await;
+}

@@ -1,5 +1,6 @@
 //! Recent failovers, for the dashboard: a small ring of the last requests that needed more than
-//! one attempt or found no endpoint. Written only on those requests, never on the happy path.
+//! one attempt or found no endpoint, including those whose client left during failover (status
+//! 499, served by none). Written only on those requests, never on the happy path.
 
 use std::collections::VecDeque;
 
@@ -31,7 +32,7 @@ pub struct Failover {
     pub failed: Vec<FailedAttempt>,
     /// Who answered in the end, if anyone did.
     pub served_by: Option<String>,
-    /// Status the client got.
+    /// Status the client got (499 when it left before any answer).
     pub status: u16,
 }
 

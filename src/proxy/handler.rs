@@ -2,6 +2,7 @@
 //! nothing has reached the client, and answer.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -14,8 +15,8 @@ use crate::health::classify::{self, Outcome, TransportKind, Verdict, classify_st
 use crate::health::endpoint::Endpoint;
 use crate::health::registry::{Admission, Registry};
 use crate::health::totals::RequestNote;
-use crate::health::totals::{RequestEnd, RequestGuard};
-use crate::proxy::events::{FailedAttempt, Failover};
+use crate::health::totals::{RequestEnd, RequestGuard, RequestId};
+use crate::proxy::events::{Events, FailedAttempt, Failover};
 use crate::proxy::forward::{self, Collected, Expects, Preamble, Prepared};
 use crate::proxy::gateway::Gateway;
 use crate::proxy::relay::UsageSinks;
@@ -220,10 +221,82 @@ struct Failure {
     message: String,
 }
 
+/// The status a request's failover record shows when its client left before any answer
+/// (nginx's convention: "client closed request").
+const CLIENT_CLOSED: u16 = 499;
+
+/// A request's failed attempts, kept for the final answer and reported once to the ring of recent
+/// failovers: by the answer (`report`), or, when the client leaves before there is one (the
+/// request's future is dropped mid-failover), by `Drop`, as cancelled and served by none. Counters
+/// are not touched here: each attempt recorded itself when it ended.
+struct Failures<'a> {
+    events: &'a Events,
+    id: RequestId,
+    list: Vec<Failure>,
+    // An atomic, not a `Cell`: the answer's `Commit` holds `&Failures` across awaits, and the
+    // request's future must stay `Send`.
+    reported: AtomicBool,
+}
+
+impl<'a> Failures<'a> {
+    fn new(events: &'a Events, id: RequestId) -> Self {
+        Self {
+            events,
+            id,
+            list: Vec::new(),
+            reported: AtomicBool::new(false),
+        }
+    }
+
+    /// Keeps a request that needed failover (or found nothing) in the recent-failovers ring, once:
+    /// a second report, and the report on drop after this one, do nothing.
+    fn report(&self, served_by: Option<&Endpoint>, status: u16) {
+        if self.reported.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        if self.list.is_empty() && served_by.is_some() {
+            return;
+        }
+        self.events.push(Failover {
+            at: crate::clock::rfc3339(SystemTime::now()),
+            request_id: self.id.to_string(),
+            failed: self
+                .list
+                .iter()
+                .map(|f| FailedAttempt {
+                    endpoint: f.endpoint.name.clone(),
+                    outcome: f.outcome.kind().name(),
+                    message: f.message.clone(),
+                })
+                .collect(),
+            served_by: served_by.map(|e| e.name.clone()),
+            status,
+        });
+    }
+}
+
+impl std::ops::Deref for Failures<'_> {
+    type Target = [Failure];
+
+    fn deref(&self) -> &[Failure] {
+        &self.list
+    }
+}
+
+impl Drop for Failures<'_> {
+    fn drop(&mut self) {
+        // Dropped unreported: the client left during failover. A request that left before any
+        // attempt failed needed no failover and is not kept.
+        if !self.list.is_empty() {
+            self.report(None, CLIENT_CLOSED);
+        }
+    }
+}
+
 /// Ends a failed attempt: logs it as `log` (if given; the message is already scrubbed where it
 /// needs to be), records it with its message for `last_error`, and keeps it for the final answer.
 fn fail_attempt(
-    failures: &mut Vec<Failure>,
+    failures: &mut Failures<'_>,
     attempt: Attempt,
     outcome: Outcome,
     message: String,
@@ -235,7 +308,7 @@ fn fail_attempt(
         tracing::warn!(endpoint = %endpoint.name, kind = outcome.kind().name(), error = %text, "{log}");
     }
     attempt.finish(outcome, Some(message.clone()));
-    failures.push(Failure {
+    failures.list.push(Failure {
         endpoint,
         outcome,
         message,
@@ -330,7 +403,7 @@ fn forward_request(
         }
         let mut candidates = ranking.into_iter();
         let mut tried = Tried::default();
-        let mut failures: Vec<Failure> = Vec::new();
+        let mut failures = Failures::new(&gw.events, guard.id());
         let mut fallback = false;
 
         while (tried.len() as usize) < max_attempts {
@@ -408,6 +481,7 @@ fn forward_request(
                     // the endpoint's (cancelled) and the client is told to come back.
                     tracing::error!(endpoint = %ep.name, error = %OneLine(&message), "attempt not sent");
                     attempt.finish(Outcome::Cancelled, None);
+                    failures.report(None, StatusCode::SERVICE_UNAVAILABLE.as_u16());
                     guard.answered_locally(StatusCode::SERVICE_UNAVAILABLE);
                     guard.end(RequestEnd::Upstream);
                     return response::error(
@@ -607,7 +681,7 @@ fn forward_request(
             Some(last) => guard.served_by(&last.endpoint, tried.len(), resp.status().as_u16()),
             None => guard.answered_locally(resp.status()),
         }
-        note_failover(gw, &guard, &failures, None, resp.status());
+        failures.report(None, resp.status().as_u16());
         guard.end(RequestEnd::Upstream);
         resp
     }
@@ -641,7 +715,7 @@ fn not_serving(reg: &Registry, req: &Prepared) -> Result<Tried, String> {
 /// What committing to an endpoint's answer needs besides the answer itself.
 struct Commit<'a> {
     gw: &'a Gateway,
-    failures: &'a [Failure],
+    failures: &'a Failures<'a>,
     session: Option<&'a (&'a Arc<Affinity>, String)>,
     /// The endpoint the session was bound to when the request was ranked, or that lost it by
     /// leaving rotation.
@@ -696,7 +770,7 @@ impl Commit<'_> {
         // A request that needed failover is kept in the ring whatever the answer (a caller's
         // error after an overloaded endpoint, say); only an answer that is not the caller's
         // error binds its session.
-        note_failover(gw, &guard, failures, Some(ep), parts.status);
+        failures.report(Some(ep), parts.status.as_u16());
         if !matches!(judge, Judge::CallerError)
             && let Some((a, key)) = session
         {
@@ -721,33 +795,6 @@ impl Commit<'_> {
             .stopped_by(stream.then_some(&gw.streams));
         relay_response(parts, relay, ep, attempts, fallback, &req.method)
     }
-}
-
-/// Keeps a request that needed failover (or found nothing) in the recent-failovers ring.
-fn note_failover(
-    gw: &Gateway,
-    guard: &RequestGuard,
-    failures: &[Failure],
-    served_by: Option<&Endpoint>,
-    status: StatusCode,
-) {
-    if failures.is_empty() && served_by.is_some() {
-        return;
-    }
-    gw.events.push(Failover {
-        at: crate::clock::rfc3339(SystemTime::now()),
-        request_id: guard.id().to_string(),
-        failed: failures
-            .iter()
-            .map(|f| FailedAttempt {
-                endpoint: f.endpoint.name.clone(),
-                outcome: f.outcome.kind().name(),
-                message: f.message.clone(),
-            })
-            .collect(),
-        served_by: served_by.map(|e| e.name.clone()),
-        status: status.as_u16(),
-    });
 }
 
 /// The next admitted candidate not yet tried.
