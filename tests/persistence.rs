@@ -947,3 +947,91 @@ async fn usage_table_escapes_what_an_upstream_named_its_model() {
     );
     assert!(f.stdout.contains("evil\\u{1b}]0;PWNED"), "{}", f.stdout);
 }
+
+/// An endpoint's last failure as the database holds it: (kind, message).
+fn stored_last_error(db: &Path, endpoint: &str) -> Option<(String, String)> {
+    let conn =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .ok()?;
+    conn.query_row(
+        "SELECT kind, message FROM endpoint_last_error WHERE endpoint = ?1",
+        [endpoint],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+    .ok()
+}
+
+/// Whether the database's files (the file and its write-ahead log) hold `secret` anywhere.
+fn database_holds(db: &Path, secret: &str) -> bool {
+    let mut wal = db.as_os_str().to_owned();
+    wal.push("-wal");
+    [db.to_path_buf(), PathBuf::from(wal)].iter().any(|p| {
+        std::fs::read(p)
+            .is_ok_and(|bytes| bytes.windows(secret.len()).any(|w| w == secret.as_bytes()))
+    })
+}
+
+/// Each endpoint's `last_error` is shown again after a restart, graceful or `kill -9` once a
+/// flush has written it, with its kind, message and time; the text stored is the scrubbed one,
+/// so the database never holds the credential an upstream echoed.
+#[tokio::test]
+async fn last_error_survives_a_restart_and_never_holds_the_secret() {
+    let up_a = MockUpstream::start().await;
+    let up_b = MockUpstream::start().await;
+    let secret = "sk-test-a-echoed-back";
+    up_a.set_default(Script::error(
+        500,
+        "api_error",
+        &format!("down for maintenance (key {secret})"),
+    ));
+    let sb = process::Sandbox::new();
+    write_two(&sb, &up_a.url(), secret, &up_b.url());
+    let db = sandbox_db(&sb);
+
+    // Run 1: `a` fails, `b` answers; stopped gracefully (the last flush writes `a`'s failure).
+    let serving = process::start(sb.command(&["serve"])).await;
+    let r = process::post_message(serving.addr, &[]).await;
+    assert_eq!(r.header("x-ccgate-endpoint"), Some("b"), "{}", r.body);
+    let a_error = process::endpoint_view(serving.addr, "a").await["last_error"].clone();
+    assert_eq!(a_error["kind"], "server_error", "{a_error}");
+    let message = a_error["message"].as_str().expect("message");
+    assert!(message.contains("down for maintenance"), "{a_error}");
+    assert!(!message.contains(secret), "{a_error}");
+    serving.stop().await;
+
+    // Run 2: the same failure is shown. `b` now fails too; once a flush has written that, the
+    // gateway is killed.
+    let serving = process::start(sb.command(&["serve"])).await;
+    let v = process::endpoint_view(serving.addr, "a").await;
+    assert_eq!(v["last_error"], a_error, "after a graceful restart: {v}");
+    let v = process::endpoint_view(serving.addr, "b").await;
+    assert_eq!(v["last_error"], Value::Null, "{v}");
+    up_b.set_default(Script::overloaded());
+    let r = process::post_message(serving.addr, &[]).await;
+    assert_ne!(r.status, StatusCode::OK, "{}", r.body);
+    let b_error = process::endpoint_view(serving.addr, "b").await["last_error"].clone();
+    assert_eq!(b_error["kind"], "overloaded", "{b_error}");
+    let b_message = b_error["message"].as_str().expect("message").to_string();
+    eventually_some("b's failure written by a flush", || async {
+        stored_last_error(&db, "b").filter(|(_, m)| *m == b_message)
+    })
+    .await;
+    serving.signal("KILL");
+    drop(serving);
+
+    // Run 3, after `kill -9`: both failures are shown as they were.
+    let serving = process::start(sb.command(&["serve"])).await;
+    let v = process::endpoint_view(serving.addr, "a").await;
+    assert_eq!(v["last_error"], a_error, "after kill -9: {v}");
+    let v = process::endpoint_view(serving.addr, "b").await;
+    assert_eq!(v["last_error"], b_error, "after kill -9: {v}");
+    serving.stop().await;
+    assert_eq!(
+        stored_last_error(&db, "a").map(|(kind, _)| kind).as_deref(),
+        Some("server_error")
+    );
+    assert!(
+        !database_holds(&db, secret),
+        "the database must never hold the credential"
+    );
+}

@@ -225,7 +225,7 @@ pub fn endpoint_view(gw: &Gateway, persist: &Persist, ep: &Endpoint) -> Endpoint
         last_error: ep.live.last_error().map(|e| LastErrorView {
             kind: e.kind.name(),
             message: e.message.clone(),
-            at: rfc3339(clock.wall(e.at_ms)),
+            at: rfc3339(e.at),
         }),
         models: ep.models.as_ref().map(|m| m.patterns().to_vec()),
         quota: ep.live.quota().map(|q| QuotaView {

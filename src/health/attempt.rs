@@ -109,7 +109,7 @@ impl Attempt {
                 let error = Arc::new(LastError {
                     kind,
                     message,
-                    at_ms: now,
+                    at: rec.clock.wall(now),
                 });
                 // The previous one is dropped after the lock is released.
                 let previous = live.last_error.lock().replace(error);

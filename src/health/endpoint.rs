@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use http::{HeaderName, HeaderValue};
 
@@ -198,8 +198,8 @@ pub struct LastError {
     pub kind: Kind,
     /// Human-readable detail.
     pub message: String,
-    /// When, in ms on the registry clock.
-    pub at_ms: u64,
+    /// When (wall time: a failure reloaded from the database may predate this run's clock).
+    pub at: SystemTime,
 }
 
 /// A decaying latency estimate plus a log-bucketed histogram, all atomics.
@@ -487,6 +487,18 @@ impl Live {
     /// Last failure, if any.
     pub fn last_error(&self) -> Option<Arc<LastError>> {
         self.last_error.lock().clone()
+    }
+
+    /// Takes up the last failure a previous run saved, unless this run has one of its own
+    /// already; returns it when it was taken up.
+    pub fn resume_last_error(&self, error: LastError) -> Option<Arc<LastError>> {
+        let mut last = self.last_error.lock();
+        if last.is_some() {
+            return None;
+        }
+        let error = Arc::new(error);
+        *last = Some(Arc::clone(&error));
+        Some(error)
     }
 
     /// Records what an answer's rate-limit headers said at `now_ms`. A near-limit endpoint is

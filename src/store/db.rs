@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Weak;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
@@ -11,7 +11,7 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use crate::clock::day_string;
 use crate::health::classify::Kind;
-use crate::health::endpoint::{Counters, Live};
+use crate::health::endpoint::{Counters, LastError, Live};
 use crate::health::queue::EpisodeEvent;
 use crate::health::totals::RequestEnd;
 use crate::proxy::recent::RecentRequest;
@@ -94,6 +94,15 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     // searches, each priced apart.
     "ALTER TABLE usage ADD COLUMN cache_creation_1h_input_tokens INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE usage ADD COLUMN web_search_requests INTEGER NOT NULL DEFAULT 0;",
+    // 6: each endpoint's last failure (`last_error`: kind, scrubbed message, when), written with
+    // the counters and shown again after a restart. An older file gets the table empty.
+    "CREATE TABLE endpoint_last_error (
+        endpoint TEXT PRIMARY KEY,
+        fingerprint TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        message TEXT NOT NULL,
+        at_ms INTEGER NOT NULL
+    ) WITHOUT ROWID;",
 ];
 
 /// How many stored requests are kept, and for how long.
@@ -200,6 +209,8 @@ pub(crate) struct Loaded {
     pub(crate) gateway: GatewayTotals,
     pub(crate) episodes: Vec<EpisodeRow>,
     pub(crate) health: Vec<SavedHealth>,
+    /// Each endpoint's last failure as the previous run last wrote it.
+    pub(crate) last_errors: Vec<SavedLastError>,
     /// Episodes the previous run left open, newest first: its endpoint was still out of rotation
     /// when it stopped (or it was killed). One resumed on start goes on; the others end there.
     pub(crate) left_open: Vec<LeftOpen>,
@@ -512,6 +523,21 @@ impl Store {
             for row in rows {
                 loaded.health.push(row?);
             }
+            let mut st = tx.prepare(
+                "SELECT endpoint, fingerprint, kind, message, at_ms FROM endpoint_last_error",
+            )?;
+            let rows = st.query_map([], |r| {
+                Ok(SavedLastError {
+                    endpoint: r.get(0)?,
+                    fingerprint: r.get(1)?,
+                    kind: r.get(2)?,
+                    message: r.get(3)?,
+                    at_ms: r.get(4)?,
+                })
+            })?;
+            for row in rows {
+                loaded.last_errors.push(row?);
+            }
         }
         tx.commit()?;
         Ok(loaded)
@@ -556,6 +582,21 @@ impl Store {
                         counter.execute(params![name, k.name(), saturating_i64(n)])?;
                     }
                 }
+            }
+            let mut last_error = tx.prepare_cached(
+                "INSERT INTO endpoint_last_error (endpoint, fingerprint, kind, message, at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (endpoint) DO UPDATE SET fingerprint = excluded.fingerprint,
+                    kind = excluded.kind, message = excluded.message, at_ms = excluded.at_ms",
+            )?;
+            for (e, _) in &b.last_errors {
+                last_error.execute(params![
+                    e.endpoint,
+                    e.fingerprint,
+                    e.kind,
+                    e.message,
+                    e.at_ms
+                ])?;
             }
             if let Some((delta, _)) = &b.gateway {
                 let mut st = tx.prepare_cached(ADD_GATEWAY_COUNT)?;
@@ -700,6 +741,9 @@ pub(crate) struct Batch {
     pub(crate) requests: Vec<std::sync::Arc<RecentRequest>>,
     /// The `requests` table's bounds (`None`: leave the table alone).
     pub(crate) requests_keep: Option<RequestsKeep>,
+    /// Last failures that changed since they were last written, each with the failure it is
+    /// (the writer's books note it as written after the commit).
+    pub(crate) last_errors: Vec<(SavedLastError, Arc<LastError>)>,
 }
 
 #[cfg(test)]
@@ -868,6 +912,72 @@ mod tests {
         drop(store);
         let err = Store::open(&path).err().expect("refused");
         assert!(format!("{err:#}").contains("newer ccgate"), "{err:#}");
+    }
+
+    /// A database from before migration 6 (counters, no saved failures) is migrated in place and
+    /// loads with no last failure; a flush's last failures are read back on the next load, a
+    /// later one replacing the earlier one of its endpoint.
+    #[test]
+    fn last_errors_are_kept_and_a_file_from_before_them_loads() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("t.db");
+        {
+            let conn = Connection::open(&path).expect("open");
+            for m in &MIGRATIONS[..5] {
+                conn.execute_batch(m).expect("an older schema");
+            }
+            conn.execute_batch(
+                "CREATE TABLE schema_version (version INTEGER NOT NULL);
+                 INSERT INTO schema_version (version) VALUES (5);
+                 INSERT INTO endpoint_counters (endpoint, kind, count) VALUES ('a', 'started', 3);
+                 INSERT INTO endpoint_counters (endpoint, kind, count) VALUES ('a', 'server_error', 3);",
+            )
+            .expect("a version-5 database with counters");
+        }
+        let mut store = Store::open(&path).expect("migrated");
+        let loaded = store.load().expect("load");
+        assert_eq!(loaded.endpoints["a"].total, 3);
+        assert!(loaded.last_errors.is_empty());
+
+        let failure = |message: &str, at_ms: i64| {
+            let saved = SavedLastError {
+                endpoint: "a".into(),
+                fingerprint: "f".into(),
+                kind: Kind::ServerError.name().into(),
+                message: message.into(),
+                at_ms,
+            };
+            let error = Arc::new(LastError {
+                kind: Kind::ServerError,
+                message: message.into(),
+                at: wall(at_ms),
+            });
+            (saved, error)
+        };
+        let batch = |last_errors| Batch {
+            at: SystemTime::now(),
+            endpoint_deltas: HashMap::new(),
+            health: None,
+            cells: Vec::new(),
+            gateway: None,
+            usage: UsageRows::default(),
+            events: Vec::new(),
+            ops: Vec::new(),
+            open_after: HashMap::new(),
+            requests: Vec::new(),
+            requests_keep: None,
+            last_errors,
+        };
+        store
+            .write(&batch(vec![failure("HTTP 500: first", 1_000)]))
+            .expect("write");
+        store
+            .write(&batch(vec![failure("HTTP 500: second", 2_000)]))
+            .expect("write");
+        drop(store);
+        let mut store = Store::open(&path).expect("open again");
+        let loaded = store.load().expect("load");
+        assert_eq!(loaded.last_errors, [failure("HTTP 500: second", 2_000).0]);
     }
 
     /// A writer that starts on a table it has not looked at yet (a restart) still prunes the

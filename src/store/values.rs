@@ -184,3 +184,20 @@ pub struct SavedHealth {
     /// Probes run in the episode.
     pub probes: u32,
 }
+
+/// An endpoint's last failure, as saved for the next start (`last_error` in the views): its
+/// message as the view shows it, already scrubbed of credentials (never the secret, only
+/// [`crate::health::endpoint::Endpoint::fingerprint`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SavedLastError {
+    /// Endpoint name.
+    pub endpoint: String,
+    /// Fingerprint of its configuration (name, URL, credential): a changed endpoint starts fresh.
+    pub fingerprint: String,
+    /// Outcome kind (a [`crate::health::classify::Kind`] name).
+    pub kind: String,
+    /// What went wrong.
+    pub message: String,
+    /// When (Unix ms).
+    pub at_ms: i64,
+}

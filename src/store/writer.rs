@@ -10,7 +10,8 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 
 use crate::config::StorageConfig;
-use crate::health::endpoint::{Counters, Endpoint, Live};
+use crate::health::classify::Kind;
+use crate::health::endpoint::{Counters, Endpoint, LastError, Live};
 use crate::health::machine::{Phase, Reason};
 use crate::health::queue::EpisodeEvent;
 use crate::health::totals::GatewayStats;
@@ -51,6 +52,9 @@ pub(crate) struct Books {
     pub(crate) recent: VecDeque<EpisodeRow>,
     pub(crate) last_flush: Option<SystemTime>,
     pub(crate) error: Option<String>,
+    /// The last failure committed per endpoint name (the failure itself: a new one is a new
+    /// `Arc`, so a flush writes only what changed).
+    pub(crate) last_errors: HashMap<String, Arc<LastError>>,
 }
 
 impl Books {
@@ -77,6 +81,8 @@ pub struct Persist {
     books: Mutex<Books>,
     /// Endpoints out of rotation when the previous run stopped, until [`attach`] resumes them.
     saved_health: Mutex<Vec<SavedHealth>>,
+    /// Each endpoint's last failure as the previous run saved it, until [`attach`] takes them up.
+    saved_last_errors: Mutex<Vec<SavedLastError>>,
     /// Episodes the previous run left open and when it last flushed, until [`attach`] goes on
     /// with those it resumed and ends the others.
     left_open: Mutex<(Vec<LeftOpen>, Option<i64>)>,
@@ -93,6 +99,7 @@ impl Persist {
             store: Mutex::new(None),
             books: Mutex::new(Books::default()),
             saved_health: Mutex::new(Vec::new()),
+            saved_last_errors: Mutex::new(Vec::new()),
             left_open: Mutex::new((Vec::new(), None)),
         }
     }
@@ -125,6 +132,7 @@ impl Persist {
                 books.recent = loaded.episodes.into();
                 drop(books);
                 *p.saved_health.lock() = loaded.health;
+                *p.saved_last_errors.lock() = loaded.last_errors;
                 *p.left_open.lock() = (loaded.left_open, loaded.last_flush_ms);
                 *p.store.lock() = Some(store);
                 p.tally = Some(Arc::default());
@@ -324,6 +332,7 @@ impl Persist {
             }
         }
         let health = Some(saved_health(gw));
+        let last_errors = changed_last_errors(gw, &books.last_errors);
         let keep = &gw.config.requests;
         Batch {
             requests: gw.recent.take_pending(),
@@ -340,6 +349,7 @@ impl Persist {
             events,
             ops,
             open_after: open,
+            last_errors,
         }
     }
 
@@ -408,6 +418,9 @@ impl Persist {
             }
         }
         books.recent.truncate(RECENT_EPISODES);
+        for (saved, error) in b.last_errors {
+            books.last_errors.insert(saved.endpoint, error);
+        }
         books.last_flush = Some(b.at);
         books.error = None;
     }
@@ -553,6 +566,8 @@ pub async fn attach(gateway: &mut Gateway) -> Arc<Persist> {
         let saved = std::mem::take(&mut *persist.saved_health.lock());
         let resumed = resume_health(gateway, &saved);
         carry_over_episodes(&persist, &resumed);
+        let saved = std::mem::take(&mut *persist.saved_last_errors.lock());
+        resume_last_errors(gateway, &persist, saved);
     }
     gateway.usage = persist.tally();
     if persist.is_active() {
@@ -596,6 +611,64 @@ fn saved_health(gw: &Gateway) -> Vec<SavedHealth> {
         });
     }
     out
+}
+
+/// The endpoints' last failures that differ from what was last committed of them (`written`),
+/// as saved for the next start. Texts are stored as the views show them: scrubbed of every
+/// credential when the failure was recorded.
+fn changed_last_errors(
+    gw: &Gateway,
+    written: &HashMap<String, Arc<LastError>>,
+) -> Vec<(SavedLastError, Arc<LastError>)> {
+    let mut out = Vec::new();
+    for ep in gw.registry.endpoints.iter() {
+        let Some(error) = ep.live.last_error() else {
+            continue;
+        };
+        if written
+            .get(&ep.name)
+            .is_some_and(|w| Arc::ptr_eq(w, &error))
+        {
+            continue;
+        }
+        out.push((
+            SavedLastError {
+                endpoint: ep.name.clone(),
+                fingerprint: ep.fingerprint(),
+                kind: error.kind.name().to_string(),
+                message: error.message.clone(),
+                at_ms: unix_ms(error.at),
+            },
+            error,
+        ));
+    }
+    out
+}
+
+/// Shows again each endpoint's last failure the previous run saved, unless the endpoint is gone
+/// or its name, base URL or credential changed since (it starts fresh, as its health does).
+fn resume_last_errors(gateway: &Gateway, persist: &Persist, saved: Vec<SavedLastError>) {
+    let mut books = persist.books.lock();
+    for s in saved {
+        let Some(ep) = gateway.registry.by_name(&s.endpoint) else {
+            continue;
+        };
+        let Some(kind) = Kind::ALL.iter().copied().find(|k| k.name() == s.kind) else {
+            continue;
+        };
+        if ep.fingerprint() != s.fingerprint {
+            continue;
+        }
+        let error = LastError {
+            kind,
+            message: s.message,
+            // Clamped: a hand-edited file must not make the view panic.
+            at: wall(s.at_ms),
+        };
+        if let Some(error) = ep.live.resume_last_error(error) {
+            books.last_errors.insert(s.endpoint, error);
+        }
+    }
 }
 
 /// Puts the endpoints that were out of rotation when the previous run stopped back where they
