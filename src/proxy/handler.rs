@@ -481,7 +481,11 @@ fn forward_request(
                     // the endpoint's (cancelled) and the client is told to come back.
                     tracing::error!(endpoint = %ep.name, error = %OneLine(&message), "attempt not sent");
                     attempt.finish(Outcome::Cancelled, None);
-                    failures.report(None, StatusCode::SERVICE_UNAVAILABLE.as_u16());
+                    // Kept in the ring only when attempts before it failed over: a request that
+                    // found no resources found no failover either.
+                    if !failures.is_empty() {
+                        failures.report(None, StatusCode::SERVICE_UNAVAILABLE.as_u16());
+                    }
                     guard.answered_locally(StatusCode::SERVICE_UNAVAILABLE);
                     guard.end(RequestEnd::Upstream);
                     return response::error(
