@@ -221,3 +221,76 @@ async fn a_request_for_another_model_does_not_move_the_session() {
         }
     }
 }
+/// Where endpoints route by model, a body that names `model` twice is one request for the last of
+/// them, as a JSON parser upstream reads it: routed by it, and recorded with it in the request log
+/// (audit: the log read the first, while routing read the last).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_model_is_routed_and_recorded_as_the_last_one() {
+    let opus = MockUpstream::start().await;
+    let haiku = MockUpstream::start().await;
+    let gw = GatewayBuilder::new()
+        .endpoint(
+            "opus",
+            &opus.url(),
+            "priority = 1\nmodels = [\"claude-opus-*\"]",
+        )
+        .endpoint(
+            "haiku",
+            &haiku.url(),
+            "priority = 2\nmodels = [\"claude-haiku-*\"]",
+        )
+        .start()
+        .await;
+    for (body, last) in [
+        (
+            r#"{"model":"claude-opus-4-1","max_tokens":16,"messages":[{"role":"user","content":"hi"}],"model":"claude-haiku-4-5"}"#,
+            "claude-haiku-4-5",
+        ),
+        (
+            r#"{"model":"claude-haiku-4-5","max_tokens":16,"messages":[{"role":"user","content":"hi"}],"mod\u0065l":"claude-opus-4-1"}"#,
+            "claude-opus-4-1",
+        ),
+    ] {
+        let r = gw
+            .request(
+                http::Method::POST,
+                "/v1/messages",
+                &[
+                    ("content-type", "application/json"),
+                    ("anthropic-version", "2023-06-01"),
+                ],
+                bytes::Bytes::from_static(body.as_bytes()),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let want = if last.contains("haiku") {
+            "haiku"
+        } else {
+            "opus"
+        };
+        assert_eq!(r.header("x-ccgate-endpoint"), Some(want), "{body}");
+        let id = r
+            .header("x-ccgate-request-id")
+            .expect("request id")
+            .to_string();
+        let record = support::wait::eventually_some("the request's record", || async {
+            let v = gw.admin("requests?limit=1").await;
+            let record = v["requests"][0].clone();
+            (record["request_id"] == id.as_str()).then_some(record)
+        })
+        .await;
+        assert_eq!(record["model"], last, "{record}");
+        assert_eq!(record["endpoint"], want, "{record}");
+    }
+    let upstream = haiku
+        .last_request()
+        .and_then(|r| r.json())
+        .expect("a JSON body");
+    assert_eq!(
+        upstream["model"], "claude-haiku-4-5",
+        "a parser reads the last one"
+    );
+    assert_eq!(opus.count(), 1);
+    assert_eq!(haiku.count(), 1);
+    gw.shutdown().await;
+}
