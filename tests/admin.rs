@@ -139,12 +139,8 @@ async fn the_access_token_is_accepted_in_either_header_next_to_another_key() {
     gw.shutdown().await;
 }
 
-/// What the operator is shown of requests that did not end in a relayed success: a request the
-/// client left mid-attempt names the endpoint it was on and its attempts; a failover that ends
-/// in the caller's own error is in the failover ring; ccgate's own all-down answer says how many
-/// attempts it made (audit: `endpoint: null, attempts: 0`, no ring entry, no header).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn requests_that_did_not_succeed_are_shown_as_they_went() {
+/// Two mocks behind a gateway that tries `a` first, then `b`, and ejects neither.
+async fn a_then_b() -> (MockUpstream, MockUpstream, TestGateway) {
     let a = MockUpstream::start().await;
     let b = MockUpstream::start().await;
     let gw = GatewayBuilder::new()
@@ -153,6 +149,16 @@ async fn requests_that_did_not_succeed_are_shown_as_they_went() {
         .endpoint("b", &b.url(), "priority = 2")
         .start()
         .await;
+    (a, b, gw)
+}
+
+/// What the operator is shown of requests that did not end in a relayed success: a request the
+/// client left mid-attempt names the endpoint it was on and its attempts; a failover that ends
+/// in the caller's own error is in the failover ring; ccgate's own all-down answer says how many
+/// attempts it made (audit: `endpoint: null, attempts: 0`, no ring entry, no header).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_that_did_not_succeed_are_shown_as_they_went() {
+    let (a, b, gw) = a_then_b().await;
     let body = TestGateway::message_body(false);
 
     // a fails, b answers the caller's error: relayed, and in the ring.
@@ -202,14 +208,7 @@ async fn requests_that_did_not_succeed_are_shown_as_they_went() {
 /// each counted once, and the request once, as cancelled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_left_after_a_failover_is_in_the_failover_ring() {
-    let a = MockUpstream::start().await;
-    let b = MockUpstream::start().await;
-    let gw = GatewayBuilder::new()
-        .health("failure_threshold = 100")
-        .endpoint("a", &a.url(), "priority = 1")
-        .endpoint("b", &b.url(), "priority = 2")
-        .start()
-        .await;
+    let (a, b, gw) = a_then_b().await;
     a.push(Script::error(500, "api_error", "boom"));
     b.push(Script::stall_before_headers());
     let body = TestGateway::message_body(false);
