@@ -1035,3 +1035,36 @@ async fn last_error_survives_a_restart_and_never_holds_the_secret() {
         "the database must never hold the credential"
     );
 }
+
+/// An outage is in the stored episodes as soon as the failure queue has it, not one flush later:
+/// the view asks the writer for a flush and waits for it (audit: with the default 5 s interval,
+/// `/_ccgate/episodes` missed an ejection the failure queue already showed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_is_in_the_episodes_view_at_once() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let db = dir.path().join("ccgate.db");
+    let a = MockUpstream::start().await;
+    let b = MockUpstream::start().await;
+    let gw = GatewayBuilder::new()
+        .health("failure_threshold = 1")
+        .health("probe_interval = \"5m\"")
+        .table("storage", &format!("path = \"{}\"", db.display()))
+        .table("storage", "flush_interval = \"1h\"")
+        .endpoint("a", &a.url(), "priority = 1")
+        .endpoint("b", &b.url(), "priority = 2")
+        .start()
+        .await;
+    a.push(Script::error(500, "api_error", "boom"));
+    let r = gw.post_message(false).await;
+    assert_eq!(r.header("x-ccgate-endpoint"), Some("b"));
+    assert_eq!(gw.admin("failure-queue").await["size"], 1);
+
+    let episodes = gw.admin("episodes").await;
+    let list = episodes["episodes"].as_array().expect("episodes");
+    assert_eq!(list.len(), 1, "{episodes}");
+    assert_eq!(list[0]["endpoint"], "a", "{episodes}");
+    assert_eq!(list[0]["open"], true, "{episodes}");
+    // Nothing new since: the next read asks for no flush and shows the same.
+    assert_eq!(gw.admin("episodes").await, episodes);
+    gw.shutdown().await;
+}

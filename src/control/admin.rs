@@ -87,6 +87,7 @@ pub async fn handle<B>(gw: Arc<Gateway>, persist: &Persist, req: Request<B>) -> 
         }
         (&Method::GET, ["stats"]) => response::json(StatusCode::OK, &stats_json(&gw, persist)),
         (&Method::GET, ["episodes"]) => {
+            persist.settle_episodes(&gw).await;
             response::json(StatusCode::OK, &episodes_json(&gw, persist))
         }
         (&Method::GET, ["events"]) => response::json(

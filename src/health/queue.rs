@@ -615,6 +615,16 @@ impl FailureQueue {
         self.inner.lock().episodes.get_or_insert_with(Vec::new);
     }
 
+    /// Whether episode events are logged and not yet taken (the store's view of episodes is
+    /// behind the queue until they are).
+    pub fn episodes_pending(&self) -> bool {
+        self.inner
+            .lock()
+            .episodes
+            .as_ref()
+            .is_some_and(|log| !log.is_empty())
+    }
+
     /// Takes the episode events logged since the last call, oldest first.
     pub fn take_episode_events(&self) -> Vec<EpisodeEvent> {
         self.inner

@@ -86,6 +86,11 @@ pub struct Persist {
     /// Episodes the previous run left open and when it last flushed, until [`attach`] goes on
     /// with those it resumed and ends the others.
     left_open: Mutex<(Vec<LeftOpen>, Option<i64>)>,
+    /// Asks the writer for a flush before its next tick (see [`Persist::settle_episodes`]).
+    flush_now: tokio::sync::Notify,
+    /// Flushes (started, finished), numbered in the writer's order: a reader that needs what
+    /// happened before a moment waits for a flush that started after it to finish.
+    flushes: watch::Sender<(u64, u64)>,
 }
 
 impl Persist {
@@ -101,6 +106,8 @@ impl Persist {
             saved_health: Mutex::new(Vec::new()),
             saved_last_errors: Mutex::new(Vec::new()),
             left_open: Mutex::new((Vec::new(), None)),
+            flush_now: tokio::sync::Notify::new(),
+            flushes: watch::Sender::new((0, 0)),
         }
     }
 
@@ -213,6 +220,25 @@ impl Persist {
     /// written; the failure queue knows the probes run since).
     pub fn recent_episodes(&self) -> Vec<EpisodeRow> {
         self.books.lock().recent.iter().cloned().collect()
+    }
+
+    /// Brings the stored episodes up to the failure queue: when episodes opened or closed since
+    /// the last flush, asks the writer for a flush now and waits (at most `EPISODES_WAIT`) for one
+    /// that started after this call to finish, so that a view read next shows them (without it,
+    /// an outage showed up to one `flush_interval` late).
+    pub async fn settle_episodes(&self, gw: &Gateway) {
+        if !self.is_active() || !gw.registry.queue.episodes_pending() {
+            return;
+        }
+        let mut flushes = self.flushes.subscribe();
+        let after = flushes.borrow().0;
+        self.flush_now.notify_one();
+        let done = flushes.wait_for(|&(_, finished)| finished > after);
+        if tokio::time::timeout(EPISODES_WAIT, done).await.is_err() {
+            tracing::debug!(
+                "storage: no flush within {EPISODES_WAIT:?}; episodes shown as last written"
+            );
+        }
     }
 
     /// Gathers one flush: counter deltas of every followed cell, the gateway totals, the usage
@@ -444,9 +470,21 @@ impl Persist {
 
     /// Writes one flush: gather, write on the blocking pool, then book the result.
     async fn flush(&self, gw: &Gateway) -> Flushed {
-        let Some(mut store) = self.store.lock().take() else {
+        let Some(store) = self.store.lock().take() else {
             return Flushed::Gone;
         };
+        let mut number = 0;
+        self.flushes.send_modify(|(started, _)| {
+            *started += 1;
+            number = *started;
+        });
+        let flushed = self.write_flush(gw, store).await;
+        self.flushes.send_modify(|(_, finished)| *finished = number);
+        flushed
+    }
+
+    /// One flush's write, with the database taken out for it (put back unless it is gone).
+    async fn write_flush(&self, gw: &Gateway, mut store: Store) -> Flushed {
         let batch = self.collect(gw);
         let joined = tokio::task::spawn_blocking(move || {
             let result = store.write(&batch);
@@ -493,6 +531,10 @@ enum Flushed {
 /// out the database's busy timeout (5 s) when another process holds its write lock.
 const LAST_FLUSH_TRIES: usize = 3;
 
+/// How long a view of the episodes waits for the flush it asked for (see
+/// [`Persist::settle_episodes`]); past it, the view shows what was last written.
+const EPISODES_WAIT: Duration = Duration::from_secs(2);
+
 /// The background writer: flushes every `flush_interval` until `stop` turns true (or its sender
 /// goes away), then flushes one last time (episodes still open stay open: see `attach`) and
 /// closes the database. `current` gives the gateway in service (it changes on reloads). Without a
@@ -510,6 +552,7 @@ where
     loop {
         let last = tokio::select! {
             _ = tick.tick() => false,
+            () = persist.flush_now.notified() => false,
             changed = stop.changed() => changed.is_err() || *stop.borrow(),
         };
         let gw = current();
