@@ -152,6 +152,19 @@ async fn a_then_b() -> (MockUpstream, MockUpstream, TestGateway) {
     (a, b, gw)
 }
 
+/// Sends `body` as a client that leaves once `b` has its request (one more than it had).
+async fn leave_once_b_has_it(gw: &TestGateway, b: &MockUpstream, body: &serde_json::Value) {
+    let before = b.count();
+    let client = support::gateway::http_client();
+    let req = http::Request::post(gw.url("/v1/messages"))
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(Bytes::from(body.to_string())))
+        .expect("request");
+    let leaving = tokio::spawn(async move { client.request(req).await.map(|_| ()) });
+    b.wait_requests(before + 1).await;
+    leaving.abort();
+}
+
 /// What the operator is shown of requests that did not end in a relayed success: a request the
 /// client left mid-attempt names the endpoint it was on and its attempts; a failover that ends
 /// in the caller's own error is in the failover ring; ccgate's own all-down answer says how many
@@ -184,15 +197,7 @@ async fn requests_that_did_not_succeed_are_shown_as_they_went() {
     // a fails, the client leaves while b is on it.
     a.push(Script::error(500, "api_error", "boom"));
     b.push(Script::stall_before_headers());
-    let before = b.count();
-    let client = support::gateway::http_client();
-    let req = http::Request::post(gw.url("/v1/messages"))
-        .header("content-type", "application/json")
-        .body(http_body_util::Full::new(Bytes::from(body.to_string())))
-        .expect("request");
-    let leaving = tokio::spawn(async move { client.request(req).await.map(|_| ()) });
-    b.wait_requests(before + 1).await;
-    leaving.abort();
+    leave_once_b_has_it(&gw, &b, &body).await;
     gw.settle().await;
     let v = gw.admin("requests?limit=1").await;
     let last = &v["requests"][0];
@@ -211,15 +216,7 @@ async fn a_request_left_after_a_failover_is_in_the_failover_ring() {
     let (a, b, gw) = a_then_b().await;
     a.push(Script::error(500, "api_error", "boom"));
     b.push(Script::stall_before_headers());
-    let body = TestGateway::message_body(false);
-    let client = support::gateway::http_client();
-    let req = http::Request::post(gw.url("/v1/messages"))
-        .header("content-type", "application/json")
-        .body(http_body_util::Full::new(Bytes::from(body.to_string())))
-        .expect("request");
-    let leaving = tokio::spawn(async move { client.request(req).await.map(|_| ()) });
-    b.wait_requests(1).await;
-    leaving.abort();
+    leave_once_b_has_it(&gw, &b, &TestGateway::message_body(false)).await;
 
     let list = support::wait::eventually_some("the left request in the failover ring", || async {
         let events = gw.admin("events").await;

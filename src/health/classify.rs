@@ -94,6 +94,11 @@ impl Kind {
             Kind::Auth => "auth",
         }
     }
+
+    /// The kind of this [`Kind::name`] (as stored in the database), if any.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.name() == name)
+    }
     /// Whether this kind is the endpoint's fault (counts in `failed_requests`).
     pub fn is_failure(self) -> bool {
         !matches!(self, Kind::Success | Kind::CallerError | Kind::Cancelled)
@@ -529,7 +534,9 @@ mod tests {
         );
         for (i, k) in Kind::ALL.iter().enumerate() {
             assert_eq!(*k as usize, i);
+            assert_eq!(Kind::from_name(k.name()), Some(*k));
         }
+        assert_eq!(Kind::from_name("started"), None);
         assert!(!Outcome::CallerError.is_endpoint_fault());
         assert!(!Outcome::Cancelled.is_endpoint_fault());
         assert!(Outcome::Transport(TransportKind::Cut).is_endpoint_fault());

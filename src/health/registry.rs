@@ -89,6 +89,16 @@ pub struct Registry {
     pub gateway: Arc<GatewayStats>,
     /// The clock.
     pub clock: Clock,
+    /// Whether any endpoint routes by model (`models`) or rewrites it (`model_map`): then every
+    /// request's model is read exactly (see `proxy::handler`). Set with `endpoints`.
+    pub reads_model: bool,
+}
+
+/// Whether any of `endpoints` routes by model or rewrites it.
+fn reads_model(endpoints: &[Arc<Endpoint>]) -> bool {
+    endpoints
+        .iter()
+        .any(|e| e.models.is_some() || !e.model_map.is_empty())
 }
 
 impl Registry {
@@ -101,6 +111,7 @@ impl Registry {
             endpoints.push(Arc::new(fresh_endpoint(config, idx, e)?));
         }
         Ok(Self {
+            reads_model: reads_model(&endpoints),
             endpoints,
             recorder,
             queue,
@@ -170,6 +181,7 @@ impl Registry {
         });
         old.queue.superseded_by(&queue);
         let registry = Self {
+            reads_model: reads_model(&endpoints),
             endpoints,
             recorder,
             queue,

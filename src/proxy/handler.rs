@@ -140,11 +140,7 @@ where
     // Read once, for the request's log line and record, its session's binding key and routing by
     // model (read only when one of them needs it). Where an endpoint routes or maps by model, the
     // read is the exact one (see `request_model`), so that all of them name the same model.
-    let reg = &gw.registry;
-    let exact = reg
-        .endpoints
-        .iter()
-        .any(|e| e.models.is_some() || !e.model_map.is_empty());
+    let exact = gw.registry.reads_model;
     let model = (exact || guard.note_mut().is_some() || gw.affinity.is_some())
         .then(|| request_model(&body, exact))
         .flatten();

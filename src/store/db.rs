@@ -453,8 +453,8 @@ impl Store {
                 let c = loaded.endpoints.entry(endpoint).or_default();
                 if kind == STARTED {
                     c.total = n;
-                } else if let Some(k) = Kind::ALL.iter().find(|k| k.name() == kind) {
-                    c.by_kind[*k as usize] = n;
+                } else if let Some(k) = Kind::from_name(&kind) {
+                    c.by_kind[k as usize] = n;
                 }
             }
             for c in loaded.endpoints.values_mut() {
@@ -874,25 +874,33 @@ mod tests {
         assert_eq!(count(&store), 0);
     }
 
+    /// Writes at `path` the database an older ccgate left: the first `version` migrations, its
+    /// version, and `rows` (SQL run after them).
+    fn database_at_version(path: &Path, version: usize, rows: &str) {
+        let conn = Connection::open(path).expect("open");
+        for m in &MIGRATIONS[..version] {
+            conn.execute_batch(m).expect("an older schema");
+        }
+        conn.execute_batch(&format!(
+            "CREATE TABLE schema_version (version INTEGER NOT NULL);
+             INSERT INTO schema_version (version) VALUES ({version});
+             {rows}"
+        ))
+        .expect("an older database with its rows");
+    }
+
     /// A database written by an older ccgate is brought up to date in place, its rows kept; one
     /// written by a newer ccgate is refused, untouched.
     #[test]
     fn an_older_database_is_migrated_and_a_newer_one_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("t.db");
-        {
-            let conn = Connection::open(&path).expect("open");
-            for m in &MIGRATIONS[..3] {
-                conn.execute_batch(m).expect("an older schema");
-            }
-            conn.execute_batch(
-                "CREATE TABLE schema_version (version INTEGER NOT NULL);
-                 INSERT INTO schema_version (version) VALUES (3);
-                 INSERT INTO requests (at_ms, request_id, method, path, attempts, outcome, total_ms)
-                 VALUES (1, 'req_0000000000000001', 'POST', '/v1/messages', 1, 'success', 2.0);",
-            )
-            .expect("a version-3 database with one request");
-        }
+        database_at_version(
+            &path,
+            3,
+            "INSERT INTO requests (at_ms, request_id, method, path, attempts, outcome, total_ms)
+             VALUES (1, 'req_0000000000000001', 'POST', '/v1/messages', 1, 'success', 2.0);",
+        );
         let store = Store::open(&path).expect("migrated");
         let version: i64 = store
             .conn
@@ -921,19 +929,12 @@ mod tests {
     fn last_errors_are_kept_and_a_file_from_before_them_loads() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("t.db");
-        {
-            let conn = Connection::open(&path).expect("open");
-            for m in &MIGRATIONS[..5] {
-                conn.execute_batch(m).expect("an older schema");
-            }
-            conn.execute_batch(
-                "CREATE TABLE schema_version (version INTEGER NOT NULL);
-                 INSERT INTO schema_version (version) VALUES (5);
-                 INSERT INTO endpoint_counters (endpoint, kind, count) VALUES ('a', 'started', 3);
-                 INSERT INTO endpoint_counters (endpoint, kind, count) VALUES ('a', 'server_error', 3);",
-            )
-            .expect("a version-5 database with counters");
-        }
+        database_at_version(
+            &path,
+            5,
+            "INSERT INTO endpoint_counters (endpoint, kind, count) VALUES ('a', 'started', 3);
+             INSERT INTO endpoint_counters (endpoint, kind, count) VALUES ('a', 'server_error', 3);",
+        );
         let mut store = Store::open(&path).expect("migrated");
         let loaded = store.load().expect("load");
         assert_eq!(loaded.endpoints["a"].total, 3);

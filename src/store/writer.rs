@@ -696,7 +696,7 @@ fn resume_last_errors(gateway: &Gateway, persist: &Persist, saved: Vec<SavedLast
         let Some(ep) = gateway.registry.by_name(&s.endpoint) else {
             continue;
         };
-        let Some(kind) = Kind::ALL.iter().copied().find(|k| k.name() == s.kind) else {
+        let Some(kind) = Kind::from_name(&s.kind) else {
             continue;
         };
         if ep.fingerprint() != s.fingerprint {
