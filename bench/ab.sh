@@ -18,12 +18,12 @@ trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null; rm -rf "$OUT"' EXIT
 python3 bench/payloads.py "$OUT" >/dev/null
 BODY_FILE=$OUT/${BODY:-2k}.json
 [[ -f $BODY_FILE ]] || { echo "BODY must be one of 2k, 100k, 1m" >&2; exit 2; }
-addr() { local a; for _ in $(seq 100); do a=$(grep -o 'listening on [^ ]*' "$1" 2>/dev/null | head -n1 | awk '{print $3}' | sed 's|http://||'); [[ -n $a ]] && { echo "$a"; return; }; sleep 0.1; done; echo "no listen address in $1" >&2; exit 1; }
+# shellcheck source=bench/common.sh
+source bench/common.sh
 "$T/mock-upstream" --port 0 >"$OUT/mock-a.log" 2>&1 &
 "$T/mock-upstream" --port 0 >"$OUT/mock-b.log" 2>&1 &
 A=$(addr "$OUT/mock-a.log"); B=$(addr "$OUT/mock-b.log")
-printf '[server]\nlisten = "127.0.0.1:0"\n\n[[endpoints]]\nname = "a"\nbase_url = "http://%s"\napi_key = "k"\n\n[[endpoints]]\nname = "b"\nbase_url = "http://%s"\napi_key = "k"\n' "$A" "$B" >"$OUT/config.toml"
-chmod 600 "$OUT/config.toml"
+two_endpoints "$OUT/config.toml" "$A" "$B"
 # utime + stime of a process (all its threads), in clock ticks.
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 load() { oha -z "$1" -c "$C" -m POST -D "$BODY_FILE" -H 'content-type: application/json' \

@@ -34,7 +34,8 @@ command -v valgrind >/dev/null || { echo "valgrind is needed: apt-get install -y
 (($#)) || set -- target/release/ccgate hyper
 mkdir -p "$OUT"
 trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null' EXIT
-addr() { local a; for _ in $(seq 100); do a=$(grep -o 'listening on [^ ]*' "$1" 2>/dev/null | head -n1 | awk '{print $3}' | sed 's|http://||'); [[ -n $a ]] && { echo "$a"; return; }; sleep 0.2; done; echo "no listen address in $1" >&2; exit 1; }
+# shellcheck source=bench/common.sh
+source bench/common.sh
 "$T/mock-upstream" --port 0 >"$OUT/mock-a.log" 2>&1 &
 "$T/mock-upstream" --port 0 >"$OUT/mock-b.log" 2>&1 &
 A=$(addr "$OUT/mock-a.log"); B=$(addr "$OUT/mock-b.log")
@@ -43,8 +44,7 @@ for bin in "$@"; do
     if [[ $bin == hyper ]]; then
         cmd=("$T/bare-proxy" --port 0 --upstream "$A" --upstream "$B")
     else
-        printf '[server]\nlisten = "127.0.0.1:0"\n\n[storage]\nflush_interval = "1h"\n\n[[endpoints]]\nname = "a"\nbase_url = "http://%s"\napi_key = "k"\n\n[[endpoints]]\nname = "b"\nbase_url = "http://%s"\napi_key = "k"\n' "$A" "$B" >"$d/config.toml"
-        chmod 600 "$d/config.toml"
+        two_endpoints "$d/config.toml" "$A" "$B" "" $'[storage]\nflush_interval = "1h"\n\n'
         cmd=("$bin" serve --config "$d/config.toml")
     fi
     XDG_DATA_HOME=$d/data XDG_STATE_HOME=$d/data RUST_LOG=warn \

@@ -31,7 +31,8 @@ BODY=$OUT/2k.json; SBODY=$OUT/2k-stream.json
 ulimit -n "$(ulimit -Hn)"
 trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null' EXIT
 CLK_TCK=$(getconf CLK_TCK)
-addr() { local a; for _ in $(seq 100); do a=$(grep -o 'listening on [^ ]*' "$1" 2>/dev/null | head -n1 | awk '{print $3}' | sed 's|http://||'); [[ -n $a ]] && { echo "$a"; return; }; sleep 0.1; done; echo "no address in $1" >&2; exit 1; }
+# shellcheck source=bench/common.sh
+source bench/common.sh
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 pss() { awk '$1 == "Pss:" {print $2}' "/proc/$1/smaps_rollup"; }
 "$T/mock-upstream" --port 0 --http2 >"$OUT/mock-a.log" 2>&1 &

@@ -33,8 +33,8 @@ BODY_FILE+=.json
 trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null' EXIT
 # shellcheck source=bench/nginx.sh
 source "$BENCH/nginx.sh"
-addr() { local a; for _ in $(seq 100); do a=$(grep -o 'listening on [^ ]*' "$1" 2>/dev/null | head -n1 | awk '{print $3}' | sed 's|http://||'); [[ -n $a ]] && { echo "$a"; return; }; sleep 0.1; done; echo "no listen address in $1" >&2; exit 1; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# shellcheck source=bench/common.sh
+source bench/common.sh
 "$T/mock-upstream" --port 0 >"$OUT/mock-a.log" 2>&1 &
 "$T/mock-upstream" --port 0 >"$OUT/mock-b.log" 2>&1 &
 A=$(addr "$OUT/mock-a.log"); B=$(addr "$OUT/mock-b.log")
@@ -66,8 +66,7 @@ for target in $TARGETS; do
             "$T/bare-proxy" --port 0 --upstream "$A" --upstream "$B" >"$d/gw.log" 2>&1 &
             master=$!; url=http://$(addr "$d/gw.log")/v1/messages; pids=$master ;;
         ccgate)
-            printf '[server]\nlisten = "127.0.0.1:0"\n\n[[endpoints]]\nname = "a"\nbase_url = "http://%s"\napi_key = "k"\n\n[[endpoints]]\nname = "b"\nbase_url = "http://%s"\napi_key = "k"\n' "$A" "$B" >"$d/config.toml"
-            chmod 600 "$d/config.toml"
+            two_endpoints "$d/config.toml" "$A" "$B"
             XDG_DATA_HOME=$d/data XDG_STATE_HOME=$d/data RUST_LOG=warn \
                 "$CCGATE_BIN" serve --config "$d/config.toml" >"$d/gw.log" 2>&1 &
             master=$!; url=http://$(addr "$d/gw.log")/v1/messages; pids=$master ;;

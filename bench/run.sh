@@ -96,6 +96,8 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BENCH=$ROOT/bench
 # shellcheck source=bench/nginx.sh
 source "$BENCH/nginx.sh"
+# shellcheck source=bench/common.sh
+source "$BENCH/common.sh"
 COMMAND_LINE="$(for v in BODIES BODY DURATION REPEATS WARMUP SLOW_STREAMS SLOW_EVENTS SLOW_PACE_MS \
     SLOW_H2 SLOW_RAMP_S STREAM_EVENTS STREAM_PACE_MS STREAM_RAMP_S FAILOVER_CONCURRENCY WORKLOADS CCGATE_BIN CCGATE_REF \
     CCGATE_RUST_LOG PROFILE OUT; do
@@ -279,10 +281,6 @@ wait_http() {
         sleep 0.05
     done
     die "$1 does not answer"
-}
-
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }
 
 # ------------------------------------------------------------------------------------------------

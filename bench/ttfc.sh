@@ -23,8 +23,8 @@ python3 bench/payloads.py "$OUT" >/dev/null
 SBODY=$OUT/$BODY-stream.json
 [[ -f $SBODY ]] || { echo "BODY must be one of 2k, 100k, 1m" >&2; exit 1; }
 trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null' EXIT
-addr() { local a; for _ in $(seq 100); do a=$(grep -o 'listening on [^ ]*' "$1" 2>/dev/null | head -n1 | awk '{print $3}' | sed 's|http://||'); [[ -n $a ]] && { echo "$a"; return; }; sleep 0.1; done; echo "no address in $1" >&2; exit 1; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+# shellcheck source=bench/common.sh
+source bench/common.sh
 
 "$T/mock-upstream" --port 0 >"$OUT/mock-a.log" 2>&1 &
 "$T/mock-upstream" --port 0 >"$OUT/mock-b.log" 2>&1 &
@@ -37,8 +37,7 @@ NGINX_PORT=$(free_port); NGINX=127.0.0.1:$NGINX_PORT
 write_nginx_conf "$OUT/nginx" "$NGINX_PORT" 4096 "$(ulimit -n)" "$A" "$B"
 nginx -e "$OUT/nginx/error.log" -p "$OUT/nginx" -c "$OUT/nginx/nginx.conf" &
 
-printf '[server]\nlisten = "127.0.0.1:0"\n\n[[endpoints]]\nname = "a"\nbase_url = "http://%s"\napi_key = "k"\n\n[[endpoints]]\nname = "b"\nbase_url = "http://%s"\napi_key = "k"\n' "$A" "$B" >"$OUT/ccgate.toml"
-chmod 600 "$OUT/ccgate.toml"
+two_endpoints "$OUT/ccgate.toml" "$A" "$B"
 XDG_DATA_HOME=$OUT/xdg XDG_STATE_HOME=$OUT/xdg RUST_LOG=warn "$CCGATE" serve --config "$OUT/ccgate.toml" >"$OUT/ccgate.log" 2>&1 &
 CCGATE_ADDR=$(addr "$OUT/ccgate.log")
 "$T/bare-proxy" --port 0 --upstream "$A" --upstream "$B" >"$OUT/hyper.log" 2>&1 &

@@ -44,17 +44,12 @@ T=${CARGO_TARGET_DIR:-$ROOT/bench/mock-upstream/target}/release
 cd "$OUT/train"
 trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null' EXIT
 python3 "$ROOT/bench/payloads.py" . >/dev/null
-addr() { local a; for _ in $(seq 100); do a=$(grep -o 'listening on [^ ]*' "$1" 2>/dev/null | head -n1 | awk '{print $3}' | sed 's|http://||'); [[ -n $a ]] && { echo "$a"; return; }; sleep 0.1; done; echo "pgo: no listen address in $1" >&2; exit 1; }
+# shellcheck source=bench/common.sh
+source "$ROOT/bench/common.sh"
 # The mocks also speak h2c, for the round with `http2 = true` endpoints.
 "$T/mock-upstream" --port 0 --http2 >mock-a.log 2>&1 &
 "$T/mock-upstream" --port 0 --http2 >mock-b.log 2>&1 &
 A=$(addr mock-a.log); B=$(addr mock-b.log)
-# config FILE EXTRA: a gateway over both mocks, EXTRA added to each endpoint.
-config() {
-    printf '[server]\nlisten = "127.0.0.1:0"\n\n[[endpoints]]\nname = "a"\nbase_url = "http://%s"\napi_key = "k"\n%s\n\n[[endpoints]]\nname = "b"\nbase_url = "http://%s"\napi_key = "k"\n%s\n' \
-        "$A" "$2" "$B" "$2" >"$1"
-    chmod 600 "$1"
-}
 # gateway CONFIG: starts the instrumented gateway, with a state of its own (the first run's
 # endpoints end ejected by the failing answers); sets gw (its pid) and url.
 gateway() {
@@ -67,8 +62,8 @@ gateway() {
 }
 # The profile is written when the gateway exits.
 stop_gateway() { kill -TERM "$gw"; wait "$gw" || true; }
-config h1.toml ""
-config h2.toml "http2 = true"
+two_endpoints h1.toml "$A" "$B"
+two_endpoints h2.toml "$A" "$B" "http2 = true"
 gateway h1.toml
 headers=(-H 'content-type: application/json' -H 'anthropic-version: 2023-06-01')
 
